@@ -1,0 +1,56 @@
+//! msb's hypervisor layer: everything that talks to `/dev/kvm`.
+//!
+//! - [`kind`] classifies the host's `/dev/kvm` (hardware AMD-V/VT-x, or the PVM software
+//!   hypervisor, on which ordinary guests are instruction-emulated).
+//! - [`memory`] fixes the guest physical layout and creates guest memory as a *limit*: the
+//!   mapping is `MAP_NORESERVE`, host pages exist only once the guest touches them.
+//! - [`vm`] creates the VM (irqchip, PIT, memory slots) and registers ioeventfds and irqfds.
+//! - [`boot`] loads a PVH `vmlinux` (or a bare-metal PVH test guest), the initramfs, the
+//!   command line, the PVH start info, the memory map and an MP table.
+//! - [`vcpu`] configures vCPUs for PVH entry and runs each on its own OS thread, dispatching
+//!   port and MMIO exits to an [`vcpu::ExitHandler`] and reporting why it stopped.
+//!
+//! This crate and one guest-memory module of `msb-devices` are the only places with `unsafe`;
+//! every block carries a `SAFETY:` comment.
+
+pub mod boot;
+pub mod kind;
+pub mod memory;
+mod mptable;
+pub mod vcpu;
+pub mod vm;
+
+pub use kind::{classify, KvmKind};
+pub use vcpu::{ExitHandler, VcpuRunner, VcpuStop};
+pub use vm::{Vm, VmConfig};
+
+/// Errors of the hypervisor layer. Each says what failed and, where it helps, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open /dev/kvm: {0} (is KVM available and do you have read-write access? try `msb doctor`)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM ioctl {what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("cannot load kernel {path}: {reason}")]
+    Kernel { path: String, reason: String },
+    #[error("cannot load initramfs {path}: {reason}")]
+    Initrd { path: String, reason: String },
+    #[error("boot setup: {0}")]
+    Boot(String),
+    #[error("vCPU thread: {0}")]
+    Thread(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
