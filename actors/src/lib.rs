@@ -1,0 +1,80 @@
+//! msb's sandbox actor tree and its Rust API.
+//!
+//! ```no_run
+//! # async fn demo() -> msb_actors::Result<()> {
+//! let sb = msb_actors::Sandbox::builder().memory_mib(256).cpus(1).create().await?;
+//! let out = sb.exec("uname", ["-a"]).await?;
+//! println!("{}", String::from_utf8_lossy(&out.stdout));
+//! sb.stop().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The tree (one per sandbox): a `Supervisor` owning the VM and its vCPU runner threads,
+//! with linked children `ConsoleDevice`, `RngDevice` (virtio device shells) and
+//! `AgentClient` (the guest protocol). Components only hold the narrowest refs they need:
+//! the console device can send the agent client [`console::GuestBytes`] and nothing else,
+//! the agent client can send the console [`console::ToConsole`] and nothing else.
+//!
+//! Supervision fails closed: if a child dies (a guest broke a device or protocol contract),
+//! the supervisor stops the VM and reports why; nothing is restarted against a half-changed
+//! guest.
+
+mod agent;
+pub mod console;
+mod error;
+pub mod home;
+pub mod initramfs;
+pub mod machine;
+pub mod sandbox;
+
+pub use agent::{AgentCore, AgentEvent, MAX_BUFFERED_OUTPUT, MAX_PENDING};
+pub use error::{Error, Result};
+pub use msb_protocol::{ExitStatus, SpawnErrorKind};
+pub use sandbox::{Sandbox, SandboxBuilder};
+
+/// The result of a buffered exec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Why a sandbox's VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The host asked, and the guest synced and shut down.
+    Shutdown,
+    /// The host stopped the VM without the guest's cooperation (timeout or kill).
+    Killed,
+    /// The guest halted or powered itself off.
+    GuestPowerOff,
+    /// The guest rebooted itself (a sandbox does not restart).
+    GuestReboot,
+    /// The guest kernel panicked.
+    GuestPanic,
+    /// The guest triple-faulted.
+    TripleFault,
+    /// KVM reported an error it could not handle for this guest.
+    KvmError(String),
+    /// A device or the agent channel failed because the guest broke its contract.
+    DeviceFailure(String),
+    /// The guest did not become ready in time.
+    BootTimeout,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::Shutdown => write!(f, "shut down on request"),
+            StopReason::Killed => write!(f, "killed by the host"),
+            StopReason::GuestPowerOff => write!(f, "the guest powered off"),
+            StopReason::GuestReboot => write!(f, "the guest rebooted (sandboxes do not restart)"),
+            StopReason::GuestPanic => write!(f, "the guest kernel panicked"),
+            StopReason::TripleFault => write!(f, "the guest triple-faulted"),
+            StopReason::KvmError(e) => write!(f, "KVM error: {e}"),
+            StopReason::DeviceFailure(e) => write!(f, "device failure: {e}"),
+            StopReason::BootTimeout => write!(f, "the guest did not become ready in time"),
+        }
+    }
+}

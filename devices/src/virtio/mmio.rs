@@ -357,3 +357,21 @@ pub(crate) mod tests {
         assert!(t.notify[0].read().is_err(), "no further signal");
     }
 }
+
+/// A transport on the bus: the vCPU side of the device's lock.
+pub struct MmioSlot<D>(pub Arc<std::sync::Mutex<MmioTransport<D>>>);
+
+impl<D: VirtioDevice> crate::BusDevice for MmioSlot<D> {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        match self.0.lock() {
+            Ok(mut t) => t.read(offset, data),
+            Err(_) => data.fill(0xff),
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Option<msb_hypervisor::VcpuStop> {
+        let mut t = self.0.lock().ok()?;
+        t.write(offset, data);
+        t.failure().map(|why| msb_hypervisor::VcpuStop::DeviceFailure(why.to_string()))
+    }
+}

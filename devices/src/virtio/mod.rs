@@ -5,7 +5,7 @@ pub mod console;
 pub mod mmio;
 pub mod rng;
 
-pub use mmio::MmioTransport;
+pub use mmio::{MmioSlot, MmioTransport};
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;

@@ -1,0 +1,483 @@
+//! The host end of the guest protocol.
+//!
+//! [`AgentCore`] is the pure state machine: it turns guest bytes into events and requests
+//! into frames. [`AgentClient`] is its actor shell: it owns the reply ports of pending
+//! requests and talks to the virtio-console actor through the narrow [`ToConsole`] ref.
+//!
+//! Invariants: everything from the guest is hostile. A frame that is oversized, truncated,
+//! undecodable, out of order (anything before `Ready`), or that names a request the host
+//! never made closes the channel for good, and every pending request fails with the reason.
+//! At most [`MAX_PENDING`] requests are in flight, and a buffered exec keeps at most
+//! [`MAX_BUFFERED_OUTPUT`] bytes of output.
+
+use std::collections::HashMap;
+
+use msb_protocol::{
+    decode, encode, negotiate, ExecRequest, ExitStatus, FrameDecoder, GuestMsg, HostMsg, RequestId, SpawnErrorKind,
+    Stream, MAX_OUTPUT_CHUNK, PROTOCOL_VERSION,
+};
+use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
+
+use crate::console::{GuestBytes, ToConsole};
+use crate::{Error, ExecOutput, Result};
+
+/// Most requests in flight on one sandbox.
+pub const MAX_PENDING: usize = 1024;
+/// Most output bytes (stdout plus stderr) one buffered exec keeps.
+pub const MAX_BUFFERED_OUTPUT: usize = 64 * 1024 * 1024;
+
+#[derive(Debug)]
+struct PendingExec {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    overflowed: bool,
+}
+
+/// What the guest's bytes amounted to.
+#[derive(Debug, PartialEq)]
+pub enum AgentEvent {
+    /// Handshake done; `reply` must be sent to the guest.
+    Ready { version: u16, agent: String, reply: Vec<u8> },
+    ExecDone { id: RequestId, result: std::result::Result<ExecOutput, ExecFailure> },
+    ShutdownAck { id: RequestId },
+}
+
+/// Why an exec produced no output record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExecFailure {
+    Spawn { kind: SpawnErrorKind, message: String },
+    TooLarge,
+}
+
+#[derive(Debug, Default)]
+pub struct AgentCore {
+    decoder: FrameDecoder,
+    version: Option<u16>,
+    closed: Option<String>,
+    next_id: RequestId,
+    execs: HashMap<RequestId, PendingExec>,
+    shutdowns: Vec<RequestId>,
+}
+
+impl AgentCore {
+    pub fn new() -> Self {
+        Self { next_id: 1, ..Default::default() }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.version.is_some() && self.closed.is_none()
+    }
+
+    pub fn closed(&self) -> Option<&str> {
+        self.closed.as_deref()
+    }
+
+    fn close(&mut self, why: String) -> String {
+        self.closed.get_or_insert(why).clone()
+    }
+
+    fn pending(&self) -> usize {
+        self.execs.len() + self.shutdowns.len()
+    }
+
+    fn next_id(&mut self) -> Result<RequestId> {
+        if let Some(why) = &self.closed {
+            return Err(Error::Agent(format!("channel closed: {why}")));
+        }
+        if self.version.is_none() {
+            return Err(Error::Agent("the guest agent is not ready yet".into()));
+        }
+        if self.pending() >= MAX_PENDING {
+            return Err(Error::Agent(format!("more than {MAX_PENDING} requests in flight")));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        Ok(id)
+    }
+
+    /// Starts an exec; returns its id and the frame to send.
+    pub fn exec(&mut self, argv: Vec<String>, env: Vec<(String, String)>, cwd: Option<String>) -> Result<(RequestId, Vec<u8>)> {
+        let id = self.next_id()?;
+        let req = ExecRequest { id, argv, env, cwd };
+        req.validate().map_err(Error::Config)?;
+        let frame = encode(&HostMsg::Exec(req)).map_err(|e| Error::Config(format!("exec request: {e}")))?;
+        self.execs.insert(id, PendingExec { stdout: Vec::new(), stderr: Vec::new(), overflowed: false });
+        Ok((id, frame))
+    }
+
+    /// Starts an orderly shutdown; returns its id and the frame to send.
+    pub fn shutdown(&mut self) -> Result<(RequestId, Vec<u8>)> {
+        let id = self.next_id()?;
+        self.shutdowns.push(id);
+        Ok((id, encode(&HostMsg::Shutdown { id }).expect("small message encodes")))
+    }
+
+    /// Consumes guest bytes. An `Err` means the channel is now closed; the string says why.
+    pub fn on_bytes(&mut self, data: &[u8]) -> std::result::Result<Vec<AgentEvent>, String> {
+        if let Some(why) = &self.closed {
+            return Err(why.clone());
+        }
+        let mut frames = Vec::new();
+        if let Err(e) = self.decoder.feed(data, &mut |f| frames.push(f)) {
+            return Err(self.close(format!("bad frame from guest: {e}")));
+        }
+        let mut events = Vec::new();
+        for f in frames {
+            let msg: GuestMsg = match decode(&f) {
+                Ok(m) => m,
+                Err(e) => return Err(self.close(format!("bad message from guest: {e}"))),
+            };
+            match self.on_msg(msg) {
+                Ok(Some(ev)) => events.push(ev),
+                Ok(None) => {}
+                Err(why) => return Err(self.close(why)),
+            }
+        }
+        Ok(events)
+    }
+
+    fn on_msg(&mut self, msg: GuestMsg) -> std::result::Result<Option<AgentEvent>, String> {
+        if self.version.is_none() {
+            let GuestMsg::Ready { min_version, max_version, agent } = msg else {
+                return Err("guest sent a request reply before Ready".into());
+            };
+            let version = negotiate(min_version, max_version).ok_or_else(|| {
+                format!(
+                    "agentd ({agent}) speaks protocol {min_version}..={max_version}, this host speaks {PROTOCOL_VERSION}; \
+                     rebuild the initramfs with this msb's agentd"
+                )
+            })?;
+            self.version = Some(version);
+            let reply = encode(&HostMsg::Hello { version }).expect("small message encodes");
+            return Ok(Some(AgentEvent::Ready { version, agent, reply }));
+        }
+        let unknown = |id| format!("guest answered request {id}, which is not pending");
+        match msg {
+            GuestMsg::Ready { .. } => Err("guest sent Ready twice".into()),
+            GuestMsg::Started { id, .. } => self.execs.contains_key(&id).then_some(None).ok_or_else(|| unknown(id)),
+            GuestMsg::Output { id, stream, data } => {
+                if data.len() > MAX_OUTPUT_CHUNK {
+                    return Err(format!("output chunk of {} bytes exceeds {MAX_OUTPUT_CHUNK}", data.len()));
+                }
+                let p = self.execs.get_mut(&id).ok_or_else(|| unknown(id))?;
+                if p.stdout.len() + p.stderr.len() + data.len() > MAX_BUFFERED_OUTPUT {
+                    p.overflowed = true;
+                    p.stdout = Vec::new();
+                    p.stderr = Vec::new();
+                }
+                if !p.overflowed {
+                    match stream {
+                        Stream::Stdout => p.stdout.extend_from_slice(&data),
+                        Stream::Stderr => p.stderr.extend_from_slice(&data),
+                    }
+                }
+                Ok(None)
+            }
+            GuestMsg::Exited { id, status } => {
+                let p = self.execs.remove(&id).ok_or_else(|| unknown(id))?;
+                let result = if p.overflowed {
+                    Err(ExecFailure::TooLarge)
+                } else {
+                    Ok(ExecOutput { status, stdout: p.stdout, stderr: p.stderr })
+                };
+                Ok(Some(AgentEvent::ExecDone { id, result }))
+            }
+            GuestMsg::SpawnFailed { id, kind, message } => {
+                self.execs.remove(&id).ok_or_else(|| unknown(id))?;
+                Ok(Some(AgentEvent::ExecDone { id, result: Err(ExecFailure::Spawn { kind, message }) }))
+            }
+            GuestMsg::ShutdownAck { id } => {
+                let at = self.shutdowns.iter().position(|s| *s == id).ok_or_else(|| unknown(id))?;
+                self.shutdowns.remove(at);
+                Ok(Some(AgentEvent::ShutdownAck { id }))
+            }
+            GuestMsg::Error { message } => {
+                tracing::warn!("agentd reported: {}", message.chars().take(200).collect::<String>());
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Messages of the agent client actor.
+pub enum AgentMsg {
+    /// Bytes from the virtio-console device.
+    FromGuest(GuestBytes),
+    /// The console actor, once it exists.
+    Attach(DerivedActorRef<ToConsole>),
+    WaitReady(RpcReplyPort<Result<String>>),
+    Exec { argv: Vec<String>, env: Vec<(String, String)>, cwd: Option<String>, reply: RpcReplyPort<Result<ExecOutput>> },
+    Shutdown(RpcReplyPort<Result<()>>),
+    /// The VM is gone: fail everything pending with this error text.
+    VmStopped(crate::StopReason, String),
+}
+
+impl From<GuestBytes> for AgentMsg {
+    fn from(b: GuestBytes) -> Self {
+        AgentMsg::FromGuest(b)
+    }
+}
+
+impl TryFrom<AgentMsg> for GuestBytes {
+    type Error = ();
+    fn try_from(m: AgentMsg) -> std::result::Result<Self, ()> {
+        match m {
+            AgentMsg::FromGuest(b) => Ok(b),
+            _ => Err(()),
+        }
+    }
+}
+
+pub struct AgentClient;
+
+#[derive(Default)]
+pub struct AgentState {
+    core: AgentCore,
+    console: Option<DerivedActorRef<ToConsole>>,
+    agent_name: Option<String>,
+    ready_waiters: Vec<RpcReplyPort<Result<String>>>,
+    exec_replies: HashMap<RequestId, RpcReplyPort<Result<ExecOutput>>>,
+    shutdown_replies: HashMap<RequestId, RpcReplyPort<Result<()>>>,
+    stopped: Option<(crate::StopReason, String)>,
+}
+
+impl AgentState {
+    fn send(&self, frame: Vec<u8>) {
+        if let Some(c) = &self.console {
+            let _ = c.send_message(ToConsole::Bytes(frame));
+        }
+    }
+
+    fn failure(&self) -> Error {
+        match (&self.stopped, self.core.closed()) {
+            (Some((reason, tail)), _) => Error::VmStopped { reason: reason.clone(), console_tail: tail.clone() },
+            (None, Some(why)) => Error::Agent(format!("channel closed: {why}")),
+            (None, None) => Error::Gone,
+        }
+    }
+
+    fn fail_all_with(&mut self) {
+        let e = || self.failure();
+        let errs: Vec<_> = (0..self.ready_waiters.len() + self.exec_replies.len() + self.shutdown_replies.len())
+            .map(|_| e())
+            .collect();
+        let mut errs = errs.into_iter();
+        for w in self.ready_waiters.drain(..) {
+            let _ = w.send(Err(errs.next().unwrap_or(Error::Gone)));
+        }
+        for (_, r) in self.exec_replies.drain() {
+            let _ = r.send(Err(errs.next().unwrap_or(Error::Gone)));
+        }
+        for (_, r) in self.shutdown_replies.drain() {
+            let _ = r.send(Err(errs.next().unwrap_or(Error::Gone)));
+        }
+    }
+}
+
+impl Actor for AgentClient {
+    type Msg = AgentMsg;
+    type State = AgentState;
+    type Arguments = ();
+
+    async fn pre_start(&self, _: ActorRef<AgentMsg>, _: ()) -> std::result::Result<AgentState, ActorProcessingErr> {
+        Ok(AgentState { core: AgentCore::new(), ..Default::default() })
+    }
+
+    async fn post_stop(&self, _: ActorRef<AgentMsg>, st: &mut AgentState) -> std::result::Result<(), ActorProcessingErr> {
+        st.fail_all_with();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<AgentMsg>,
+        msg: AgentMsg,
+        st: &mut AgentState,
+    ) -> std::result::Result<(), ActorProcessingErr> {
+        match msg {
+            AgentMsg::Attach(c) => st.console = Some(c),
+            AgentMsg::FromGuest(GuestBytes(data)) => {
+                let n = data.len();
+                let events = st.core.on_bytes(&data);
+                if let Some(c) = &st.console {
+                    let _ = c.send_message(ToConsole::Credit(n));
+                }
+                match events {
+                    Ok(events) => {
+                        for ev in events {
+                            handle_event(st, ev);
+                        }
+                    }
+                    Err(why) => {
+                        st.fail_all_with();
+                        // Dying takes the VM down: a guest that breaks the protocol is not served.
+                        return Err(format!("agent channel: {why}").into());
+                    }
+                }
+            }
+            AgentMsg::WaitReady(reply) => match (&st.agent_name, st.core.is_ready()) {
+                (Some(name), true) => {
+                    let _ = reply.send(Ok(name.clone()));
+                }
+                _ if st.stopped.is_some() || st.core.closed().is_some() => {
+                    let _ = reply.send(Err(st.failure()));
+                }
+                _ => st.ready_waiters.push(reply),
+            },
+            AgentMsg::Exec { argv, env, cwd, reply } => {
+                if st.stopped.is_some() {
+                    let _ = reply.send(Err(st.failure()));
+                    return Ok(());
+                }
+                match st.core.exec(argv, env, cwd) {
+                    Ok((id, frame)) => {
+                        st.exec_replies.insert(id, reply);
+                        st.send(frame);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            AgentMsg::Shutdown(reply) => match st.core.shutdown() {
+                Ok((id, frame)) => {
+                    st.shutdown_replies.insert(id, reply);
+                    st.send(frame);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            AgentMsg::VmStopped(reason, tail) => {
+                st.stopped = Some((reason, tail));
+                st.fail_all_with();
+            }
+        }
+        Ok(())
+    }
+}
+
+fn handle_event(st: &mut AgentState, ev: AgentEvent) {
+    match ev {
+        AgentEvent::Ready { version, agent, reply } => {
+            tracing::info!(version, %agent, "guest agent ready");
+            st.send(reply);
+            st.agent_name = Some(agent.clone());
+            for w in st.ready_waiters.drain(..) {
+                let _ = w.send(Ok(agent.clone()));
+            }
+        }
+        AgentEvent::ExecDone { id, result } => {
+            if let Some(r) = st.exec_replies.remove(&id) {
+                let _ = r.send(result.map_err(|f| match f {
+                    ExecFailure::Spawn { kind, message } => Error::SpawnFailed { kind, message },
+                    ExecFailure::TooLarge => Error::OutputTooLarge { limit: MAX_BUFFERED_OUTPUT },
+                }));
+            }
+        }
+        AgentEvent::ShutdownAck { id } => {
+            if let Some(r) = st.shutdown_replies.remove(&id) {
+                let _ = r.send(Ok(()));
+            }
+        }
+    }
+}
+
+/// Exit status helpers for users.
+impl ExecOutput {
+    /// The exit code, if the process exited (rather than being killed by a signal).
+    pub fn code(&self) -> Option<i32> {
+        match self.status {
+            ExitStatus::Code(c) => Some(c),
+            ExitStatus::Signal(_) => None,
+        }
+    }
+    pub fn success(&self) -> bool {
+        self.code() == Some(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(m: &GuestMsg) -> Vec<u8> {
+        encode(m).unwrap()
+    }
+
+    fn ready_core() -> AgentCore {
+        let mut c = AgentCore::new();
+        let ev = c.on_bytes(&frame(&GuestMsg::Ready { min_version: 1, max_version: 1, agent: "t".into() })).unwrap();
+        assert!(matches!(ev[0], AgentEvent::Ready { version: 1, .. }));
+        c
+    }
+
+    #[test]
+    fn exec_round_trip_collects_streams_separately() {
+        let mut c = ready_core();
+        let (id, _) = c.exec(vec!["echo".into()], vec![], None).unwrap();
+        let mut bytes = frame(&GuestMsg::Started { id, pid: 5 });
+        bytes.extend(frame(&GuestMsg::Output { id, stream: Stream::Stdout, data: b"out".to_vec() }));
+        bytes.extend(frame(&GuestMsg::Output { id, stream: Stream::Stderr, data: b"err".to_vec() }));
+        bytes.extend(frame(&GuestMsg::Exited { id, status: ExitStatus::Code(42) }));
+        let ev = c.on_bytes(&bytes).unwrap();
+        let AgentEvent::ExecDone { result: Ok(out), .. } = &ev[0] else { panic!("{ev:?}") };
+        assert_eq!(out.stdout, b"out");
+        assert_eq!(out.stderr, b"err");
+        assert_eq!(out.code(), Some(42));
+    }
+
+    #[test]
+    fn requests_before_ready_are_refused() {
+        let mut c = AgentCore::new();
+        assert!(c.exec(vec!["x".into()], vec![], None).is_err());
+        let e = c.on_bytes(&frame(&GuestMsg::ShutdownAck { id: 1 })).unwrap_err();
+        assert!(e.contains("before Ready"), "{e}");
+    }
+
+    #[test]
+    fn unknown_ids_and_garbage_close_the_channel() {
+        let mut c = ready_core();
+        let e = c.on_bytes(&frame(&GuestMsg::Exited { id: 99, status: ExitStatus::Code(0) })).unwrap_err();
+        assert!(e.contains("99"), "{e}");
+        assert!(c.exec(vec!["x".into()], vec![], None).is_err(), "closed for good");
+
+        let mut c = ready_core();
+        let e = c.on_bytes(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).unwrap_err();
+        assert!(e.contains("bad message"), "{e}");
+
+        let mut c = ready_core();
+        let e = c.on_bytes(&u32::MAX.to_le_bytes()).unwrap_err();
+        assert!(e.contains("exceeds"), "{e}");
+    }
+
+    #[test]
+    fn incompatible_version_is_explained() {
+        let mut c = AgentCore::new();
+        let e = c.on_bytes(&frame(&GuestMsg::Ready { min_version: 50, max_version: 60, agent: "future".into() })).unwrap_err();
+        assert!(e.contains("rebuild the initramfs"), "{e}");
+    }
+
+    #[test]
+    fn buffered_output_is_bounded() {
+        let mut c = ready_core();
+        let (id, _) = c.exec(vec!["yes".into()], vec![], None).unwrap();
+        let chunk = frame(&GuestMsg::Output { id, stream: Stream::Stdout, data: vec![b'y'; MAX_OUTPUT_CHUNK] });
+        for _ in 0..(MAX_BUFFERED_OUTPUT / MAX_OUTPUT_CHUNK + 2) {
+            c.on_bytes(&chunk).unwrap();
+        }
+        assert!(c.execs[&id].stdout.is_empty(), "overflowed output is dropped, not kept");
+        let ev = c.on_bytes(&frame(&GuestMsg::Exited { id, status: ExitStatus::Code(0) })).unwrap();
+        assert_eq!(ev, vec![AgentEvent::ExecDone { id, result: Err(ExecFailure::TooLarge) }]);
+    }
+
+    #[test]
+    fn pending_requests_are_bounded() {
+        let mut c = ready_core();
+        for _ in 0..MAX_PENDING {
+            c.exec(vec!["x".into()], vec![], None).unwrap();
+        }
+        let e = c.exec(vec!["x".into()], vec![], None).unwrap_err();
+        assert!(e.to_string().contains("in flight"));
+    }
+}

@@ -1,0 +1,43 @@
+//! Errors of the sandbox API. Each one says what failed and what to do about it.
+
+use msb_protocol::SpawnErrorKind;
+
+use crate::StopReason;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid sandbox configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Missing(String),
+    #[error(transparent)]
+    Hypervisor(#[from] msb_hypervisor::Error),
+    #[error("setting up the sandbox: {0}")]
+    Setup(String),
+    #[error("the guest did not become ready within {secs} s; last console output:\n{console_tail}")]
+    BootTimeout { secs: u64, console_tail: String },
+    #[error("the sandbox stopped: {reason}; last console output:\n{console_tail}")]
+    VmStopped { reason: StopReason, console_tail: String },
+    #[error("agent protocol: {0}")]
+    Agent(String),
+    #[error("command could not be started ({kind:?}): {message}")]
+    SpawnFailed { kind: SpawnErrorKind, message: String },
+    #[error("command output exceeded the {limit}-byte limit for a buffered exec; stream it instead or print less")]
+    OutputTooLarge { limit: usize },
+    #[error("the sandbox is gone (its actors have stopped)")]
+    Gone,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl<T> From<ractor::MessagingErr<T>> for Error {
+    fn from(_: ractor::MessagingErr<T>) -> Self {
+        Error::Gone
+    }
+}
+
+impl From<ractor::RactorErr<crate::sandbox::SupMsg>> for Error {
+    fn from(_: ractor::RactorErr<crate::sandbox::SupMsg>) -> Self {
+        Error::Gone
+    }
+}

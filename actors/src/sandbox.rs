@@ -1,0 +1,420 @@
+//! The sandbox supervisor actor and the public [`Sandbox`] handle.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use msb_devices::boot_timer::BootTimer;
+use msb_devices::console_log::ConsoleReports;
+use msb_devices::serial::SerialDevice;
+use msb_hypervisor::{VcpuRunner, VcpuStop};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use crate::agent::{AgentClient, AgentMsg};
+use crate::console::{ConsoleArgs, ConsoleDevice, DeviceArgs, RngDevice};
+use crate::machine::{Machine, MachineSpec};
+use crate::{home, initramfs, Error, ExecOutput, Result, StopReason};
+
+/// Default time for a guest to become ready.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time a graceful stop waits before forcing.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds a sandbox. Defaults: 1 vCPU, 256 MiB, kernel and agent from `MSB_HOME`.
+#[derive(Debug, Clone)]
+pub struct SandboxBuilder {
+    cpus: u8,
+    memory_mib: u64,
+    kernel: Option<PathBuf>,
+    initramfs: Option<PathBuf>,
+    console_log: Option<PathBuf>,
+    boot_timeout: Duration,
+    extra_cmdline: String,
+}
+
+impl Default for SandboxBuilder {
+    fn default() -> Self {
+        Self {
+            cpus: 1,
+            memory_mib: 256,
+            kernel: None,
+            initramfs: None,
+            console_log: None,
+            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            extra_cmdline: String::new(),
+        }
+    }
+}
+
+impl SandboxBuilder {
+    pub fn cpus(mut self, n: u8) -> Self {
+        self.cpus = n;
+        self
+    }
+    pub fn memory_mib(mut self, mib: u64) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+    pub fn kernel(mut self, p: impl Into<PathBuf>) -> Self {
+        self.kernel = Some(p.into());
+        self
+    }
+    pub fn initramfs(mut self, p: impl Into<PathBuf>) -> Self {
+        self.initramfs = Some(p.into());
+        self
+    }
+    /// Where the guest console is logged (default: not on disk, only a bounded tail in memory).
+    pub fn console_log(mut self, p: impl Into<PathBuf>) -> Self {
+        self.console_log = Some(p.into());
+        self
+    }
+    pub fn boot_timeout(mut self, d: Duration) -> Self {
+        self.boot_timeout = d;
+        self
+    }
+    /// Extra kernel command-line arguments (appended).
+    pub fn kernel_args(mut self, args: impl Into<String>) -> Self {
+        self.extra_cmdline = args.into();
+        self
+    }
+
+    fn spec(&self) -> Result<MachineSpec> {
+        let home = home::msb_home();
+        let kernel = match &self.kernel {
+            Some(k) => k.clone(),
+            None => home::kernel(&home)?,
+        };
+        let initramfs = match &self.initramfs {
+            Some(i) => i.clone(),
+            None => initramfs::cached(&home, &home::agentd(&home)?, &home::busybox(&home)?)?,
+        };
+        Ok(MachineSpec {
+            vcpus: self.cpus,
+            memory_mib: self.memory_mib,
+            kernel,
+            initramfs,
+            console_log: self.console_log.clone(),
+            extra_cmdline: self.extra_cmdline.clone(),
+        })
+    }
+
+    /// Boots the sandbox and waits until its agent is ready.
+    pub async fn create(self) -> Result<Sandbox> {
+        let clock = Instant::now();
+        let spec = self.spec()?;
+        let machine = tokio::task::spawn_blocking(move || Machine::build(&spec, clock))
+            .await
+            .map_err(|e| Error::Setup(format!("VM setup task: {e}")))??;
+        let (sup, _) = Actor::spawn(None, Supervisor, machine).await.map_err(|e| Error::Setup(e.to_string()))?;
+        let sb = Sandbox { sup, created: clock };
+        let ready = tokio::time::timeout(self.boot_timeout, sb.call(SupMsg::WaitReady)).await;
+        match ready {
+            Ok(Ok(_agent)) => Ok(sb),
+            Ok(Err(e)) => {
+                let _ = sb.kill().await;
+                Err(e)
+            }
+            Err(_) => {
+                let tail = sb.console_tail().await.unwrap_or_default();
+                let _ = sb.kill().await;
+                Err(Error::BootTimeout { secs: self.boot_timeout.as_secs(), console_tail: tail })
+            }
+        }
+    }
+}
+
+/// Boot figures of a sandbox.
+#[derive(Debug, Clone, Copy)]
+pub struct BootTimes {
+    /// From `create()` to the guest init's boot-timer write.
+    pub to_init: Option<Duration>,
+}
+
+/// A running sandbox. Dropping it kills the VM.
+pub struct Sandbox {
+    sup: ActorRef<SupMsg>,
+    created: Instant,
+}
+
+impl Sandbox {
+    pub fn builder() -> SandboxBuilder {
+        SandboxBuilder::default()
+    }
+
+    async fn call<T: Send + 'static>(&self, f: impl FnOnce(RpcReplyPort<Result<T>>) -> SupMsg) -> Result<T> {
+        match self.sup.call(f, None).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            _ => Err(Error::Gone),
+        }
+    }
+
+    /// Runs `program args…` and waits for it, collecting its output.
+    pub async fn exec<I, S>(&self, program: &str, args: I) -> Result<ExecOutput>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let mut argv = vec![program.to_string()];
+        argv.extend(args.into_iter().map(Into::into));
+        self.exec_argv(argv, Vec::new(), None).await
+    }
+
+    /// Runs `argv` with extra environment and an optional working directory.
+    pub async fn exec_argv(&self, argv: Vec<String>, env: Vec<(String, String)>, cwd: Option<String>) -> Result<ExecOutput> {
+        self.call(|reply| SupMsg::Exec { argv, env, cwd, reply }).await
+    }
+
+    /// Asks the guest to sync and shut down, forcing it after the default timeout.
+    pub async fn stop(&self) -> Result<StopReason> {
+        self.stop_timeout(DEFAULT_STOP_TIMEOUT).await
+    }
+
+    pub async fn stop_timeout(&self, graceful: Duration) -> Result<StopReason> {
+        let r = self.call(|reply| SupMsg::Stop { graceful: Some(graceful), reply }).await;
+        self.sup.stop(None);
+        r
+    }
+
+    /// Stops the VM at once.
+    pub async fn kill(&self) -> Result<StopReason> {
+        let r = self.call(|reply| SupMsg::Stop { graceful: None, reply }).await;
+        self.sup.stop(None);
+        r
+    }
+
+    /// Waits until the VM stops by itself (or is stopped).
+    pub async fn wait(&self) -> Result<StopReason> {
+        self.call(SupMsg::Wait).await
+    }
+
+    /// The last bytes the guest printed on its serial console.
+    pub async fn console_tail(&self) -> Result<String> {
+        self.call(SupMsg::ConsoleTail).await
+    }
+
+    /// Boot figures.
+    pub async fn boot_times(&self) -> Result<BootTimes> {
+        self.call(SupMsg::BootTimes).await
+    }
+
+    /// When `create()` started.
+    pub fn created_at(&self) -> Instant {
+        self.created
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = self.sup.cast(SupMsg::Kill);
+    }
+}
+
+pub enum SupMsg {
+    WaitReady(RpcReplyPort<Result<String>>),
+    Exec { argv: Vec<String>, env: Vec<(String, String)>, cwd: Option<String>, reply: RpcReplyPort<Result<ExecOutput>> },
+    Stop { graceful: Option<Duration>, reply: RpcReplyPort<Result<StopReason>> },
+    Wait(RpcReplyPort<Result<StopReason>>),
+    ConsoleTail(RpcReplyPort<Result<String>>),
+    BootTimes(RpcReplyPort<Result<BootTimes>>),
+    VcpuStopped(VcpuStop),
+    /// The graceful stop ran out of time.
+    StopTimeout,
+    /// The handle was dropped.
+    Kill,
+}
+
+struct Supervisor;
+
+struct Running {
+    runners: Vec<VcpuRunner>,
+    agent: ActorRef<AgentMsg>,
+    devices: Vec<ActorRef<crate::console::DeviceMsg>>,
+    // Keeps the VM (fds, memory) alive until the vCPUs are stopped.
+    _vm: msb_hypervisor::Vm,
+}
+
+struct SupState {
+    running: Option<Running>,
+    serial: Arc<SerialDevice>,
+    reports: Arc<ConsoleReports>,
+    boot_timer: Arc<BootTimer>,
+    stopped: Option<StopReason>,
+    shutdown_requested: bool,
+    waiters: Vec<RpcReplyPort<Result<StopReason>>>,
+}
+
+impl SupState {
+    fn classify(&self, stop: VcpuStop) -> StopReason {
+        let panicked = self.reports.panicked();
+        match stop {
+            VcpuStop::Reset | VcpuStop::PowerOff if self.shutdown_requested => StopReason::Shutdown,
+            VcpuStop::Reset | VcpuStop::TripleFault if panicked => StopReason::GuestPanic,
+            VcpuStop::Reset => StopReason::GuestReboot,
+            VcpuStop::PowerOff => StopReason::GuestPowerOff,
+            VcpuStop::TripleFault => StopReason::TripleFault,
+            VcpuStop::Requested => StopReason::Killed,
+            VcpuStop::DeviceFailure(why) => StopReason::DeviceFailure(why),
+            VcpuStop::InternalError => StopReason::KvmError("KVM_EXIT_INTERNAL_ERROR".into()),
+            VcpuStop::EntryFailure(r) => StopReason::KvmError(format!("VM entry failed, hardware reason {r:#x}")),
+            VcpuStop::SystemEvent(t) => StopReason::KvmError(format!("unexpected system event {t}")),
+            VcpuStop::Error(e) => StopReason::KvmError(e),
+        }
+    }
+
+    /// Stops everything once; later calls do nothing.
+    async fn finish(&mut self, reason: StopReason) {
+        if self.stopped.is_some() {
+            return;
+        }
+        tracing::info!(%reason, "sandbox VM stopped");
+        self.stopped = Some(reason.clone());
+        if let Some(mut running) = self.running.take() {
+            let runners = std::mem::take(&mut running.runners);
+            let _ = tokio::task::spawn_blocking(move || {
+                for mut r in runners {
+                    r.stop();
+                }
+            })
+            .await;
+            let _ = running.agent.cast(AgentMsg::VmStopped(reason.clone(), self.serial.tail()));
+            running.agent.stop(None);
+            for d in running.devices {
+                d.stop(None);
+            }
+        }
+        for w in self.waiters.drain(..) {
+            let _ = w.send(Ok(reason.clone()));
+        }
+    }
+}
+
+impl Actor for Supervisor {
+    type Msg = SupMsg;
+    type State = SupState;
+    type Arguments = Machine;
+
+    async fn pre_start(&self, me: ActorRef<SupMsg>, m: Machine) -> std::result::Result<SupState, ActorProcessingErr> {
+        let (agent, _) = Actor::spawn_linked(None, AgentClient, (), me.get_cell()).await?;
+        let console_args = ConsoleArgs {
+            device: DeviceArgs { transport: m.console.transport, notify: m.console.notify },
+            agent: agent.get_derived(),
+        };
+        let (console, _) = Actor::spawn_linked(None, ConsoleDevice, console_args, me.get_cell()).await?;
+        agent.cast(AgentMsg::Attach(console.get_derived()))?;
+        let rng_args = DeviceArgs { transport: m.rng.transport, notify: m.rng.notify };
+        let (rng, _) = Actor::spawn_linked(None, RngDevice, rng_args, me.get_cell()).await?;
+
+        let mut runners = Vec::new();
+        for vcpu in m.vcpus {
+            let me2 = me.clone();
+            let on_exit = Box::new(move |stop| {
+                let _ = me2.cast(SupMsg::VcpuStopped(stop));
+            });
+            runners.push(VcpuRunner::spawn(vcpu, m.bus.clone(), on_exit)?);
+        }
+        tracing::debug!(cmdline = %m.cmdline, "sandbox VM started");
+        Ok(SupState {
+            running: Some(Running { runners, agent, devices: vec![console, rng], _vm: m.vm }),
+            serial: m.serial,
+            reports: m.reports,
+            boot_timer: m.boot_timer,
+            stopped: None,
+            shutdown_requested: false,
+            waiters: Vec::new(),
+        })
+    }
+
+    async fn post_stop(&self, _: ActorRef<SupMsg>, st: &mut SupState) -> std::result::Result<(), ActorProcessingErr> {
+        st.finish(StopReason::Killed).await;
+        Ok(())
+    }
+
+    async fn handle(&self, me: ActorRef<SupMsg>, msg: SupMsg, st: &mut SupState) -> std::result::Result<(), ActorProcessingErr> {
+        let gone = |st: &SupState| match &st.stopped {
+            Some(r) => Error::VmStopped { reason: r.clone(), console_tail: st.serial.tail() },
+            None => Error::Gone,
+        };
+        match msg {
+            SupMsg::WaitReady(reply) => match &st.running {
+                Some(r) => r.agent.cast(AgentMsg::WaitReady(reply))?,
+                None => {
+                    let _ = reply.send(Err(gone(st)));
+                }
+            },
+            SupMsg::Exec { argv, env, cwd, reply } => match &st.running {
+                Some(r) => r.agent.cast(AgentMsg::Exec { argv, env, cwd, reply })?,
+                None => {
+                    let _ = reply.send(Err(gone(st)));
+                }
+            },
+            SupMsg::Stop { graceful, reply } => {
+                if let Some(r) = &st.stopped {
+                    let _ = reply.send(Ok(r.clone()));
+                    return Ok(());
+                }
+                st.waiters.push(reply);
+                match (graceful, &st.running) {
+                    (Some(timeout), Some(r)) if !st.shutdown_requested => {
+                        st.shutdown_requested = true;
+                        let (tx, rx) = ractor::concurrency::oneshot();
+                        r.agent.cast(AgentMsg::Shutdown(tx.into()))?;
+                        let me2 = me.clone();
+                        tokio::spawn(async move {
+                            // Either the agent refuses (not ready) or time runs out: force.
+                            let acked = matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(Ok(()))));
+                            if !acked {
+                                let _ = me2.cast(SupMsg::StopTimeout);
+                                return;
+                            }
+                            tokio::time::sleep(timeout).await;
+                            let _ = me2.cast(SupMsg::StopTimeout);
+                        });
+                    }
+                    (Some(_), Some(_)) => {}
+                    _ => st.finish(StopReason::Killed).await,
+                }
+            }
+            SupMsg::Wait(reply) => match &st.stopped {
+                Some(r) => {
+                    let _ = reply.send(Ok(r.clone()));
+                }
+                None => st.waiters.push(reply),
+            },
+            SupMsg::ConsoleTail(reply) => {
+                let _ = reply.send(Ok(st.serial.tail()));
+            }
+            SupMsg::BootTimes(reply) => {
+                let _ = reply.send(Ok(BootTimes { to_init: st.boot_timer.elapsed() }));
+            }
+            SupMsg::VcpuStopped(stop) => {
+                let reason = st.classify(stop);
+                st.finish(reason).await;
+            }
+            SupMsg::StopTimeout => st.finish(StopReason::Killed).await,
+            SupMsg::Kill => {
+                st.finish(StopReason::Killed).await;
+                me.stop(None);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _: ActorRef<SupMsg>,
+        evt: SupervisionEvent,
+        st: &mut SupState,
+    ) -> std::result::Result<(), ActorProcessingErr> {
+        match evt {
+            SupervisionEvent::ActorFailed(who, err) => {
+                tracing::warn!(actor = ?who.get_id(), "sandbox component failed: {err}");
+                st.finish(StopReason::DeviceFailure(err.to_string())).await;
+            }
+            SupervisionEvent::ActorTerminated(..) if st.stopped.is_none() => {
+                st.finish(StopReason::DeviceFailure("a sandbox component stopped unexpectedly".into())).await;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

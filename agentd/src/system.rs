@@ -1,0 +1,69 @@
+//! PID 1 duties: mounts, the boot timer, the agent channel, power off.
+
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::mount::{mount, MsFlags};
+use nix::sys::termios;
+
+use crate::log;
+
+fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) {
+    let _ = std::fs::create_dir_all(target);
+    if let Err(e) = mount(Some(source), target, Some(fstype), flags, data) {
+        if e != nix::errno::Errno::EBUSY {
+            log(&format!("mount {fstype} on {target}: {e}"));
+        }
+    }
+}
+
+pub fn early_setup() {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
+    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"));
+    mark_boot_timer();
+    mount_fs("proc", "/proc", "proc", nosuid, None);
+    mount_fs("sysfs", "/sys", "sysfs", nosuid, None);
+    mount_fs("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("ptmxmode=0666"));
+    mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"));
+    mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"));
+    std::env::set_var("PATH", crate::exec::DEFAULT_PATH);
+}
+
+/// Writes one byte to the boot-timer MMIO page. `busybox devmem` does the mapping, so that
+/// agentd itself needs no `unsafe`; it runs in the background and agentd does not wait.
+fn mark_boot_timer() {
+    let addr = format!("{:#x}", msb_protocol::BOOT_TIMER_ADDR);
+    if let Err(e) = std::process::Command::new("/bin/busybox").args(["devmem", &addr, "8", "1"]).spawn() {
+        log(&format!("boot timer: {e}"));
+    }
+}
+
+/// Opens the agent channel and puts the tty into raw mode (no echo, no line editing, no
+/// newline translation), waiting up to 10 s for the device to appear.
+pub fn open_channel(path: &str) -> Result<File, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !Path::new(path).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("opening agent channel {path}: {e}"))?;
+    if let Ok(mut t) = termios::tcgetattr(&f) {
+        termios::cfmakeraw(&mut t);
+        termios::tcsetattr(&f, termios::SetArg::TCSANOW, &t).map_err(|e| format!("raw mode on {path}: {e}"))?;
+    }
+    Ok(f)
+}
+
+/// Syncs and asks the kernel to restart, which the VMM sees as the end of the VM (the
+/// kernel is booted with `reboot=k`; x86 without ACPI cannot power off by itself).
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
