@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use msb_devices::virtio::console::{Console, RX_QUEUE, TX_QUEUE};
-use msb_devices::virtio::rng::Rng;
+use msb_devices::virtio::rng::{Rng, RngProgress};
 use msb_devices::virtio::MmioTransport;
 use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef};
 use tokio::io::unix::AsyncFd;
@@ -59,16 +59,25 @@ impl TryFrom<DeviceMsg> for ToConsole {
 }
 
 /// Watches one queue's notify eventfd; sends at most one pending `Notify` at a time.
-fn watch(evt: Arc<EventFd>, queue: u16, pending: Arc<AtomicBool>, me: ActorRef<DeviceMsg>) -> std::io::Result<JoinHandle<()>> {
+fn watch(
+    evt: Arc<EventFd>,
+    queue: u16,
+    pending: Arc<AtomicBool>,
+    me: ActorRef<DeviceMsg>,
+) -> std::io::Result<JoinHandle<()>> {
     // `AsyncFd::new` is deprecated because a caller could close the fd while it is
     // registered; here the AsyncFd owns the only path to the Arc'd EventFd it watches.
     #[allow(deprecated)]
     let fd = AsyncFd::new(evt)?;
     Ok(tokio::spawn(async move {
         loop {
-            let Ok(mut guard) = fd.readable().await else { return };
+            let Ok(mut guard) = fd.readable().await else {
+                return;
+            };
             let _ = guard.try_io(|inner| inner.get_ref().read());
-            if !pending.swap(true, Ordering::SeqCst) && me.send_message(DeviceMsg::Notify(queue)).is_err() {
+            if !pending.swap(true, Ordering::SeqCst)
+                && me.send_message(DeviceMsg::Notify(queue)).is_err()
+            {
                 return;
             }
         }
@@ -87,11 +96,19 @@ pub struct DeviceState<D> {
     watchers: Vec<JoinHandle<()>>,
 }
 
-fn start_watchers<D>(me: &ActorRef<DeviceMsg>, args: DeviceArgs<D>) -> Result<DeviceState<D>, ActorProcessingErr> {
-    let mut st = DeviceState { transport: args.transport, pending: Vec::new(), watchers: Vec::new() };
+fn start_watchers<D>(
+    me: &ActorRef<DeviceMsg>,
+    args: DeviceArgs<D>,
+) -> Result<DeviceState<D>, ActorProcessingErr> {
+    let mut st = DeviceState {
+        transport: args.transport,
+        pending: Vec::new(),
+        watchers: Vec::new(),
+    };
     for (q, evt) in args.notify.into_iter().enumerate() {
         let pending = Arc::new(AtomicBool::new(false));
-        st.watchers.push(watch(evt, q as u16, pending.clone(), me.clone())?);
+        st.watchers
+            .push(watch(evt, q as u16, pending.clone(), me.clone())?);
         st.pending.push(pending);
     }
     Ok(st)
@@ -134,15 +151,21 @@ impl ConsoleState {
         let mut out = Vec::new();
         let result = {
             let (dev, queues, mem) = t.parts();
-            dev.fill_rx(&mut queues[RX_QUEUE as usize], mem).and_then(|used| {
-                signal |= used;
-                let budget = CREDIT_WINDOW.saturating_sub(self.in_flight);
-                if budget == 0 {
-                    return Ok(());
-                }
-                signal |= dev.drain_tx(&mut queues[TX_QUEUE as usize], mem, budget, &mut out)?;
-                Ok(())
-            })
+            dev.process_control(queues, mem)
+                .and_then(|used| {
+                    signal |= used;
+                    dev.fill_rx(&mut queues[RX_QUEUE as usize], mem)
+                })
+                .and_then(|used| {
+                    signal |= used;
+                    let budget = CREDIT_WINDOW.saturating_sub(self.in_flight);
+                    if budget == 0 {
+                        return Ok(());
+                    }
+                    signal |=
+                        dev.drain_tx(&mut queues[TX_QUEUE as usize], mem, budget, &mut out)?;
+                    Ok(())
+                })
         };
         if let Err(e) = result {
             t.fail(e.to_string());
@@ -154,7 +177,9 @@ impl ConsoleState {
         drop(t);
         if !out.is_empty() {
             self.in_flight += out.len();
-            self.agent.send_message(GuestBytes(out)).map_err(|_| "agent client is gone")?;
+            self.agent
+                .send_message(GuestBytes(out))
+                .map_err(|_| "agent client is gone")?;
         }
         Ok(())
     }
@@ -165,23 +190,42 @@ impl Actor for ConsoleDevice {
     type State = ConsoleState;
     type Arguments = ConsoleArgs;
 
-    async fn pre_start(&self, me: ActorRef<DeviceMsg>, args: ConsoleArgs) -> Result<ConsoleState, ActorProcessingErr> {
-        Ok(ConsoleState { dev: start_watchers(&me, args.device)?, agent: args.agent, in_flight: 0 })
+    async fn pre_start(
+        &self,
+        me: ActorRef<DeviceMsg>,
+        args: ConsoleArgs,
+    ) -> Result<ConsoleState, ActorProcessingErr> {
+        Ok(ConsoleState {
+            dev: start_watchers(&me, args.device)?,
+            agent: args.agent,
+            in_flight: 0,
+        })
     }
 
-    async fn post_stop(&self, _: ActorRef<DeviceMsg>, st: &mut ConsoleState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _: ActorRef<DeviceMsg>,
+        st: &mut ConsoleState,
+    ) -> Result<(), ActorProcessingErr> {
         stop_watchers(&mut st.dev);
         Ok(())
     }
 
-    async fn handle(&self, _: ActorRef<DeviceMsg>, msg: DeviceMsg, st: &mut ConsoleState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _: ActorRef<DeviceMsg>,
+        msg: DeviceMsg,
+        st: &mut ConsoleState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             DeviceMsg::Notify(q) => {
                 if let Some(p) = st.dev.pending.get(q as usize) {
                     p.store(false, Ordering::SeqCst);
                 }
             }
-            DeviceMsg::Console(ToConsole::Credit(n)) => st.in_flight = st.in_flight.saturating_sub(n),
+            DeviceMsg::Console(ToConsole::Credit(n)) => {
+                st.in_flight = st.in_flight.saturating_sub(n)
+            }
             DeviceMsg::Console(ToConsole::Bytes(b)) => {
                 let mut t = lock(&st.dev.transport);
                 if let Err(e) = t.device_mut().queue_to_guest(&b) {
@@ -202,16 +246,29 @@ impl Actor for RngDevice {
     type State = DeviceState<Rng>;
     type Arguments = DeviceArgs<Rng>;
 
-    async fn pre_start(&self, me: ActorRef<DeviceMsg>, args: DeviceArgs<Rng>) -> Result<DeviceState<Rng>, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        me: ActorRef<DeviceMsg>,
+        args: DeviceArgs<Rng>,
+    ) -> Result<DeviceState<Rng>, ActorProcessingErr> {
         start_watchers(&me, args)
     }
 
-    async fn post_stop(&self, _: ActorRef<DeviceMsg>, st: &mut DeviceState<Rng>) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _: ActorRef<DeviceMsg>,
+        st: &mut DeviceState<Rng>,
+    ) -> Result<(), ActorProcessingErr> {
         stop_watchers(st);
         Ok(())
     }
 
-    async fn handle(&self, _: ActorRef<DeviceMsg>, msg: DeviceMsg, st: &mut DeviceState<Rng>) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<DeviceMsg>,
+        msg: DeviceMsg,
+        st: &mut DeviceState<Rng>,
+    ) -> Result<(), ActorProcessingErr> {
         if let DeviceMsg::Notify(q) = msg {
             if let Some(p) = st.pending.get(q as usize) {
                 p.store(false, Ordering::SeqCst);
@@ -226,8 +283,21 @@ impl Actor for RngDevice {
         }
         let (dev, queues, mem) = t.parts();
         match dev.process(&mut queues[0], mem) {
-            Ok(true) => t.signal_used(),
-            Ok(false) => {}
+            Ok(RngProgress::Served(true)) => t.signal_used(),
+            Ok(RngProgress::Served(false)) => {}
+            Ok(RngProgress::HostNotReady) => {
+                tracing::debug!("host CRNG not ready; guest entropy request deferred");
+                // One retry timer at a time: the notify flag doubles as "a retry is pending".
+                if let Some(p) = st.pending.first() {
+                    if !p.swap(true, Ordering::SeqCst) {
+                        let me2 = me.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                            let _ = me2.send_message(DeviceMsg::Notify(0));
+                        });
+                    }
+                }
+            }
             Err(e) => {
                 t.fail(e.to_string());
                 return Err(format!("virtio-rng: {e}").into());

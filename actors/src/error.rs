@@ -14,14 +14,22 @@ pub enum Error {
     Hypervisor(#[from] msb_hypervisor::Error),
     #[error("setting up the sandbox: {0}")]
     Setup(String),
-    #[error("the guest did not become ready within {secs} s; last console output:\n{console_tail}")]
+    #[error(
+        "the guest did not become ready within {secs} s; last console output:\n{console_tail}"
+    )]
     BootTimeout { secs: u64, console_tail: String },
     #[error("the sandbox stopped: {reason}; last console output:\n{console_tail}")]
-    VmStopped { reason: StopReason, console_tail: String },
+    VmStopped {
+        reason: StopReason,
+        console_tail: String,
+    },
     #[error("agent protocol: {0}")]
     Agent(String),
     #[error("command could not be started ({kind:?}): {message}")]
-    SpawnFailed { kind: SpawnErrorKind, message: String },
+    SpawnFailed {
+        kind: SpawnErrorKind,
+        message: String,
+    },
     #[error("command output exceeded the {limit}-byte limit for a buffered exec; stream it instead or print less")]
     OutputTooLarge { limit: usize },
     #[error("the sandbox is gone (its actors have stopped)")]

@@ -105,8 +105,13 @@ impl SandboxBuilder {
         let machine = tokio::task::spawn_blocking(move || Machine::build(&spec, clock))
             .await
             .map_err(|e| Error::Setup(format!("VM setup task: {e}")))??;
-        let (sup, _) = Actor::spawn(None, Supervisor, machine).await.map_err(|e| Error::Setup(e.to_string()))?;
-        let sb = Sandbox { sup, created: clock };
+        let (sup, _) = Actor::spawn(None, Supervisor, machine)
+            .await
+            .map_err(|e| Error::Setup(e.to_string()))?;
+        let sb = Sandbox {
+            sup,
+            created: clock,
+        };
         let ready = tokio::time::timeout(self.boot_timeout, sb.call(SupMsg::WaitReady)).await;
         match ready {
             Ok(Ok(_agent)) => Ok(sb),
@@ -117,7 +122,10 @@ impl SandboxBuilder {
             Err(_) => {
                 let tail = sb.console_tail().await.unwrap_or_default();
                 let _ = sb.kill().await;
-                Err(Error::BootTimeout { secs: self.boot_timeout.as_secs(), console_tail: tail })
+                Err(Error::BootTimeout {
+                    secs: self.boot_timeout.as_secs(),
+                    console_tail: tail,
+                })
             }
         }
     }
@@ -141,7 +149,10 @@ impl Sandbox {
         SandboxBuilder::default()
     }
 
-    async fn call<T: Send + 'static>(&self, f: impl FnOnce(RpcReplyPort<Result<T>>) -> SupMsg) -> Result<T> {
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(RpcReplyPort<Result<T>>) -> SupMsg,
+    ) -> Result<T> {
         match self.sup.call(f, None).await {
             Ok(ractor::rpc::CallResult::Success(r)) => r,
             _ => Err(Error::Gone),
@@ -160,8 +171,19 @@ impl Sandbox {
     }
 
     /// Runs `argv` with extra environment and an optional working directory.
-    pub async fn exec_argv(&self, argv: Vec<String>, env: Vec<(String, String)>, cwd: Option<String>) -> Result<ExecOutput> {
-        self.call(|reply| SupMsg::Exec { argv, env, cwd, reply }).await
+    pub async fn exec_argv(
+        &self,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+    ) -> Result<ExecOutput> {
+        self.call(|reply| SupMsg::Exec {
+            argv,
+            env,
+            cwd,
+            reply,
+        })
+        .await
     }
 
     /// Asks the guest to sync and shut down, forcing it after the default timeout.
@@ -170,14 +192,24 @@ impl Sandbox {
     }
 
     pub async fn stop_timeout(&self, graceful: Duration) -> Result<StopReason> {
-        let r = self.call(|reply| SupMsg::Stop { graceful: Some(graceful), reply }).await;
+        let r = self
+            .call(|reply| SupMsg::Stop {
+                graceful: Some(graceful),
+                reply,
+            })
+            .await;
         self.sup.stop(None);
         r
     }
 
     /// Stops the VM at once.
     pub async fn kill(&self) -> Result<StopReason> {
-        let r = self.call(|reply| SupMsg::Stop { graceful: None, reply }).await;
+        let r = self
+            .call(|reply| SupMsg::Stop {
+                graceful: None,
+                reply,
+            })
+            .await;
         self.sup.stop(None);
         r
     }
@@ -211,8 +243,16 @@ impl Drop for Sandbox {
 
 pub enum SupMsg {
     WaitReady(RpcReplyPort<Result<String>>),
-    Exec { argv: Vec<String>, env: Vec<(String, String)>, cwd: Option<String>, reply: RpcReplyPort<Result<ExecOutput>> },
-    Stop { graceful: Option<Duration>, reply: RpcReplyPort<Result<StopReason>> },
+    Exec {
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        reply: RpcReplyPort<Result<ExecOutput>>,
+    },
+    Stop {
+        graceful: Option<Duration>,
+        reply: RpcReplyPort<Result<StopReason>>,
+    },
     Wait(RpcReplyPort<Result<StopReason>>),
     ConsoleTail(RpcReplyPort<Result<String>>),
     BootTimes(RpcReplyPort<Result<BootTimes>>),
@@ -255,8 +295,12 @@ impl SupState {
             VcpuStop::Requested => StopReason::Killed,
             VcpuStop::DeviceFailure(why) => StopReason::DeviceFailure(why),
             VcpuStop::InternalError => StopReason::KvmError("KVM_EXIT_INTERNAL_ERROR".into()),
-            VcpuStop::EntryFailure(r) => StopReason::KvmError(format!("VM entry failed, hardware reason {r:#x}")),
-            VcpuStop::SystemEvent(t) => StopReason::KvmError(format!("unexpected system event {t}")),
+            VcpuStop::EntryFailure(r) => {
+                StopReason::KvmError(format!("VM entry failed, hardware reason {r:#x}"))
+            }
+            VcpuStop::SystemEvent(t) => {
+                StopReason::KvmError(format!("unexpected system event {t}"))
+            }
             VcpuStop::Error(e) => StopReason::KvmError(e),
         }
     }
@@ -276,7 +320,9 @@ impl SupState {
                 }
             })
             .await;
-            let _ = running.agent.cast(AgentMsg::VmStopped(reason.clone(), self.serial.tail()));
+            let _ = running
+                .agent
+                .cast(AgentMsg::VmStopped(reason.clone(), self.serial.tail()));
             running.agent.stop(None);
             for d in running.devices {
                 d.stop(None);
@@ -293,15 +339,26 @@ impl Actor for Supervisor {
     type State = SupState;
     type Arguments = Machine;
 
-    async fn pre_start(&self, me: ActorRef<SupMsg>, m: Machine) -> std::result::Result<SupState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        me: ActorRef<SupMsg>,
+        m: Machine,
+    ) -> std::result::Result<SupState, ActorProcessingErr> {
         let (agent, _) = Actor::spawn_linked(None, AgentClient, (), me.get_cell()).await?;
         let console_args = ConsoleArgs {
-            device: DeviceArgs { transport: m.console.transport, notify: m.console.notify },
+            device: DeviceArgs {
+                transport: m.console.transport,
+                notify: m.console.notify,
+            },
             agent: agent.get_derived(),
         };
-        let (console, _) = Actor::spawn_linked(None, ConsoleDevice, console_args, me.get_cell()).await?;
+        let (console, _) =
+            Actor::spawn_linked(None, ConsoleDevice, console_args, me.get_cell()).await?;
         agent.cast(AgentMsg::Attach(console.get_derived()))?;
-        let rng_args = DeviceArgs { transport: m.rng.transport, notify: m.rng.notify };
+        let rng_args = DeviceArgs {
+            transport: m.rng.transport,
+            notify: m.rng.notify,
+        };
         let (rng, _) = Actor::spawn_linked(None, RngDevice, rng_args, me.get_cell()).await?;
 
         let mut runners = Vec::new();
@@ -314,7 +371,12 @@ impl Actor for Supervisor {
         }
         tracing::debug!(cmdline = %m.cmdline, "sandbox VM started");
         Ok(SupState {
-            running: Some(Running { runners, agent, devices: vec![console, rng], _vm: m.vm }),
+            running: Some(Running {
+                runners,
+                agent,
+                devices: vec![console, rng],
+                _vm: m.vm,
+            }),
             serial: m.serial,
             reports: m.reports,
             boot_timer: m.boot_timer,
@@ -324,14 +386,26 @@ impl Actor for Supervisor {
         })
     }
 
-    async fn post_stop(&self, _: ActorRef<SupMsg>, st: &mut SupState) -> std::result::Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _: ActorRef<SupMsg>,
+        st: &mut SupState,
+    ) -> std::result::Result<(), ActorProcessingErr> {
         st.finish(StopReason::Killed).await;
         Ok(())
     }
 
-    async fn handle(&self, me: ActorRef<SupMsg>, msg: SupMsg, st: &mut SupState) -> std::result::Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<SupMsg>,
+        msg: SupMsg,
+        st: &mut SupState,
+    ) -> std::result::Result<(), ActorProcessingErr> {
         let gone = |st: &SupState| match &st.stopped {
-            Some(r) => Error::VmStopped { reason: r.clone(), console_tail: st.serial.tail() },
+            Some(r) => Error::VmStopped {
+                reason: r.clone(),
+                console_tail: st.serial.tail(),
+            },
             None => Error::Gone,
         };
         match msg {
@@ -341,8 +415,18 @@ impl Actor for Supervisor {
                     let _ = reply.send(Err(gone(st)));
                 }
             },
-            SupMsg::Exec { argv, env, cwd, reply } => match &st.running {
-                Some(r) => r.agent.cast(AgentMsg::Exec { argv, env, cwd, reply })?,
+            SupMsg::Exec {
+                argv,
+                env,
+                cwd,
+                reply,
+            } => match &st.running {
+                Some(r) => r.agent.cast(AgentMsg::Exec {
+                    argv,
+                    env,
+                    cwd,
+                    reply,
+                })?,
                 None => {
                     let _ = reply.send(Err(gone(st)));
                 }
@@ -361,7 +445,8 @@ impl Actor for Supervisor {
                         let me2 = me.clone();
                         tokio::spawn(async move {
                             // Either the agent refuses (not ready) or time runs out: force.
-                            let acked = matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(Ok(()))));
+                            let acked =
+                                matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(Ok(()))));
                             if !acked {
                                 let _ = me2.cast(SupMsg::StopTimeout);
                                 return;
@@ -384,7 +469,9 @@ impl Actor for Supervisor {
                 let _ = reply.send(Ok(st.serial.tail()));
             }
             SupMsg::BootTimes(reply) => {
-                let _ = reply.send(Ok(BootTimes { to_init: st.boot_timer.elapsed() }));
+                let _ = reply.send(Ok(BootTimes {
+                    to_init: st.boot_timer.elapsed(),
+                }));
             }
             SupMsg::VcpuStopped(stop) => {
                 let reason = st.classify(stop);
@@ -411,7 +498,10 @@ impl Actor for Supervisor {
                 st.finish(StopReason::DeviceFailure(err.to_string())).await;
             }
             SupervisionEvent::ActorTerminated(..) if st.stopped.is_none() => {
-                st.finish(StopReason::DeviceFailure("a sandbox component stopped unexpectedly".into())).await;
+                st.finish(StopReason::DeviceFailure(
+                    "a sandbox component stopped unexpectedly".into(),
+                ))
+                .await;
             }
             _ => {}
         }

@@ -1,7 +1,7 @@
 //! agentd: PID 1 of every sandbox.
 //!
 //! Boot: mount /proc, /sys, /dev (+ /dev/pts), /tmp and /run; mark the boot timer; open the
-//! agent channel (`/dev/hvc0`, raw mode); send [`GuestMsg::Ready`]; then serve host requests
+//! agent channel (the virtio-console port named `msb.agent`); send [`GuestMsg::Ready`]; then serve host requests
 //! until told to shut down. As PID 1 it also reaps every orphan.
 //!
 //! Invariants: the host is trusted, but agentd still validates every request before acting
@@ -18,7 +18,8 @@ use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
 use msb_protocol::{
-    decode, encode, FrameDecoder, GuestMsg, HostMsg, MAX_OUTPUT_CHUNK, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    decode, encode, FrameDecoder, GuestMsg, HostMsg, MAX_OUTPUT_CHUNK, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 
 /// Most commands running at once.
@@ -61,9 +62,11 @@ fn main() {
 }
 
 fn serve() -> Result<(), String> {
-    let path = std::env::var("MSB_AGENT_CHANNEL").unwrap_or_else(|_| "/dev/hvc0".into());
-    let chan = system::open_channel(&path)?;
-    let mut reader = chan.try_clone().map_err(|e| format!("cloning channel: {e}"))?;
+    let path = std::env::var("MSB_AGENT_CHANNEL").ok();
+    let chan = system::open_channel(path.as_deref())?;
+    let mut reader = chan
+        .try_clone()
+        .map_err(|e| format!("cloning channel: {e}"))?;
     let sender = Sender(Arc::new(Mutex::new(chan)));
     let reaper = reaper::Reaper::start();
     sender.send(&GuestMsg::Ready {
@@ -84,24 +87,32 @@ fn serve() -> Result<(), String> {
             Err(e) => return Err(format!("agent channel read: {e}")),
         };
         let mut frames = Vec::new();
-        decoder.feed(&buf[..n], &mut |f| frames.push(f)).map_err(|e| e.to_string())?;
+        decoder
+            .feed(&buf[..n], &mut |f| frames.push(f))
+            .map_err(|e| e.to_string())?;
         for frame in frames {
             let msg: HostMsg = match decode(&frame) {
                 Ok(m) => m,
                 Err(e) => {
-                    sender.send(&GuestMsg::Error { message: e.to_string() });
+                    sender.send(&GuestMsg::Error {
+                        message: e.to_string(),
+                    });
                     return Err(e.to_string());
                 }
             };
             match msg {
                 HostMsg::Hello { version } => {
                     if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
-                        return Err(format!("host picked unsupported protocol version {version}"));
+                        return Err(format!(
+                            "host picked unsupported protocol version {version}"
+                        ));
                     }
                     negotiated = true;
                 }
                 _ if !negotiated => {
-                    sender.send(&GuestMsg::Error { message: "request before Hello".into() });
+                    sender.send(&GuestMsg::Error {
+                        message: "request before Hello".into(),
+                    });
                 }
                 HostMsg::Exec(req) => exec::start(req, sender.clone(), reaper.clone()),
                 HostMsg::Shutdown { id } => {

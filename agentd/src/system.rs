@@ -20,13 +20,37 @@ fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Opti
 
 pub fn early_setup() {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
-    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"));
+    mount_fs(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    );
     mark_boot_timer();
     mount_fs("proc", "/proc", "proc", nosuid, None);
     mount_fs("sysfs", "/sys", "sysfs", nosuid, None);
-    mount_fs("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("ptmxmode=0666"));
-    mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"));
-    mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"));
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("ptmxmode=0666"),
+    );
+    mount_fs(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    );
+    mount_fs(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    );
     std::env::set_var("PATH", crate::exec::DEFAULT_PATH);
 }
 
@@ -34,18 +58,47 @@ pub fn early_setup() {
 /// agentd itself needs no `unsafe`; it runs in the background and agentd does not wait.
 fn mark_boot_timer() {
     let addr = format!("{:#x}", msb_protocol::BOOT_TIMER_ADDR);
-    if let Err(e) = std::process::Command::new("/bin/busybox").args(["devmem", &addr, "8", "1"]).spawn() {
+    if let Err(e) = std::process::Command::new("/bin/busybox")
+        .args(["devmem", &addr, "8", "1"])
+        .spawn()
+    {
         log(&format!("boot timer: {e}"));
     }
 }
 
-/// Opens the agent channel and puts the tty into raw mode (no echo, no line editing, no
-/// newline translation), waiting up to 10 s for the device to appear.
-pub fn open_channel(path: &str) -> Result<File, String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !Path::new(path).exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
+/// Finds the virtio-console port named `name` (`/sys/class/virtio-ports/*/name`).
+fn find_port(name: &str) -> Option<String> {
+    for entry in std::fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
+        let port_name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+        if port_name.trim() == name {
+            return Some(format!("/dev/{}", entry.file_name().to_string_lossy()));
+        }
     }
+    None
+}
+
+/// Opens the agent channel: `path`, or the virtio port named `msb.agent` when `path` is
+/// `None`, waiting up to 10 s for it to appear. A tty (as in tests on a pty) is put into raw
+/// mode: no echo, no line editing, no newline translation.
+pub fn open_channel(path: Option<&str>) -> Result<File, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let path = loop {
+        let found = match path {
+            Some(p) => Path::new(p).exists().then(|| p.to_string()),
+            None => find_port(msb_protocol::AGENT_PORT_NAME),
+        };
+        match found {
+            Some(p) => break p,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            None => {
+                return Err(format!(
+                    "agent channel {} did not appear within 10 s",
+                    path.unwrap_or("port msb.agent")
+                ))
+            }
+        }
+    };
+    let path = path.as_str();
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -53,7 +106,8 @@ pub fn open_channel(path: &str) -> Result<File, String> {
         .map_err(|e| format!("opening agent channel {path}: {e}"))?;
     if let Ok(mut t) = termios::tcgetattr(&f) {
         termios::cfmakeraw(&mut t);
-        termios::tcsetattr(&f, termios::SetArg::TCSANOW, &t).map_err(|e| format!("raw mode on {path}: {e}"))?;
+        termios::tcsetattr(&f, termios::SetArg::TCSANOW, &t)
+            .map_err(|e| format!("raw mode on {path}: {e}"))?;
     }
     Ok(f)
 }

@@ -13,7 +13,11 @@ use clap::{Parser, Subcommand};
 use msb_actors::{Error, ExitStatus, Sandbox, SpawnErrorKind};
 
 #[derive(Parser)]
-#[command(name = "msb", version, about = "Run untrusted code in hardware-isolated microVMs")]
+#[command(
+    name = "msb",
+    version,
+    about = "Run untrusted code in hardware-isolated microVMs"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -47,6 +51,9 @@ struct RunArgs {
     /// Write the guest's serial console here.
     #[arg(long)]
     console_log: Option<PathBuf>,
+    /// Extra guest kernel command-line arguments (e.g. "loglevel=7" to see the boot).
+    #[arg(long)]
+    kernel_args: Option<String>,
     /// Seconds to wait for the guest to become ready.
     #[arg(long, default_value_t = 60)]
     boot_timeout: u64,
@@ -58,12 +65,17 @@ struct RunArgs {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MSB_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("MSB_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("msb: cannot start the runtime: {e}");
@@ -87,9 +99,15 @@ async fn run(a: RunArgs) -> ExitCode {
             }
         }
     }
-    let mut b = Sandbox::builder().cpus(a.cpus).memory_mib(a.memory).boot_timeout(Duration::from_secs(a.boot_timeout));
+    let mut b = Sandbox::builder()
+        .cpus(a.cpus)
+        .memory_mib(a.memory)
+        .boot_timeout(Duration::from_secs(a.boot_timeout));
     if let Some(k) = a.kernel {
         b = b.kernel(k);
+    }
+    if let Some(k) = a.kernel_args {
+        b = b.kernel_args(k);
     }
     if let Some(c) = a.console_log {
         b = b.console_log(c);
@@ -131,7 +149,10 @@ async fn run(a: RunArgs) -> ExitCode {
 fn doctor() -> ExitCode {
     let kind = msb_hypervisor::classify();
     println!("/dev/kvm: {}", kind.describe());
-    let access = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
+    let access = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm");
     match &access {
         Ok(_) => println!("/dev/kvm access: read-write OK"),
         Err(e) => println!("/dev/kvm access: {e} (add yourself to the kvm group or run as root)"),

@@ -105,14 +105,17 @@ impl ConsoleLog {
     }
 
     fn write_file(&mut self, buf: &[u8]) {
-        let Some(file) = self.file.as_mut() else { return };
+        let Some(file) = self.file.as_mut() else {
+            return;
+        };
         let room = self.cap.saturating_sub(self.written);
         let n = (buf.len() as u64).min(room) as usize;
         if n > 0 && file.write_all(&buf[..n]).is_ok() {
             self.written += n as u64;
         }
         if n < buf.len() && self.written == self.cap {
-            let _ = file.write_all(b"\n[msb: console log reached its size cap; further output dropped]\n");
+            let _ = file
+                .write_all(b"\n[msb: console log reached its size cap; further output dropped]\n");
             self.written += 1; // never announce twice
         }
     }
@@ -159,7 +162,8 @@ mod tests {
     fn markers_are_recognised_on_complete_lines_only() {
         let mut log = ConsoleLog::new(None, 0).unwrap();
         let r = log.reports();
-        log.write_all(b"[    1.0] Kernel panic - not syncing: Attempted to kill init").unwrap();
+        log.write_all(b"[    1.0] Kernel panic - not syncing: Attempted to kill init")
+            .unwrap();
         assert!(!r.panicked());
         log.write_all(b"\n").unwrap();
         assert!(r.panicked());

@@ -30,18 +30,25 @@ pub struct SerialDevice {
 
 impl SerialDevice {
     pub fn new(irq: Arc<EventFd>, log: ConsoleLog) -> Self {
-        Self { inner: Mutex::new(Serial::new(IrqTrigger(irq), log)) }
+        Self {
+            inner: Mutex::new(Serial::new(IrqTrigger(irq), log)),
+        }
     }
 
     /// The last bytes the guest printed.
     pub fn tail(&self) -> String {
-        self.inner.lock().map(|s| s.writer().tail()).unwrap_or_default()
+        self.inner
+            .lock()
+            .map(|s| s.writer().tail())
+            .unwrap_or_default()
     }
 }
 
 impl BusDevice for SerialDevice {
     fn read(&self, offset: u64, data: &mut [u8]) {
-        let Ok(mut s) = self.inner.lock() else { return data.fill(0xff) };
+        let Ok(mut s) = self.inner.lock() else {
+            return data.fill(0xff);
+        };
         data.fill(0);
         if let Some(b) = data.first_mut() {
             *b = s.read(offset as u8);

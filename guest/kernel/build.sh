@@ -35,19 +35,16 @@ else
     make -s ARCH=x86_64 tinyconfig
     scripts/kconfig/merge_config.sh -m .config "${frags[@]}" >/dev/null
     make -s ARCH=x86_64 olddefconfig
-    # Every fragment line must have survived olddefconfig, or the kernel is not what we asked for.
+    # Every fragment setting (the last one wins, as in merge_config) must have survived
+    # olddefconfig, or the kernel is not what we asked for.
     missing=0
-    for f in "${frags[@]}"; do
-      while IFS= read -r line; do
-        case $line in ''|'#'*) continue ;; esac
-        key=${line%%=*}; val=${line#*=}
-        if [ "$val" = n ]; then
-          grep -q "^$key=" .config && { echo "kernel: $key should be off" >&2; missing=1; }
-        else
-          grep -qx "$line" .config || { echo "kernel: $line did not survive olddefconfig" >&2; missing=1; }
-        fi
-      done < "$f"
-    done
+    while IFS='=' read -r key val; do
+      if [ "$val" = n ]; then
+        grep -q "^$key=" .config && { echo "kernel: $key should be off" >&2; missing=1; }
+      else
+        grep -qx "$key=$val" .config || { echo "kernel: $key=$val did not survive olddefconfig" >&2; missing=1; }
+      fi
+    done < <(cat "${frags[@]}" | grep -E '^CONFIG_' | awk -F= '{v[$1]=$2; if (!($1 in o)) {o[$1]=n++; k[n-1]=$1}} END {for (i=0;i<n;i++) print k[i] "=" v[k[i]]}')
     [ $missing = 0 ] || exit 1
     make -s ARCH=x86_64 -j"$(nproc)" "$( [ "$flavor" = rig ] && echo bzImage || echo vmlinux)"
   )

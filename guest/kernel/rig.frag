@@ -5,3 +5,10 @@ CONFIG_VIRTUALIZATION=y
 CONFIG_KVM=y
 CONFIG_KVM_AMD=y
 CONFIG_KVM_WERROR=n
+# The rig's L1 keeps its i8042: the harness's periodic keyboard kick through QEMU's monitor
+# works around a QEMU 7.2 TCG lost-interrupt freeze (shared/research/tcg-rig.md §3.2).
+CONFIG_SERIO_I8042=y
+CONFIG_INPUT_KEYBOARD=y
+CONFIG_KEYBOARD_ATKBD=y
+CONFIG_INPUT=y
+CONFIG_SERIO=y

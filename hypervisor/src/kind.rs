@@ -83,11 +83,19 @@ mod tests {
         let intel = "flags\t\t: fpu vmx ept\n";
         let none = "flags\t\t: fpu hypervisor\n";
         assert_eq!(classify_from(false, false, amd), KvmKind::Missing);
-        assert_eq!(classify_from(true, true, amd), KvmKind::Pvm, "PVM wins over flags");
+        assert_eq!(
+            classify_from(true, true, amd),
+            KvmKind::Pvm,
+            "PVM wins over flags"
+        );
         assert_eq!(classify_from(true, false, amd), KvmKind::HardwareAmd);
         assert_eq!(classify_from(true, false, intel), KvmKind::HardwareIntel);
         assert_eq!(classify_from(true, false, none), KvmKind::Unknown);
-        assert_eq!(classify_from(true, false, "flags: svmx\n"), KvmKind::Unknown, "whole words only");
+        assert_eq!(
+            classify_from(true, false, "flags: svmx\n"),
+            KvmKind::Unknown,
+            "whole words only"
+        );
         assert!(KvmKind::HardwareAmd.boots_linux());
         assert!(!KvmKind::Pvm.boots_linux());
     }

@@ -78,7 +78,13 @@ mod tests {
         assert_eq!(ram_ranges(128).unwrap(), vec![(GuestAddress(0), 128 << 20)]);
         let r = ram_ranges(4096).unwrap();
         assert_eq!(r[0], (GuestAddress(0), MMIO_HOLE_START as usize));
-        assert_eq!(r[1], (GuestAddress(FOUR_GIB), ((4096u64 << 20) - MMIO_HOLE_START) as usize));
+        assert_eq!(
+            r[1],
+            (
+                GuestAddress(FOUR_GIB),
+                ((4096u64 << 20) - MMIO_HOLE_START) as usize
+            )
+        );
         assert!(ram_ranges(1).is_err());
         assert!(ram_ranges(MAX_MEMORY_MIB + 1).is_err());
     }
@@ -93,7 +99,11 @@ mod tests {
         let before = rss_kib();
         let mem = create(8192).unwrap();
         let after = rss_kib();
-        assert!(after < before + 16 * 1024, "8 GiB guest grew RSS by {} KiB", after - before);
+        assert!(
+            after < before + 16 * 1024,
+            "8 GiB guest grew RSS by {} KiB",
+            after - before
+        );
         assert_eq!(low_ram_end(&mem), MMIO_HOLE_START);
     }
 }

@@ -1,4 +1,5 @@
-//! An Intel MP table (spec 1.4): CPUs, one ISA bus, one IOAPIC with ISA IRQ i on pin i, and
+//! An Intel MP table (spec 1.4): CPUs, one ISA bus, one IOAPIC with ISA IRQ i on pin i (the
+//! timer, IRQ 0, on pin 2 where KVM wires it), and
 //! LINT0 = ExtINT, LINT1 = NMI. Without it Linux runs in "virtual wire, no configuration"
 //! mode, where L1 KVM's PIC/LVT0 race can lose the first timer interrupt forever
 //! (`shared/research/tcg-rig.md` §3.1), and it cannot start more than one CPU.
@@ -8,20 +9,25 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::memory::{EBDA_START, IOAPIC_ADDR, LAPIC_ADDR};
 use crate::{Error, Result};
 
-/// IOAPIC pins described (ISA IRQs 0..=23 map one to one).
+/// IOAPIC pins described (ISA IRQs 1..=23 map one to one, IRQ 0 to pin 2).
 const IOAPIC_PINS: u8 = 24;
 const FLOATING_LEN: usize = 16;
 const HEADER_LEN: usize = 44;
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// Builds the floating pointer and configuration table for `cpus` CPUs, to be placed at
 /// [`EBDA_START`]. Returns the bytes.
 pub(crate) fn build(cpus: u8) -> Result<Vec<u8>> {
     if cpus == 0 || cpus > 254 {
-        return Err(Error::Config(format!("{cpus} vCPUs cannot be described in an MP table")));
+        return Err(Error::Config(format!(
+            "{cpus} vCPUs cannot be described in an MP table"
+        )));
     }
     let ioapic_id = cpus + 1;
     let table_addr = EBDA_START as u32 + FLOATING_LEN as u32;
@@ -42,8 +48,15 @@ pub(crate) fn build(cpus: u8) -> Result<Vec<u8>> {
     entries.extend_from_slice(&(IOAPIC_ADDR as u32).to_le_bytes());
     count += 1;
     for irq in 0..IOAPIC_PINS {
-        // I/O interrupt: vectored INT, flags "conforms to bus", ISA bus 0, irq -> pin irq.
-        entries.extend_from_slice(&[3, 0, 0, 0, 0, irq, ioapic_id, irq]);
+        // KVM wires the PIT (GSI 0) to IOAPIC pin 2, as PC firmware describes with an
+        // interrupt source override; pin 2 is therefore not IRQ 2 (the PIC cascade).
+        let pin = match irq {
+            0 => 2,
+            2 => continue,
+            n => n,
+        };
+        // I/O interrupt: vectored INT, flags "conforms to bus", ISA bus 0.
+        entries.extend_from_slice(&[3, 0, 0, 0, 0, irq, ioapic_id, pin]);
         count += 1;
     }
     // Local interrupts: LINT0 ExtINT on the BSP, LINT1 NMI on every LAPIC.
@@ -74,7 +87,9 @@ pub(crate) fn build(cpus: u8) -> Result<Vec<u8>> {
     out[10] = checksum(&out[..FLOATING_LEN]);
     out.extend_from_slice(&table);
     if out.len() > 1024 {
-        return Err(Error::Config(format!("MP table for {cpus} vCPUs does not fit in the EBDA")));
+        return Err(Error::Config(format!(
+            "MP table for {cpus} vCPUs does not fit in the EBDA"
+        )));
     }
     Ok(out)
 }
@@ -104,7 +119,7 @@ mod tests {
             assert_eq!(len, cfg.len());
             assert_eq!(cfg.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
             let count = u16::from_le_bytes([cfg[34], cfg[35]]) as usize;
-            assert_eq!(count, cpus as usize + 1 + 1 + 24 + 2);
+            assert_eq!(count, cpus as usize + 1 + 1 + 23 + 2);
             assert_eq!(len, 44 + 20 * cpus as usize + 8 * (count - cpus as usize));
         }
         assert!(build(0).is_err());

@@ -11,7 +11,9 @@ use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestAddress;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -70,13 +72,21 @@ const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 
 /// Flat 32-bit GDT for PVH entry: null, code, data, TSS.
-const GDT: [u64; 4] = [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0000_8b00_0000_0067];
+const GDT: [u64; 4] = [
+    0,
+    0x00cf_9b00_0000_ffff,
+    0x00cf_9300_0000_ffff,
+    0x0000_8b00_0000_0067,
+];
 
 impl Vcpu {
     /// Creates vCPU `id` and prepares it for PVH entry at `entry` (only vCPU 0 gets registers;
     /// the others wait for the guest's INIT/SIPI).
     pub fn new(vm: &Vm, id: u8, entry: GuestAddress) -> Result<Self> {
-        let fd = vm.fd().create_vcpu(id as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let fd = vm
+            .fd()
+            .create_vcpu(id as u64)
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let vcpu = Self { fd, id };
         vcpu.set_cpuid(vm)?;
         vcpu.set_msrs()?;
@@ -94,21 +104,33 @@ impl Vcpu {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let cpus = vm.config().vcpus as u32;
+        let tsc_deadline = vm.kvm().check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
         for e in cpuid.as_mut_slice() {
             match e.function {
                 1 => {
                     e.ecx |= 1 << 31; // hypervisor present: use kvm-clock, skip PIT calibration
+                    if tsc_deadline {
+                        // The in-kernel LAPIC emulates the TSC-deadline timer; with it the guest
+                        // needs no LAPIC timer calibration against the PIT.
+                        e.ecx |= 1 << 24;
+                    }
                     e.ebx = (e.ebx & 0x0000_ffff) | (cpus << 16) | ((self.id as u32) << 24);
                 }
                 0xb | 0x1f => e.edx = self.id as u32,
                 _ => {}
             }
         }
-        self.fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(kvm_err("KVM_SET_CPUID2"))
     }
 
     fn set_msrs(&self) -> Result<()> {
-        let entry = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+        let entry = |index, data| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        };
         let entries = [
             entry(MSR_IA32_SYSENTER_CS, 0),
             entry(MSR_IA32_SYSENTER_ESP, 0),
@@ -122,16 +144,24 @@ impl Vcpu {
             entry(MSR_IA32_MISC_ENABLE, 1),
             entry(MSR_MTRR_DEF_TYPE, 0x806),
         ];
-        let msrs = Msrs::from_entries(&entries).map_err(|e| Error::Config(format!("MSR list: {e:?}")))?;
+        let msrs =
+            Msrs::from_entries(&entries).map_err(|e| Error::Config(format!("MSR list: {e:?}")))?;
         let set = self.fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
         if set != entries.len() {
-            return Err(Error::Config(format!("KVM accepted only {set} of {} boot MSRs", entries.len())));
+            return Err(Error::Config(format!(
+                "KVM accepted only {set} of {} boot MSRs",
+                entries.len()
+            )));
         }
         Ok(())
     }
 
     fn set_fpu(&self) -> Result<()> {
-        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
         self.fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))
     }
 
@@ -182,7 +212,12 @@ impl Vcpu {
         sregs.fs = data;
         sregs.gs = data;
         sregs.ss = data;
-        sregs.tr = kvm_segment { limit: 0x67, db: 0, g: 0, ..seg(0x18, 0xb, 0) };
+        sregs.tr = kvm_segment {
+            limit: 0x67,
+            db: 0,
+            g: 0,
+            ..seg(0x18, 0xb, 0)
+        };
         sregs.gdt.base = GDT_ADDR;
         sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
         sregs.idt.base = 0;
@@ -191,8 +226,15 @@ impl Vcpu {
         sregs.cr3 = 0;
         sregs.cr4 = 0;
         sregs.efer = 0;
-        self.fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-        let regs = kvm_regs { rflags: 0x2, rip: entry.0, rbx: PVH_INFO_ADDR, ..Default::default() };
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        let regs = kvm_regs {
+            rflags: 0x2,
+            rip: entry.0,
+            rbx: PVH_INFO_ADDR,
+            ..Default::default()
+        };
         self.fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))
     }
 
@@ -244,7 +286,11 @@ impl VcpuRunner {
                 on_exit(reason);
             })
             .map_err(|e| Error::Thread(format!("spawning vCPU {id}: {e}")))?;
-        Ok(Self { id, stop, thread: Some(thread) })
+        Ok(Self {
+            id,
+            stop,
+            thread: Some(thread),
+        })
     }
 
     pub fn id(&self) -> u8 {

@@ -20,7 +20,10 @@ pub struct VmConfig {
 impl VmConfig {
     pub fn validate(&self) -> Result<()> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(Error::Config(format!("{} vCPUs is outside 1..={MAX_VCPUS}", self.vcpus)));
+            return Err(Error::Config(format!(
+                "{} vCPUs is outside 1..={MAX_VCPUS}",
+                self.vcpus
+            )));
         }
         memory::ram_ranges(self.memory_mib).map(|_| ())
     }
@@ -39,9 +42,14 @@ impl Vm {
         config.validate()?;
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        fd.set_tss_address(0xfffb_d000).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        fd.set_tss_address(0xfffb_d000)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         let mem = memory::create(config.memory_mib)?;
         for (slot, region) in mem.iter().enumerate() {
@@ -58,9 +66,15 @@ impl Vm {
             // SAFETY: `host..host+len` is a live anonymous mapping owned by `mem`, which this
             // `Vm` keeps alive for as long as the VM fd (and so the slot) exists; slots do not
             // overlap because vm-memory rejects overlapping regions.
-            unsafe { fd.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { fd.set_user_memory_region(r) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        Ok(Self { kvm, fd, mem, config })
+        Ok(Self {
+            kvm,
+            fd,
+            mem,
+            config,
+        })
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
@@ -81,7 +95,9 @@ impl Vm {
 
     /// Routes writes of `evt` to interrupt line `gsi`.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<()> {
-        self.fd.register_irqfd(evt, gsi).map_err(kvm_err("KVM_IRQFD"))
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(kvm_err("KVM_IRQFD"))
     }
 
     /// Signals `evt` when the guest writes the 32-bit value `value` to MMIO address `addr`,

@@ -27,6 +27,9 @@ pub const MAX_OUTPUT_CHUNK: usize = 64 * 1024;
 /// Most arguments or environment entries in one exec request.
 pub const MAX_EXEC_ITEMS: usize = 4096;
 
+/// Name of the virtio-console port that carries the agent channel.
+pub const AGENT_PORT_NAME: &str = "msb.agent";
+
 /// Guest physical address of the boot-timer device: agentd writes one byte here as soon as
 /// it runs, and the VMM records the time since its own start.
 pub const BOOT_TIMER_ADDR: u64 = 0xd000_0000;
@@ -92,15 +95,27 @@ pub enum SpawnErrorKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GuestMsg {
     /// First message: agentd is up and speaks versions `min..=max`.
-    Ready { min_version: u16, max_version: u16, agent: String },
+    Ready {
+        min_version: u16,
+        max_version: u16,
+        agent: String,
+    },
     /// The process for request `id` started.
     Started { id: RequestId, pid: u32 },
     /// A chunk of output of request `id`.
-    Output { id: RequestId, stream: Stream, data: Vec<u8> },
+    Output {
+        id: RequestId,
+        stream: Stream,
+        data: Vec<u8>,
+    },
     /// The process of request `id` ended; no more output follows.
     Exited { id: RequestId, status: ExitStatus },
     /// The process of request `id` could not be started.
-    SpawnFailed { id: RequestId, kind: SpawnErrorKind, message: String },
+    SpawnFailed {
+        id: RequestId,
+        kind: SpawnErrorKind,
+        message: String,
+    },
     /// File systems are synced; the guest powers off next.
     ShutdownAck { id: RequestId },
     /// agentd could not make sense of a host message.
@@ -125,13 +140,19 @@ impl ExecRequest {
             return Err("argv is empty: name a program to run".into());
         }
         if self.argv.len() > MAX_EXEC_ITEMS || self.env.len() > MAX_EXEC_ITEMS {
-            return Err(format!("more than {MAX_EXEC_ITEMS} arguments or environment entries"));
+            return Err(format!(
+                "more than {MAX_EXEC_ITEMS} arguments or environment entries"
+            ));
         }
         let nul = |s: &String| s.contains('\0');
         if self.argv.iter().any(nul) || self.env.iter().any(|(k, v)| nul(k) || nul(v)) {
             return Err("arguments and environment must not contain NUL bytes".into());
         }
-        if self.env.iter().any(|(k, _)| k.is_empty() || k.contains('=')) {
+        if self
+            .env
+            .iter()
+            .any(|(k, _)| k.is_empty() || k.contains('='))
+        {
             return Err("environment names must be non-empty and contain no '='".into());
         }
         if let Some(cwd) = &self.cwd {
@@ -148,7 +169,12 @@ mod tests {
     use super::*;
 
     fn req() -> ExecRequest {
-        ExecRequest { id: 7, argv: vec!["echo".into(), "hi".into()], env: vec![], cwd: None }
+        ExecRequest {
+            id: 7,
+            argv: vec!["echo".into(), "hi".into()],
+            env: vec![],
+            cwd: None,
+        }
     }
 
     #[test]
@@ -191,7 +217,8 @@ mod tests {
             let frame = encode(&m).unwrap();
             let mut d = FrameDecoder::new();
             let mut out = Vec::new();
-            d.feed(&frame, &mut |p| out.push(decode::<HostMsg>(&p).unwrap())).unwrap();
+            d.feed(&frame, &mut |p| out.push(decode::<HostMsg>(&p).unwrap()))
+                .unwrap();
             assert_eq!(out, vec![m]);
         }
     }

@@ -1,0 +1,41 @@
+//! Shared helpers of msb's test suites.
+
+use std::time::Duration;
+
+use msb_actors::{Error, Sandbox, SandboxBuilder};
+
+/// Fails (never skips) when this host cannot boot Linux guests, saying where to run instead.
+pub fn require_linux_capable_kvm() {
+    let kind = msb_hypervisor::classify();
+    assert!(
+        kind.boots_linux() || std::env::var_os("MSB_E2E_FORCE").is_some(),
+        "the e2e suite boots real Linux guests and needs hardware KVM, but this host has: {}. \
+         Run it through the rig: tests/rig/run-rig.sh e2e",
+        kind.describe()
+    );
+}
+
+/// Boot timeout for e2e sandboxes (nested TCG boots take a few seconds).
+pub const E2E_BOOT_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// Creates a sandbox, retrying once if the guest does not come up in time (the rig's
+/// nested TCG loses an interrupt about once in 200 boots). Retries are printed so that the
+/// rig's report can count them.
+pub async fn boot_with(b: impl Fn() -> SandboxBuilder) -> Sandbox {
+    require_linux_capable_kvm();
+    match b().boot_timeout(E2E_BOOT_TIMEOUT).create().await {
+        Ok(sb) => sb,
+        Err(e @ Error::BootTimeout { .. }) => {
+            eprintln!("E2E-RETRY: first boot failed: {e}");
+            b().boot_timeout(E2E_BOOT_TIMEOUT)
+                .create()
+                .await
+                .expect("sandbox boots on retry")
+        }
+        Err(e) => panic!("sandbox did not boot: {e}"),
+    }
+}
+
+pub async fn boot() -> Sandbox {
+    boot_with(|| Sandbox::builder().memory_mib(256).cpus(1)).await
+}

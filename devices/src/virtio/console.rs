@@ -1,7 +1,14 @@
-//! virtio-console, single port (no `MULTIPORT`): the agent channel.
+//! virtio-console with `MULTIPORT` and one named port, `msb.agent`: the agent channel.
 //!
-//! Queue 0 (receiveq) carries host-to-guest bytes, queue 1 (transmitq) guest-to-host bytes.
-//! The core only moves bytes; framing is the agent client's job.
+//! Queue 0 (port 0 receiveq) carries host-to-guest bytes, queue 1 (port 0 transmitq)
+//! guest-to-host bytes, queues 2 and 3 the control channel. A generic (non-console) port is
+//! used on purpose: the guest's hvc console path busy-waits until the host consumes each
+//! write, while a port's writes complete asynchronously. The core only moves bytes; framing is
+//! the agent client's job.
+//!
+//! Control protocol (device side): on `DEVICE_READY` announce port 0 (`DEVICE_ADD`); on
+//! `PORT_READY` name it [`PORT_NAME`] and open it from the host side (`PORT_OPEN`).
+//! Guest control messages are 8 bytes; anything shorter is a contract violation.
 //!
 //! Bounds: host-to-guest bytes waiting for guest buffers are capped at [`TO_GUEST_LIMIT`]
 //! (a full buffer refuses new data, all or nothing, so frames are never cut); one transmit
@@ -17,6 +24,18 @@ use super::{add_used, read_chain, write_chain, DeviceError, VirtioDevice, TYPE_C
 
 pub const RX_QUEUE: u16 = 0;
 pub const TX_QUEUE: u16 = 1;
+pub const CONTROL_RX_QUEUE: u16 = 2;
+pub const CONTROL_TX_QUEUE: u16 = 3;
+/// The agent port's name, visible in the guest at `/sys/class/virtio-ports/*/name`.
+pub const PORT_NAME: &str = msb_protocol::AGENT_PORT_NAME;
+/// Most control messages waiting for guest buffers.
+pub const MAX_CONTROL_PENDING: usize = 16;
+const F_MULTIPORT: u64 = 1 << 1;
+const DEVICE_READY: u16 = 0;
+const DEVICE_ADD: u16 = 1;
+const PORT_READY: u16 = 3;
+const PORT_OPEN: u16 = 6;
+const PORT_NAME_EVENT: u16 = 7;
 pub const QUEUE_SIZE: u16 = 256;
 /// Most host-to-guest bytes buffered while the guest has no receive buffers posted.
 pub const TO_GUEST_LIMIT: usize = 4 * 1024 * 1024;
@@ -33,6 +52,8 @@ pub struct Full {
 #[derive(Debug, Default)]
 pub struct Console {
     to_guest: VecDeque<u8>,
+    control_out: VecDeque<Vec<u8>>,
+    guest_open: bool,
 }
 
 impl VirtioDevice for Console {
@@ -40,18 +61,43 @@ impl VirtioDevice for Console {
         TYPE_CONSOLE
     }
     fn queue_max_sizes(&self) -> &'static [u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+        &[QUEUE_SIZE, QUEUE_SIZE, 32, 32]
+    }
+    fn device_features(&self) -> u64 {
+        F_MULTIPORT
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_console_config { u16 cols; u16 rows; u32 max_nr_ports; u32 emerg_wr; }
+        let mut cfg = [0u8; 12];
+        cfg[4..8].copy_from_slice(&1u32.to_le_bytes());
+        data.fill(0);
+        let start = offset as usize;
+        if start < cfg.len() {
+            let n = data.len().min(cfg.len() - start);
+            data[..n].copy_from_slice(&cfg[start..start + n]);
+        }
     }
     fn reset(&mut self) {
-        self.to_guest.clear();
+        *self = Self::default();
     }
+}
+
+fn control(event: u16, value: u16, extra: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(8 + extra.len());
+    m.extend_from_slice(&0u32.to_le_bytes()); // port id 0
+    m.extend_from_slice(&event.to_le_bytes());
+    m.extend_from_slice(&value.to_le_bytes());
+    m.extend_from_slice(extra);
+    m
 }
 
 impl Console {
     /// Queues bytes for the guest, all or nothing.
     pub fn queue_to_guest(&mut self, data: &[u8]) -> Result<(), Full> {
         if self.to_guest.len() + data.len() > TO_GUEST_LIMIT {
-            return Err(Full { pending: self.to_guest.len() });
+            return Err(Full {
+                pending: self.to_guest.len(),
+            });
         }
         self.to_guest.extend(data);
         Ok(())
@@ -61,6 +107,85 @@ impl Console {
         self.to_guest.len()
     }
 
+    /// Whether the guest has the agent port open.
+    pub fn guest_open(&self) -> bool {
+        self.guest_open
+    }
+
+    fn push_control(&mut self, msg: Vec<u8>) -> Result<(), DeviceError> {
+        if self.control_out.len() >= MAX_CONTROL_PENDING {
+            return Err(DeviceError::BadQueue {
+                queue: CONTROL_RX_QUEUE,
+                what: "guest does not drain the control queue".into(),
+            });
+        }
+        self.control_out.push_back(msg);
+        Ok(())
+    }
+
+    /// Serves both control queues: reads the guest's control messages, answers them, and
+    /// delivers pending answers. Returns whether any buffer was used.
+    pub fn process_control(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceError> {
+        let mut used = false;
+        let tx = &mut queues[CONTROL_TX_QUEUE as usize];
+        for _ in 0..tx.size() {
+            let Some(chain) = tx.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let mut msg = Vec::new();
+            read_chain(mem, chain, CONTROL_TX_QUEUE, 64, &mut msg)?;
+            add_used(tx, mem, CONTROL_TX_QUEUE, head, 0)?;
+            used = true;
+            if msg.len() < 8 {
+                return Err(DeviceError::BadChain {
+                    queue: CONTROL_TX_QUEUE,
+                    head,
+                    what: format!("control message of {} bytes, want 8", msg.len()),
+                });
+            }
+            let id = u32::from_le_bytes([msg[0], msg[1], msg[2], msg[3]]);
+            let event = u16::from_le_bytes([msg[4], msg[5]]);
+            let value = u16::from_le_bytes([msg[6], msg[7]]);
+            match (event, id) {
+                (DEVICE_READY, _) if value == 1 => {
+                    self.push_control(control(DEVICE_ADD, 0, &[]))?
+                }
+                (PORT_READY, 0) if value == 1 => {
+                    self.push_control(control(PORT_NAME_EVENT, 1, PORT_NAME.as_bytes()))?;
+                    self.push_control(control(PORT_OPEN, 1, &[]))?;
+                }
+                (PORT_OPEN, 0) => self.guest_open = value == 1,
+                _ => tracing::debug!(event, id, value, "virtio-console: ignored control message"),
+            }
+        }
+        let rx = &mut queues[CONTROL_RX_QUEUE as usize];
+        for _ in 0..rx.size() {
+            if self.control_out.is_empty() {
+                break;
+            }
+            let Some(chain) = rx.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let msg = self.control_out.pop_front().expect("checked non-empty");
+            let mut at = 0;
+            let n = write_chain(mem, chain, CONTROL_RX_QUEUE, msg.len(), &mut |buf| {
+                let n = buf.len().min(msg.len() - at);
+                buf[..n].copy_from_slice(&msg[at..at + n]);
+                at += n;
+                n
+            })?;
+            add_used(rx, mem, CONTROL_RX_QUEUE, head, n)?;
+            used = true;
+        }
+        Ok(used)
+    }
+
     /// Moves queued bytes into the guest's receive buffers. Returns whether any buffer was used.
     pub fn fill_rx(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
         let mut used = false;
@@ -68,7 +193,9 @@ impl Console {
             if self.to_guest.is_empty() {
                 break;
             }
-            let Some(chain) = q.pop_descriptor_chain(mem) else { break };
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             let to_guest = &mut self.to_guest;
             let n = write_chain(mem, chain, RX_QUEUE, MAX_CHAIN_BYTES, &mut |buf| {
@@ -99,7 +226,9 @@ impl Console {
             if out.len() - start >= budget {
                 break;
             }
-            let Some(chain) = q.pop_descriptor_chain(mem) else { break };
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             read_chain(mem, chain, TX_QUEUE, MAX_CHAIN_BYTES, out)?;
             add_used(q, mem, TX_QUEUE, head, 0)?;
@@ -133,7 +262,8 @@ mod tests {
         let vq = MockSplitQueue::new(&m, 16);
         m.write_slice(b"hello ", GuestAddress(0x8000)).unwrap();
         m.write_slice(b"world", GuestAddress(0x9000)).unwrap();
-        vq.build_desc_chain(&[desc(0x8000, 6, F_NEXT, 1), desc(0x9000, 5, 0, 0)]).unwrap();
+        vq.build_desc_chain(&[desc(0x8000, 6, F_NEXT, 1), desc(0x9000, 5, 0, 0)])
+            .unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         let mut c = Console::default();
         let mut out = Vec::new();
@@ -146,15 +276,20 @@ mod tests {
     fn tx_rejects_out_of_range_and_writable_descriptors() {
         let m = mem();
         let vq = MockSplitQueue::new(&m, 16);
-        vq.build_desc_chain(&[desc(0xff_f000, 0x2000, 0, 0)]).unwrap();
+        vq.build_desc_chain(&[desc(0xff_f000, 0x2000, 0, 0)])
+            .unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
-        let e = Console::default().drain_tx(&mut q, &m, 1 << 20, &mut Vec::new()).unwrap_err();
+        let e = Console::default()
+            .drain_tx(&mut q, &m, 1 << 20, &mut Vec::new())
+            .unwrap_err();
         assert!(e.to_string().contains("descriptor at 0xfff000"), "{e}");
 
         let vq = MockSplitQueue::new(&m, 16);
         vq.build_desc_chain(&[desc(0x8000, 4, F_WRITE, 0)]).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
-        let e = Console::default().drain_tx(&mut q, &m, 1 << 20, &mut Vec::new()).unwrap_err();
+        let e = Console::default()
+            .drain_tx(&mut q, &m, 1 << 20, &mut Vec::new())
+            .unwrap_err();
         assert!(e.to_string().contains("device-writable"), "{e}");
     }
 
@@ -162,9 +297,12 @@ mod tests {
     fn tx_rejects_oversized_chain() {
         let m = mem();
         let vq = MockSplitQueue::new(&m, 16);
-        vq.build_desc_chain(&[desc(0x1_0000, MAX_CHAIN_BYTES as u32 + 1, 0, 0)]).unwrap();
+        vq.build_desc_chain(&[desc(0x1_0000, MAX_CHAIN_BYTES as u32 + 1, 0, 0)])
+            .unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
-        let e = Console::default().drain_tx(&mut q, &m, usize::MAX, &mut Vec::new()).unwrap_err();
+        let e = Console::default()
+            .drain_tx(&mut q, &m, usize::MAX, &mut Vec::new())
+            .unwrap_err();
         assert!(e.to_string().contains("limit"), "{e}");
     }
 
@@ -180,7 +318,9 @@ mod tests {
         .unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         let mut out = Vec::new();
-        Console::default().drain_tx(&mut q, &m, 150, &mut out).unwrap();
+        Console::default()
+            .drain_tx(&mut q, &m, 150, &mut out)
+            .unwrap();
         assert_eq!(out.len(), 200, "whole chains until the budget is reached");
         assert_eq!(vq.used().idx().load(), 2);
     }
@@ -190,21 +330,30 @@ mod tests {
         let m = mem();
         let vq = MockSplitQueue::new(&m, 4);
         // 0 -> 1 -> 0 -> ... : a loop; the chain iterator's TTL must end it.
-        vq.desc_table().store(0, desc(0x8000, 8, F_NEXT, 1)).unwrap();
-        vq.desc_table().store(1, desc(0x9000, 8, F_NEXT, 0)).unwrap();
+        vq.desc_table()
+            .store(0, desc(0x8000, 8, F_NEXT, 1))
+            .unwrap();
+        vq.desc_table()
+            .store(1, desc(0x9000, 8, F_NEXT, 0))
+            .unwrap();
         vq.avail().ring().ref_at(0).unwrap().store(0u16.into());
         vq.avail().idx().store(1u16.into());
         let mut q: Queue = vq.create_queue().unwrap();
         let mut out = Vec::new();
         let _ = Console::default().drain_tx(&mut q, &m, usize::MAX, &mut out);
-        assert!(out.len() <= 4 * 8, "read {} bytes from a 2-descriptor loop", out.len());
+        assert!(
+            out.len() <= 4 * 8,
+            "read {} bytes from a 2-descriptor loop",
+            out.len()
+        );
     }
 
     #[test]
     fn rx_fills_guest_buffers_and_buffer_is_bounded() {
         let m = mem();
         let vq = MockSplitQueue::new(&m, 16);
-        vq.build_multiple_desc_chains(&[desc(0x8000, 4, F_WRITE, 0), desc(0x9000, 64, F_WRITE, 0)]).unwrap();
+        vq.build_multiple_desc_chains(&[desc(0x8000, 4, F_WRITE, 0), desc(0x9000, 64, F_WRITE, 0)])
+            .unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         let mut c = Console::default();
         c.queue_to_guest(b"abcdefgh").unwrap();
@@ -219,6 +368,87 @@ mod tests {
 
         let mut c = Console::default();
         c.queue_to_guest(&vec![0; TO_GUEST_LIMIT]).unwrap();
-        assert_eq!(c.queue_to_guest(b"x"), Err(Full { pending: TO_GUEST_LIMIT }));
+        assert_eq!(
+            c.queue_to_guest(b"x"),
+            Err(Full {
+                pending: TO_GUEST_LIMIT
+            })
+        );
+    }
+}
+
+#[cfg(test)]
+mod control_tests {
+    use super::*;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+    }
+
+    #[test]
+    fn handshake_names_and_opens_the_port() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let empty = |at| MockSplitQueue::create(&m, GuestAddress(at), 16);
+        let (q0, q1) = (empty(0x10000), empty(0x20000));
+        let ctl_rx = MockSplitQueue::create(&m, GuestAddress(0x30000), 16);
+        let ctl_tx = MockSplitQueue::create(&m, GuestAddress(0x40000), 16);
+        // Guest: DEVICE_READY(1), then PORT_READY(port 0, 1).
+        m.write_slice(&control(DEVICE_READY, 1, &[]), GuestAddress(0x50000))
+            .unwrap();
+        m.write_slice(&control(PORT_READY, 1, &[]), GuestAddress(0x50100))
+            .unwrap();
+        ctl_tx
+            .build_multiple_desc_chains(&[desc(0x50000, 8, 0), desc(0x50100, 8, 0)])
+            .unwrap();
+        ctl_rx
+            .build_multiple_desc_chains(&[
+                desc(0x60000, 64, 2),
+                desc(0x60100, 64, 2),
+                desc(0x60200, 64, 2),
+            ])
+            .unwrap();
+        let mut queues: Vec<Queue> = vec![
+            q0.create_queue().unwrap(),
+            q1.create_queue().unwrap(),
+            ctl_rx.create_queue().unwrap(),
+            ctl_tx.create_queue().unwrap(),
+        ];
+        let mut c = Console::default();
+        assert!(c.process_control(&mut queues, &m).unwrap());
+        let read = |at: u64, n: usize| {
+            let mut b = vec![0u8; n];
+            m.read_slice(&mut b, GuestAddress(at)).unwrap();
+            b
+        };
+        assert_eq!(read(0x60000, 8), control(DEVICE_ADD, 0, &[]));
+        assert_eq!(
+            read(0x60100, 8 + PORT_NAME.len()),
+            control(PORT_NAME_EVENT, 1, PORT_NAME.as_bytes())
+        );
+        assert_eq!(read(0x60200, 8), control(PORT_OPEN, 1, &[]));
+        let mut cfg = [0u8; 4];
+        c.read_config(4, &mut cfg);
+        assert_eq!(u32::from_le_bytes(cfg), 1, "one port");
+    }
+
+    #[test]
+    fn short_control_message_is_a_violation() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mk = |at| MockSplitQueue::create(&m, GuestAddress(at), 16);
+        let (q0, q1, q2, q3) = (mk(0x10000), mk(0x20000), mk(0x30000), mk(0x40000));
+        q3.build_desc_chain(&[desc(0x50000, 4, 0)]).unwrap();
+        let mut queues: Vec<Queue> = vec![
+            q0.create_queue().unwrap(),
+            q1.create_queue().unwrap(),
+            q2.create_queue().unwrap(),
+            q3.create_queue().unwrap(),
+        ];
+        let e = Console::default()
+            .process_control(&mut queues, &m)
+            .unwrap_err();
+        assert!(e.to_string().contains("want 8"), "{e}");
     }
 }

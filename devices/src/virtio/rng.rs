@@ -1,5 +1,9 @@
 //! virtio-rng: fills the guest's buffers from the host's `getrandom`.
-//! Bounds: at most [`MAX_CHAIN_BYTES`] per chain and one queue's worth of chains per call.
+//!
+//! Never blocks and never hands out weak bytes: while the host's CRNG is not yet initialised
+//! (`getrandom` with `GRND_NONBLOCK` says `EAGAIN`), requests stay queued and the caller is
+//! told to retry later. Bounds: at most [`MAX_CHAIN_BYTES`] per chain and one queue's worth of
+//! chains per call.
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -22,21 +26,44 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {}
 }
 
+/// What one round of request processing did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RngProgress {
+    /// Whether any buffer was used.
+    Served(bool),
+    /// The host CRNG is not ready; try again later.
+    HostNotReady,
+}
+
+fn host_random(buf: &mut [u8]) -> usize {
+    use rustix::rand::{getrandom, GetRandomFlags};
+    match getrandom(&mut *buf, GetRandomFlags::NONBLOCK) {
+        Ok(n) => n,
+        Err(_) => 0,
+    }
+}
+
 impl Rng {
-    /// Serves pending requests. Returns whether any buffer was used.
-    pub fn process(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
+    /// Serves pending requests.
+    pub fn process(
+        &mut self,
+        q: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<RngProgress, DeviceError> {
+        if host_random(&mut [0u8; 16]) == 0 {
+            return Ok(RngProgress::HostNotReady);
+        }
         let mut used = false;
         for _ in 0..q.size() {
-            let Some(chain) = q.pop_descriptor_chain(mem) else { break };
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
-            let n = write_chain(mem, chain, 0, MAX_CHAIN_BYTES, &mut |buf| match getrandom::fill(buf) {
-                Ok(()) => buf.len(),
-                Err(_) => 0,
-            })?;
+            let n = write_chain(mem, chain, 0, MAX_CHAIN_BYTES, &mut host_random)?;
             add_used(q, mem, 0, head, n)?;
             used = true;
         }
-        Ok(used)
+        Ok(RngProgress::Served(used))
     }
 }
 
@@ -54,8 +81,11 @@ mod tests {
         let big = RawDescriptor::from(SplitDescriptor::new(0x10000, 0x80000, 2, 0));
         vq.build_desc_chain(&[big]).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
-        assert!(Rng.process(&mut q, &m).unwrap());
-        assert_eq!(vq.used().ring().ref_at(0).unwrap().load().len(), MAX_CHAIN_BYTES as u32);
+        assert_eq!(Rng.process(&mut q, &m).unwrap(), RngProgress::Served(true));
+        assert_eq!(
+            vq.used().ring().ref_at(0).unwrap().load().len(),
+            MAX_CHAIN_BYTES as u32
+        );
         let mut buf = [0u8; 64];
         m.read_slice(&mut buf, GuestAddress(0x10000)).unwrap();
         assert!(buf.iter().any(|b| *b != 0));

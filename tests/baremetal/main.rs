@@ -1,0 +1,1 @@
+//! Bare-metal VMM tests: placeholder replaced below.

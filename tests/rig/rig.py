@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""The rig: boots an "L1" Linux under QEMU TCG with an emulated AMD-V CPU, whose kvm_amd gives
+a hardware-style /dev/kvm, and runs a job inside it where our msb boots real "L2" guests.
+
+Used on hosts whose own /dev/kvm is the PVM software hypervisor (see
+shared/research/tcg-rig.md). Workarounds applied here: L1 runs with 2 sockets (MTTCG) and the
+harness sends a harmless key press through QEMU's monitor every 2 s, both against a QEMU 7.2
+TCG lost-interrupt freeze of L1.
+
+The job's exit status becomes this script's. Lines the job prints are passed through.
+"""
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+
+class Cpio:
+    """A newc cpio writer (device nodes without needing root)."""
+
+    def __init__(self):
+        self.buf = bytearray()
+        self.ino = 0
+
+    def _entry(self, name, mode, data=b"", rdev=(0, 0)):
+        self.ino += 1
+        fields = [self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(name) + 1, 0]
+        self.buf += b"070701" + b"".join(b"%08x" % f for f in fields) + name.encode() + b"\0"
+        self.buf += b"\0" * (-len(self.buf) % 4)
+        self.buf += data
+        self.buf += b"\0" * (-len(self.buf) % 4)
+
+    def dir(self, name):
+        self._entry(name, 0o040755)
+
+    def file(self, name, path_or_bytes, mode=0o755):
+        data = path_or_bytes if isinstance(path_or_bytes, bytes) else open(path_or_bytes, "rb").read()
+        self._entry(name, 0o100000 | mode, data)
+
+    def chardev(self, name, major, minor, mode=0o600):
+        self._entry(name, 0o020000 | mode, rdev=(major, minor))
+
+    def finish(self):
+        self._entry("TRAILER!!!", 0)
+        return bytes(self.buf)
+
+
+INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev 2>/dev/null
+mount -t tmpfs tmp /tmp
+echo "RIG: L1 up after $(cut -d' ' -f1 /proc/uptime) s; cpu: $(grep -o -w -E 'svm|npt' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+ls -l /dev/kvm
+export MSB_HOME=/msb/home PATH=/msb/bin:/bin HOME=/tmp
+cd /tmp
+sh /job.sh
+echo "RIG-EXIT $?"
+sync
+reboot -f
+"""
+
+
+def build_initramfs(args, job):
+    c = Cpio()
+    for d in ["bin", "dev", "proc", "sys", "tmp", "msb", "msb/bin", "msb/home", "msb/home/bin", "msb/home/kernel"]:
+        c.dir(d)
+    c.chardev("dev/console", 5, 1)
+    c.chardev("dev/null", 1, 3, 0o666)
+    c.file("bin/busybox", args.busybox)
+    c.file("init", INIT.encode())
+    c.file("job.sh", job.encode())
+    for b in sorted(os.listdir(args.bin_dir)):
+        c.file(f"msb/bin/{b}", os.path.join(args.bin_dir, b))
+    c.file("msb/home/bin/agentd", os.path.join(args.bin_dir, "agentd"))
+    c.file("msb/home/bin/busybox", args.busybox)
+    c.file("msb/home/kernel/vmlinux", args.guest_kernel, 0o644)
+    return c.finish()
+
+
+def kicker(sock_path, stop):
+    """Sends a key press to L1 every 2 s (see the module doc)."""
+    s = None
+    while not stop.is_set():
+        try:
+            if s is None:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(sock_path)
+                s.setblocking(False)
+            s.sendall(b"sendkey shift\n")
+            try:
+                s.recv(65536)
+            except BlockingIOError:
+                pass
+        except OSError:
+            s = None
+        stop.wait(2)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--l1-kernel", required=True, help="rig kernel bzImage (KVM + kvm_amd built in)")
+    p.add_argument("--guest-kernel", required=True, help="sandbox vmlinux")
+    p.add_argument("--bin-dir", required=True, help="static msb, agentd and test binaries")
+    p.add_argument("--busybox", default="/bin/busybox")
+    p.add_argument("--memory", default="3072")
+    p.add_argument("--timeout", type=int, default=1800, help="whole-run limit in seconds")
+    p.add_argument("--job", required=True, help="shell script to run inside L1")
+    p.add_argument("--quiet-l1", action="store_true")
+    args = p.parse_args()
+
+    qemu = shutil.which("qemu-system-x86_64")
+    if not qemu:
+        sys.exit("rig: qemu-system-x86_64 not found; install Debian's qemu-system-x86")
+    work = tempfile.mkdtemp(prefix="msb-rig-")
+    initrd = os.path.join(work, "l1.cpio")
+    with open(initrd, "wb") as f:
+        f.write(build_initramfs(args, args.job))
+    mon = os.path.join(work, "monitor.sock")
+    cmd = [
+        qemu, "-accel", "tcg,thread=multi", "-cpu", "max", "-M", "q35", "-m", args.memory,
+        "-smp", "2,sockets=2,cores=1", "-display", "none", "-no-reboot",
+        "-serial", "stdio", "-monitor", f"unix:{mon},server,nowait",
+        "-kernel", args.l1_kernel, "-initrd", initrd,
+        "-append", "console=ttyS0 panic=-1 quiet loglevel=3 random.trust_cpu=on",
+    ]
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    stop = threading.Event()
+    threading.Thread(target=kicker, args=(mon, stop), daemon=True).start()
+    timer = threading.Timer(args.timeout, proc.kill)
+    timer.start()
+    rc = None
+    tail = []
+    try:
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            tail = (tail + [line])[-80:]
+            if line.startswith("RIG-EXIT "):
+                rc = int(line.split()[1])
+            print(f"[{time.monotonic() - start:7.1f}s] {line}", flush=True)
+    finally:
+        stop.set()
+        timer.cancel()
+        proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    if rc is None:
+        print(f"rig: L1 ended without a job status after {time.monotonic() - start:.0f} s "
+              f"(QEMU exit {proc.returncode}; whole-run limit {args.timeout} s)", file=sys.stderr)
+        sys.exit(124)
+    print(f"rig: job exit status {rc} after {time.monotonic() - start:.1f} s", flush=True)
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Runs a job in the rig (QEMU TCG L1 with emulated AMD-V; our msb boots L2 guests inside).
+#
+#   tests/rig/run-rig.sh e2e            the end-to-end suite; fails if it ran no test
+#   tests/rig/run-rig.sh demo           msb run -- uname -a, and a failing command
+#   tests/rig/run-rig.sh bench [N]      the boot benchmark
+#   tests/rig/run-rig.sh run -- CMD...  msb run -- CMD...
+#
+# Needs what scripts/setup.sh builds: $MSB_HOME/rig/bzImage, $MSB_HOME/kernel/vmlinux and the
+# static binaries in build/static.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+home=${MSB_HOME:-$HOME/.msb}
+mode=${1:-e2e}; shift || true
+for f in "$home/rig/bzImage" "$home/kernel/vmlinux" "$root/build/static/msb" "$root/build/static/msb-e2e"; do
+  [ -f "$f" ] || { echo "run-rig.sh: $f is missing; run scripts/setup.sh first" >&2; exit 2; }
+done
+case $mode in
+  e2e)
+    job='msb doctor || true
+msb-e2e --test-threads=2 2>&1 | tee /tmp/e2e.log
+rc=${PIPESTATUS:-0}
+grep -q "^test result: ok" /tmp/e2e.log || rc=1
+passed=$(sed -n "s/^test result: .* \([0-9][0-9]*\) passed.*/\1/p" /tmp/e2e.log | tail -n1)
+retries=$(grep -c "E2E-RETRY" /tmp/e2e.log || true)
+echo "RIG-E2E passed=${passed:-0} boot-retries=$retries"
+[ "${passed:-0}" -gt 0 ] || { echo "RIG-E2E: no e2e test executed" ; exit 1; }
+grep -q "^test result: ok" /tmp/e2e.log'
+    ;;
+  demo)
+    job='msb run -- uname -a; echo "exit status: $?"
+msb run -- sh -c "echo hello from a microVM; echo on stderr >&2; exit 42"; echo "exit status: $?"
+msb run -- no-such-command; echo "exit status: $?"
+msb run -- uname -a | grep -q Linux'
+    ;;
+  bench)
+    job="msb-bench ${1:-5}"
+    ;;
+  run)
+    [ "${1:-}" = -- ] && shift
+    q=$(printf '%q ' "$@")
+    job="msb run -- $q"
+    ;;
+  *) echo "run-rig.sh: unknown mode $mode (e2e, demo, bench, run)" >&2; exit 2 ;;
+esac
+exec python3 "$root/tests/rig/rig.py" --l1-kernel "$home/rig/bzImage" --guest-kernel "$home/kernel/vmlinux" \
+  --bin-dir "$root/build/static" --job "$job" ${RIG_TIMEOUT:+--timeout "$RIG_TIMEOUT"}
