@@ -373,7 +373,7 @@ impl Actor for AgentClient {
 
     async fn handle(
         &self,
-        _: ActorRef<AgentMsg>,
+        me: ActorRef<AgentMsg>,
         msg: AgentMsg,
         st: &mut AgentState,
     ) -> std::result::Result<(), ActorProcessingErr> {
@@ -437,8 +437,12 @@ impl Actor for AgentClient {
                 }
             },
             AgentMsg::VmStopped(reason, tail) => {
+                // Fail everything pending with the reason, then stop: the supervisor sends
+                // this instead of a stop signal so that the reason is not overtaken.
+                tracing::debug!(%reason, execs = st.exec_replies.len(), "agent client: VM stopped");
                 st.stopped = Some((reason, tail));
                 st.fail_all_with();
+                me.stop(None);
             }
         }
         Ok(())
@@ -629,5 +633,45 @@ mod tests {
         }
         let e = c.exec(vec!["x".into()], vec![], None).unwrap_err();
         assert!(e.to_string().contains("in flight"));
+    }
+}
+
+#[cfg(test)]
+mod actor_tests {
+    use super::*;
+    use crate::StopReason;
+
+    #[tokio::test]
+    async fn pending_exec_fails_with_the_stop_reason() {
+        let (agent, _h) = Actor::spawn(None, AgentClient, ()).await.unwrap();
+        let ready = encode(&GuestMsg::Ready {
+            min_version: 1,
+            max_version: 1,
+            agent: "t".into(),
+        })
+        .unwrap();
+        agent.cast(AgentMsg::FromGuest(GuestBytes(ready))).unwrap();
+        let (tx, rx) = ractor::concurrency::oneshot();
+        agent
+            .cast(AgentMsg::Exec {
+                argv: vec!["x".into()],
+                env: vec![],
+                cwd: None,
+                reply: tx.into(),
+            })
+            .unwrap();
+        agent
+            .cast(AgentMsg::VmStopped(
+                StopReason::GuestPowerOff,
+                "tail".into(),
+            ))
+            .unwrap();
+        match rx.await.unwrap() {
+            Err(Error::VmStopped {
+                reason: StopReason::GuestPowerOff,
+                console_tail,
+            }) => assert_eq!(console_tail, "tail"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -133,7 +133,9 @@ pub fn cached(home: &Path, agentd: &Path, busybox: &Path) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&dir)
         .map_err(|e| Error::Setup(format!("creating {}: {e}", dir.display())))?;
-    let tmp = dir.join(format!(".initramfs-{}.tmp", std::process::id()));
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".initramfs-{}-{seq}.tmp", std::process::id()));
     std::fs::write(&tmp, build(agentd, busybox)?)
         .map_err(|e| Error::Setup(format!("writing {}: {e}", tmp.display())))?;
     std::fs::rename(&tmp, &path)

@@ -255,6 +255,8 @@ pub enum SupMsg {
     },
     Wait(RpcReplyPort<Result<StopReason>>),
     ConsoleTail(RpcReplyPort<Result<String>>),
+    /// Why the VM stopped, with the console tail, once it has.
+    Stopped(RpcReplyPort<Option<(StopReason, String)>>),
     BootTimes(RpcReplyPort<Result<BootTimes>>),
     VcpuStopped(VcpuStop),
     /// The graceful stop ran out of time.
@@ -465,6 +467,9 @@ impl Actor for Supervisor {
                 }
                 None => st.waiters.push(reply),
             },
+            SupMsg::Stopped(reply) => {
+                let _ = reply.send(st.stopped.clone().map(|r| (r, st.serial.tail())));
+            }
             SupMsg::ConsoleTail(reply) => {
                 let _ = reply.send(Ok(st.serial.tail()));
             }

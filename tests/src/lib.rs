@@ -23,6 +23,7 @@ pub const E2E_BOOT_TIMEOUT: Duration = Duration::from_secs(45);
 /// rig's report can count them.
 pub async fn boot_with(b: impl Fn() -> SandboxBuilder) -> Sandbox {
     require_linux_capable_kvm();
+    init_tracing();
     match b().boot_timeout(E2E_BOOT_TIMEOUT).create().await {
         Ok(sb) => sb,
         Err(e @ Error::BootTimeout { .. }) => {
@@ -38,4 +39,17 @@ pub async fn boot_with(b: impl Fn() -> SandboxBuilder) -> Sandbox {
 
 pub async fn boot() -> Sandbox {
     boot_with(|| Sandbox::builder().memory_mib(256).cpus(1)).await
+}
+
+/// Logs to stderr at the level `MSB_LOG` names (default: warnings), once per process.
+pub fn init_tracing() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("MSB_LOG")
+            .unwrap_or_else(|_| "warn".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    });
 }

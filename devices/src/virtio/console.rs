@@ -6,6 +6,8 @@
 //! write, while a port's writes complete asynchronously. The core only moves bytes; framing is
 //! the agent client's job.
 //!
+//! A driver that does not negotiate `MULTIPORT` gets the legacy single port on queues 0/1.
+//!
 //! Control protocol (device side): on `DEVICE_READY` announce port 0 (`DEVICE_ADD`); on
 //! `PORT_READY` name it [`PORT_NAME`] and open it from the host side (`PORT_OPEN`).
 //! Guest control messages are 8 bytes; anything shorter is a contract violation.
@@ -54,6 +56,7 @@ pub struct Console {
     to_guest: VecDeque<u8>,
     control_out: VecDeque<Vec<u8>>,
     guest_open: bool,
+    multiport: bool,
 }
 
 impl VirtioDevice for Console {
@@ -65,6 +68,9 @@ impl VirtioDevice for Console {
     }
     fn device_features(&self) -> u64 {
         F_MULTIPORT
+    }
+    fn ack_features(&mut self, features: u64) {
+        self.multiport = features & F_MULTIPORT != 0;
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_console_config { u16 cols; u16 rows; u32 max_nr_ports; u32 emerg_wr; }
@@ -125,11 +131,15 @@ impl Console {
 
     /// Serves both control queues: reads the guest's control messages, answers them, and
     /// delivers pending answers. Returns whether any buffer was used.
+    /// A driver without `MULTIPORT` has no control queues: port 0 is simply open.
     pub fn process_control(
         &mut self,
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<bool, DeviceError> {
+        if !self.multiport {
+            return Ok(false);
+        }
         let mut used = false;
         let tx = &mut queues[CONTROL_TX_QUEUE as usize];
         for _ in 0..tx.size() {
@@ -417,6 +427,11 @@ mod control_tests {
             ctl_tx.create_queue().unwrap(),
         ];
         let mut c = Console::default();
+        assert!(
+            !c.process_control(&mut queues, &m).unwrap(),
+            "no control queues without MULTIPORT"
+        );
+        c.ack_features(F_MULTIPORT);
         assert!(c.process_control(&mut queues, &m).unwrap());
         let read = |at: u64, n: usize| {
             let mut b = vec![0u8; n];
@@ -446,9 +461,9 @@ mod control_tests {
             q2.create_queue().unwrap(),
             q3.create_queue().unwrap(),
         ];
-        let e = Console::default()
-            .process_control(&mut queues, &m)
-            .unwrap_err();
+        let mut c = Console::default();
+        c.ack_features(F_MULTIPORT);
+        let e = c.process_control(&mut queues, &m).unwrap_err();
         assert!(e.to_string().contains("want 8"), "{e}");
     }
 }

@@ -250,6 +250,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 self.status = v & !STATUS_FEATURES_OK;
                 return;
             }
+            self.device.ack_features(self.driver_features);
         }
         if new & STATUS_DRIVER_OK != 0 {
             if self.status & STATUS_FEATURES_OK == 0 {

@@ -25,6 +25,8 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
+    /// The driver accepted these feature bits (at `FEATURES_OK`).
+    fn ack_features(&mut self, _features: u64) {}
     /// Forget all in-flight state (driver reset).
     fn reset(&mut self);
 }
