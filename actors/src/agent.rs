@@ -392,8 +392,9 @@ impl Actor for AgentClient {
                         }
                     }
                     Err(why) => {
-                        st.fail_all_with();
-                        // Dying takes the VM down: a guest that breaks the protocol is not served.
+                        // Dying takes the VM down: a guest that breaks the protocol is not
+                        // served. Pending requests are dropped; callers learn the stop reason
+                        // from the supervisor.
                         return Err(format!("agent channel: {why}").into());
                     }
                 }

@@ -154,9 +154,31 @@ impl Sandbox {
         f: impl FnOnce(RpcReplyPort<Result<T>>) -> SupMsg,
     ) -> Result<T> {
         match self.sup.call(f, None).await {
+            Ok(ractor::rpc::CallResult::Success(Err(Error::Gone))) => self.why_gone().await,
             Ok(ractor::rpc::CallResult::Success(r)) => r,
-            _ => Err(Error::Gone),
+            _ => self.why_gone().await,
         }
+    }
+
+    /// A request was dropped because the tree is going down: give the supervisor a moment
+    /// to record why, and report that.
+    async fn why_gone<T>(&self) -> Result<T> {
+        let reason = match self
+            .sup
+            .call(SupMsg::Wait, Some(Duration::from_secs(5)))
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(Ok(reason))) => reason,
+            _ => return Err(Error::Gone),
+        };
+        let console_tail = match self.sup.call(SupMsg::ConsoleTail, None).await {
+            Ok(ractor::rpc::CallResult::Success(Ok(t))) => t,
+            _ => String::new(),
+        };
+        Err(Error::VmStopped {
+            reason,
+            console_tail,
+        })
     }
 
     /// Runs `program args…` and waits for it, collecting its output.
@@ -255,8 +277,6 @@ pub enum SupMsg {
     },
     Wait(RpcReplyPort<Result<StopReason>>),
     ConsoleTail(RpcReplyPort<Result<String>>),
-    /// Why the VM stopped, with the console tail, once it has.
-    Stopped(RpcReplyPort<Option<(StopReason, String)>>),
     BootTimes(RpcReplyPort<Result<BootTimes>>),
     VcpuStopped(VcpuStop),
     /// The graceful stop ran out of time.
@@ -322,10 +342,11 @@ impl SupState {
                 }
             })
             .await;
+            // The agent fails its pending requests with the reason, then stops itself (a
+            // stop signal would overtake the message and lose the reason).
             let _ = running
                 .agent
                 .cast(AgentMsg::VmStopped(reason.clone(), self.serial.tail()));
-            running.agent.stop(None);
             for d in running.devices {
                 d.stop(None);
             }
@@ -411,28 +432,46 @@ impl Actor for Supervisor {
             None => Error::Gone,
         };
         match msg {
-            SupMsg::WaitReady(reply) => match &st.running {
-                Some(r) => r.agent.cast(AgentMsg::WaitReady(reply))?,
-                None => {
+            // A child that is already gone hands the request back; answer it here (never
+            // fail the supervisor over it).
+            SupMsg::WaitReady(reply) => {
+                let back = match &st.running {
+                    Some(r) => match r.agent.cast(AgentMsg::WaitReady(reply)) {
+                        Err(ractor::MessagingErr::SendErr(AgentMsg::WaitReady(reply))) => {
+                            Some(reply)
+                        }
+                        _ => None,
+                    },
+                    None => Some(reply),
+                };
+                if let Some(reply) = back {
                     let _ = reply.send(Err(gone(st)));
                 }
-            },
+            }
             SupMsg::Exec {
                 argv,
                 env,
                 cwd,
                 reply,
-            } => match &st.running {
-                Some(r) => r.agent.cast(AgentMsg::Exec {
-                    argv,
-                    env,
-                    cwd,
-                    reply,
-                })?,
-                None => {
+            } => {
+                let back = match &st.running {
+                    Some(r) => match r.agent.cast(AgentMsg::Exec {
+                        argv,
+                        env,
+                        cwd,
+                        reply,
+                    }) {
+                        Err(ractor::MessagingErr::SendErr(AgentMsg::Exec { reply, .. })) => {
+                            Some(reply)
+                        }
+                        _ => None,
+                    },
+                    None => Some(reply),
+                };
+                if let Some(reply) = back {
                     let _ = reply.send(Err(gone(st)));
                 }
-            },
+            }
             SupMsg::Stop { graceful, reply } => {
                 if let Some(r) = &st.stopped {
                     let _ = reply.send(Ok(r.clone()));
@@ -467,9 +506,6 @@ impl Actor for Supervisor {
                 }
                 None => st.waiters.push(reply),
             },
-            SupMsg::Stopped(reply) => {
-                let _ = reply.send(st.stopped.clone().map(|r| (r, st.serial.tail())));
-            }
             SupMsg::ConsoleTail(reply) => {
                 let _ = reply.send(Ok(st.serial.tail()));
             }

@@ -142,7 +142,7 @@ impl Console {
         }
         let mut used = false;
         let tx = &mut queues[CONTROL_TX_QUEUE as usize];
-        for _ in 0..tx.size() {
+        for _ in 0..if tx.ready() { tx.size() } else { 0 } {
             let Some(chain) = tx.pop_descriptor_chain(mem) else {
                 break;
             };
@@ -174,7 +174,7 @@ impl Console {
             }
         }
         let rx = &mut queues[CONTROL_RX_QUEUE as usize];
-        for _ in 0..rx.size() {
+        for _ in 0..if rx.ready() { rx.size() } else { 0 } {
             if self.control_out.is_empty() {
                 break;
             }
@@ -199,6 +199,9 @@ impl Console {
     /// Moves queued bytes into the guest's receive buffers. Returns whether any buffer was used.
     pub fn fill_rx(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
         let mut used = false;
+        if !q.ready() {
+            return Ok(false);
+        }
         for _ in 0..q.size() {
             if self.to_guest.is_empty() {
                 break;
@@ -232,6 +235,9 @@ impl Console {
     ) -> Result<bool, DeviceError> {
         let mut used = false;
         let start = out.len();
+        if !q.ready() {
+            return Ok(false);
+        }
         for _ in 0..q.size() {
             if out.len() - start >= budget {
                 break;

@@ -50,6 +50,9 @@ impl Rng {
         q: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<RngProgress, DeviceError> {
+        if !q.ready() {
+            return Ok(RngProgress::Served(false));
+        }
         if host_random(&mut [0u8; 16]) == 0 {
             return Ok(RngProgress::HostNotReady);
         }
