@@ -51,7 +51,7 @@ impl Cpio {
     }
 
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
     }
@@ -161,7 +161,7 @@ mod tests {
         // The file entry: header (110 bytes) + "init\0" padded, then "abc" padded.
         let at = s.find("init\0").unwrap();
         let hdr = &s[at - 110..at];
-        assert_eq!(&hdr[6 * 1 + 8 * 6..6 + 8 * 7], "00000003", "filesize field");
+        assert_eq!(&hdr[6 + 8 * 6..6 + 8 * 7], "00000003", "filesize field");
         assert_eq!(&hdr[6 + 8..6 + 16], "000081ed", "regular file 0755");
     }
 

@@ -19,6 +19,8 @@
 //! the supervisor stops the VM and reports why; nothing is restarted against a half-changed
 //! guest.
 
+#![forbid(unsafe_code)]
+
 mod agent;
 pub mod console;
 mod error;

@@ -9,6 +9,8 @@
 //! [`MAX_OUTPUT_CHUNK`] bytes, so no frame exceeds the protocol's bound. This crate has no
 //! `unsafe`: system calls go through `nix`.
 
+#![forbid(unsafe_code)]
+
 mod exec;
 mod reaper;
 mod system;

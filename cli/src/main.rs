@@ -4,6 +4,8 @@
 //! killed it; 127 if it was not found; 126 if it could not be executed; 125 if msb itself
 //! failed (bad configuration, VM did not boot, …).
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;

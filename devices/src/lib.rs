@@ -12,6 +12,8 @@
 //!
 //! This crate has no `unsafe`.
 
+#![forbid(unsafe_code)]
+
 pub mod boot_timer;
 pub mod bus;
 pub mod console_log;

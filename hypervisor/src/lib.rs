@@ -10,7 +10,8 @@
 //! - [`vcpu`] configures vCPUs for PVH entry and runs each on its own OS thread, dispatching
 //!   port and MMIO exits to an [`vcpu::ExitHandler`] and reporting why it stopped.
 //!
-//! This crate and one guest-memory module of `msb-devices` are the only places with `unsafe`;
+//! This crate is the only place with `unsafe` (msb-devices needs none: vm-memory does its
+//! guest-memory access);
 //! every block carries a `SAFETY:` comment.
 
 pub mod boot;

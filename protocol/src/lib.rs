@@ -12,6 +12,8 @@
 //!   answers [`HostMsg::Hello`] with the version it picked, or closes the channel;
 //! - requests carry host-chosen ids; every guest reply names the id it answers.
 
+#![forbid(unsafe_code)]
+
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 mod codec;

@@ -1,5 +1,7 @@
 //! Shared helpers of msb's test suites.
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 
 use msb_actors::{Error, Sandbox, SandboxBuilder};

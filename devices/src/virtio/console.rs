@@ -352,8 +352,8 @@ mod tests {
         vq.desc_table()
             .store(1, desc(0x9000, 8, F_NEXT, 0))
             .unwrap();
-        vq.avail().ring().ref_at(0).unwrap().store(0u16.into());
-        vq.avail().idx().store(1u16.into());
+        vq.avail().ring().ref_at(0).unwrap().store(0u16);
+        vq.avail().idx().store(1u16);
         let mut q: Queue = vq.create_queue().unwrap();
         let mut out = Vec::new();
         let _ = Console::default().drain_tx(&mut q, &m, usize::MAX, &mut out);

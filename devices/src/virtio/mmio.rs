@@ -271,6 +271,25 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 }
 
+/// A transport on the bus: the vCPU side of the device's lock.
+pub struct MmioSlot<D>(pub Arc<std::sync::Mutex<MmioTransport<D>>>);
+
+impl<D: VirtioDevice> crate::BusDevice for MmioSlot<D> {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        match self.0.lock() {
+            Ok(mut t) => t.read(offset, data),
+            Err(_) => data.fill(0xff),
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Option<msb_hypervisor::VcpuStop> {
+        let mut t = self.0.lock().ok()?;
+        t.write(offset, data);
+        t.failure()
+            .map(|why| msb_hypervisor::VcpuStop::DeviceFailure(why.to_string()))
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -289,7 +308,7 @@ pub(crate) mod tests {
     fn transport() -> MmioTransport<Rng> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let evt = || Arc::new(EventFd::new(libc_efd_nonblock()).unwrap());
-        MmioTransport::new(Rng::default(), mem, evt(), vec![evt()])
+        MmioTransport::new(Rng, mem, evt(), vec![evt()])
     }
 
     fn libc_efd_nonblock() -> i32 {
@@ -393,24 +412,5 @@ pub(crate) mod tests {
         assert_eq!(t.notify[0].read().unwrap(), 1);
         w(&mut t, NOTIFY_OFFSET, 7);
         assert!(t.notify[0].read().is_err(), "no further signal");
-    }
-}
-
-/// A transport on the bus: the vCPU side of the device's lock.
-pub struct MmioSlot<D>(pub Arc<std::sync::Mutex<MmioTransport<D>>>);
-
-impl<D: VirtioDevice> crate::BusDevice for MmioSlot<D> {
-    fn read(&self, offset: u64, data: &mut [u8]) {
-        match self.0.lock() {
-            Ok(mut t) => t.read(offset, data),
-            Err(_) => data.fill(0xff),
-        }
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> Option<msb_hypervisor::VcpuStop> {
-        let mut t = self.0.lock().ok()?;
-        t.write(offset, data);
-        t.failure()
-            .map(|why| msb_hypervisor::VcpuStop::DeviceFailure(why.to_string()))
     }
 }

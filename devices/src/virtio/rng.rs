@@ -37,10 +37,7 @@ pub enum RngProgress {
 
 fn host_random(buf: &mut [u8]) -> usize {
     use rustix::rand::{getrandom, GetRandomFlags};
-    match getrandom(&mut *buf, GetRandomFlags::NONBLOCK) {
-        Ok(n) => n,
-        Err(_) => 0,
-    }
+    getrandom(&mut *buf, GetRandomFlags::NONBLOCK).unwrap_or_default()
 }
 
 impl Rng {
