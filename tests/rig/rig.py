@@ -123,7 +123,7 @@ def main():
     mon = os.path.join(work, "monitor.sock")
     cmd = [
         qemu, "-accel", "tcg,thread=multi", "-cpu", "max", "-M", "q35", "-m", args.memory,
-        "-smp", "2,sockets=2,cores=1", "-display", "none", "-no-reboot",
+        "-smp", "2,sockets=2,cores=1", "-display", "none", "-nic", "none", "-no-reboot",
         "-serial", "stdio", "-monitor", f"unix:{mon},server,nowait",
         "-kernel", args.l1_kernel, "-initrd", initrd,
         "-append", "console=ttyS0 panic=-1 quiet loglevel=3 random.trust_cpu=on",
