@@ -131,11 +131,14 @@ impl SandboxBuilder {
     }
 }
 
-/// Boot figures of a sandbox.
-#[derive(Debug, Clone, Copy)]
+/// Figures of a sandbox, for benchmarks and diagnostics.
+#[derive(Debug, Clone)]
 pub struct BootTimes {
     /// From `create()` to the guest init's boot-timer write.
     pub to_init: Option<Duration>,
+    /// Host virtual address ranges (start, length) backing guest RAM, so that a benchmark
+    /// can tell the VMM's own memory from the guest's in `/proc/self/smaps`.
+    pub guest_ram: Vec<(usize, u64)>,
 }
 
 /// A running sandbox. Dropping it kills the VM.
@@ -300,6 +303,7 @@ struct SupState {
     serial: Arc<SerialDevice>,
     reports: Arc<ConsoleReports>,
     boot_timer: Arc<BootTimer>,
+    guest_ram: Vec<(usize, u64)>,
     stopped: Option<StopReason>,
     shutdown_requested: bool,
     waiters: Vec<RpcReplyPort<Result<StopReason>>>,
@@ -393,6 +397,17 @@ impl Actor for Supervisor {
             runners.push(VcpuRunner::spawn(vcpu, m.bus.clone(), on_exit)?);
         }
         tracing::debug!(cmdline = %m.cmdline, "sandbox VM started");
+        let guest_ram = {
+            use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+            m.vm.memory()
+                .iter()
+                .filter_map(|r| {
+                    r.get_host_address(MemoryRegionAddress(0))
+                        .ok()
+                        .map(|p| (p as usize, r.len()))
+                })
+                .collect()
+        };
         Ok(SupState {
             running: Some(Running {
                 runners,
@@ -403,6 +418,7 @@ impl Actor for Supervisor {
             serial: m.serial,
             reports: m.reports,
             boot_timer: m.boot_timer,
+            guest_ram,
             stopped: None,
             shutdown_requested: false,
             waiters: Vec::new(),
@@ -512,6 +528,7 @@ impl Actor for Supervisor {
             SupMsg::BootTimes(reply) => {
                 let _ = reply.send(Ok(BootTimes {
                     to_init: st.boot_timer.elapsed(),
+                    guest_ram: st.guest_ram.clone(),
                 }));
             }
             SupMsg::VcpuStopped(stop) => {

@@ -5,6 +5,9 @@
 //! memory outside guest RAM (this process's RSS minus the guest memory mapping's RSS).
 //! Usage: `msb-bench [N]` with MSB_HOME set up (hardware KVM, or inside the rig).
 
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use msb_actors::Sandbox;
@@ -15,21 +18,21 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// (total RSS, RSS of the guest RAM mapping) in KiB, from /proc/self/smaps.
-fn rss_split() -> (u64, u64) {
+/// (total RSS, RSS of mappings inside guest RAM) in KiB, from /proc/self/smaps.
+fn rss_split(guest_ram: &[(usize, u64)]) -> (u64, u64) {
     let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-    let guest_kib = MEMORY_MIB * 1024;
     let (mut total, mut guest) = (0u64, 0u64);
-    let mut cur_is_guest = false;
+    let mut in_guest = false;
     for line in smaps.lines() {
-        if let Some(rest) = line.strip_prefix("Size:") {
-            let size: u64 = rest
-                .trim()
-                .trim_end_matches(" kB")
-                .trim()
-                .parse()
-                .unwrap_or(0);
-            cur_is_guest = size == guest_kib;
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-').filter(|_| !line.ends_with("kB")) {
+            let (a, b) = (
+                usize::from_str_radix(a, 16).unwrap_or(0),
+                usize::from_str_radix(b, 16).unwrap_or(0),
+            );
+            // A VMA that overlaps guest RAM counts as guest memory (the kernel may merge the
+            // guest mapping with a neighbouring anonymous one, so this is an upper bound).
+            in_guest = guest_ram.iter().any(|&(s, l)| a < s + l as usize && s < b);
         } else if let Some(rest) = line.strip_prefix("Rss:") {
             let rss: u64 = rest
                 .trim()
@@ -38,7 +41,7 @@ fn rss_split() -> (u64, u64) {
                 .parse()
                 .unwrap_or(0);
             total += rss;
-            if cur_is_guest {
+            if in_guest {
                 guest += rss;
             }
         }
@@ -89,11 +92,15 @@ async fn main() {
         if out.is_err() {
             println!("boot {i}: first exec failed: {out:?}");
         }
-        if let Ok(t) = sb.boot_times().await {
-            if let Some(d) = t.to_init {
-                to_init.push(ms(d));
+        let guest_ram = match sb.boot_times().await {
+            Ok(t) => {
+                if let Some(d) = t.to_init {
+                    to_init.push(ms(d));
+                }
+                t.guest_ram
             }
-        }
+            Err(_) => Vec::new(),
+        };
         to_ready.push(ms(ready));
         to_exec.push(ms(first));
         for _ in 0..20 {
@@ -102,7 +109,7 @@ async fn main() {
                 rtt.push(ms(t.elapsed()));
             }
         }
-        let (total, guest) = rss_split();
+        let (total, guest) = rss_split(&guest_ram);
         outside.push((total - guest) as f64 / 1024.0);
         let _ = sb.stop().await;
         println!("boot {i}: ready {:.0} ms, first exec {:.0} ms, RSS outside guest RAM {:.1} MiB (guest touched {:.1} MiB)",
@@ -114,4 +121,136 @@ async fn main() {
     stats("create -> first exec result", to_exec);
     stats("exec round trip (true)", rtt);
     stats("process RSS outside guest RAM, MiB", outside);
+    side_by_side(n);
+}
+
+/// Spawns `cmd`, waits for a stdout line containing `marker`, and returns the time from spawn
+/// to that line and the process's RSS (KiB) at that moment. The process is killed if
+/// `kill` is set, else waited for.
+fn time_to_marker(cmd: &mut Command, marker: &str, kill: bool) -> Option<(Duration, u64)> {
+    let t0 = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .stdin(Stdio::null())
+        .spawn()
+        .ok()?;
+    let pid = child.id();
+    let stdout = child.stdout.take()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let marker = marker.to_string();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains(&marker) {
+                let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .ok()
+                    .and_then(|s| {
+                        s.lines()
+                            .find(|l| l.starts_with("VmRSS:"))
+                            .map(str::to_string)
+                    })
+                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+                    .unwrap_or(0);
+                let _ = tx.send((t0.elapsed(), rss));
+            }
+        }
+    });
+    let got = rx.recv_timeout(Duration::from_secs(60)).ok();
+    if kill || got.is_none() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    got
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// The same kernel and initramfs booted by our VMM (`msb run`) and by QEMU `-M microvm`,
+/// both timed from process spawn to agentd's first console line.
+fn side_by_side(n: usize) {
+    println!("--- side by side: process spawn -> guest init (agentd's first console line) ---");
+    let Some(qemu) = which("qemu-system-x86_64") else {
+        return println!("QEMU not found in PATH: comparison not run");
+    };
+    let home = msb_actors::home::msb_home();
+    let (kernel, initramfs) = match (|| {
+        let k = msb_actors::home::kernel(&home)?;
+        let i = msb_actors::initramfs::cached(
+            &home,
+            &msb_actors::home::agentd(&home)?,
+            &msb_actors::home::busybox(&home)?,
+        )?;
+        msb_actors::Result::Ok((k, i))
+    })() {
+        Ok(v) => v,
+        Err(e) => return println!("comparison not run: {e}"),
+    };
+    let msb = std::env::current_exe().unwrap().with_file_name("msb");
+    let (mut ours, mut theirs, mut ours_rss, mut theirs_rss) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..n {
+        let mut c = Command::new(&msb);
+        c.args([
+            "run",
+            "--memory",
+            &MEMORY_MIB.to_string(),
+            "--console-log",
+            "/proc/self/fd/1",
+            "--",
+            "true",
+        ]);
+        if let Some((t, rss)) = time_to_marker(&mut c, "msb-agentd: init", false) {
+            ours.push(ms(t));
+            ours_rss.push(rss as f64 / 1024.0);
+        }
+        let mut q = Command::new(&qemu);
+        q.args([
+            "-M",
+            "microvm,x-option-roms=off,rtc=off",
+            "-enable-kvm",
+            "-cpu",
+            "host",
+            "-smp",
+            "1",
+        ])
+        .args([
+            "-m",
+            &MEMORY_MIB.to_string(),
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+        ])
+        .args(["-no-reboot", "-serial", "stdio", "-kernel"])
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initramfs)
+        .args(["-append", "console=ttyS0 reboot=k panic=-1 quiet"]);
+        if let Some((t, rss)) = time_to_marker(&mut q, "msb-agentd: init", true) {
+            theirs.push(ms(t));
+            theirs_rss.push(rss as f64 / 1024.0);
+        }
+    }
+    let p50 = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v.get(v.len() / 2).copied()
+    };
+    stats("msb: spawn -> init, ms", ours.clone());
+    stats("qemu microvm: spawn -> init, ms", theirs.clone());
+    stats("msb: process RSS at init, MiB", ours_rss.clone());
+    stats("qemu microvm: process RSS at init, MiB", theirs_rss.clone());
+    if let (Some(a), Some(b)) = (p50(&mut ours), p50(&mut theirs)) {
+        println!("ratio msb/qemu (p50 spawn -> init): {:.2}", a / b);
+    }
+    if let (Some(a), Some(b)) = (p50(&mut ours_rss), p50(&mut theirs_rss)) {
+        println!("ratio msb/qemu (p50 RSS at init): {:.2}", a / b);
+    }
 }

@@ -38,6 +38,15 @@ class Cpio:
     def dir(self, name):
         self._entry(name, 0o040755)
 
+    def dirs_for(self, path, made):
+        """Creates every missing parent directory of `path`."""
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d and d not in made:
+                made.add(d)
+                self.dir(d)
+
     def file(self, name, path_or_bytes, mode=0o755):
         data = path_or_bytes if isinstance(path_or_bytes, bytes) else open(path_or_bytes, "rb").read()
         self._entry(name, 0o100000 | mode, data)
@@ -56,7 +65,7 @@ mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev 2>
 mount -t tmpfs tmp /tmp
 echo "RIG: L1 up after $(cut -d' ' -f1 /proc/uptime) s; cpu: $(grep -o -w -E 'svm|npt' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 ls -l /dev/kvm
-export MSB_HOME=/msb/home PATH=/msb/bin:/bin HOME=/tmp
+export MSB_HOME=/msb/home PATH=/msb/bin:/bin:/usr/bin HOME=/tmp
 cd /tmp
 sh /job.sh
 echo "RIG-EXIT $?"
@@ -79,7 +88,30 @@ def build_initramfs(args, job):
     c.file("msb/home/bin/agentd", os.path.join(args.bin_dir, "agentd"))
     c.file("msb/home/bin/busybox", args.busybox)
     c.file("msb/home/kernel/vmlinux", args.guest_kernel, 0o644)
+    if args.with_qemu:
+        add_qemu(c)
     return c.finish()
+
+
+def add_qemu(c):
+    """Puts QEMU, its shared libraries and its x86 firmware into L1, for side-by-side
+    benchmarks (`-M microvm` on L1's KVM, booting the same kernel and initramfs)."""
+    qemu = shutil.which("qemu-system-x86_64")
+    out = subprocess.run(["ldd", qemu], capture_output=True, text=True, check=True).stdout
+    files = {qemu}
+    for line in out.splitlines():
+        for tok in line.split():
+            if tok.startswith("/"):
+                files.add(tok)
+    for fw in ["bios-microvm.bin", "pvh.bin", "linuxboot_dma.bin", "linuxboot.bin", "qboot.rom", "kvmvapic.bin"]:
+        path = os.path.join("/usr/share/qemu", fw)
+        if os.path.exists(path):
+            files.add(path)
+    made = {"bin", "dev", "proc", "sys", "tmp", "msb", "msb/bin", "msb/home", "msb/home/bin", "msb/home/kernel"}
+    for f in sorted(files):
+        name = f.lstrip("/")
+        c.dirs_for(name, made)
+        c.file(name, os.path.realpath(f), 0o755)
 
 
 def kicker(sock_path, stop):
@@ -110,7 +142,7 @@ def main():
     p.add_argument("--memory", default="3072")
     p.add_argument("--timeout", type=int, default=1800, help="whole-run limit in seconds")
     p.add_argument("--job", required=True, help="shell script to run inside L1")
-    p.add_argument("--quiet-l1", action="store_true")
+    p.add_argument("--with-qemu", action="store_true", help="add QEMU to L1 (benchmarks)")
     args = p.parse_args()
 
     qemu = shutil.which("qemu-system-x86_64")

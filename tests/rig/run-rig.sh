@@ -35,6 +35,7 @@ msb run -- uname -a | grep -q Linux'
     ;;
   bench)
     job="msb-bench ${1:-5}"
+    extra=--with-qemu
     ;;
   run)
     [ "${1:-}" = -- ] && shift
@@ -44,4 +45,4 @@ msb run -- uname -a | grep -q Linux'
   *) echo "run-rig.sh: unknown mode $mode (e2e, demo, bench, run)" >&2; exit 2 ;;
 esac
 exec python3 "$root/tests/rig/rig.py" --l1-kernel "$home/rig/bzImage" --guest-kernel "$home/kernel/vmlinux" \
-  --bin-dir "$root/build/static" --job "$job" ${RIG_TIMEOUT:+--timeout "$RIG_TIMEOUT"}
+  --bin-dir "$root/build/static" --job "$job" ${extra:-} ${RIG_TIMEOUT:+--timeout "$RIG_TIMEOUT"}
