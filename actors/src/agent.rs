@@ -23,6 +23,8 @@ use crate::{Error, ExecOutput, Result};
 
 /// Most requests in flight on one sandbox.
 pub const MAX_PENDING: usize = 1024;
+/// Most guest-reported errors logged per sandbox (the guest can send them at will).
+pub const MAX_GUEST_LOGS: u64 = 16;
 /// Most output bytes (stdout plus stderr) one buffered exec keeps.
 pub const MAX_BUFFERED_OUTPUT: usize = 64 * 1024 * 1024;
 
@@ -69,6 +71,7 @@ pub struct AgentCore {
     next_id: RequestId,
     execs: HashMap<RequestId, PendingExec>,
     shutdowns: Vec<RequestId>,
+    guest_logs: u64,
 }
 
 impl AgentCore {
@@ -252,10 +255,13 @@ impl AgentCore {
                 Ok(Some(AgentEvent::ShutdownAck { id }))
             }
             GuestMsg::Error { message } => {
-                tracing::warn!(
-                    "agentd reported: {}",
-                    message.chars().take(200).collect::<String>()
-                );
+                // Guest-triggerable: at most MAX_GUEST_LOGS lines per sandbox, each cut short.
+                self.guest_logs += 1;
+                if self.guest_logs <= MAX_GUEST_LOGS {
+                    tracing::warn!("agentd reported: {}", message.chars().take(200).collect::<String>());
+                } else if self.guest_logs == MAX_GUEST_LOGS + 1 {
+                    tracing::warn!("agentd keeps reporting errors; further reports are not logged");
+                }
                 Ok(None)
             }
         }
@@ -624,6 +630,17 @@ mod tests {
                 result: Err(ExecFailure::TooLarge)
             }]
         );
+    }
+
+    #[test]
+    fn guest_error_reports_are_counted_and_do_not_close_the_channel() {
+        let mut c = ready_core();
+        let e = frame(&GuestMsg::Error { message: "x".repeat(10_000) });
+        for _ in 0..1000 {
+            assert_eq!(c.on_bytes(&e).unwrap(), vec![]);
+        }
+        assert_eq!(c.guest_logs, 1000);
+        assert!(c.is_ready());
     }
 
     #[test]
