@@ -258,7 +258,10 @@ impl AgentCore {
                 // Guest-triggerable: at most MAX_GUEST_LOGS lines per sandbox, each cut short.
                 self.guest_logs += 1;
                 if self.guest_logs <= MAX_GUEST_LOGS {
-                    tracing::warn!("agentd reported: {}", message.chars().take(200).collect::<String>());
+                    tracing::warn!(
+                        "agentd reported: {}",
+                        message.chars().take(200).collect::<String>()
+                    );
                 } else if self.guest_logs == MAX_GUEST_LOGS + 1 {
                     tracing::warn!("agentd keeps reporting errors; further reports are not logged");
                 }
@@ -635,7 +638,9 @@ mod tests {
     #[test]
     fn guest_error_reports_are_counted_and_do_not_close_the_channel() {
         let mut c = ready_core();
-        let e = frame(&GuestMsg::Error { message: "x".repeat(10_000) });
+        let e = frame(&GuestMsg::Error {
+            message: "x".repeat(10_000),
+        });
         for _ in 0..1000 {
             assert_eq!(c.on_bytes(&e).unwrap(), vec![]);
         }

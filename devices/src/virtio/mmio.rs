@@ -114,11 +114,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     /// Marks the device failed: it reports "needs reset" and is not served again.
     pub fn fail(&mut self, why: String) {
-        tracing::warn!(
-            device = self.device.device_type(),
-            "virtio device failed: {why}"
-        );
-        self.failure.get_or_insert(why);
+        // Logged once: a guest can keep poking a failed device.
+        if self.failure.is_none() {
+            tracing::warn!(
+                device = self.device.device_type(),
+                "virtio device failed: {why}"
+            );
+            self.failure = Some(why);
+        }
         self.status |= STATUS_NEEDS_RESET;
         self.interrupt_status |= INT_CONFIG;
         let _ = self.irq.write(1);
