@@ -9,8 +9,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The tree (one per sandbox): a `Supervisor` owning the VM and its vCPU runner threads,
-//! with linked children `ConsoleDevice`, `RngDevice` (virtio device shells) and
+//! The tree (one per sandbox): a `Supervisor` owning the VM, with linked children
+//! `VcpuActor` (one per vCPU runner thread), `ConsoleDevice`, `RngDevice` (virtio device shells) and
 //! `AgentClient` (the guest protocol). Components only hold the narrowest refs they need:
 //! the console device can send the agent client [`console::GuestBytes`] and nothing else,
 //! the agent client can send the console [`console::ToConsole`] and nothing else.
@@ -28,6 +28,7 @@ pub mod home;
 pub mod initramfs;
 pub mod machine;
 pub mod sandbox;
+pub mod vcpu;
 
 pub use agent::{AgentCore, AgentEvent, MAX_BUFFERED_OUTPUT, MAX_PENDING};
 pub use error::{Error, Result};

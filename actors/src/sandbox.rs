@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 use msb_devices::boot_timer::BootTimer;
 use msb_devices::console_log::ConsoleReports;
 use msb_devices::serial::SerialDevice;
-use msb_hypervisor::{VcpuRunner, VcpuStop};
+use msb_hypervisor::VcpuStop;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::agent::{AgentClient, AgentMsg};
 use crate::console::{ConsoleArgs, ConsoleDevice, DeviceArgs, RngDevice};
 use crate::machine::{Machine, MachineSpec};
+use crate::vcpu::{VcpuActor, VcpuArgs, VcpuMsg};
 use crate::{home, initramfs, Error, ExecOutput, Result, StopReason};
 
 /// Default time for a guest to become ready.
@@ -291,7 +292,7 @@ pub enum SupMsg {
 struct Supervisor;
 
 struct Running {
-    runners: Vec<VcpuRunner>,
+    runners: Vec<ActorRef<VcpuMsg>>,
     agent: ActorRef<AgentMsg>,
     devices: Vec<ActorRef<crate::console::DeviceMsg>>,
     // Keeps the VM (fds, memory) alive until the vCPUs are stopped.
@@ -339,13 +340,10 @@ impl SupState {
         tracing::info!(%reason, "sandbox VM stopped");
         self.stopped = Some(reason.clone());
         if let Some(mut running) = self.running.take() {
-            let runners = std::mem::take(&mut running.runners);
-            let _ = tokio::task::spawn_blocking(move || {
-                for mut r in runners {
-                    r.stop();
-                }
-            })
-            .await;
+            for vcpu in std::mem::take(&mut running.runners) {
+                let _ = vcpu.call(VcpuMsg::Stop, None).await;
+                vcpu.stop(None);
+            }
             // The agent fails its pending requests with the reason, then stops itself (a
             // stop signal would overtake the message and lose the reason).
             let _ = running
@@ -394,7 +392,13 @@ impl Actor for Supervisor {
             let on_exit = Box::new(move |stop| {
                 let _ = me2.cast(SupMsg::VcpuStopped(stop));
             });
-            runners.push(VcpuRunner::spawn(vcpu, m.bus.clone(), on_exit)?);
+            let args = VcpuArgs {
+                vcpu,
+                bus: m.bus.clone(),
+                on_exit,
+            };
+            let (vcpu, _) = Actor::spawn_linked(None, VcpuActor, args, me.get_cell()).await?;
+            runners.push(vcpu);
         }
         tracing::debug!(cmdline = %m.cmdline, "sandbox VM started");
         let guest_ram = {
