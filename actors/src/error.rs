@@ -14,11 +14,9 @@ pub enum Error {
     Hypervisor(#[from] msb_hypervisor::Error),
     #[error("setting up the sandbox: {0}")]
     Setup(String),
-    #[error(
-        "the guest did not become ready within {secs} s; last console output:\n{console_tail}"
-    )]
+    #[error("the guest did not become ready within {secs} s; last console output:\n{}", tail_or_hint(.console_tail))]
     BootTimeout { secs: u64, console_tail: String },
-    #[error("the sandbox stopped: {reason}; last console output:\n{console_tail}")]
+    #[error("the sandbox stopped: {reason}; last console output:\n{}", tail_or_hint(.console_tail))]
     VmStopped {
         reason: StopReason,
         console_tail: String,
@@ -38,6 +36,15 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Sandboxes boot with a quiet kernel; say how to see more when it printed nothing.
+fn tail_or_hint(tail: &str) -> &str {
+    if tail.trim().is_empty() {
+        "(nothing: the kernel boots quietly; rerun with kernel args \"loglevel=7\", e.g. `msb run --kernel-args loglevel=7`, to see its log)"
+    } else {
+        tail
+    }
+}
+
 impl<T> From<ractor::MessagingErr<T>> for Error {
     fn from(_: ractor::MessagingErr<T>) -> Self {
         Error::Gone
@@ -47,5 +54,24 @@ impl<T> From<ractor::MessagingErr<T>> for Error {
 impl From<ractor::RactorErr<crate::sandbox::SupMsg>> for Error {
     fn from(_: ractor::RactorErr<crate::sandbox::SupMsg>) -> Self {
         Error::Gone
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_console_tail_comes_with_a_hint() {
+        let e = Error::BootTimeout {
+            secs: 5,
+            console_tail: String::new(),
+        };
+        assert!(e.to_string().contains("loglevel=7"), "{e}");
+        let e = Error::BootTimeout {
+            secs: 5,
+            console_tail: "Kernel panic".into(),
+        };
+        assert!(e.to_string().ends_with("Kernel panic"), "{e}");
     }
 }

@@ -169,3 +169,35 @@ async fn guest_panic_is_reported() {
         other => panic!("expected GuestPanic, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_vcpus_come_up() {
+    let sb = msb_tests::boot_with(|| msb_actors::Sandbox::builder().memory_mib(256).cpus(2)).await;
+    let out = sb.exec("nproc", Vec::<String>::new()).await.unwrap();
+    assert_eq!(out.stdout, b"2\n", "{out:?}");
+    sb.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_never_gets_ready_times_out_with_its_console() {
+    msb_tests::require_linux_capable_kvm();
+    // init is `sleep`, not agentd: the kernel boots, nothing ever answers.
+    let r = msb_actors::Sandbox::builder()
+        .kernel_args("loglevel=7 rdinit=/bin/sleep -- 600")
+        .boot_timeout(Duration::from_secs(20))
+        .create()
+        .await;
+    match r {
+        Err(Error::BootTimeout {
+            secs: 20,
+            console_tail,
+        }) => {
+            assert!(
+                console_tail.contains("Run /bin/sleep as init process"),
+                "{console_tail}"
+            )
+        }
+        Err(e) => panic!("expected a boot timeout, got {e}"),
+        Ok(_) => panic!("expected a boot timeout, but the sandbox became ready"),
+    }
+}
