@@ -13,8 +13,8 @@
 use std::collections::HashMap;
 
 use msb_protocol::{
-    decode, encode, negotiate, ExecRequest, ExitStatus, FrameDecoder, GuestMsg, HostMsg, RequestId,
-    SpawnErrorKind, Stream, MAX_OUTPUT_CHUNK, PROTOCOL_VERSION,
+    decode, encode, negotiate, ExecRequest, ExitStatus, FrameDecoder, GuestMsg, HostMsg, RequestId, SpawnErrorKind,
+    Stream, MAX_OUTPUT_CHUNK, PROTOCOL_VERSION,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
 
@@ -56,10 +56,7 @@ pub enum AgentEvent {
 /// Why an exec produced no output record.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ExecFailure {
-    Spawn {
-        kind: SpawnErrorKind,
-        message: String,
-    },
+    Spawn { kind: SpawnErrorKind, message: String },
     TooLarge,
 }
 
@@ -76,10 +73,7 @@ pub struct AgentCore {
 
 impl AgentCore {
     pub fn new() -> Self {
-        Self {
-            next_id: 1,
-            ..Default::default()
-        }
+        Self { next_id: 1, ..Default::default() }
     }
 
     pub fn is_ready(&self) -> bool {
@@ -106,9 +100,7 @@ impl AgentCore {
             return Err(Error::Agent("the guest agent is not ready yet".into()));
         }
         if self.pending() >= MAX_PENDING {
-            return Err(Error::Agent(format!(
-                "more than {MAX_PENDING} requests in flight"
-            )));
+            return Err(Error::Agent(format!("more than {MAX_PENDING} requests in flight")));
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -125,16 +117,8 @@ impl AgentCore {
         let id = self.next_id()?;
         let req = ExecRequest { id, argv, env, cwd };
         req.validate().map_err(Error::Config)?;
-        let frame =
-            encode(&HostMsg::Exec(req)).map_err(|e| Error::Config(format!("exec request: {e}")))?;
-        self.execs.insert(
-            id,
-            PendingExec {
-                stdout: Vec::new(),
-                stderr: Vec::new(),
-                overflowed: false,
-            },
-        );
+        let frame = encode(&HostMsg::Exec(req)).map_err(|e| Error::Config(format!("exec request: {e}")))?;
+        self.execs.insert(id, PendingExec { stdout: Vec::new(), stderr: Vec::new(), overflowed: false });
         Ok((id, frame))
     }
 
@@ -142,10 +126,7 @@ impl AgentCore {
     pub fn shutdown(&mut self) -> Result<(RequestId, Vec<u8>)> {
         let id = self.next_id()?;
         self.shutdowns.push(id);
-        Ok((
-            id,
-            encode(&HostMsg::Shutdown { id }).expect("small message encodes"),
-        ))
+        Ok((id, encode(&HostMsg::Shutdown { id }).expect("small message encodes")))
     }
 
     /// Consumes guest bytes. An `Err` means the channel is now closed; the string says why.
@@ -174,12 +155,7 @@ impl AgentCore {
 
     fn on_msg(&mut self, msg: GuestMsg) -> std::result::Result<Option<AgentEvent>, String> {
         if self.version.is_none() {
-            let GuestMsg::Ready {
-                min_version,
-                max_version,
-                agent,
-            } = msg
-            else {
+            let GuestMsg::Ready { min_version, max_version, agent } = msg else {
                 return Err("guest sent a request reply before Ready".into());
             };
             let version = negotiate(min_version, max_version).ok_or_else(|| {
@@ -190,26 +166,15 @@ impl AgentCore {
             })?;
             self.version = Some(version);
             let reply = encode(&HostMsg::Hello { version }).expect("small message encodes");
-            return Ok(Some(AgentEvent::Ready {
-                version,
-                agent,
-                reply,
-            }));
+            return Ok(Some(AgentEvent::Ready { version, agent, reply }));
         }
         let unknown = |id| format!("guest answered request {id}, which is not pending");
         match msg {
             GuestMsg::Ready { .. } => Err("guest sent Ready twice".into()),
-            GuestMsg::Started { id, .. } => self
-                .execs
-                .contains_key(&id)
-                .then_some(None)
-                .ok_or_else(|| unknown(id)),
+            GuestMsg::Started { id, .. } => self.execs.contains_key(&id).then_some(None).ok_or_else(|| unknown(id)),
             GuestMsg::Output { id, stream, data } => {
                 if data.len() > MAX_OUTPUT_CHUNK {
-                    return Err(format!(
-                        "output chunk of {} bytes exceeds {MAX_OUTPUT_CHUNK}",
-                        data.len()
-                    ));
+                    return Err(format!("output chunk of {} bytes exceeds {MAX_OUTPUT_CHUNK}", data.len()));
                 }
                 let p = self.execs.get_mut(&id).ok_or_else(|| unknown(id))?;
                 if p.stdout.len() + p.stderr.len() + data.len() > MAX_BUFFERED_OUTPUT {
@@ -230,27 +195,16 @@ impl AgentCore {
                 let result = if p.overflowed {
                     Err(ExecFailure::TooLarge)
                 } else {
-                    Ok(ExecOutput {
-                        status,
-                        stdout: p.stdout,
-                        stderr: p.stderr,
-                    })
+                    Ok(ExecOutput { status, stdout: p.stdout, stderr: p.stderr })
                 };
                 Ok(Some(AgentEvent::ExecDone { id, result }))
             }
             GuestMsg::SpawnFailed { id, kind, message } => {
                 self.execs.remove(&id).ok_or_else(|| unknown(id))?;
-                Ok(Some(AgentEvent::ExecDone {
-                    id,
-                    result: Err(ExecFailure::Spawn { kind, message }),
-                }))
+                Ok(Some(AgentEvent::ExecDone { id, result: Err(ExecFailure::Spawn { kind, message }) }))
             }
             GuestMsg::ShutdownAck { id } => {
-                let at = self
-                    .shutdowns
-                    .iter()
-                    .position(|s| *s == id)
-                    .ok_or_else(|| unknown(id))?;
+                let at = self.shutdowns.iter().position(|s| *s == id).ok_or_else(|| unknown(id))?;
                 self.shutdowns.remove(at);
                 Ok(Some(AgentEvent::ShutdownAck { id }))
             }
@@ -258,10 +212,7 @@ impl AgentCore {
                 // Guest-triggerable: at most MAX_GUEST_LOGS lines per sandbox, each cut short.
                 self.guest_logs += 1;
                 if self.guest_logs <= MAX_GUEST_LOGS {
-                    tracing::warn!(
-                        "agentd reported: {}",
-                        message.chars().take(200).collect::<String>()
-                    );
+                    tracing::warn!("agentd reported: {}", message.chars().take(200).collect::<String>());
                 } else if self.guest_logs == MAX_GUEST_LOGS + 1 {
                     tracing::warn!("agentd keeps reporting errors; further reports are not logged");
                 }
@@ -327,10 +278,7 @@ impl AgentState {
 
     fn failure(&self) -> Error {
         match (&self.stopped, self.core.closed()) {
-            (Some((reason, tail)), _) => Error::VmStopped {
-                reason: reason.clone(),
-                console_tail: tail.clone(),
-            },
+            (Some((reason, tail)), _) => Error::VmStopped { reason: reason.clone(), console_tail: tail.clone() },
             (None, Some(why)) => Error::Agent(format!("channel closed: {why}")),
             (None, None) => Error::Gone,
         }
@@ -338,10 +286,9 @@ impl AgentState {
 
     fn fail_all_with(&mut self) {
         let e = || self.failure();
-        let errs: Vec<_> =
-            (0..self.ready_waiters.len() + self.exec_replies.len() + self.shutdown_replies.len())
-                .map(|_| e())
-                .collect();
+        let errs: Vec<_> = (0..self.ready_waiters.len() + self.exec_replies.len() + self.shutdown_replies.len())
+            .map(|_| e())
+            .collect();
         let mut errs = errs.into_iter();
         for w in self.ready_waiters.drain(..) {
             let _ = w.send(Err(errs.next().unwrap_or(Error::Gone)));
@@ -360,15 +307,8 @@ impl Actor for AgentClient {
     type State = AgentState;
     type Arguments = ();
 
-    async fn pre_start(
-        &self,
-        _: ActorRef<AgentMsg>,
-        _: (),
-    ) -> std::result::Result<AgentState, ActorProcessingErr> {
-        Ok(AgentState {
-            core: AgentCore::new(),
-            ..Default::default()
-        })
+    async fn pre_start(&self, _: ActorRef<AgentMsg>, _: ()) -> std::result::Result<AgentState, ActorProcessingErr> {
+        Ok(AgentState { core: AgentCore::new(), ..Default::default() })
     }
 
     async fn post_stop(
@@ -417,12 +357,7 @@ impl Actor for AgentClient {
                 }
                 _ => st.ready_waiters.push(reply),
             },
-            AgentMsg::Exec {
-                argv,
-                env,
-                cwd,
-                reply,
-            } => {
+            AgentMsg::Exec { argv, env, cwd, reply } => {
                 if st.stopped.is_some() {
                     let _ = reply.send(Err(st.failure()));
                     return Ok(());
@@ -461,11 +396,7 @@ impl Actor for AgentClient {
 
 fn handle_event(st: &mut AgentState, ev: AgentEvent) {
     match ev {
-        AgentEvent::Ready {
-            version,
-            agent,
-            reply,
-        } => {
+        AgentEvent::Ready { version, agent, reply } => {
             tracing::info!(version, %agent, "guest agent ready");
             st.send(reply);
             st.agent_name = Some(agent.clone());
@@ -477,9 +408,7 @@ fn handle_event(st: &mut AgentState, ev: AgentEvent) {
             if let Some(r) = st.exec_replies.remove(&id) {
                 let _ = r.send(result.map_err(|f| match f {
                     ExecFailure::Spawn { kind, message } => Error::SpawnFailed { kind, message },
-                    ExecFailure::TooLarge => Error::OutputTooLarge {
-                        limit: MAX_BUFFERED_OUTPUT,
-                    },
+                    ExecFailure::TooLarge => Error::OutputTooLarge { limit: MAX_BUFFERED_OUTPUT },
                 }));
             }
         }
@@ -515,13 +444,7 @@ mod tests {
 
     fn ready_core() -> AgentCore {
         let mut c = AgentCore::new();
-        let ev = c
-            .on_bytes(&frame(&GuestMsg::Ready {
-                min_version: 1,
-                max_version: 1,
-                agent: "t".into(),
-            }))
-            .unwrap();
+        let ev = c.on_bytes(&frame(&GuestMsg::Ready { min_version: 1, max_version: 1, agent: "t".into() })).unwrap();
         assert!(matches!(ev[0], AgentEvent::Ready { version: 1, .. }));
         c
     }
@@ -531,27 +454,11 @@ mod tests {
         let mut c = ready_core();
         let (id, _) = c.exec(vec!["echo".into()], vec![], None).unwrap();
         let mut bytes = frame(&GuestMsg::Started { id, pid: 5 });
-        bytes.extend(frame(&GuestMsg::Output {
-            id,
-            stream: Stream::Stdout,
-            data: b"out".to_vec(),
-        }));
-        bytes.extend(frame(&GuestMsg::Output {
-            id,
-            stream: Stream::Stderr,
-            data: b"err".to_vec(),
-        }));
-        bytes.extend(frame(&GuestMsg::Exited {
-            id,
-            status: ExitStatus::Code(42),
-        }));
+        bytes.extend(frame(&GuestMsg::Output { id, stream: Stream::Stdout, data: b"out".to_vec() }));
+        bytes.extend(frame(&GuestMsg::Output { id, stream: Stream::Stderr, data: b"err".to_vec() }));
+        bytes.extend(frame(&GuestMsg::Exited { id, status: ExitStatus::Code(42) }));
         let ev = c.on_bytes(&bytes).unwrap();
-        let AgentEvent::ExecDone {
-            result: Ok(out), ..
-        } = &ev[0]
-        else {
-            panic!("{ev:?}")
-        };
+        let AgentEvent::ExecDone { result: Ok(out), .. } = &ev[0] else { panic!("{ev:?}") };
         assert_eq!(out.stdout, b"out");
         assert_eq!(out.stderr, b"err");
         assert_eq!(out.code(), Some(42));
@@ -561,26 +468,16 @@ mod tests {
     fn requests_before_ready_are_refused() {
         let mut c = AgentCore::new();
         assert!(c.exec(vec!["x".into()], vec![], None).is_err());
-        let e = c
-            .on_bytes(&frame(&GuestMsg::ShutdownAck { id: 1 }))
-            .unwrap_err();
+        let e = c.on_bytes(&frame(&GuestMsg::ShutdownAck { id: 1 })).unwrap_err();
         assert!(e.contains("before Ready"), "{e}");
     }
 
     #[test]
     fn unknown_ids_and_garbage_close_the_channel() {
         let mut c = ready_core();
-        let e = c
-            .on_bytes(&frame(&GuestMsg::Exited {
-                id: 99,
-                status: ExitStatus::Code(0),
-            }))
-            .unwrap_err();
+        let e = c.on_bytes(&frame(&GuestMsg::Exited { id: 99, status: ExitStatus::Code(0) })).unwrap_err();
         assert!(e.contains("99"), "{e}");
-        assert!(
-            c.exec(vec!["x".into()], vec![], None).is_err(),
-            "closed for good"
-        );
+        assert!(c.exec(vec!["x".into()], vec![], None).is_err(), "closed for good");
 
         let mut c = ready_core();
         let e = c.on_bytes(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).unwrap_err();
@@ -595,11 +492,7 @@ mod tests {
     fn incompatible_version_is_explained() {
         let mut c = AgentCore::new();
         let e = c
-            .on_bytes(&frame(&GuestMsg::Ready {
-                min_version: 50,
-                max_version: 60,
-                agent: "future".into(),
-            }))
+            .on_bytes(&frame(&GuestMsg::Ready { min_version: 50, max_version: 60, agent: "future".into() }))
             .unwrap_err();
         assert!(e.contains("rebuild the initramfs"), "{e}");
     }
@@ -608,39 +501,19 @@ mod tests {
     fn buffered_output_is_bounded() {
         let mut c = ready_core();
         let (id, _) = c.exec(vec!["yes".into()], vec![], None).unwrap();
-        let chunk = frame(&GuestMsg::Output {
-            id,
-            stream: Stream::Stdout,
-            data: vec![b'y'; MAX_OUTPUT_CHUNK],
-        });
+        let chunk = frame(&GuestMsg::Output { id, stream: Stream::Stdout, data: vec![b'y'; MAX_OUTPUT_CHUNK] });
         for _ in 0..(MAX_BUFFERED_OUTPUT / MAX_OUTPUT_CHUNK + 2) {
             c.on_bytes(&chunk).unwrap();
         }
-        assert!(
-            c.execs[&id].stdout.is_empty(),
-            "overflowed output is dropped, not kept"
-        );
-        let ev = c
-            .on_bytes(&frame(&GuestMsg::Exited {
-                id,
-                status: ExitStatus::Code(0),
-            }))
-            .unwrap();
-        assert_eq!(
-            ev,
-            vec![AgentEvent::ExecDone {
-                id,
-                result: Err(ExecFailure::TooLarge)
-            }]
-        );
+        assert!(c.execs[&id].stdout.is_empty(), "overflowed output is dropped, not kept");
+        let ev = c.on_bytes(&frame(&GuestMsg::Exited { id, status: ExitStatus::Code(0) })).unwrap();
+        assert_eq!(ev, vec![AgentEvent::ExecDone { id, result: Err(ExecFailure::TooLarge) }]);
     }
 
     #[test]
     fn guest_error_reports_are_counted_and_do_not_close_the_channel() {
         let mut c = ready_core();
-        let e = frame(&GuestMsg::Error {
-            message: "x".repeat(10_000),
-        });
+        let e = frame(&GuestMsg::Error { message: "x".repeat(10_000) });
         for _ in 0..1000 {
             assert_eq!(c.on_bytes(&e).unwrap(), vec![]);
         }
@@ -667,33 +540,15 @@ mod actor_tests {
     #[tokio::test]
     async fn pending_exec_fails_with_the_stop_reason() {
         let (agent, _h) = Actor::spawn(None, AgentClient, ()).await.unwrap();
-        let ready = encode(&GuestMsg::Ready {
-            min_version: 1,
-            max_version: 1,
-            agent: "t".into(),
-        })
-        .unwrap();
+        let ready = encode(&GuestMsg::Ready { min_version: 1, max_version: 1, agent: "t".into() }).unwrap();
         agent.cast(AgentMsg::FromGuest(GuestBytes(ready))).unwrap();
         let (tx, rx) = ractor::concurrency::oneshot();
-        agent
-            .cast(AgentMsg::Exec {
-                argv: vec!["x".into()],
-                env: vec![],
-                cwd: None,
-                reply: tx.into(),
-            })
-            .unwrap();
-        agent
-            .cast(AgentMsg::VmStopped(
-                StopReason::GuestPowerOff,
-                "tail".into(),
-            ))
-            .unwrap();
+        agent.cast(AgentMsg::Exec { argv: vec!["x".into()], env: vec![], cwd: None, reply: tx.into() }).unwrap();
+        agent.cast(AgentMsg::VmStopped(StopReason::GuestPowerOff, "tail".into())).unwrap();
         match rx.await.unwrap() {
-            Err(Error::VmStopped {
-                reason: StopReason::GuestPowerOff,
-                console_tail,
-            }) => assert_eq!(console_tail, "tail"),
+            Err(Error::VmStopped { reason: StopReason::GuestPowerOff, console_tail }) => {
+                assert_eq!(console_tail, "tail")
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -75,9 +75,7 @@ fn watch(
                 return;
             };
             let _ = guard.try_io(|inner| inner.get_ref().read());
-            if !pending.swap(true, Ordering::SeqCst)
-                && me.send_message(DeviceMsg::Notify(queue)).is_err()
-            {
+            if !pending.swap(true, Ordering::SeqCst) && me.send_message(DeviceMsg::Notify(queue)).is_err() {
                 return;
             }
         }
@@ -96,19 +94,11 @@ pub struct DeviceState<D> {
     watchers: Vec<JoinHandle<()>>,
 }
 
-fn start_watchers<D>(
-    me: &ActorRef<DeviceMsg>,
-    args: DeviceArgs<D>,
-) -> Result<DeviceState<D>, ActorProcessingErr> {
-    let mut st = DeviceState {
-        transport: args.transport,
-        pending: Vec::new(),
-        watchers: Vec::new(),
-    };
+fn start_watchers<D>(me: &ActorRef<DeviceMsg>, args: DeviceArgs<D>) -> Result<DeviceState<D>, ActorProcessingErr> {
+    let mut st = DeviceState { transport: args.transport, pending: Vec::new(), watchers: Vec::new() };
     for (q, evt) in args.notify.into_iter().enumerate() {
         let pending = Arc::new(AtomicBool::new(false));
-        st.watchers
-            .push(watch(evt, q as u16, pending.clone(), me.clone())?);
+        st.watchers.push(watch(evt, q as u16, pending.clone(), me.clone())?);
         st.pending.push(pending);
     }
     Ok(st)
@@ -162,8 +152,7 @@ impl ConsoleState {
                     if budget == 0 {
                         return Ok(());
                     }
-                    signal |=
-                        dev.drain_tx(&mut queues[TX_QUEUE as usize], mem, budget, &mut out)?;
+                    signal |= dev.drain_tx(&mut queues[TX_QUEUE as usize], mem, budget, &mut out)?;
                     Ok(())
                 })
         };
@@ -177,9 +166,7 @@ impl ConsoleState {
         drop(t);
         if !out.is_empty() {
             self.in_flight += out.len();
-            self.agent
-                .send_message(GuestBytes(out))
-                .map_err(|_| "agent client is gone")?;
+            self.agent.send_message(GuestBytes(out)).map_err(|_| "agent client is gone")?;
         }
         Ok(())
     }
@@ -190,23 +177,11 @@ impl Actor for ConsoleDevice {
     type State = ConsoleState;
     type Arguments = ConsoleArgs;
 
-    async fn pre_start(
-        &self,
-        me: ActorRef<DeviceMsg>,
-        args: ConsoleArgs,
-    ) -> Result<ConsoleState, ActorProcessingErr> {
-        Ok(ConsoleState {
-            dev: start_watchers(&me, args.device)?,
-            agent: args.agent,
-            in_flight: 0,
-        })
+    async fn pre_start(&self, me: ActorRef<DeviceMsg>, args: ConsoleArgs) -> Result<ConsoleState, ActorProcessingErr> {
+        Ok(ConsoleState { dev: start_watchers(&me, args.device)?, agent: args.agent, in_flight: 0 })
     }
 
-    async fn post_stop(
-        &self,
-        _: ActorRef<DeviceMsg>,
-        st: &mut ConsoleState,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _: ActorRef<DeviceMsg>, st: &mut ConsoleState) -> Result<(), ActorProcessingErr> {
         stop_watchers(&mut st.dev);
         Ok(())
     }
@@ -223,9 +198,7 @@ impl Actor for ConsoleDevice {
                     p.store(false, Ordering::SeqCst);
                 }
             }
-            DeviceMsg::Console(ToConsole::Credit(n)) => {
-                st.in_flight = st.in_flight.saturating_sub(n)
-            }
+            DeviceMsg::Console(ToConsole::Credit(n)) => st.in_flight = st.in_flight.saturating_sub(n),
             DeviceMsg::Console(ToConsole::Bytes(b)) => {
                 let mut t = lock(&st.dev.transport);
                 if let Err(e) = t.device_mut().queue_to_guest(&b) {
@@ -254,11 +227,7 @@ impl Actor for RngDevice {
         start_watchers(&me, args)
     }
 
-    async fn post_stop(
-        &self,
-        _: ActorRef<DeviceMsg>,
-        st: &mut DeviceState<Rng>,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _: ActorRef<DeviceMsg>, st: &mut DeviceState<Rng>) -> Result<(), ActorProcessingErr> {
         stop_watchers(st);
         Ok(())
     }

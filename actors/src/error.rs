@@ -17,17 +17,11 @@ pub enum Error {
     #[error("the guest did not become ready within {secs} s; last console output:\n{}", tail_or_hint(.console_tail))]
     BootTimeout { secs: u64, console_tail: String },
     #[error("the sandbox stopped: {reason}; last console output:\n{}", tail_or_hint(.console_tail))]
-    VmStopped {
-        reason: StopReason,
-        console_tail: String,
-    },
+    VmStopped { reason: StopReason, console_tail: String },
     #[error("agent protocol: {0}")]
     Agent(String),
     #[error("command could not be started ({kind:?}): {message}")]
-    SpawnFailed {
-        kind: SpawnErrorKind,
-        message: String,
-    },
+    SpawnFailed { kind: SpawnErrorKind, message: String },
     #[error("command output exceeded the {limit}-byte limit for a buffered exec; stream it instead or print less")]
     OutputTooLarge { limit: usize },
     #[error("the sandbox is gone (its actors have stopped)")]
@@ -63,15 +57,9 @@ mod tests {
 
     #[test]
     fn empty_console_tail_comes_with_a_hint() {
-        let e = Error::BootTimeout {
-            secs: 5,
-            console_tail: String::new(),
-        };
+        let e = Error::BootTimeout { secs: 5, console_tail: String::new() };
         assert!(e.to_string().contains("loglevel=7"), "{e}");
-        let e = Error::BootTimeout {
-            secs: 5,
-            console_tail: "Kernel panic".into(),
-        };
+        let e = Error::BootTimeout { secs: 5, console_tail: "Kernel panic".into() };
         assert!(e.to_string().ends_with("Kernel panic"), "{e}");
     }
 }

@@ -10,9 +10,7 @@ pub fn msb_home() -> PathBuf {
     if let Some(h) = std::env::var_os("MSB_HOME") {
         return PathBuf::from(h);
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".msb")
 }
 
@@ -20,10 +18,7 @@ fn must_exist(p: PathBuf, what: &str, how: &str) -> Result<PathBuf> {
     if p.is_file() {
         Ok(p)
     } else {
-        Err(Error::Missing(format!(
-            "{what} not found at {}; {how}",
-            p.display()
-        )))
+        Err(Error::Missing(format!("{what} not found at {}; {how}", p.display())))
     }
 }
 
@@ -51,9 +46,5 @@ pub fn busybox(home: &Path) -> Result<PathBuf> {
     if own.is_file() {
         return Ok(own);
     }
-    must_exist(
-        PathBuf::from("/bin/busybox"),
-        "static busybox",
-        "install Debian's busybox-static",
-    )
+    must_exist(PathBuf::from("/bin/busybox"), "static busybox", "install Debian's busybox-static")
 }

@@ -10,9 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::{Error, Result};
 
 const FORMAT: u32 = 1;
-const DIRS: &[&str] = &[
-    "bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "root", "etc",
-];
+const DIRS: &[&str] = &["bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "root", "etc"];
 
 /// A newc cpio archive being written.
 #[derive(Default)]
@@ -24,21 +22,7 @@ pub struct Cpio {
 impl Cpio {
     fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
         self.ino += 1;
-        let fields = [
-            self.ino,
-            mode,
-            0,
-            0,
-            1,
-            0,
-            data.len() as u32,
-            0,
-            0,
-            rdev.0,
-            rdev.1,
-            name.len() as u32 + 1,
-            0,
-        ];
+        let fields = [self.ino, mode, 0, 0, 1, 0, data.len() as u32, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
         self.buf.extend_from_slice(b"070701");
         for f in fields {
             self.buf.extend_from_slice(format!("{f:08x}").as_bytes());
@@ -90,20 +74,14 @@ fn applets(busybox: &Path) -> Result<Vec<String>> {
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::trim)
-        .filter(|a| {
-            !a.is_empty()
-                && a.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.[".contains(c))
-        })
+        .filter(|a| !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_.[".contains(c)))
         .map(String::from)
         .collect())
 }
 
 /// Builds the archive bytes.
 pub fn build(agentd: &Path, busybox: &Path) -> Result<Vec<u8>> {
-    let read = |p: &Path| {
-        std::fs::read(p).map_err(|e| Error::Setup(format!("reading {}: {e}", p.display())))
-    };
+    let read = |p: &Path| std::fs::read(p).map_err(|e| Error::Setup(format!("reading {}: {e}", p.display())));
     let mut c = Cpio::default();
     for d in DIRS {
         c.dir(d);
@@ -131,15 +109,13 @@ pub fn cached(home: &Path, agentd: &Path, busybox: &Path) -> Result<PathBuf> {
     if path.is_file() {
         return Ok(path);
     }
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| Error::Setup(format!("creating {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir).map_err(|e| Error::Setup(format!("creating {}: {e}", dir.display())))?;
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(".initramfs-{}-{seq}.tmp", std::process::id()));
     std::fs::write(&tmp, build(agentd, busybox)?)
         .map_err(|e| Error::Setup(format!("writing {}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, &path)
-        .map_err(|e| Error::Setup(format!("renaming {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::Setup(format!("renaming {}: {e}", tmp.display())))?;
     Ok(path)
 }
 
@@ -167,11 +143,7 @@ mod tests {
 
     #[test]
     fn cpio_extracts_with_the_system_tool() {
-        if std::process::Command::new("cpio")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
+        if std::process::Command::new("cpio").arg("--version").output().is_err() {
             eprintln!("cpio not installed; layout checked by the unit test above");
             return;
         }
@@ -186,21 +158,11 @@ mod tests {
         std::fs::create_dir(&out).unwrap();
         let st = std::process::Command::new("sh")
             .arg("-c")
-            .arg(format!(
-                "cd {} && cpio -id --quiet < {}",
-                out.display(),
-                arc.display()
-            ))
+            .arg(format!("cd {} && cpio -id --quiet < {}", out.display(), arc.display()))
             .status()
             .unwrap();
         assert!(st.success());
-        assert_eq!(
-            std::fs::read(out.join("bin/hello")).unwrap(),
-            b"hello world\n"
-        );
-        assert_eq!(
-            std::fs::read_link(out.join("bin/hi")).unwrap(),
-            Path::new("hello")
-        );
+        assert_eq!(std::fs::read(out.join("bin/hello")).unwrap(), b"hello world\n");
+        assert_eq!(std::fs::read_link(out.join("bin/hi")).unwrap(), Path::new("hello"));
     }
 }

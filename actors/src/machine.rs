@@ -60,51 +60,30 @@ pub struct Machine {
 }
 
 fn evt() -> Result<Arc<EventFd>> {
-    EventFd::new(EFD_NONBLOCK)
-        .map(Arc::new)
-        .map_err(|e| Error::Setup(format!("eventfd: {e}")))
+    EventFd::new(EFD_NONBLOCK).map(Arc::new).map_err(|e| Error::Setup(format!("eventfd: {e}")))
 }
 
-fn virtio<D: VirtioDevice + 'static>(
-    vm: &Vm,
-    bus: &mut Bus,
-    slot: u64,
-    irq: u32,
-    dev: D,
-) -> Result<VirtioParts<D>> {
+fn virtio<D: VirtioDevice + 'static>(vm: &Vm, bus: &mut Bus, slot: u64, irq: u32, dev: D) -> Result<VirtioParts<D>> {
     let base = VIRTIO_MMIO_BASE + slot * MMIO_SLOT_SIZE;
     let irq_evt = evt()?;
     vm.register_irqfd(&irq_evt, irq)?;
-    let notify = (0..dev.queue_max_sizes().len())
-        .map(|_| evt())
-        .collect::<Result<Vec<_>>>()?;
+    let notify = (0..dev.queue_max_sizes().len()).map(|_| evt()).collect::<Result<Vec<_>>>()?;
     for (q, n) in notify.iter().enumerate() {
         vm.register_mmio_ioevent(n, base + NOTIFY_OFFSET, q as u32)?;
     }
-    let transport = Arc::new(Mutex::new(MmioTransport::new(
-        dev,
-        vm.memory().clone(),
-        irq_evt,
-        notify.clone(),
-    )));
+    let transport = Arc::new(Mutex::new(MmioTransport::new(dev, vm.memory().clone(), irq_evt, notify.clone())));
     bus.add_mmio(base, MMIO_SLOT_SIZE, Arc::new(MmioSlot(transport.clone())))
         .map_err(|e| Error::Setup(e.to_string()))?;
     Ok(VirtioParts { transport, notify })
 }
 
 fn slot_arg(slot: u64, irq: u32) -> String {
-    format!(
-        " virtio_mmio.device=4K@{:#x}:{irq}",
-        VIRTIO_MMIO_BASE + slot * MMIO_SLOT_SIZE
-    )
+    format!(" virtio_mmio.device=4K@{:#x}:{irq}", VIRTIO_MMIO_BASE + slot * MMIO_SLOT_SIZE)
 }
 
 impl Machine {
     pub fn build(spec: &MachineSpec, clock_start: Instant) -> Result<Self> {
-        let vm = Vm::new(VmConfig {
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
-        })?;
+        let vm = Vm::new(VmConfig { vcpus: spec.vcpus, memory_mib: spec.memory_mib })?;
         let mut bus = Bus::new();
         let setup = |e: msb_devices::bus::BusError| Error::Setup(e.to_string());
 
@@ -114,13 +93,10 @@ impl Machine {
         let serial_irq = evt()?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)?;
         let serial = Arc::new(SerialDevice::new(serial_irq, log));
-        bus.add_pio(COM1_BASE, COM1_LEN, serial.clone())
-            .map_err(setup)?;
-        bus.add_pio(I8042_BASE, I8042_LEN, Arc::new(I8042))
-            .map_err(setup)?;
+        bus.add_pio(COM1_BASE, COM1_LEN, serial.clone()).map_err(setup)?;
+        bus.add_pio(I8042_BASE, I8042_LEN, Arc::new(I8042)).map_err(setup)?;
         let boot_timer = Arc::new(BootTimer::new(clock_start));
-        bus.add_mmio(BOOT_TIMER_ADDR, 0x1000, boot_timer.clone())
-            .map_err(setup)?;
+        bus.add_mmio(BOOT_TIMER_ADDR, 0x1000, boot_timer.clone()).map_err(setup)?;
 
         let console = virtio(&vm, &mut bus, 0, 5, Console::default())?;
         let rng = virtio(&vm, &mut bus, 1, 6, Rng)?;
@@ -134,26 +110,10 @@ impl Machine {
 
         let loaded = boot::load(
             vm.memory(),
-            &BootSpec {
-                kernel: &spec.kernel,
-                initrd: Some(&spec.initramfs),
-                cmdline: &cmdline,
-                vcpus: spec.vcpus,
-            },
+            &BootSpec { kernel: &spec.kernel, initrd: Some(&spec.initramfs), cmdline: &cmdline, vcpus: spec.vcpus },
         )?;
-        let vcpus = (0..spec.vcpus)
-            .map(|id| Vcpu::new(&vm, id, loaded.entry))
-            .collect::<msb_hypervisor::Result<Vec<_>>>()?;
-        Ok(Self {
-            vm,
-            bus: Arc::new(bus),
-            vcpus,
-            serial,
-            reports,
-            boot_timer,
-            console,
-            rng,
-            cmdline,
-        })
+        let vcpus =
+            (0..spec.vcpus).map(|id| Vcpu::new(&vm, id, loaded.entry)).collect::<msb_hypervisor::Result<Vec<_>>>()?;
+        Ok(Self { vm, bus: Arc::new(bus), vcpus, serial, reports, boot_timer, console, rng, cmdline })
     }
 }

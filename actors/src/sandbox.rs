@@ -106,13 +106,8 @@ impl SandboxBuilder {
         let machine = tokio::task::spawn_blocking(move || Machine::build(&spec, clock))
             .await
             .map_err(|e| Error::Setup(format!("VM setup task: {e}")))??;
-        let (sup, _) = Actor::spawn(None, Supervisor, machine)
-            .await
-            .map_err(|e| Error::Setup(e.to_string()))?;
-        let sb = Sandbox {
-            sup,
-            created: clock,
-        };
+        let (sup, _) = Actor::spawn(None, Supervisor, machine).await.map_err(|e| Error::Setup(e.to_string()))?;
+        let sb = Sandbox { sup, created: clock };
         let ready = tokio::time::timeout(self.boot_timeout, sb.call(SupMsg::WaitReady)).await;
         match ready {
             Ok(Ok(_agent)) => Ok(sb),
@@ -123,10 +118,7 @@ impl SandboxBuilder {
             Err(_) => {
                 let tail = sb.console_tail().await.unwrap_or_default();
                 let _ = sb.kill().await;
-                Err(Error::BootTimeout {
-                    secs: self.boot_timeout.as_secs(),
-                    console_tail: tail,
-                })
+                Err(Error::BootTimeout { secs: self.boot_timeout.as_secs(), console_tail: tail })
             }
         }
     }
@@ -153,10 +145,7 @@ impl Sandbox {
         SandboxBuilder::default()
     }
 
-    async fn call<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(RpcReplyPort<Result<T>>) -> SupMsg,
-    ) -> Result<T> {
+    async fn call<T: Send + 'static>(&self, f: impl FnOnce(RpcReplyPort<Result<T>>) -> SupMsg) -> Result<T> {
         match self.sup.call(f, None).await {
             Ok(ractor::rpc::CallResult::Success(Err(Error::Gone))) => self.why_gone().await,
             Ok(ractor::rpc::CallResult::Success(r)) => r,
@@ -167,11 +156,7 @@ impl Sandbox {
     /// A request was dropped because the tree is going down: give the supervisor a moment
     /// to record why, and report that.
     async fn why_gone<T>(&self) -> Result<T> {
-        let reason = match self
-            .sup
-            .call(SupMsg::Wait, Some(Duration::from_secs(5)))
-            .await
-        {
+        let reason = match self.sup.call(SupMsg::Wait, Some(Duration::from_secs(5))).await {
             Ok(ractor::rpc::CallResult::Success(Ok(reason))) => reason,
             _ => return Err(Error::Gone),
         };
@@ -179,10 +164,7 @@ impl Sandbox {
             Ok(ractor::rpc::CallResult::Success(Ok(t))) => t,
             _ => String::new(),
         };
-        Err(Error::VmStopped {
-            reason,
-            console_tail,
-        })
+        Err(Error::VmStopped { reason, console_tail })
     }
 
     /// Runs `program args…` and waits for it, collecting its output.
@@ -203,13 +185,7 @@ impl Sandbox {
         env: Vec<(String, String)>,
         cwd: Option<String>,
     ) -> Result<ExecOutput> {
-        self.call(|reply| SupMsg::Exec {
-            argv,
-            env,
-            cwd,
-            reply,
-        })
-        .await
+        self.call(|reply| SupMsg::Exec { argv, env, cwd, reply }).await
     }
 
     /// Asks the guest to sync and shut down, forcing it after the default timeout.
@@ -218,24 +194,14 @@ impl Sandbox {
     }
 
     pub async fn stop_timeout(&self, graceful: Duration) -> Result<StopReason> {
-        let r = self
-            .call(|reply| SupMsg::Stop {
-                graceful: Some(graceful),
-                reply,
-            })
-            .await;
+        let r = self.call(|reply| SupMsg::Stop { graceful: Some(graceful), reply }).await;
         self.sup.stop(None);
         r
     }
 
     /// Stops the VM at once.
     pub async fn kill(&self) -> Result<StopReason> {
-        let r = self
-            .call(|reply| SupMsg::Stop {
-                graceful: None,
-                reply,
-            })
-            .await;
+        let r = self.call(|reply| SupMsg::Stop { graceful: None, reply }).await;
         self.sup.stop(None);
         r
     }
@@ -322,12 +288,8 @@ impl SupState {
             VcpuStop::Requested => StopReason::Killed,
             VcpuStop::DeviceFailure(why) => StopReason::DeviceFailure(why),
             VcpuStop::InternalError => StopReason::KvmError("KVM_EXIT_INTERNAL_ERROR".into()),
-            VcpuStop::EntryFailure(r) => {
-                StopReason::KvmError(format!("VM entry failed, hardware reason {r:#x}"))
-            }
-            VcpuStop::SystemEvent(t) => {
-                StopReason::KvmError(format!("unexpected system event {t}"))
-            }
+            VcpuStop::EntryFailure(r) => StopReason::KvmError(format!("VM entry failed, hardware reason {r:#x}")),
+            VcpuStop::SystemEvent(t) => StopReason::KvmError(format!("unexpected system event {t}")),
             VcpuStop::Error(e) => StopReason::KvmError(e),
         }
     }
@@ -346,9 +308,7 @@ impl SupState {
             }
             // The agent fails its pending requests with the reason, then stops itself (a
             // stop signal would overtake the message and lose the reason).
-            let _ = running
-                .agent
-                .cast(AgentMsg::VmStopped(reason.clone(), self.serial.tail()));
+            let _ = running.agent.cast(AgentMsg::VmStopped(reason.clone(), self.serial.tail()));
             for d in running.devices {
                 d.stop(None);
             }
@@ -364,26 +324,15 @@ impl Actor for Supervisor {
     type State = SupState;
     type Arguments = Machine;
 
-    async fn pre_start(
-        &self,
-        me: ActorRef<SupMsg>,
-        m: Machine,
-    ) -> std::result::Result<SupState, ActorProcessingErr> {
+    async fn pre_start(&self, me: ActorRef<SupMsg>, m: Machine) -> std::result::Result<SupState, ActorProcessingErr> {
         let (agent, _) = Actor::spawn_linked(None, AgentClient, (), me.get_cell()).await?;
         let console_args = ConsoleArgs {
-            device: DeviceArgs {
-                transport: m.console.transport,
-                notify: m.console.notify,
-            },
+            device: DeviceArgs { transport: m.console.transport, notify: m.console.notify },
             agent: agent.get_derived(),
         };
-        let (console, _) =
-            Actor::spawn_linked(None, ConsoleDevice, console_args, me.get_cell()).await?;
+        let (console, _) = Actor::spawn_linked(None, ConsoleDevice, console_args, me.get_cell()).await?;
         agent.cast(AgentMsg::Attach(console.get_derived()))?;
-        let rng_args = DeviceArgs {
-            transport: m.rng.transport,
-            notify: m.rng.notify,
-        };
+        let rng_args = DeviceArgs { transport: m.rng.transport, notify: m.rng.notify };
         let (rng, _) = Actor::spawn_linked(None, RngDevice, rng_args, me.get_cell()).await?;
 
         let mut runners = Vec::new();
@@ -392,11 +341,7 @@ impl Actor for Supervisor {
             let on_exit = Box::new(move |stop| {
                 let _ = me2.cast(SupMsg::VcpuStopped(stop));
             });
-            let args = VcpuArgs {
-                vcpu,
-                bus: m.bus.clone(),
-                on_exit,
-            };
+            let args = VcpuArgs { vcpu, bus: m.bus.clone(), on_exit };
             let (vcpu, _) = Actor::spawn_linked(None, VcpuActor, args, me.get_cell()).await?;
             runners.push(vcpu);
         }
@@ -405,20 +350,11 @@ impl Actor for Supervisor {
             use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
             m.vm.memory()
                 .iter()
-                .filter_map(|r| {
-                    r.get_host_address(MemoryRegionAddress(0))
-                        .ok()
-                        .map(|p| (p as usize, r.len()))
-                })
+                .filter_map(|r| r.get_host_address(MemoryRegionAddress(0)).ok().map(|p| (p as usize, r.len())))
                 .collect()
         };
         Ok(SupState {
-            running: Some(Running {
-                runners,
-                agent,
-                devices: vec![console, rng],
-                _vm: m.vm,
-            }),
+            running: Some(Running { runners, agent, devices: vec![console, rng], _vm: m.vm }),
             serial: m.serial,
             reports: m.reports,
             boot_timer: m.boot_timer,
@@ -429,11 +365,7 @@ impl Actor for Supervisor {
         })
     }
 
-    async fn post_stop(
-        &self,
-        _: ActorRef<SupMsg>,
-        st: &mut SupState,
-    ) -> std::result::Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _: ActorRef<SupMsg>, st: &mut SupState) -> std::result::Result<(), ActorProcessingErr> {
         st.finish(StopReason::Killed).await;
         Ok(())
     }
@@ -445,10 +377,7 @@ impl Actor for Supervisor {
         st: &mut SupState,
     ) -> std::result::Result<(), ActorProcessingErr> {
         let gone = |st: &SupState| match &st.stopped {
-            Some(r) => Error::VmStopped {
-                reason: r.clone(),
-                console_tail: st.serial.tail(),
-            },
+            Some(r) => Error::VmStopped { reason: r.clone(), console_tail: st.serial.tail() },
             None => Error::Gone,
         };
         match msg {
@@ -457,9 +386,7 @@ impl Actor for Supervisor {
             SupMsg::WaitReady(reply) => {
                 let back = match &st.running {
                     Some(r) => match r.agent.cast(AgentMsg::WaitReady(reply)) {
-                        Err(ractor::MessagingErr::SendErr(AgentMsg::WaitReady(reply))) => {
-                            Some(reply)
-                        }
+                        Err(ractor::MessagingErr::SendErr(AgentMsg::WaitReady(reply))) => Some(reply),
                         _ => None,
                     },
                     None => Some(reply),
@@ -468,22 +395,10 @@ impl Actor for Supervisor {
                     let _ = reply.send(Err(gone(st)));
                 }
             }
-            SupMsg::Exec {
-                argv,
-                env,
-                cwd,
-                reply,
-            } => {
+            SupMsg::Exec { argv, env, cwd, reply } => {
                 let back = match &st.running {
-                    Some(r) => match r.agent.cast(AgentMsg::Exec {
-                        argv,
-                        env,
-                        cwd,
-                        reply,
-                    }) {
-                        Err(ractor::MessagingErr::SendErr(AgentMsg::Exec { reply, .. })) => {
-                            Some(reply)
-                        }
+                    Some(r) => match r.agent.cast(AgentMsg::Exec { argv, env, cwd, reply }) {
+                        Err(ractor::MessagingErr::SendErr(AgentMsg::Exec { reply, .. })) => Some(reply),
                         _ => None,
                     },
                     None => Some(reply),
@@ -506,8 +421,7 @@ impl Actor for Supervisor {
                         let me2 = me.clone();
                         tokio::spawn(async move {
                             // Either the agent refuses (not ready) or time runs out: force.
-                            let acked =
-                                matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(Ok(()))));
+                            let acked = matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(Ok(()))));
                             if !acked {
                                 let _ = me2.cast(SupMsg::StopTimeout);
                                 return;
@@ -530,10 +444,7 @@ impl Actor for Supervisor {
                 let _ = reply.send(Ok(st.serial.tail()));
             }
             SupMsg::BootTimes(reply) => {
-                let _ = reply.send(Ok(BootTimes {
-                    to_init: st.boot_timer.elapsed(),
-                    guest_ram: st.guest_ram.clone(),
-                }));
+                let _ = reply.send(Ok(BootTimes { to_init: st.boot_timer.elapsed(), guest_ram: st.guest_ram.clone() }));
             }
             SupMsg::VcpuStopped(stop) => {
                 let reason = st.classify(stop);
@@ -560,10 +471,7 @@ impl Actor for Supervisor {
                 st.finish(StopReason::DeviceFailure(err.to_string())).await;
             }
             SupervisionEvent::ActorTerminated(..) if st.stopped.is_none() => {
-                st.finish(StopReason::DeviceFailure(
-                    "a sandbox component stopped unexpectedly".into(),
-                ))
-                .await;
+                st.finish(StopReason::DeviceFailure("a sandbox component stopped unexpectedly".into())).await;
             }
             _ => {}
         }

@@ -50,11 +50,7 @@ impl Actor for VcpuActor {
     type State = VcpuActorState;
     type Arguments = VcpuArgs;
 
-    async fn pre_start(
-        &self,
-        _: ActorRef<VcpuMsg>,
-        a: VcpuArgs,
-    ) -> Result<VcpuActorState, ActorProcessingErr> {
+    async fn pre_start(&self, _: ActorRef<VcpuMsg>, a: VcpuArgs) -> Result<VcpuActorState, ActorProcessingErr> {
         let exited = Arc::new(Mutex::new(None));
         let record = exited.clone();
         let on_exit = a.on_exit;
@@ -66,17 +62,10 @@ impl Actor for VcpuActor {
                 on_exit(stop);
             }),
         )?;
-        Ok(VcpuActorState {
-            runner: Some(runner),
-            exited,
-        })
+        Ok(VcpuActorState { runner: Some(runner), exited })
     }
 
-    async fn post_stop(
-        &self,
-        _: ActorRef<VcpuMsg>,
-        st: &mut VcpuActorState,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _: ActorRef<VcpuMsg>, st: &mut VcpuActorState) -> Result<(), ActorProcessingErr> {
         stop_runner(st).await;
         Ok(())
     }

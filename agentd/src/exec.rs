@@ -24,17 +24,12 @@ pub fn start(req: ExecRequest, sender: Sender, reaper: Reaper) {
     }
     if RUNNING.fetch_add(1, Ordering::SeqCst) >= MAX_SESSIONS {
         RUNNING.fetch_sub(1, Ordering::SeqCst);
-        return sender.send(&fail(
-            SpawnErrorKind::Other,
-            format!("more than {MAX_SESSIONS} commands running"),
-        ));
+        return sender.send(&fail(SpawnErrorKind::Other, format!("more than {MAX_SESSIONS} commands running")));
     }
-    let spawned = std::thread::Builder::new()
-        .name(format!("exec-{id}"))
-        .spawn(move || {
-            run(req, &sender, &reaper);
-            RUNNING.fetch_sub(1, Ordering::SeqCst);
-        });
+    let spawned = std::thread::Builder::new().name(format!("exec-{id}")).spawn(move || {
+        run(req, &sender, &reaper);
+        RUNNING.fetch_sub(1, Ordering::SeqCst);
+    });
     if let Err(e) = spawned {
         RUNNING.fetch_sub(1, Ordering::SeqCst);
         crate::log(&format!("exec {id}: cannot start session thread: {e}"));
@@ -86,19 +81,10 @@ fn run(req: ExecRequest, sender: &Sender, reaper: &Reaper) {
             })
         }
     };
-    sender.send(&GuestMsg::Started {
-        id,
-        pid: child.id(),
-    });
+    sender.send(&GuestMsg::Started { id, pid: child.id() });
     let pumps: Vec<_> = [
-        child
-            .stdout
-            .take()
-            .map(|r| (Stream::Stdout, Box::new(r) as Box<dyn Read + Send>)),
-        child
-            .stderr
-            .take()
-            .map(|r| (Stream::Stderr, Box::new(r) as Box<dyn Read + Send>)),
+        child.stdout.take().map(|r| (Stream::Stdout, Box::new(r) as Box<dyn Read + Send>)),
+        child.stderr.take().map(|r| (Stream::Stderr, Box::new(r) as Box<dyn Read + Send>)),
     ]
     .into_iter()
     .flatten()
@@ -109,11 +95,7 @@ fn run(req: ExecRequest, sender: &Sender, reaper: &Reaper) {
             loop {
                 match r.read(&mut buf) {
                     Ok(0) => break,
-                    Ok(n) => sender.send(&GuestMsg::Output {
-                        id,
-                        stream,
-                        data: buf[..n].to_vec(),
-                    }),
+                    Ok(n) => sender.send(&GuestMsg::Output { id, stream, data: buf[..n].to_vec() }),
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(_) => break,
                 }

@@ -20,8 +20,7 @@ use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
 use msb_protocol::{
-    decode, encode, FrameDecoder, GuestMsg, HostMsg, MAX_OUTPUT_CHUNK, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    decode, encode, FrameDecoder, GuestMsg, HostMsg, MAX_OUTPUT_CHUNK, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 /// Most commands running at once.
@@ -69,9 +68,7 @@ fn main() {
 fn serve() -> Result<(), String> {
     let path = std::env::var("MSB_AGENT_CHANNEL").ok();
     let chan = system::open_channel(path.as_deref())?;
-    let mut reader = chan
-        .try_clone()
-        .map_err(|e| format!("cloning channel: {e}"))?;
+    let mut reader = chan.try_clone().map_err(|e| format!("cloning channel: {e}"))?;
     let sender = Sender(Arc::new(Mutex::new(chan)));
     let reaper = reaper::Reaper::start();
     sender.send(&GuestMsg::Ready {
@@ -92,32 +89,24 @@ fn serve() -> Result<(), String> {
             Err(e) => return Err(format!("agent channel read: {e}")),
         };
         let mut frames = Vec::new();
-        decoder
-            .feed(&buf[..n], &mut |f| frames.push(f))
-            .map_err(|e| e.to_string())?;
+        decoder.feed(&buf[..n], &mut |f| frames.push(f)).map_err(|e| e.to_string())?;
         for frame in frames {
             let msg: HostMsg = match decode(&frame) {
                 Ok(m) => m,
                 Err(e) => {
-                    sender.send(&GuestMsg::Error {
-                        message: e.to_string(),
-                    });
+                    sender.send(&GuestMsg::Error { message: e.to_string() });
                     return Err(e.to_string());
                 }
             };
             match msg {
                 HostMsg::Hello { version } => {
                     if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
-                        return Err(format!(
-                            "host picked unsupported protocol version {version}"
-                        ));
+                        return Err(format!("host picked unsupported protocol version {version}"));
                     }
                     negotiated = true;
                 }
                 _ if !negotiated => {
-                    sender.send(&GuestMsg::Error {
-                        message: "request before Hello".into(),
-                    });
+                    sender.send(&GuestMsg::Error { message: "request before Hello".into() });
                 }
                 HostMsg::Exec(req) => exec::start(req, sender.clone(), reaper.clone()),
                 HostMsg::Shutdown { id } => {

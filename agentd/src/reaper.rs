@@ -23,14 +23,9 @@ pub struct Reaper {
 
 impl Reaper {
     pub fn start() -> Self {
-        let r = Reaper {
-            table: Arc::default(),
-        };
+        let r = Reaper { table: Arc::default() };
         let r2 = r.clone();
-        std::thread::Builder::new()
-            .name("reaper".into())
-            .spawn(move || r2.run())
-            .expect("spawn reaper");
+        std::thread::Builder::new().name("reaper".into()).spawn(move || r2.run()).expect("spawn reaper");
         r
     }
 
@@ -53,9 +48,7 @@ impl Reaper {
         loop {
             match waitpid(Pid::from_raw(-1), None) {
                 Ok(WaitStatus::Exited(pid, code)) => self.deliver(pid, ExitStatus::Code(code)),
-                Ok(WaitStatus::Signaled(pid, sig, _)) => {
-                    self.deliver(pid, ExitStatus::Signal(sig as i32))
-                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) => self.deliver(pid, ExitStatus::Signal(sig as i32)),
                 Ok(_) => {}
                 Err(nix::errno::Errno::ECHILD) => {
                     // No children at all: sleep until a session spawns one.
@@ -69,11 +62,7 @@ impl Reaper {
 
     fn deliver(&self, pid: Pid, status: ExitStatus) {
         let (lock, _) = &*self.table;
-        let tx = lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .waiting
-            .remove(&pid.as_raw());
+        let tx = lock.lock().unwrap_or_else(|p| p.into_inner()).waiting.remove(&pid.as_raw());
         if let Some(tx) = tx {
             let _ = tx.send(status);
         }

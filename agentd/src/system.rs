@@ -20,37 +20,13 @@ fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Opti
 
 pub fn early_setup() {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
-    mount_fs(
-        "devtmpfs",
-        "/dev",
-        "devtmpfs",
-        MsFlags::MS_NOSUID,
-        Some("mode=0755"),
-    );
+    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"));
     mark_boot_timer();
     mount_fs("proc", "/proc", "proc", nosuid, None);
     mount_fs("sysfs", "/sys", "sysfs", nosuid, None);
-    mount_fs(
-        "devpts",
-        "/dev/pts",
-        "devpts",
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("ptmxmode=0666"),
-    );
-    mount_fs(
-        "tmpfs",
-        "/tmp",
-        "tmpfs",
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=1777"),
-    );
-    mount_fs(
-        "tmpfs",
-        "/run",
-        "tmpfs",
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=0755"),
-    );
+    mount_fs("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("ptmxmode=0666"));
+    mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"));
+    mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"));
     std::env::set_var("PATH", crate::exec::DEFAULT_PATH);
 }
 
@@ -58,10 +34,7 @@ pub fn early_setup() {
 /// agentd itself needs no `unsafe`; it runs in the background and agentd does not wait.
 fn mark_boot_timer() {
     let addr = format!("{:#x}", msb_protocol::BOOT_TIMER_ADDR);
-    if let Err(e) = std::process::Command::new("/bin/busybox")
-        .args(["devmem", &addr, "8", "1"])
-        .spawn()
-    {
+    if let Err(e) = std::process::Command::new("/bin/busybox").args(["devmem", &addr, "8", "1"]).spawn() {
         log(&format!("boot timer: {e}"));
     }
 }
@@ -91,10 +64,7 @@ pub fn open_channel(path: Option<&str>) -> Result<File, String> {
             Some(p) => break p,
             None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
             None => {
-                return Err(format!(
-                    "agent channel {} did not appear within 10 s",
-                    path.unwrap_or("port msb.agent")
-                ))
+                return Err(format!("agent channel {} did not appear within 10 s", path.unwrap_or("port msb.agent")))
             }
         }
     };
@@ -106,8 +76,7 @@ pub fn open_channel(path: Option<&str>) -> Result<File, String> {
         .map_err(|e| format!("opening agent channel {path}: {e}"))?;
     if let Ok(mut t) = termios::tcgetattr(&f) {
         termios::cfmakeraw(&mut t);
-        termios::tcsetattr(&f, termios::SetArg::TCSANOW, &t)
-            .map_err(|e| format!("raw mode on {path}: {e}"))?;
+        termios::tcsetattr(&f, termios::SetArg::TCSANOW, &t).map_err(|e| format!("raw mode on {path}: {e}"))?;
     }
     Ok(f)
 }

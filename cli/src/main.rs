@@ -15,11 +15,7 @@ use clap::{Parser, Subcommand};
 use msb_actors::{Error, ExitStatus, Sandbox, SpawnErrorKind};
 
 #[derive(Parser)]
-#[command(
-    name = "msb",
-    version,
-    about = "Run untrusted code in hardware-isolated microVMs"
-)]
+#[command(name = "msb", version, about = "Run untrusted code in hardware-isolated microVMs")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -66,18 +62,11 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MSB_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MSB_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("msb: cannot start the runtime: {e}");
@@ -101,10 +90,7 @@ async fn run(a: RunArgs) -> ExitCode {
             }
         }
     }
-    let mut b = Sandbox::builder()
-        .cpus(a.cpus)
-        .memory_mib(a.memory)
-        .boot_timeout(Duration::from_secs(a.boot_timeout));
+    let mut b = Sandbox::builder().cpus(a.cpus).memory_mib(a.memory).boot_timeout(Duration::from_secs(a.boot_timeout));
     if let Some(k) = a.kernel {
         b = b.kernel(k);
     }
@@ -151,10 +137,7 @@ async fn run(a: RunArgs) -> ExitCode {
 fn doctor() -> ExitCode {
     let kind = msb_hypervisor::classify();
     println!("/dev/kvm: {}", kind.describe());
-    let access = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm");
+    let access = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
     match &access {
         Ok(_) => println!("/dev/kvm access: read-write OK"),
         Err(e) => println!("/dev/kvm access: {e} (add yourself to the kvm group or run as root)"),

@@ -16,10 +16,7 @@ pub struct BootTimer {
 impl BootTimer {
     /// `start` is when the clock started (the VMM process start, or the VM creation).
     pub fn new(start: Instant) -> Self {
-        Self {
-            start,
-            hit: OnceLock::new(),
-        }
+        Self { start, hit: OnceLock::new() }
     }
 
     /// Time from `start` to the guest's first write, once it happened.
@@ -36,10 +33,7 @@ impl BusDevice for BootTimer {
     fn write(&self, _offset: u64, _data: &[u8]) -> Option<VcpuStop> {
         let now = self.start.elapsed();
         if self.hit.set(now).is_ok() {
-            tracing::info!(
-                ms = now.as_secs_f64() * 1e3,
-                "guest init reached the boot timer"
-            );
+            tracing::info!(ms = now.as_secs_f64() * 1e3, "guest init reached the boot timer");
         }
         None
     }

@@ -31,16 +31,8 @@ pub struct Bus {
     mmio: Vec<Range>,
 }
 
-fn insert(
-    v: &mut Vec<Range>,
-    base: u64,
-    len: u64,
-    dev: Arc<dyn BusDevice>,
-) -> Result<(), BusError> {
-    let end = base
-        .checked_add(len)
-        .filter(|_| len > 0)
-        .ok_or(BusError::Overlap { base, len })?;
+fn insert(v: &mut Vec<Range>, base: u64, len: u64, dev: Arc<dyn BusDevice>) -> Result<(), BusError> {
+    let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::Overlap { base, len })?;
     if v.iter().any(|r| base < r.base + r.len && r.base < end) {
         return Err(BusError::Overlap { base, len });
     }
@@ -61,21 +53,11 @@ impl Bus {
         Self::default()
     }
 
-    pub fn add_pio(
-        &mut self,
-        base: u16,
-        len: u16,
-        dev: Arc<dyn BusDevice>,
-    ) -> Result<(), BusError> {
+    pub fn add_pio(&mut self, base: u16, len: u16, dev: Arc<dyn BusDevice>) -> Result<(), BusError> {
         insert(&mut self.pio, base as u64, len as u64, dev)
     }
 
-    pub fn add_mmio(
-        &mut self,
-        base: u64,
-        len: u64,
-        dev: Arc<dyn BusDevice>,
-    ) -> Result<(), BusError> {
+    pub fn add_mmio(&mut self, base: u64, len: u64, dev: Arc<dyn BusDevice>) -> Result<(), BusError> {
         insert(&mut self.mmio, base, len, dev)
     }
 }

@@ -114,8 +114,7 @@ impl ConsoleLog {
             self.written += n as u64;
         }
         if n < buf.len() && self.written == self.cap {
-            let _ = file
-                .write_all(b"\n[msb: console log reached its size cap; further output dropped]\n");
+            let _ = file.write_all(b"\n[msb: console log reached its size cap; further output dropped]\n");
             self.written += 1; // never announce twice
         }
     }
@@ -162,8 +161,7 @@ mod tests {
     fn markers_are_recognised_on_complete_lines_only() {
         let mut log = ConsoleLog::new(None, 0).unwrap();
         let r = log.reports();
-        log.write_all(b"[    1.0] Kernel panic - not syncing: Attempted to kill init")
-            .unwrap();
+        log.write_all(b"[    1.0] Kernel panic - not syncing: Attempted to kill init").unwrap();
         assert!(!r.panicked());
         log.write_all(b"\n").unwrap();
         assert!(r.panicked());

@@ -30,17 +30,12 @@ pub struct SerialDevice {
 
 impl SerialDevice {
     pub fn new(irq: Arc<EventFd>, log: ConsoleLog) -> Self {
-        Self {
-            inner: Mutex::new(Serial::new(IrqTrigger(irq), log)),
-        }
+        Self { inner: Mutex::new(Serial::new(IrqTrigger(irq), log)) }
     }
 
     /// The last bytes the guest printed.
     pub fn tail(&self) -> String {
-        self.inner
-            .lock()
-            .map(|s| s.writer().tail())
-            .unwrap_or_default()
+        self.inner.lock().map(|s| s.writer().tail()).unwrap_or_default()
     }
 }
 

@@ -42,11 +42,7 @@ impl KvmKind {
 /// Classifies this host's `/dev/kvm` from `/proc/cpuinfo` and `/sys/module`.
 pub fn classify() -> KvmKind {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    classify_from(
-        Path::new("/dev/kvm").exists(),
-        Path::new("/sys/module/kvm_pvm").exists(),
-        &cpuinfo,
-    )
+    classify_from(Path::new("/dev/kvm").exists(), Path::new("/sys/module/kvm_pvm").exists(), &cpuinfo)
 }
 
 /// The decision, separated from the file system so that it can be tested.
@@ -57,12 +53,8 @@ pub fn classify_from(dev_exists: bool, pvm_loaded: bool, cpuinfo: &str) -> KvmKi
     if pvm_loaded {
         return KvmKind::Pvm;
     }
-    let flags = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("flags"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, f)| f)
-        .unwrap_or("");
+    let flags =
+        cpuinfo.lines().find(|l| l.starts_with("flags")).and_then(|l| l.split_once(':')).map(|(_, f)| f).unwrap_or("");
     let has = |f: &str| flags.split_whitespace().any(|x| x == f);
     if has("svm") {
         KvmKind::HardwareAmd
@@ -83,19 +75,11 @@ mod tests {
         let intel = "flags\t\t: fpu vmx ept\n";
         let none = "flags\t\t: fpu hypervisor\n";
         assert_eq!(classify_from(false, false, amd), KvmKind::Missing);
-        assert_eq!(
-            classify_from(true, true, amd),
-            KvmKind::Pvm,
-            "PVM wins over flags"
-        );
+        assert_eq!(classify_from(true, true, amd), KvmKind::Pvm, "PVM wins over flags");
         assert_eq!(classify_from(true, false, amd), KvmKind::HardwareAmd);
         assert_eq!(classify_from(true, false, intel), KvmKind::HardwareIntel);
         assert_eq!(classify_from(true, false, none), KvmKind::Unknown);
-        assert_eq!(
-            classify_from(true, false, "flags: svmx\n"),
-            KvmKind::Unknown,
-            "whole words only"
-        );
+        assert_eq!(classify_from(true, false, "flags: svmx\n"), KvmKind::Unknown, "whole words only");
         assert!(KvmKind::HardwareAmd.boots_linux());
         assert!(!KvmKind::Pvm.boots_linux());
     }

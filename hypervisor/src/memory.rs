@@ -2,6 +2,7 @@
 //!
 //! Layout (x86_64, no PCI, no ACPI):
 //! - `0x500` GDT, `0x6000` PVH start info, `0x6040` module list, `0x6100` memory map,
+//!   `0x7000` bzImage zero page, `0x9000..0xc000` bzImage identity page tables,
 //!   `0x20000` kernel command line, `0x9fc00..0xa0000` MP table (the last KiB of base memory);
 //! - RAM is `[0, EBDA_START)` plus `[1 MiB, min(size, MMIO_HOLE_START))`, and anything beyond
 //!   the hole continues at 4 GiB;
@@ -20,6 +21,12 @@ pub const GDT_ADDR: u64 = 0x500;
 pub const PVH_INFO_ADDR: u64 = 0x6000;
 pub const MODLIST_ADDR: u64 = 0x6040;
 pub const MEMMAP_ADDR: u64 = 0x6100;
+/// Linux boot protocol (bzImage) zero page.
+pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+/// Identity-mapping page tables for a 64-bit bzImage entry: PML4, PDPT, PD (first 1 GiB).
+pub const PML4_ADDR: u64 = 0x9000;
+pub const PDPT_ADDR: u64 = 0xa000;
+pub const PD_ADDR: u64 = 0xb000;
 pub const CMDLINE_ADDR: u64 = 0x20000;
 /// Longest kernel command line accepted, NUL included.
 pub const CMDLINE_MAX: usize = 4096;
@@ -41,9 +48,7 @@ pub const MAX_MEMORY_MIB: u64 = 64 * 1024;
 /// The RAM ranges (start, length) for a guest of `mib` MiB.
 pub fn ram_ranges(mib: u64) -> Result<Vec<(GuestAddress, usize)>> {
     if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&mib) {
-        return Err(Error::Config(format!(
-            "memory of {mib} MiB is outside {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB} MiB"
-        )));
+        return Err(Error::Config(format!("memory of {mib} MiB is outside {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB} MiB")));
     }
     let bytes = mib << 20;
     let low = bytes.min(MMIO_HOLE_START);
@@ -62,11 +67,7 @@ pub fn create(mib: u64) -> Result<GuestMemoryMmap> {
 /// End of RAM below the hole (exclusive).
 pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    mem.iter()
-        .filter(|r| r.start_addr().0 < MMIO_HOLE_START)
-        .map(|r| r.start_addr().0 + r.len())
-        .max()
-        .unwrap_or(0)
+    mem.iter().filter(|r| r.start_addr().0 < MMIO_HOLE_START).map(|r| r.start_addr().0 + r.len()).max().unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -78,13 +79,7 @@ mod tests {
         assert_eq!(ram_ranges(128).unwrap(), vec![(GuestAddress(0), 128 << 20)]);
         let r = ram_ranges(4096).unwrap();
         assert_eq!(r[0], (GuestAddress(0), MMIO_HOLE_START as usize));
-        assert_eq!(
-            r[1],
-            (
-                GuestAddress(FOUR_GIB),
-                ((4096u64 << 20) - MMIO_HOLE_START) as usize
-            )
-        );
+        assert_eq!(r[1], (GuestAddress(FOUR_GIB), ((4096u64 << 20) - MMIO_HOLE_START) as usize));
         assert!(ram_ranges(1).is_err());
         assert!(ram_ranges(MAX_MEMORY_MIB + 1).is_err());
     }
@@ -99,11 +94,7 @@ mod tests {
         let before = rss_kib();
         let mem = create(8192).unwrap();
         let after = rss_kib();
-        assert!(
-            after < before + 16 * 1024,
-            "8 GiB guest grew RSS by {} KiB",
-            after - before
-        );
+        assert!(after < before + 16 * 1024, "8 GiB guest grew RSS by {} KiB", after - before);
         assert_eq!(low_ram_end(&mem), MMIO_HOLE_START);
     }
 }

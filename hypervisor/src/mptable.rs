@@ -15,19 +15,14 @@ const FLOATING_LEN: usize = 16;
 const HEADER_LEN: usize = 44;
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes
-        .iter()
-        .fold(0u8, |a, b| a.wrapping_add(*b))
-        .wrapping_neg()
+    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
 }
 
 /// Builds the floating pointer and configuration table for `cpus` CPUs, to be placed at
 /// [`EBDA_START`]. Returns the bytes.
 pub(crate) fn build(cpus: u8) -> Result<Vec<u8>> {
     if cpus == 0 || cpus > 254 {
-        return Err(Error::Config(format!(
-            "{cpus} vCPUs cannot be described in an MP table"
-        )));
+        return Err(Error::Config(format!("{cpus} vCPUs cannot be described in an MP table")));
     }
     let ioapic_id = cpus + 1;
     let table_addr = EBDA_START as u32 + FLOATING_LEN as u32;
@@ -87,9 +82,7 @@ pub(crate) fn build(cpus: u8) -> Result<Vec<u8>> {
     out[10] = checksum(&out[..FLOATING_LEN]);
     out.extend_from_slice(&table);
     if out.len() > 1024 {
-        return Err(Error::Config(format!(
-            "MP table for {cpus} vCPUs does not fit in the EBDA"
-        )));
+        return Err(Error::Config(format!("MP table for {cpus} vCPUs does not fit in the EBDA")));
     }
     Ok(out)
 }
@@ -97,8 +90,7 @@ pub(crate) fn build(cpus: u8) -> Result<Vec<u8>> {
 /// Writes the MP table for `cpus` CPUs into guest memory.
 pub(crate) fn write(mem: &GuestMemoryMmap, cpus: u8) -> Result<()> {
     let bytes = build(cpus)?;
-    mem.write_slice(&bytes, GuestAddress(EBDA_START))
-        .map_err(|e| Error::Boot(format!("writing MP table: {e}")))
+    mem.write_slice(&bytes, GuestAddress(EBDA_START)).map_err(|e| Error::Boot(format!("writing MP table: {e}")))
 }
 
 #[cfg(test)]

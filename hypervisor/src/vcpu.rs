@@ -11,14 +11,13 @@ use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
-};
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestAddress;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::memory::{GDT_ADDR, PVH_INFO_ADDR};
+use crate::boot::Entry;
+use crate::memory::{GDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR, PVH_INFO_ADDR, ZERO_PAGE_ADDR};
 use crate::{kvm_err, Error, Result, Vm};
 
 /// Why a vCPU stopped running.
@@ -72,37 +71,30 @@ const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 
 /// Flat 32-bit GDT for PVH entry: null, code, data, TSS.
-const GDT: [u64; 4] = [
-    0,
-    0x00cf_9b00_0000_ffff,
-    0x00cf_9300_0000_ffff,
-    0x0000_8b00_0000_0067,
-];
+const GDT: [u64; 4] = [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0000_8b00_0000_0067];
 
 impl Vcpu {
-    /// Creates vCPU `id` and prepares it for PVH entry at `entry` (only vCPU 0 gets registers;
-    /// the others wait for the guest's INIT/SIPI).
-    pub fn new(vm: &Vm, id: u8, entry: GuestAddress) -> Result<Self> {
-        let fd = vm
-            .fd()
-            .create_vcpu(id as u64)
-            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+    /// Creates vCPU `id` and prepares it for `entry` (only vCPU 0 gets registers; the others
+    /// wait for the guest's INIT/SIPI).
+    pub fn new(vm: &Vm, id: u8, entry: Entry) -> Result<Self> {
+        let fd = vm.fd().create_vcpu(id as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let vcpu = Self { fd, id };
         vcpu.set_cpuid(vm)?;
         vcpu.set_msrs()?;
         vcpu.set_fpu()?;
         vcpu.set_lapic()?;
         if id == 0 {
-            vcpu.set_boot_registers(vm, entry)?;
+            match entry {
+                Entry::Pvh(at) => vcpu.set_boot_registers(vm, at)?,
+                Entry::Linux64(at) => vcpu.set_long_mode_registers(vm, at)?,
+            }
         }
         Ok(vcpu)
     }
 
     fn set_cpuid(&self, vm: &Vm) -> Result<()> {
-        let mut cpuid: CpuId = vm
-            .kvm()
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut cpuid: CpuId =
+            vm.kvm().get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let cpus = vm.config().vcpus as u32;
         let tsc_deadline = vm.kvm().check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
         for e in cpuid.as_mut_slice() {
@@ -120,17 +112,11 @@ impl Vcpu {
                 _ => {}
             }
         }
-        self.fd
-            .set_cpuid2(&cpuid)
-            .map_err(kvm_err("KVM_SET_CPUID2"))
+        self.fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))
     }
 
     fn set_msrs(&self) -> Result<()> {
-        let entry = |index, data| kvm_msr_entry {
-            index,
-            data,
-            ..Default::default()
-        };
+        let entry = |index, data| kvm_msr_entry { index, data, ..Default::default() };
         let entries = [
             entry(MSR_IA32_SYSENTER_CS, 0),
             entry(MSR_IA32_SYSENTER_ESP, 0),
@@ -144,24 +130,16 @@ impl Vcpu {
             entry(MSR_IA32_MISC_ENABLE, 1),
             entry(MSR_MTRR_DEF_TYPE, 0x806),
         ];
-        let msrs =
-            Msrs::from_entries(&entries).map_err(|e| Error::Config(format!("MSR list: {e:?}")))?;
+        let msrs = Msrs::from_entries(&entries).map_err(|e| Error::Config(format!("MSR list: {e:?}")))?;
         let set = self.fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
         if set != entries.len() {
-            return Err(Error::Config(format!(
-                "KVM accepted only {set} of {} boot MSRs",
-                entries.len()
-            )));
+            return Err(Error::Config(format!("KVM accepted only {set} of {} boot MSRs", entries.len())));
         }
         Ok(())
     }
 
     fn set_fpu(&self) -> Result<()> {
-        let fpu = kvm_fpu {
-            fcw: 0x37f,
-            mxcsr: 0x1f80,
-            ..Default::default()
-        };
+        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
         self.fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))
     }
 
@@ -212,12 +190,7 @@ impl Vcpu {
         sregs.fs = data;
         sregs.gs = data;
         sregs.ss = data;
-        sregs.tr = kvm_segment {
-            limit: 0x67,
-            db: 0,
-            g: 0,
-            ..seg(0x18, 0xb, 0)
-        };
+        sregs.tr = kvm_segment { limit: 0x67, db: 0, g: 0, ..seg(0x18, 0xb, 0) };
         sregs.gdt.base = GDT_ADDR;
         sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
         sregs.idt.base = 0;
@@ -226,15 +199,62 @@ impl Vcpu {
         sregs.cr3 = 0;
         sregs.cr4 = 0;
         sregs.efer = 0;
-        self.fd
-            .set_sregs(&sregs)
-            .map_err(kvm_err("KVM_SET_SREGS"))?;
-        let regs = kvm_regs {
-            rflags: 0x2,
-            rip: entry.0,
-            rbx: PVH_INFO_ADDR,
-            ..Default::default()
+        self.fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        let regs = kvm_regs { rflags: 0x2, rip: entry.0, rbx: PVH_INFO_ADDR, ..Default::default() };
+        self.fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))
+    }
+
+    /// 64-bit long mode with the first 1 GiB identity-mapped, `rsi` = zero page: the state the
+    /// Linux boot protocol's 64-bit entry expects.
+    fn set_long_mode_registers(&self, vm: &Vm, entry: GuestAddress) -> Result<()> {
+        use vm_memory::Bytes;
+        let mem = vm.memory();
+        let werr = |e: vm_memory::GuestMemoryError| Error::Boot(format!("writing boot page tables: {e}"));
+        mem.write_obj(PDPT_ADDR | 0x3, GuestAddress(PML4_ADDR)).map_err(werr)?;
+        mem.write_obj(PD_ADDR | 0x3, GuestAddress(PDPT_ADDR)).map_err(werr)?;
+        for i in 0..512u64 {
+            // 2 MiB pages: present, writable, page size.
+            mem.write_obj((i << 21) | 0x83, GuestAddress(PD_ADDR + i * 8)).map_err(werr)?;
+        }
+        let gdt: [u64; 4] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x008f_8b00_0000_ffff];
+        for (i, d) in gdt.iter().enumerate() {
+            mem.write_obj(*d, GuestAddress(GDT_ADDR + 8 * i as u64)).map_err(werr)?;
+        }
+        let mut sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let seg = |selector: u16, type_: u8, l: u8, db: u8, s: u8| kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector,
+            type_,
+            present: 1,
+            dpl: 0,
+            db,
+            s,
+            l,
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
         };
+        sregs.cs = seg(0x08, 0xb, 1, 0, 1);
+        let data = seg(0x10, 0x3, 0, 1, 1);
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.tr = kvm_segment { limit: 0xfffff, ..seg(0x18, 0xb, 0, 0, 0) };
+        sregs.gdt.base = GDT_ADDR;
+        sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
+        sregs.idt.base = 0;
+        sregs.idt.limit = 0;
+        sregs.cr3 = PML4_ADDR;
+        sregs.cr4 = 0x20; // PAE
+        sregs.cr0 = 0x8000_0011; // PG | ET | PE
+        sregs.efer = 0x500; // LME | LMA
+        self.fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        let regs =
+            kvm_regs { rflags: 0x2, rip: entry.0, rsp: 0x8ff0, rbp: 0x8ff0, rsi: ZERO_PAGE_ADDR, ..Default::default() };
         self.fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))
     }
 
@@ -286,11 +306,7 @@ impl VcpuRunner {
                 on_exit(reason);
             })
             .map_err(|e| Error::Thread(format!("spawning vCPU {id}: {e}")))?;
-        Ok(Self {
-            id,
-            stop,
-            thread: Some(thread),
-        })
+        Ok(Self { id, stop, thread: Some(thread) })
     }
 
     pub fn id(&self) -> u8 {

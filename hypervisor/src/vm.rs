@@ -20,10 +20,7 @@ pub struct VmConfig {
 impl VmConfig {
     pub fn validate(&self) -> Result<()> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(Error::Config(format!(
-                "{} vCPUs is outside 1..={MAX_VCPUS}",
-                self.vcpus
-            )));
+            return Err(Error::Config(format!("{} vCPUs is outside 1..={MAX_VCPUS}", self.vcpus)));
         }
         memory::ram_ranges(self.memory_mib).map(|_| ())
     }
@@ -42,20 +39,14 @@ impl Vm {
         config.validate()?;
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        fd.set_tss_address(0xfffb_d000)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
+        fd.set_tss_address(0xfffb_d000).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         let mem = memory::create(config.memory_mib)?;
         for (slot, region) in mem.iter().enumerate() {
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|e| Error::Memory(e.to_string()))?;
+            let host =
+                region.get_host_address(vm_memory::MemoryRegionAddress(0)).map_err(|e| Error::Memory(e.to_string()))?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
@@ -66,15 +57,9 @@ impl Vm {
             // SAFETY: `host..host+len` is a live anonymous mapping owned by `mem`, which this
             // `Vm` keeps alive for as long as the VM fd (and so the slot) exists; slots do not
             // overlap because vm-memory rejects overlapping regions.
-            unsafe { fd.set_user_memory_region(r) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { fd.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        Ok(Self {
-            kvm,
-            fd,
-            mem,
-            config,
-        })
+        Ok(Self { kvm, fd, mem, config })
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
@@ -95,16 +80,12 @@ impl Vm {
 
     /// Routes writes of `evt` to interrupt line `gsi`.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<()> {
-        self.fd
-            .register_irqfd(evt, gsi)
-            .map_err(kvm_err("KVM_IRQFD"))
+        self.fd.register_irqfd(evt, gsi).map_err(kvm_err("KVM_IRQFD"))
     }
 
     /// Signals `evt` when the guest writes the 32-bit value `value` to MMIO address `addr`,
     /// without an exit to user space.
     pub fn register_mmio_ioevent(&self, evt: &EventFd, addr: u64, value: u32) -> Result<()> {
-        self.fd
-            .register_ioevent(evt, &IoEventAddress::Mmio(addr), value)
-            .map_err(kvm_err("KVM_IOEVENTFD"))
+        self.fd.register_ioevent(evt, &IoEventAddress::Mmio(addr), value).map_err(kvm_err("KVM_IOEVENTFD"))
     }
 }

@@ -21,14 +21,11 @@ pub enum FrameError {
 /// Encodes `msg` as one frame (header plus payload).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let mut buf = vec![0u8; HEADER_LEN];
-    let mut buf = postcard::to_extend(msg, std::mem::take(&mut buf))
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let mut buf =
+        postcard::to_extend(msg, std::mem::take(&mut buf)).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let len = buf.len() - HEADER_LEN;
     if len > MAX_FRAME {
-        return Err(FrameError::TooLarge {
-            len,
-            max: MAX_FRAME,
-        });
+        return Err(FrameError::TooLarge { len, max: MAX_FRAME });
     }
     buf[..HEADER_LEN].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(buf)
@@ -51,11 +48,7 @@ impl FrameDecoder {
 
     /// Feeds stream bytes; calls `on_frame` with each complete payload, in order.
     /// After an error the decoder refuses all further input.
-    pub fn feed(
-        &mut self,
-        mut data: &[u8],
-        on_frame: &mut dyn FnMut(Vec<u8>),
-    ) -> Result<(), FrameError> {
+    pub fn feed(&mut self, mut data: &[u8], on_frame: &mut dyn FnMut(Vec<u8>)) -> Result<(), FrameError> {
         if self.failed {
             return Err(FrameError::Malformed("decoder already failed".into()));
         }
@@ -63,8 +56,7 @@ impl FrameDecoder {
             match &mut self.payload {
                 None => {
                     let take = (HEADER_LEN - self.header_len).min(data.len());
-                    self.header[self.header_len..self.header_len + take]
-                        .copy_from_slice(&data[..take]);
+                    self.header[self.header_len..self.header_len + take].copy_from_slice(&data[..take]);
                     self.header_len += take;
                     data = &data[take..];
                     if self.header_len == HEADER_LEN {
@@ -72,10 +64,7 @@ impl FrameDecoder {
                         self.header_len = 0;
                         if len > MAX_FRAME {
                             self.failed = true;
-                            return Err(FrameError::TooLarge {
-                                len,
-                                max: MAX_FRAME,
-                            });
+                            return Err(FrameError::TooLarge { len, max: MAX_FRAME });
                         }
                         self.payload = Some((len, Vec::with_capacity(len)));
                     }
@@ -98,11 +87,7 @@ impl FrameDecoder {
 
     /// Call at end of stream: an unfinished frame is an error.
     pub fn finish(&self) -> Result<(), FrameError> {
-        let buffered = self.header_len
-            + self
-                .payload
-                .as_ref()
-                .map_or(0, |(_, b)| HEADER_LEN + b.len());
+        let buffered = self.header_len + self.payload.as_ref().map_or(0, |(_, b)| HEADER_LEN + b.len());
         if buffered == 0 {
             Ok(())
         } else {
@@ -130,17 +115,8 @@ mod tests {
         let mut d = FrameDecoder::new();
         let hdr = ((MAX_FRAME + 1) as u32).to_le_bytes();
         let err = d.feed(&hdr, &mut |_| panic!("no frame")).unwrap_err();
-        assert_eq!(
-            err,
-            FrameError::TooLarge {
-                len: MAX_FRAME + 1,
-                max: MAX_FRAME
-            }
-        );
-        assert!(
-            d.feed(&[0], &mut |_| {}).is_err(),
-            "a failed decoder stays failed"
-        );
+        assert_eq!(err, FrameError::TooLarge { len: MAX_FRAME + 1, max: MAX_FRAME });
+        assert!(d.feed(&[0], &mut |_| {}).is_err(), "a failed decoder stays failed");
     }
 
     #[test]

@@ -97,27 +97,15 @@ pub enum SpawnErrorKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GuestMsg {
     /// First message: agentd is up and speaks versions `min..=max`.
-    Ready {
-        min_version: u16,
-        max_version: u16,
-        agent: String,
-    },
+    Ready { min_version: u16, max_version: u16, agent: String },
     /// The process for request `id` started.
     Started { id: RequestId, pid: u32 },
     /// A chunk of output of request `id`.
-    Output {
-        id: RequestId,
-        stream: Stream,
-        data: Vec<u8>,
-    },
+    Output { id: RequestId, stream: Stream, data: Vec<u8> },
     /// The process of request `id` ended; no more output follows.
     Exited { id: RequestId, status: ExitStatus },
     /// The process of request `id` could not be started.
-    SpawnFailed {
-        id: RequestId,
-        kind: SpawnErrorKind,
-        message: String,
-    },
+    SpawnFailed { id: RequestId, kind: SpawnErrorKind, message: String },
     /// File systems are synced; the guest powers off next.
     ShutdownAck { id: RequestId },
     /// agentd could not make sense of a host message.
@@ -142,19 +130,13 @@ impl ExecRequest {
             return Err("argv is empty: name a program to run".into());
         }
         if self.argv.len() > MAX_EXEC_ITEMS || self.env.len() > MAX_EXEC_ITEMS {
-            return Err(format!(
-                "more than {MAX_EXEC_ITEMS} arguments or environment entries"
-            ));
+            return Err(format!("more than {MAX_EXEC_ITEMS} arguments or environment entries"));
         }
         let nul = |s: &String| s.contains('\0');
         if self.argv.iter().any(nul) || self.env.iter().any(|(k, v)| nul(k) || nul(v)) {
             return Err("arguments and environment must not contain NUL bytes".into());
         }
-        if self
-            .env
-            .iter()
-            .any(|(k, _)| k.is_empty() || k.contains('='))
-        {
+        if self.env.iter().any(|(k, _)| k.is_empty() || k.contains('=')) {
             return Err("environment names must be non-empty and contain no '='".into());
         }
         if let Some(cwd) = &self.cwd {
@@ -171,12 +153,7 @@ mod tests {
     use super::*;
 
     fn req() -> ExecRequest {
-        ExecRequest {
-            id: 7,
-            argv: vec!["echo".into(), "hi".into()],
-            env: vec![],
-            cwd: None,
-        }
+        ExecRequest { id: 7, argv: vec!["echo".into(), "hi".into()], env: vec![], cwd: None }
     }
 
     #[test]
@@ -210,17 +187,12 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        let msgs = vec![
-            HostMsg::Hello { version: 1 },
-            HostMsg::Exec(req()),
-            HostMsg::Shutdown { id: 3 },
-        ];
+        let msgs = vec![HostMsg::Hello { version: 1 }, HostMsg::Exec(req()), HostMsg::Shutdown { id: 3 }];
         for m in msgs {
             let frame = encode(&m).unwrap();
             let mut d = FrameDecoder::new();
             let mut out = Vec::new();
-            d.feed(&frame, &mut |p| out.push(decode::<HostMsg>(&p).unwrap()))
-                .unwrap();
+            d.feed(&frame, &mut |p| out.push(decode::<HostMsg>(&p).unwrap())).unwrap();
             assert_eq!(out, vec![m]);
         }
     }

@@ -37,13 +37,7 @@ fn ready_frame() -> Vec<u8> {
 
 impl Variant {
     fn happy(finish: &'static str) -> Self {
-        Variant {
-            payload: ready_frame(),
-            desc_addr: "$payload".into(),
-            desc_flags: 0,
-            queue_size: 8,
-            finish,
-        }
+        Variant { payload: ready_frame(), desc_addr: "$payload".into(), desc_flags: 0, queue_size: 8, finish }
     }
 
     fn source(&self) -> String {
@@ -132,20 +126,11 @@ fn build(dir: &Path, name: &str, v: &Variant) -> PathBuf {
     let elf = dir.join(format!("{name}.elf"));
     std::fs::write(&src, v.source()).unwrap();
     let run = |cmd: &mut Command| {
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("running {cmd:?}: {e} (install binutils)"));
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e} (install binutils)"));
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
     run(Command::new("as").arg("--64").arg("-o").arg(&obj).arg(&src));
-    run(Command::new("ld")
-        .args(["-m", "elf_x86_64", "-Ttext=0x100000", "-e", "_start", "-o"])
-        .arg(&elf)
-        .arg(&obj));
+    run(Command::new("ld").args(["-m", "elf_x86_64", "-Ttext=0x100000", "-e", "_start", "-o"]).arg(&elf).arg(&obj));
     elf
 }
 
@@ -167,10 +152,7 @@ async fn create(name: &str, v: Variant) -> (msb_actors::Result<Sandbox>, tempfil
 
 fn stop_reason(r: msb_actors::Result<Sandbox>) -> (StopReason, String) {
     match r {
-        Err(Error::VmStopped {
-            reason,
-            console_tail,
-        }) => (reason, console_tail),
+        Err(Error::VmStopped { reason, console_tail }) => (reason, console_tail),
         Err(e) => panic!("expected the VM to be stopped, got error {e}"),
         Ok(_) => panic!("expected the VM to be stopped, but the agent became ready"),
     }
@@ -184,10 +166,7 @@ async fn ready_frame_through_virtio_console_then_guest_halts() {
     let tail = sb.console_tail().await.unwrap();
     assert!(tail.contains("bare-metal guest: start"), "{tail}");
     match sb.exec("true", Vec::<String>::new()).await {
-        Err(Error::VmStopped {
-            reason: StopReason::GuestPowerOff,
-            ..
-        }) => {}
+        Err(Error::VmStopped { reason: StopReason::GuestPowerOff, .. }) => {}
         other => panic!("exec on a stopped VM: {other:?}"),
     }
 }
@@ -201,10 +180,7 @@ async fn guest_reset_is_reported_as_reboot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn descriptor_outside_guest_memory_fails_the_device() {
-    let v = Variant {
-        desc_addr: "$0xf0000000".into(),
-        ..Variant::happy(IDLE)
-    };
+    let v = Variant { desc_addr: "$0xf0000000".into(), ..Variant::happy(IDLE) };
     let (reason, _) = stop_reason(create("badaddr", v).await.0);
     match reason {
         StopReason::DeviceFailure(why) => assert!(why.contains("0xf0000000"), "{why}"),
@@ -214,10 +190,7 @@ async fn descriptor_outside_guest_memory_fails_the_device() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_frame_closes_the_channel() {
-    let v = Variant {
-        payload: vec![0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0],
-        ..Variant::happy(IDLE)
-    };
+    let v = Variant { payload: vec![0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0], ..Variant::happy(IDLE) };
     let (reason, _) = stop_reason(create("oversized", v).await.0);
     match reason {
         StopReason::DeviceFailure(why) => assert!(why.contains("exceeds"), "{why}"),
@@ -230,10 +203,7 @@ async fn descriptor_loop_is_bounded_and_fails_closed() {
     // Descriptor 0 chains to itself: the chain walk stops after one queue's worth of
     // descriptors, so the host sees 8 copies of the Ready frame, and the second is a
     // protocol violation.
-    let v = Variant {
-        desc_flags: 1,
-        ..Variant::happy(IDLE)
-    };
+    let v = Variant { desc_flags: 1, ..Variant::happy(IDLE) };
     let (reason, _) = stop_reason(create("loop", v).await.0);
     match reason {
         StopReason::DeviceFailure(why) => assert!(why.contains("Ready twice"), "{why}"),
@@ -243,10 +213,7 @@ async fn descriptor_loop_is_bounded_and_fails_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bogus_queue_size_fails_the_device() {
-    let v = Variant {
-        queue_size: 3,
-        ..Variant::happy(IDLE)
-    };
+    let v = Variant { queue_size: 3, ..Variant::happy(IDLE) };
     let (reason, _) = stop_reason(create("qsize", v).await.0);
     match reason {
         StopReason::DeviceFailure(why) => assert!(why.contains("size 3"), "{why}"),

@@ -26,20 +26,12 @@ fn rss_split(guest_ram: &[(usize, u64)]) -> (u64, u64) {
     for line in smaps.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
         if let Some((a, b)) = first.split_once('-').filter(|_| !line.ends_with("kB")) {
-            let (a, b) = (
-                usize::from_str_radix(a, 16).unwrap_or(0),
-                usize::from_str_radix(b, 16).unwrap_or(0),
-            );
+            let (a, b) = (usize::from_str_radix(a, 16).unwrap_or(0), usize::from_str_radix(b, 16).unwrap_or(0));
             // A VMA that overlaps guest RAM counts as guest memory (the kernel may merge the
             // guest mapping with a neighbouring anonymous one, so this is an upper bound).
             in_guest = guest_ram.iter().any(|&(s, l)| a < s + l as usize && s < b);
         } else if let Some(rest) = line.strip_prefix("Rss:") {
-            let rss: u64 = rest
-                .trim()
-                .trim_end_matches(" kB")
-                .trim()
-                .parse()
-                .unwrap_or(0);
+            let rss: u64 = rest.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0);
             total += rss;
             if in_guest {
                 guest += rss;
@@ -67,16 +59,9 @@ fn stats(name: &str, mut v: Vec<f64>) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(5);
-    println!(
-        "msb-bench: {n} sandboxes, {MEMORY_MIB} MiB, 1 vCPU; KVM: {}",
-        msb_hypervisor::classify().describe()
-    );
-    let (mut to_init, mut to_ready, mut to_exec, mut rtt, mut outside) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5);
+    println!("msb-bench: {n} sandboxes, {MEMORY_MIB} MiB, 1 vCPU; KVM: {}", msb_hypervisor::classify().describe());
+    let (mut to_init, mut to_ready, mut to_exec, mut rtt, mut outside) = (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..n {
         let t0 = Instant::now();
         let sb = match Sandbox::builder().memory_mib(MEMORY_MIB).create().await {
@@ -112,8 +97,13 @@ async fn main() {
         let (total, guest) = rss_split(&guest_ram);
         outside.push((total - guest) as f64 / 1024.0);
         let _ = sb.stop().await;
-        println!("boot {i}: ready {:.0} ms, first exec {:.0} ms, RSS outside guest RAM {:.1} MiB (guest touched {:.1} MiB)",
-            ms(ready), ms(first), (total - guest) as f64 / 1024.0, guest as f64 / 1024.0);
+        println!(
+            "boot {i}: ready {:.0} ms, first exec {:.0} ms, RSS outside guest RAM {:.1} MiB (guest touched {:.1} MiB)",
+            ms(ready),
+            ms(first),
+            (total - guest) as f64 / 1024.0,
+            guest as f64 / 1024.0
+        );
     }
     println!("--- msb figures (ms unless noted) ---");
     stats("create -> guest init (boot timer)", to_init);
@@ -129,29 +119,17 @@ async fn main() {
 /// `kill` is set, else waited for.
 fn time_to_marker(cmd: &mut Command, marker: &str, kill: bool) -> Option<(Duration, u64)> {
     let t0 = Instant::now();
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .stdin(Stdio::null())
-        .spawn()
-        .ok()?;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).stdin(Stdio::null()).spawn().ok()?;
     let pid = child.id();
     let stdout = child.stdout.take()?;
     let (tx, rx) = std::sync::mpsc::channel();
     let marker = marker.to_string();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
             if line.contains(&marker) {
                 let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
                     .ok()
-                    .and_then(|s| {
-                        s.lines()
-                            .find(|l| l.starts_with("VmRSS:"))
-                            .map(str::to_string)
-                    })
+                    .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
                     .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
                     .unwrap_or(0);
                 let _ = tx.send((t0.elapsed(), rss));
@@ -167,11 +145,7 @@ fn time_to_marker(cmd: &mut Command, marker: &str, kill: bool) -> Option<(Durati
 }
 
 fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
 }
 
 /// The same kernel and initramfs booted by our VMM (`msb run`) and by QEMU `-M microvm`,
@@ -198,42 +172,19 @@ fn side_by_side(n: usize) {
     let (mut ours, mut theirs, mut ours_rss, mut theirs_rss) = (vec![], vec![], vec![], vec![]);
     for _ in 0..n {
         let mut c = Command::new(&msb);
-        c.args([
-            "run",
-            "--memory",
-            &MEMORY_MIB.to_string(),
-            "--console-log",
-            "/proc/self/fd/1",
-            "--",
-            "true",
-        ]);
+        c.args(["run", "--memory", &MEMORY_MIB.to_string(), "--console-log", "/proc/self/fd/1", "--", "true"]);
         if let Some((t, rss)) = time_to_marker(&mut c, "msb-agentd: init", false) {
             ours.push(ms(t));
             ours_rss.push(rss as f64 / 1024.0);
         }
         let mut q = Command::new(&qemu);
-        q.args([
-            "-M",
-            "microvm,x-option-roms=off,rtc=off",
-            "-enable-kvm",
-            "-cpu",
-            "host",
-            "-smp",
-            "1",
-        ])
-        .args([
-            "-m",
-            &MEMORY_MIB.to_string(),
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-        ])
-        .args(["-no-reboot", "-serial", "stdio", "-kernel"])
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initramfs)
-        .args(["-append", "console=ttyS0 reboot=k panic=-1 quiet"]);
+        q.args(["-M", "microvm,x-option-roms=off,rtc=off", "-enable-kvm", "-cpu", "host", "-smp", "1"])
+            .args(["-m", &MEMORY_MIB.to_string(), "-nodefaults", "-no-user-config", "-display", "none"])
+            .args(["-no-reboot", "-serial", "stdio", "-kernel"])
+            .arg(&kernel)
+            .arg("-initrd")
+            .arg(&initramfs)
+            .args(["-append", "console=ttyS0 reboot=k panic=-1 quiet"]);
         if let Some((t, rss)) = time_to_marker(&mut q, "msb-agentd: init", true) {
             theirs.push(ms(t));
             theirs_rss.push(rss as f64 / 1024.0);

@@ -18,10 +18,7 @@ async fn boot_echo_hi_and_orderly_stop() {
     assert_eq!(out.stderr, b"");
     assert_eq!(out.status, ExitStatus::Code(0));
     let uname = sb.exec("uname", ["-sr"]).await.unwrap();
-    assert!(
-        String::from_utf8_lossy(&uname.stdout).starts_with("Linux 6.1"),
-        "{uname:?}"
-    );
+    assert!(String::from_utf8_lossy(&uname.stdout).starts_with("Linux 6.1"), "{uname:?}");
     let t = sb.boot_times().await.unwrap();
     assert!(t.to_init.is_some(), "the guest init wrote the boot timer");
     assert_eq!(sb.stop().await.unwrap(), StopReason::Shutdown);
@@ -31,57 +28,32 @@ async fn boot_echo_hi_and_orderly_stop() {
 async fn exit_statuses_stderr_env_cwd_and_large_output() {
     let sb = boot().await;
     for code in [0, 1, 42] {
-        let out = sb
-            .exec_argv(sh(&format!("exit {code}")), vec![], None)
-            .await
-            .unwrap();
+        let out = sb.exec_argv(sh(&format!("exit {code}")), vec![], None).await.unwrap();
         assert_eq!(out.status, ExitStatus::Code(code));
     }
     // A missing command inside a shell is the shell's 127 ...
-    let out = sb
-        .exec_argv(sh("no-such-command-xyz"), vec![], None)
-        .await
-        .unwrap();
+    let out = sb.exec_argv(sh("no-such-command-xyz"), vec![], None).await.unwrap();
     assert_eq!(out.status, ExitStatus::Code(127));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not found"),
-        "{out:?}"
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"), "{out:?}");
     // ... and a missing program run directly is a spawn failure, kept apart from "ran and failed".
     match sb.exec("no-such-program-xyz", Vec::<String>::new()).await {
-        Err(Error::SpawnFailed {
-            kind: SpawnErrorKind::NotFound,
-            ..
-        }) => {}
+        Err(Error::SpawnFailed { kind: SpawnErrorKind::NotFound, .. }) => {}
         other => panic!("expected NotFound, got {other:?}"),
     }
-    match sb
-        .exec_argv(vec!["pwd".into()], vec![], Some("/no/such/dir".into()))
-        .await
-    {
-        Err(Error::SpawnFailed {
-            kind: SpawnErrorKind::BadCwd,
-            ..
-        }) => {}
+    match sb.exec_argv(vec!["pwd".into()], vec![], Some("/no/such/dir".into())).await {
+        Err(Error::SpawnFailed { kind: SpawnErrorKind::BadCwd, .. }) => {}
         other => panic!("expected BadCwd, got {other:?}"),
     }
     let killed = sb.exec_argv(sh("kill -9 $$"), vec![], None).await.unwrap();
     assert_eq!(killed.status, ExitStatus::Signal(9));
 
-    let out = sb
-        .exec_argv(sh("echo to-out; echo to-err >&2; exit 3"), vec![], None)
-        .await
-        .unwrap();
+    let out = sb.exec_argv(sh("echo to-out; echo to-err >&2; exit 3"), vec![], None).await.unwrap();
     assert_eq!(out.stdout, b"to-out\n");
     assert_eq!(out.stderr, b"to-err\n");
     assert_eq!(out.status, ExitStatus::Code(3));
 
     let out = sb
-        .exec_argv(
-            sh("echo $GREETING; pwd"),
-            vec![("GREETING".into(), "hello there".into())],
-            Some("/tmp".into()),
-        )
+        .exec_argv(sh("echo $GREETING; pwd"), vec![("GREETING".into(), "hello there".into())], Some("/tmp".into()))
         .await
         .unwrap();
     assert_eq!(out.stdout, b"hello there\n/tmp\n");
@@ -98,20 +70,12 @@ async fn exit_statuses_stderr_env_cwd_and_large_output() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sandboxes_never_see_each_other() {
     let (a, b) = tokio::join!(boot(), boot());
-    a.exec_argv(sh("echo secret-a > /tmp/mine"), vec![], None)
-        .await
-        .unwrap();
+    a.exec_argv(sh("echo secret-a > /tmp/mine"), vec![], None).await.unwrap();
     async fn run(sb: &msb_actors::Sandbox, tag: &str) -> String {
         let mut all = Vec::new();
         for i in 0..5 {
-            let out = sb
-                .exec_argv(
-                    sh(&format!("echo {tag}-{i}; cat /tmp/mine 2>/dev/null")),
-                    vec![],
-                    None,
-                )
-                .await
-                .unwrap();
+            let out =
+                sb.exec_argv(sh(&format!("echo {tag}-{i}; cat /tmp/mine 2>/dev/null")), vec![], None).await.unwrap();
             all.extend(out.stdout);
         }
         String::from_utf8(all).unwrap()
@@ -120,10 +84,7 @@ async fn two_sandboxes_never_see_each_other() {
     assert!(!out_a.contains("bbb"), "{out_a}");
     assert!(!out_b.contains("aaa"), "{out_b}");
     assert!(out_a.contains("secret-a"));
-    assert!(
-        !out_b.contains("secret-a"),
-        "sandbox b saw a's file: {out_b}"
-    );
+    assert!(!out_b.contains("secret-a"), "sandbox b saw a's file: {out_b}");
     assert_eq!(out_a.matches("aaa-").count(), 5);
     a.stop().await.unwrap();
     b.stop().await.unwrap();
@@ -133,37 +94,24 @@ async fn two_sandboxes_never_see_each_other() {
 async fn guest_poweroff_is_reported() {
     let sb = boot().await;
     let pending = sb.exec("poweroff", ["-f"]);
-    let r = tokio::time::timeout(Duration::from_secs(60), pending)
-        .await
-        .expect("exec ends when the VM stops");
+    let r = tokio::time::timeout(Duration::from_secs(60), pending).await.expect("exec ends when the VM stops");
     match r {
-        Err(Error::VmStopped {
-            reason: StopReason::GuestPowerOff,
-            ..
-        }) => {}
+        Err(Error::VmStopped { reason: StopReason::GuestPowerOff, .. }) => {}
         other => panic!("expected the VM to stop with GuestPowerOff, got {other:?}"),
     }
     assert_eq!(sb.wait().await.unwrap(), StopReason::GuestPowerOff);
-    assert!(matches!(
-        sb.exec("true", Vec::<String>::new()).await,
-        Err(Error::VmStopped { .. })
-    ));
+    assert!(matches!(sb.exec("true", Vec::<String>::new()).await, Err(Error::VmStopped { .. })));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_panic_is_reported() {
     let sb = boot().await;
-    let r = tokio::time::timeout(
-        Duration::from_secs(60),
-        sb.exec_argv(sh("echo c > /proc/sysrq-trigger"), vec![], None),
-    )
-    .await
-    .expect("exec ends when the VM stops");
+    let r =
+        tokio::time::timeout(Duration::from_secs(60), sb.exec_argv(sh("echo c > /proc/sysrq-trigger"), vec![], None))
+            .await
+            .expect("exec ends when the VM stops");
     match r {
-        Err(Error::VmStopped {
-            reason: StopReason::GuestPanic,
-            console_tail,
-        }) => {
+        Err(Error::VmStopped { reason: StopReason::GuestPanic, console_tail }) => {
             assert!(console_tail.contains("Kernel panic"), "{console_tail}");
         }
         other => panic!("expected GuestPanic, got {other:?}"),
@@ -188,16 +136,22 @@ async fn a_guest_that_never_gets_ready_times_out_with_its_console() {
         .create()
         .await;
     match r {
-        Err(Error::BootTimeout {
-            secs: 20,
-            console_tail,
-        }) => {
-            assert!(
-                console_tail.contains("Run /bin/sleep as init process"),
-                "{console_tail}"
-            )
+        Err(Error::BootTimeout { secs: 20, console_tail }) => {
+            assert!(console_tail.contains("Run /bin/sleep as init process"), "{console_tail}")
         }
         Err(e) => panic!("expected a boot timeout, got {e}"),
         Ok(_) => panic!("expected a boot timeout, but the sandbox became ready"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bzimage_boots_through_the_fallback_protocol() {
+    // scripts/setup.sh builds the rig's kernel as a bzImage from the same sources; as a guest
+    // it exercises the 64-bit Linux boot protocol path instead of PVH.
+    let bz = msb_actors::home::msb_home().join("rig/bzImage");
+    assert!(bz.is_file(), "{} missing: run scripts/setup.sh", bz.display());
+    let sb = msb_tests::boot_with(|| msb_actors::Sandbox::builder().kernel(bz.clone())).await;
+    let out = sb.exec("cat", ["/proc/cmdline"]).await.unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("virtio_mmio.device="), "{out:?}");
+    assert_eq!(sb.stop().await.unwrap(), StopReason::Shutdown);
 }

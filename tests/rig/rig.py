@@ -88,6 +88,9 @@ def build_initramfs(args, job):
     c.file("msb/home/bin/agentd", os.path.join(args.bin_dir, "agentd"))
     c.file("msb/home/bin/busybox", args.busybox)
     c.file("msb/home/kernel/vmlinux", args.guest_kernel, 0o644)
+    # The rig kernel doubles as a bzImage guest for the boot-protocol fallback test.
+    c.dir("msb/home/rig")
+    c.file("msb/home/rig/bzImage", args.l1_kernel, 0o644)
     if args.with_qemu:
         add_qemu(c)
     return c.finish()
@@ -107,7 +110,8 @@ def add_qemu(c):
         path = os.path.join("/usr/share/qemu", fw)
         if os.path.exists(path):
             files.add(path)
-    made = {"bin", "dev", "proc", "sys", "tmp", "msb", "msb/bin", "msb/home", "msb/home/bin", "msb/home/kernel"}
+    made = {"bin", "dev", "proc", "sys", "tmp", "msb", "msb/bin", "msb/home", "msb/home/bin", "msb/home/kernel",
+            "msb/home/rig"}
     for f in sorted(files):
         name = f.lstrip("/")
         c.dirs_for(name, made)

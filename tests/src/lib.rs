@@ -30,10 +30,7 @@ pub async fn boot_with(b: impl Fn() -> SandboxBuilder) -> Sandbox {
         Ok(sb) => sb,
         Err(e @ Error::BootTimeout { .. }) => {
             eprintln!("E2E-RETRY: first boot failed: {e}");
-            b().boot_timeout(E2E_BOOT_TIMEOUT)
-                .create()
-                .await
-                .expect("sandbox boots on retry")
+            b().boot_timeout(E2E_BOOT_TIMEOUT).create().await.expect("sandbox boots on retry")
         }
         Err(e) => panic!("sandbox did not boot: {e}"),
     }
@@ -47,11 +44,7 @@ pub async fn boot() -> Sandbox {
 pub fn init_tracing() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let filter = tracing_subscriber::EnvFilter::try_from_env("MSB_LOG")
-            .unwrap_or_else(|_| "warn".into());
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .try_init();
+        let filter = tracing_subscriber::EnvFilter::try_from_env("MSB_LOG").unwrap_or_else(|_| "warn".into());
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     });
 }

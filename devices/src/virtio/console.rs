@@ -101,9 +101,7 @@ impl Console {
     /// Queues bytes for the guest, all or nothing.
     pub fn queue_to_guest(&mut self, data: &[u8]) -> Result<(), Full> {
         if self.to_guest.len() + data.len() > TO_GUEST_LIMIT {
-            return Err(Full {
-                pending: self.to_guest.len(),
-            });
+            return Err(Full { pending: self.to_guest.len() });
         }
         self.to_guest.extend(data);
         Ok(())
@@ -132,11 +130,7 @@ impl Console {
     /// Serves both control queues: reads the guest's control messages, answers them, and
     /// delivers pending answers. Returns whether any buffer was used.
     /// A driver without `MULTIPORT` has no control queues: port 0 is simply open.
-    pub fn process_control(
-        &mut self,
-        queues: &mut [Queue],
-        mem: &GuestMemoryMmap,
-    ) -> Result<bool, DeviceError> {
+    pub fn process_control(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
         if !self.multiport {
             return Ok(false);
         }
@@ -162,9 +156,7 @@ impl Console {
             let event = u16::from_le_bytes([msg[4], msg[5]]);
             let value = u16::from_le_bytes([msg[6], msg[7]]);
             match (event, id) {
-                (DEVICE_READY, _) if value == 1 => {
-                    self.push_control(control(DEVICE_ADD, 0, &[]))?
-                }
+                (DEVICE_READY, _) if value == 1 => self.push_control(control(DEVICE_ADD, 0, &[]))?,
                 (PORT_READY, 0) if value == 1 => {
                     self.push_control(control(PORT_NAME_EVENT, 1, PORT_NAME.as_bytes()))?;
                     self.push_control(control(PORT_OPEN, 1, &[]))?;
@@ -278,8 +270,7 @@ mod tests {
         let vq = MockSplitQueue::new(&m, 16);
         m.write_slice(b"hello ", GuestAddress(0x8000)).unwrap();
         m.write_slice(b"world", GuestAddress(0x9000)).unwrap();
-        vq.build_desc_chain(&[desc(0x8000, 6, F_NEXT, 1), desc(0x9000, 5, 0, 0)])
-            .unwrap();
+        vq.build_desc_chain(&[desc(0x8000, 6, F_NEXT, 1), desc(0x9000, 5, 0, 0)]).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         let mut c = Console::default();
         let mut out = Vec::new();
@@ -292,20 +283,15 @@ mod tests {
     fn tx_rejects_out_of_range_and_writable_descriptors() {
         let m = mem();
         let vq = MockSplitQueue::new(&m, 16);
-        vq.build_desc_chain(&[desc(0xff_f000, 0x2000, 0, 0)])
-            .unwrap();
+        vq.build_desc_chain(&[desc(0xff_f000, 0x2000, 0, 0)]).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
-        let e = Console::default()
-            .drain_tx(&mut q, &m, 1 << 20, &mut Vec::new())
-            .unwrap_err();
+        let e = Console::default().drain_tx(&mut q, &m, 1 << 20, &mut Vec::new()).unwrap_err();
         assert!(e.to_string().contains("descriptor at 0xfff000"), "{e}");
 
         let vq = MockSplitQueue::new(&m, 16);
         vq.build_desc_chain(&[desc(0x8000, 4, F_WRITE, 0)]).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
-        let e = Console::default()
-            .drain_tx(&mut q, &m, 1 << 20, &mut Vec::new())
-            .unwrap_err();
+        let e = Console::default().drain_tx(&mut q, &m, 1 << 20, &mut Vec::new()).unwrap_err();
         assert!(e.to_string().contains("device-writable"), "{e}");
     }
 
@@ -313,12 +299,9 @@ mod tests {
     fn tx_rejects_oversized_chain() {
         let m = mem();
         let vq = MockSplitQueue::new(&m, 16);
-        vq.build_desc_chain(&[desc(0x1_0000, MAX_CHAIN_BYTES as u32 + 1, 0, 0)])
-            .unwrap();
+        vq.build_desc_chain(&[desc(0x1_0000, MAX_CHAIN_BYTES as u32 + 1, 0, 0)]).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
-        let e = Console::default()
-            .drain_tx(&mut q, &m, usize::MAX, &mut Vec::new())
-            .unwrap_err();
+        let e = Console::default().drain_tx(&mut q, &m, usize::MAX, &mut Vec::new()).unwrap_err();
         assert!(e.to_string().contains("limit"), "{e}");
     }
 
@@ -326,17 +309,11 @@ mod tests {
     fn tx_stops_at_budget() {
         let m = mem();
         let vq = MockSplitQueue::new(&m, 16);
-        vq.build_multiple_desc_chains(&[
-            desc(0x8000, 100, 0, 0),
-            desc(0x9000, 100, 0, 0),
-            desc(0xa000, 100, 0, 0),
-        ])
-        .unwrap();
+        vq.build_multiple_desc_chains(&[desc(0x8000, 100, 0, 0), desc(0x9000, 100, 0, 0), desc(0xa000, 100, 0, 0)])
+            .unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         let mut out = Vec::new();
-        Console::default()
-            .drain_tx(&mut q, &m, 150, &mut out)
-            .unwrap();
+        Console::default().drain_tx(&mut q, &m, 150, &mut out).unwrap();
         assert_eq!(out.len(), 200, "whole chains until the budget is reached");
         assert_eq!(vq.used().idx().load(), 2);
     }
@@ -346,30 +323,21 @@ mod tests {
         let m = mem();
         let vq = MockSplitQueue::new(&m, 4);
         // 0 -> 1 -> 0 -> ... : a loop; the chain iterator's TTL must end it.
-        vq.desc_table()
-            .store(0, desc(0x8000, 8, F_NEXT, 1))
-            .unwrap();
-        vq.desc_table()
-            .store(1, desc(0x9000, 8, F_NEXT, 0))
-            .unwrap();
+        vq.desc_table().store(0, desc(0x8000, 8, F_NEXT, 1)).unwrap();
+        vq.desc_table().store(1, desc(0x9000, 8, F_NEXT, 0)).unwrap();
         vq.avail().ring().ref_at(0).unwrap().store(0u16);
         vq.avail().idx().store(1u16);
         let mut q: Queue = vq.create_queue().unwrap();
         let mut out = Vec::new();
         let _ = Console::default().drain_tx(&mut q, &m, usize::MAX, &mut out);
-        assert!(
-            out.len() <= 4 * 8,
-            "read {} bytes from a 2-descriptor loop",
-            out.len()
-        );
+        assert!(out.len() <= 4 * 8, "read {} bytes from a 2-descriptor loop", out.len());
     }
 
     #[test]
     fn rx_fills_guest_buffers_and_buffer_is_bounded() {
         let m = mem();
         let vq = MockSplitQueue::new(&m, 16);
-        vq.build_multiple_desc_chains(&[desc(0x8000, 4, F_WRITE, 0), desc(0x9000, 64, F_WRITE, 0)])
-            .unwrap();
+        vq.build_multiple_desc_chains(&[desc(0x8000, 4, F_WRITE, 0), desc(0x9000, 64, F_WRITE, 0)]).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         let mut c = Console::default();
         c.queue_to_guest(b"abcdefgh").unwrap();
@@ -384,12 +352,7 @@ mod tests {
 
         let mut c = Console::default();
         c.queue_to_guest(&vec![0; TO_GUEST_LIMIT]).unwrap();
-        assert_eq!(
-            c.queue_to_guest(b"x"),
-            Err(Full {
-                pending: TO_GUEST_LIMIT
-            })
-        );
+        assert_eq!(c.queue_to_guest(b"x"), Err(Full { pending: TO_GUEST_LIMIT }));
     }
 }
 
@@ -412,20 +375,10 @@ mod control_tests {
         let ctl_rx = MockSplitQueue::create(&m, GuestAddress(0x30000), 16);
         let ctl_tx = MockSplitQueue::create(&m, GuestAddress(0x40000), 16);
         // Guest: DEVICE_READY(1), then PORT_READY(port 0, 1).
-        m.write_slice(&control(DEVICE_READY, 1, &[]), GuestAddress(0x50000))
-            .unwrap();
-        m.write_slice(&control(PORT_READY, 1, &[]), GuestAddress(0x50100))
-            .unwrap();
-        ctl_tx
-            .build_multiple_desc_chains(&[desc(0x50000, 8, 0), desc(0x50100, 8, 0)])
-            .unwrap();
-        ctl_rx
-            .build_multiple_desc_chains(&[
-                desc(0x60000, 64, 2),
-                desc(0x60100, 64, 2),
-                desc(0x60200, 64, 2),
-            ])
-            .unwrap();
+        m.write_slice(&control(DEVICE_READY, 1, &[]), GuestAddress(0x50000)).unwrap();
+        m.write_slice(&control(PORT_READY, 1, &[]), GuestAddress(0x50100)).unwrap();
+        ctl_tx.build_multiple_desc_chains(&[desc(0x50000, 8, 0), desc(0x50100, 8, 0)]).unwrap();
+        ctl_rx.build_multiple_desc_chains(&[desc(0x60000, 64, 2), desc(0x60100, 64, 2), desc(0x60200, 64, 2)]).unwrap();
         let mut queues: Vec<Queue> = vec![
             q0.create_queue().unwrap(),
             q1.create_queue().unwrap(),
@@ -433,10 +386,7 @@ mod control_tests {
             ctl_tx.create_queue().unwrap(),
         ];
         let mut c = Console::default();
-        assert!(
-            !c.process_control(&mut queues, &m).unwrap(),
-            "no control queues without MULTIPORT"
-        );
+        assert!(!c.process_control(&mut queues, &m).unwrap(), "no control queues without MULTIPORT");
         c.ack_features(F_MULTIPORT);
         assert!(c.process_control(&mut queues, &m).unwrap());
         let read = |at: u64, n: usize| {
@@ -445,10 +395,7 @@ mod control_tests {
             b
         };
         assert_eq!(read(0x60000, 8), control(DEVICE_ADD, 0, &[]));
-        assert_eq!(
-            read(0x60100, 8 + PORT_NAME.len()),
-            control(PORT_NAME_EVENT, 1, PORT_NAME.as_bytes())
-        );
+        assert_eq!(read(0x60100, 8 + PORT_NAME.len()), control(PORT_NAME_EVENT, 1, PORT_NAME.as_bytes()));
         assert_eq!(read(0x60200, 8), control(PORT_OPEN, 1, &[]));
         let mut cfg = [0u8; 4];
         c.read_config(4, &mut cfg);

@@ -50,12 +50,7 @@ pub struct MmioTransport<D> {
 impl<D: VirtioDevice> MmioTransport<D> {
     /// `notify[i]` is signalled when the driver notifies queue `i` (by KVM through an
     /// ioeventfd, or by this transport when the write reaches user space).
-    pub fn new(
-        device: D,
-        mem: GuestMemoryMmap,
-        irq: Arc<EventFd>,
-        notify: Vec<Arc<EventFd>>,
-    ) -> Self {
+    pub fn new(device: D, mem: GuestMemoryMmap, irq: Arc<EventFd>, notify: Vec<Arc<EventFd>>) -> Self {
         let queues = device
             .queue_max_sizes()
             .iter()
@@ -116,10 +111,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     pub fn fail(&mut self, why: String) {
         // Logged once: a guest can keep poking a failed device.
         if self.failure.is_none() {
-            tracing::warn!(
-                device = self.device.device_type(),
-                "virtio device failed: {why}"
-            );
+            tracing::warn!(device = self.device.device_type(), "virtio device failed: {why}");
             self.failure = Some(why);
         }
         self.status |= STATUS_NEEDS_RESET;
@@ -191,8 +183,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     _ => return,
                 };
                 if self.status & STATUS_FEATURES_OK == 0 {
-                    self.driver_features =
-                        (self.driver_features & !(0xffff_ffffu64 << shift)) | ((v as u64) << shift);
+                    self.driver_features = (self.driver_features & !(0xffff_ffffu64 << shift)) | ((v as u64) << shift);
                 }
             }
             0x24 => self.driver_features_sel = v,
@@ -204,9 +195,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     None => false,
                 };
                 if refused || v > u16::MAX as u32 {
-                    self.fail(format!(
-                        "queue {sel}: size {v} is not a power of two within the maximum"
-                    ));
+                    self.fail(format!("queue {sel}: size {v} is not a power of two within the maximum"));
                 }
             }
             0x44 => {
@@ -222,11 +211,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             0x64 => self.interrupt_status &= !v,
             0x70 => self.write_status(v),
             0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 => {
-                let (low, high) = if offset & 4 == 0 {
-                    (Some(v), None)
-                } else {
-                    (None, Some(v))
-                };
+                let (low, high) = if offset & 4 == 0 { (Some(v), None) } else { (None, Some(v)) };
                 if let Some(q) = self.selected().filter(|q| configurable(q)) {
                     match offset & !4 {
                         0x80 => q.set_desc_table_address(low, high),
@@ -246,9 +231,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let new = v & !self.status;
         if new & STATUS_FEATURES_OK != 0 {
             let offered = self.offered_features();
-            if self.driver_features & !offered != 0
-                || self.driver_features & VIRTIO_F_VERSION_1 == 0
-            {
+            if self.driver_features & !offered != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
                 // Leave FEATURES_OK clear: the driver reads it back and gives up.
                 self.status = v & !STATUS_FEATURES_OK;
                 return;
@@ -261,9 +244,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
             for (i, q) in self.queues.iter().enumerate() {
                 if q.ready() && !q.is_valid(&self.mem) {
-                    let why = format!(
-                        "queue {i} is not valid (size or ring addresses outside guest memory)"
-                    );
+                    let why = format!("queue {i} is not valid (size or ring addresses outside guest memory)");
                     self.status = v;
                     self.fail(why);
                     return;
@@ -288,8 +269,7 @@ impl<D: VirtioDevice> crate::BusDevice for MmioSlot<D> {
     fn write(&self, offset: u64, data: &[u8]) -> Option<msb_hypervisor::VcpuStop> {
         let mut t = self.0.lock().ok()?;
         t.write(offset, data);
-        t.failure()
-            .map(|why| msb_hypervisor::VcpuStop::DeviceFailure(why.to_string()))
+        t.failure().map(|why| msb_hypervisor::VcpuStop::DeviceFailure(why.to_string()))
     }
 }
 
@@ -319,22 +299,12 @@ pub(crate) mod tests {
     }
 
     /// Drives the standard init sequence with the given queue addresses.
-    pub(crate) fn init(
-        t: &mut MmioTransport<impl VirtioDevice>,
-        size: u32,
-        desc: u64,
-        avail: u64,
-        used: u64,
-    ) {
+    pub(crate) fn init(t: &mut MmioTransport<impl VirtioDevice>, size: u32, desc: u64, avail: u64, used: u64) {
         w(t, 0x70, STATUS_ACKNOWLEDGE);
         w(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         w(t, 0x24, 1);
         w(t, 0x20, 1); // VERSION_1
-        w(
-            t,
-            0x70,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
-        );
+        w(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
         let nq = t.queues.len() as u32;
         for q in 0..nq {
             w(t, 0x30, q);
@@ -345,11 +315,7 @@ pub(crate) mod tests {
             w(t, 0xa0, (used + off) as u32);
             w(t, 0x44, 1);
         }
-        w(
-            t,
-            0x70,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
-        );
+        w(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
     }
 
     #[test]
@@ -365,11 +331,7 @@ pub(crate) mod tests {
         w(&mut t, 0x20, 1 << 28);
         w(&mut t, 0x24, 1);
         w(&mut t, 0x20, 1);
-        w(
-            &mut t,
-            0x70,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
-        );
+        w(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
         assert_eq!(r(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
         // Partial-width accesses are ignored.
         let mut b = [0xaau8; 2];

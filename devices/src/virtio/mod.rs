@@ -56,9 +56,7 @@ pub(crate) fn read_chain(
     let start = out.len();
     for desc in chain {
         if desc.is_write_only() {
-            return Err(bad(
-                "device-writable descriptor in a driver-to-device chain".into(),
-            ));
+            return Err(bad("device-writable descriptor in a driver-to-device chain".into()));
         }
         let len = desc.len() as usize;
         if out.len() - start + len > limit {
@@ -88,9 +86,7 @@ pub(crate) fn write_chain(
     let mut buf = Vec::new();
     for desc in chain {
         if !desc.is_write_only() {
-            return Err(bad(
-                "driver-readable descriptor in a device-to-driver chain".into(),
-            ));
+            return Err(bad("driver-readable descriptor in a device-to-driver chain".into()));
         }
         let room = (desc.len() as usize).min(limit - written);
         if room == 0 {
@@ -101,13 +97,8 @@ pub(crate) fn write_chain(
         if n == 0 {
             break;
         }
-        mem.write_slice(&buf[..n], desc.addr()).map_err(|e| {
-            bad(format!(
-                "descriptor at {:#x}+{}: {e}",
-                desc.addr().0,
-                desc.len()
-            ))
-        })?;
+        mem.write_slice(&buf[..n], desc.addr())
+            .map_err(|e| bad(format!("descriptor at {:#x}+{}: {e}", desc.addr().0, desc.len())))?;
         written += n;
     }
     Ok(written as u32)
@@ -123,8 +114,5 @@ pub(crate) fn add_used(
 ) -> Result<(), DeviceError> {
     use virtio_queue::QueueT;
     q.add_used(mem, head, len)
-        .map_err(|e| DeviceError::BadQueue {
-            queue,
-            what: format!("cannot publish used entry: {e}"),
-        })
+        .map_err(|e| DeviceError::BadQueue { queue, what: format!("cannot publish used entry: {e}") })
 }

@@ -42,11 +42,7 @@ fn host_random(buf: &mut [u8]) -> usize {
 
 impl Rng {
     /// Serves pending requests.
-    pub fn process(
-        &mut self,
-        q: &mut Queue,
-        mem: &GuestMemoryMmap,
-    ) -> Result<RngProgress, DeviceError> {
+    pub fn process(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<RngProgress, DeviceError> {
         if !q.ready() {
             return Ok(RngProgress::Served(false));
         }
@@ -82,10 +78,7 @@ mod tests {
         vq.build_desc_chain(&[big]).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         assert_eq!(Rng.process(&mut q, &m).unwrap(), RngProgress::Served(true));
-        assert_eq!(
-            vq.used().ring().ref_at(0).unwrap().load().len(),
-            MAX_CHAIN_BYTES as u32
-        );
+        assert_eq!(vq.used().ring().ref_at(0).unwrap().load().len(), MAX_CHAIN_BYTES as u32);
         let mut buf = [0u8; 64];
         m.read_slice(&mut buf, GuestAddress(0x10000)).unwrap();
         assert!(buf.iter().any(|b| *b != 0));
