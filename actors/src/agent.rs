@@ -19,7 +19,7 @@ use msb_protocol::{
 use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
 
 use crate::console::{GuestBytes, ToConsole};
-use crate::{Error, ExecOutput, Result};
+use crate::{Error, ExecOutput, ExecSpec, Result};
 
 /// Most requests in flight on one sandbox.
 pub const MAX_PENDING: usize = 1024;
@@ -108,14 +108,9 @@ impl AgentCore {
     }
 
     /// Starts an exec; returns its id and the frame to send.
-    pub fn exec(
-        &mut self,
-        argv: Vec<String>,
-        env: Vec<(String, String)>,
-        cwd: Option<String>,
-    ) -> Result<(RequestId, Vec<u8>)> {
+    pub fn exec(&mut self, spec: ExecSpec) -> Result<(RequestId, Vec<u8>)> {
         let id = self.next_id()?;
-        let req = ExecRequest { id, argv, env, cwd };
+        let req = ExecRequest { id, argv: spec.argv, env: spec.env, cwd: spec.cwd };
         req.validate().map_err(Error::Config)?;
         let frame = encode(&HostMsg::Exec(req)).map_err(|e| Error::Config(format!("exec request: {e}")))?;
         self.execs.insert(id, PendingExec { stdout: Vec::new(), stderr: Vec::new(), overflowed: false });
@@ -230,9 +225,7 @@ pub enum AgentMsg {
     Attach(DerivedActorRef<ToConsole>),
     WaitReady(RpcReplyPort<Result<String>>),
     Exec {
-        argv: Vec<String>,
-        env: Vec<(String, String)>,
-        cwd: Option<String>,
+        spec: ExecSpec,
         reply: RpcReplyPort<Result<ExecOutput>>,
     },
     Shutdown(RpcReplyPort<Result<()>>),
@@ -357,12 +350,12 @@ impl Actor for AgentClient {
                 }
                 _ => st.ready_waiters.push(reply),
             },
-            AgentMsg::Exec { argv, env, cwd, reply } => {
+            AgentMsg::Exec { spec, reply } => {
                 if st.stopped.is_some() {
                     let _ = reply.send(Err(st.failure()));
                     return Ok(());
                 }
-                match st.core.exec(argv, env, cwd) {
+                match st.core.exec(spec) {
                     Ok((id, frame)) => {
                         st.exec_replies.insert(id, reply);
                         st.send(frame);
@@ -452,7 +445,7 @@ mod tests {
     #[test]
     fn exec_round_trip_collects_streams_separately() {
         let mut c = ready_core();
-        let (id, _) = c.exec(vec!["echo".into()], vec![], None).unwrap();
+        let (id, _) = c.exec(ExecSpec { argv: vec!["echo".into()], ..Default::default() }).unwrap();
         let mut bytes = frame(&GuestMsg::Started { id, pid: 5 });
         bytes.extend(frame(&GuestMsg::Output { id, stream: Stream::Stdout, data: b"out".to_vec() }));
         bytes.extend(frame(&GuestMsg::Output { id, stream: Stream::Stderr, data: b"err".to_vec() }));
@@ -467,7 +460,7 @@ mod tests {
     #[test]
     fn requests_before_ready_are_refused() {
         let mut c = AgentCore::new();
-        assert!(c.exec(vec!["x".into()], vec![], None).is_err());
+        assert!(c.exec(ExecSpec { argv: vec!["x".into()], ..Default::default() }).is_err());
         let e = c.on_bytes(&frame(&GuestMsg::ShutdownAck { id: 1 })).unwrap_err();
         assert!(e.contains("before Ready"), "{e}");
     }
@@ -477,7 +470,7 @@ mod tests {
         let mut c = ready_core();
         let e = c.on_bytes(&frame(&GuestMsg::Exited { id: 99, status: ExitStatus::Code(0) })).unwrap_err();
         assert!(e.contains("99"), "{e}");
-        assert!(c.exec(vec!["x".into()], vec![], None).is_err(), "closed for good");
+        assert!(c.exec(ExecSpec { argv: vec!["x".into()], ..Default::default() }).is_err(), "closed for good");
 
         let mut c = ready_core();
         let e = c.on_bytes(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).unwrap_err();
@@ -500,7 +493,7 @@ mod tests {
     #[test]
     fn buffered_output_is_bounded() {
         let mut c = ready_core();
-        let (id, _) = c.exec(vec!["yes".into()], vec![], None).unwrap();
+        let (id, _) = c.exec(ExecSpec { argv: vec!["yes".into()], ..Default::default() }).unwrap();
         let chunk = frame(&GuestMsg::Output { id, stream: Stream::Stdout, data: vec![b'y'; MAX_OUTPUT_CHUNK] });
         for _ in 0..(MAX_BUFFERED_OUTPUT / MAX_OUTPUT_CHUNK + 2) {
             c.on_bytes(&chunk).unwrap();
@@ -525,9 +518,9 @@ mod tests {
     fn pending_requests_are_bounded() {
         let mut c = ready_core();
         for _ in 0..MAX_PENDING {
-            c.exec(vec!["x".into()], vec![], None).unwrap();
+            c.exec(ExecSpec { argv: vec!["x".into()], ..Default::default() }).unwrap();
         }
-        let e = c.exec(vec!["x".into()], vec![], None).unwrap_err();
+        let e = c.exec(ExecSpec { argv: vec!["x".into()], ..Default::default() }).unwrap_err();
         assert!(e.to_string().contains("in flight"));
     }
 }
@@ -543,7 +536,9 @@ mod actor_tests {
         let ready = encode(&GuestMsg::Ready { min_version: 1, max_version: 1, agent: "t".into() }).unwrap();
         agent.cast(AgentMsg::FromGuest(GuestBytes(ready))).unwrap();
         let (tx, rx) = ractor::concurrency::oneshot();
-        agent.cast(AgentMsg::Exec { argv: vec!["x".into()], env: vec![], cwd: None, reply: tx.into() }).unwrap();
+        agent
+            .cast(AgentMsg::Exec { spec: ExecSpec { argv: vec!["x".into()], ..Default::default() }, reply: tx.into() })
+            .unwrap();
         agent.cast(AgentMsg::VmStopped(StopReason::GuestPowerOff, "tail".into())).unwrap();
         match rx.await.unwrap() {
             Err(Error::VmStopped { reason: StopReason::GuestPowerOff, console_tail }) => {

@@ -35,6 +35,17 @@ pub use error::{Error, Result};
 pub use msb_protocol::{ExitStatus, SpawnErrorKind};
 pub use sandbox::{Sandbox, SandboxBuilder};
 
+/// What to run in the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecSpec {
+    /// Program and arguments; the program is looked up in the guest's `PATH`.
+    pub argv: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Working directory (default `/`).
+    pub cwd: Option<String>,
+}
+
 /// The result of a buffered exec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {

@@ -14,7 +14,7 @@ use crate::agent::{AgentClient, AgentMsg};
 use crate::console::{ConsoleArgs, ConsoleDevice, DeviceArgs, RngDevice};
 use crate::machine::{Machine, MachineSpec};
 use crate::vcpu::{VcpuActor, VcpuArgs, VcpuMsg};
-use crate::{home, initramfs, Error, ExecOutput, Result, StopReason};
+use crate::{home, initramfs, Error, ExecOutput, ExecSpec, Result, StopReason};
 
 /// Default time for a guest to become ready.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -185,7 +185,7 @@ impl Sandbox {
         env: Vec<(String, String)>,
         cwd: Option<String>,
     ) -> Result<ExecOutput> {
-        self.call(|reply| SupMsg::Exec { argv, env, cwd, reply }).await
+        self.call(|reply| SupMsg::Exec { spec: ExecSpec { argv, env, cwd }, reply }).await
     }
 
     /// Asks the guest to sync and shut down, forcing it after the default timeout.
@@ -236,9 +236,7 @@ impl Drop for Sandbox {
 pub enum SupMsg {
     WaitReady(RpcReplyPort<Result<String>>),
     Exec {
-        argv: Vec<String>,
-        env: Vec<(String, String)>,
-        cwd: Option<String>,
+        spec: ExecSpec,
         reply: RpcReplyPort<Result<ExecOutput>>,
     },
     Stop {
@@ -395,9 +393,9 @@ impl Actor for Supervisor {
                     let _ = reply.send(Err(gone(st)));
                 }
             }
-            SupMsg::Exec { argv, env, cwd, reply } => {
+            SupMsg::Exec { spec, reply } => {
                 let back = match &st.running {
-                    Some(r) => match r.agent.cast(AgentMsg::Exec { argv, env, cwd, reply }) {
+                    Some(r) => match r.agent.cast(AgentMsg::Exec { spec, reply }) {
                         Err(ractor::MessagingErr::SendErr(AgentMsg::Exec { reply, .. })) => Some(reply),
                         _ => None,
                     },

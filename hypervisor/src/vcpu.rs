@@ -11,7 +11,7 @@ use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestAddress;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -72,6 +72,8 @@ const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 
 /// Flat 32-bit GDT for PVH entry: null, code, data, TSS.
 const GDT: [u64; 4] = [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0000_8b00_0000_0067];
+/// Flat GDT for 64-bit entry: null, 64-bit code, data, TSS.
+const GDT64: [u64; 4] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0000_8b00_0000_0067];
 
 impl Vcpu {
     /// Creates vCPU `id` and prepares it for `entry` (only vCPU 0 gets registers; the others
@@ -159,10 +161,11 @@ impl Vcpu {
         self.fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))
     }
 
-    /// 32-bit protected mode, paging off, flat segments, `rbx` = PVH start info.
-    fn set_boot_registers(&self, vm: &Vm, entry: GuestAddress) -> Result<()> {
+    /// Writes `gdt` (null, code, data, TSS) and returns sregs with flat segments loaded from
+    /// it; `long` selects a 64-bit code segment. Control registers are the caller's.
+    fn flat_segments(&self, vm: &Vm, gdt: &[u64; 4], long: bool) -> Result<kvm_sregs> {
         use vm_memory::Bytes;
-        for (i, d) in GDT.iter().enumerate() {
+        for (i, d) in gdt.iter().enumerate() {
             vm.memory()
                 .write_obj(*d, GuestAddress(GDT_ADDR + 8 * i as u64))
                 .map_err(|e| Error::Boot(format!("writing GDT: {e}")))?;
@@ -183,7 +186,7 @@ impl Vcpu {
             unusable: 0,
             padding: 0,
         };
-        sregs.cs = seg(0x08, 0xb, 1);
+        sregs.cs = if long { kvm_segment { l: 1, db: 0, ..seg(0x08, 0xb, 1) } } else { seg(0x08, 0xb, 1) };
         let data = seg(0x10, 0x3, 1);
         sregs.ds = data;
         sregs.es = data;
@@ -192,9 +195,15 @@ impl Vcpu {
         sregs.ss = data;
         sregs.tr = kvm_segment { limit: 0x67, db: 0, g: 0, ..seg(0x18, 0xb, 0) };
         sregs.gdt.base = GDT_ADDR;
-        sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
+        sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
         sregs.idt.base = 0;
         sregs.idt.limit = 0;
+        Ok(sregs)
+    }
+
+    /// 32-bit protected mode, paging off, flat segments, `rbx` = PVH start info.
+    fn set_boot_registers(&self, vm: &Vm, entry: GuestAddress) -> Result<()> {
+        let mut sregs = self.flat_segments(vm, &GDT, false)?;
         sregs.cr0 = 0x11; // PE | ET; caching enabled (reset value has CD|NW)
         sregs.cr3 = 0;
         sregs.cr4 = 0;
@@ -216,38 +225,7 @@ impl Vcpu {
             // 2 MiB pages: present, writable, page size.
             mem.write_obj((i << 21) | 0x83, GuestAddress(PD_ADDR + i * 8)).map_err(werr)?;
         }
-        let gdt: [u64; 4] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x008f_8b00_0000_ffff];
-        for (i, d) in gdt.iter().enumerate() {
-            mem.write_obj(*d, GuestAddress(GDT_ADDR + 8 * i as u64)).map_err(werr)?;
-        }
-        let mut sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        let seg = |selector: u16, type_: u8, l: u8, db: u8, s: u8| kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector,
-            type_,
-            present: 1,
-            dpl: 0,
-            db,
-            s,
-            l,
-            g: 1,
-            avl: 0,
-            unusable: 0,
-            padding: 0,
-        };
-        sregs.cs = seg(0x08, 0xb, 1, 0, 1);
-        let data = seg(0x10, 0x3, 0, 1, 1);
-        sregs.ds = data;
-        sregs.es = data;
-        sregs.fs = data;
-        sregs.gs = data;
-        sregs.ss = data;
-        sregs.tr = kvm_segment { limit: 0xfffff, ..seg(0x18, 0xb, 0, 0, 0) };
-        sregs.gdt.base = GDT_ADDR;
-        sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
-        sregs.idt.base = 0;
-        sregs.idt.limit = 0;
+        let mut sregs = self.flat_segments(vm, &GDT64, true)?;
         sregs.cr3 = PML4_ADDR;
         sregs.cr4 = 0x20; // PAE
         sregs.cr0 = 0x8000_0011; // PG | ET | PE
