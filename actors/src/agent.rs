@@ -23,6 +23,11 @@ use crate::{Error, ExecOutput, ExecSpec, Result};
 
 /// Most requests in flight on one sandbox.
 pub const MAX_PENDING: usize = 1024;
+/// Most host-to-guest bytes handed to the console device and not yet taken by the guest
+/// (below the device's own buffer limit, so the guest can never make that buffer overflow).
+pub const TO_GUEST_WINDOW: usize = 1024 * 1024;
+/// Most stdin bytes one buffered exec may carry.
+pub const MAX_STDIN: usize = 64 * 1024 * 1024;
 /// Most guest-reported errors logged per sandbox (the guest can send them at will).
 pub const MAX_GUEST_LOGS: u64 = 16;
 /// Most output bytes (stdout plus stderr) one buffered exec keeps.
@@ -33,6 +38,7 @@ struct PendingExec {
     stdout: Vec<u8>,
     stderr: Vec<u8>,
     overflowed: bool,
+    timed_out: bool,
 }
 
 /// What the guest's bytes amounted to.
@@ -58,6 +64,7 @@ pub enum AgentEvent {
 pub enum ExecFailure {
     Spawn { kind: SpawnErrorKind, message: String },
     TooLarge,
+    TimedOut,
 }
 
 #[derive(Debug, Default)]
@@ -107,14 +114,33 @@ impl AgentCore {
         Ok(id)
     }
 
-    /// Starts an exec; returns its id and the frame to send.
-    pub fn exec(&mut self, spec: ExecSpec) -> Result<(RequestId, Vec<u8>)> {
+    /// Starts an exec; returns its id and the frames to send (the request, then its stdin in
+    /// chunks and an end-of-input chunk).
+    pub fn exec(&mut self, spec: ExecSpec) -> Result<(RequestId, Vec<Vec<u8>>)> {
+        if spec.stdin.as_ref().is_some_and(|s| s.len() > MAX_STDIN) {
+            return Err(Error::Config(format!("stdin larger than {MAX_STDIN} bytes for a buffered exec")));
+        }
         let id = self.next_id()?;
-        let req = ExecRequest { id, argv: spec.argv, env: spec.env, cwd: spec.cwd };
+        let req = ExecRequest {
+            id,
+            argv: spec.argv,
+            env: spec.env,
+            cwd: spec.cwd,
+            user: spec.user,
+            timeout_ms: spec.timeout.map(|d| d.as_millis().min(u64::MAX as u128) as u64),
+            stdin: spec.stdin.is_some(),
+        };
         req.validate().map_err(Error::Config)?;
-        let frame = encode(&HostMsg::Exec(req)).map_err(|e| Error::Config(format!("exec request: {e}")))?;
-        self.execs.insert(id, PendingExec { stdout: Vec::new(), stderr: Vec::new(), overflowed: false });
-        Ok((id, frame))
+        let mut frames = vec![encode(&HostMsg::Exec(req)).map_err(|e| Error::Config(format!("exec request: {e}")))?];
+        if let Some(input) = spec.stdin {
+            for chunk in input.chunks(MAX_OUTPUT_CHUNK) {
+                frames.push(encode(&HostMsg::Stdin { id, data: chunk.to_vec() }).expect("bounded chunk encodes"));
+            }
+            frames.push(encode(&HostMsg::Stdin { id, data: Vec::new() }).expect("small message encodes"));
+        }
+        self.execs
+            .insert(id, PendingExec { stdout: Vec::new(), stderr: Vec::new(), overflowed: false, timed_out: false });
+        Ok((id, frames))
     }
 
     /// Starts an orderly shutdown; returns its id and the frame to send.
@@ -185,9 +211,15 @@ impl AgentCore {
                 }
                 Ok(None)
             }
+            GuestMsg::TimedOut { id } => {
+                self.execs.get_mut(&id).ok_or_else(|| unknown(id))?.timed_out = true;
+                Ok(None)
+            }
             GuestMsg::Exited { id, status } => {
                 let p = self.execs.remove(&id).ok_or_else(|| unknown(id))?;
-                let result = if p.overflowed {
+                let result = if p.timed_out {
+                    Err(ExecFailure::TimedOut)
+                } else if p.overflowed {
                     Err(ExecFailure::TooLarge)
                 } else {
                     Ok(ExecOutput { status, stdout: p.stdout, stderr: p.stderr })
@@ -260,12 +292,28 @@ pub struct AgentState {
     exec_replies: HashMap<RequestId, RpcReplyPort<Result<ExecOutput>>>,
     shutdown_replies: HashMap<RequestId, RpcReplyPort<Result<()>>>,
     stopped: Option<(crate::StopReason, String)>,
+    /// Frames waiting for send credit, and bytes sent but not yet taken by the guest.
+    outbox: std::collections::VecDeque<Vec<u8>>,
+    to_guest_in_flight: usize,
+    exec_timeouts: HashMap<RequestId, std::time::Duration>,
 }
 
 impl AgentState {
-    fn send(&self, frame: Vec<u8>) {
-        if let Some(c) = &self.console {
-            let _ = c.send_message(ToConsole::Bytes(frame));
+    fn send(&mut self, frame: Vec<u8>) {
+        self.outbox.push_back(frame);
+        self.flush();
+    }
+
+    /// Hands queued frames to the console while the guest keeps up (whole frames only).
+    fn flush(&mut self) {
+        let Some(c) = &self.console else { return };
+        while let Some(f) = self.outbox.front() {
+            if self.to_guest_in_flight > 0 && self.to_guest_in_flight + f.len() > TO_GUEST_WINDOW {
+                break;
+            }
+            let f = self.outbox.pop_front().expect("front exists");
+            self.to_guest_in_flight += f.len();
+            let _ = c.send_message(ToConsole::Bytes(f));
         }
     }
 
@@ -320,8 +368,13 @@ impl Actor for AgentClient {
         st: &mut AgentState,
     ) -> std::result::Result<(), ActorProcessingErr> {
         match msg {
-            AgentMsg::Attach(c) => st.console = Some(c),
-            AgentMsg::FromGuest(GuestBytes(data)) => {
+            AgentMsg::Attach(c) => {
+                st.console = Some(c);
+                st.flush();
+            }
+            AgentMsg::FromGuest(GuestBytes { data, drained }) => {
+                st.to_guest_in_flight = st.to_guest_in_flight.saturating_sub(drained);
+                st.flush();
                 let n = data.len();
                 let events = st.core.on_bytes(&data);
                 if let Some(c) = &st.console {
@@ -355,10 +408,16 @@ impl Actor for AgentClient {
                     let _ = reply.send(Err(st.failure()));
                     return Ok(());
                 }
+                let timeout = spec.timeout;
                 match st.core.exec(spec) {
-                    Ok((id, frame)) => {
+                    Ok((id, frames)) => {
                         st.exec_replies.insert(id, reply);
-                        st.send(frame);
+                        if let Some(t) = timeout {
+                            st.exec_timeouts.insert(id, t);
+                        }
+                        for f in frames {
+                            st.send(f);
+                        }
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e));
@@ -398,10 +457,12 @@ fn handle_event(st: &mut AgentState, ev: AgentEvent) {
             }
         }
         AgentEvent::ExecDone { id, result } => {
+            let timeout = st.exec_timeouts.remove(&id).unwrap_or_default();
             if let Some(r) = st.exec_replies.remove(&id) {
                 let _ = r.send(result.map_err(|f| match f {
                     ExecFailure::Spawn { kind, message } => Error::SpawnFailed { kind, message },
                     ExecFailure::TooLarge => Error::OutputTooLarge { limit: MAX_BUFFERED_OUTPUT },
+                    ExecFailure::TimedOut => Error::TimedOut { after: timeout },
                 }));
             }
         }
@@ -455,6 +516,42 @@ mod tests {
         assert_eq!(out.stdout, b"out");
         assert_eq!(out.stderr, b"err");
         assert_eq!(out.code(), Some(42));
+    }
+
+    #[test]
+    fn stdin_is_sent_in_bounded_chunks_then_closed() {
+        let mut c = ready_core();
+        let input = vec![7u8; MAX_OUTPUT_CHUNK * 2 + 5];
+        let spec = ExecSpec { argv: vec!["cat".into()], stdin: Some(input.clone()), ..Default::default() };
+        let (id, frames) = c.exec(spec).unwrap();
+        let msgs: Vec<HostMsg> = frames.iter().map(|f| decode(&f[4..]).unwrap()).collect();
+        assert!(matches!(&msgs[0], HostMsg::Exec(r) if r.stdin && r.id == id));
+        let mut got = Vec::new();
+        for m in &msgs[1..msgs.len() - 1] {
+            let HostMsg::Stdin { data, .. } = m else { panic!("{m:?}") };
+            assert!(!data.is_empty() && data.len() <= MAX_OUTPUT_CHUNK);
+            got.extend_from_slice(data);
+        }
+        assert_eq!(got, input);
+        assert_eq!(msgs.last(), Some(&HostMsg::Stdin { id, data: vec![] }), "end of input");
+        let too_big = ExecSpec { argv: vec!["cat".into()], stdin: Some(vec![0; MAX_STDIN + 1]), ..Default::default() };
+        assert!(c.exec(too_big).is_err());
+    }
+
+    #[test]
+    fn timeout_is_reported_as_such() {
+        let mut c = ready_core();
+        let spec = ExecSpec {
+            argv: vec!["sleep".into(), "9".into()],
+            timeout: Some(std::time::Duration::from_millis(1500)),
+            ..Default::default()
+        };
+        let (id, frames) = c.exec(spec).unwrap();
+        let HostMsg::Exec(r) = decode(&frames[0][4..]).unwrap() else { panic!() };
+        assert_eq!(r.timeout_ms, Some(1500));
+        let mut bytes = frame(&GuestMsg::TimedOut { id });
+        bytes.extend(frame(&GuestMsg::Exited { id, status: ExitStatus::Signal(9) }));
+        assert_eq!(c.on_bytes(&bytes).unwrap(), vec![AgentEvent::ExecDone { id, result: Err(ExecFailure::TimedOut) }]);
     }
 
     #[test]
@@ -534,7 +631,7 @@ mod actor_tests {
     async fn pending_exec_fails_with_the_stop_reason() {
         let (agent, _h) = Actor::spawn(None, AgentClient, ()).await.unwrap();
         let ready = encode(&GuestMsg::Ready { min_version: 1, max_version: 1, agent: "t".into() }).unwrap();
-        agent.cast(AgentMsg::FromGuest(GuestBytes(ready))).unwrap();
+        agent.cast(AgentMsg::FromGuest(GuestBytes { data: ready, drained: 0 })).unwrap();
         let (tx, rx) = ractor::concurrency::oneshot();
         agent
             .cast(AgentMsg::Exec { spec: ExecSpec { argv: vec!["x".into()], ..Default::default() }, reply: tx.into() })

@@ -23,9 +23,13 @@ use vmm_sys_util::eventfd::EventFd;
 /// Most guest bytes handed to the agent client and not yet credited back.
 pub const CREDIT_WINDOW: usize = 1024 * 1024;
 
-/// Guest-to-host bytes of the agent channel.
+/// Guest-to-host bytes of the agent channel, and how many host-to-guest bytes the guest has
+/// taken since the last report (the agent client's send credit).
 #[derive(Debug)]
-pub struct GuestBytes(pub Vec<u8>);
+pub struct GuestBytes {
+    pub data: Vec<u8>,
+    pub drained: usize,
+}
 
 /// What the agent client may send the console device.
 #[derive(Debug)]
@@ -139,6 +143,7 @@ impl ConsoleState {
         }
         let mut signal = false;
         let mut out = Vec::new();
+        let pending_before = t.device().pending_to_guest();
         let result = {
             let (dev, queues, mem) = t.parts();
             dev.process_control(queues, mem)
@@ -163,10 +168,11 @@ impl ConsoleState {
         if signal {
             t.signal_used();
         }
+        let drained = pending_before.saturating_sub(t.device().pending_to_guest());
         drop(t);
-        if !out.is_empty() {
+        if !out.is_empty() || drained > 0 {
             self.in_flight += out.len();
-            self.agent.send_message(GuestBytes(out)).map_err(|_| "agent client is gone")?;
+            self.agent.send_message(GuestBytes { data: out, drained }).map_err(|_| "agent client is gone")?;
         }
         Ok(())
     }

@@ -24,6 +24,8 @@ pub enum Error {
     SpawnFailed { kind: SpawnErrorKind, message: String },
     #[error("command output exceeded the {limit}-byte limit for a buffered exec; stream it instead or print less")]
     OutputTooLarge { limit: usize },
+    #[error("command ran past its {after:?} timeout and was killed (SIGKILL to its process group)")]
+    TimedOut { after: std::time::Duration },
     #[error("the sandbox is gone (its actors have stopped)")]
     Gone,
 }

@@ -33,6 +33,7 @@ pub mod vcpu;
 pub use agent::{AgentCore, AgentEvent, MAX_BUFFERED_OUTPUT, MAX_PENDING};
 pub use error::{Error, Result};
 pub use msb_protocol::{ExitStatus, SpawnErrorKind};
+pub use sandbox::BootTimes;
 pub use sandbox::{Sandbox, SandboxBuilder};
 
 /// What to run in the guest.
@@ -44,6 +45,12 @@ pub struct ExecSpec {
     pub env: Vec<(String, String)>,
     /// Working directory (default `/`).
     pub cwd: Option<String>,
+    /// `root`, `UID` or `UID:GID` (default: root).
+    pub user: Option<String>,
+    /// Kill the command (SIGKILL) after this long; the exec then fails with `Error::TimedOut`.
+    pub timeout: Option<std::time::Duration>,
+    /// Bytes for the command's stdin, which is closed after them (default: /dev/null).
+    pub stdin: Option<Vec<u8>>,
 }
 
 /// The result of a buffered exec.

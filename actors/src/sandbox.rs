@@ -185,7 +185,12 @@ impl Sandbox {
         env: Vec<(String, String)>,
         cwd: Option<String>,
     ) -> Result<ExecOutput> {
-        self.call(|reply| SupMsg::Exec { spec: ExecSpec { argv, env, cwd }, reply }).await
+        self.exec_spec(ExecSpec { argv, env, cwd, ..Default::default() }).await
+    }
+
+    /// Runs a command described in full (user, timeout, stdin, …) and collects its output.
+    pub async fn exec_spec(&self, spec: ExecSpec) -> Result<ExecOutput> {
+        self.call(|reply| SupMsg::Exec { spec, reply }).await
     }
 
     /// Asks the guest to sync and shut down, forcing it after the default timeout.

@@ -1,13 +1,22 @@
-//! One command session: validate, spawn, stream stdout and stderr in bounded chunks, report
-//! the exit status.
+//! One command session: validate, spawn, feed stdin, stream stdout and stderr in bounded
+//! chunks, enforce the timeout, report the exit status.
+//!
+//! Bounds: at most [`STDIN_QUEUE`] stdin chunks wait per session (the host's send window
+//! bounds it further); a timeout kills the whole process group.
 
-use std::io::Read;
+use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use msb_protocol::{ExecRequest, GuestMsg, SpawnErrorKind, Stream, MAX_OUTPUT_CHUNK};
+use msb_protocol::{ExecRequest, GuestMsg, RequestId, SpawnErrorKind, Stream, UserSpec, MAX_OUTPUT_CHUNK};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 
 use crate::reaper::Reaper;
 use crate::{Sender, MAX_SESSIONS};
@@ -16,7 +25,29 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 
 static RUNNING: AtomicUsize = AtomicUsize::new(0);
 
-pub fn start(req: ExecRequest, sender: Sender, reaper: Reaper) {
+/// Stdin chunks that may wait for one session's writer.
+pub const STDIN_QUEUE: usize = 64;
+
+/// The stdin feeds of running sessions that asked for one.
+pub type Stdins = Arc<Mutex<HashMap<RequestId, SyncSender<Vec<u8>>>>>;
+
+/// Hands a stdin chunk to session `id` (an empty chunk closes its stdin). Input for a session
+/// that has ended, or never asked for stdin, is dropped.
+pub fn feed_stdin(stdins: &Stdins, id: RequestId, data: Vec<u8>) {
+    let tx = {
+        let mut map = stdins.lock().unwrap_or_else(|p| p.into_inner());
+        if data.is_empty() {
+            map.remove(&id)
+        } else {
+            map.get(&id).cloned()
+        }
+    };
+    if let Some(tx) = tx {
+        let _ = tx.send(data);
+    }
+}
+
+pub fn start(req: ExecRequest, sender: Sender, reaper: Reaper, stdins: Stdins) {
     let id = req.id;
     let fail = |kind, message: String| GuestMsg::SpawnFailed { id, kind, message };
     if let Err(e) = req.validate() {
@@ -26,8 +57,15 @@ pub fn start(req: ExecRequest, sender: Sender, reaper: Reaper) {
         RUNNING.fetch_sub(1, Ordering::SeqCst);
         return sender.send(&fail(SpawnErrorKind::Other, format!("more than {MAX_SESSIONS} commands running")));
     }
+    // Registered now, before the host's first stdin chunk can be read.
+    let stdin_rx = req.stdin.then(|| {
+        let (tx, rx) = sync_channel(STDIN_QUEUE);
+        stdins.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
+        rx
+    });
     let spawned = std::thread::Builder::new().name(format!("exec-{id}")).spawn(move || {
-        run(req, &sender, &reaper);
+        run(req, stdin_rx, &sender, &reaper);
+        stdins.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         RUNNING.fetch_sub(1, Ordering::SeqCst);
     });
     if let Err(e) = spawned {
@@ -45,7 +83,7 @@ fn classify(e: &std::io::Error) -> SpawnErrorKind {
     }
 }
 
-fn run(req: ExecRequest, sender: &Sender, reaper: &Reaper) {
+fn run(req: ExecRequest, stdin_rx: Option<Receiver<Vec<u8>>>, sender: &Sender, reaper: &Reaper) {
     let id = req.id;
     let cwd = req.cwd.clone().unwrap_or_else(|| "/".into());
     if !Path::new(&cwd).is_dir() {
@@ -62,10 +100,14 @@ fn run(req: ExecRequest, sender: &Sender, reaper: &Reaper) {
         .env("HOME", "/root")
         .envs(req.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&cwd)
-        .stdin(Stdio::null())
+        .stdin(if stdin_rx.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    if let Some(user) = &req.user {
+        let u = UserSpec::parse(user).expect("validated");
+        cmd.uid(u.uid).gid(u.gid);
+    }
     let spawned = reaper.spawn_registered(|| {
         let child = cmd.spawn()?;
         let pid = child.id();
@@ -81,7 +123,30 @@ fn run(req: ExecRequest, sender: &Sender, reaper: &Reaper) {
             })
         }
     };
-    sender.send(&GuestMsg::Started { id, pid: child.id() });
+    let pid = child.id();
+    sender.send(&GuestMsg::Started { id, pid });
+    if let (Some(rx), Some(mut pipe)) = (stdin_rx, child.stdin.take()) {
+        std::thread::spawn(move || {
+            for chunk in rx {
+                // An empty chunk is EOF. After a write error (the process closed its stdin or
+                // exited) the rest is drained and dropped.
+                if chunk.is_empty() || pipe.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let (done_tx, done_rx) = sync_channel::<()>(1);
+    if let Some(ms) = req.timeout_ms {
+        let flag = timed_out.clone();
+        std::thread::spawn(move || {
+            if let Err(RecvTimeoutError::Timeout) = done_rx.recv_timeout(Duration::from_millis(ms)) {
+                flag.store(true, Ordering::SeqCst);
+                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        });
+    }
     let pumps: Vec<_> = [
         child.stdout.take().map(|r| (Stream::Stdout, Box::new(r) as Box<dyn Read + Send>)),
         child.stderr.take().map(|r| (Stream::Stderr, Box::new(r) as Box<dyn Read + Send>)),
@@ -108,7 +173,12 @@ fn run(req: ExecRequest, sender: &Sender, reaper: &Reaper) {
     }
     // The reaper owns waiting; `child` is only dropped (which neither waits nor kills).
     drop(child);
-    match exited.recv() {
+    let status = exited.recv();
+    drop(done_tx);
+    if timed_out.load(Ordering::SeqCst) {
+        sender.send(&GuestMsg::TimedOut { id });
+    }
+    match status {
         Ok(status) => sender.send(&GuestMsg::Exited { id, status }),
         Err(_) => crate::log(&format!("exec {id}: reaper lost the exit status")),
     }

@@ -71,6 +71,7 @@ fn serve() -> Result<(), String> {
     let mut reader = chan.try_clone().map_err(|e| format!("cloning channel: {e}"))?;
     let sender = Sender(Arc::new(Mutex::new(chan)));
     let reaper = reaper::Reaper::start();
+    let stdins = exec::Stdins::default();
     sender.send(&GuestMsg::Ready {
         min_version: MIN_PROTOCOL_VERSION,
         max_version: PROTOCOL_VERSION,
@@ -108,7 +109,8 @@ fn serve() -> Result<(), String> {
                 _ if !negotiated => {
                     sender.send(&GuestMsg::Error { message: "request before Hello".into() });
                 }
-                HostMsg::Exec(req) => exec::start(req, sender.clone(), reaper.clone()),
+                HostMsg::Exec(req) => exec::start(req, sender.clone(), reaper.clone(), stdins.clone()),
+                HostMsg::Stdin { id, data } => exec::feed_stdin(&stdins, id, data),
                 HostMsg::Shutdown { id } => {
                     nix::unistd::sync();
                     sender.send(&GuestMsg::ShutdownAck { id });

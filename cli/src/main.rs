@@ -1,7 +1,8 @@
 //! `msb`: the command line.
 //!
 //! Exit codes of `msb run` follow docker's: the command's own status; 128+N if a signal N
-//! killed it; 127 if it was not found; 126 if it could not be executed; 125 if msb itself
+//! killed it; 127 if it was not found; 126 if it could not be executed; 124 if it ran past
+//! `--timeout`; 125 if msb itself
 //! failed (bad configuration, VM did not boot, …).
 
 #![forbid(unsafe_code)]
@@ -12,7 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use msb_actors::{Error, ExitStatus, Sandbox, SpawnErrorKind};
+use msb_actors::{Error, ExecSpec, ExitStatus, Sandbox, SpawnErrorKind};
 
 #[derive(Parser)]
 #[command(name = "msb", version, about = "Run untrusted code in hardware-isolated microVMs")]
@@ -24,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Boot a sandbox, run one command in it, print its output, and exit with its status.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Report what this host can run: the kind of /dev/kvm, permissions, kernel, agent.
     Doctor,
 }
@@ -43,6 +44,15 @@ struct RunArgs {
     /// Working directory inside the guest.
     #[arg(short = 'w', long = "workdir")]
     workdir: Option<String>,
+    /// Run as this user: root, UID or UID:GID.
+    #[arg(short = 'u', long)]
+    user: Option<String>,
+    /// Kill the command after this many seconds (exit status 124).
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Pass this process's stdin to the command (read to the end first).
+    #[arg(short = 'i', long)]
+    interactive: bool,
     /// Guest kernel (default: $MSB_HOME/kernel/vmlinux).
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -74,7 +84,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.cmd {
-        Cmd::Run(args) => rt.block_on(run(args)),
+        Cmd::Run(args) => rt.block_on(run(*args)),
         Cmd::Doctor => doctor(),
     }
 }
@@ -107,7 +117,26 @@ async fn run(a: RunArgs) -> ExitCode {
             return ExitCode::from(125);
         }
     };
-    let result = sb.exec_argv(a.command.clone(), env, a.workdir).await;
+    let stdin = if a.interactive {
+        let mut buf = Vec::new();
+        if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf) {
+            eprintln!("msb: reading stdin: {e}");
+            return ExitCode::from(125);
+        }
+        Some(buf)
+    } else {
+        None
+    };
+    let timeout = match a.timeout.map(Duration::try_from_secs_f64) {
+        Some(Err(_)) => {
+            eprintln!("msb: --timeout must be a positive number of seconds");
+            return ExitCode::from(125);
+        }
+        Some(Ok(d)) => Some(d),
+        None => None,
+    };
+    let spec = ExecSpec { argv: a.command.clone(), env, cwd: a.workdir, user: a.user, timeout, stdin };
+    let result = sb.exec_spec(spec).await;
     let _ = sb.stop().await;
     match result {
         Ok(out) => {
@@ -118,6 +147,10 @@ async fn run(a: RunArgs) -> ExitCode {
                 ExitStatus::Code(c) => ExitCode::from(c.clamp(0, 255) as u8),
                 ExitStatus::Signal(s) => ExitCode::from((128 + s).clamp(0, 255) as u8),
             }
+        }
+        Err(e @ Error::TimedOut { .. }) => {
+            eprintln!("msb: {e}");
+            ExitCode::from(124)
         }
         Err(Error::SpawnFailed { kind, message }) => {
             eprintln!("msb: {message}");

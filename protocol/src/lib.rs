@@ -52,6 +52,9 @@ pub enum HostMsg {
     Exec(ExecRequest),
     /// Sync file systems and power off; answered by [`GuestMsg::ShutdownAck`].
     Shutdown { id: RequestId },
+    /// Input for request `id` (which asked for stdin); at most [`MAX_OUTPUT_CHUNK`] bytes.
+    /// An empty chunk closes the process's stdin.
+    Stdin { id: RequestId, data: Vec<u8> },
 }
 
 /// A command to run in the guest.
@@ -64,6 +67,36 @@ pub struct ExecRequest {
     pub env: Vec<(String, String)>,
     /// Working directory; `/` when absent.
     pub cwd: Option<String>,
+    /// `uid[:gid]` (numbers) or `root`; the agent's own (root) when absent.
+    pub user: Option<String>,
+    /// Kill the process (SIGKILL to its process group) after this many milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Give the process a stdin pipe fed by [`HostMsg::Stdin`]; otherwise /dev/null.
+    pub stdin: bool,
+}
+
+/// A parsed `uid[:gid]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserSpec {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl UserSpec {
+    /// Parses `root`, `UID` (gid = uid) or `UID:GID`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "root" {
+            return Ok(UserSpec { uid: 0, gid: 0 });
+        }
+        let num = |v: &str| v.parse::<u32>().map_err(|_| format!("user {s:?}: want root, UID or UID:GID (numbers)"));
+        match s.split_once(':') {
+            Some((u, g)) => Ok(UserSpec { uid: num(u)?, gid: num(g)? }),
+            None => {
+                let uid = num(s)?;
+                Ok(UserSpec { uid, gid: uid })
+            }
+        }
+    }
 }
 
 /// Which output stream a chunk came from.
@@ -104,6 +137,8 @@ pub enum GuestMsg {
     Output { id: RequestId, stream: Stream, data: Vec<u8> },
     /// The process of request `id` ended; no more output follows.
     Exited { id: RequestId, status: ExitStatus },
+    /// The process of request `id` ran past its timeout and was killed; `Exited` follows.
+    TimedOut { id: RequestId },
     /// The process of request `id` could not be started.
     SpawnFailed { id: RequestId, kind: SpawnErrorKind, message: String },
     /// File systems are synced; the guest powers off next.
@@ -139,6 +174,9 @@ impl ExecRequest {
         if self.env.iter().any(|(k, _)| k.is_empty() || k.contains('=')) {
             return Err("environment names must be non-empty and contain no '='".into());
         }
+        if let Some(user) = &self.user {
+            UserSpec::parse(user)?;
+        }
         if let Some(cwd) = &self.cwd {
             if nul(cwd) || !cwd.starts_with('/') {
                 return Err(format!("cwd {cwd:?} must be an absolute path without NUL"));
@@ -153,7 +191,15 @@ mod tests {
     use super::*;
 
     fn req() -> ExecRequest {
-        ExecRequest { id: 7, argv: vec!["echo".into(), "hi".into()], env: vec![], cwd: None }
+        ExecRequest {
+            id: 7,
+            argv: vec!["echo".into(), "hi".into()],
+            env: vec![],
+            cwd: None,
+            user: None,
+            timeout_ms: None,
+            stdin: false,
+        }
     }
 
     #[test]
@@ -183,6 +229,18 @@ mod tests {
         let mut r = req();
         r.argv = vec!["x".into(); MAX_EXEC_ITEMS + 1];
         assert!(r.validate().is_err());
+        let mut r = req();
+        r.user = Some("nobody".into());
+        assert!(r.validate().unwrap_err().contains("UID:GID"));
+    }
+
+    #[test]
+    fn user_specs() {
+        assert_eq!(UserSpec::parse("root"), Ok(UserSpec { uid: 0, gid: 0 }));
+        assert_eq!(UserSpec::parse("1000"), Ok(UserSpec { uid: 1000, gid: 1000 }));
+        assert_eq!(UserSpec::parse("1000:50"), Ok(UserSpec { uid: 1000, gid: 50 }));
+        assert!(UserSpec::parse("1000:").is_err());
+        assert!(UserSpec::parse("-1").is_err());
     }
 
     #[test]

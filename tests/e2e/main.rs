@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use msb_actors::{Error, ExitStatus, SpawnErrorKind, StopReason};
+use msb_actors::{Error, ExecSpec, ExitStatus, SpawnErrorKind, StopReason};
 use msb_tests::boot;
 
 fn sh(script: &str) -> Vec<String> {
@@ -154,4 +154,42 @@ async fn bzimage_boots_through_the_fallback_protocol() {
     let out = sb.exec("cat", ["/proc/cmdline"]).await.unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("virtio_mmio.device="), "{out:?}");
     assert_eq!(sb.stop().await.unwrap(), StopReason::Shutdown);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_timeout_and_user() {
+    let sb = boot().await;
+    // 10 MiB of stdin through `cat`, back byte for byte (flow control on both directions).
+    let mut x: u32 = 12345;
+    let input: Vec<u8> = (0..10 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    let spec = ExecSpec { argv: vec!["cat".into()], stdin: Some(input.clone()), ..Default::default() };
+    let out = sb.exec_spec(spec).await.unwrap();
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert_eq!(out.stdout.len(), input.len());
+    assert!(out.stdout == input, "10 MiB stdin round trip corrupted");
+
+    // A command past its timeout is killed, reported as a timeout, and the sandbox lives on.
+    let spec =
+        ExecSpec { argv: sh("sleep 600; echo never"), timeout: Some(Duration::from_secs(2)), ..Default::default() };
+    match sb.exec_spec(spec).await {
+        Err(Error::TimedOut { after }) => assert_eq!(after, Duration::from_secs(2)),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert_eq!(sb.exec("echo", ["alive"]).await.unwrap().stdout, b"alive\n");
+
+    // Dropping root.
+    let spec = ExecSpec { argv: sh("id -u; id -g"), user: Some("1000:1001".into()), ..Default::default() };
+    assert_eq!(sb.exec_spec(spec).await.unwrap().stdout, b"1000\n1001\n");
+    match sb.exec_spec(ExecSpec { argv: vec!["id".into()], user: Some("nobody".into()), ..Default::default() }).await {
+        Err(Error::Config(msg)) => assert!(msg.contains("UID:GID"), "{msg}"),
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+    sb.stop().await.unwrap();
 }
