@@ -193,3 +193,26 @@ async fn stdin_timeout_and_user() {
     }
     sb.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_sequential_and_concurrent_execs_and_orphans_are_reaped() {
+    let sb = boot().await;
+    for i in 0..100 {
+        let out = sb.exec("echo", [i.to_string()]).await.unwrap();
+        assert_eq!(out.stdout, format!("{i}\n").as_bytes());
+    }
+    let runs = (0..10).map(|i| {
+        let sb = &sb;
+        async move { sb.exec_argv(sh(&format!("sleep 1; echo c{i}")), vec![], None).await.unwrap() }
+    });
+    let outs = futures::future::join_all(runs).await;
+    for (i, out) in outs.iter().enumerate() {
+        assert_eq!(out.stdout, format!("c{i}\n").as_bytes());
+    }
+    // An orphaned grandchild is adopted and reaped by agentd (PID 1): no zombie remains.
+    sb.exec_argv(sh("(sleep 1 &) ; true"), vec![], None).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ps = sb.exec_argv(sh("grep -l '^State:.*Z' /proc/[0-9]*/status || true"), vec![], None).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&ps.stdout), "", "zombies left behind");
+    sb.stop().await.unwrap();
+}
