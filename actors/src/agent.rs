@@ -318,28 +318,31 @@ impl AgentState {
     }
 
     fn failure(&self) -> Error {
-        match (&self.stopped, self.core.closed()) {
-            (Some((reason, tail)), _) => Error::VmStopped { reason: reason.clone(), console_tail: tail.clone() },
-            (None, Some(why)) => Error::Agent(format!("channel closed: {why}")),
-            (None, None) => Error::Gone,
-        }
+        failure_of(&self.stopped, self.core.closed())
     }
 
+    /// Answers every pending request with why the agent can no longer serve it.
     fn fail_all_with(&mut self) {
-        let e = || self.failure();
-        let errs: Vec<_> = (0..self.ready_waiters.len() + self.exec_replies.len() + self.shutdown_replies.len())
-            .map(|_| e())
-            .collect();
-        let mut errs = errs.into_iter();
+        let (stopped, closed) = (self.stopped.clone(), self.core.closed().map(String::from));
+        let err = || failure_of(&stopped, closed.as_deref());
         for w in self.ready_waiters.drain(..) {
-            let _ = w.send(Err(errs.next().unwrap_or(Error::Gone)));
+            let _ = w.send(Err(err()));
         }
         for (_, r) in self.exec_replies.drain() {
-            let _ = r.send(Err(errs.next().unwrap_or(Error::Gone)));
+            let _ = r.send(Err(err()));
         }
         for (_, r) in self.shutdown_replies.drain() {
-            let _ = r.send(Err(errs.next().unwrap_or(Error::Gone)));
+            let _ = r.send(Err(err()));
         }
+    }
+}
+
+/// Why requests cannot be served: the VM stopped, or the channel closed.
+fn failure_of(stopped: &Option<(crate::StopReason, String)>, closed: Option<&str>) -> Error {
+    match (stopped, closed) {
+        (Some((reason, tail)), _) => Error::VmStopped { reason: reason.clone(), console_tail: tail.clone() },
+        (None, Some(why)) => Error::Agent(format!("channel closed: {why}")),
+        (None, None) => Error::Gone,
     }
 }
 

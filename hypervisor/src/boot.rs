@@ -78,7 +78,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<Loaded> {
     write_cmdline(mem, spec.cmdline)?;
     mptable::write(mem, spec.vcpus)?;
     match setup {
-        None => write_start_info(mem, initrd, low_end)?,
+        None => write_start_info(mem, initrd)?,
         Some(hdr) => write_zero_page(mem, hdr, spec.cmdline.len(), initrd)?,
     }
     Ok(Loaded { entry, kernel_end, initrd })
@@ -152,7 +152,7 @@ pub fn memory_map(mem: &GuestMemoryMmap) -> Vec<hvm_memmap_table_entry> {
     map
 }
 
-fn write_start_info(mem: &GuestMemoryMmap, initrd: Option<(GuestAddress, u64)>, _low_end: u64) -> Result<()> {
+fn write_start_info(mem: &GuestMemoryMmap, initrd: Option<(GuestAddress, u64)>) -> Result<()> {
     let werr = |what: &str, e: vm_memory::GuestMemoryError| Error::Boot(format!("writing {what}: {e}"));
     let map = memory_map(mem);
     for (i, e) in map.iter().enumerate() {
