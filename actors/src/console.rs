@@ -281,3 +281,74 @@ impl Actor for RngDevice {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    /// Stands in for the agent client: counts guest bytes, never credits them.
+    struct Sink;
+    impl Actor for Sink {
+        type Msg = GuestBytes;
+        type State = Arc<AtomicUsize>;
+        type Arguments = Arc<AtomicUsize>;
+        async fn pre_start(
+            &self,
+            _: ActorRef<GuestBytes>,
+            n: Arc<AtomicUsize>,
+        ) -> Result<Arc<AtomicUsize>, ActorProcessingErr> {
+            Ok(n)
+        }
+        async fn handle(
+            &self,
+            _: ActorRef<GuestBytes>,
+            m: GuestBytes,
+            n: &mut Arc<AtomicUsize>,
+        ) -> Result<(), ActorProcessingErr> {
+            n.fetch_add(m.data.len(), Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn guest_to_host_bytes_stop_at_the_credit_window() {
+        const CHAIN: usize = 60 * 1024;
+        const CHAINS: u16 = 32; // ~1.9 MiB offered, more than the window
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let evt = || Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let notify: Vec<_> = (0..4).map(|_| evt()).collect();
+        let mut t = MmioTransport::new(Console::default(), mem.clone(), evt(), notify.clone());
+        for (off, v) in [(0x70u64, 1u32), (0x70, 3), (0x24, 1), (0x20, 1), (0x70, 0xb), (0x70, 0xf)] {
+            t.write(off, &v.to_le_bytes());
+        }
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x10000), 64);
+        let descs: Vec<RawDescriptor> = (0..CHAINS)
+            .map(|i| RawDescriptor::from(SplitDescriptor::new(0x100000 + i as u64 * CHAIN as u64, CHAIN as u32, 0, 0)))
+            .collect();
+        vq.build_multiple_desc_chains(&descs).unwrap();
+        t.parts().1[TX_QUEUE as usize] = vq.create_queue().unwrap();
+        assert!(t.is_active());
+
+        let got = Arc::new(AtomicUsize::new(0));
+        let (sink, _) = Actor::spawn(None, Sink, got.clone()).await.unwrap();
+        let transport = Arc::new(Mutex::new(t));
+        let args = ConsoleArgs { device: DeviceArgs { transport, notify }, agent: sink.get_derived() };
+        let (console, _) = Actor::spawn(None, ConsoleDevice, args).await.unwrap();
+        console.cast(DeviceMsg::Notify(TX_QUEUE)).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let first = got.load(Ordering::SeqCst);
+        assert!(
+            first >= CREDIT_WINDOW - CHAIN && first <= CREDIT_WINDOW + CHAIN,
+            "forwarded {first} bytes without credit"
+        );
+        // Crediting what was consumed lets the rest through.
+        console.cast(DeviceMsg::Console(ToConsole::Credit(first))).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(got.load(Ordering::SeqCst), CHAIN * CHAINS as usize);
+    }
+}

@@ -420,3 +420,34 @@ mod control_tests {
         assert!(e.to_string().contains("want 8"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod control_bound_tests {
+    use super::*;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn control_answers_the_guest_never_collects_are_bounded() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mk = |at| MockSplitQueue::create(&m, GuestAddress(at), 32);
+        let (q0, q1, q2, q3) = (mk(0x10000), mk(0x20000), mk(0x30000), mk(0x40000));
+        // 20 DEVICE_READY messages and no control receive buffers: answers pile up.
+        m.write_slice(&control(DEVICE_READY, 1, &[]), GuestAddress(0x50000)).unwrap();
+        let descs: Vec<RawDescriptor> =
+            (0..20).map(|_| RawDescriptor::from(SplitDescriptor::new(0x50000, 8, 0, 0))).collect();
+        q3.build_multiple_desc_chains(&descs).unwrap();
+        let mut queues: Vec<Queue> = vec![
+            q0.create_queue().unwrap(),
+            q1.create_queue().unwrap(),
+            q2.create_queue().unwrap(),
+            q3.create_queue().unwrap(),
+        ];
+        let mut c = Console::default();
+        c.ack_features(F_MULTIPORT);
+        let e = c.process_control(&mut queues, &m).unwrap_err();
+        assert!(e.to_string().contains("does not drain"), "{e}");
+        assert!(c.control_out.len() <= MAX_CONTROL_PENDING);
+    }
+}
