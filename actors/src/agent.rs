@@ -39,6 +39,8 @@ struct PendingExec {
     stderr: Vec<u8>,
     overflowed: bool,
     timed_out: bool,
+    /// Output goes out as events instead of being collected.
+    streaming: bool,
 }
 
 /// What the guest's bytes amounted to.
@@ -53,6 +55,12 @@ pub enum AgentEvent {
     ExecDone {
         id: RequestId,
         result: std::result::Result<ExecOutput, ExecFailure>,
+    },
+    /// Output of a streaming exec.
+    Output {
+        id: RequestId,
+        stream: Stream,
+        data: Vec<u8>,
     },
     ShutdownAck {
         id: RequestId,
@@ -117,6 +125,44 @@ impl AgentCore {
     /// Starts an exec; returns its id and the frames to send (the request, then its stdin in
     /// chunks and an end-of-input chunk).
     pub fn exec(&mut self, spec: ExecSpec) -> Result<(RequestId, Vec<Vec<u8>>)> {
+        self.exec_with(spec, false)
+    }
+
+    /// Starts an exec whose output is streamed as [`AgentEvent::Output`] and whose stdin stays
+    /// open for [`AgentCore::stdin`] (`spec.stdin` is sent first, without closing it).
+    pub fn exec_streaming(&mut self, spec: ExecSpec) -> Result<(RequestId, Vec<Vec<u8>>)> {
+        let spec = ExecSpec { stdin: Some(spec.stdin.clone().unwrap_or_default()), ..spec };
+        let (id, mut frames) = self.exec_with(spec, true)?;
+        frames.pop(); // keep stdin open
+        Ok((id, frames))
+    }
+
+    /// More stdin for a running streaming exec; an empty `data` closes it.
+    pub fn stdin(&mut self, id: RequestId, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        if !self.execs.get(&id).is_some_and(|p| p.streaming) {
+            return Err(Error::StdinClosed);
+        }
+        if data.is_empty() {
+            return Ok(vec![encode(&HostMsg::Stdin { id, data: Vec::new() }).expect("small message encodes")]);
+        }
+        Ok(data
+            .chunks(MAX_OUTPUT_CHUNK)
+            .map(|c| encode(&HostMsg::Stdin { id, data: c.to_vec() }).expect("bounded chunk encodes"))
+            .collect())
+    }
+
+    /// A signal for a running exec.
+    pub fn signal(&mut self, id: RequestId, signal: i32) -> Result<Vec<u8>> {
+        if !(1..=64).contains(&signal) {
+            return Err(Error::Config(format!("signal {signal} is outside 1..=64")));
+        }
+        if !self.execs.contains_key(&id) {
+            return Err(Error::Config(format!("exec {id} is not running")));
+        }
+        Ok(encode(&HostMsg::Signal { id, signal }).expect("small message encodes"))
+    }
+
+    fn exec_with(&mut self, spec: ExecSpec, streaming: bool) -> Result<(RequestId, Vec<Vec<u8>>)> {
         if spec.stdin.as_ref().is_some_and(|s| s.len() > MAX_STDIN) {
             return Err(Error::Config(format!("stdin larger than {MAX_STDIN} bytes for a buffered exec")));
         }
@@ -138,8 +184,10 @@ impl AgentCore {
             }
             frames.push(encode(&HostMsg::Stdin { id, data: Vec::new() }).expect("small message encodes"));
         }
-        self.execs
-            .insert(id, PendingExec { stdout: Vec::new(), stderr: Vec::new(), overflowed: false, timed_out: false });
+        self.execs.insert(
+            id,
+            PendingExec { stdout: Vec::new(), stderr: Vec::new(), overflowed: false, timed_out: false, streaming },
+        );
         Ok((id, frames))
     }
 
@@ -198,6 +246,9 @@ impl AgentCore {
                     return Err(format!("output chunk of {} bytes exceeds {MAX_OUTPUT_CHUNK}", data.len()));
                 }
                 let p = self.execs.get_mut(&id).ok_or_else(|| unknown(id))?;
+                if p.streaming {
+                    return Ok(Some(AgentEvent::Output { id, stream, data }));
+                }
                 if p.stdout.len() + p.stderr.len() + data.len() > MAX_BUFFERED_OUTPUT {
                     p.overflowed = true;
                     p.stdout = Vec::new();
@@ -263,7 +314,48 @@ pub enum AgentMsg {
     Shutdown(RpcReplyPort<Result<()>>),
     /// The VM is gone: fail everything pending with this error text.
     VmStopped(crate::StopReason, String),
+    /// Start an exec whose output goes to `sink` as it arrives.
+    ExecStream {
+        spec: ExecSpec,
+        sink: StreamSink,
+        reply: RpcReplyPort<Result<RequestId>>,
+    },
+    /// Stdin for a streaming exec; empty closes it.
+    Stdin {
+        id: RequestId,
+        data: Vec<u8>,
+        reply: RpcReplyPort<Result<()>>,
+    },
+    Signal {
+        id: RequestId,
+        signal: i32,
+        reply: RpcReplyPort<Result<()>>,
+    },
+    /// A stream consumer caught up: withheld credit may be released.
+    StreamConsumed,
 }
+
+/// One event of a streaming exec.
+#[derive(Debug)]
+pub enum ExecEvent {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    /// The process ended; nothing follows.
+    Exited(ExitStatus),
+    /// The exec failed (spawn failure, timeout, VM stopped); nothing follows.
+    Failed(Error),
+}
+
+/// Where a streaming exec's events go, and how many output bytes its consumer has not read.
+#[derive(Debug, Clone)]
+pub struct StreamSink {
+    pub events: tokio::sync::mpsc::UnboundedSender<ExecEvent>,
+    pub unconsumed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Unread output bytes one stream consumer may have before the whole agent channel stops
+/// taking guest output (credit is withheld from the console device until it catches up).
+pub const STREAM_WINDOW: usize = 4 * 1024 * 1024;
 
 impl From<GuestBytes> for AgentMsg {
     fn from(b: GuestBytes) -> Self {
@@ -296,6 +388,9 @@ pub struct AgentState {
     outbox: std::collections::VecDeque<Vec<u8>>,
     to_guest_in_flight: usize,
     exec_timeouts: HashMap<RequestId, std::time::Duration>,
+    streams: HashMap<RequestId, StreamSink>,
+    /// Guest bytes consumed but not yet credited back, while a stream consumer lags.
+    withheld: usize,
 }
 
 impl AgentState {
@@ -321,6 +416,18 @@ impl AgentState {
         failure_of(&self.stopped, self.core.closed())
     }
 
+    /// Credits the console with consumed guest bytes unless a stream consumer lags.
+    fn release_credit(&mut self) {
+        use std::sync::atomic::Ordering;
+        let lagging = self.streams.values().any(|s| s.unconsumed.load(Ordering::SeqCst) > STREAM_WINDOW);
+        if lagging || self.withheld == 0 {
+            return;
+        }
+        if let Some(c) = &self.console {
+            let _ = c.send_message(ToConsole::Credit(std::mem::take(&mut self.withheld)));
+        }
+    }
+
     /// Answers every pending request with why the agent can no longer serve it.
     fn fail_all_with(&mut self) {
         let (stopped, closed) = (self.stopped.clone(), self.core.closed().map(String::from));
@@ -333,6 +440,9 @@ impl AgentState {
         }
         for (_, r) in self.shutdown_replies.drain() {
             let _ = r.send(Err(err()));
+        }
+        for (_, sink) in self.streams.drain() {
+            let _ = sink.events.send(ExecEvent::Failed(err()));
         }
     }
 }
@@ -380,14 +490,13 @@ impl Actor for AgentClient {
                 st.flush();
                 let n = data.len();
                 let events = st.core.on_bytes(&data);
-                if let Some(c) = &st.console {
-                    let _ = c.send_message(ToConsole::Credit(n));
-                }
+                st.withheld += n;
                 match events {
                     Ok(events) => {
                         for ev in events {
                             handle_event(st, ev);
                         }
+                        st.release_credit();
                     }
                     Err(why) => {
                         // Dying takes the VM down: a guest that breaks the protocol is not
@@ -436,6 +545,41 @@ impl Actor for AgentClient {
                     let _ = reply.send(Err(e));
                 }
             },
+            AgentMsg::ExecStream { spec, sink, reply } => {
+                if st.stopped.is_some() {
+                    let _ = reply.send(Err(st.failure()));
+                    return Ok(());
+                }
+                let timeout = spec.timeout;
+                match st.core.exec_streaming(spec) {
+                    Ok((id, frames)) => {
+                        st.streams.insert(id, sink);
+                        if let Some(t) = timeout {
+                            st.exec_timeouts.insert(id, t);
+                        }
+                        for f in frames {
+                            st.send(f);
+                        }
+                        let _ = reply.send(Ok(id));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            AgentMsg::Stdin { id, data, reply } => {
+                let r = st.core.stdin(id, &data).map(|frames| {
+                    for f in frames {
+                        st.send(f);
+                    }
+                });
+                let _ = reply.send(r);
+            }
+            AgentMsg::Signal { id, signal, reply } => {
+                let r = st.core.signal(id, signal).map(|f| st.send(f));
+                let _ = reply.send(r);
+            }
+            AgentMsg::StreamConsumed => st.release_credit(),
             AgentMsg::VmStopped(reason, tail) => {
                 // Fail everything pending with the reason, then stop: the supervisor sends
                 // this instead of a stop signal so that the reason is not overtaken.
@@ -461,12 +605,31 @@ fn handle_event(st: &mut AgentState, ev: AgentEvent) {
         }
         AgentEvent::ExecDone { id, result } => {
             let timeout = st.exec_timeouts.remove(&id).unwrap_or_default();
+            let result = result.map_err(|f| match f {
+                ExecFailure::Spawn { kind, message } => Error::SpawnFailed { kind, message },
+                ExecFailure::TooLarge => Error::OutputTooLarge { limit: MAX_BUFFERED_OUTPUT },
+                ExecFailure::TimedOut => Error::TimedOut { after: timeout },
+            });
             if let Some(r) = st.exec_replies.remove(&id) {
-                let _ = r.send(result.map_err(|f| match f {
-                    ExecFailure::Spawn { kind, message } => Error::SpawnFailed { kind, message },
-                    ExecFailure::TooLarge => Error::OutputTooLarge { limit: MAX_BUFFERED_OUTPUT },
-                    ExecFailure::TimedOut => Error::TimedOut { after: timeout },
-                }));
+                let _ = r.send(result);
+            } else if let Some(sink) = st.streams.remove(&id) {
+                let _ = sink.events.send(match result {
+                    Ok(out) => ExecEvent::Exited(out.status),
+                    Err(e) => ExecEvent::Failed(e),
+                });
+            }
+        }
+        AgentEvent::Output { id, stream, data } => {
+            let Some(sink) = st.streams.get(&id) else { return };
+            let n = data.len();
+            let ev = match stream {
+                Stream::Stdout => ExecEvent::Stdout(data),
+                Stream::Stderr => ExecEvent::Stderr(data),
+            };
+            sink.unconsumed.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+            if sink.events.send(ev).is_err() {
+                // Nobody reads this stream any more: stop accounting for it.
+                st.streams.remove(&id);
             }
         }
         AgentEvent::ShutdownAck { id } => {

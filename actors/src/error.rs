@@ -26,6 +26,8 @@ pub enum Error {
     OutputTooLarge { limit: usize },
     #[error("command ran past its {after:?} timeout and was killed (SIGKILL to its process group)")]
     TimedOut { after: std::time::Duration },
+    #[error("the command's stdin is closed: it has exited or was not started for streaming (broken pipe)")]
+    StdinClosed,
     #[error("the sandbox is gone (its actors have stopped)")]
     Gone,
 }

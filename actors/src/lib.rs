@@ -30,11 +30,11 @@ pub mod machine;
 pub mod sandbox;
 pub mod vcpu;
 
-pub use agent::{AgentCore, AgentEvent, MAX_BUFFERED_OUTPUT, MAX_PENDING};
+pub use agent::{AgentCore, AgentEvent, ExecEvent, MAX_BUFFERED_OUTPUT, MAX_PENDING, STREAM_WINDOW};
 pub use error::{Error, Result};
 pub use msb_protocol::{ExitStatus, SpawnErrorKind};
 pub use sandbox::BootTimes;
-pub use sandbox::{Sandbox, SandboxBuilder};
+pub use sandbox::{ExecHandle, Sandbox, SandboxBuilder};
 
 /// What to run in the guest.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

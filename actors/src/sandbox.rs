@@ -1,6 +1,7 @@
 //! The sandbox supervisor actor and the public [`Sandbox`] handle.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use msb_devices::serial::SerialDevice;
 use msb_hypervisor::VcpuStop;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
-use crate::agent::{AgentClient, AgentMsg};
+use crate::agent::{AgentClient, AgentMsg, ExecEvent, StreamSink, STREAM_WINDOW};
 use crate::console::{ConsoleArgs, ConsoleDevice, DeviceArgs, RngDevice};
 use crate::machine::{Machine, MachineSpec};
 use crate::vcpu::{VcpuActor, VcpuArgs, VcpuMsg};
@@ -193,6 +194,17 @@ impl Sandbox {
         self.call(|reply| SupMsg::Exec { spec, reply }).await
     }
 
+    /// Starts a command and returns a handle that streams its output as it arrives and takes
+    /// stdin and signals while it runs. `spec.stdin` is written first; stdin stays open until
+    /// [`ExecHandle::close_stdin`].
+    pub async fn exec_stream(&self, spec: ExecSpec) -> Result<ExecHandle> {
+        let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+        let unconsumed = Arc::new(AtomicUsize::new(0));
+        let sink = StreamSink { events, unconsumed: unconsumed.clone() };
+        let id = self.call(|reply| SupMsg::ExecStream { spec, sink, reply }).await?;
+        Ok(ExecHandle { id, rx, unconsumed, sup: self.sup.clone() })
+    }
+
     /// Asks the guest to sync and shut down, forcing it after the default timeout.
     pub async fn stop(&self) -> Result<StopReason> {
         self.stop_timeout(DEFAULT_STOP_TIMEOUT).await
@@ -232,6 +244,74 @@ impl Sandbox {
     }
 }
 
+/// A running streaming exec (see [`Sandbox::exec_stream`]).
+pub struct ExecHandle {
+    id: u64,
+    rx: tokio::sync::mpsc::UnboundedReceiver<ExecEvent>,
+    unconsumed: Arc<AtomicUsize>,
+    sup: ActorRef<SupMsg>,
+}
+
+impl ExecHandle {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The next event; `None` after the final `Exited`/`Failed`.
+    pub async fn next(&mut self) -> Option<ExecEvent> {
+        let ev = self.rx.recv().await?;
+        if let ExecEvent::Stdout(d) | ExecEvent::Stderr(d) = &ev {
+            let before = self.unconsumed.fetch_sub(d.len(), Ordering::SeqCst);
+            if before > STREAM_WINDOW && before - d.len() <= STREAM_WINDOW {
+                let _ = self.sup.cast(SupMsg::StreamConsumed);
+            }
+        }
+        Some(ev)
+    }
+
+    async fn call(&self, f: impl FnOnce(RpcReplyPort<Result<()>>) -> SupMsg) -> Result<()> {
+        match self.sup.call(f, None).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            _ => Err(Error::Gone),
+        }
+    }
+
+    /// Writes to the command's stdin; fails with `Error::StdinClosed` once it has exited.
+    pub async fn write_stdin(&self, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let (id, data) = (self.id, data.to_vec());
+        self.call(|reply| SupMsg::Stdin { id, data, reply }).await
+    }
+
+    /// Closes the command's stdin (it reads end of file).
+    pub async fn close_stdin(&self) -> Result<()> {
+        let id = self.id;
+        self.call(|reply| SupMsg::Stdin { id, data: Vec::new(), reply }).await
+    }
+
+    /// Sends a signal (1..=64) to the command's process group.
+    pub async fn signal(&self, signal: i32) -> Result<()> {
+        let id = self.id;
+        self.call(|reply| SupMsg::Signal { id, signal, reply }).await
+    }
+
+    /// Reads everything that is left and returns it with the exit status.
+    pub async fn wait(mut self) -> Result<ExecOutput> {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        while let Some(ev) = self.next().await {
+            match ev {
+                ExecEvent::Stdout(d) => stdout.extend(d),
+                ExecEvent::Stderr(d) => stderr.extend(d),
+                ExecEvent::Exited(status) => return Ok(ExecOutput { status, stdout, stderr }),
+                ExecEvent::Failed(e) => return Err(e),
+            }
+        }
+        Err(Error::Gone)
+    }
+}
+
 impl Drop for Sandbox {
     fn drop(&mut self) {
         let _ = self.sup.cast(SupMsg::Kill);
@@ -256,9 +336,56 @@ pub enum SupMsg {
     StopTimeout,
     /// The handle was dropped.
     Kill,
+    ExecStream {
+        spec: ExecSpec,
+        sink: StreamSink,
+        reply: RpcReplyPort<Result<u64>>,
+    },
+    Stdin {
+        id: u64,
+        data: Vec<u8>,
+        reply: RpcReplyPort<Result<()>>,
+    },
+    Signal {
+        id: u64,
+        signal: i32,
+        reply: RpcReplyPort<Result<()>>,
+    },
+    StreamConsumed,
 }
 
 struct Supervisor;
+
+/// Hands a request to the agent client; if it is gone, answers the request here with why.
+fn forward(st: &SupState, msg: AgentMsg) {
+    let back = match &st.running {
+        Some(r) => match r.agent.cast(msg) {
+            Err(ractor::MessagingErr::SendErr(m)) => Some(m),
+            _ => None,
+        },
+        None => Some(msg),
+    };
+    let gone = || match &st.stopped {
+        Some(r) => Error::VmStopped { reason: r.clone(), console_tail: st.serial.tail() },
+        None => Error::Gone,
+    };
+    // Every request variant carries a reply port; answer it with why the agent is gone.
+    match back {
+        Some(AgentMsg::ExecStream { reply, .. }) => {
+            let _ = reply.send(Err(gone()));
+        }
+        Some(AgentMsg::Stdin { reply, .. }) | Some(AgentMsg::Signal { reply, .. }) => {
+            let _ = reply.send(Err(gone()));
+        }
+        Some(AgentMsg::WaitReady(reply)) => {
+            let _ = reply.send(Err(gone()));
+        }
+        Some(AgentMsg::Exec { reply, .. }) => {
+            let _ = reply.send(Err(gone()));
+        }
+        _ => {}
+    }
+}
 
 struct Running {
     runners: Vec<ActorRef<VcpuMsg>>,
@@ -379,37 +506,15 @@ impl Actor for Supervisor {
         msg: SupMsg,
         st: &mut SupState,
     ) -> std::result::Result<(), ActorProcessingErr> {
-        let gone = |st: &SupState| match &st.stopped {
-            Some(r) => Error::VmStopped { reason: r.clone(), console_tail: st.serial.tail() },
-            None => Error::Gone,
-        };
         match msg {
-            // A child that is already gone hands the request back; answer it here (never
-            // fail the supervisor over it).
-            SupMsg::WaitReady(reply) => {
-                let back = match &st.running {
-                    Some(r) => match r.agent.cast(AgentMsg::WaitReady(reply)) {
-                        Err(ractor::MessagingErr::SendErr(AgentMsg::WaitReady(reply))) => Some(reply),
-                        _ => None,
-                    },
-                    None => Some(reply),
-                };
-                if let Some(reply) = back {
-                    let _ = reply.send(Err(gone(st)));
-                }
-            }
-            SupMsg::Exec { spec, reply } => {
-                let back = match &st.running {
-                    Some(r) => match r.agent.cast(AgentMsg::Exec { spec, reply }) {
-                        Err(ractor::MessagingErr::SendErr(AgentMsg::Exec { reply, .. })) => Some(reply),
-                        _ => None,
-                    },
-                    None => Some(reply),
-                };
-                if let Some(reply) = back {
-                    let _ = reply.send(Err(gone(st)));
-                }
-            }
+            // A child that is already gone hands the request back; it is answered here (the
+            // supervisor never fails over it).
+            SupMsg::WaitReady(reply) => forward(st, AgentMsg::WaitReady(reply)),
+            SupMsg::Exec { spec, reply } => forward(st, AgentMsg::Exec { spec, reply }),
+            SupMsg::ExecStream { spec, sink, reply } => forward(st, AgentMsg::ExecStream { spec, sink, reply }),
+            SupMsg::Stdin { id, data, reply } => forward(st, AgentMsg::Stdin { id, data, reply }),
+            SupMsg::Signal { id, signal, reply } => forward(st, AgentMsg::Signal { id, signal, reply }),
+            SupMsg::StreamConsumed => forward(st, AgentMsg::StreamConsumed),
             SupMsg::Stop { graceful, reply } => {
                 if let Some(r) = &st.stopped {
                     let _ = reply.send(Ok(r.clone()));

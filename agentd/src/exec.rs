@@ -28,14 +28,33 @@ static RUNNING: AtomicUsize = AtomicUsize::new(0);
 /// Stdin chunks that may wait for one session's writer.
 pub const STDIN_QUEUE: usize = 64;
 
-/// The stdin feeds of running sessions that asked for one.
-pub type Stdins = Arc<Mutex<HashMap<RequestId, SyncSender<Vec<u8>>>>>;
+/// Running sessions: their stdin feeds (when they asked for one) and process ids.
+#[derive(Default)]
+pub struct Sessions {
+    stdins: Mutex<HashMap<RequestId, SyncSender<Vec<u8>>>>,
+    pids: Mutex<HashMap<RequestId, u32>>,
+}
+
+pub type Stdins = Arc<Sessions>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sends `signal` to the process group of session `id`; unknown sessions and signal numbers
+/// outside 1..=64 are ignored.
+pub fn signal(sessions: &Stdins, id: RequestId, signal: i32) {
+    let Ok(sig) = Signal::try_from(signal) else { return };
+    if let Some(pid) = lock(&sessions.pids).get(&id).copied() {
+        let _ = killpg(Pid::from_raw(pid as i32), sig);
+    }
+}
 
 /// Hands a stdin chunk to session `id` (an empty chunk closes its stdin). Input for a session
 /// that has ended, or never asked for stdin, is dropped.
 pub fn feed_stdin(stdins: &Stdins, id: RequestId, data: Vec<u8>) {
     let tx = {
-        let mut map = stdins.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&stdins.stdins);
         if data.is_empty() {
             map.remove(&id)
         } else {
@@ -60,12 +79,13 @@ pub fn start(req: ExecRequest, sender: Sender, reaper: Reaper, stdins: Stdins) {
     // Registered now, before the host's first stdin chunk can be read.
     let stdin_rx = req.stdin.then(|| {
         let (tx, rx) = sync_channel(STDIN_QUEUE);
-        stdins.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
+        lock(&stdins.stdins).insert(id, tx);
         rx
     });
     let spawned = std::thread::Builder::new().name(format!("exec-{id}")).spawn(move || {
-        run(req, stdin_rx, &sender, &reaper);
-        stdins.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        run(req, stdin_rx, &sender, &reaper, &stdins);
+        lock(&stdins.stdins).remove(&id);
+        lock(&stdins.pids).remove(&id);
         RUNNING.fetch_sub(1, Ordering::SeqCst);
     });
     if let Err(e) = spawned {
@@ -83,7 +103,7 @@ fn classify(e: &std::io::Error) -> SpawnErrorKind {
     }
 }
 
-fn run(req: ExecRequest, stdin_rx: Option<Receiver<Vec<u8>>>, sender: &Sender, reaper: &Reaper) {
+fn run(req: ExecRequest, stdin_rx: Option<Receiver<Vec<u8>>>, sender: &Sender, reaper: &Reaper, sessions: &Sessions) {
     let id = req.id;
     let cwd = req.cwd.clone().unwrap_or_else(|| "/".into());
     if !Path::new(&cwd).is_dir() {
@@ -124,6 +144,7 @@ fn run(req: ExecRequest, stdin_rx: Option<Receiver<Vec<u8>>>, sender: &Sender, r
         }
     };
     let pid = child.id();
+    lock(&sessions.pids).insert(id, pid);
     sender.send(&GuestMsg::Started { id, pid });
     if let (Some(rx), Some(mut pipe)) = (stdin_rx, child.stdin.take()) {
         std::thread::spawn(move || {

@@ -111,6 +111,7 @@ fn serve() -> Result<(), String> {
                 }
                 HostMsg::Exec(req) => exec::start(req, sender.clone(), reaper.clone(), stdins.clone()),
                 HostMsg::Stdin { id, data } => exec::feed_stdin(&stdins, id, data),
+                HostMsg::Signal { id, signal } => exec::signal(&stdins, id, signal),
                 HostMsg::Shutdown { id } => {
                     nix::unistd::sync();
                     sender.send(&GuestMsg::ShutdownAck { id });

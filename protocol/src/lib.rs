@@ -55,6 +55,8 @@ pub enum HostMsg {
     /// Input for request `id` (which asked for stdin); at most [`MAX_OUTPUT_CHUNK`] bytes.
     /// An empty chunk closes the process's stdin.
     Stdin { id: RequestId, data: Vec<u8> },
+    /// Send `signal` (1..=64) to the process group of request `id`.
+    Signal { id: RequestId, signal: i32 },
 }
 
 /// A command to run in the guest.

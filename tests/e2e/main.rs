@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use msb_actors::{Error, ExecSpec, ExitStatus, SpawnErrorKind, StopReason};
+use msb_actors::{Error, ExecEvent, ExecSpec, ExitStatus, SpawnErrorKind, StopReason};
 use msb_tests::boot;
 
 fn sh(script: &str) -> Vec<String> {
@@ -214,5 +214,47 @@ async fn many_sequential_and_concurrent_execs_and_orphans_are_reaped() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let ps = sb.exec_argv(sh("grep -l '^State:.*Z' /proc/[0-9]*/status || true"), vec![], None).await.unwrap();
     assert_eq!(String::from_utf8_lossy(&ps.stdout), "", "zombies left behind");
+    sb.stop().await.unwrap();
+}
+
+async fn read_until(h: &mut msb_actors::ExecHandle, want: &[u8]) -> Vec<u8> {
+    let mut got = Vec::new();
+    while !got.windows(want.len()).any(|w| w == want) {
+        match h.next().await {
+            Some(ExecEvent::Stdout(d)) => got.extend(d),
+            other => panic!("waiting for {:?}, got {other:?} after {:?}", String::from_utf8_lossy(want), got),
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_exec_with_stdin_and_signals() {
+    let sb = boot().await;
+    // Output arrives while the command runs, not only at its end.
+    let mut h = sb.exec_stream(ExecSpec { argv: sh("echo a; sleep 2; echo b"), ..Default::default() }).await.unwrap();
+    assert!(matches!(h.next().await, Some(ExecEvent::Stdout(d)) if d == b"a\n"));
+    let rest = h.wait().await.unwrap();
+    assert_eq!(rest.stdout, b"b\n");
+
+    // Interactive stdin: each line comes back before the next is written.
+    let mut h = sb.exec_stream(ExecSpec { argv: vec!["cat".into()], ..Default::default() }).await.unwrap();
+    h.write_stdin(b"first\n").await.unwrap();
+    read_until(&mut h, b"first\n").await;
+    h.write_stdin(b"second\n").await.unwrap();
+    read_until(&mut h, b"second\n").await;
+    h.close_stdin().await.unwrap();
+    assert!(matches!(h.next().await, Some(ExecEvent::Exited(ExitStatus::Code(0)))));
+    // Writing after the command ended is a broken pipe.
+    assert!(matches!(h.write_stdin(b"late").await, Err(Error::StdinClosed)));
+
+    // Signals reach the command's process group.
+    let script = "trap 'echo got-term; exit 3' TERM; echo ready; while :; do sleep 0.1; done";
+    let mut h = sb.exec_stream(ExecSpec { argv: sh(script), ..Default::default() }).await.unwrap();
+    read_until(&mut h, b"ready\n").await;
+    h.signal(15).await.unwrap();
+    let out = h.wait().await.unwrap();
+    assert_eq!(out.status, ExitStatus::Code(3));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("got-term"), "{out:?}");
     sb.stop().await.unwrap();
 }
