@@ -405,45 +405,27 @@ mod control_tests {
     #[test]
     fn short_control_message_is_a_violation() {
         let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let mk = |at| MockSplitQueue::create(&m, GuestAddress(at), 16);
-        let (q0, q1, q2, q3) = (mk(0x10000), mk(0x20000), mk(0x30000), mk(0x40000));
-        q3.build_desc_chain(&[desc(0x50000, 4, 0)]).unwrap();
-        let mut queues: Vec<Queue> = vec![
-            q0.create_queue().unwrap(),
-            q1.create_queue().unwrap(),
-            q2.create_queue().unwrap(),
-            q3.create_queue().unwrap(),
-        ];
+        let mut queues = control_queues(&m, &[desc(0x50000, 4, 0)]);
         let mut c = Console::default();
         c.ack_features(F_MULTIPORT);
         let e = c.process_control(&mut queues, &m).unwrap_err();
         assert!(e.to_string().contains("want 8"), "{e}");
     }
-}
 
-#[cfg(test)]
-mod control_bound_tests {
-    use super::*;
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-    use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestAddress};
+    /// Four empty queues, the control transmit queue holding `ctl_tx` (one chain each).
+    fn control_queues(m: &GuestMemoryMmap, ctl_tx: &[RawDescriptor]) -> Vec<Queue> {
+        let mk = |at| MockSplitQueue::create(m, GuestAddress(at), 32);
+        let qs = [mk(0x10000), mk(0x20000), mk(0x30000), mk(0x40000)];
+        qs[3].build_multiple_desc_chains(ctl_tx).unwrap();
+        qs.iter().map(|q| q.create_queue().unwrap()).collect()
+    }
 
     #[test]
     fn control_answers_the_guest_never_collects_are_bounded() {
         let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let mk = |at| MockSplitQueue::create(&m, GuestAddress(at), 32);
-        let (q0, q1, q2, q3) = (mk(0x10000), mk(0x20000), mk(0x30000), mk(0x40000));
         // 20 DEVICE_READY messages and no control receive buffers: answers pile up.
         m.write_slice(&control(DEVICE_READY, 1, &[]), GuestAddress(0x50000)).unwrap();
-        let descs: Vec<RawDescriptor> =
-            (0..20).map(|_| RawDescriptor::from(SplitDescriptor::new(0x50000, 8, 0, 0))).collect();
-        q3.build_multiple_desc_chains(&descs).unwrap();
-        let mut queues: Vec<Queue> = vec![
-            q0.create_queue().unwrap(),
-            q1.create_queue().unwrap(),
-            q2.create_queue().unwrap(),
-            q3.create_queue().unwrap(),
-        ];
+        let mut queues = control_queues(&m, &vec![desc(0x50000, 8, 0); 20]);
         let mut c = Console::default();
         c.ack_features(F_MULTIPORT);
         let e = c.process_control(&mut queues, &m).unwrap_err();
