@@ -82,3 +82,6 @@ CONFIG_SERIO_I8042=n
 CONFIG_INPUT_KEYBOARD=n
 CONFIG_INPUT_MOUSE=n
 CONFIG_PRINTK_TIME=y
+# SLUB instead of tinyconfig's SLOB (SLOB hit "kernel BUG at mm/slob.c:373" in a rig boot).
+CONFIG_SLOB=n
+CONFIG_SLUB=y

@@ -20,15 +20,16 @@ pub fn require_linux_capable_kvm() {
 /// Boot timeout for e2e sandboxes (nested TCG boots take a few seconds).
 pub const E2E_BOOT_TIMEOUT: Duration = Duration::from_secs(45);
 
-/// Creates a sandbox, retrying once if the guest does not come up in time (the rig's
-/// nested TCG loses an interrupt about once in 200 boots). Retries are printed so that the
-/// rig's report can count them.
+/// Creates a sandbox, retrying once if the guest does not come up (see below). Retries are
+/// printed so that the rig's report can count them.
 pub async fn boot_with(b: impl Fn() -> SandboxBuilder) -> Sandbox {
     require_linux_capable_kvm();
     init_tracing();
     match b().boot_timeout(E2E_BOOT_TIMEOUT).create().await {
         Ok(sb) => sb,
-        Err(e @ Error::BootTimeout { .. }) => {
+        // A boot that timed out or died before its agent was ready gets one retry: nested TCG
+        // loses an interrupt about once in 200 boots.
+        Err(e @ (Error::BootTimeout { .. } | Error::VmStopped { .. })) => {
             eprintln!("E2E-RETRY: first boot failed: {e}");
             b().boot_timeout(E2E_BOOT_TIMEOUT).create().await.expect("sandbox boots on retry")
         }
