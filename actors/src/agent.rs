@@ -416,6 +416,22 @@ impl AgentState {
         failure_of(&self.stopped, self.core.closed())
     }
 
+    /// Starts an exec (buffered or streaming): sends its frames and remembers its timeout.
+    fn start_exec(&mut self, spec: ExecSpec, streaming: bool) -> Result<RequestId> {
+        if self.stopped.is_some() {
+            return Err(self.failure());
+        }
+        let timeout = spec.timeout;
+        let (id, frames) = if streaming { self.core.exec_streaming(spec)? } else { self.core.exec(spec)? };
+        if let Some(t) = timeout {
+            self.exec_timeouts.insert(id, t);
+        }
+        for f in frames {
+            self.send(f);
+        }
+        Ok(id)
+    }
+
     /// Credits the console with consumed guest bytes unless a stream consumer lags.
     fn release_credit(&mut self) {
         use std::sync::atomic::Ordering;
@@ -515,27 +531,14 @@ impl Actor for AgentClient {
                 }
                 _ => st.ready_waiters.push(reply),
             },
-            AgentMsg::Exec { spec, reply } => {
-                if st.stopped.is_some() {
-                    let _ = reply.send(Err(st.failure()));
-                    return Ok(());
+            AgentMsg::Exec { spec, reply } => match st.start_exec(spec, false) {
+                Ok(id) => {
+                    st.exec_replies.insert(id, reply);
                 }
-                let timeout = spec.timeout;
-                match st.core.exec(spec) {
-                    Ok((id, frames)) => {
-                        st.exec_replies.insert(id, reply);
-                        if let Some(t) = timeout {
-                            st.exec_timeouts.insert(id, t);
-                        }
-                        for f in frames {
-                            st.send(f);
-                        }
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
                 }
-            }
+            },
             AgentMsg::Shutdown(reply) => match st.core.shutdown() {
                 Ok((id, frame)) => {
                     st.shutdown_replies.insert(id, reply);
@@ -546,26 +549,11 @@ impl Actor for AgentClient {
                 }
             },
             AgentMsg::ExecStream { spec, sink, reply } => {
-                if st.stopped.is_some() {
-                    let _ = reply.send(Err(st.failure()));
-                    return Ok(());
+                let started = st.start_exec(spec, true);
+                if let Ok(id) = started {
+                    st.streams.insert(id, sink);
                 }
-                let timeout = spec.timeout;
-                match st.core.exec_streaming(spec) {
-                    Ok((id, frames)) => {
-                        st.streams.insert(id, sink);
-                        if let Some(t) = timeout {
-                            st.exec_timeouts.insert(id, t);
-                        }
-                        for f in frames {
-                            st.send(f);
-                        }
-                        let _ = reply.send(Ok(id));
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                }
+                let _ = reply.send(started);
             }
             AgentMsg::Stdin { id, data, reply } => {
                 let r = st.core.stdin(id, &data).map(|frames| {
