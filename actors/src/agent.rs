@@ -162,6 +162,17 @@ impl AgentCore {
         Ok(encode(&HostMsg::Signal { id, signal }).expect("small message encodes"))
     }
 
+    /// A new window size for a running exec's terminal.
+    pub fn resize(&mut self, id: RequestId, size: msb_protocol::WinSize) -> Result<Vec<u8>> {
+        if size.rows == 0 || size.cols == 0 {
+            return Err(Error::Config("a terminal needs at least one row and one column".into()));
+        }
+        if !self.execs.contains_key(&id) {
+            return Err(Error::Config(format!("exec {id} is not running")));
+        }
+        Ok(encode(&HostMsg::Resize { id, size }).expect("small message encodes"))
+    }
+
     fn exec_with(&mut self, spec: ExecSpec, streaming: bool) -> Result<(RequestId, Vec<Vec<u8>>)> {
         if spec.stdin.as_ref().is_some_and(|s| s.len() > MAX_STDIN) {
             return Err(Error::Config(format!("stdin larger than {MAX_STDIN} bytes for a buffered exec")));
@@ -175,6 +186,8 @@ impl AgentCore {
             user: spec.user,
             timeout_ms: spec.timeout.map(|d| d.as_millis().min(u64::MAX as u128) as u64),
             stdin: spec.stdin.is_some(),
+            tty: spec.tty,
+            rlimits: spec.rlimits,
         };
         req.validate().map_err(Error::Config)?;
         let mut frames = vec![encode(&HostMsg::Exec(req)).map_err(|e| Error::Config(format!("exec request: {e}")))?];
@@ -329,6 +342,11 @@ pub enum AgentMsg {
     Signal {
         id: RequestId,
         signal: i32,
+        reply: RpcReplyPort<Result<()>>,
+    },
+    Resize {
+        id: RequestId,
+        size: msb_protocol::WinSize,
         reply: RpcReplyPort<Result<()>>,
     },
     /// A stream consumer caught up: withheld credit may be released.
@@ -567,6 +585,10 @@ impl Actor for AgentClient {
                 let r = st.core.signal(id, signal).map(|f| st.send(f));
                 let _ = reply.send(r);
             }
+            AgentMsg::Resize { id, size, reply } => {
+                let r = st.core.resize(id, size).map(|f| st.send(f));
+                let _ = reply.send(r);
+            }
             AgentMsg::StreamConsumed => st.release_credit(),
             AgentMsg::VmStopped(reason, tail) => {
                 // Fail everything pending with the reason, then stop: the supervisor sends
@@ -652,8 +674,8 @@ mod tests {
 
     fn ready_core() -> AgentCore {
         let mut c = AgentCore::new();
-        let ev = c.on_bytes(&frame(&GuestMsg::Ready { min_version: 1, max_version: 1, agent: "t".into() })).unwrap();
-        assert!(matches!(ev[0], AgentEvent::Ready { version: 1, .. }));
+        let ev = c.on_bytes(&frame(&GuestMsg::Ready { min_version: PROTOCOL_VERSION, max_version: PROTOCOL_VERSION, agent: "t".into() })).unwrap();
+        assert!(matches!(ev[0], AgentEvent::Ready { version: PROTOCOL_VERSION, .. }));
         c
     }
 
@@ -784,7 +806,7 @@ mod actor_tests {
     #[tokio::test]
     async fn pending_exec_fails_with_the_stop_reason() {
         let (agent, _h) = Actor::spawn(None, AgentClient, ()).await.unwrap();
-        let ready = encode(&GuestMsg::Ready { min_version: 1, max_version: 1, agent: "t".into() }).unwrap();
+        let ready = encode(&GuestMsg::Ready { min_version: PROTOCOL_VERSION, max_version: PROTOCOL_VERSION, agent: "t".into() }).unwrap();
         agent.cast(AgentMsg::FromGuest(GuestBytes { data: ready, drained: 0 })).unwrap();
         let (tx, rx) = ractor::concurrency::oneshot();
         agent

@@ -30,6 +30,12 @@ pub enum Error {
     StdinClosed,
     #[error("the sandbox is gone (its actors have stopped)")]
     Gone,
+    #[error(transparent)]
+    State(#[from] crate::state::StoreError),
+    #[error("talking to the sandbox process: {0}")]
+    Control(String),
+    #[error("{0}")]
+    Remote(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

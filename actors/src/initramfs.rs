@@ -9,8 +9,13 @@ use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
-const FORMAT: u32 = 1;
-const DIRS: &[&str] = &["bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "root", "etc"];
+const FORMAT: u32 = 2;
+const DIRS: &[&str] =
+    &["bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "root", "etc", "home"];
+/// The guest's users: root, an unprivileged `msb` (1000) and `nobody`.
+const PASSWD: &str =
+    "root:x:0:0:root:/root:/bin/sh\nmsb:x:1000:1000:msb:/home/msb:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n";
+const GROUP: &str = "root:x:0:\nusers:x:100:msb\nmsb:x:1000:\nnogroup:x:65534:\n";
 
 /// A newc cpio archive being written.
 #[derive(Default)]
@@ -21,8 +26,13 @@ pub struct Cpio {
 
 impl Cpio {
     fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+        self.owned_entry(name, mode, (0, 0), rdev, data)
+    }
+
+    fn owned_entry(&mut self, name: &str, mode: u32, owner: (u32, u32), rdev: (u32, u32), data: &[u8]) {
         self.ino += 1;
-        let fields = [self.ino, mode, 0, 0, 1, 0, data.len() as u32, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
+        let fields =
+            [self.ino, mode, owner.0, owner.1, 1, 0, data.len() as u32, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
         self.buf.extend_from_slice(b"070701");
         for f in fields {
             self.buf.extend_from_slice(format!("{f:08x}").as_bytes());
@@ -42,6 +52,10 @@ impl Cpio {
 
     pub fn dir(&mut self, name: &str) {
         self.entry(name, 0o040755, (0, 0), &[]);
+    }
+    /// A directory owned by `uid:gid` (mode 0755).
+    pub fn dir_owned(&mut self, name: &str, uid: u32, gid: u32) {
+        self.owned_entry(name, 0o040755, (uid, gid), (0, 0), &[]);
     }
     pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) {
         self.entry(name, 0o100000 | mode, (0, 0), data);
@@ -88,6 +102,9 @@ pub fn build(agentd: &Path, busybox: &Path) -> Result<Vec<u8>> {
     }
     c.char_dev("dev/console", 0o600, 5, 1);
     c.char_dev("dev/null", 0o666, 1, 3);
+    c.dir_owned("home/msb", 1000, 1000);
+    c.file("etc/passwd", 0o644, PASSWD.as_bytes());
+    c.file("etc/group", 0o644, GROUP.as_bytes());
     c.file("init", 0o755, &read(agentd)?);
     c.file("bin/busybox", 0o755, &read(busybox)?);
     for a in applets(busybox)? {

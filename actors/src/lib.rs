@@ -23,16 +23,20 @@
 
 mod agent;
 pub mod console;
+pub mod control;
 mod error;
 pub mod home;
 pub mod initramfs;
 pub mod machine;
+pub mod managed;
 pub mod sandbox;
+pub mod server;
+pub mod state;
 pub mod vcpu;
 
 pub use agent::{AgentCore, AgentEvent, ExecEvent, MAX_BUFFERED_OUTPUT, MAX_PENDING, STREAM_WINDOW};
 pub use error::{Error, Result};
-pub use msb_protocol::{ExitStatus, SpawnErrorKind};
+pub use msb_protocol::{ExitStatus, Rlimit, SpawnErrorKind, WinSize};
 pub use sandbox::BootTimes;
 pub use sandbox::{ExecHandle, Sandbox, SandboxBuilder};
 
@@ -51,6 +55,10 @@ pub struct ExecSpec {
     pub timeout: Option<std::time::Duration>,
     /// Bytes for the command's stdin, which is closed after them (default: /dev/null).
     pub stdin: Option<Vec<u8>>,
+    /// Run on a pseudo-terminal of this size (output arrives as stdout).
+    pub tty: Option<msb_protocol::WinSize>,
+    /// Resource limits (`setrlimit`) the command starts under.
+    pub rlimits: Vec<msb_protocol::Rlimit>,
 }
 
 /// The result of a buffered exec.

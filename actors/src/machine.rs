@@ -88,7 +88,8 @@ impl Machine {
         let setup = |e: msb_devices::bus::BusError| Error::Setup(e.to_string());
 
         let log = ConsoleLog::new(spec.console_log.as_deref(), DEFAULT_FILE_CAP)
-            .map_err(|e| Error::Setup(format!("console log: {e}")))?;
+            .map_err(|e| Error::Setup(format!("console log: {e}")))?
+            .with_timestamps();
         let reports = log.reports();
         let serial_irq = evt()?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)?;

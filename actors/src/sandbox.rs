@@ -297,6 +297,12 @@ impl ExecHandle {
         self.call(|reply| SupMsg::Signal { id, signal, reply }).await
     }
 
+    /// Resizes the command's terminal (a PTY exec); the guest sees SIGWINCH.
+    pub async fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        let (id, size) = (self.id, msb_protocol::WinSize { rows, cols });
+        self.call(|reply| SupMsg::Resize { id, size, reply }).await
+    }
+
     /// Reads everything that is left and returns it with the exit status.
     pub async fn wait(mut self) -> Result<ExecOutput> {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
@@ -351,6 +357,11 @@ pub enum SupMsg {
         signal: i32,
         reply: RpcReplyPort<Result<()>>,
     },
+    Resize {
+        id: u64,
+        size: msb_protocol::WinSize,
+        reply: RpcReplyPort<Result<()>>,
+    },
     StreamConsumed,
 }
 
@@ -374,7 +385,9 @@ fn forward(st: &SupState, msg: AgentMsg) {
         Some(AgentMsg::ExecStream { reply, .. }) => {
             let _ = reply.send(Err(gone()));
         }
-        Some(AgentMsg::Stdin { reply, .. }) | Some(AgentMsg::Signal { reply, .. }) => {
+        Some(AgentMsg::Stdin { reply, .. })
+        | Some(AgentMsg::Signal { reply, .. })
+        | Some(AgentMsg::Resize { reply, .. }) => {
             let _ = reply.send(Err(gone()));
         }
         Some(AgentMsg::WaitReady(reply)) => {
@@ -514,6 +527,7 @@ impl Actor for Supervisor {
             SupMsg::ExecStream { spec, sink, reply } => forward(st, AgentMsg::ExecStream { spec, sink, reply }),
             SupMsg::Stdin { id, data, reply } => forward(st, AgentMsg::Stdin { id, data, reply }),
             SupMsg::Signal { id, signal, reply } => forward(st, AgentMsg::Signal { id, signal, reply }),
+            SupMsg::Resize { id, size, reply } => forward(st, AgentMsg::Resize { id, size, reply }),
             SupMsg::StreamConsumed => forward(st, AgentMsg::StreamConsumed),
             SupMsg::Stop { graceful, reply } => {
                 if let Some(r) = &st.stopped {

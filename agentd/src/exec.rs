@@ -14,12 +14,15 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use msb_protocol::{ExecRequest, GuestMsg, RequestId, SpawnErrorKind, Stream, UserSpec, MAX_OUTPUT_CHUNK};
+use std::fs::File;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+
+use msb_protocol::{ExecRequest, GuestMsg, RequestId, SpawnErrorKind, Stream, UserSpec, WinSize, MAX_OUTPUT_CHUNK};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 use crate::reaper::Reaper;
-use crate::{Sender, MAX_SESSIONS};
+use crate::{helper, users, Sender, MAX_SESSIONS};
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -28,11 +31,70 @@ static RUNNING: AtomicUsize = AtomicUsize::new(0);
 /// Stdin chunks that may wait for one session's writer.
 pub const STDIN_QUEUE: usize = 64;
 
-/// Running sessions: their stdin feeds (when they asked for one) and process ids.
+/// Running sessions: their stdin feeds (when they asked for one), process ids, and terminal
+/// masters (PTY sessions).
 #[derive(Default)]
 pub struct Sessions {
     stdins: Mutex<HashMap<RequestId, SyncSender<Vec<u8>>>>,
     pids: Mutex<HashMap<RequestId, u32>>,
+    ttys: Mutex<HashMap<RequestId, File>>,
+}
+
+fn winsize(size: WinSize) -> rustix::termios::Winsize {
+    rustix::termios::Winsize { ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0 }
+}
+
+/// Sets the window size of session `id`'s terminal (the kernel signals SIGWINCH to its
+/// foreground process group). Sessions without a terminal, and zero sizes, are ignored.
+pub fn resize(sessions: &Stdins, id: RequestId, size: WinSize) {
+    if size.rows == 0 || size.cols == 0 {
+        return;
+    }
+    if let Some(master) = lock(&sessions.ttys).get(&id) {
+        let _ = rustix::termios::tcsetwinsize(master, winsize(size));
+    }
+}
+
+/// Opens a pseudo-terminal of `size`: (master, slave). Both are close-on-exec; the slave is
+/// handed to the child as its stdio.
+fn open_pty(size: WinSize) -> std::io::Result<(File, File)> {
+    use rustix::pty::OpenptFlags;
+    let master = rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    rustix::pty::grantpt(&master)?;
+    rustix::pty::unlockpt(&master)?;
+    let name = rustix::pty::ptsname(&master, Vec::new())?;
+    let path = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(name.as_bytes());
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_NOCTTY | nix::libc::O_CLOEXEC)
+        .open(path)?;
+    rustix::termios::tcsetwinsize(&master, winsize(size))?;
+    Ok((File::from(master), slave))
+}
+
+/// Checks that `program` resolves (in `path`, or relative to `cwd` when it has a slash) to an
+/// executable file, for commands started through the exec helper (which cannot report the
+/// exact exec error).
+fn precheck(program: &str, path: &str, cwd: &str) -> Result<(), (SpawnErrorKind, String)> {
+    let candidates: Vec<std::path::PathBuf> = if program.contains('/') {
+        vec![Path::new(cwd).join(program)]
+    } else {
+        path.split(':').filter(|d| !d.is_empty()).map(|d| Path::new(d).join(program)).collect()
+    };
+    let mut denied = None;
+    for c in candidates {
+        if let Ok(m) = std::fs::metadata(&c) {
+            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                return Ok(());
+            }
+            denied.get_or_insert(c);
+        }
+    }
+    match denied {
+        Some(c) => Err((SpawnErrorKind::PermissionDenied, format!("{}: permission denied", c.display()))),
+        None => Err((SpawnErrorKind::NotFound, format!("{program}: not found"))),
+    }
 }
 
 pub type Stdins = Arc<Sessions>;
@@ -86,6 +148,7 @@ pub fn start(req: ExecRequest, sender: Sender, reaper: Reaper, stdins: Stdins) {
         run(req, stdin_rx, &sender, &reaper, &stdins);
         lock(&stdins.stdins).remove(&id);
         lock(&stdins.pids).remove(&id);
+        lock(&stdins.ttys).remove(&id);
         RUNNING.fetch_sub(1, Ordering::SeqCst);
     });
     if let Err(e) = spawned {
@@ -105,27 +168,62 @@ fn classify(e: &std::io::Error) -> SpawnErrorKind {
 
 fn run(req: ExecRequest, stdin_rx: Option<Receiver<Vec<u8>>>, sender: &Sender, reaper: &Reaper, sessions: &Sessions) {
     let id = req.id;
+    let spawn_failed = |kind, message| sender.send(&GuestMsg::SpawnFailed { id, kind, message });
+    let user = match req.user.as_deref().map(|u| UserSpec::parse(u).and_then(|s| users::resolve(&s))) {
+        Some(Err(e)) => return spawn_failed(SpawnErrorKind::InvalidRequest, e),
+        Some(Ok(u)) => Some(u),
+        None => None,
+    };
     let cwd = req.cwd.clone().unwrap_or_else(|| "/".into());
     if !Path::new(&cwd).is_dir() {
-        return sender.send(&GuestMsg::SpawnFailed {
-            id,
-            kind: SpawnErrorKind::BadCwd,
-            message: format!("working directory {cwd} does not exist or is not a directory"),
-        });
+        return spawn_failed(
+            SpawnErrorKind::BadCwd,
+            format!("working directory {cwd} does not exist or is not a directory"),
+        );
     }
-    let mut cmd = Command::new(&req.argv[0]);
-    cmd.args(&req.argv[1..])
-        .env_clear()
-        .env("PATH", DEFAULT_PATH)
-        .env("HOME", "/root")
-        .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&cwd)
-        .stdin(if stdin_rx.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    if let Some(user) = &req.user {
-        let u = UserSpec::parse(user).expect("validated");
+    let via_helper = req.tty.is_some() || !req.rlimits.is_empty();
+    let path_var = req.env.iter().rev().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    if via_helper {
+        if let Err((kind, message)) = precheck(&req.argv[0], path_var, &cwd) {
+            return spawn_failed(kind, message);
+        }
+    }
+    let pty = match req.tty.map(open_pty).transpose() {
+        Ok(p) => p,
+        Err(e) => return spawn_failed(SpawnErrorKind::Other, format!("opening a terminal: {e}")),
+    };
+    let mut cmd = if via_helper {
+        let mut c = Command::new("/proc/self/exe");
+        c.args(helper::args(pty.is_some(), &req.rlimits, &req.argv));
+        c
+    } else {
+        let mut c = Command::new(&req.argv[0]);
+        c.args(&req.argv[1..]);
+        c
+    };
+    let home = user.as_ref().map_or("/root", |u| u.home.as_str());
+    cmd.env_clear().env("PATH", DEFAULT_PATH).env("HOME", home);
+    if pty.is_some() {
+        cmd.env("TERM", "xterm");
+    }
+    cmd.envs(req.env.iter().map(|(k, v)| (k, v))).current_dir(&cwd);
+    match &pty {
+        Some((_, slave)) => {
+            // The helper starts a new session (so no process group of its own here).
+            let stdio = || slave.try_clone().map(Stdio::from);
+            match (stdio(), stdio(), stdio()) {
+                (Ok(i), Ok(o), Ok(e)) => cmd.stdin(i).stdout(o).stderr(e),
+                _ => return spawn_failed(SpawnErrorKind::Other, "duplicating the terminal".into()),
+            };
+        }
+        None => {
+            cmd.stdin(if stdin_rx.is_some() { Stdio::piped() } else { Stdio::null() })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0);
+        }
+    }
+    if let Some(u) = &user {
         cmd.uid(u.uid).gid(u.gid);
     }
     let spawned = reaper.spawn_registered(|| {
@@ -133,20 +231,27 @@ fn run(req: ExecRequest, stdin_rx: Option<Receiver<Vec<u8>>>, sender: &Sender, r
         let pid = child.id();
         Ok((child, pid))
     });
+    // The parent's copies of the terminal's slave side must close, or the master never sees
+    // the end of the session.
+    drop(cmd);
+    let master = pty.map(|(m, _slave)| m);
     let (mut child, exited) = match spawned {
         Ok(v) => v,
-        Err(e) => {
-            return sender.send(&GuestMsg::SpawnFailed {
-                id,
-                kind: classify(&e),
-                message: format!("{}: {e}", req.argv[0]),
-            })
-        }
+        Err(e) => return spawn_failed(classify(&e), format!("{}: {e}", req.argv[0])),
     };
     let pid = child.id();
     lock(&sessions.pids).insert(id, pid);
     sender.send(&GuestMsg::Started { id, pid });
-    if let (Some(rx), Some(mut pipe)) = (stdin_rx, child.stdin.take()) {
+    let input: Option<Box<dyn Write + Send>> = match &master {
+        Some(m) => {
+            if let Ok(c) = m.try_clone() {
+                lock(&sessions.ttys).insert(id, c);
+            }
+            m.try_clone().ok().map(|f| Box::new(f) as Box<dyn Write + Send>)
+        }
+        None => child.stdin.take().map(|p| Box::new(p) as Box<dyn Write + Send>),
+    };
+    if let (Some(rx), Some(mut pipe)) = (stdin_rx, input) {
         std::thread::spawn(move || {
             for chunk in rx {
                 // An empty chunk is EOF. After a write error (the process closed its stdin or
@@ -169,6 +274,7 @@ fn run(req: ExecRequest, stdin_rx: Option<Receiver<Vec<u8>>>, sender: &Sender, r
         });
     }
     let pumps: Vec<_> = [
+        master.map(|m| (Stream::Stdout, Box::new(m) as Box<dyn Read + Send>)),
         child.stdout.take().map(|r| (Stream::Stdout, Box::new(r) as Box<dyn Read + Send>)),
         child.stderr.take().map(|r| (Stream::Stderr, Box::new(r) as Box<dyn Read + Send>)),
     ]
@@ -183,6 +289,7 @@ fn run(req: ExecRequest, stdin_rx: Option<Receiver<Vec<u8>>>, sender: &Sender, r
                     Ok(0) => break,
                     Ok(n) => sender.send(&GuestMsg::Output { id, stream, data: buf[..n].to_vec() }),
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    // A terminal master reads EIO once every slave is closed: the end.
                     Err(_) => break,
                 }
             }

@@ -12,8 +12,10 @@
 #![forbid(unsafe_code)]
 
 mod exec;
+mod helper;
 mod reaper;
 mod system;
+mod users;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -48,6 +50,10 @@ pub fn log(msg: &str) {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(helper::FLAG) {
+        helper::main(&args[1..]);
+    }
     let pid1 = std::process::id() == 1;
     if pid1 {
         // The first thing on the console: benchmarks that cannot see our boot timer (QEMU)
@@ -112,6 +118,7 @@ fn serve() -> Result<(), String> {
                 HostMsg::Exec(req) => exec::start(req, sender.clone(), reaper.clone(), stdins.clone()),
                 HostMsg::Stdin { id, data } => exec::feed_stdin(&stdins, id, data),
                 HostMsg::Signal { id, signal } => exec::signal(&stdins, id, signal),
+                HostMsg::Resize { id, size } => exec::resize(&stdins, id, size),
                 HostMsg::Shutdown { id } => {
                     nix::unistd::sync();
                     sender.send(&GuestMsg::ShutdownAck { id });

@@ -1,19 +1,27 @@
 //! `msb`: the command line.
 //!
-//! Exit codes of `msb run` follow docker's: the command's own status; 128+N if a signal N
-//! killed it; 127 if it was not found; 126 if it could not be executed; 124 if it ran past
-//! `--timeout`; 125 if msb itself
-//! failed (bad configuration, VM did not boot, …).
+//! Sandboxes are named and live in their own host process (`msb create/start/stop/rm/ls/
+//! inspect/exec/logs`); `msb run` boots one for a single command. Exit codes of `msb run` and
+//! `msb exec` follow docker's: the command's own status; 128+N if signal N killed it; 127 if
+//! it was not found; 126 if it could not be executed; 124 if it ran past `--timeout`; 125 if
+//! msb itself failed. Other commands exit 0 on success and 1 with a message on failure.
 
 #![forbid(unsafe_code)]
 
-use std::io::Write;
+mod attach;
+mod logs;
+
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use msb_actors::{Error, ExecSpec, ExitStatus, Sandbox, SpawnErrorKind};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use msb_actors::managed::{Msb, NamedSandbox, SandboxConfig, SANDBOX_PROCESS_ARG};
+use msb_actors::state::{format_ms, Record};
+use msb_actors::{Error, ExecSpec, Rlimit};
+
+use attach::Outcome;
 
 #[derive(Parser)]
 #[command(name = "msb", version, about = "Run untrusted code in hardware-isolated microVMs")]
@@ -24,50 +32,191 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Boot a sandbox, run one command in it, print its output, and exit with its status.
+    /// Record a named sandbox (does not start it).
+    Create(CreateArgs),
+    /// Start a sandbox in the background.
+    Start { name: String },
+    /// Stop a sandbox: the guest syncs and powers off; forced after the timeout.
+    Stop(StopArgs),
+    /// Stop (if running) and start a sandbox.
+    Restart(StopArgs),
+    /// Remove sandboxes and their logs.
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Kill running sandboxes first.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// List sandboxes.
+    #[command(alias = "ps")]
+    Ls {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Show everything known about a sandbox.
+    Inspect {
+        name: String,
+        #[arg(long, value_enum, default_value_t = Format::Json)]
+        format: Format,
+    },
+    /// Run a command in a running sandbox.
+    Exec(Box<ExecArgs>),
+    /// Boot a sandbox, run one command in it and stop it (removed afterwards unless named).
     Run(Box<RunArgs>),
+    /// Show a sandbox's console and exec output, timestamped.
+    Logs {
+        name: String,
+        /// Keep printing new lines until the sandbox stops.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+    },
     /// Report what this host can run: the kind of /dev/kvm, permissions, kernel, agent.
     Doctor,
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+    #[command(name = SANDBOX_PROCESS_ARG, hide = true)]
+    SandboxProcess,
 }
 
-#[derive(clap::Args)]
-struct RunArgs {
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(clap::Args, Clone)]
+struct MachineArgs {
     /// vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u8,
     /// Guest memory in MiB (a limit: host memory is used only as the guest touches it).
     #[arg(long, default_value_t = 256)]
     memory: u64,
-    /// Environment variables for the command (KEY=VALUE).
-    #[arg(short = 'e', long = "env")]
-    env: Vec<String>,
-    /// Working directory inside the guest.
-    #[arg(short = 'w', long = "workdir")]
-    workdir: Option<String>,
-    /// Run as this user: root, UID or UID:GID.
-    #[arg(short = 'u', long)]
-    user: Option<String>,
-    /// Kill the command after this many seconds (exit status 124).
-    #[arg(long)]
-    timeout: Option<f64>,
-    /// Pass this process's stdin to the command (read to the end first).
-    #[arg(short = 'i', long)]
-    interactive: bool,
     /// Guest kernel (default: $MSB_HOME/kernel/vmlinux).
     #[arg(long)]
     kernel: Option<PathBuf>,
-    /// Write the guest's serial console here.
-    #[arg(long)]
-    console_log: Option<PathBuf>,
     /// Extra guest kernel command-line arguments (e.g. "loglevel=7" to see the boot).
     #[arg(long)]
     kernel_args: Option<String>,
     /// Seconds to wait for the guest to become ready.
     #[arg(long, default_value_t = 60)]
     boot_timeout: u64,
+}
+
+impl MachineArgs {
+    fn config(&self, image: Option<String>) -> SandboxConfig {
+        SandboxConfig {
+            image,
+            cpus: self.cpus,
+            memory_mib: self.memory,
+            kernel: self.kernel.clone().map(|k| std::path::absolute(&k).unwrap_or(k)),
+            kernel_args: self.kernel_args.clone(),
+            boot_timeout_secs: self.boot_timeout,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct CreateArgs {
+    /// Root file system image (only the built-in "base" exists so far).
+    image: Option<String>,
+    #[arg(long)]
+    name: String,
+    #[command(flatten)]
+    machine: MachineArgs,
+}
+
+#[derive(clap::Args)]
+struct StopArgs {
+    name: String,
+    /// Seconds the guest gets to shut down before it is forced.
+    #[arg(short = 't', long = "time", default_value_t = 10)]
+    time: u64,
+    /// Kill at once, without asking the guest.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args, Clone)]
+struct CommandArgs {
+    /// Environment variables for the command (KEY=VALUE).
+    #[arg(short = 'e', long = "env")]
+    env: Vec<String>,
+    /// Working directory inside the guest.
+    #[arg(short = 'w', long = "workdir")]
+    workdir: Option<String>,
+    /// Run as this user: root, NAME[:GROUP] or UID[:GID].
+    #[arg(short = 'u', long)]
+    user: Option<String>,
+    /// Kill the command after this many seconds (exit status 124).
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Resource limit, NAME=SOFT[:HARD] (nofile, nproc, as, cpu, fsize, core, stack, data, memlock).
+    #[arg(long = "ulimit")]
+    ulimits: Vec<String>,
+    /// Keep stdin open and pass it to the command.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Run the command on a pseudo-terminal (detach with Ctrl-P Ctrl-Q).
+    #[arg(short = 't', long)]
+    tty: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
+}
+
+impl CommandArgs {
+    fn spec(&self, tty: bool) -> Result<ExecSpec, String> {
+        let mut env = Vec::new();
+        for kv in &self.env {
+            match kv.split_once('=') {
+                Some((k, v)) if !k.is_empty() => env.push((k.to_string(), v.to_string())),
+                _ => return Err(format!("--env {kv:?} is not KEY=VALUE")),
+            }
+        }
+        let timeout = match self.timeout.map(Duration::try_from_secs_f64) {
+            Some(Err(_)) => return Err("--timeout must be a positive number of seconds".into()),
+            Some(Ok(d)) => Some(d),
+            None => None,
+        };
+        let rlimits = self.ulimits.iter().map(|u| Rlimit::parse(u)).collect::<Result<Vec<_>, _>>()?;
+        let tty = tty.then(|| attach::terminal_size().unwrap_or(msb_actors::WinSize { rows: 24, cols: 80 }));
+        Ok(ExecSpec {
+            argv: self.command.clone(),
+            env,
+            cwd: self.workdir.clone(),
+            user: self.user.clone(),
+            timeout,
+            stdin: None,
+            tty,
+            rlimits,
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct ExecArgs {
+    name: String,
+    #[command(flatten)]
+    cmd: CommandArgs,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Keep the sandbox under this name (stopped afterwards; with -d, left running).
+    #[arg(long)]
+    name: Option<String>,
+    /// Start the command in the background, print the sandbox's name and leave it running.
+    #[arg(short = 'd', long)]
+    detach: bool,
+    #[command(flatten)]
+    machine: MachineArgs,
+    #[command(flatten)]
+    cmd: CommandArgs,
 }
 
 fn main() -> ExitCode {
@@ -83,88 +232,247 @@ fn main() -> ExitCode {
             return ExitCode::from(125);
         }
     };
-    match cli.cmd {
-        Cmd::Run(args) => rt.block_on(run(*args)),
-        Cmd::Doctor => doctor(),
+    let msb = Msb::from_env();
+    let r = match cli.cmd {
+        Cmd::Exec(a) => return rt.block_on(exec(&msb, *a)),
+        Cmd::Run(a) => return rt.block_on(run(&msb, *a)),
+        Cmd::Doctor => return doctor(),
+        Cmd::SandboxProcess => return rt.block_on(sandbox_process()),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "msb", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Create(a) => msb.create(&a.name, a.machine.config(a.image)).map(|sb| println!("{}", sb.name())),
+        Cmd::Start { name } => rt.block_on(async {
+            let sb = msb.get(&name)?;
+            sb.start_detached().await?;
+            println!("{name}");
+            Ok(())
+        }),
+        Cmd::Stop(a) => rt.block_on(stop(&msb, &a)).map(|why| println!("{}: {why}", a.name)),
+        Cmd::Restart(a) => rt.block_on(async {
+            stop(&msb, &a).await?;
+            msb.get(&a.name)?.start_detached().await?;
+            println!("{}", a.name);
+            Ok(())
+        }),
+        Cmd::Rm { names, force } => rt.block_on(async {
+            let mut first_err = None;
+            for n in names {
+                match async { msb.get(&n)?.remove(force).await }.await {
+                    Ok(()) => println!("{n}"),
+                    Err(e) => {
+                        eprintln!("msb: {e}");
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            first_err.map_or(Ok(()), Err)
+        }),
+        Cmd::Ls { format } => msb.list().map(|l| print_list(&l, format)),
+        Cmd::Inspect { name, format } => rt.block_on(inspect(&msb, &name, format)),
+        Cmd::Logs { name, follow, tail } => rt.block_on(async { logs::logs(&msb.get(&name)?, follow, tail).await }),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("msb: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
-async fn run(a: RunArgs) -> ExitCode {
-    let mut env = Vec::new();
-    for kv in &a.env {
-        match kv.split_once('=') {
-            Some((k, v)) if !k.is_empty() => env.push((k.to_string(), v.to_string())),
-            _ => {
-                eprintln!("msb: --env {kv:?} is not KEY=VALUE");
-                return ExitCode::from(125);
-            }
-        }
-    }
-    let mut b = Sandbox::builder().cpus(a.cpus).memory_mib(a.memory).boot_timeout(Duration::from_secs(a.boot_timeout));
-    if let Some(k) = a.kernel {
-        b = b.kernel(k);
-    }
-    if let Some(k) = a.kernel_args {
-        b = b.kernel_args(k);
-    }
-    if let Some(c) = a.console_log {
-        b = b.console_log(c);
-    }
-    let sb = match b.create().await {
-        Ok(sb) => sb,
-        Err(e) => {
-            eprintln!("msb: {e}");
-            return ExitCode::from(125);
-        }
-    };
-    let stdin = if a.interactive {
-        let mut buf = Vec::new();
-        if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf) {
-            eprintln!("msb: reading stdin: {e}");
-            return ExitCode::from(125);
-        }
-        Some(buf)
+async fn stop(msb: &Msb, a: &StopArgs) -> msb_actors::Result<String> {
+    let sb = msb.get(&a.name)?;
+    if a.force {
+        sb.kill().await
     } else {
-        None
-    };
-    let timeout = match a.timeout.map(Duration::try_from_secs_f64) {
-        Some(Err(_)) => {
-            eprintln!("msb: --timeout must be a positive number of seconds");
+        sb.stop(Duration::from_secs(a.time)).await
+    }
+}
+
+/// The sandbox process: reads its launch description from stdin and serves the sandbox.
+async fn sandbox_process() -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("msb sandbox process: reading the launch description: {e}");
+        return ExitCode::from(125);
+    }
+    let launch: msb_actors::server::Launch = match serde_json::from_str(&line) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("msb sandbox process: bad launch description: {e}");
             return ExitCode::from(125);
         }
-        Some(Ok(d)) => Some(d),
-        None => None,
     };
-    let spec = ExecSpec { argv: a.command.clone(), env, cwd: a.workdir, user: a.user, timeout, stdin };
-    let result = sb.exec_spec(spec).await;
-    let _ = sb.stop().await;
-    match result {
-        Ok(out) => {
-            let _ = std::io::stdout().write_all(&out.stdout);
-            let _ = std::io::stderr().write_all(&out.stderr);
-            let _ = std::io::stdout().flush();
-            match out.status {
-                ExitStatus::Code(c) => ExitCode::from(c.clamp(0, 255) as u8),
-                ExitStatus::Signal(s) => ExitCode::from((128 + s).clamp(0, 255) as u8),
-            }
-        }
-        Err(e @ Error::TimedOut { .. }) => {
-            eprintln!("msb: {e}");
-            ExitCode::from(124)
-        }
-        Err(Error::SpawnFailed { kind, message }) => {
-            eprintln!("msb: {message}");
-            ExitCode::from(match kind {
-                SpawnErrorKind::NotFound => 127,
-                SpawnErrorKind::PermissionDenied | SpawnErrorKind::NotExecutable => 126,
-                _ => 125,
-            })
-        }
+    match msb_actors::server::run(launch, std::io::stdout()).await {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("msb: {e}");
-            ExitCode::from(125)
+            eprintln!("msb sandbox process: {e}");
+            ExitCode::from(1)
         }
     }
+}
+
+fn status_line(r: &Record) -> String {
+    match (&r.status, &r.last_run) {
+        (msb_actors::state::Status::Running, Some(run)) => format!("running since {}", format_ms(run.started_ms)),
+        (s, Some(run)) if run.exit_reason.is_some() => {
+            format!("{s} ({})", run.exit_reason.as_deref().unwrap_or_default())
+        }
+        (s, _) => s.to_string(),
+    }
+}
+
+fn record_json(r: &Record) -> serde_json::Value {
+    serde_json::json!({
+        "name": r.name,
+        "status": r.status,
+        "pid": r.process.map(|p| p.pid),
+        "config": r.config,
+        "ephemeral": r.ephemeral,
+        "created": format_ms(r.created_ms),
+        "last_run": r.last_run.as_ref().map(|run| serde_json::json!({
+            "started": format_ms(run.started_ms),
+            "ended": run.ended_ms.map(format_ms),
+            "exit_reason": run.exit_reason,
+        })),
+    })
+}
+
+fn print_list(list: &[Record], format: Format) {
+    match format {
+        Format::Json => {
+            let v: Vec<_> = list.iter().map(record_json).collect();
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        Format::Table => {
+            println!(
+                "{:<24} {:<8} {:>4} {:>7} {:>8}  {:<20}  STATUS",
+                "NAME", "STATE", "CPUS", "MEMORY", "PID", "CREATED"
+            );
+            for r in list {
+                let cpus = r.config.get("cpus").and_then(|v| v.as_u64()).unwrap_or(0);
+                let mem = r.config.get("memory_mib").and_then(|v| v.as_u64()).unwrap_or(0);
+                let pid = r.process.map(|p| p.pid.to_string()).unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<24} {:<8} {:>4} {:>6}M {:>8}  {:<20}  {}",
+                    r.name,
+                    r.status.as_str(),
+                    cpus,
+                    mem,
+                    pid,
+                    format_ms(r.created_ms),
+                    status_line(r)
+                );
+            }
+        }
+    }
+}
+
+async fn inspect(msb: &Msb, name: &str, format: Format) -> msb_actors::Result<()> {
+    let sb = msb.get(name)?;
+    let rec = sb.record()?;
+    let runs = msb.store()?.runs(name)?;
+    let info = if rec.status == msb_actors::state::Status::Running { sb.info().await.ok() } else { None };
+    let mut v = record_json(&rec);
+    v["runs"] = runs
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "started": format_ms(r.started_ms),
+                "ended": r.ended_ms.map(format_ms),
+                "exit_reason": r.exit_reason,
+            })
+        })
+        .collect();
+    v["dir"] = serde_json::json!(sb.dir());
+    if let Some(i) = info {
+        v["boot_ms"] = serde_json::json!(i.boot_ms);
+        v["exec_sessions"] = serde_json::json!(i.exec_sessions);
+    }
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+        Format::Table => {
+            if let Some(o) = v.as_object() {
+                for (k, val) in o {
+                    println!("{k:<14} {val}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts `cmd` in `sb` and attaches to it (or leaves it running with `detach`).
+async fn exec_in(sb: &NamedSandbox, cmd: &CommandArgs, tty_default: bool, detach: bool) -> Outcome {
+    let tty = cmd.tty || tty_default;
+    let spec = match cmd.spec(tty) {
+        Ok(s) => s,
+        Err(e) => return Outcome::Failed(Error::Config(e)),
+    };
+    let forward = !detach && (cmd.interactive || tty);
+    match sb.exec_stream(spec, forward).await {
+        Ok(ex) if detach => {
+            ex.detach();
+            Outcome::Detached
+        }
+        Ok(ex) => attach::attach(ex, forward, tty).await,
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
+fn finish(o: Outcome) -> ExitCode {
+    match &o {
+        Outcome::Failed(e) => eprintln!("msb: {e}"),
+        Outcome::Detached => eprintln!("msb: detached; the command keeps running (see `msb logs`)"),
+        Outcome::Exited(_) => {}
+    }
+    ExitCode::from(o.code())
+}
+
+async fn exec(msb: &Msb, a: ExecArgs) -> ExitCode {
+    match msb.get(&a.name) {
+        Ok(sb) => finish(exec_in(&sb, &a.cmd, false, false).await),
+        Err(e) => finish(Outcome::Failed(e)),
+    }
+}
+
+async fn run(msb: &Msb, a: RunArgs) -> ExitCode {
+    let config = a.machine.config(None);
+    let created = match (&a.name, a.detach) {
+        (Some(n), _) => msb.create(n, config),
+        (None, true) => {
+            msb.create(&format!("sb-{}-{}", std::process::id(), msb_actors::state::now_ms() % 100_000), config)
+        }
+        (None, false) => msb.create_ephemeral(config),
+    };
+    let sb = match created {
+        Ok(sb) => sb,
+        Err(e) => return finish(Outcome::Failed(e)),
+    };
+    if a.detach {
+        if let Err(e) = sb.start_detached().await {
+            return finish(Outcome::Failed(e));
+        }
+        let o = exec_in(&sb, &a.cmd, false, true).await;
+        if let Outcome::Failed(e) = o {
+            return finish(Outcome::Failed(e));
+        }
+        println!("{}", sb.name());
+        return ExitCode::SUCCESS;
+    }
+    let owner = match sb.start_attached().await {
+        Ok(o) => o,
+        Err(e) => return finish(Outcome::Failed(e)),
+    };
+    let tty_default = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    let outcome = exec_in(&sb, &a.cmd, tty_default, false).await;
+    // An attached sandbox ends with its client, also after the detach keys (use `msb run -d`
+    // and `msb exec -t` for sessions that outlive the client).
+    let _ = sb.stop(Duration::from_secs(10)).await;
+    let _ = tokio::task::spawn_blocking(move || owner.wait()).await;
+    finish(outcome)
 }
 
 fn doctor() -> ExitCode {
@@ -189,6 +497,13 @@ fn doctor() -> ExitCode {
                 ok = false;
                 println!("{what}: MISSING: {e}");
             }
+        }
+    }
+    match msb_actors::state::Store::open(&home) {
+        Ok(_) => println!("state store: {}", home.join("state.db").display()),
+        Err(e) => {
+            ok = false;
+            println!("state store: {e}");
         }
     }
     if kind.boots_linux() && ok {

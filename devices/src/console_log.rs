@@ -46,6 +46,9 @@ pub struct ConsoleLog {
     reports: Arc<ConsoleReports>,
     /// Set when the last completed line was a halt message; taken by the serial device.
     halt_pending: bool,
+    /// Prefix each line in the file with the host's wall-clock time (RFC 3339, UTC).
+    timestamps: bool,
+    at_line_start: bool,
 }
 
 impl ConsoleLog {
@@ -60,7 +63,16 @@ impl ConsoleLog {
             line: Vec::with_capacity(MAX_LINE),
             reports: Arc::default(),
             halt_pending: false,
+            timestamps: false,
+            at_line_start: true,
         })
+    }
+
+    /// Prefixes every line in the file with the time it started arriving
+    /// (`2026-01-01T00:00:00.000Z `); the in-memory tail stays verbatim.
+    pub fn with_timestamps(mut self) -> Self {
+        self.timestamps = true;
+        self
     }
 
     pub fn reports(&self) -> Arc<ConsoleReports> {
@@ -105,6 +117,20 @@ impl ConsoleLog {
     }
 
     fn write_file(&mut self, buf: &[u8]) {
+        if !self.timestamps {
+            return self.write_capped(buf);
+        }
+        for piece in buf.split_inclusive(|b| *b == b'\n') {
+            if self.at_line_start {
+                let stamp = format!("{} ", humantime::format_rfc3339_millis(std::time::SystemTime::now()));
+                self.write_capped(stamp.as_bytes());
+            }
+            self.write_capped(piece);
+            self.at_line_start = piece.ends_with(b"\n");
+        }
+    }
+
+    fn write_capped(&mut self, buf: &[u8]) {
         let Some(file) = self.file.as_mut() else {
             return;
         };
@@ -170,6 +196,24 @@ mod tests {
         assert!(log.take_halt());
         assert!(!log.take_halt(), "taken once");
         assert!(r.halted());
+    }
+
+    #[test]
+    fn timestamps_prefix_each_line_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("console.log");
+        let mut log = ConsoleLog::new(Some(&p), 1 << 20).unwrap().with_timestamps();
+        log.write_all(b"one\ntw").unwrap();
+        log.write_all(b"o\nthree\n").unwrap();
+        let content = std::fs::read_to_string(&p).unwrap();
+        let lines: Vec<&str> = content.lines().collect();
+        assert_eq!(lines.len(), 3);
+        for (l, want) in lines.iter().zip(["one", "two", "three"]) {
+            let (stamp, text) = l.split_once(' ').unwrap();
+            assert!(humantime::parse_rfc3339(stamp).is_ok(), "{stamp}");
+            assert_eq!(text, want);
+        }
+        assert_eq!(log.tail(), "one\ntwo\nthree\n");
     }
 
     #[test]

@@ -20,9 +20,9 @@ mod codec;
 pub use codec::{encode, FrameDecoder, FrameError, HEADER_LEN, MAX_FRAME};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The oldest version this build can still speak.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 
 /// Largest output chunk agentd puts in one [`GuestMsg::Output`].
 pub const MAX_OUTPUT_CHUNK: usize = 64 * 1024;
@@ -57,6 +57,86 @@ pub enum HostMsg {
     Stdin { id: RequestId, data: Vec<u8> },
     /// Send `signal` (1..=64) to the process group of request `id`.
     Signal { id: RequestId, signal: i32 },
+    /// New window size for the terminal of request `id` (which asked for one).
+    Resize { id: RequestId, size: WinSize },
+}
+
+/// A terminal window size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WinSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// A resource limit a command runs under (`setrlimit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    pub resource: RlimitResource,
+    /// Soft limit; [`RLIM_INFINITY`] for none.
+    pub soft: u64,
+    /// Hard limit; [`RLIM_INFINITY`] for none.
+    pub hard: u64,
+}
+
+/// "No limit" in an [`Rlimit`].
+pub const RLIM_INFINITY: u64 = u64::MAX;
+/// Most resource limits in one exec request.
+pub const MAX_RLIMITS: usize = 16;
+
+/// The resources an exec may limit (docker's `--ulimit` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RlimitResource {
+    Core,
+    Cpu,
+    Data,
+    Fsize,
+    Memlock,
+    Nofile,
+    Nproc,
+    Stack,
+    As,
+}
+
+impl RlimitResource {
+    pub const ALL: [(&'static str, RlimitResource); 9] = [
+        ("core", RlimitResource::Core),
+        ("cpu", RlimitResource::Cpu),
+        ("data", RlimitResource::Data),
+        ("fsize", RlimitResource::Fsize),
+        ("memlock", RlimitResource::Memlock),
+        ("nofile", RlimitResource::Nofile),
+        ("nproc", RlimitResource::Nproc),
+        ("stack", RlimitResource::Stack),
+        ("as", RlimitResource::As),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(_, r)| *r == self).map(|(n, _)| *n).expect("every resource is listed")
+    }
+}
+
+impl Rlimit {
+    /// Parses docker's `NAME=SOFT[:HARD]` (a value may be `unlimited`; HARD defaults to SOFT).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || {
+            let names: Vec<_> = RlimitResource::ALL.iter().map(|(n, _)| *n).collect();
+            format!("ulimit {s:?}: want NAME=SOFT[:HARD] with NAME one of {}", names.join(", "))
+        };
+        let (name, limits) = s.split_once('=').ok_or_else(bad)?;
+        let resource = RlimitResource::ALL.iter().find(|(n, _)| *n == name).map(|(_, r)| *r).ok_or_else(bad)?;
+        let num = |v: &str| match v {
+            "unlimited" | "-1" => Ok(RLIM_INFINITY),
+            _ => v.parse::<u64>().map_err(|_| bad()),
+        };
+        let (soft, hard) = match limits.split_once(':') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(limits)?, num(limits)?),
+        };
+        if soft > hard {
+            return Err(format!("ulimit {s:?}: the soft limit is above the hard limit"));
+        }
+        Ok(Rlimit { resource, soft, hard })
+    }
 }
 
 /// A command to run in the guest.
@@ -75,28 +155,47 @@ pub struct ExecRequest {
     pub timeout_ms: Option<u64>,
     /// Give the process a stdin pipe fed by [`HostMsg::Stdin`]; otherwise /dev/null.
     pub stdin: bool,
+    /// Run on a new pseudo-terminal of this size (stdin, stdout and stderr are the terminal,
+    /// which becomes the controlling terminal of a new session; output comes as stdout).
+    pub tty: Option<WinSize>,
+    /// Resource limits, applied before the program starts.
+    pub rlimits: Vec<Rlimit>,
 }
 
-/// A parsed `uid[:gid]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A user or group: a number, or a name looked up in the guest's `/etc/passwd` / `/etc/group`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ident {
+    Id(u32),
+    Name(String),
+}
+
+/// A parsed `USER[:GROUP]`: `root`, `UID`, `UID:GID`, `NAME` or `NAME:GROUP`. Without a
+/// group, a numeric user runs with gid = uid and a named user with its primary group.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserSpec {
-    pub uid: u32,
-    pub gid: u32,
+    pub user: Ident,
+    pub group: Option<Ident>,
+}
+
+fn ident(v: &str, whole: &str) -> Result<Ident, String> {
+    if let Ok(n) = v.parse::<u32>() {
+        return Ok(Ident::Id(n));
+    }
+    let mut chars = v.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_.-".contains(c));
+    if first_ok && rest_ok && v.len() <= 32 {
+        Ok(Ident::Name(v.to_string()))
+    } else {
+        Err(format!("user {whole:?}: want UID[:GID] (numbers) or NAME[:GROUP] (lowercase names up to 32 characters)"))
+    }
 }
 
 impl UserSpec {
-    /// Parses `root`, `UID` (gid = uid) or `UID:GID`.
     pub fn parse(s: &str) -> Result<Self, String> {
-        if s == "root" {
-            return Ok(UserSpec { uid: 0, gid: 0 });
-        }
-        let num = |v: &str| v.parse::<u32>().map_err(|_| format!("user {s:?}: want root, UID or UID:GID (numbers)"));
         match s.split_once(':') {
-            Some((u, g)) => Ok(UserSpec { uid: num(u)?, gid: num(g)? }),
-            None => {
-                let uid = num(s)?;
-                Ok(UserSpec { uid, gid: uid })
-            }
+            Some((u, g)) => Ok(UserSpec { user: ident(u, s)?, group: Some(ident(g, s)?) }),
+            None => Ok(UserSpec { user: ident(s, s)?, group: None }),
         }
     }
 }
@@ -179,6 +278,15 @@ impl ExecRequest {
         if let Some(user) = &self.user {
             UserSpec::parse(user)?;
         }
+        if self.rlimits.len() > MAX_RLIMITS {
+            return Err(format!("more than {MAX_RLIMITS} resource limits"));
+        }
+        if self.rlimits.iter().any(|r| r.soft > r.hard) {
+            return Err("a resource limit's soft value is above its hard value".into());
+        }
+        if self.tty.is_some_and(|t| t.rows == 0 || t.cols == 0) {
+            return Err("a terminal needs at least one row and one column".into());
+        }
         if let Some(cwd) = &self.cwd {
             if nul(cwd) || !cwd.starts_with('/') {
                 return Err(format!("cwd {cwd:?} must be an absolute path without NUL"));
@@ -201,13 +309,16 @@ mod tests {
             user: None,
             timeout_ms: None,
             stdin: false,
+            tty: None,
+            rlimits: vec![],
         }
     }
 
     #[test]
     fn negotiation_picks_highest_common_version() {
-        assert_eq!(negotiate(1, 1), Some(1));
+        assert_eq!(negotiate(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), Some(PROTOCOL_VERSION));
         assert_eq!(negotiate(1, 9), Some(PROTOCOL_VERSION));
+        assert_eq!(negotiate(1, 1), None, "version 1 (no terminals) is no longer spoken");
         assert_eq!(negotiate(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3), None);
         assert_eq!(negotiate(0, 0), None);
         assert_eq!(negotiate(3, 2), None);
@@ -232,17 +343,42 @@ mod tests {
         r.argv = vec!["x".into(); MAX_EXEC_ITEMS + 1];
         assert!(r.validate().is_err());
         let mut r = req();
-        r.user = Some("nobody".into());
-        assert!(r.validate().unwrap_err().contains("UID:GID"));
+        r.user = Some("Nobody!".into());
+        assert!(r.validate().unwrap_err().contains("UID[:GID]"));
+        let mut r = req();
+        r.tty = Some(WinSize { rows: 0, cols: 80 });
+        assert!(r.validate().unwrap_err().contains("row"));
+        let mut r = req();
+        r.rlimits = vec![Rlimit { resource: RlimitResource::Nofile, soft: 10, hard: 5 }];
+        assert!(r.validate().is_err());
+    }
+
+    #[test]
+    fn rlimit_parsing() {
+        assert_eq!(
+            Rlimit::parse("nofile=64:128"),
+            Ok(Rlimit { resource: RlimitResource::Nofile, soft: 64, hard: 128 })
+        );
+        assert_eq!(
+            Rlimit::parse("core=unlimited"),
+            Ok(Rlimit { resource: RlimitResource::Core, soft: RLIM_INFINITY, hard: RLIM_INFINITY })
+        );
+        assert!(Rlimit::parse("nofile=128:64").unwrap_err().contains("soft"));
+        assert!(Rlimit::parse("files=1").unwrap_err().contains("nofile"));
+        assert!(Rlimit::parse("nofile").is_err());
+        assert!(Rlimit::parse("nofile=x").is_err());
     }
 
     #[test]
     fn user_specs() {
-        assert_eq!(UserSpec::parse("root"), Ok(UserSpec { uid: 0, gid: 0 }));
-        assert_eq!(UserSpec::parse("1000"), Ok(UserSpec { uid: 1000, gid: 1000 }));
-        assert_eq!(UserSpec::parse("1000:50"), Ok(UserSpec { uid: 1000, gid: 50 }));
+        let name = |n: &str| Ident::Name(n.into());
+        assert_eq!(UserSpec::parse("root"), Ok(UserSpec { user: name("root"), group: None }));
+        assert_eq!(UserSpec::parse("1000"), Ok(UserSpec { user: Ident::Id(1000), group: None }));
+        assert_eq!(UserSpec::parse("1000:50"), Ok(UserSpec { user: Ident::Id(1000), group: Some(Ident::Id(50)) }));
+        assert_eq!(UserSpec::parse("msb:users"), Ok(UserSpec { user: name("msb"), group: Some(name("users")) }));
         assert!(UserSpec::parse("1000:").is_err());
         assert!(UserSpec::parse("-1").is_err());
+        assert!(UserSpec::parse("a/b").is_err());
     }
 
     #[test]

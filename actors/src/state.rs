@@ -1,0 +1,596 @@
+//! The state store: one SQLite database (`$MSB_HOME/state.db`) that records every named
+//! sandbox (its configuration, status, the pid of its sandbox process) and the history of its
+//! runs.
+//!
+//! Invariants:
+//! - every read-modify-write is one `IMMEDIATE` transaction, so concurrent `msb` processes
+//!   serialise on the database lock (WAL journal, 10 s busy timeout) and never see or leave a
+//!   half-applied change;
+//! - a sandbox is `running` or `starting` only while the process recorded for it is alive:
+//!   [`Store::reconcile`] (run at the start of every command) marks sandboxes whose process
+//!   died without saying so (SIGKILL, OOM, host crash) as `crashed` and closes their run;
+//! - a process is identified by pid *and* start time, so a recycled pid is never mistaken
+//!   for the sandbox process.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::{Deserialize, Serialize};
+
+/// Longest sandbox name.
+pub const MAX_NAME: usize = 63;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("a sandbox named {0:?} already exists; pick another name or remove it with `msb rm {0}`")]
+    Exists(String),
+    #[error("no sandbox named {0:?}; `msb ls` lists them")]
+    NotFound(String),
+    #[error("sandbox {name:?} is {status}; {hint}")]
+    WrongStatus { name: String, status: Status, hint: &'static str },
+    #[error("invalid sandbox name {name:?}: {why}")]
+    InvalidName { name: String, why: String },
+    #[error("state database {path}: {source}")]
+    Db { path: String, source: rusqlite::Error },
+    #[error("state database holds an unreadable record for {0:?}: {1}")]
+    Corrupt(String, String),
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// Checks a sandbox name: 1..=63 characters from `[A-Za-z0-9_.-]`, starting with a letter or
+/// digit (names become directory and socket names).
+pub fn validate_name(name: &str) -> Result<()> {
+    let why = if name.is_empty() {
+        Some("it is empty".to_string())
+    } else if name.len() > MAX_NAME {
+        Some(format!("it is {} characters long; the limit is {MAX_NAME}", name.len()))
+    } else if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        Some("it must start with a letter or digit".into())
+    } else {
+        let bad = name.chars().find(|c| !(c.is_ascii_alphanumeric() || "_.-".contains(*c)));
+        bad.map(|c| format!("{c:?} is not allowed; use letters, digits, '_', '.' and '-'"))
+    };
+    match why {
+        Some(why) => Err(StoreError::InvalidName { name: name.to_string(), why }),
+        None => Ok(()),
+    }
+}
+
+/// Where a sandbox is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Recorded, never started.
+    Created,
+    /// A client is starting its sandbox process.
+    Starting,
+    Running,
+    Stopped,
+    /// Its sandbox process died without recording why.
+    Crashed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Created => "created",
+            Status::Starting => "starting",
+            Status::Running => "running",
+            Status::Stopped => "stopped",
+            Status::Crashed => "crashed",
+        }
+    }
+    fn parse(s: &str) -> Option<Self> {
+        [Status::Created, Status::Starting, Status::Running, Status::Stopped, Status::Crashed]
+            .into_iter()
+            .find(|v| v.as_str() == s)
+    }
+    /// Whether the sandbox process is (supposed to be) alive.
+    pub fn is_live(self) -> bool {
+        matches!(self, Status::Starting | Status::Running)
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A sandbox process: pid plus its start time (clock ticks since boot, `/proc/PID/stat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessId {
+    pub pid: u32,
+    pub start: u64,
+}
+
+impl ProcessId {
+    /// The calling process.
+    pub fn current() -> Option<Self> {
+        Self::of(std::process::id())
+    }
+
+    /// Process `pid` as it is now, if it exists.
+    pub fn of(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name may contain spaces and parentheses: fields resume after the last ')'.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let start = rest.split_whitespace().nth(19)?.parse().ok()?;
+        Some(ProcessId { pid, start })
+    }
+
+    /// Whether this very process still runs (and is not a zombie).
+    pub fn is_alive(&self) -> bool {
+        let Some(now) = Self::of(self.pid) else { return false };
+        if now.start != self.start {
+            return false;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
+        !matches!(state, Some("Z") | Some("X") | None)
+    }
+}
+
+/// One sandbox as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub name: String,
+    /// The configuration, as JSON (see `managed::SandboxConfig`).
+    pub config: serde_json::Value,
+    pub status: Status,
+    pub process: Option<ProcessId>,
+    /// Removed when its run ends (`msb run` without `--name`).
+    pub ephemeral: bool,
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    pub last_run: Option<Run>,
+}
+
+/// One start-to-stop run of a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    pub id: i64,
+    pub started_ms: u64,
+    pub ended_ms: Option<u64>,
+    pub exit_reason: Option<String>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+/// Formats milliseconds since the epoch as RFC 3339 (UTC, seconds).
+pub fn format_ms(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS sandboxes (
+    name TEXT PRIMARY KEY,
+    config TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('created', 'starting', 'running', 'stopped', 'crashed')),
+    pid INTEGER,
+    pid_start INTEGER,
+    ephemeral INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    run_id INTEGER
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sandbox TEXT NOT NULL REFERENCES sandboxes(name) ON DELETE CASCADE,
+    started_ms INTEGER NOT NULL,
+    ended_ms INTEGER,
+    exit_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_by_sandbox ON runs(sandbox);
+";
+
+/// An open state database.
+pub struct Store {
+    conn: Connection,
+    path: String,
+}
+
+impl Store {
+    /// Opens (creating if needed) `$home/state.db`.
+    pub fn open(home: &Path) -> Result<Self> {
+        let path = home.join("state.db");
+        let shown = path.display().to_string();
+        let db = |source| StoreError::Db { path: shown.clone(), source };
+        if let Err(e) = std::fs::create_dir_all(home) {
+            return Err(db(rusqlite::Error::InvalidPath(format!("{}: {e}", home.display()).into())));
+        }
+        let conn = Connection::open(&path).map_err(db)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(db)?;
+        // journal_mode returns a row; WAL lets readers run beside one writer.
+        conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(())).map_err(db)?;
+        conn.execute_batch("PRAGMA foreign_keys=ON; PRAGMA synchronous=NORMAL;").map_err(db)?;
+        let store = Store { conn, path: shown };
+        store.write(|tx| tx.execute_batch(SCHEMA))?;
+        Ok(store)
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Db { path: self.path.clone(), source }
+    }
+
+    /// Runs `f` in one IMMEDIATE transaction (takes the write lock up front, so two
+    /// processes can never both read a state and then both act on it).
+    fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>) -> Result<T> {
+        self.write_checked(|tx| Ok(f(tx)))?.map_err(|e| self.err(e))
+    }
+
+    fn write_checked<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
+        // `Connection` is not shared between threads here; an unchecked transaction on a
+        // shared reference is the documented way to start one without `&mut`.
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let out = f(&tx)?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+
+    /// Records a new sandbox (status `created`). Fails if the name is taken or invalid.
+    pub fn insert(&self, name: &str, config: &serde_json::Value, ephemeral: bool) -> Result<()> {
+        validate_name(name)?;
+        let now = now_ms() as i64;
+        self.write_checked(|tx| {
+            let r = tx.execute(
+                "INSERT INTO sandboxes (name, config, status, ephemeral, created_ms, updated_ms)
+                 VALUES (?1, ?2, 'created', ?3, ?4, ?4)",
+                params![name, config.to_string(), ephemeral, now],
+            );
+            match r {
+                Ok(_) => Ok(()),
+                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    Err(StoreError::Exists(name.to_string()))
+                }
+                Err(e) => Err(self.err(e)),
+            }
+        })
+    }
+
+    fn read_record(tx: &Connection, name: &str) -> rusqlite::Result<Option<RawRecord>> {
+        tx.query_row(
+            "SELECT s.name, s.config, s.status, s.pid, s.pid_start, s.ephemeral, s.created_ms,
+                    r.id, r.started_ms, r.ended_ms, r.exit_reason
+             FROM sandboxes s LEFT JOIN runs r ON r.id = s.run_id WHERE s.name = ?1",
+            [name],
+            RawRecord::from_row,
+        )
+        .optional()
+    }
+
+    /// One sandbox.
+    pub fn get(&self, name: &str) -> Result<Record> {
+        Self::read_record(&self.conn, name)
+            .map_err(|e| self.err(e))?
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))?
+            .parse()
+    }
+
+    /// Every sandbox, by name.
+    pub fn list(&self) -> Result<Vec<Record>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT s.name, s.config, s.status, s.pid, s.pid_start, s.ephemeral, s.created_ms,
+                        r.id, r.started_ms, r.ended_ms, r.exit_reason
+                 FROM sandboxes s LEFT JOIN runs r ON r.id = s.run_id ORDER BY s.name",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt.query_map([], RawRecord::from_row).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(r.map_err(|e| self.err(e))?.parse()?);
+        }
+        Ok(out)
+    }
+
+    /// Takes the right to start `name`: only from `created`, `stopped` or `crashed`, and only
+    /// one client at a time (the status becomes `starting`).
+    pub fn claim_start(&self, name: &str) -> Result<Record> {
+        self.write_checked(|tx| {
+            let rec = Self::read_record(tx, name)
+                .map_err(|e| self.err(e))?
+                .ok_or_else(|| StoreError::NotFound(name.to_string()))?
+                .parse()?;
+            if rec.status.is_live() {
+                return Err(StoreError::WrongStatus {
+                    name: name.to_string(),
+                    status: rec.status,
+                    hint: "it is already up; `msb stop` it first",
+                });
+            }
+            tx.execute(
+                "UPDATE sandboxes SET status = 'starting', pid = NULL, pid_start = NULL, updated_ms = ?2
+                 WHERE name = ?1",
+                params![name, now_ms() as i64],
+            )
+            .map_err(|e| self.err(e))?;
+            Ok(rec)
+        })
+    }
+
+    /// The sandbox process of a `starting` sandbox exists (recorded by the client that spawned
+    /// it, so that a process that dies while booting is detected).
+    pub fn set_process(&self, name: &str, p: ProcessId) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE sandboxes SET pid = ?2, pid_start = ?3, updated_ms = ?4 WHERE name = ?1",
+                params![name, p.pid, p.start as i64, now_ms() as i64],
+            )
+            .map(drop)
+        })
+    }
+
+    /// The sandbox is up in process `p`: a new run begins. Returns the run id.
+    pub fn mark_running(&self, name: &str, p: ProcessId) -> Result<i64> {
+        let now = now_ms() as i64;
+        self.write(|tx| {
+            tx.execute("INSERT INTO runs (sandbox, started_ms) VALUES (?1, ?2)", params![name, now])?;
+            let run = tx.last_insert_rowid();
+            tx.execute(
+                "UPDATE sandboxes SET status = 'running', pid = ?2, pid_start = ?3, run_id = ?4, updated_ms = ?5
+                 WHERE name = ?1",
+                params![name, p.pid, p.start as i64, run, now],
+            )?;
+            Ok(run)
+        })
+    }
+
+    /// The sandbox stopped (or never came up): closes its run with `reason`.
+    pub fn mark_stopped(&self, name: &str, status: Status, reason: &str) -> Result<()> {
+        let now = now_ms() as i64;
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE runs SET ended_ms = ?2, exit_reason = ?3
+                 WHERE id = (SELECT run_id FROM sandboxes WHERE name = ?1) AND ended_ms IS NULL",
+                params![name, now, reason],
+            )?;
+            tx.execute(
+                "UPDATE sandboxes SET status = ?2, pid = NULL, pid_start = NULL, updated_ms = ?3 WHERE name = ?1",
+                params![name, status.as_str(), now],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Deletes a sandbox and its history; refuses while it is live.
+    pub fn remove(&self, name: &str) -> Result<()> {
+        self.write_checked(|tx| {
+            let rec = Self::read_record(tx, name)
+                .map_err(|e| self.err(e))?
+                .ok_or_else(|| StoreError::NotFound(name.to_string()))?
+                .parse()?;
+            if rec.status.is_live() {
+                return Err(StoreError::WrongStatus {
+                    name: name.to_string(),
+                    status: rec.status,
+                    hint: "stop it first, or use `msb rm --force`",
+                });
+            }
+            tx.execute("DELETE FROM sandboxes WHERE name = ?1", [name]).map_err(|e| self.err(e))?;
+            Ok(())
+        })
+    }
+
+    /// The runs of a sandbox, newest first.
+    pub fn runs(&self, name: &str) -> Result<Vec<Run>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, started_ms, ended_ms, exit_reason FROM runs WHERE sandbox = ?1 ORDER BY id DESC")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([name], |r| {
+                Ok(Run {
+                    id: r.get(0)?,
+                    started_ms: r.get::<_, i64>(1)? as u64,
+                    ended_ms: r.get::<_, Option<i64>>(2)?.map(|v| v as u64),
+                    exit_reason: r.get(3)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))
+    }
+
+    /// Marks every live sandbox whose process is gone as crashed; returns their names.
+    /// A `starting` sandbox without a recorded process (its client is spawning it) is left alone.
+    pub fn reconcile(&self) -> Result<Vec<String>> {
+        let live: Vec<Record> = self.list()?.into_iter().filter(|r| r.status.is_live()).collect();
+        let mut crashed = Vec::new();
+        for rec in live {
+            let dead = match rec.process {
+                Some(p) => !p.is_alive(),
+                None => false,
+            };
+            if !dead {
+                continue;
+            }
+            let now = now_ms() as i64;
+            let p = rec.process.expect("checked");
+            let reason = format!("sandbox process {} died without stopping the sandbox (crashed)", p.pid);
+            // Re-checked inside the transaction: another client may have fixed it already.
+            let changed = self.write(|tx| {
+                let n = tx.execute(
+                    "UPDATE sandboxes SET status = 'crashed', pid = NULL, pid_start = NULL, updated_ms = ?4
+                     WHERE name = ?1 AND pid = ?2 AND pid_start = ?3 AND status IN ('starting', 'running')",
+                    params![rec.name, p.pid, p.start as i64, now],
+                )?;
+                if n > 0 {
+                    tx.execute(
+                        "UPDATE runs SET ended_ms = ?2, exit_reason = ?3
+                         WHERE id = (SELECT run_id FROM sandboxes WHERE name = ?1) AND ended_ms IS NULL",
+                        params![rec.name, now, reason],
+                    )?;
+                }
+                Ok(n > 0)
+            })?;
+            if changed {
+                crashed.push(rec.name);
+            }
+        }
+        Ok(crashed)
+    }
+}
+
+struct RawRecord {
+    name: String,
+    config: String,
+    status: String,
+    pid: Option<i64>,
+    pid_start: Option<i64>,
+    ephemeral: bool,
+    created_ms: i64,
+    run: Option<(i64, i64, Option<i64>, Option<String>)>,
+}
+
+impl RawRecord {
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        let run_id: Option<i64> = r.get(7)?;
+        Ok(RawRecord {
+            name: r.get(0)?,
+            config: r.get(1)?,
+            status: r.get(2)?,
+            pid: r.get(3)?,
+            pid_start: r.get(4)?,
+            ephemeral: r.get(5)?,
+            created_ms: r.get(6)?,
+            run: match run_id {
+                Some(id) => Some((id, r.get(8)?, r.get(9)?, r.get(10)?)),
+                None => None,
+            },
+        })
+    }
+
+    fn parse(self) -> Result<Record> {
+        let corrupt = |why: String| StoreError::Corrupt(self.name.clone(), why);
+        let status = Status::parse(&self.status).ok_or_else(|| corrupt(format!("status {:?}", self.status)))?;
+        let config = serde_json::from_str(&self.config).map_err(|e| corrupt(format!("config: {e}")))?;
+        let process = match (self.pid, self.pid_start) {
+            (Some(pid), Some(start)) => Some(ProcessId { pid: pid as u32, start: start as u64 }),
+            _ => None,
+        };
+        Ok(Record {
+            name: self.name.clone(),
+            config,
+            status,
+            process,
+            ephemeral: self.ephemeral,
+            created_ms: self.created_ms as u64,
+            last_run: self.run.map(|(id, s, e, why)| Run {
+                id,
+                started_ms: s as u64,
+                ended_ms: e.map(|v| v as u64),
+                exit_reason: why,
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> serde_json::Value {
+        serde_json::json!({"cpus": 1, "memory_mib": 256})
+    }
+
+    #[test]
+    fn names_are_validated() {
+        for ok in ["a", "web-1", "A.b_c", &"x".repeat(MAX_NAME)] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-x", ".hidden", "a/b", "a b", "é", &"x".repeat(MAX_NAME + 1)] {
+            let e = validate_name(bad).unwrap_err().to_string();
+            assert!(e.contains("invalid sandbox name"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn lifecycle_and_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.insert("web", &cfg(), false).unwrap();
+        let e = s.insert("web", &cfg(), false).unwrap_err();
+        assert!(matches!(e, StoreError::Exists(_)), "{e}");
+        assert!(e.to_string().contains("already exists"));
+        assert_eq!(s.get("web").unwrap().status, Status::Created);
+        s.claim_start("web").unwrap();
+        assert!(matches!(s.claim_start("web"), Err(StoreError::WrongStatus { .. })), "one starter at a time");
+        let me = ProcessId::current().unwrap();
+        let run = s.mark_running("web", me).unwrap();
+        let rec = s.get("web").unwrap();
+        assert_eq!(
+            (rec.status, rec.process, rec.last_run.as_ref().map(|r| r.id)),
+            (Status::Running, Some(me), Some(run))
+        );
+        assert!(s.remove("web").is_err(), "live sandboxes are not removed");
+        assert!(s.reconcile().unwrap().is_empty(), "this process is alive");
+        s.mark_stopped("web", Status::Stopped, "shut down on request").unwrap();
+        let rec = s.get("web").unwrap();
+        assert_eq!(rec.status, Status::Stopped);
+        assert_eq!(rec.last_run.unwrap().exit_reason.as_deref(), Some("shut down on request"));
+        s.remove("web").unwrap();
+        assert!(matches!(s.get("web"), Err(StoreError::NotFound(_))));
+        assert!(s.runs("web").unwrap().is_empty(), "history goes with the sandbox");
+    }
+
+    #[test]
+    fn a_dead_process_is_marked_crashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.insert("gone", &cfg(), false).unwrap();
+        s.claim_start("gone").unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let p = ProcessId::of(child.id()).unwrap();
+        s.mark_running("gone", p).unwrap();
+        child.wait().unwrap();
+        assert!(!p.is_alive());
+        assert_eq!(s.reconcile().unwrap(), vec!["gone".to_string()]);
+        let rec = s.get("gone").unwrap();
+        assert_eq!(rec.status, Status::Crashed);
+        assert!(rec.last_run.unwrap().exit_reason.unwrap().contains("crashed"));
+        assert!(s.reconcile().unwrap().is_empty(), "reported once");
+        s.claim_start("gone").unwrap();
+    }
+
+    #[test]
+    fn a_recycled_pid_is_not_the_sandbox_process() {
+        let me = ProcessId::current().unwrap();
+        assert!(me.is_alive());
+        assert!(!ProcessId { pid: me.pid, start: me.start + 1 }.is_alive());
+    }
+
+    #[test]
+    fn concurrent_writers_do_not_corrupt_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        Store::open(dir.path()).unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let home = dir.path().to_path_buf();
+                std::thread::spawn(move || {
+                    // Each thread is its own connection, as separate `msb` processes are.
+                    let s = Store::open(&home).unwrap();
+                    let mut won = 0;
+                    for i in 0..20 {
+                        s.insert(&format!("t{t}-{i}"), &cfg(), false).unwrap();
+                        if s.insert("contended", &cfg(), false).is_ok() {
+                            won += 1;
+                        }
+                        s.list().unwrap();
+                    }
+                    won
+                })
+            })
+            .collect();
+        let won: i32 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(won, 1, "exactly one insert of a contended name succeeds");
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.list().unwrap().len(), 8 * 20 + 1);
+    }
+}

@@ -1,0 +1,132 @@
+//! `msb logs`: the guest console and exec output of a sandbox, merged by time.
+//!
+//! Both files hold lines that start with an RFC 3339 UTC timestamp (fixed width), so a
+//! stable merge on the timestamp text orders them. Console lines get a `[console]` tag.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use msb_actors::managed::NamedSandbox;
+
+/// One log line, tagged.
+fn tag_console(line: &str) -> String {
+    match line.split_once(' ') {
+        Some((ts, rest)) => format!("{ts} [console] {rest}"),
+        None => format!("[console] {line}"),
+    }
+}
+
+fn read_lines(p: &Path) -> Vec<String> {
+    std::fs::read_to_string(p).map(|s| s.lines().map(String::from).collect()).unwrap_or_default()
+}
+
+/// Merges console and exec lines by timestamp (stable: equal stamps keep file order).
+pub fn merged(console: &[String], exec: &[String]) -> Vec<String> {
+    let mut all: Vec<(String, u8, usize, String)> = Vec::new();
+    for (i, l) in console.iter().enumerate() {
+        let t = tag_console(l);
+        all.push((stamp(&t), 0, i, t));
+    }
+    for (i, l) in exec.iter().enumerate() {
+        all.push((stamp(l), 1, i, l.clone()));
+    }
+    all.sort_by(|a, b| (&a.0, a.1, a.2).cmp(&(&b.0, b.1, b.2)));
+    all.into_iter().map(|(.., l)| l).collect()
+}
+
+fn stamp(line: &str) -> String {
+    line.split(' ').next().unwrap_or("").to_string()
+}
+
+struct Follow {
+    path: PathBuf,
+    offset: u64,
+    partial: String,
+    console: bool,
+}
+
+impl Follow {
+    fn new(path: PathBuf, console: bool) -> Self {
+        let offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        Follow { path, offset, partial: String::new(), console }
+    }
+
+    /// New complete lines since the last call.
+    fn poll(&mut self) -> Vec<String> {
+        let Ok(mut f) = std::fs::File::open(&self.path) else { return Vec::new() };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if len < self.offset {
+            self.offset = 0; // a new run truncated the console log
+        }
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return Vec::new();
+        }
+        let mut buf = Vec::new();
+        let _ = f.read_to_end(&mut buf);
+        self.offset += buf.len() as u64;
+        self.partial.push_str(&String::from_utf8_lossy(&buf));
+        let mut out = Vec::new();
+        while let Some(i) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=i).collect();
+            let line = line.trim_end_matches('\n');
+            out.push(if self.console { tag_console(line) } else { line.to_string() });
+        }
+        out
+    }
+}
+
+pub async fn logs(sb: &NamedSandbox, follow: bool, tail: Option<usize>) -> msb_actors::Result<()> {
+    sb.record()?;
+    let (console, exec) = (sb.dir().join("console.log"), sb.dir().join("exec.log"));
+    let mut lines = merged(&read_lines(&console), &read_lines(&exec));
+    if let Some(n) = tail {
+        lines = lines.split_off(lines.len().saturating_sub(n));
+    }
+    let mut out = std::io::stdout();
+    for l in &lines {
+        let _ = writeln!(out, "{l}");
+    }
+    let _ = out.flush();
+    if !follow {
+        return Ok(());
+    }
+    let mut files = [Follow::new(console, true), Follow::new(exec, false)];
+    let mut ticks = 0u32;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut new: Vec<String> = files.iter_mut().flat_map(|f| f.poll()).collect();
+        new.sort_by_key(|l| stamp(l));
+        for l in new {
+            let _ = writeln!(out, "{l}");
+        }
+        let _ = out.flush();
+        ticks += 1;
+        if ticks.is_multiple_of(5) && !sb.record().map(|r| r.status.is_live()).unwrap_or(false) {
+            // One last read after the sandbox stopped, then done.
+            for l in files.iter_mut().flat_map(|f| f.poll()) {
+                let _ = writeln!(out, "{l}");
+            }
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_and_exec_lines_merge_by_time() {
+        let console = vec!["2026-01-01T00:00:01.000Z boot".to_string(), "2026-01-01T00:00:03.000Z late".to_string()];
+        let exec = vec!["2026-01-01T00:00:02.000Z [exec 1 stdout] hi".to_string()];
+        assert_eq!(
+            merged(&console, &exec),
+            vec![
+                "2026-01-01T00:00:01.000Z [console] boot",
+                "2026-01-01T00:00:02.000Z [exec 1 stdout] hi",
+                "2026-01-01T00:00:03.000Z [console] late",
+            ]
+        );
+    }
+}
