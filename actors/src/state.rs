@@ -306,12 +306,20 @@ impl Store {
                     hint: "it is already up; `msb stop` it first",
                 });
             }
-            tx.execute(
-                "UPDATE sandboxes SET status = 'starting', pid = NULL, pid_start = NULL, updated_ms = ?2
-                 WHERE name = ?1",
-                params![name, now_ms() as i64],
-            )
+            // The run starts now, so that a start that fails is recorded with its reason.
+            let now = now_ms() as i64;
+            let run = (|| {
+                tx.execute("INSERT INTO runs (sandbox, started_ms) VALUES (?1, ?2)", params![name, now])?;
+                let run = tx.last_insert_rowid();
+                tx.execute(
+                    "UPDATE sandboxes SET status = 'starting', pid = NULL, pid_start = NULL, run_id = ?2,
+                     updated_ms = ?3 WHERE name = ?1",
+                    params![name, run, now],
+                )?;
+                Ok(run)
+            })()
             .map_err(|e| self.err(e))?;
+            tracing::debug!(name, run, "start claimed");
             Ok(rec)
         })
     }
@@ -328,18 +336,16 @@ impl Store {
         })
     }
 
-    /// The sandbox is up in process `p`: a new run begins. Returns the run id.
+    /// The sandbox is up in process `p` (its run began at [`Store::claim_start`]). Returns
+    /// the run id.
     pub fn mark_running(&self, name: &str, p: ProcessId) -> Result<i64> {
         let now = now_ms() as i64;
         self.write(|tx| {
-            tx.execute("INSERT INTO runs (sandbox, started_ms) VALUES (?1, ?2)", params![name, now])?;
-            let run = tx.last_insert_rowid();
             tx.execute(
-                "UPDATE sandboxes SET status = 'running', pid = ?2, pid_start = ?3, run_id = ?4, updated_ms = ?5
-                 WHERE name = ?1",
-                params![name, p.pid, p.start as i64, run, now],
+                "UPDATE sandboxes SET status = 'running', pid = ?2, pid_start = ?3, updated_ms = ?4 WHERE name = ?1",
+                params![name, p.pid, p.start as i64, now],
             )?;
-            Ok(run)
+            tx.query_row("SELECT run_id FROM sandboxes WHERE name = ?1", [name], |r| r.get(0))
         })
     }
 

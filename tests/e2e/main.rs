@@ -1,6 +1,8 @@
 //! End-to-end suite: real Linux guests booted by our VMM. Runs in the rig (nested TCG) and,
 //! unchanged, directly on hardware KVM. Every test fails, never skips, where it cannot boot.
 
+mod cli;
+
 use std::time::Duration;
 
 use msb_actors::{Error, ExecEvent, ExecSpec, ExitStatus, SpawnErrorKind, StopReason};
