@@ -674,7 +674,13 @@ mod tests {
 
     fn ready_core() -> AgentCore {
         let mut c = AgentCore::new();
-        let ev = c.on_bytes(&frame(&GuestMsg::Ready { min_version: PROTOCOL_VERSION, max_version: PROTOCOL_VERSION, agent: "t".into() })).unwrap();
+        let ev = c
+            .on_bytes(&frame(&GuestMsg::Ready {
+                min_version: PROTOCOL_VERSION,
+                max_version: PROTOCOL_VERSION,
+                agent: "t".into(),
+            }))
+            .unwrap();
         assert!(matches!(ev[0], AgentEvent::Ready { version: PROTOCOL_VERSION, .. }));
         c
     }
@@ -806,7 +812,12 @@ mod actor_tests {
     #[tokio::test]
     async fn pending_exec_fails_with_the_stop_reason() {
         let (agent, _h) = Actor::spawn(None, AgentClient, ()).await.unwrap();
-        let ready = encode(&GuestMsg::Ready { min_version: PROTOCOL_VERSION, max_version: PROTOCOL_VERSION, agent: "t".into() }).unwrap();
+        let ready = encode(&GuestMsg::Ready {
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            agent: "t".into(),
+        })
+        .unwrap();
         agent.cast(AgentMsg::FromGuest(GuestBytes { data: ready, drained: 0 })).unwrap();
         let (tx, rx) = ractor::concurrency::oneshot();
         agent

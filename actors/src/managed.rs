@@ -19,6 +19,7 @@ use std::io::{BufRead, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -317,16 +318,23 @@ impl NamedSandbox {
             Some(ServerMsg::Failed(e)) => return Err(e.into()),
             other => return Err(Error::Control(format!("unexpected answer to exec: {other:?}"))),
         };
-        let ex = RemoteExec { id, events: ExecEvents { reader }, input: ExecInput { wr } };
+        let wr = Arc::new(tokio::sync::Mutex::new(wr));
         if let Some(data) = initial {
-            let mut ex = ex;
-            ex.write_stdin(&data).await?;
-            if !stdin {
-                ex.close_stdin().await?;
-            }
-            return Ok(ex);
+            // Written in the background (the caller reads output meanwhile); the lock is taken
+            // now, so the caller's own input queues behind it.
+            let mut guard = wr.clone().lock_owned().await;
+            tokio::spawn(async move {
+                for chunk in data.chunks(control::STDIN_CHUNK) {
+                    if control::send(&mut *guard, &ClientMsg::Stdin(chunk.to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+                if !stdin {
+                    let _ = control::send(&mut *guard, &ClientMsg::Stdin(Vec::new())).await;
+                }
+            });
         }
-        Ok(ex)
+        Ok(RemoteExec { id, events: ExecEvents { reader }, input: ExecInput { wr } })
     }
 
     /// Runs a command and collects its output.
@@ -416,9 +424,11 @@ pub struct ExecEvents {
     reader: Reader<tokio::net::unix::OwnedReadHalf>,
 }
 
-/// The input side of a [`RemoteExec`]: stdin, signals, terminal size.
+/// The input side of a [`RemoteExec`]: stdin, signals, terminal size. Read events on
+/// another task while writing large input: the sandbox stops reading input while its output
+/// is not read.
 pub struct ExecInput {
-    wr: tokio::net::unix::OwnedWriteHalf,
+    wr: Arc<tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>>,
 }
 
 impl ExecEvents {
@@ -439,24 +449,29 @@ impl ExecEvents {
 impl ExecInput {
     /// Sends stdin (in chunks of at most [`control::STDIN_CHUNK`]).
     pub async fn write_stdin(&mut self, data: &[u8]) -> Result<()> {
+        let mut wr = self.wr.lock().await;
         for chunk in data.chunks(control::STDIN_CHUNK) {
-            control::send(&mut self.wr, &ClientMsg::Stdin(chunk.to_vec())).await?;
+            control::send(&mut *wr, &ClientMsg::Stdin(chunk.to_vec())).await?;
         }
         Ok(())
     }
 
+    async fn send(&mut self, msg: ClientMsg) -> Result<()> {
+        control::send(&mut *self.wr.lock().await, &msg).await
+    }
+
     pub async fn close_stdin(&mut self) -> Result<()> {
-        control::send(&mut self.wr, &ClientMsg::Stdin(Vec::new())).await
+        self.send(ClientMsg::Stdin(Vec::new())).await
     }
 
     /// Sends a signal (1..=64) to the command's process group.
     pub async fn signal(&mut self, signal: i32) -> Result<()> {
-        control::send(&mut self.wr, &ClientMsg::Signal(signal)).await
+        self.send(ClientMsg::Signal(signal)).await
     }
 
     /// Resizes the command's terminal.
     pub async fn resize(&mut self, rows: u16, cols: u16) -> Result<()> {
-        control::send(&mut self.wr, &ClientMsg::Resize(WinSize { rows, cols })).await
+        self.send(ClientMsg::Resize(WinSize { rows, cols })).await
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::io::{IsTerminal, Read, Write};
 
-use msb_actors::managed::RemoteExec;
+use msb_actors::managed::{ExecInput, RemoteExec};
 use msb_actors::{Error, ExecEvent, ExitStatus, SpawnErrorKind};
 use tokio::sync::mpsc;
 
@@ -126,50 +126,69 @@ fn stdin_chunks() -> mpsc::Receiver<Vec<u8>> {
     rx
 }
 
-/// Runs the client side of a session until it ends or the user detaches.
+/// Runs the client side of a session until it ends or the user detaches. Output is read
+/// on this task and input is fed on another, so that a command that echoes its input (`cat`
+/// of 10 MiB) can never stall both directions at once.
 pub async fn attach(ex: RemoteExec, forward_stdin: bool, tty: bool) -> Outcome {
     let _raw = tty.then(RawMode::enter);
-    let (mut events, mut input) = ex.split();
-    let mut stdin = if forward_stdin { Some(stdin_chunks()) } else { None };
-    let mut winch =
-        if tty { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok() } else { None };
-    let mut scanner = DetachScanner::default();
+    let (mut events, input) = ex.split();
+    let (detach_tx, mut detach_rx) = mpsc::channel::<()>(1);
+    let feeder = tokio::spawn(feed_input(input, forward_stdin, tty, detach_tx));
+    let mut feeding = true;
     let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-    loop {
+    let outcome = loop {
         tokio::select! {
             ev = events.next() => match ev {
                 Some(ExecEvent::Stdout(d)) => { let _ = out.write_all(&d); let _ = out.flush(); }
                 Some(ExecEvent::Stderr(d)) => { let _ = err.write_all(&d); let _ = err.flush(); }
-                Some(ExecEvent::Exited(s)) => return Outcome::Exited(s),
-                Some(ExecEvent::Failed(e)) => return Outcome::Failed(e),
-                None => return Outcome::Failed(Error::Control("the sandbox process ended the session".into())),
+                Some(ExecEvent::Exited(s)) => break Outcome::Exited(s),
+                Some(ExecEvent::Failed(e)) => break Outcome::Failed(e),
+                None => break Outcome::Failed(Error::Control("the sandbox process ended the session".into())),
             },
-            chunk = async { stdin.as_mut().expect("guarded").recv().await }, if stdin.is_some() => {
-                match chunk {
-                    Some(d) if !d.is_empty() => {
-                        let (fwd, detach) = if tty { scanner.feed(&d) } else { (d, false) };
-                        if !fwd.is_empty() && input.write_stdin(&fwd).await.is_err() {
-                            stdin = None;
-                        }
-                        if detach {
-                            return Outcome::Detached;
-                        }
-                    }
-                    _ => {
-                        // End of our stdin: the command's stdin ends too (a terminal session
-                        // keeps running until it exits).
-                        if !tty {
-                            let _ = input.close_stdin().await;
-                        }
+            d = detach_rx.recv(), if feeding => match d {
+                Some(()) => break Outcome::Detached,
+                None => feeding = false,
+            },
+        }
+    };
+    feeder.abort();
+    outcome
+}
+
+/// Feeds stdin (scanning for the detach keys on a terminal) and window resizes.
+async fn feed_input(mut input: ExecInput, forward_stdin: bool, tty: bool, detach: mpsc::Sender<()>) {
+    let mut stdin = if forward_stdin { Some(stdin_chunks()) } else { None };
+    let mut winch =
+        if tty { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok() } else { None };
+    let mut scanner = DetachScanner::default();
+    loop {
+        tokio::select! {
+            chunk = async { stdin.as_mut().expect("guarded").recv().await }, if stdin.is_some() => match chunk {
+                Some(d) if !d.is_empty() => {
+                    let (fwd, detached) = if tty { scanner.feed(&d) } else { (d, false) };
+                    if !fwd.is_empty() && input.write_stdin(&fwd).await.is_err() {
                         stdin = None;
                     }
+                    if detached {
+                        let _ = detach.send(()).await;
+                        return;
+                    }
                 }
-            }
+                _ => {
+                    // End of our stdin: the command's stdin ends too (a terminal session
+                    // keeps running until it exits).
+                    if !tty {
+                        let _ = input.close_stdin().await;
+                    }
+                    stdin = None;
+                }
+            },
             _ = async { winch.as_mut().expect("guarded").recv().await }, if winch.is_some() => {
                 if let Some(size) = terminal_size() {
                     let _ = input.resize(size.rows, size.cols).await;
                 }
             }
+            else => return,
         }
     }
 }

@@ -111,7 +111,55 @@ async fn main() {
     stats("create -> first exec result", to_exec);
     stats("exec round trip (true)", rtt);
     stats("process RSS outside guest RAM, MiB", outside);
+    named(n).await;
     side_by_side(n);
+}
+
+/// Named sandboxes: a sandbox process per sandbox, exec over its Unix socket (the API) and
+/// through a fresh `msb exec` process (the CLI).
+async fn named(n: usize) {
+    use msb_actors::managed::{Msb, SandboxConfig};
+    let msb = Msb::from_env();
+    let (mut to_exec, mut api_rtt, mut cli_rtt) = (vec![], vec![], vec![]);
+    let bin = std::env::current_exe().ok().map(|p| p.with_file_name("msb")).filter(|p| p.is_file());
+    for i in 0..n {
+        let name = format!("bench-{}-{i}", std::process::id());
+        let cfg = SandboxConfig { memory_mib: MEMORY_MIB, ..Default::default() };
+        let t0 = Instant::now();
+        let sb = match msb.create(&name, cfg) {
+            Ok(sb) => sb,
+            Err(e) => return println!("named sandboxes not benchmarked: {e}"),
+        };
+        if let Err(e) = sb.start_detached().await {
+            println!("named {i}: start failed: {e}");
+            let _ = sb.remove(true).await;
+            continue;
+        }
+        let spec = || msb_actors::ExecSpec { argv: vec!["true".into()], ..Default::default() };
+        if sb.exec(spec()).await.is_ok() {
+            to_exec.push(ms(t0.elapsed()));
+        }
+        for _ in 0..20 {
+            let t = Instant::now();
+            if sb.exec(spec()).await.is_ok() {
+                api_rtt.push(ms(t.elapsed()));
+            }
+        }
+        if let Some(bin) = &bin {
+            for _ in 0..5 {
+                let t = Instant::now();
+                let st = Command::new(bin).args(["exec", &name, "--", "true"]).status();
+                if st.is_ok_and(|s| s.success()) {
+                    cli_rtt.push(ms(t.elapsed()));
+                }
+            }
+        }
+        let _ = sb.remove(true).await;
+    }
+    println!("--- named sandboxes (own process, Unix socket) ---");
+    stats("create+start -> first exec result", to_exec);
+    stats("exec round trip via socket (API)", api_rtt);
+    stats("`msb exec -- true` (CLI process)", cli_rtt);
 }
 
 /// Spawns `cmd`, waits for a stdout line containing `marker`, and returns the time from spawn

@@ -297,6 +297,32 @@ fn cli_pty_session_resize_reaches_the_guest_and_detach_keys_leave_it() {
     ok(&["rm", n]);
 }
 
+/// Starts `msb run --name NAME -- sleep 1000` and waits until its sandbox runs (one retry if
+/// the boot fails, as elsewhere in the suite).
+fn owned_client(name: &str) -> std::process::Child {
+    for attempt in 0..2 {
+        let _ = msb(&["rm", "--force", name]);
+        let mut client = Command::new(msb_bin())
+            .args(["run", "--name", name, "--boot-timeout", "45", "--", "sleep", "1000"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let end = Instant::now() + Duration::from_secs(120);
+        loop {
+            if status(name) == "running" {
+                return client;
+            }
+            if let Some(st) = client.try_wait().unwrap() {
+                eprintln!("E2E-RETRY: msb run --name {name} exited before its sandbox ran ({st:?}), attempt {attempt}");
+                break;
+            }
+            assert!(Instant::now() < end, "{name} never ran");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+    panic!("msb run --name {name} failed twice")
+}
+
 #[test]
 fn cli_run_ephemeral_named_detached_and_attached_owner() {
     // Unnamed: ephemeral, removed afterwards; the command's status is msb's.
@@ -324,13 +350,7 @@ fn cli_run_ephemeral_named_detached_and_attached_owner() {
     ok(&["rm", "--force", "e2e-bg"]);
 
     // Attached: killing the client (even with SIGKILL) stops its sandbox.
-    let _ = msb(&["rm", "--force", "e2e-owned"]);
-    let mut client = Command::new(msb_bin())
-        .args(["run", "--name", "e2e-owned", "--boot-timeout", "45", "--", "sleep", "1000"])
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_status("e2e-owned", "running", Duration::from_secs(120));
+    let mut client = owned_client("e2e-owned");
     std::thread::sleep(Duration::from_secs(1));
     client.kill().unwrap();
     client.wait().unwrap();

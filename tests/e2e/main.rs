@@ -189,9 +189,21 @@ async fn stdin_timeout_and_user() {
     // Dropping root.
     let spec = ExecSpec { argv: sh("id -u; id -g"), user: Some("1000:1001".into()), ..Default::default() };
     assert_eq!(sb.exec_spec(spec).await.unwrap().stdout, b"1000\n1001\n");
-    match sb.exec_spec(ExecSpec { argv: vec!["id".into()], user: Some("nobody".into()), ..Default::default() }).await {
-        Err(Error::Config(msg)) => assert!(msg.contains("UID:GID"), "{msg}"),
+    // Names come from the guest's /etc/passwd and /etc/group.
+    let spec = ExecSpec { argv: sh("id -u; id -g"), user: Some("nobody".into()), ..Default::default() };
+    assert_eq!(sb.exec_spec(spec).await.unwrap().stdout, b"65534\n65534\n");
+    let spec = ExecSpec { argv: sh("id -u; id -g"), user: Some("msb:users".into()), ..Default::default() };
+    assert_eq!(sb.exec_spec(spec).await.unwrap().stdout, b"1000\n100\n");
+    match sb.exec_spec(ExecSpec { argv: vec!["id".into()], user: Some("Bad User".into()), ..Default::default() }).await
+    {
+        Err(Error::Config(msg)) => assert!(msg.contains("UID[:GID]"), "{msg}"),
         other => panic!("expected a configuration error, got {other:?}"),
+    }
+    match sb.exec_spec(ExecSpec { argv: vec!["id".into()], user: Some("ghost".into()), ..Default::default() }).await {
+        Err(Error::SpawnFailed { kind: SpawnErrorKind::InvalidRequest, message }) => {
+            assert!(message.contains("/etc/passwd"), "{message}")
+        }
+        other => panic!("expected an unknown-user failure, got {other:?}"),
     }
     sb.stop().await.unwrap();
 }

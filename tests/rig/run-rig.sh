@@ -2,6 +2,7 @@
 # Runs a job in the rig (QEMU TCG L1 with emulated AMD-V; our msb boots L2 guests inside).
 #
 #   tests/rig/run-rig.sh e2e            the end-to-end suite; fails if it ran no test
+#                                       (RIG_E2E_ARGS="cli::" runs only the tests matching it)
 #   tests/rig/run-rig.sh demo           msb run -- uname -a, and a failing command
 #   tests/rig/run-rig.sh bench [N]      the boot benchmark
 #   tests/rig/run-rig.sh run -- CMD...  msb run -- CMD...
@@ -18,7 +19,7 @@ done
 case $mode in
   e2e)
     job='msb doctor || true
-msb-e2e --test-threads=2 2>&1 | tee /tmp/e2e.log
+msb-e2e --test-threads=2 '"${RIG_E2E_ARGS:-}"' 2>&1 | tee /tmp/e2e.log
 rc=${PIPESTATUS:-0}
 grep -q "^test result: ok" /tmp/e2e.log || rc=1
 passed=$(sed -n "s/^test result: .* \([0-9][0-9]*\) passed.*/\1/p" /tmp/e2e.log | tail -n1)
