@@ -265,6 +265,9 @@ async fn exec_session(
         let _ = h.close_stdin().await;
     }
     let mut attached = control::send(&mut wr, &ServerMsg::Started { id }).await.is_ok();
+    // The client's input may end before the command does; only a failed send (the client is
+    // gone) detaches the session.
+    let mut reading = attached;
     loop {
         tokio::select! {
             ev = h.next() => {
@@ -289,12 +292,14 @@ async fn exec_session(
                 };
                 if attached && control::send(&mut wr, &msg).await.is_err() {
                     attached = false;
+                    reading = false;
+                    ctx.log.write(id, "detached", b"client detached");
                 }
                 if last {
                     break;
                 }
             }
-            m = reader.next::<ClientMsg>(), if attached => match m {
+            m = reader.next::<ClientMsg>(), if reading => match m {
                 Ok(Some(ClientMsg::Stdin(d))) if d.is_empty() => { let _ = h.close_stdin().await; }
                 Ok(Some(ClientMsg::Stdin(d))) => {
                     if let Err(e) = h.write_stdin(&d).await {
@@ -304,10 +309,10 @@ async fn exec_session(
                 Ok(Some(ClientMsg::Signal(s))) => { let _ = h.signal(s).await; }
                 Ok(Some(ClientMsg::Resize(size))) => { let _ = h.resize(size.rows, size.cols).await; }
                 Ok(Some(_)) | Err(_) | Ok(None) => {
-                    // The client detached (or broke the protocol): the command runs on; a
-                    // pipe-fed stdin gets its end of file, a terminal stays as it is.
-                    attached = false;
-                    ctx.log.write(id, "detached", b"client detached");
+                    // No more input (the client closed its side, left, or broke the
+                    // protocol): the command runs on; a pipe-fed stdin gets its end of file,
+                    // a terminal stays as it is.
+                    reading = false;
                     if !tty {
                         let _ = h.close_stdin().await;
                     }
