@@ -15,6 +15,9 @@
 //! the console device can send the agent client [`console::GuestBytes`] and nothing else,
 //! the agent client can send the console [`console::ToConsole`] and nothing else.
 //!
+//! Named sandboxes ([`managed`]) run this tree in their own host process ([`server`]),
+//! reached over a per-sandbox Unix socket ([`control`]) and recorded in SQLite ([`state`]).
+//!
 //! Supervision fails closed: if a child dies (a guest broke a device or protocol contract),
 //! the supervisor stops the VM and reports why; nothing is restarted against a half-changed
 //! guest.

@@ -7,7 +7,7 @@
 //! Invariants: the host is trusted, but agentd still validates every request before acting
 //! on it; at most [`MAX_SESSIONS`] commands run at once; output is sent in chunks of at most
 //! [`MAX_OUTPUT_CHUNK`] bytes, so no frame exceeds the protocol's bound. This crate has no
-//! `unsafe`: system calls go through `nix`.
+//! `unsafe`: system calls go through `nix` and `rustix`.
 
 #![forbid(unsafe_code)]
 

@@ -57,8 +57,23 @@ fn stats(name: &str, mut v: Vec<f64>) {
     );
 }
 
+/// Argument that makes this binary boot one sandbox with its console on stdout and exit (the
+/// msb side of the side-by-side comparison).
+const VMM_CHILD: &str = "--vmm-child";
+
+async fn vmm_child() {
+    let sb = Sandbox::builder().memory_mib(MEMORY_MIB).console_log("/proc/self/fd/1").create().await;
+    if let Ok(sb) = sb {
+        let _ = sb.exec("true", Vec::<String>::new()).await;
+        let _ = sb.stop().await;
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    if std::env::args().nth(1).as_deref() == Some(VMM_CHILD) {
+        return vmm_child().await;
+    }
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5);
     println!("msb-bench: {n} sandboxes, {MEMORY_MIB} MiB, 1 vCPU; KVM: {}", msb_hypervisor::classify().describe());
     let (mut to_init, mut to_ready, mut to_exec, mut rtt, mut outside) = (vec![], vec![], vec![], vec![], vec![]);
@@ -216,11 +231,11 @@ fn side_by_side(n: usize) {
         Ok(v) => v,
         Err(e) => return println!("comparison not run: {e}"),
     };
-    let msb = std::env::current_exe().unwrap().with_file_name("msb");
     let (mut ours, mut theirs, mut ours_rss, mut theirs_rss) = (vec![], vec![], vec![], vec![]);
     for _ in 0..n {
-        let mut c = Command::new(&msb);
-        c.args(["run", "--memory", &MEMORY_MIB.to_string(), "--console-log", "/proc/self/fd/1", "--", "true"]);
+        // The VMM process: what a sandbox process runs, here on its own (this binary again).
+        let mut c = Command::new(std::env::current_exe().unwrap());
+        c.arg(VMM_CHILD);
         if let Some((t, rss)) = time_to_marker(&mut c, "msb-agentd: init", false) {
             ours.push(ms(t));
             ours_rss.push(rss as f64 / 1024.0);

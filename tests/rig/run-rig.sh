@@ -19,7 +19,7 @@ done
 case $mode in
   e2e)
     job='msb doctor || true
-msb-e2e --test-threads=2 '"${RIG_E2E_ARGS:-}"' 2>&1 | tee /tmp/e2e.log
+msb-e2e --test-threads=1 '"${RIG_E2E_ARGS:-}"' 2>&1 | tee /tmp/e2e.log
 rc=${PIPESTATUS:-0}
 grep -q "^test result: ok" /tmp/e2e.log || rc=1
 passed=$(sed -n "s/^test result: .* \([0-9][0-9]*\) passed.*/\1/p" /tmp/e2e.log | tail -n1)
