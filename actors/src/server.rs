@@ -7,7 +7,8 @@
 //! owns the sandbox is gone, and the sandbox stops. A detached sandbox ignores it.
 //!
 //! Invariants: the socket is created in a 0700 directory and set to 0600 before the sandbox
-//! is announced; every way out (stop request, the guest stopping itself, SIGTERM, the owner
+//! is announced; at most [`MAX_CONNECTIONS`] connections are served at once (more are told
+//! why and closed); every way out (stop request, the guest stopping itself, SIGTERM, the owner
 //! leaving) goes through one exit path that stops the VM, closes the run in the store with
 //! its reason and removes the socket.
 
@@ -59,6 +60,9 @@ pub fn socket_path(home: &Path, name: &str) -> PathBuf {
 
 /// Longest path a Unix socket address holds (`sun_path` less its NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
+/// Most control connections served at once (each is an exec session, stop or info); more
+/// wait in the listen backlog until one ends.
+pub const MAX_CONNECTIONS: usize = 256;
 
 /// Timestamped exec output, one line per output line.
 struct ExecLog(Mutex<std::fs::File>);
@@ -133,19 +137,26 @@ pub async fn run(launch: Launch, mut announce: impl Write) -> Result<()> {
     let mut stop_waiters: Vec<oneshot::Sender<String>> = Vec::new();
     let waiter = ctx.clone();
     let mut vm_done = Box::pin(async move { waiter.sb.wait().await });
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let reason: StopReason = loop {
         tokio::select! {
             conn = listener.accept() => match conn {
-                Ok((stream, _)) => { tokio::spawn(serve_conn(stream, ctx.clone())); }
+                Ok((stream, _)) => match slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        let ctx = ctx.clone();
+                        tokio::spawn(async move {
+                            serve_conn(stream, ctx).await;
+                            drop(slot);
+                        });
+                    }
+                    Err(_) => refuse(&stream),
+                },
                 Err(e) => tracing::warn!("accept on {}: {e}", sock.display()),
             },
             r = &mut vm_done => break r.unwrap_or(StopReason::Killed),
             Some((graceful, reply)) = stop_rx.recv() => {
                 stop_waiters.push(reply);
-                break match graceful {
-                    Some(t) => ctx.sb.stop_timeout(t).await.unwrap_or(StopReason::Killed),
-                    None => ctx.sb.kill().await.unwrap_or(StopReason::Killed),
-                };
+                break stop_vm(&ctx.sb, graceful).await;
             }
             _ = term.recv() => break ctx.sb.stop().await.unwrap_or(StopReason::Killed),
             _ = &mut owner_gone => {
@@ -165,6 +176,21 @@ pub async fn run(launch: Launch, mut announce: impl Write) -> Result<()> {
     }
     tracing::info!(name = %launch.name, %why, "sandbox stopped");
     Ok(())
+}
+
+/// Tells a client over the connection limit why, without waiting on it, and closes.
+fn refuse(stream: &tokio::net::UnixStream) {
+    let why = format!("the sandbox serves at most {MAX_CONNECTIONS} connections at once; retry when some end");
+    if let Ok(frame) = msb_protocol::encode(&ServerMsg::Failed(WireError::Other(why))) {
+        let _ = stream.try_write(&frame);
+    }
+}
+
+async fn stop_vm(sb: &Sandbox, graceful: Option<Duration>) -> StopReason {
+    match graceful {
+        Some(t) => sb.stop_timeout(t).await.unwrap_or(StopReason::Killed),
+        None => sb.kill().await.unwrap_or(StopReason::Killed),
+    }
 }
 
 fn finish_ephemeral(store: &Store, launch: &Launch, dir: &Path) {

@@ -168,8 +168,37 @@ fn cli_lifecycle_exec_logs_and_store() {
     let inspect: serde_json::Value = serde_json::from_str(&ok(&["inspect", n])).unwrap();
     assert_eq!(inspect["runs"].as_array().unwrap().len(), 2, "{inspect}");
     assert_eq!(code(&msb(&["rm", n])), 1, "a running sandbox is not removed without --force");
-    ok(&["rm", "--force", n]);
+
+    // `logs -f` follows new output and ends by itself when the sandbox stops; `stop --force`
+    // does not ask the guest.
+    let follower = Command::new(msb_bin())
+        .args(["logs", "-f", "--tail", "0", n])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    ok(&["exec", n, "--", "echo", "followed-line"]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(ok(&["stop", "--force", n]).contains("killed by the host"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(follower.wait_with_output());
+    });
+    let followed = rx.recv_timeout(Duration::from_secs(20)).expect("logs -f ended after the stop").unwrap();
+    let followed = String::from_utf8_lossy(&followed.stdout);
+    assert!(followed.contains("stdout] followed-line"), "{followed}");
+    assert!(!followed.contains("session-3"), "--tail 0 printed no history: {followed}");
+    assert_eq!(status(n), "stopped");
+    ok(&["rm", n]);
     assert_eq!(status(n), "absent");
+}
+
+#[test]
+fn cli_doctor_reports_a_usable_host() {
+    let out = ok(&["doctor"]);
+    assert!(out.contains("verdict: sandboxes boot directly"), "{out}");
+    assert!(out.contains("state store:"), "{out}");
 }
 
 #[test]
