@@ -17,8 +17,13 @@ fn tag_console(line: &str) -> String {
     }
 }
 
-fn read_lines(p: &Path) -> Vec<String> {
-    std::fs::read_to_string(p).map(|s| s.lines().map(String::from).collect()).unwrap_or_default()
+/// The complete lines of a file, and the offset just past them (where following resumes, so
+/// no line is lost or printed twice).
+fn read_lines(p: &Path) -> (Vec<String>, u64) {
+    let bytes = std::fs::read(p).unwrap_or_default();
+    let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let text = String::from_utf8_lossy(&bytes[..complete]);
+    (text.lines().map(String::from).collect(), complete as u64)
 }
 
 /// Merges console and exec lines by timestamp (stable: equal stamps keep file order).
@@ -47,8 +52,7 @@ struct Follow {
 }
 
 impl Follow {
-    fn new(path: PathBuf, console: bool) -> Self {
-        let offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    fn new(path: PathBuf, offset: u64, console: bool) -> Self {
         Follow { path, offset, partial: String::new(), console }
     }
 
@@ -79,7 +83,8 @@ impl Follow {
 pub async fn logs(sb: &NamedSandbox, follow: bool, tail: Option<usize>) -> msb_actors::Result<()> {
     sb.record()?;
     let (console, exec) = (sb.dir().join("console.log"), sb.dir().join("exec.log"));
-    let mut lines = merged(&read_lines(&console), &read_lines(&exec));
+    let ((console_lines, console_at), (exec_lines, exec_at)) = (read_lines(&console), read_lines(&exec));
+    let mut lines = merged(&console_lines, &exec_lines);
     if let Some(n) = tail {
         lines = lines.split_off(lines.len().saturating_sub(n));
     }
@@ -91,7 +96,7 @@ pub async fn logs(sb: &NamedSandbox, follow: bool, tail: Option<usize>) -> msb_a
     if !follow {
         return Ok(());
     }
-    let mut files = [Follow::new(console, true), Follow::new(exec, false)];
+    let mut files = [Follow::new(console, console_at, true), Follow::new(exec, exec_at, false)];
     let mut ticks = 0u32;
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
