@@ -352,7 +352,9 @@ impl NamedSandbox {
         match self.request_stop(None).await {
             Err(Error::Control(_)) => {
                 if let Some(p) = self.record()?.process.filter(|p| p.is_alive()) {
-                    let _ = std::process::Command::new("kill").args(["-KILL", &p.pid.to_string()]).status();
+                    if let Some(pid) = rustix::process::Pid::from_raw(p.pid as i32) {
+                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                    }
                     for _ in 0..50 {
                         if !p.is_alive() {
                             break;
@@ -375,9 +377,15 @@ impl NamedSandbox {
         let (rd, mut wr) = self.connect().await?.into_split();
         let graceful_ms = graceful.map(|d| d.as_millis() as u64);
         control::send(&mut wr, &ClientMsg::Stop { graceful_ms }).await?;
-        let reason = match Reader::new(rd).next::<ServerMsg>().await? {
-            Some(ServerMsg::Stopped { reason }) => reason,
-            other => return Err(Error::Control(format!("unexpected answer to stop: {other:?}"))),
+        // The sandbox process forces the VM after `graceful`; one that does not answer well
+        // after that is itself stuck (and `kill` falls back to SIGKILL).
+        let patience = graceful.unwrap_or_default() + STOP_ANSWER_GRACE;
+        let answer = tokio::time::timeout(patience, Reader::new(rd).next::<ServerMsg>()).await;
+        let reason = match answer {
+            Ok(Ok(Some(ServerMsg::Stopped { reason }))) => reason,
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(other)) => return Err(Error::Control(format!("unexpected answer to stop: {other:?}"))),
+            Err(_) => return Err(Error::Control(format!("the sandbox process did not stop within {patience:?}"))),
         };
         // The process records the stop as it exits; wait for that so that the next command
         // sees it.
@@ -521,6 +529,9 @@ impl RemoteExec {
         Err(Error::Control("the sandbox process closed the session without an exit status".into()))
     }
 }
+
+/// How long past the graceful timeout a client waits for a sandbox process to report a stop.
+pub const STOP_ANSWER_GRACE: Duration = Duration::from_secs(30);
 
 /// The hidden first argument with which `msb` runs as a sandbox process.
 pub const SANDBOX_PROCESS_ARG: &str = "__sandbox-process";

@@ -64,10 +64,23 @@ pub const MAX_SOCKET_PATH: usize = 107;
 /// wait in the listen backlog until one ends.
 pub const MAX_CONNECTIONS: usize = 256;
 
-/// Timestamped exec output, one line per output line.
-struct ExecLog(Mutex<std::fs::File>);
+/// Most bytes the exec log of one sandbox grows to (the guest decides what its commands
+/// print); past it, one marker line and nothing more until the sandbox is removed.
+pub const EXEC_LOG_CAP: u64 = 64 * 1024 * 1024;
+
+/// Timestamped exec output, one line per output line, capped (see [`EXEC_LOG_CAP`]).
+struct ExecLog {
+    inner: Mutex<(std::fs::File, u64)>,
+    cap: u64,
+}
 
 impl ExecLog {
+    fn open(path: &Path, cap: u64) -> std::io::Result<Self> {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let len = f.metadata()?.len();
+        Ok(ExecLog { inner: Mutex::new((f, len)), cap })
+    }
+
     fn write(&self, id: u64, what: &str, data: &[u8]) {
         let stamp = humantime::format_rfc3339_millis(std::time::SystemTime::now());
         let text = String::from_utf8_lossy(data);
@@ -75,8 +88,18 @@ impl ExecLog {
         for line in text.split_inclusive('\n') {
             out.push_str(&format!("{stamp} [exec {id} {what}] {}\n", line.trim_end_matches(['\n', '\r'])));
         }
-        let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = f.write_all(out.as_bytes());
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (f, written) = &mut *g;
+        if *written >= self.cap {
+            return;
+        }
+        let capped = *written + out.len() as u64 > self.cap;
+        if capped {
+            out = format!("{stamp} [msb] the exec log reached its {}-byte cap; later output is not logged\n", self.cap);
+        }
+        if f.write_all(out.as_bytes()).is_ok() {
+            *written = if capped { self.cap } else { *written + out.len() as u64 };
+        }
     }
 }
 
@@ -113,24 +136,14 @@ pub async fn run(launch: Launch, mut announce: impl Write) -> Result<()> {
         .map_err(|e| setup("securing socket in", e))?;
     let me = ProcessId::current().ok_or_else(|| Error::Setup("cannot read /proc/self/stat".into()))?;
     store.mark_running(&launch.name, me)?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("exec.log"))
-        .map_err(|e| setup("opening exec.log in", e))?;
+    let log = ExecLog::open(&dir.join("exec.log"), EXEC_LOG_CAP).map_err(|e| setup("opening exec.log in", e))?;
     let _ = writeln!(announce, "{}", serde_json::json!({"ok": true}));
     let _ = announce.flush();
     drop(announce);
     tracing::info!(name = %launch.name, "sandbox up");
 
     let (stop_tx, mut stop_rx) = mpsc::channel(16);
-    let ctx = Arc::new(Ctx {
-        name: launch.name.clone(),
-        sb,
-        log: ExecLog(Mutex::new(log)),
-        sessions: 0.into(),
-        stop: stop_tx,
-    });
+    let ctx = Arc::new(Ctx { name: launch.name.clone(), sb, log, sessions: 0.into(), stop: stop_tx });
     let mut owner_gone = owner_watch(launch.detached);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::Setup(format!("SIGTERM handler: {e}")))?;
@@ -345,5 +358,32 @@ async fn exec_session(
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_log_lines_are_stamped_and_the_file_is_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("exec.log");
+        let log = ExecLog::open(&p, 400).unwrap();
+        log.write(1, "stdout", b"one\ntwo\n");
+        let text = std::fs::read_to_string(&p).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[1].ends_with(" [exec 1 stdout] two"), "{}", lines[1]);
+        for _ in 0..100 {
+            log.write(2, "stderr", b"a line that the guest repeats forever\n");
+        }
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.len() < 400 + 200, "{} bytes", text.len());
+        assert_eq!(text.matches("reached its 400-byte cap").count(), 1);
+        // A new sandbox process on the same log keeps the cap.
+        let again = ExecLog::open(&p, 400).unwrap();
+        again.write(3, "stdout", b"more\n");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), text);
     }
 }

@@ -205,6 +205,12 @@ impl Store {
             return Err(db(rusqlite::Error::InvalidPath(format!("{}: {e}", home.display()).into())));
         }
         let conn = Connection::open(&path).map_err(db)?;
+        // Sandbox configurations are the user's business only (SQLite gives its -wal and -shm
+        // files the database's mode).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        }
         conn.busy_timeout(Duration::from_secs(10)).map_err(db)?;
         // journal_mode returns a row; WAL lets readers run beside one writer.
         conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(())).map_err(db)?;
@@ -563,6 +569,15 @@ mod tests {
         assert!(rec.last_run.unwrap().exit_reason.unwrap().contains("crashed"));
         assert!(s.reconcile().unwrap().is_empty(), "reported once");
         s.claim_start("gone").unwrap();
+    }
+
+    #[test]
+    fn the_database_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        Store::open(dir.path()).unwrap();
+        let mode = std::fs::metadata(dir.path().join("state.db")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]
