@@ -80,6 +80,21 @@ impl SandboxBuilder {
         self
     }
 
+    /// Records a named sandbox with this configuration in the state store (not started; see
+    /// [`crate::managed::NamedSandbox::start_detached`]). The console log path and initramfs
+    /// are per-process settings and do not carry over.
+    pub fn create_named(&self, name: &str) -> Result<crate::managed::NamedSandbox> {
+        let config = crate::managed::SandboxConfig {
+            image: None,
+            cpus: self.cpus,
+            memory_mib: self.memory_mib,
+            kernel: self.kernel.clone(),
+            kernel_args: (!self.extra_cmdline.is_empty()).then(|| self.extra_cmdline.clone()),
+            boot_timeout_secs: self.boot_timeout.as_secs(),
+        };
+        crate::managed::Msb::from_env().create(name, config)
+    }
+
     fn spec(&self) -> Result<MachineSpec> {
         let home = home::msb_home();
         let kernel = match &self.kernel {
@@ -144,6 +159,16 @@ pub struct Sandbox {
 impl Sandbox {
     pub fn builder() -> SandboxBuilder {
         SandboxBuilder::default()
+    }
+
+    /// A named sandbox from the state store in `MSB_HOME` (running in its own process or not).
+    pub fn get(name: &str) -> Result<crate::managed::NamedSandbox> {
+        crate::managed::Msb::from_env().get(name)
+    }
+
+    /// Every named sandbox in the state store in `MSB_HOME`.
+    pub fn list() -> Result<Vec<crate::state::Record>> {
+        crate::managed::Msb::from_env().list()
     }
 
     async fn call<T: Send + 'static>(&self, f: impl FnOnce(RpcReplyPort<Result<T>>) -> SupMsg) -> Result<T> {

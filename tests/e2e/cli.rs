@@ -123,7 +123,19 @@ fn cli_lifecycle_exec_logs_and_store() {
     // 100 sequential and 10 concurrent sessions through the sandbox process (Rust API).
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let sb = Msb::from_env().get(n).unwrap();
+        let sb = msb_actors::Sandbox::get(n).unwrap();
+        assert!(msb_actors::Sandbox::list().unwrap().iter().any(|r| r.name == n));
+        // A streaming session through the sandbox process: output as it comes, a signal.
+        let script = "trap 'echo got-term; exit 5' TERM; echo ready; sleep 100 & wait";
+        let spec = ExecSpec { argv: vec!["sh".into(), "-c".into(), script.into()], ..Default::default() };
+        let mut h = sb.exec_stream(spec, true).await.unwrap();
+        match h.next().await {
+            Some(msb_actors::ExecEvent::Stdout(d)) => assert_eq!(d, b"ready\n"),
+            other => panic!("expected the first output, got {other:?}"),
+        }
+        h.signal(15).await.unwrap();
+        let rest = h.wait().await.unwrap();
+        assert_eq!((rest.status, rest.stdout), (ExitStatus::Code(5), b"got-term\n".to_vec()));
         for i in 0..100 {
             let spec = ExecSpec { argv: vec!["echo".into(), i.to_string()], ..Default::default() };
             let out = sb.exec(spec).await.unwrap();
