@@ -126,7 +126,9 @@ fn cli_lifecycle_exec_logs_and_store() {
         let sb = msb_actors::Sandbox::get(n).unwrap();
         assert!(msb_actors::Sandbox::list().unwrap().iter().any(|r| r.name == n));
         // A streaming session through the sandbox process: output as it comes, a signal.
-        let script = "trap 'echo got-term; exit 5' TERM; echo ready; sleep 100 & wait";
+        // (A loop, not `sleep & wait`: ash only notices a signal that lands between `&` and
+        // `wait` when the wait ends.)
+        let script = "trap 'echo got-term; exit 5' TERM; echo ready; while :; do sleep 0.1; done";
         let spec = ExecSpec { argv: vec!["sh".into(), "-c".into(), script.into()], ..Default::default() };
         let mut h = sb.exec_stream(spec, true).await.unwrap();
         match h.next().await {
@@ -134,7 +136,7 @@ fn cli_lifecycle_exec_logs_and_store() {
             other => panic!("expected the first output, got {other:?}"),
         }
         h.signal(15).await.unwrap();
-        let rest = h.wait().await.unwrap();
+        let rest = tokio::time::timeout(Duration::from_secs(30), h.wait()).await.expect("the signal ended it").unwrap();
         assert_eq!((rest.status, rest.stdout), (ExitStatus::Code(5), b"got-term\n".to_vec()));
         for i in 0..100 {
             let spec = ExecSpec { argv: vec!["echo".into(), i.to_string()], ..Default::default() };
