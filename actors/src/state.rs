@@ -20,6 +20,9 @@ use serde::{Deserialize, Serialize};
 
 /// Longest sandbox name.
 pub const MAX_NAME: usize = 63;
+/// How long a sandbox may be `starting` without a sandbox process before it counts as crashed
+/// (its client spawns the process right after claiming the start).
+pub const STARTING_GRACE: Duration = Duration::from_secs(60);
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -411,10 +414,30 @@ impl Store {
     }
 
     /// Marks every live sandbox whose process is gone as crashed; returns their names.
-    /// A `starting` sandbox without a recorded process (its client is spawning it) is left alone.
+    /// A `starting` sandbox without a recorded process (its client is spawning it) is left
+    /// alone for [`STARTING_GRACE`]; after that its client is taken to have died.
     pub fn reconcile(&self) -> Result<Vec<String>> {
+        let cutoff = now_ms().saturating_sub(STARTING_GRACE.as_millis() as u64) as i64;
+        let mut crashed = self.write(|tx| {
+            let names: Vec<String> = tx
+                .prepare("SELECT name FROM sandboxes WHERE status = 'starting' AND pid IS NULL AND updated_ms < ?1")?
+                .query_map([cutoff], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let now = now_ms() as i64;
+            for name in &names {
+                tx.execute(
+                    "UPDATE runs SET ended_ms = ?2, exit_reason = ?3
+                     WHERE id = (SELECT run_id FROM sandboxes WHERE name = ?1) AND ended_ms IS NULL",
+                    params![name, now, "the client starting it died before its sandbox process ran (crashed)"],
+                )?;
+                tx.execute(
+                    "UPDATE sandboxes SET status = 'crashed', updated_ms = ?2 WHERE name = ?1",
+                    params![name, now],
+                )?;
+            }
+            Ok(names)
+        })?;
         let live: Vec<Record> = self.list()?.into_iter().filter(|r| r.status.is_live()).collect();
-        let mut crashed = Vec::new();
         for rec in live {
             let dead = match rec.process {
                 Some(p) => !p.is_alive(),
@@ -569,6 +592,22 @@ mod tests {
         assert!(rec.last_run.unwrap().exit_reason.unwrap().contains("crashed"));
         assert!(s.reconcile().unwrap().is_empty(), "reported once");
         s.claim_start("gone").unwrap();
+    }
+
+    #[test]
+    fn a_start_abandoned_before_its_process_existed_is_marked_crashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.insert("orphan", &cfg(), false).unwrap();
+        s.claim_start("orphan").unwrap();
+        assert!(s.reconcile().unwrap().is_empty(), "a fresh start is left alone");
+        let long_ago = (now_ms() - 2 * STARTING_GRACE.as_millis() as u64) as i64;
+        s.conn.execute("UPDATE sandboxes SET updated_ms = ?1", [long_ago]).unwrap();
+        assert_eq!(s.reconcile().unwrap(), vec!["orphan".to_string()]);
+        let rec = s.get("orphan").unwrap();
+        assert_eq!(rec.status, Status::Crashed);
+        assert!(rec.last_run.unwrap().exit_reason.unwrap().contains("client"));
+        s.remove("orphan").unwrap();
     }
 
     #[test]
