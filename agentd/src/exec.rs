@@ -181,7 +181,9 @@ fn run(req: ExecRequest, stdin_rx: Option<Receiver<Vec<u8>>>, sender: &Sender, r
             format!("working directory {cwd} does not exist or is not a directory"),
         );
     }
-    let via_helper = req.tty.is_some() || !req.rlimits.is_empty();
+    // The helper does what std's Command cannot without `unsafe` (see helper.rs); users go
+    // through it too, for their supplementary groups.
+    let via_helper = req.tty.is_some() || !req.rlimits.is_empty() || user.is_some();
     let path_var = req.env.iter().rev().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
     if via_helper {
         if let Err((kind, message)) = precheck(&req.argv[0], path_var, &cwd) {
@@ -194,7 +196,8 @@ fn run(req: ExecRequest, stdin_rx: Option<Receiver<Vec<u8>>>, sender: &Sender, r
     };
     let mut cmd = if via_helper {
         let mut c = Command::new("/proc/self/exe");
-        c.args(helper::args(pty.is_some(), &req.rlimits, &req.argv));
+        let identity = user.as_ref().map(|u| helper::Identity { uid: u.uid, gid: u.gid, groups: u.groups.clone() });
+        c.args(helper::args(pty.is_some(), &req.rlimits, identity.as_ref(), &req.argv));
         c
     } else {
         let mut c = Command::new(&req.argv[0]);
@@ -222,9 +225,6 @@ fn run(req: ExecRequest, stdin_rx: Option<Receiver<Vec<u8>>>, sender: &Sender, r
                 .stderr(Stdio::piped())
                 .process_group(0);
         }
-    }
-    if let Some(u) = &user {
-        cmd.uid(u.uid).gid(u.gid);
     }
     let spawned = reaper.spawn_registered(|| {
         let child = cmd.spawn()?;

@@ -1,9 +1,11 @@
 //! The exec helper: agentd re-executes itself as `agentd --msb-exec-helper` for commands that
 //! need set-up between fork and exec that the standard library cannot do without `unsafe`:
-//! resource limits, and a new session whose controlling terminal is stdin (PTY sessions).
+//! resource limits, a new session whose controlling terminal is stdin (PTY sessions), and a
+//! user switch with supplementary groups.
 //!
-//! It applies the limits, optionally starts the session, then replaces itself with the
-//! command. agentd checks that the program exists and is executable before it starts the
+//! It applies the limits (as root, so hard limits can be raised), optionally starts the
+//! session, sets groups, gid and uid in that order, then replaces itself with the command.
+//! The helper is single-threaded, so the per-thread Linux id system calls are process-wide. agentd checks that the program exists and is executable before it starts the
 //! helper, so spawn failures are still classified; if `exec` fails anyway the helper reports
 //! it on stderr and exits 127 (not found) or 126 (any other reason), as shells do.
 
@@ -33,12 +35,23 @@ fn limit(v: u64) -> Option<u64> {
     (v != msb_protocol::RLIM_INFINITY).then_some(v)
 }
 
+/// Who the command runs as.
+pub struct Identity {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
 /// Arguments that make the helper run `argv` with `rlimits`, in a new session on its stdin's
-/// terminal when `ctty`.
-pub fn args(ctty: bool, rlimits: &[Rlimit], argv: &[String]) -> Vec<String> {
+/// terminal when `ctty`, as `user` when given.
+pub fn args(ctty: bool, rlimits: &[Rlimit], user: Option<&Identity>, argv: &[String]) -> Vec<String> {
     let mut a = vec![FLAG.to_string()];
     if ctty {
         a.push("--ctty".into());
+    }
+    if let Some(u) = user {
+        let groups: Vec<String> = u.groups.iter().map(u32::to_string).collect();
+        a.push(format!("--user={}:{}:{}", u.uid, u.gid, groups.join(",")));
     }
     for r in rlimits {
         a.push(format!("--rlimit={}={}:{}", r.resource.name(), r.soft, r.hard));
@@ -46,6 +59,19 @@ pub fn args(ctty: bool, rlimits: &[Rlimit], argv: &[String]) -> Vec<String> {
     a.push("--".into());
     a.extend(argv.iter().cloned());
     a
+}
+
+fn parse_identity(spec: &str) -> Option<Identity> {
+    let mut parts = spec.splitn(3, ':');
+    let uid = parts.next()?.parse().ok()?;
+    let gid = parts.next()?.parse().ok()?;
+    let groups = parts.next()?;
+    let groups = if groups.is_empty() {
+        Vec::new()
+    } else {
+        groups.split(',').map(|g| g.parse().ok()).collect::<Option<Vec<u32>>>()?
+    };
+    Some(Identity { uid, gid, groups })
 }
 
 fn fail(msg: String, code: i32) -> ! {
@@ -57,11 +83,14 @@ fn fail(msg: String, code: i32) -> ! {
 pub fn main(args: &[String]) -> ! {
     let mut it = args.iter();
     let mut ctty = false;
+    let mut user = None;
     for a in it.by_ref() {
         if a == "--" {
             break;
         } else if a == "--ctty" {
             ctty = true;
+        } else if let Some(spec) = a.strip_prefix("--user=") {
+            user = Some(parse_identity(spec).unwrap_or_else(|| fail(format!("exec helper: bad --user {spec:?}"), 126)));
         } else if let Some(spec) = a.strip_prefix("--rlimit=") {
             let r = Rlimit::parse(spec).unwrap_or_else(|e| fail(e, 126));
             let new = rustix::process::Rlimit { current: limit(r.soft), maximum: limit(r.hard) };
@@ -82,7 +111,34 @@ pub fn main(args: &[String]) -> ! {
             fail(format!("taking the terminal: {e}"), 126);
         }
     }
+    if let Some(u) = user {
+        use rustix::process::{Gid, Uid};
+        let groups: Vec<Gid> = u.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+        let switched = rustix::thread::set_thread_groups(&groups)
+            .and_then(|_| rustix::thread::set_thread_gid(Gid::from_raw(u.gid)))
+            .and_then(|_| rustix::thread::set_thread_uid(Uid::from_raw(u.uid)));
+        if let Err(e) = switched {
+            fail(format!("switching to uid {} gid {}: {e}", u.uid, u.gid), 126);
+        }
+    }
     let e = std::process::Command::new(program).args(&argv[1..]).exec();
     let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
     fail(format!("{program}: {e}"), code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_round_trip_through_the_arguments() {
+        let id = Identity { uid: 1000, gid: 100, groups: vec![10, 27] };
+        let a = args(true, &[], Some(&id), &["id".into()]);
+        assert_eq!(a, [FLAG, "--ctty", "--user=1000:100:10,27", "--", "id"]);
+        let back = parse_identity("1000:100:10,27").unwrap();
+        assert_eq!((back.uid, back.gid, back.groups), (1000, 100, vec![10, 27]));
+        assert_eq!(parse_identity("5:6:").unwrap().groups, Vec::<u32>::new());
+        assert!(parse_identity("5:x:").is_none());
+        assert!(parse_identity("5").is_none());
+    }
 }

@@ -5,12 +5,28 @@
 
 use msb_protocol::{Ident, UserSpec};
 
-/// The uid, gid and home directory to run as.
+/// The uid, gid, supplementary groups and home directory to run as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
     pub uid: u32,
     pub gid: u32,
+    /// Groups that list the user as a member in /etc/group (at most [`MAX_GROUPS`]).
+    pub groups: Vec<u32>,
     pub home: String,
+}
+
+/// Most supplementary groups a command gets.
+pub const MAX_GROUPS: usize = 64;
+
+/// The gids of the groups that name `user` as a member.
+fn memberships(text: &str, user: &str) -> Vec<u32> {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 4 && f[3].split(',').any(|m| m.trim() == user)).then(|| f[2].parse().ok())?
+        })
+        .take(MAX_GROUPS)
+        .collect()
 }
 
 /// (name, id, primary gid, home) of each well-formed passwd line.
@@ -31,18 +47,19 @@ fn group(text: &str, name: &str) -> Option<u32> {
 
 /// Resolves `spec` with the given passwd and group file contents.
 pub fn resolve_in(spec: &UserSpec, passwd_text: &str, group_text: &str) -> Result<Resolved, String> {
-    let (uid, primary, home) = match &spec.user {
+    let (uid, primary, home, name) = match &spec.user {
         Ident::Id(uid) => {
             let entry = passwd(passwd_text).find(|(_, id, _, _)| id == uid);
-            (*uid, entry.map(|e| e.2).unwrap_or(*uid), entry.map(|e| e.3.to_string()))
+            (*uid, entry.map(|e| e.2).unwrap_or(*uid), entry.map(|e| e.3.to_string()), entry.map(|e| e.0))
         }
         Ident::Name(n) => {
-            let (_, uid, gid, home) = passwd(passwd_text)
+            let (name, uid, gid, home) = passwd(passwd_text)
                 .find(|(name, ..)| name == n)
                 .ok_or_else(|| format!("no user named {n:?} in the guest's /etc/passwd; use a UID or add the user"))?;
-            (uid, gid, Some(home.to_string()))
+            (uid, gid, Some(home.to_string()), Some(name))
         }
     };
+    let groups = name.map(|n| memberships(group_text, n)).unwrap_or_default();
     let gid = match &spec.group {
         None => primary,
         Some(Ident::Id(g)) => *g,
@@ -51,7 +68,7 @@ pub fn resolve_in(spec: &UserSpec, passwd_text: &str, group_text: &str) -> Resul
     };
     let home =
         home.filter(|h| h.starts_with('/')).unwrap_or_else(|| if uid == 0 { "/root".into() } else { "/".into() });
-    Ok(Resolved { uid, gid, home })
+    Ok(Resolved { uid, gid, groups, home })
 }
 
 /// Resolves `spec` against the guest's files.
@@ -74,11 +91,12 @@ mod tests {
 
     #[test]
     fn names_numbers_and_groups() {
-        assert_eq!(r("root").unwrap(), Resolved { uid: 0, gid: 0, home: "/root".into() });
-        assert_eq!(r("msb").unwrap(), Resolved { uid: 1000, gid: 100, home: "/home/msb".into() });
+        assert_eq!(r("root").unwrap(), Resolved { uid: 0, gid: 0, groups: vec![], home: "/root".into() });
+        assert_eq!(r("msb").unwrap(), Resolved { uid: 1000, gid: 100, groups: vec![10], home: "/home/msb".into() });
         assert_eq!(r("msb:wheel").unwrap().gid, 10);
         assert_eq!(r("1000").unwrap().gid, 100, "a known uid gets its primary group");
-        assert_eq!(r("4242").unwrap(), Resolved { uid: 4242, gid: 4242, home: "/".into() });
+        assert_eq!(r("1000").unwrap().groups, vec![10], "and its memberships");
+        assert_eq!(r("4242").unwrap(), Resolved { uid: 4242, gid: 4242, groups: vec![], home: "/".into() });
         assert_eq!(r("4242:7").unwrap().gid, 7);
         assert!(r("nobody").unwrap_err().contains("/etc/passwd"));
         assert!(r("msb:staff").unwrap_err().contains("/etc/group"));

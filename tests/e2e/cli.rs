@@ -109,6 +109,8 @@ fn cli_lifecycle_exec_logs_and_store() {
     assert!(t0.elapsed() < Duration::from_secs(20));
     assert_eq!(ok(&["exec", n, "-u", "msb", "--", "id", "-u"]).trim(), "1000");
     assert_eq!(ok(&["exec", n, "-u", "msb", "--", "sh", "-c", "echo $HOME"]).trim(), "/home/msb");
+    assert_eq!(ok(&["exec", n, "-u", "msb", "--", "id", "-G"]).trim(), "1000 100", "with its supplementary group");
+    assert_eq!(ok(&["exec", n, "-u", "1000:1001", "--", "id", "-G"]).trim(), "1001 100");
     let unknown = msb(&["exec", n, "-u", "nosuchuser", "--", "true"]);
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("/etc/passwd"), "{unknown:?}");
     assert_eq!(ok(&["exec", n, "--ulimit", "nofile=64:128", "--", "sh", "-c", "ulimit -n; ulimit -Hn"]), "64\n128\n");
