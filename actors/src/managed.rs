@@ -144,13 +144,14 @@ impl Msb {
 /// The sandbox process of an attached sandbox: dropping this stops the sandbox.
 pub struct Owner {
     child: Child,
-    _stdin: Option<ChildStdin>,
+    /// Our end of the sandbox process's stdin: closing it tells an attached sandbox to stop.
+    owner_pipe: Option<ChildStdin>,
 }
 
 impl Owner {
     /// Waits for the sandbox process to exit.
     pub fn wait(mut self) -> std::io::Result<std::process::ExitStatus> {
-        self._stdin = None;
+        self.owner_pipe = None;
         self.child.wait()
     }
 }
@@ -197,7 +198,10 @@ impl NamedSandbox {
 
     /// Starts it in a sandbox process that outlives this process.
     pub async fn start_detached(&self) -> Result<()> {
-        self.start(true).await.map(drop)
+        let owner = self.start(true).await?;
+        // Reaped when it ends, so that a long-lived client does not collect zombies.
+        std::thread::spawn(move || owner.wait());
+        Ok(())
     }
 
     /// Starts it in a sandbox process that stops the sandbox when the returned [`Owner`] is
@@ -248,7 +252,7 @@ impl NamedSandbox {
             }
         };
         match serde_json::from_str::<Announce>(&line) {
-            Ok(Announce { ok: true, .. }) => Ok(Owner { child, _stdin: (!detached).then_some(stdin) }),
+            Ok(Announce { ok: true, .. }) => Ok(Owner { child, owner_pipe: (!detached).then_some(stdin) }),
             Ok(Announce { error, .. }) => {
                 let _ = child.wait();
                 Err(Error::Remote(error.unwrap_or_else(|| "the sandbox failed to start".into())))
