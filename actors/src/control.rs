@@ -30,6 +30,9 @@ pub enum ClientMsg {
         graceful_ms: Option<u64>,
     },
     Info,
+    /// An attached sandbox becomes detached: it no longer stops when its owner goes away.
+    /// Answered with [`ServerMsg::Released`].
+    Release,
 }
 
 /// An exec request as it crosses the socket.
@@ -90,6 +93,7 @@ pub enum ServerMsg {
         reason: String,
     },
     Info(Info),
+    Released,
 }
 
 /// A sandbox process's view of itself.

@@ -402,6 +402,17 @@ impl NamedSandbox {
         Ok(reason)
     }
 
+    /// Turns an attached sandbox into a detached one: it keeps running when its owner (the
+    /// [`Owner`] from [`NamedSandbox::start_attached`]) goes away.
+    pub async fn release(&self) -> Result<()> {
+        let (rd, mut wr) = self.connect().await?.into_split();
+        control::send(&mut wr, &ClientMsg::Release).await?;
+        match Reader::new(rd).next::<ServerMsg>().await? {
+            Some(ServerMsg::Released) => Ok(()),
+            other => Err(Error::Control(format!("unexpected answer to release: {other:?}"))),
+        }
+    }
+
     /// What the sandbox process says about itself.
     pub async fn info(&self) -> Result<Info> {
         let (rd, mut wr) = self.connect().await?.into_split();

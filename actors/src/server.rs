@@ -15,7 +15,7 @@
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -108,6 +108,8 @@ struct Ctx {
     sb: Sandbox,
     log: ExecLog,
     sessions: AtomicU64,
+    /// An attached sandbox was released by its owner (it runs on when the owner leaves).
+    released: Arc<AtomicBool>,
     stop: mpsc::Sender<(Option<Duration>, oneshot::Sender<String>)>,
 }
 
@@ -143,8 +145,15 @@ pub async fn run(launch: Launch, mut announce: impl Write) -> Result<()> {
     tracing::info!(name = %launch.name, "sandbox up");
 
     let (stop_tx, mut stop_rx) = mpsc::channel(16);
-    let ctx = Arc::new(Ctx { name: launch.name.clone(), sb, log, sessions: 0.into(), stop: stop_tx });
-    let mut owner_gone = owner_watch(launch.detached);
+    let ctx = Arc::new(Ctx {
+        name: launch.name.clone(),
+        sb,
+        log,
+        sessions: 0.into(),
+        released: Arc::default(),
+        stop: stop_tx,
+    });
+    let mut owner_gone = owner_watch(launch.detached, ctx.released.clone());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::Setup(format!("SIGTERM handler: {e}")))?;
     let mut stop_waiters: Vec<oneshot::Sender<String>> = Vec::new();
@@ -230,14 +239,20 @@ async fn boot(launch: &Launch, dir: &Path) -> Result<Sandbox> {
 }
 
 /// Resolves when the owner of an attached sandbox goes away (its end of our stdin closes);
-/// never for a detached one.
-fn owner_watch(detached: bool) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+/// never for a detached one, nor for one released (see [`ClientMsg::Release`]) before that.
+fn owner_watch(
+    detached: bool,
+    released: Arc<AtomicBool>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     if detached {
         return Box::pin(std::future::pending());
     }
-    Box::pin(async {
+    Box::pin(async move {
         let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
         while let Ok(Some(_)) = lines.next_line().await {}
+        if released.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
     })
 }
 
@@ -261,6 +276,11 @@ async fn serve_conn(stream: tokio::net::UnixStream, ctx: Arc<Ctx>) {
                     let _ = control::send(&mut wr, &ServerMsg::Stopped { reason }).await;
                 }
             }
+        }
+        ClientMsg::Release => {
+            ctx.released.store(true, Ordering::SeqCst);
+            tracing::info!("released by its owner: the sandbox now outlives it");
+            let _ = control::send(&mut wr, &ServerMsg::Released).await;
         }
         ClientMsg::Info => {
             let boot_ms = ctx.sb.boot_times().await.ok().and_then(|b| b.to_init).map(|d| d.as_millis() as u64);

@@ -468,8 +468,21 @@ async fn run(msb: &Msb, a: RunArgs) -> ExitCode {
     };
     let tty_default = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     let outcome = exec_in(&sb, &a.cmd, tty_default, false).await;
-    // An attached sandbox ends with its client, also after the detach keys (use `msb run -d`
-    // and `msb exec -t` for sessions that outlive the client).
+    if matches!(outcome, Outcome::Detached) {
+        // The detach keys leave the sandbox and its session running, as `docker run -it`
+        // does: the sandbox stops being owned by this client.
+        match sb.release().await {
+            Ok(()) => {
+                drop(owner);
+                eprintln!(
+                    "msb: detached; sandbox {} keeps running (`msb exec -t {0} -- sh`, `msb stop {0}`)",
+                    sb.name()
+                );
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => eprintln!("msb: could not leave the sandbox running ({e}); stopping it"),
+        }
+    }
     let _ = sb.stop(Duration::from_secs(10)).await;
     let _ = tokio::task::spawn_blocking(move || owner.wait()).await;
     finish(outcome)

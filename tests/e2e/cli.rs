@@ -291,56 +291,91 @@ impl PtyReader {
     }
 }
 
-#[test]
-fn cli_pty_session_resize_reaches_the_guest_and_detach_keys_leave_it() {
+/// A host terminal (pty pair) of `rows` x `cols` with `msb ARGS` running on it: the client,
+/// the master for writing keystrokes and resizing, and a reader of what the terminal shows.
+fn on_terminal(args: &[&str], rows: u16, cols: u16) -> (std::process::Child, std::fs::File, PtyReader) {
     use rustix::pty::OpenptFlags;
-    let n = "e2e-tty";
-    create_and_start(n);
     let master = rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC).unwrap();
     rustix::pty::grantpt(&master).unwrap();
     rustix::pty::unlockpt(&master).unwrap();
     let slave_path = rustix::pty::ptsname(&master, Vec::new()).unwrap();
     let slave_path = PathBuf::from(slave_path.to_str().unwrap());
-    let size = |rows, cols| rustix::termios::Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
-    rustix::termios::tcsetwinsize(&master, size(30, 100)).unwrap();
+    rustix::termios::tcsetwinsize(&master, winsize(rows, cols)).unwrap();
     let slave = std::fs::OpenOptions::new().read(true).write(true).open(&slave_path).unwrap();
-    let mut child = Command::new(msb_bin())
-        .args(["exec", "-t", n, "--", "sh"])
+    let child = Command::new(msb_bin())
+        .args(args)
         .stdin(slave.try_clone().unwrap())
         .stdout(slave.try_clone().unwrap())
         .stderr(slave)
         .spawn()
         .unwrap();
     let master = std::fs::File::from(master);
-    let mut writer = master.try_clone().unwrap();
-    let mut reader = PtyReader::new(master.try_clone().unwrap());
-    writer.write_all(b"stty size; tty\r").unwrap();
-    reader.until("30 100", Duration::from_secs(30));
-    reader.until("/dev/pts/", Duration::from_secs(10));
+    let reader = PtyReader::new(master.try_clone().unwrap());
+    (child, master, reader)
+}
 
-    rustix::termios::tcsetwinsize(&master, size(40, 120)).unwrap();
-    let pid = rustix::process::Pid::from_child(&child);
-    rustix::process::kill_process(pid, rustix::process::Signal::WINCH).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    writer.write_all(b"stty size\r").unwrap();
-    reader.until("40 120", Duration::from_secs(30));
+fn winsize(rows: u16, cols: u16) -> rustix::termios::Winsize {
+    rustix::termios::Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 }
+}
 
-    // Ctrl-P Ctrl-Q: the client leaves, the shell runs on in the guest.
-    writer.write_all(b"\x10\x11").unwrap();
+/// Sends the detach keys and checks that the client leaves with status 0.
+fn detach(child: &mut std::process::Child, master: &mut std::fs::File, reader: &mut PtyReader) {
+    master.write_all(b"\x10\x11").unwrap();
     let end = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < end, "msb exec -t did not detach");
+        assert!(Instant::now() < end, "the client did not detach");
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(status.success(), "{status:?}");
     reader.until("detached", Duration::from_secs(5));
-    let ps = ok(&["exec", n, "--", "sh", "-c", "ls -l /proc/[0-9]*/fd/0 2>/dev/null | grep -c /dev/pts || true"]);
-    assert!(ps.trim().parse::<u32>().unwrap_or(0) >= 1, "the detached shell still runs: {ps}");
+}
+
+/// Counts the guest processes whose stdin is a terminal.
+fn guest_terminal_sessions(name: &str) -> u32 {
+    let out = ok(&["exec", name, "--", "sh", "-c", "ls -l /proc/[0-9]*/fd/0 2>/dev/null | grep -c /dev/pts || true"]);
+    out.trim().parse().unwrap_or(0)
+}
+
+#[test]
+fn cli_pty_session_resize_reaches_the_guest_and_detach_keys_leave_it() {
+    let n = "e2e-tty";
+    create_and_start(n);
+    let (mut child, mut master, mut reader) = on_terminal(&["exec", "-t", n, "--", "sh"], 30, 100);
+    master.write_all(b"stty size; tty\r").unwrap();
+    reader.until("30 100", Duration::from_secs(30));
+    reader.until("/dev/pts/", Duration::from_secs(10));
+
+    rustix::termios::tcsetwinsize(&master, winsize(40, 120)).unwrap();
+    let pid = rustix::process::Pid::from_child(&child);
+    rustix::process::kill_process(pid, rustix::process::Signal::WINCH).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    master.write_all(b"stty size\r").unwrap();
+    reader.until("40 120", Duration::from_secs(30));
+
+    // Ctrl-P Ctrl-Q: the client leaves, the shell runs on in the guest.
+    detach(&mut child, &mut master, &mut reader);
+    assert!(guest_terminal_sessions(n) >= 1, "the detached shell still runs");
     ok(&["stop", n]);
     ok(&["rm", n]);
+
+    // `msb run` from a terminal gets a guest terminal by itself; detaching leaves the
+    // sandbox running (it is no longer owned by the client).
+    let r = "e2e-runtty";
+    let _ = msb(&["rm", "--force", r]);
+    let (mut child, mut master, mut reader) =
+        on_terminal(&["run", "--name", r, "--boot-timeout", "45", "--", "sh"], 25, 90);
+    master.write_all(b"echo in-run-$((6*7)); stty size\r").unwrap();
+    reader.until("in-run-42", Duration::from_secs(90));
+    reader.until("25 90", Duration::from_secs(10));
+    detach(&mut child, &mut master, &mut reader);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(status(r), "running", "released by its client");
+    assert_eq!(ok(&["exec", r, "--", "echo", "still"]), "still\n");
+    assert!(guest_terminal_sessions(r) >= 1, "the run's shell still runs");
+    ok(&["rm", "--force", r]);
 }
 
 /// Starts `msb run --name NAME -- sleep 1000` and waits until its sandbox runs (one retry if
