@@ -346,31 +346,39 @@ impl NamedSandbox {
         self.exec_stream(spec, false).await?.wait().await
     }
 
-    /// Stops it: graceful within `graceful`, then forced. A stopped sandbox is left as is.
+    /// Stops it: graceful within `graceful`, then forced. A stopped sandbox is left as is. If
+    /// the sandbox process itself does not answer, it is killed (SIGKILL).
     pub async fn stop(&self, graceful: Duration) -> Result<String> {
-        self.request_stop(Some(graceful)).await
+        match self.request_stop(Some(graceful)).await {
+            Err(Error::Control(why)) => self.kill_process(&why).await,
+            r => r,
+        }
     }
 
     /// Stops it at once. If its process does not answer, it is killed (SIGKILL).
     pub async fn kill(&self) -> Result<String> {
         match self.request_stop(None).await {
-            Err(Error::Control(_)) => {
-                if let Some(p) = self.record()?.process.filter(|p| p.is_alive()) {
-                    if let Some(pid) = rustix::process::Pid::from_raw(p.pid as i32) {
-                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-                    }
-                    for _ in 0..50 {
-                        if !p.is_alive() {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-                self.msb.store()?;
-                Ok("killed (the sandbox process did not answer)".into())
-            }
+            Err(Error::Control(why)) => self.kill_process(&why).await,
             r => r,
         }
+    }
+
+    /// SIGKILL for a sandbox process that does not answer; the store then records it crashed.
+    async fn kill_process(&self, why: &str) -> Result<String> {
+        tracing::warn!(sandbox = %self.name, "{why}; killing its process");
+        if let Some(p) = self.record()?.process.filter(|p| p.is_alive()) {
+            if let Some(pid) = rustix::process::Pid::from_raw(p.pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+            for _ in 0..50 {
+                if !p.is_alive() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        self.msb.store()?;
+        Ok(format!("killed its process ({why})"))
     }
 
     async fn request_stop(&self, graceful: Option<Duration>) -> Result<String> {
@@ -383,7 +391,7 @@ impl NamedSandbox {
         control::send(&mut wr, &ClientMsg::Stop { graceful_ms }).await?;
         // The sandbox process forces the VM after `graceful`; one that does not answer well
         // after that is itself stuck (and `kill` falls back to SIGKILL).
-        let patience = graceful.unwrap_or_default() + STOP_ANSWER_GRACE;
+        let patience = graceful.map_or(KILL_ANSWER_GRACE, |g| g + STOP_ANSWER_GRACE);
         let answer = tokio::time::timeout(patience, Reader::new(rd).next::<ServerMsg>()).await;
         let reason = match answer {
             Ok(Ok(Some(ServerMsg::Stopped { reason }))) => reason,
@@ -547,6 +555,8 @@ impl RemoteExec {
 
 /// How long past the graceful timeout a client waits for a sandbox process to report a stop.
 pub const STOP_ANSWER_GRACE: Duration = Duration::from_secs(30);
+/// How long a client waits for a sandbox process to report a kill.
+pub const KILL_ANSWER_GRACE: Duration = Duration::from_secs(10);
 
 /// The hidden first argument with which `msb` runs as a sandbox process.
 pub const SANDBOX_PROCESS_ARG: &str = "__sandbox-process";

@@ -229,12 +229,19 @@ fn cli_sigkilled_sandbox_process_is_marked_crashed() {
     let rec = record(n).unwrap();
     assert!(rec["last_run"]["exit_reason"].as_str().unwrap().contains("crashed"), "{rec}");
     assert!(!msb_actors::server::socket_path(Msb::from_env().home(), n).exists(), "stale socket removed");
-    // A crashed sandbox starts again, and is removed without --force when stopped.
+    // A crashed sandbox starts again.
     start(n);
     assert_eq!(ok(&["exec", n, "--", "echo", "back"]), "back\n");
-    ok(&["stop", n]);
-    ok(&["rm", n]);
+    // A sandbox process that no longer answers (stopped with SIGSTOP) is killed by
+    // `rm --force` after a bounded wait.
+    let pid = record(n).unwrap()["pid"].as_u64().unwrap();
+    assert!(Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap().success());
+    let t0 = Instant::now();
+    ok(&["rm", "--force", n]);
+    assert!(t0.elapsed() < Duration::from_secs(40), "took {:?}", t0.elapsed());
     assert_eq!(status(n), "absent");
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(state.is_empty() || state.contains(") Z"), "the stuck process is gone: {state}");
 }
 
 #[test]

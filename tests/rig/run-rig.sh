@@ -2,7 +2,8 @@
 # Runs a job in the rig (QEMU TCG L1 with emulated AMD-V; our msb boots L2 guests inside).
 #
 #   tests/rig/run-rig.sh e2e            the end-to-end suite; fails if it ran no test
-#                                       (RIG_E2E_ARGS="cli::" runs only the tests matching it)
+#                                       (RIG_E2E_ARGS="cli::" runs only the tests matching it;
+#                                       RIG_E2E_THREADS=2 runs two at a time, default one)
 #   tests/rig/run-rig.sh demo           msb run -- uname -a, and a failing command
 #   tests/rig/run-rig.sh bench [N]      the boot benchmark
 #   tests/rig/run-rig.sh run -- CMD...  msb run -- CMD...
