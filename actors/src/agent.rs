@@ -364,6 +364,29 @@ pub enum ExecEvent {
     Failed(Error),
 }
 
+/// Folds a stream of exec events into an [`ExecOutput`] (the `wait` of both exec handles).
+#[derive(Debug, Default)]
+pub(crate) struct OutputCollector {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
+impl OutputCollector {
+    /// Takes one event; returns the result once the exec has ended.
+    pub(crate) fn take(&mut self, ev: ExecEvent) -> Option<Result<ExecOutput>> {
+        match ev {
+            ExecEvent::Stdout(d) => self.stdout.extend(d),
+            ExecEvent::Stderr(d) => self.stderr.extend(d),
+            ExecEvent::Exited(status) => {
+                let (stdout, stderr) = (std::mem::take(&mut self.stdout), std::mem::take(&mut self.stderr));
+                return Some(Ok(ExecOutput { status, stdout, stderr }));
+            }
+            ExecEvent::Failed(e) => return Some(Err(e)),
+        }
+        None
+    }
+}
+
 /// Where a streaming exec's events go, and how many output bytes its consumer has not read.
 #[derive(Debug, Clone)]
 pub struct StreamSink {

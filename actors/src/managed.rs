@@ -297,7 +297,14 @@ impl NamedSandbox {
         Ok((child, stdin, stdout))
     }
 
+    /// Connects to the sandbox process. The socket exists only while it runs, so the store is
+    /// consulted (and reconciled) only to explain a failure, not on every exec.
     async fn connect(&self) -> Result<UnixStream> {
+        let sock = server::socket_path(&self.msb.home, &self.name);
+        let err = match UnixStream::connect(&sock).await {
+            Ok(s) => return Ok(s),
+            Err(e) => e,
+        };
         let rec = self.record()?;
         if rec.status != Status::Running {
             return Err(StoreError::WrongStatus {
@@ -307,8 +314,7 @@ impl NamedSandbox {
             }
             .into());
         }
-        let sock = server::socket_path(&self.msb.home, &self.name);
-        UnixStream::connect(&sock).await.map_err(|e| Error::Control(format!("connecting to {}: {e}", sock.display())))
+        Err(Error::Control(format!("connecting to {}: {err}", sock.display())))
     }
 
     /// Starts a streaming exec. With `stdin`, input stays open for [`RemoteExec::write_stdin`].
@@ -540,13 +546,10 @@ impl RemoteExec {
 
     /// Collects the rest of the output and the exit status.
     pub async fn wait(mut self) -> Result<ExecOutput> {
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let mut out = crate::agent::OutputCollector::default();
         while let Some(ev) = self.next().await {
-            match ev {
-                ExecEvent::Stdout(d) => stdout.extend(d),
-                ExecEvent::Stderr(d) => stderr.extend(d),
-                ExecEvent::Exited(status) => return Ok(ExecOutput { status, stdout, stderr }),
-                ExecEvent::Failed(e) => return Err(e),
+            if let Some(done) = out.take(ev) {
+                return done;
             }
         }
         Err(Error::Control("the sandbox process closed the session without an exit status".into()))

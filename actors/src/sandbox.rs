@@ -11,7 +11,7 @@ use msb_devices::serial::SerialDevice;
 use msb_hypervisor::VcpuStop;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
-use crate::agent::{AgentClient, AgentMsg, ExecEvent, StreamSink, STREAM_WINDOW};
+use crate::agent::{AgentClient, AgentMsg, ExecEvent, OutputCollector, StreamSink, STREAM_WINDOW};
 use crate::console::{ConsoleArgs, ConsoleDevice, DeviceArgs, RngDevice};
 use crate::machine::{Machine, MachineSpec};
 use crate::vcpu::{VcpuActor, VcpuArgs, VcpuMsg};
@@ -330,13 +330,10 @@ impl ExecHandle {
 
     /// Reads everything that is left and returns it with the exit status.
     pub async fn wait(mut self) -> Result<ExecOutput> {
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let mut out = OutputCollector::default();
         while let Some(ev) = self.next().await {
-            match ev {
-                ExecEvent::Stdout(d) => stdout.extend(d),
-                ExecEvent::Stderr(d) => stderr.extend(d),
-                ExecEvent::Exited(status) => return Ok(ExecOutput { status, stdout, stderr }),
-                ExecEvent::Failed(e) => return Err(e),
+            if let Some(done) = out.take(ev) {
+                return done;
             }
         }
         Err(Error::Gone)
