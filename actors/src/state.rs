@@ -300,21 +300,33 @@ impl Store {
         Ok(out)
     }
 
+    /// Reads `name` inside a write transaction and refuses (with `hint`) if it is live.
+    fn not_live(&self, tx: &Connection, name: &str, hint: &'static str) -> Result<Record> {
+        let rec = Self::read_record(tx, name)
+            .map_err(|e| self.err(e))?
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))?
+            .parse()?;
+        if rec.status.is_live() {
+            return Err(StoreError::WrongStatus { name: name.to_string(), status: rec.status, hint });
+        }
+        Ok(rec)
+    }
+
+    /// Ends the open run of `name` (if any) at `now` with `reason`.
+    fn close_run(tx: &Connection, name: &str, now: i64, reason: &str) -> rusqlite::Result<()> {
+        tx.execute(
+            "UPDATE runs SET ended_ms = ?2, exit_reason = ?3
+             WHERE id = (SELECT run_id FROM sandboxes WHERE name = ?1) AND ended_ms IS NULL",
+            params![name, now, reason],
+        )
+        .map(drop)
+    }
+
     /// Takes the right to start `name`: only from `created`, `stopped` or `crashed`, and only
     /// one client at a time (the status becomes `starting`).
     pub fn claim_start(&self, name: &str) -> Result<Record> {
         self.write_checked(|tx| {
-            let rec = Self::read_record(tx, name)
-                .map_err(|e| self.err(e))?
-                .ok_or_else(|| StoreError::NotFound(name.to_string()))?
-                .parse()?;
-            if rec.status.is_live() {
-                return Err(StoreError::WrongStatus {
-                    name: name.to_string(),
-                    status: rec.status,
-                    hint: "it is already up; `msb stop` it first",
-                });
-            }
+            let rec = self.not_live(tx, name, "it is already up; `msb stop` it first")?;
             // The run starts now, so that a start that fails is recorded with its reason.
             let now = now_ms() as i64;
             let run = (|| {
@@ -362,11 +374,7 @@ impl Store {
     pub fn mark_stopped(&self, name: &str, status: Status, reason: &str) -> Result<()> {
         let now = now_ms() as i64;
         self.write(|tx| {
-            tx.execute(
-                "UPDATE runs SET ended_ms = ?2, exit_reason = ?3
-                 WHERE id = (SELECT run_id FROM sandboxes WHERE name = ?1) AND ended_ms IS NULL",
-                params![name, now, reason],
-            )?;
+            Self::close_run(tx, name, now, reason)?;
             tx.execute(
                 "UPDATE sandboxes SET status = ?2, pid = NULL, pid_start = NULL, updated_ms = ?3 WHERE name = ?1",
                 params![name, status.as_str(), now],
@@ -378,17 +386,7 @@ impl Store {
     /// Deletes a sandbox and its history; refuses while it is live.
     pub fn remove(&self, name: &str) -> Result<()> {
         self.write_checked(|tx| {
-            let rec = Self::read_record(tx, name)
-                .map_err(|e| self.err(e))?
-                .ok_or_else(|| StoreError::NotFound(name.to_string()))?
-                .parse()?;
-            if rec.status.is_live() {
-                return Err(StoreError::WrongStatus {
-                    name: name.to_string(),
-                    status: rec.status,
-                    hint: "stop it first, or use `msb rm --force`",
-                });
-            }
+            self.not_live(tx, name, "stop it first, or use `msb rm --force`")?;
             tx.execute("DELETE FROM sandboxes WHERE name = ?1", [name]).map_err(|e| self.err(e))?;
             Ok(())
         })
@@ -425,11 +423,7 @@ impl Store {
                 .collect::<rusqlite::Result<_>>()?;
             let now = now_ms() as i64;
             for name in &names {
-                tx.execute(
-                    "UPDATE runs SET ended_ms = ?2, exit_reason = ?3
-                     WHERE id = (SELECT run_id FROM sandboxes WHERE name = ?1) AND ended_ms IS NULL",
-                    params![name, now, "the client starting it died before its sandbox process ran (crashed)"],
-                )?;
+                Self::close_run(tx, name, now, "the client starting it died before its sandbox process ran (crashed)")?;
                 tx.execute(
                     "UPDATE sandboxes SET status = 'crashed', updated_ms = ?2 WHERE name = ?1",
                     params![name, now],
@@ -457,11 +451,7 @@ impl Store {
                     params![rec.name, p.pid, p.start as i64, now],
                 )?;
                 if n > 0 {
-                    tx.execute(
-                        "UPDATE runs SET ended_ms = ?2, exit_reason = ?3
-                         WHERE id = (SELECT run_id FROM sandboxes WHERE name = ?1) AND ended_ms IS NULL",
-                        params![rec.name, now, reason],
-                    )?;
+                    Self::close_run(tx, &rec.name, now, &reason)?;
                 }
                 Ok(n > 0)
             })?;
