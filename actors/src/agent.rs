@@ -2,36 +2,30 @@
 //!
 //! [`AgentCore`] is the pure state machine: it turns guest bytes into events and requests
 //! into frames. [`AgentClient`] is its actor shell: it owns the reply ports of pending
-//! requests and talks to the virtio-console actor through the narrow [`ToConsole`] ref.
+//! requests, talks to the virtio-console shell through the narrow [`ToConsole`] ref, and
+//! takes exec traffic from `Sandbox` handles as [`AgentRequest`]s (a narrowed ref).
 //!
 //! Invariants: everything from the guest is hostile. A frame that is oversized, truncated,
 //! undecodable, out of order (anything before `Ready`), or that names a request the host
 //! never made closes the channel for good, and every pending request fails with the reason.
 //! At most [`MAX_PENDING`] requests are in flight, and a buffered exec keeps at most
-//! [`MAX_BUFFERED_OUTPUT`] bytes of output.
+//! [`MAX_BUFFERED_OUTPUT`] bytes of output. Each stream's unread output is counted here, from
+//! [`AgentRequest::Consumed`] messages; while one lags past [`STREAM_WINDOW`] console credit
+//! is withheld.
 
 use std::collections::HashMap;
 
 use msb_protocol::{
-    decode, encode, negotiate, ExecRequest, ExitStatus, FrameDecoder, GuestMsg, HostMsg, RequestId, SpawnErrorKind,
-    Stream, MAX_OUTPUT_CHUNK, PROTOCOL_VERSION,
+    decode, encode, negotiate, ExecRequest, FrameDecoder, GuestMsg, HostMsg, RequestId, SpawnErrorKind, Stream,
+    MAX_OUTPUT_CHUNK, PROTOCOL_VERSION,
 };
+use msb_schema::agent::{AgentRequest, GuestBytes, ToConsole};
+use msb_schema::limits::{MAX_BUFFERED_OUTPUT, MAX_GUEST_LOGS, MAX_PENDING, MAX_STDIN, STREAM_WINDOW, TO_GUEST_WINDOW};
+use msb_schema::{ExecError, ExecEvent, ExecOutput, ExecSpec, StopReason};
+use ractor::concurrency::MpscUnboundedSender;
 use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
 
-use crate::console::{GuestBytes, ToConsole};
-use crate::{Error, ExecOutput, ExecSpec, Result};
-
-/// Most requests in flight on one sandbox.
-pub const MAX_PENDING: usize = 1024;
-/// Most host-to-guest bytes handed to the console device and not yet taken by the guest
-/// (below the device's own buffer limit, so the guest can never make that buffer overflow).
-pub const TO_GUEST_WINDOW: usize = 1024 * 1024;
-/// Most stdin bytes one buffered exec may carry.
-pub const MAX_STDIN: usize = 64 * 1024 * 1024;
-/// Most guest-reported errors logged per sandbox (the guest can send them at will).
-pub const MAX_GUEST_LOGS: u64 = 16;
-/// Most output bytes (stdout plus stderr) one buffered exec keeps.
-pub const MAX_BUFFERED_OUTPUT: usize = 64 * 1024 * 1024;
+type Result<T> = std::result::Result<T, ExecError>;
 
 #[derive(Debug)]
 struct PendingExec {
@@ -109,13 +103,13 @@ impl AgentCore {
 
     fn next_id(&mut self) -> Result<RequestId> {
         if let Some(why) = &self.closed {
-            return Err(Error::Agent(format!("channel closed: {why}")));
+            return Err(ExecError::ChannelClosed(why.clone()));
         }
         if self.version.is_none() {
-            return Err(Error::Agent("the guest agent is not ready yet".into()));
+            return Err(ExecError::NotReady);
         }
         if self.pending() >= MAX_PENDING {
-            return Err(Error::Agent(format!("more than {MAX_PENDING} requests in flight")));
+            return Err(ExecError::TooManyRequests { limit: MAX_PENDING as u64 });
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -140,7 +134,7 @@ impl AgentCore {
     /// More stdin for a running streaming exec; an empty `data` closes it.
     pub fn stdin(&mut self, id: RequestId, data: &[u8]) -> Result<Vec<Vec<u8>>> {
         if !self.execs.get(&id).is_some_and(|p| p.streaming) {
-            return Err(Error::StdinClosed);
+            return Err(ExecError::StdinClosed);
         }
         if data.is_empty() {
             return Ok(vec![encode(&HostMsg::Stdin { id, data: Vec::new() }).expect("small message encodes")]);
@@ -154,10 +148,10 @@ impl AgentCore {
     /// A signal for a running exec.
     pub fn signal(&mut self, id: RequestId, signal: i32) -> Result<Vec<u8>> {
         if !(1..=64).contains(&signal) {
-            return Err(Error::Config(format!("signal {signal} is outside 1..=64")));
+            return Err(ExecError::Invalid(format!("signal {signal} is outside 1..=64")));
         }
         if !self.execs.contains_key(&id) {
-            return Err(Error::Config(format!("exec {id} is not running")));
+            return Err(ExecError::NotRunning { id });
         }
         Ok(encode(&HostMsg::Signal { id, signal }).expect("small message encodes"))
     }
@@ -165,32 +159,33 @@ impl AgentCore {
     /// A new window size for a running exec's terminal.
     pub fn resize(&mut self, id: RequestId, size: msb_protocol::WinSize) -> Result<Vec<u8>> {
         if size.rows == 0 || size.cols == 0 {
-            return Err(Error::Config("a terminal needs at least one row and one column".into()));
+            return Err(ExecError::Invalid("a terminal needs at least one row and one column".into()));
         }
         if !self.execs.contains_key(&id) {
-            return Err(Error::Config(format!("exec {id} is not running")));
+            return Err(ExecError::NotRunning { id });
         }
         Ok(encode(&HostMsg::Resize { id, size }).expect("small message encodes"))
     }
 
     fn exec_with(&mut self, spec: ExecSpec, streaming: bool) -> Result<(RequestId, Vec<Vec<u8>>)> {
         if spec.stdin.as_ref().is_some_and(|s| s.len() > MAX_STDIN) {
-            return Err(Error::Config(format!("stdin larger than {MAX_STDIN} bytes for a buffered exec")));
+            return Err(ExecError::Invalid(format!("stdin larger than {MAX_STDIN} bytes for a buffered exec")));
         }
         let id = self.next_id()?;
+        let timeout_ms = spec.timeout_ms();
         let req = ExecRequest {
             id,
             argv: spec.argv,
             env: spec.env,
             cwd: spec.cwd,
             user: spec.user,
-            timeout_ms: spec.timeout.map(|d| d.as_millis().min(u64::MAX as u128) as u64),
+            timeout_ms,
             stdin: spec.stdin.is_some(),
             tty: spec.tty,
             rlimits: spec.rlimits,
         };
-        req.validate().map_err(Error::Config)?;
-        let mut frames = vec![encode(&HostMsg::Exec(req)).map_err(|e| Error::Config(format!("exec request: {e}")))?];
+        req.validate().map_err(ExecError::Invalid)?;
+        let mut frames = vec![encode(&HostMsg::Exec(req)).map_err(|e| ExecError::Invalid(e.to_string()))?];
         if let Some(input) = spec.stdin {
             for chunk in input.chunks(MAX_OUTPUT_CHUNK) {
                 frames.push(encode(&HostMsg::Stdin { id, data: chunk.to_vec() }).expect("bounded chunk encodes"));
@@ -315,88 +310,18 @@ impl AgentCore {
 
 /// Messages of the agent client actor.
 pub enum AgentMsg {
-    /// Bytes from the virtio-console device.
+    /// Bytes from the virtio-console shell.
     FromGuest(GuestBytes),
-    /// The console actor, once it exists.
+    /// The console shell, once it exists.
     Attach(DerivedActorRef<ToConsole>),
-    WaitReady(RpcReplyPort<Result<String>>),
-    Exec {
-        spec: ExecSpec,
-        reply: RpcReplyPort<Result<ExecOutput>>,
-    },
+    /// Exec traffic from a `Sandbox` handle.
+    Request(AgentRequest),
+    /// From the supervisor: an orderly shutdown of the guest.
     Shutdown(RpcReplyPort<Result<()>>),
-    /// The VM is gone: fail everything pending with this error text.
-    VmStopped(crate::StopReason, String),
-    /// Start an exec whose output goes to `sink` as it arrives.
-    ExecStream {
-        spec: ExecSpec,
-        sink: StreamSink,
-        reply: RpcReplyPort<Result<RequestId>>,
-    },
-    /// Stdin for a streaming exec; empty closes it.
-    Stdin {
-        id: RequestId,
-        data: Vec<u8>,
-        reply: RpcReplyPort<Result<()>>,
-    },
-    Signal {
-        id: RequestId,
-        signal: i32,
-        reply: RpcReplyPort<Result<()>>,
-    },
-    Resize {
-        id: RequestId,
-        size: msb_protocol::WinSize,
-        reply: RpcReplyPort<Result<()>>,
-    },
-    /// A stream consumer caught up: withheld credit may be released.
-    StreamConsumed,
+    /// From the supervisor: the VM is gone; fail everything pending with this reason and
+    /// console tail.
+    VmStopped(StopReason, String),
 }
-
-/// One event of a streaming exec.
-#[derive(Debug)]
-pub enum ExecEvent {
-    Stdout(Vec<u8>),
-    Stderr(Vec<u8>),
-    /// The process ended; nothing follows.
-    Exited(ExitStatus),
-    /// The exec failed (spawn failure, timeout, VM stopped); nothing follows.
-    Failed(Error),
-}
-
-/// Folds a stream of exec events into an [`ExecOutput`] (the `wait` of both exec handles).
-#[derive(Debug, Default)]
-pub(crate) struct OutputCollector {
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-}
-
-impl OutputCollector {
-    /// Takes one event; returns the result once the exec has ended.
-    pub(crate) fn take(&mut self, ev: ExecEvent) -> Option<Result<ExecOutput>> {
-        match ev {
-            ExecEvent::Stdout(d) => self.stdout.extend(d),
-            ExecEvent::Stderr(d) => self.stderr.extend(d),
-            ExecEvent::Exited(status) => {
-                let (stdout, stderr) = (std::mem::take(&mut self.stdout), std::mem::take(&mut self.stderr));
-                return Some(Ok(ExecOutput { status, stdout, stderr }));
-            }
-            ExecEvent::Failed(e) => return Some(Err(e)),
-        }
-        None
-    }
-}
-
-/// Where a streaming exec's events go, and how many output bytes its consumer has not read.
-#[derive(Debug, Clone)]
-pub struct StreamSink {
-    pub events: tokio::sync::mpsc::UnboundedSender<ExecEvent>,
-    pub unconsumed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-/// Unread output bytes one stream consumer may have before the whole agent channel stops
-/// taking guest output (credit is withheld from the console device until it catches up).
-pub const STREAM_WINDOW: usize = 4 * 1024 * 1024;
 
 impl From<GuestBytes> for AgentMsg {
     fn from(b: GuestBytes) -> Self {
@@ -414,6 +339,29 @@ impl TryFrom<AgentMsg> for GuestBytes {
     }
 }
 
+impl From<AgentRequest> for AgentMsg {
+    fn from(r: AgentRequest) -> Self {
+        AgentMsg::Request(r)
+    }
+}
+
+impl TryFrom<AgentMsg> for AgentRequest {
+    type Error = ();
+    fn try_from(m: AgentMsg) -> std::result::Result<Self, ()> {
+        match m {
+            AgentMsg::Request(r) => Ok(r),
+            _ => Err(()),
+        }
+    }
+}
+
+/// A streaming exec's consumer, and how many output bytes it has not read.
+#[derive(Debug)]
+struct StreamSink {
+    events: MpscUnboundedSender<ExecEvent>,
+    unconsumed: usize,
+}
+
 pub struct AgentClient;
 
 #[derive(Default)]
@@ -424,7 +372,7 @@ pub struct AgentState {
     ready_waiters: Vec<RpcReplyPort<Result<String>>>,
     exec_replies: HashMap<RequestId, RpcReplyPort<Result<ExecOutput>>>,
     shutdown_replies: HashMap<RequestId, RpcReplyPort<Result<()>>>,
-    stopped: Option<(crate::StopReason, String)>,
+    stopped: Option<(StopReason, String)>,
     /// Frames waiting for send credit, and bytes sent but not yet taken by the guest.
     outbox: std::collections::VecDeque<Vec<u8>>,
     to_guest_in_flight: usize,
@@ -453,7 +401,7 @@ impl AgentState {
         }
     }
 
-    fn failure(&self) -> Error {
+    fn failure(&self) -> ExecError {
         failure_of(&self.stopped, self.core.closed())
     }
 
@@ -475,8 +423,7 @@ impl AgentState {
 
     /// Credits the console with consumed guest bytes unless a stream consumer lags.
     fn release_credit(&mut self) {
-        use std::sync::atomic::Ordering;
-        let lagging = self.streams.values().any(|s| s.unconsumed.load(Ordering::SeqCst) > STREAM_WINDOW);
+        let lagging = self.streams.values().any(|s| s.unconsumed > STREAM_WINDOW);
         if lagging || self.withheld == 0 {
             return;
         }
@@ -505,11 +452,11 @@ impl AgentState {
 }
 
 /// Why requests cannot be served: the VM stopped, or the channel closed.
-fn failure_of(stopped: &Option<(crate::StopReason, String)>, closed: Option<&str>) -> Error {
+fn failure_of(stopped: &Option<(StopReason, String)>, closed: Option<&str>) -> ExecError {
     match (stopped, closed) {
-        (Some((reason, tail)), _) => Error::VmStopped { reason: reason.clone(), console_tail: tail.clone() },
-        (None, Some(why)) => Error::Agent(format!("channel closed: {why}")),
-        (None, None) => Error::Gone,
+        (Some((reason, tail)), _) => ExecError::VmStopped { reason: reason.clone(), console_tail: tail.clone() },
+        (None, Some(why)) => ExecError::ChannelClosed(why.to_string()),
+        (None, None) => ExecError::Gone,
     }
 }
 
@@ -563,23 +510,7 @@ impl Actor for AgentClient {
                     }
                 }
             }
-            AgentMsg::WaitReady(reply) => match (&st.agent_name, st.core.is_ready()) {
-                (Some(name), true) => {
-                    let _ = reply.send(Ok(name.clone()));
-                }
-                _ if st.stopped.is_some() || st.core.closed().is_some() => {
-                    let _ = reply.send(Err(st.failure()));
-                }
-                _ => st.ready_waiters.push(reply),
-            },
-            AgentMsg::Exec { spec, reply } => match st.start_exec(spec, false) {
-                Ok(id) => {
-                    st.exec_replies.insert(id, reply);
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
+            AgentMsg::Request(req) => handle_request(st, req),
             AgentMsg::Shutdown(reply) => match st.core.shutdown() {
                 Ok((id, frame)) => {
                     st.shutdown_replies.insert(id, reply);
@@ -589,30 +520,6 @@ impl Actor for AgentClient {
                     let _ = reply.send(Err(e));
                 }
             },
-            AgentMsg::ExecStream { spec, sink, reply } => {
-                let started = st.start_exec(spec, true);
-                if let Ok(id) = started {
-                    st.streams.insert(id, sink);
-                }
-                let _ = reply.send(started);
-            }
-            AgentMsg::Stdin { id, data, reply } => {
-                let r = st.core.stdin(id, &data).map(|frames| {
-                    for f in frames {
-                        st.send(f);
-                    }
-                });
-                let _ = reply.send(r);
-            }
-            AgentMsg::Signal { id, signal, reply } => {
-                let r = st.core.signal(id, signal).map(|f| st.send(f));
-                let _ = reply.send(r);
-            }
-            AgentMsg::Resize { id, size, reply } => {
-                let r = st.core.resize(id, size).map(|f| st.send(f));
-                let _ = reply.send(r);
-            }
-            AgentMsg::StreamConsumed => st.release_credit(),
             AgentMsg::VmStopped(reason, tail) => {
                 // Fail everything pending with the reason, then stop: the supervisor sends
                 // this instead of a stop signal so that the reason is not overtaken.
@@ -623,6 +530,58 @@ impl Actor for AgentClient {
             }
         }
         Ok(())
+    }
+}
+
+/// Serves one request of a `Sandbox` handle.
+fn handle_request(st: &mut AgentState, req: AgentRequest) {
+    match req {
+        AgentRequest::WaitReady(reply) => match (&st.agent_name, st.core.is_ready()) {
+            (Some(name), true) => {
+                let _ = reply.send(Ok(name.clone()));
+            }
+            _ if st.stopped.is_some() || st.core.closed().is_some() => {
+                let _ = reply.send(Err(st.failure()));
+            }
+            _ => st.ready_waiters.push(reply),
+        },
+        AgentRequest::Exec { spec, reply } => match st.start_exec(spec, false) {
+            Ok(id) => {
+                st.exec_replies.insert(id, reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        },
+        AgentRequest::ExecStream { spec, events, reply } => {
+            let started = st.start_exec(spec, true);
+            if let Ok(id) = started {
+                st.streams.insert(id, StreamSink { events, unconsumed: 0 });
+            }
+            let _ = reply.send(started);
+        }
+        AgentRequest::Stdin { id, data, reply } => {
+            let r = st.core.stdin(id, &data).map(|frames| {
+                for f in frames {
+                    st.send(f);
+                }
+            });
+            let _ = reply.send(r);
+        }
+        AgentRequest::Signal { id, signal, reply } => {
+            let r = st.core.signal(id, signal).map(|f| st.send(f));
+            let _ = reply.send(r);
+        }
+        AgentRequest::Resize { id, size, reply } => {
+            let r = st.core.resize(id, size).map(|f| st.send(f));
+            let _ = reply.send(r);
+        }
+        AgentRequest::Consumed { id, bytes } => {
+            if let Some(s) = st.streams.get_mut(&id) {
+                s.unconsumed = s.unconsumed.saturating_sub(bytes);
+            }
+            st.release_credit();
+        }
     }
 }
 
@@ -639,9 +598,9 @@ fn handle_event(st: &mut AgentState, ev: AgentEvent) {
         AgentEvent::ExecDone { id, result } => {
             let timeout = st.exec_timeouts.remove(&id).unwrap_or_default();
             let result = result.map_err(|f| match f {
-                ExecFailure::Spawn { kind, message } => Error::SpawnFailed { kind, message },
-                ExecFailure::TooLarge => Error::OutputTooLarge { limit: MAX_BUFFERED_OUTPUT },
-                ExecFailure::TimedOut => Error::TimedOut { after: timeout },
+                ExecFailure::Spawn { kind, message } => ExecError::SpawnFailed { kind, message },
+                ExecFailure::TooLarge => ExecError::OutputTooLarge { limit: MAX_BUFFERED_OUTPUT as u64 },
+                ExecFailure::TimedOut => ExecError::TimedOut { after: timeout },
             });
             if let Some(r) = st.exec_replies.remove(&id) {
                 let _ = r.send(result);
@@ -650,16 +609,18 @@ fn handle_event(st: &mut AgentState, ev: AgentEvent) {
                     Ok(out) => ExecEvent::Exited(out.status),
                     Err(e) => ExecEvent::Failed(e),
                 });
+                // A finished stream no longer holds back credit.
+                st.release_credit();
             }
         }
         AgentEvent::Output { id, stream, data } => {
-            let Some(sink) = st.streams.get(&id) else { return };
+            let Some(sink) = st.streams.get_mut(&id) else { return };
             let n = data.len();
             let ev = match stream {
                 Stream::Stdout => ExecEvent::Stdout(data),
                 Stream::Stderr => ExecEvent::Stderr(data),
             };
-            sink.unconsumed.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+            sink.unconsumed += n;
             if sink.events.send(ev).is_err() {
                 // Nobody reads this stream any more: stop accounting for it.
                 st.streams.remove(&id);
@@ -673,23 +634,10 @@ fn handle_event(st: &mut AgentState, ev: AgentEvent) {
     }
 }
 
-/// Exit status helpers for users.
-impl ExecOutput {
-    /// The exit code, if the process exited (rather than being killed by a signal).
-    pub fn code(&self) -> Option<i32> {
-        match self.status {
-            ExitStatus::Code(c) => Some(c),
-            ExitStatus::Signal(_) => None,
-        }
-    }
-    pub fn success(&self) -> bool {
-        self.code() == Some(0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use msb_protocol::ExitStatus;
 
     fn frame(m: &GuestMsg) -> Vec<u8> {
         encode(m).unwrap()
@@ -817,20 +765,28 @@ mod tests {
     }
 
     #[test]
+    fn requests_for_unknown_execs_and_bad_values_are_typed() {
+        let mut c = ready_core();
+        assert_eq!(c.signal(7, 9), Err(ExecError::NotRunning { id: 7 }));
+        assert!(matches!(c.signal(7, 0), Err(ExecError::Invalid(_))));
+        assert_eq!(c.stdin(7, b"x"), Err(ExecError::StdinClosed));
+        assert!(matches!(c.resize(7, msb_protocol::WinSize { rows: 0, cols: 1 }), Err(ExecError::Invalid(_))));
+    }
+
+    #[test]
     fn pending_requests_are_bounded() {
         let mut c = ready_core();
         for _ in 0..MAX_PENDING {
             c.exec(ExecSpec { argv: vec!["x".into()], ..Default::default() }).unwrap();
         }
         let e = c.exec(ExecSpec { argv: vec!["x".into()], ..Default::default() }).unwrap_err();
-        assert!(e.to_string().contains("in flight"));
+        assert_eq!(e, ExecError::TooManyRequests { limit: MAX_PENDING as u64 });
     }
 }
 
 #[cfg(test)]
 mod actor_tests {
     use super::*;
-    use crate::StopReason;
 
     #[tokio::test]
     async fn pending_exec_fails_with_the_stop_reason() {
@@ -843,12 +799,11 @@ mod actor_tests {
         .unwrap();
         agent.cast(AgentMsg::FromGuest(GuestBytes { data: ready, drained: 0 })).unwrap();
         let (tx, rx) = ractor::concurrency::oneshot();
-        agent
-            .cast(AgentMsg::Exec { spec: ExecSpec { argv: vec!["x".into()], ..Default::default() }, reply: tx.into() })
-            .unwrap();
+        let requests: DerivedActorRef<AgentRequest> = agent.get_derived();
+        requests.send_message(AgentRequest::Exec { spec: ExecSpec::command(["x"]), reply: tx.into() }).unwrap();
         agent.cast(AgentMsg::VmStopped(StopReason::GuestPowerOff, "tail".into())).unwrap();
         match rx.await.unwrap() {
-            Err(Error::VmStopped { reason: StopReason::GuestPowerOff, console_tail }) => {
+            Err(ExecError::VmStopped { reason: StopReason::GuestPowerOff, console_tail }) => {
                 assert_eq!(console_tail, "tail")
             }
             other => panic!("{other:?}"),

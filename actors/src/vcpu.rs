@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use msb_devices::Bus;
 use msb_hypervisor::vcpu::Vcpu;
 use msb_hypervisor::{VcpuRunner, VcpuStop};
+use msb_protocol::sync::lock;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 /// Where a vCPU is.
@@ -58,7 +59,7 @@ impl Actor for VcpuActor {
             a.vcpu,
             a.bus,
             Box::new(move |stop: VcpuStop| {
-                *record.lock().unwrap_or_else(|p| p.into_inner()) = Some(stop.clone());
+                *lock(&record) = Some(stop.clone());
                 on_exit(stop);
             }),
         )?;
@@ -78,7 +79,7 @@ impl Actor for VcpuActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             VcpuMsg::State(reply) => {
-                let exited = st.exited.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let exited = lock(&st.exited).clone();
                 let _ = reply.send(exited.map_or(VcpuState::Running, VcpuState::Stopped));
             }
             VcpuMsg::Stop(reply) => {

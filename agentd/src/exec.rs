@@ -17,6 +17,7 @@ use std::time::Duration;
 use std::fs::File;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
+use msb_protocol::sync::lock;
 use msb_protocol::{ExecRequest, GuestMsg, RequestId, SpawnErrorKind, Stream, UserSpec, WinSize, MAX_OUTPUT_CHUNK};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -98,10 +99,6 @@ fn precheck(program: &str, path: &str, cwd: &str) -> Result<(), (SpawnErrorKind,
 }
 
 pub type Stdins = Arc<Sessions>;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Sends `signal` to the process group of session `id`; unknown sessions and signal numbers
 /// outside 1..=64 are ignored.

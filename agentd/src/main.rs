@@ -38,7 +38,7 @@ impl Sender {
             Ok(f) => f,
             Err(e) => return log(&format!("cannot encode reply: {e}")),
         };
-        let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut f = msb_protocol::sync::lock(&self.0);
         if let Err(e) = f.write_all(&frame) {
             log(&format!("agent channel write failed: {e}"));
         }

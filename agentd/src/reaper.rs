@@ -35,7 +35,7 @@ impl Reaper {
         spawn: impl FnOnce() -> std::io::Result<(T, u32)>,
     ) -> std::io::Result<(T, mpsc::Receiver<ExitStatus>)> {
         let (lock, cv) = &*self.table;
-        let mut t = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = msb_protocol::sync::lock(lock);
         let (v, pid) = spawn()?;
         let (tx, rx) = mpsc::channel();
         t.waiting.insert(pid as i32, tx);
@@ -52,7 +52,7 @@ impl Reaper {
                 Ok(_) => {}
                 Err(nix::errno::Errno::ECHILD) => {
                     // No children at all: sleep until a session spawns one.
-                    let t = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    let t = msb_protocol::sync::lock(lock);
                     let _ = cv.wait_timeout(t, Duration::from_secs(1));
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -62,7 +62,7 @@ impl Reaper {
 
     fn deliver(&self, pid: Pid, status: ExitStatus) {
         let (lock, _) = &*self.table;
-        let tx = lock.lock().unwrap_or_else(|p| p.into_inner()).waiting.remove(&pid.as_raw());
+        let tx = msb_protocol::sync::lock(lock).waiting.remove(&pid.as_raw());
         if let Some(tx) = tx {
             let _ = tx.send(status);
         }

@@ -6,8 +6,8 @@
 
 use std::io::{IsTerminal, Read, Write};
 
-use msb_actors::managed::{ExecInput, RemoteExec};
-use msb_actors::{Error, ExecEvent, ExitStatus, SpawnErrorKind};
+use msb_control_plane::schema::{ExitStatus, SpawnErrorKind, WinSize};
+use msb_control_plane::{Error, ExecError, ExecEvent, ExecInput, RemoteExec};
 use tokio::sync::mpsc;
 
 /// Ctrl-P, Ctrl-Q: docker's detach keys.
@@ -34,9 +34,12 @@ impl Outcome {
 
 pub fn error_code(e: &Error) -> u8 {
     match e {
-        Error::TimedOut { .. } => 124,
-        Error::SpawnFailed { kind: SpawnErrorKind::NotFound, .. } => 127,
-        Error::SpawnFailed { kind: SpawnErrorKind::PermissionDenied | SpawnErrorKind::NotExecutable, .. } => 126,
+        Error::Exec(ExecError::TimedOut { .. }) => 124,
+        Error::Exec(ExecError::SpawnFailed { kind: SpawnErrorKind::NotFound, .. }) => 127,
+        Error::Exec(ExecError::SpawnFailed {
+            kind: SpawnErrorKind::PermissionDenied | SpawnErrorKind::NotExecutable,
+            ..
+        }) => 126,
         _ => 125,
     }
 }
@@ -67,11 +70,11 @@ impl Drop for RawMode {
 }
 
 /// The host terminal's size, if stdout or stdin is a terminal.
-pub fn terminal_size() -> Option<msb_actors::WinSize> {
+pub fn terminal_size() -> Option<WinSize> {
     let ws = rustix::termios::tcgetwinsize(std::io::stdout())
         .or_else(|_| rustix::termios::tcgetwinsize(std::io::stdin()))
         .ok()?;
-    (ws.ws_row > 0 && ws.ws_col > 0).then_some(msb_actors::WinSize { rows: ws.ws_row, cols: ws.ws_col })
+    (ws.ws_row > 0 && ws.ws_col > 0).then_some(WinSize { rows: ws.ws_row, cols: ws.ws_col })
 }
 
 /// Scans keystrokes for the detach sequence; returns the bytes to forward and whether the
@@ -142,8 +145,11 @@ pub async fn attach(ex: RemoteExec, forward_stdin: bool, tty: bool) -> Outcome {
                 Some(ExecEvent::Stdout(d)) => { let _ = out.write_all(&d); let _ = out.flush(); }
                 Some(ExecEvent::Stderr(d)) => { let _ = err.write_all(&d); let _ = err.flush(); }
                 Some(ExecEvent::Exited(s)) => break Outcome::Exited(s),
-                Some(ExecEvent::Failed(e)) => break Outcome::Failed(e),
-                None => break Outcome::Failed(Error::Control("the sandbox process ended the session".into())),
+                Some(ExecEvent::Failed(e)) => break Outcome::Failed(e.into()),
+                None => {
+                    let why = ExecError::Disconnected("the sandbox process ended the session".into());
+                    break Outcome::Failed(why.into());
+                }
             },
             d = detach_rx.recv(), if feeding => match d {
                 Some(()) => break Outcome::Detached,
@@ -212,10 +218,13 @@ mod tests {
     fn exit_codes_follow_docker() {
         assert_eq!(Outcome::Exited(ExitStatus::Code(3)).code(), 3);
         assert_eq!(Outcome::Exited(ExitStatus::Signal(9)).code(), 137);
-        assert_eq!(Outcome::Failed(Error::TimedOut { after: std::time::Duration::from_secs(1) }).code(), 124);
-        let nf = Error::SpawnFailed { kind: SpawnErrorKind::NotFound, message: String::new() };
-        assert_eq!(Outcome::Failed(nf).code(), 127);
-        assert_eq!(Outcome::Failed(Error::Gone).code(), 125);
+        let timed_out = ExecError::TimedOut { after: std::time::Duration::from_secs(1) };
+        assert_eq!(Outcome::Failed(timed_out.into()).code(), 124);
+        let nf = ExecError::SpawnFailed { kind: SpawnErrorKind::NotFound, message: String::new() };
+        assert_eq!(Outcome::Failed(nf.into()).code(), 127);
+        let denied = ExecError::SpawnFailed { kind: SpawnErrorKind::PermissionDenied, message: String::new() };
+        assert_eq!(Outcome::Failed(denied.into()).code(), 126);
+        assert_eq!(Outcome::Failed(ExecError::Gone.into()).code(), 125);
         assert_eq!(Outcome::Detached.code(), 0);
     }
 }

@@ -7,7 +7,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use msb_actors::managed::NamedSandbox;
+use msb_control_plane::NamedSandbox;
 
 /// One log line, tagged.
 fn tag_console(line: &str) -> String {
@@ -80,7 +80,7 @@ impl Follow {
     }
 }
 
-pub async fn logs(sb: &NamedSandbox, follow: bool, tail: Option<usize>) -> msb_actors::Result<()> {
+pub async fn logs(sb: &NamedSandbox, follow: bool, tail: Option<usize>) -> msb_control_plane::Result<()> {
     sb.record()?;
     let (console, exec) = (sb.dir().join("console.log"), sb.dir().join("exec.log"));
     let ((console_lines, console_at), (exec_lines, exec_at)) = (read_lines(&console), read_lines(&exec));

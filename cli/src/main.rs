@@ -10,6 +10,8 @@
 
 mod attach;
 mod logs;
+mod report;
+mod sandbox_process;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -17,9 +19,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
-use msb_actors::managed::{Msb, NamedSandbox, SandboxConfig, SANDBOX_PROCESS_ARG};
-use msb_actors::state::{format_ms, Record};
-use msb_actors::{Error, ExecSpec, Rlimit};
+use msb_control_plane::client::SANDBOX_PROCESS_ARG;
+use msb_control_plane::schema::{Rlimit, WinSize};
+use msb_control_plane::store::format_ms;
+use msb_control_plane::{Error, ExecSpec, Msb, NamedSandbox, Record, SandboxConfig, Status};
 
 use attach::Outcome;
 
@@ -184,7 +187,7 @@ impl CommandArgs {
             None => None,
         };
         let rlimits = self.ulimits.iter().map(|u| Rlimit::parse(u)).collect::<Result<Vec<_>, _>>()?;
-        let tty = tty.then(|| attach::terminal_size().unwrap_or(msb_actors::WinSize { rows: 24, cols: 80 }));
+        let tty = tty.then(|| attach::terminal_size().unwrap_or(WinSize { rows: 24, cols: 80 }));
         Ok(ExecSpec {
             argv: self.command.clone(),
             env,
@@ -262,7 +265,7 @@ fn main() -> ExitCode {
                 match async { msb.get(&n)?.remove(force).await }.await {
                     Ok(()) => println!("{n}"),
                     Err(e) => {
-                        eprintln!("msb: {e}");
+                        eprintln!("msb: {}", report::message(&e));
                         first_err.get_or_insert(e);
                     }
                 }
@@ -276,13 +279,13 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("msb: {e}");
+            eprintln!("msb: {}", report::message(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-async fn stop(msb: &Msb, a: &StopArgs) -> msb_actors::Result<String> {
+async fn stop(msb: &Msb, a: &StopArgs) -> msb_control_plane::Result<String> {
     let sb = msb.get(&a.name)?;
     if a.force {
         sb.kill().await
@@ -298,17 +301,17 @@ async fn sandbox_process() -> ExitCode {
         eprintln!("msb sandbox process: reading the launch description: {e}");
         return ExitCode::from(125);
     }
-    let launch: msb_actors::server::Launch = match serde_json::from_str(&line) {
+    let launch: msb_control_plane::wire::Launch = match serde_json::from_str(&line) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("msb sandbox process: bad launch description: {e}");
             return ExitCode::from(125);
         }
     };
-    match msb_actors::server::run(launch, std::io::stdout()).await {
+    match sandbox_process::run(launch, std::io::stdout()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("msb sandbox process: {e}");
+            eprintln!("msb sandbox process: {}", report::chain(&e));
             ExitCode::from(1)
         }
     }
@@ -316,7 +319,7 @@ async fn sandbox_process() -> ExitCode {
 
 fn status_line(r: &Record) -> String {
     match (&r.status, &r.last_run) {
-        (msb_actors::state::Status::Running, Some(run)) => format!("running since {}", format_ms(run.started_ms)),
+        (Status::Running, Some(run)) => format!("running since {}", format_ms(run.started_ms)),
         (s, Some(run)) if run.exit_reason.is_some() => {
             format!("{s} ({})", run.exit_reason.as_deref().unwrap_or_default())
         }
@@ -329,7 +332,7 @@ fn record_json(r: &Record) -> serde_json::Value {
         "name": r.name,
         "status": r.status,
         "pid": r.process.map(|p| p.pid),
-        "config": r.config,
+        "config": serde_json::to_value(&r.config).unwrap_or_default(),
         "ephemeral": r.ephemeral,
         "created": format_ms(r.created_ms),
         "last_run": r.last_run.as_ref().map(|run| serde_json::json!({
@@ -352,8 +355,7 @@ fn print_list(list: &[Record], format: Format) {
                 "NAME", "STATE", "CPUS", "MEMORY", "PID", "CREATED"
             );
             for r in list {
-                let cpus = r.config.get("cpus").and_then(|v| v.as_u64()).unwrap_or(0);
-                let mem = r.config.get("memory_mib").and_then(|v| v.as_u64()).unwrap_or(0);
+                let (cpus, mem) = (r.config.cpus, r.config.memory_mib);
                 let pid = r.process.map(|p| p.pid.to_string()).unwrap_or_else(|| "-".into());
                 println!(
                     "{:<24} {:<8} {:>4} {:>6}M {:>8}  {:<20}  {}",
@@ -370,11 +372,11 @@ fn print_list(list: &[Record], format: Format) {
     }
 }
 
-async fn inspect(msb: &Msb, name: &str, format: Format) -> msb_actors::Result<()> {
+async fn inspect(msb: &Msb, name: &str, format: Format) -> msb_control_plane::Result<()> {
     let sb = msb.get(name)?;
     let rec = sb.record()?;
-    let runs = msb.store()?.runs(name)?;
-    let info = if rec.status == msb_actors::state::Status::Running { sb.info().await.ok() } else { None };
+    let runs = msb.runs(name)?;
+    let info = if rec.status == Status::Running { sb.info().await.ok() } else { None };
     let mut v = record_json(&rec);
     v["runs"] = runs
         .iter()
@@ -424,7 +426,7 @@ async fn exec_in(sb: &NamedSandbox, cmd: &CommandArgs, tty_default: bool, detach
 
 fn finish(o: Outcome) -> ExitCode {
     match &o {
-        Outcome::Failed(e) => eprintln!("msb: {e}"),
+        Outcome::Failed(e) => eprintln!("msb: {}", report::message(e)),
         Outcome::Detached => eprintln!("msb: detached; the command keeps running (see `msb logs`)"),
         Outcome::Exited(_) => {}
     }
@@ -442,9 +444,7 @@ async fn run(msb: &Msb, a: RunArgs) -> ExitCode {
     let config = a.machine.config(None);
     let created = match (&a.name, a.detach) {
         (Some(n), _) => msb.create(n, config),
-        (None, true) => {
-            msb.create(&format!("sb-{}-{}", std::process::id(), msb_actors::state::now_ms() % 100_000), config)
-        }
+        (None, true) => msb.create_generated("sb", config),
         (None, false) => msb.create_ephemeral(config),
     };
     let sb = match created {
@@ -496,27 +496,31 @@ fn doctor() -> ExitCode {
         Ok(_) => println!("/dev/kvm access: read-write OK"),
         Err(e) => println!("/dev/kvm access: {e} (add yourself to the kvm group or run as root)"),
     }
-    let home = msb_actors::home::msb_home();
+    let home = msb_images::msb_home();
     println!("MSB_HOME: {}", home.display());
     let mut ok = access.is_ok();
     for (what, r) in [
-        ("guest kernel", msb_actors::home::kernel(&home)),
-        ("agentd", msb_actors::home::agentd(&home)),
-        ("busybox", msb_actors::home::busybox(&home)),
+        ("guest kernel", msb_images::kernel(&home)),
+        ("agentd", msb_images::agentd(&home)),
+        ("busybox", msb_images::busybox(&home)),
     ] {
         match r {
             Ok(p) => println!("{what}: {}", p.display()),
             Err(e) => {
                 ok = false;
-                println!("{what}: MISSING: {e}");
+                let remedy = match &e {
+                    msb_images::Error::Missing { what, .. } => Some(report::artifact_remedy(*what).to_string()),
+                    _ => None,
+                };
+                println!("{what}: MISSING: {}", report::with_remedy(&e, remedy));
             }
         }
     }
-    match msb_actors::state::Store::open(&home) {
+    match msb_control_plane::store::Store::open(&home) {
         Ok(_) => println!("state store: {}", home.join("state.db").display()),
         Err(e) => {
             ok = false;
-            println!("state store: {e}");
+            println!("state store: {}", report::chain(&e));
         }
     }
     if kind.boots_linux() && ok {

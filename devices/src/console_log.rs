@@ -8,7 +8,6 @@
 //! guest's VM.
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,10 +36,13 @@ impl ConsoleReports {
     }
 }
 
+use crate::capped_log::CappedLog;
+
+/// The line that ends a console log at its cap.
+const CAP_MARKER: &str = "[msb: console log reached its size cap; further output dropped]";
+
 pub struct ConsoleLog {
-    file: Option<File>,
-    written: u64,
-    cap: u64,
+    file: Option<CappedLog>,
     tail: VecDeque<u8>,
     line: Vec<u8>,
     reports: Arc<ConsoleReports>,
@@ -54,11 +56,9 @@ pub struct ConsoleLog {
 impl ConsoleLog {
     /// Logs to `path` (created or truncated), or only to memory when `path` is `None`.
     pub fn new(path: Option<&Path>, cap: u64) -> std::io::Result<Self> {
-        let file = path.map(File::create).transpose()?;
+        let file = path.map(|p| CappedLog::create(p, cap, CAP_MARKER)).transpose()?;
         Ok(Self {
             file,
-            written: 0,
-            cap,
             tail: VecDeque::with_capacity(TAIL_BYTES),
             line: Vec::with_capacity(MAX_LINE),
             reports: Arc::default(),
@@ -131,17 +131,8 @@ impl ConsoleLog {
     }
 
     fn write_capped(&mut self, buf: &[u8]) {
-        let Some(file) = self.file.as_mut() else {
-            return;
-        };
-        let room = self.cap.saturating_sub(self.written);
-        let n = (buf.len() as u64).min(room) as usize;
-        if n > 0 && file.write_all(&buf[..n]).is_ok() {
-            self.written += n as u64;
-        }
-        if n < buf.len() && self.written == self.cap {
-            let _ = file.write_all(b"\n[msb: console log reached its size cap; further output dropped]\n");
-            self.written += 1; // never announce twice
+        if let Some(file) = self.file.as_mut() {
+            file.write(buf);
         }
     }
 }

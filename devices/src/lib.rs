@@ -16,9 +16,13 @@
 
 pub mod boot_timer;
 pub mod bus;
+pub mod capped_log;
 pub mod console_log;
 pub mod i8042;
+pub mod layout;
+pub mod machine;
 pub mod serial;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};
+pub use machine::{Machine, MachineError, MachineSpec};

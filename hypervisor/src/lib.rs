@@ -25,12 +25,13 @@ pub use kind::{classify, KvmKind};
 pub use vcpu::{ExitHandler, VcpuRunner, VcpuStop};
 pub use vm::{Vm, VmConfig};
 
-/// Errors of the hypervisor layer. Each says what failed and, where it helps, what to do.
+/// Errors of the hypervisor layer. Each says what failed; a cause is its `source()`, never
+/// repeated in the message.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open /dev/kvm: {0} (is KVM available and do you have read-write access? try `msb doctor`)")]
+    #[error("cannot open /dev/kvm")]
     OpenKvm(#[source] kvm_ioctls::Error),
-    #[error("KVM ioctl {what} failed: {source}")]
+    #[error("KVM ioctl {what} failed")]
     Kvm {
         what: &'static str,
         #[source]

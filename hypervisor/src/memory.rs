@@ -41,9 +41,57 @@ pub const FOUR_GIB: u64 = 1 << 32;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 
-/// Smallest and largest guest RAM msb accepts.
+/// Smallest and largest guest RAM this layout supports. What a sandbox may have is narrower
+/// (`msb_schema::limits::MEMORY_MIB`, which a test keeps within these).
 pub const MIN_MEMORY_MIB: u64 = 32;
 pub const MAX_MEMORY_MIB: u64 = 64 * 1024;
+
+/// This process's resident memory, split into the part backing guest RAM and the rest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resident {
+    pub total_kib: u64,
+    /// Resident pages of mappings that overlap guest RAM (an upper bound: the kernel may
+    /// merge the guest mapping with a neighbouring anonymous one).
+    pub guest_kib: u64,
+}
+
+impl Resident {
+    /// What the VMM itself holds.
+    pub fn outside_guest_kib(&self) -> u64 {
+        self.total_kib.saturating_sub(self.guest_kib)
+    }
+}
+
+/// Reads `/proc/self/smaps` and splits its resident memory at `mem`'s mappings. Host
+/// addresses of guest RAM stay inside this crate.
+pub fn resident(mem: &GuestMemoryMmap) -> Resident {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+    let ranges: Vec<(usize, usize)> = mem
+        .iter()
+        .filter_map(|r| r.get_host_address(MemoryRegionAddress(0)).ok().map(|p| (p as usize, r.len() as usize)))
+        .collect();
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    split_smaps(&smaps, &ranges)
+}
+
+fn split_smaps(smaps: &str, guest: &[(usize, usize)]) -> Resident {
+    let mut out = Resident::default();
+    let mut in_guest = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-').filter(|_| !line.ends_with("kB")) {
+            let (a, b) = (usize::from_str_radix(a, 16).unwrap_or(0), usize::from_str_radix(b, 16).unwrap_or(0));
+            in_guest = guest.iter().any(|&(s, l)| a < s.saturating_add(l) && s < b);
+        } else if let Some(rest) = line.strip_prefix("Rss:") {
+            let rss: u64 = rest.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0);
+            out.total_kib += rss;
+            if in_guest {
+                out.guest_kib += rss;
+            }
+        }
+    }
+    out
+}
 
 /// The RAM ranges (start, length) for a guest of `mib` MiB.
 pub fn ram_ranges(mib: u64) -> Result<Vec<(GuestAddress, usize)>> {
@@ -68,6 +116,20 @@ pub fn create(mib: u64) -> Result<GuestMemoryMmap> {
 pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     mem.iter().filter(|r| r.start_addr().0 < MMIO_HOLE_START).map(|r| r.start_addr().0 + r.len()).max().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod resident_tests {
+    use super::*;
+
+    #[test]
+    fn smaps_is_split_at_guest_mappings() {
+        let smaps = "1000-2000 rw-p 00000000 00:00 0\nSize: 4 kB\nRss: 4 kB\n\
+                     10000-20000 rw-p 00000000 00:00 0\nRss: 40 kB\n";
+        let r = split_smaps(smaps, &[(0x10000, 0x10000)]);
+        assert_eq!(r, Resident { total_kib: 44, guest_kib: 40 });
+        assert_eq!(r.outside_guest_kib(), 4);
+    }
 }
 
 #[cfg(test)]

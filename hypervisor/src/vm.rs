@@ -66,6 +66,11 @@ impl Vm {
         &self.mem
     }
 
+    /// This process's resident memory, split at guest RAM.
+    pub fn resident(&self) -> memory::Resident {
+        memory::resident(&self.mem)
+    }
+
     pub fn config(&self) -> VmConfig {
         self.config
     }

@@ -17,6 +17,7 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 mod codec;
+pub mod sync;
 pub use codec::{encode, FrameDecoder, FrameError, HEADER_LEN, MAX_FRAME};
 
 /// The protocol version this build speaks.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use msb_actors::{Error, Sandbox, StopReason};
+use msb_actors::{Error, ExecError, Sandbox, StopReason};
 use msb_protocol::{encode, GuestMsg, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, VIRTIO_MMIO_BASE};
 
 /// How the guest posts its one transmit buffer, and what it does afterwards.
@@ -141,7 +141,7 @@ async fn create(name: &str, v: Variant) -> (msb_actors::Result<Sandbox>, tempfil
     let initrd = dir.path().join("initrd");
     std::fs::write(&initrd, b"none").unwrap();
     let sb = Sandbox::builder()
-        .memory_mib(32)
+        .memory_mib(64)
         .kernel(elf)
         .initramfs(initrd)
         .boot_timeout(Duration::from_secs(30))
@@ -152,7 +152,7 @@ async fn create(name: &str, v: Variant) -> (msb_actors::Result<Sandbox>, tempfil
 
 fn stop_reason(r: msb_actors::Result<Sandbox>) -> (StopReason, String) {
     match r {
-        Err(Error::VmStopped { reason, console_tail }) => (reason, console_tail),
+        Err(Error::Exec(ExecError::VmStopped { reason, console_tail })) => (reason, console_tail),
         Err(e) => panic!("expected the VM to be stopped, got error {e}"),
         Ok(_) => panic!("expected the VM to be stopped, but the agent became ready"),
     }
@@ -166,7 +166,7 @@ async fn ready_frame_through_virtio_console_then_guest_halts() {
     let tail = sb.console_tail().await.unwrap();
     assert!(tail.contains("bare-metal guest: start"), "{tail}");
     match sb.exec("true", Vec::<String>::new()).await {
-        Err(Error::VmStopped { reason: StopReason::GuestPowerOff, .. }) => {}
+        Err(ExecError::VmStopped { reason: StopReason::GuestPowerOff, .. }) => {}
         other => panic!("exec on a stopped VM: {other:?}"),
     }
 }

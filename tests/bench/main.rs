@@ -18,29 +18,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// (total RSS, RSS of mappings inside guest RAM) in KiB, from /proc/self/smaps.
-fn rss_split(guest_ram: &[(usize, u64)]) -> (u64, u64) {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-    let (mut total, mut guest) = (0u64, 0u64);
-    let mut in_guest = false;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-').filter(|_| !line.ends_with("kB")) {
-            let (a, b) = (usize::from_str_radix(a, 16).unwrap_or(0), usize::from_str_radix(b, 16).unwrap_or(0));
-            // A VMA that overlaps guest RAM counts as guest memory (the kernel may merge the
-            // guest mapping with a neighbouring anonymous one, so this is an upper bound).
-            in_guest = guest_ram.iter().any(|&(s, l)| a < s + l as usize && s < b);
-        } else if let Some(rest) = line.strip_prefix("Rss:") {
-            let rss: u64 = rest.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0);
-            total += rss;
-            if in_guest {
-                guest += rss;
-            }
-        }
-    }
-    (total, guest)
-}
-
 fn stats(name: &str, mut v: Vec<f64>) {
     if v.is_empty() {
         return println!("{name:<34} (no samples)");
@@ -92,15 +69,9 @@ async fn main() {
         if out.is_err() {
             println!("boot {i}: first exec failed: {out:?}");
         }
-        let guest_ram = match sb.boot_times().await {
-            Ok(t) => {
-                if let Some(d) = t.to_init {
-                    to_init.push(ms(d));
-                }
-                t.guest_ram
-            }
-            Err(_) => Vec::new(),
-        };
+        if let Some(d) = sb.boot_times().await.ok().and_then(|t| t.to_init) {
+            to_init.push(ms(d));
+        }
         to_ready.push(ms(ready));
         to_exec.push(ms(first));
         for _ in 0..20 {
@@ -109,15 +80,15 @@ async fn main() {
                 rtt.push(ms(t.elapsed()));
             }
         }
-        let (total, guest) = rss_split(&guest_ram);
-        outside.push((total - guest) as f64 / 1024.0);
+        let m = sb.boot_times().await.ok().and_then(|t| t.memory).unwrap_or_default();
+        outside.push(m.outside_guest_kib() as f64 / 1024.0);
         let _ = sb.stop().await;
         println!(
             "boot {i}: ready {:.0} ms, first exec {:.0} ms, RSS outside guest RAM {:.1} MiB (guest touched {:.1} MiB)",
             ms(ready),
             ms(first),
-            (total - guest) as f64 / 1024.0,
-            guest as f64 / 1024.0
+            m.outside_guest_kib() as f64 / 1024.0,
+            m.guest_kib as f64 / 1024.0
         );
     }
     println!("--- msb figures (ms unless noted) ---");
@@ -133,7 +104,7 @@ async fn main() {
 /// Named sandboxes: a sandbox process per sandbox, exec over its Unix socket (the API) and
 /// through a fresh `msb exec` process (the CLI).
 async fn named(n: usize) {
-    use msb_actors::managed::{Msb, SandboxConfig};
+    use msb_control_plane::{Msb, SandboxConfig};
     let msb = Msb::from_env();
     let (mut to_exec, mut api_rtt, mut cli_rtt) = (vec![], vec![], vec![]);
     let bin = std::env::current_exe().ok().map(|p| p.with_file_name("msb")).filter(|p| p.is_file());
@@ -218,15 +189,11 @@ fn side_by_side(n: usize) {
     let Some(qemu) = which("qemu-system-x86_64") else {
         return println!("QEMU not found in PATH: comparison not run");
     };
-    let home = msb_actors::home::msb_home();
+    let home = msb_images::msb_home();
     let (kernel, initramfs) = match (|| {
-        let k = msb_actors::home::kernel(&home)?;
-        let i = msb_actors::initramfs::cached(
-            &home,
-            &msb_actors::home::agentd(&home)?,
-            &msb_actors::home::busybox(&home)?,
-        )?;
-        msb_actors::Result::Ok((k, i))
+        let k = msb_images::kernel(&home)?;
+        let i = msb_images::initramfs::cached(&home, &msb_images::agentd(&home)?, &msb_images::busybox(&home)?)?;
+        msb_images::Result::Ok((k, i))
     })() {
         Ok(v) => v,
         Err(e) => return println!("comparison not run: {e}"),

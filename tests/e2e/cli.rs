@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use msb_actors::managed::Msb;
 use msb_actors::{ExecSpec, ExitStatus};
+use msb_control_plane::wire::paths;
+use msb_control_plane::{Msb, SandboxName};
 
 /// The `msb` binary beside this test binary (or `$MSB_BIN`).
 fn msb_bin() -> PathBuf {
@@ -125,8 +126,8 @@ fn cli_lifecycle_exec_logs_and_store() {
     // 100 sequential and 10 concurrent sessions through the sandbox process (Rust API).
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let sb = msb_actors::Sandbox::get(n).unwrap();
-        assert!(msb_actors::Sandbox::list().unwrap().iter().any(|r| r.name == n));
+        let sb = Msb::from_env().get(n).unwrap();
+        assert!(Msb::from_env().list().unwrap().iter().any(|r| r.name == n));
         // A streaming session through the sandbox process: output as it comes, a signal.
         // (A loop, not `sleep & wait`: ash only notices a signal that lands between `&` and
         // `wait` when the wait ends.)
@@ -177,7 +178,7 @@ fn cli_lifecycle_exec_logs_and_store() {
     let stopped = ok(&["stop", "-t", "10", n]);
     assert!(stopped.contains("shut down on request"), "{stopped}");
     assert_eq!(status(n), "stopped");
-    assert!(!msb_actors::server::socket_path(Msb::from_env().home(), n).exists(), "socket removed");
+    assert!(!paths::socket_path(Msb::from_env().home(), &SandboxName::new(n).unwrap()).exists(), "socket removed");
     ok(&["restart", n]);
     assert_eq!(status(n), "running");
     assert_eq!(ok(&["exec", n, "--", "echo", "again"]), "again\n");
@@ -228,7 +229,10 @@ fn cli_sigkilled_sandbox_process_is_marked_crashed() {
     wait_status(n, "crashed", Duration::from_secs(10));
     let rec = record(n).unwrap();
     assert!(rec["last_run"]["exit_reason"].as_str().unwrap().contains("crashed"), "{rec}");
-    assert!(!msb_actors::server::socket_path(Msb::from_env().home(), n).exists(), "stale socket removed");
+    assert!(
+        !paths::socket_path(Msb::from_env().home(), &SandboxName::new(n).unwrap()).exists(),
+        "stale socket removed"
+    );
     // A crashed sandbox starts again.
     start(n);
     assert_eq!(ok(&["exec", n, "--", "echo", "back"]), "back\n");

@@ -5,7 +5,7 @@ mod cli;
 
 use std::time::Duration;
 
-use msb_actors::{Error, ExecEvent, ExecSpec, ExitStatus, SpawnErrorKind, StopReason};
+use msb_actors::{ExecError, ExecEvent, ExecSpec, ExitStatus, SpawnErrorKind, StopReason};
 use msb_tests::boot;
 
 fn sh(script: &str) -> Vec<String> {
@@ -39,11 +39,11 @@ async fn exit_statuses_stderr_env_cwd_and_large_output() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"), "{out:?}");
     // ... and a missing program run directly is a spawn failure, kept apart from "ran and failed".
     match sb.exec("no-such-program-xyz", Vec::<String>::new()).await {
-        Err(Error::SpawnFailed { kind: SpawnErrorKind::NotFound, .. }) => {}
+        Err(ExecError::SpawnFailed { kind: SpawnErrorKind::NotFound, .. }) => {}
         other => panic!("expected NotFound, got {other:?}"),
     }
     match sb.exec_argv(vec!["pwd".into()], vec![], Some("/no/such/dir".into())).await {
-        Err(Error::SpawnFailed { kind: SpawnErrorKind::BadCwd, .. }) => {}
+        Err(ExecError::SpawnFailed { kind: SpawnErrorKind::BadCwd, .. }) => {}
         other => panic!("expected BadCwd, got {other:?}"),
     }
     let killed = sb.exec_argv(sh("kill -9 $$"), vec![], None).await.unwrap();
@@ -98,11 +98,11 @@ async fn guest_poweroff_is_reported() {
     let pending = sb.exec("poweroff", ["-f"]);
     let r = tokio::time::timeout(Duration::from_secs(60), pending).await.expect("exec ends when the VM stops");
     match r {
-        Err(Error::VmStopped { reason: StopReason::GuestPowerOff, .. }) => {}
+        Err(ExecError::VmStopped { reason: StopReason::GuestPowerOff, .. }) => {}
         other => panic!("expected the VM to stop with GuestPowerOff, got {other:?}"),
     }
     assert_eq!(sb.wait().await.unwrap(), StopReason::GuestPowerOff);
-    assert!(matches!(sb.exec("true", Vec::<String>::new()).await, Err(Error::VmStopped { .. })));
+    assert!(matches!(sb.exec("true", Vec::<String>::new()).await, Err(ExecError::VmStopped { .. })));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,7 +113,7 @@ async fn guest_panic_is_reported() {
             .await
             .expect("exec ends when the VM stops");
     match r {
-        Err(Error::VmStopped { reason: StopReason::GuestPanic, console_tail }) => {
+        Err(ExecError::VmStopped { reason: StopReason::GuestPanic, console_tail }) => {
             assert!(console_tail.contains("Kernel panic"), "{console_tail}");
         }
         other => panic!("expected GuestPanic, got {other:?}"),
@@ -138,7 +138,7 @@ async fn a_guest_that_never_gets_ready_times_out_with_its_console() {
         .create()
         .await;
     match r {
-        Err(Error::BootTimeout { secs: 20, console_tail }) => {
+        Err(msb_actors::Error::BootTimeout { secs: 20, console_tail }) => {
             assert!(console_tail.contains("Run /bin/sleep as init process"), "{console_tail}")
         }
         Err(e) => panic!("expected a boot timeout, got {e}"),
@@ -150,7 +150,7 @@ async fn a_guest_that_never_gets_ready_times_out_with_its_console() {
 async fn bzimage_boots_through_the_fallback_protocol() {
     // scripts/setup.sh builds the rig's kernel as a bzImage from the same sources; as a guest
     // it exercises the 64-bit Linux boot protocol path instead of PVH.
-    let bz = msb_actors::home::msb_home().join("rig/bzImage");
+    let bz = msb_images::msb_home().join("rig/bzImage");
     assert!(bz.is_file(), "{} missing: run scripts/setup.sh", bz.display());
     let sb = msb_tests::boot_with(|| msb_actors::Sandbox::builder().kernel(bz.clone())).await;
     let out = sb.exec("cat", ["/proc/cmdline"]).await.unwrap();
@@ -181,7 +181,7 @@ async fn stdin_timeout_and_user() {
     let spec =
         ExecSpec { argv: sh("sleep 600; echo never"), timeout: Some(Duration::from_secs(2)), ..Default::default() };
     match sb.exec_spec(spec).await {
-        Err(Error::TimedOut { after }) => assert_eq!(after, Duration::from_secs(2)),
+        Err(ExecError::TimedOut { after }) => assert_eq!(after, Duration::from_secs(2)),
         other => panic!("expected a timeout, got {other:?}"),
     }
     assert_eq!(sb.exec("echo", ["alive"]).await.unwrap().stdout, b"alive\n");
@@ -196,11 +196,11 @@ async fn stdin_timeout_and_user() {
     assert_eq!(sb.exec_spec(spec).await.unwrap().stdout, b"1000\n100\n");
     match sb.exec_spec(ExecSpec { argv: vec!["id".into()], user: Some("Bad User".into()), ..Default::default() }).await
     {
-        Err(Error::Config(msg)) => assert!(msg.contains("UID[:GID]"), "{msg}"),
+        Err(ExecError::Invalid(msg)) => assert!(msg.contains("UID[:GID]"), "{msg}"),
         other => panic!("expected a configuration error, got {other:?}"),
     }
     match sb.exec_spec(ExecSpec { argv: vec!["id".into()], user: Some("ghost".into()), ..Default::default() }).await {
-        Err(Error::SpawnFailed { kind: SpawnErrorKind::InvalidRequest, message }) => {
+        Err(ExecError::SpawnFailed { kind: SpawnErrorKind::InvalidRequest, message }) => {
             assert!(message.contains("/etc/passwd"), "{message}")
         }
         other => panic!("expected an unknown-user failure, got {other:?}"),
@@ -260,7 +260,7 @@ async fn streaming_exec_with_stdin_and_signals() {
     h.close_stdin().await.unwrap();
     assert!(matches!(h.next().await, Some(ExecEvent::Exited(ExitStatus::Code(0)))));
     // Writing after the command ended is a broken pipe.
-    assert!(matches!(h.write_stdin(b"late").await, Err(Error::StdinClosed)));
+    assert!(matches!(h.write_stdin(b"late").await, Err(ExecError::StdinClosed)));
 
     // Signals reach the command's process group.
     let script = "trap 'echo got-term; exit 3' TERM; echo ready; while :; do sleep 0.1; done";

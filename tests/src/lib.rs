@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use msb_actors::{Error, Sandbox, SandboxBuilder};
+use msb_actors::{Error, ExecError, Sandbox, SandboxBuilder};
 
 /// Fails (never skips) when this host cannot boot Linux guests, saying where to run instead.
 pub fn require_linux_capable_kvm() {
@@ -29,7 +29,7 @@ pub async fn boot_with(b: impl Fn() -> SandboxBuilder) -> Sandbox {
         Ok(sb) => sb,
         // A boot that timed out or died before its agent was ready gets one retry: nested TCG
         // loses an interrupt about once in 200 boots.
-        Err(e @ (Error::BootTimeout { .. } | Error::VmStopped { .. })) => {
+        Err(e @ (Error::BootTimeout { .. } | Error::Exec(ExecError::VmStopped { .. }))) => {
             eprintln!("E2E-RETRY: first boot failed: {e}");
             b().boot_timeout(E2E_BOOT_TIMEOUT).create().await.expect("sandbox boots on retry")
         }

@@ -97,6 +97,15 @@ fn control(event: u16, value: u16, extra: &[u8]) -> Vec<u8> {
     m
 }
 
+/// What one servicing round of the console moved.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Serviced {
+    /// Bytes the guest wrote to the agent port.
+    pub from_guest: Vec<u8>,
+    /// Queued host bytes the guest took.
+    pub drained: usize,
+}
+
 impl Console {
     /// Queues bytes for the guest, all or nothing.
     pub fn queue_to_guest(&mut self, data: &[u8]) -> Result<(), Full> {
@@ -214,6 +223,27 @@ impl Console {
             used = true;
         }
         Ok(used)
+    }
+
+    /// One servicing round, in the device's fixed order: the control queues, then receive
+    /// buffers filled from what the host queued, then transmit chains drained until `budget`
+    /// guest bytes have been taken (0: none). Returns the guest's bytes, how many queued host
+    /// bytes the guest took, and whether the driver must be signalled.
+    pub fn service(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+        budget: usize,
+    ) -> Result<(Serviced, bool), DeviceError> {
+        let pending_before = self.to_guest.len();
+        let mut signal = self.process_control(queues, mem)?;
+        signal |= self.fill_rx(&mut queues[RX_QUEUE as usize], mem)?;
+        let mut from_guest = Vec::new();
+        if budget > 0 {
+            signal |= self.drain_tx(&mut queues[TX_QUEUE as usize], mem, budget, &mut from_guest)?;
+        }
+        let drained = pending_before.saturating_sub(self.to_guest.len());
+        Ok((Serviced { from_guest, drained }, signal))
     }
 
     /// Copies guest transmit chains into `out` until `budget` bytes have been taken or the

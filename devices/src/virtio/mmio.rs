@@ -32,6 +32,11 @@ pub const STATUS_FAILED: u32 = 0x80;
 pub const INT_USED_RING: u32 = 1;
 pub const INT_CONFIG: u32 = 2;
 
+/// A device that failed (the guest broke its contract); the text says how.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DeviceFailed(pub String);
+
 pub struct MmioTransport<D> {
     device: D,
     mem: GuestMemoryMmap,
@@ -104,6 +109,35 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.interrupt_status |= INT_USED_RING;
         if let Err(e) = self.irq.write(1) {
             tracing::warn!("virtio irq: {e}");
+        }
+    }
+
+    /// Runs one servicing round of the device: `f` gets the device, its queues and guest
+    /// memory and returns what it did and whether the driver must be signalled. Nothing runs
+    /// before `DRIVER_OK` (`Ok(None)`). A [`DeviceError`](super::DeviceError) fails the device;
+    /// a failed device is never serviced again, and both come back as [`DeviceFailed`].
+    pub fn service<T>(
+        &mut self,
+        f: impl FnOnce(&mut D, &mut [Queue], &GuestMemoryMmap) -> Result<(T, bool), super::DeviceError>,
+    ) -> Result<Option<T>, DeviceFailed> {
+        if let Some(why) = &self.failure {
+            return Err(DeviceFailed(why.clone()));
+        }
+        if !self.is_active() {
+            return Ok(None);
+        }
+        match f(&mut self.device, &mut self.queues, &self.mem) {
+            Ok((done, signal)) => {
+                if signal {
+                    self.signal_used();
+                }
+                Ok(Some(done))
+            }
+            Err(e) => {
+                let why = e.to_string();
+                self.fail(why.clone());
+                Err(DeviceFailed(why))
+            }
         }
     }
 

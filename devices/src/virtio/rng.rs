@@ -41,6 +41,12 @@ fn host_random(buf: &mut [u8]) -> usize {
 }
 
 impl Rng {
+    /// One servicing round over the device's one queue; the flag says whether to signal.
+    pub fn service(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<(RngProgress, bool), DeviceError> {
+        let progress = self.process(&mut queues[0], mem)?;
+        Ok((progress, progress == RngProgress::Served(true)))
+    }
+
     /// Serves pending requests.
     pub fn process(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<RngProgress, DeviceError> {
         if !q.ready() {

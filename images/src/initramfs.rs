@@ -72,8 +72,12 @@ impl Cpio {
     }
 }
 
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io { what, path: path.to_path_buf(), source }
+}
+
 fn stamp(p: &Path, h: &mut DefaultHasher) -> Result<()> {
-    let md = std::fs::metadata(p).map_err(|e| Error::Setup(format!("{}: {e}", p.display())))?;
+    let md = std::fs::metadata(p).map_err(io("reading the metadata of", p))?;
     md.len().hash(h);
     md.modified().ok().hash(h);
     p.hash(h);
@@ -81,10 +85,7 @@ fn stamp(p: &Path, h: &mut DefaultHasher) -> Result<()> {
 }
 
 fn applets(busybox: &Path) -> Result<Vec<String>> {
-    let out = std::process::Command::new(busybox)
-        .arg("--list")
-        .output()
-        .map_err(|e| Error::Setup(format!("running {} --list: {e}", busybox.display())))?;
+    let out = std::process::Command::new(busybox).arg("--list").output().map_err(io("running --list on", busybox))?;
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::trim)
@@ -95,7 +96,7 @@ fn applets(busybox: &Path) -> Result<Vec<String>> {
 
 /// Builds the archive bytes.
 pub fn build(agentd: &Path, busybox: &Path) -> Result<Vec<u8>> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| Error::Setup(format!("reading {}: {e}", p.display())));
+    let read = |p: &Path| std::fs::read(p).map_err(io("reading", p));
     let mut c = Cpio::default();
     for d in DIRS {
         c.dir(d);
@@ -126,13 +127,12 @@ pub fn cached(home: &Path, agentd: &Path, busybox: &Path) -> Result<PathBuf> {
     if path.is_file() {
         return Ok(path);
     }
-    std::fs::create_dir_all(&dir).map_err(|e| Error::Setup(format!("creating {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(".initramfs-{}-{seq}.tmp", std::process::id()));
-    std::fs::write(&tmp, build(agentd, busybox)?)
-        .map_err(|e| Error::Setup(format!("writing {}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::Setup(format!("renaming {}: {e}", tmp.display())))?;
+    std::fs::write(&tmp, build(agentd, busybox)?).map_err(io("writing", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io("renaming", &tmp))?;
     Ok(path)
 }
 

@@ -15,52 +15,58 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use msb_schema::SandboxName;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
-/// Longest sandbox name.
-pub const MAX_NAME: usize = 63;
+pub use crate::process::ProcessId;
+use crate::wire::SandboxConfig;
+
 /// How long a sandbox may be `starting` without a sandbox process before it counts as crashed
 /// (its client spawns the process right after claiming the start).
 pub const STARTING_GRACE: Duration = Duration::from_secs(60);
 
+/// What a client tried to do with a sandbox whose status does not allow it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Start,
+    Remove,
+    /// Reach its sandbox process (exec, info, release).
+    Connect,
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Action::Start => "started",
+            Action::Remove => "removed",
+            Action::Connect => "reached",
+        })
+    }
+}
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("a sandbox named {0:?} already exists; pick another name or remove it with `msb rm {0}`")]
+    #[error("a sandbox named {0:?} already exists")]
     Exists(String),
-    #[error("no sandbox named {0:?}; `msb ls` lists them")]
+    #[error("no sandbox named {0:?}")]
     NotFound(String),
-    #[error("sandbox {name:?} is {status}; {hint}")]
-    WrongStatus { name: String, status: Status, hint: &'static str },
-    #[error("invalid sandbox name {name:?}: {why}")]
-    InvalidName { name: String, why: String },
-    #[error("state database {path}: {source}")]
-    Db { path: String, source: rusqlite::Error },
+    #[error("sandbox {name:?} is {status}, so it cannot be {action}")]
+    WrongStatus { name: String, status: Status, action: Action },
+    #[error(transparent)]
+    InvalidName(#[from] msb_schema::NameError),
+    #[error("state database {path}")]
+    Db {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
     #[error("state database holds an unreadable record for {0:?}: {1}")]
     Corrupt(String, String),
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
-
-/// Checks a sandbox name: 1..=63 characters from `[A-Za-z0-9_.-]`, starting with a letter or
-/// digit (names become directory and socket names).
-pub fn validate_name(name: &str) -> Result<()> {
-    let why = if name.is_empty() {
-        Some("it is empty".to_string())
-    } else if name.len() > MAX_NAME {
-        Some(format!("it is {} characters long; the limit is {MAX_NAME}", name.len()))
-    } else if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-        Some("it must start with a letter or digit".into())
-    } else {
-        let bad = name.chars().find(|c| !(c.is_ascii_alphanumeric() || "_.-".contains(*c)));
-        bad.map(|c| format!("{c:?} is not allowed; use letters, digits, '_', '.' and '-'"))
-    };
-    match why {
-        Some(why) => Err(StoreError::InvalidName { name: name.to_string(), why }),
-        None => Ok(()),
-    }
-}
 
 /// Where a sandbox is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,46 +109,11 @@ impl std::fmt::Display for Status {
     }
 }
 
-/// A sandbox process: pid plus its start time (clock ticks since boot, `/proc/PID/stat`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessId {
-    pub pid: u32,
-    pub start: u64,
-}
-
-impl ProcessId {
-    /// The calling process.
-    pub fn current() -> Option<Self> {
-        Self::of(std::process::id())
-    }
-
-    /// Process `pid` as it is now, if it exists.
-    pub fn of(pid: u32) -> Option<Self> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // The command name may contain spaces and parentheses: fields resume after the last ')'.
-        let rest = &stat[stat.rfind(')')? + 1..];
-        let start = rest.split_whitespace().nth(19)?.parse().ok()?;
-        Some(ProcessId { pid, start })
-    }
-
-    /// Whether this very process still runs (and is not a zombie).
-    pub fn is_alive(&self) -> bool {
-        let Some(now) = Self::of(self.pid) else { return false };
-        if now.start != self.start {
-            return false;
-        }
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
-        let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
-        !matches!(state, Some("Z") | Some("X") | None)
-    }
-}
-
 /// One sandbox as recorded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     pub name: String,
-    /// The configuration, as JSON (see `managed::SandboxConfig`).
-    pub config: serde_json::Value,
+    pub config: SandboxConfig,
     pub status: Status,
     pub process: Option<ProcessId>,
     /// Removed when its run ends (`msb run` without `--name`).
@@ -244,14 +215,15 @@ impl Store {
     }
 
     /// Records a new sandbox (status `created`). Fails if the name is taken or invalid.
-    pub fn insert(&self, name: &str, config: &serde_json::Value, ephemeral: bool) -> Result<()> {
-        validate_name(name)?;
+    pub fn insert(&self, name: &SandboxName, config: &SandboxConfig, ephemeral: bool) -> Result<()> {
+        let config = serde_json::to_string(config).map_err(|e| StoreError::Corrupt(name.to_string(), e.to_string()))?;
+        let name = name.as_str();
         let now = now_ms() as i64;
         self.write_checked(|tx| {
             let r = tx.execute(
                 "INSERT INTO sandboxes (name, config, status, ephemeral, created_ms, updated_ms)
                  VALUES (?1, ?2, 'created', ?3, ?4, ?4)",
-                params![name, config.to_string(), ephemeral, now],
+                params![name, config, ephemeral, now],
             );
             match r {
                 Ok(_) => Ok(()),
@@ -300,14 +272,14 @@ impl Store {
         Ok(out)
     }
 
-    /// Reads `name` inside a write transaction and refuses (with `hint`) if it is live.
-    fn not_live(&self, tx: &Connection, name: &str, hint: &'static str) -> Result<Record> {
+    /// Reads `name` inside a write transaction and refuses `action` if it is live.
+    fn not_live(&self, tx: &Connection, name: &str, action: Action) -> Result<Record> {
         let rec = Self::read_record(tx, name)
             .map_err(|e| self.err(e))?
             .ok_or_else(|| StoreError::NotFound(name.to_string()))?
             .parse()?;
         if rec.status.is_live() {
-            return Err(StoreError::WrongStatus { name: name.to_string(), status: rec.status, hint });
+            return Err(StoreError::WrongStatus { name: name.to_string(), status: rec.status, action });
         }
         Ok(rec)
     }
@@ -326,7 +298,7 @@ impl Store {
     /// one client at a time (the status becomes `starting`).
     pub fn claim_start(&self, name: &str) -> Result<Record> {
         self.write_checked(|tx| {
-            let rec = self.not_live(tx, name, "it is already up; `msb stop` it first")?;
+            let rec = self.not_live(tx, name, Action::Start)?;
             // The run starts now, so that a start that fails is recorded with its reason.
             let now = now_ms() as i64;
             let run = (|| {
@@ -386,7 +358,7 @@ impl Store {
     /// Deletes a sandbox and its history; refuses while it is live.
     pub fn remove(&self, name: &str) -> Result<()> {
         self.write_checked(|tx| {
-            self.not_live(tx, name, "stop it first, or use `msb rm --force`")?;
+            self.not_live(tx, name, Action::Remove)?;
             tx.execute("DELETE FROM sandboxes WHERE name = ?1", [name]).map_err(|e| self.err(e))?;
             Ok(())
         })
@@ -495,7 +467,7 @@ impl RawRecord {
     fn parse(self) -> Result<Record> {
         let corrupt = |why: String| StoreError::Corrupt(self.name.clone(), why);
         let status = Status::parse(&self.status).ok_or_else(|| corrupt(format!("status {:?}", self.status)))?;
-        let config = serde_json::from_str(&self.config).map_err(|e| corrupt(format!("config: {e}")))?;
+        let config: SandboxConfig = serde_json::from_str(&self.config).map_err(|e| corrupt(format!("config: {e}")))?;
         let process = match (self.pid, self.pid_start) {
             (Some(pid), Some(start)) => Some(ProcessId { pid: pid as u32, start: start as u64 }),
             _ => None,
@@ -521,27 +493,30 @@ impl RawRecord {
 mod tests {
     use super::*;
 
-    fn cfg() -> serde_json::Value {
-        serde_json::json!({"cpus": 1, "memory_mib": 256})
+    fn cfg() -> SandboxConfig {
+        SandboxConfig { memory_mib: 512, ..Default::default() }
+    }
+
+    fn n(name: &str) -> SandboxName {
+        SandboxName::new(name).unwrap()
     }
 
     #[test]
-    fn names_are_validated() {
-        for ok in ["a", "web-1", "A.b_c", &"x".repeat(MAX_NAME)] {
-            assert!(validate_name(ok).is_ok(), "{ok}");
-        }
-        for bad in ["", "-x", ".hidden", "a/b", "a b", "é", &"x".repeat(MAX_NAME + 1)] {
-            let e = validate_name(bad).unwrap_err().to_string();
-            assert!(e.contains("invalid sandbox name"), "{bad}: {e}");
-        }
+    fn the_config_comes_back_typed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.insert(&n("web"), &cfg(), false).unwrap();
+        assert_eq!(s.get("web").unwrap().config, cfg());
+        s.conn.execute("UPDATE sandboxes SET config = '[1,2'", []).unwrap();
+        assert!(matches!(s.get("web"), Err(StoreError::Corrupt(..))));
     }
 
     #[test]
     fn lifecycle_and_history() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.insert("web", &cfg(), false).unwrap();
-        let e = s.insert("web", &cfg(), false).unwrap_err();
+        s.insert(&n("web"), &cfg(), false).unwrap();
+        let e = s.insert(&n("web"), &cfg(), false).unwrap_err();
         assert!(matches!(e, StoreError::Exists(_)), "{e}");
         assert!(e.to_string().contains("already exists"));
         assert_eq!(s.get("web").unwrap().status, Status::Created);
@@ -569,7 +544,7 @@ mod tests {
     fn a_dead_process_is_marked_crashed() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.insert("gone", &cfg(), false).unwrap();
+        s.insert(&n("gone"), &cfg(), false).unwrap();
         s.claim_start("gone").unwrap();
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let p = ProcessId::of(child.id()).unwrap();
@@ -588,7 +563,7 @@ mod tests {
     fn a_start_abandoned_before_its_process_existed_is_marked_crashed() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.insert("orphan", &cfg(), false).unwrap();
+        s.insert(&n("orphan"), &cfg(), false).unwrap();
         s.claim_start("orphan").unwrap();
         assert!(s.reconcile().unwrap().is_empty(), "a fresh start is left alone");
         let long_ago = (now_ms() - 2 * STARTING_GRACE.as_millis() as u64) as i64;
@@ -628,8 +603,8 @@ mod tests {
                     let s = Store::open(&home).unwrap();
                     let mut won = 0;
                     for i in 0..20 {
-                        s.insert(&format!("t{t}-{i}"), &cfg(), false).unwrap();
-                        if s.insert("contended", &cfg(), false).is_ok() {
+                        s.insert(&n(&format!("t{t}-{i}")), &cfg(), false).unwrap();
+                        if s.insert(&n("contended"), &cfg(), false).is_ok() {
                             won += 1;
                         }
                         s.list().unwrap();

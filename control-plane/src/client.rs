@@ -1,19 +1,11 @@
-//! Named sandboxes that live in their own host process: create, find, list, start, stop,
-//! remove, and exec into them from any process. The state store records them; each running
-//! one is served by a sandbox process (see [`crate::server`]) on its Unix socket.
+//! The SDK for named sandboxes that live in their own host process: create, find, list,
+//! start, stop, remove, and exec into them from any process. The state store records them;
+//! each running one is served by a sandbox process on its Unix socket ([`crate::wire`]).
 //!
-//! ```no_run
-//! # async fn demo() -> msb_actors::Result<()> {
-//! use msb_actors::managed::{Msb, SandboxConfig};
-//! let msb = Msb::from_env();
-//! let sb = msb.create("web", SandboxConfig::default())?;
-//! sb.start_detached().await?;
-//! let out = msb.get("web")?.exec(msb_actors::ExecSpec { argv: vec!["uname".into()], ..Default::default() }).await?;
-//! msb.get("web")?.stop(std::time::Duration::from_secs(10)).await?;
-//! # Ok(()) }
-//! ```
-//!
-//! Every command first reconciles the store (a sandbox whose process died is marked crashed).
+//! Bounds: [`NamedSandbox::exec`] keeps at most
+//! [`MAX_BUFFERED_OUTPUT`](msb_schema::limits::MAX_BUFFERED_OUTPUT) output bytes, as the
+//! in-process API does; every wait on a sandbox process is bounded ([`STOP_ANSWER_GRACE`],
+//! [`KILL_ANSWER_GRACE`], the boot timeout plus a margin).
 
 use std::io::{BufRead, Write};
 use std::os::unix::process::CommandExt;
@@ -22,51 +14,14 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use msb_schema::exec::OutputCollector;
+use msb_schema::limits::{MAX_BUFFERED_OUTPUT, STDIN_CHUNK};
+use msb_schema::{ExecError, ExecEvent, ExecOutput, ExecSpec, SandboxName, WinSize};
 use tokio::net::UnixStream;
 
-use crate::control::{self, ClientMsg, ExecWire, Info, Reader, ServerMsg};
-use crate::server::{self, Announce, Launch};
-use crate::state::{validate_name, ProcessId, Record, Status, Store, StoreError};
-use crate::{Error, ExecEvent, ExecOutput, ExecSpec, Result, WinSize};
-
-/// How a named sandbox is built each time it starts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SandboxConfig {
-    /// The root file system image; only the built-in base image exists so far.
-    pub image: Option<String>,
-    pub cpus: u8,
-    pub memory_mib: u64,
-    pub kernel: Option<PathBuf>,
-    pub kernel_args: Option<String>,
-    pub boot_timeout_secs: u64,
-}
-
-impl Default for SandboxConfig {
-    fn default() -> Self {
-        SandboxConfig { image: None, cpus: 1, memory_mib: 256, kernel: None, kernel_args: None, boot_timeout_secs: 60 }
-    }
-}
-
-impl SandboxConfig {
-    /// Checks the configuration before anything is recorded.
-    pub fn validate(&self) -> Result<()> {
-        if let Some(img) = &self.image {
-            if img != "base" {
-                return Err(Error::Config(format!(
-                    "image {img:?} is not available: only the built-in \"base\" image (busybox) exists in this version"
-                )));
-            }
-        }
-        if self.cpus == 0 || self.cpus > 8 {
-            return Err(Error::Config(format!("--cpus {}: choose 1 to 8", self.cpus)));
-        }
-        if !(64..=65536).contains(&self.memory_mib) {
-            return Err(Error::Config(format!("--memory {}: choose 64 to 65536 MiB", self.memory_mib)));
-        }
-        Ok(())
-    }
-}
+use crate::store::{Action, ProcessId, Record, Status, Store, StoreError};
+use crate::wire::{self, paths, Announce, ClientMsg, Info, Launch, Reader, SandboxConfig, ServerMsg};
+use crate::{Error, Result};
 
 /// The entry point: msb's home directory and its state store.
 #[derive(Debug, Clone)]
@@ -77,7 +32,7 @@ pub struct Msb {
 impl Msb {
     /// `$MSB_HOME`, default `~/.msb`.
     pub fn from_env() -> Self {
-        Msb { home: crate::home::msb_home() }
+        Msb { home: msb_images::msb_home() }
     }
 
     pub fn at(home: impl Into<PathBuf>) -> Self {
@@ -88,12 +43,15 @@ impl Msb {
         &self.home
     }
 
-    /// Opens the store and marks sandboxes whose process died as crashed.
-    pub fn store(&self) -> Result<Store> {
+    /// Opens the store and reconciles it: sandboxes whose process died are marked crashed
+    /// and their stale sockets removed.
+    pub fn reconciled_store(&self) -> Result<Store> {
         let s = Store::open(&self.home)?;
         for name in s.reconcile()? {
             tracing::warn!("sandbox {name}: its process died; marked crashed");
-            let _ = std::fs::remove_file(server::socket_path(&self.home, &name));
+            if let Ok(name) = SandboxName::new(&name) {
+                let _ = std::fs::remove_file(paths::socket_path(&self.home, &name));
+            }
         }
         Ok(s)
     }
@@ -103,41 +61,49 @@ impl Msb {
         self.create_with(name, config, false)
     }
 
+    /// Records a new sandbox under a generated name (`PREFIX-PID-NANOS`), kept after it stops.
+    pub fn create_generated(&self, prefix: &str, config: SandboxConfig) -> Result<NamedSandbox> {
+        self.create_named(SandboxName::ephemeral(prefix), config, false)
+    }
+
     fn create_with(&self, name: &str, config: SandboxConfig, ephemeral: bool) -> Result<NamedSandbox> {
-        validate_name(name)?;
+        self.create_named(SandboxName::new(name)?, config, ephemeral)
+    }
+
+    fn create_named(&self, name: SandboxName, config: SandboxConfig, ephemeral: bool) -> Result<NamedSandbox> {
         config.validate()?;
-        let sock = server::socket_path(&self.home, name);
-        if sock.as_os_str().len() > server::MAX_SOCKET_PATH {
+        let sock = paths::socket_path(&self.home, &name);
+        if sock.as_os_str().len() > paths::MAX_SOCKET_PATH {
             return Err(Error::Config(format!(
                 "the control socket path {} is longer than {} bytes; use a shorter MSB_HOME or name",
                 sock.display(),
-                server::MAX_SOCKET_PATH
+                paths::MAX_SOCKET_PATH
             )));
         }
-        let json = serde_json::to_value(&config).map_err(|e| Error::Config(e.to_string()))?;
-        self.store()?.insert(name, &json, ephemeral)?;
-        Ok(NamedSandbox { msb: self.clone(), name: name.to_string() })
+        self.reconciled_store()?.insert(&name, &config, ephemeral)?;
+        Ok(NamedSandbox { msb: self.clone(), name })
     }
 
     /// Records an ephemeral sandbox with a generated name (removed when it stops).
     pub fn create_ephemeral(&self, config: SandboxConfig) -> Result<NamedSandbox> {
-        // Unique among live processes: pid plus the sub-second clock.
-        let nanos =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
-        let name = format!("run-{}-{nanos:08x}", std::process::id());
-        self.create_with(&name, config, true)
+        self.create_named(SandboxName::ephemeral("run"), config, true)
     }
 
     /// A recorded sandbox.
     pub fn get(&self, name: &str) -> Result<NamedSandbox> {
-        validate_name(name)?;
-        self.store()?.get(name)?;
-        Ok(NamedSandbox { msb: self.clone(), name: name.to_string() })
+        let name = SandboxName::new(name)?;
+        self.reconciled_store()?.get(name.as_str())?;
+        Ok(NamedSandbox { msb: self.clone(), name })
     }
 
     /// Every recorded sandbox.
     pub fn list(&self) -> Result<Vec<Record>> {
-        Ok(self.store()?.list()?)
+        Ok(self.reconciled_store()?.list()?)
+    }
+
+    /// The runs of a recorded sandbox, newest first.
+    pub fn runs(&self, name: &str) -> Result<Vec<crate::store::Run>> {
+        Ok(self.reconciled_store()?.runs(SandboxName::new(name)?.as_str())?)
     }
 }
 
@@ -160,7 +126,7 @@ impl Owner {
 #[derive(Debug, Clone)]
 pub struct NamedSandbox {
     msb: Msb,
-    name: String,
+    name: SandboxName,
 }
 
 /// Finds the `msb` binary that runs sandbox processes: `$MSB_BIN`, this executable if it is
@@ -169,7 +135,7 @@ fn msb_binary(home: &Path) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("MSB_BIN") {
         return Ok(PathBuf::from(p));
     }
-    let exe = std::env::current_exe().map_err(|e| Error::Setup(format!("locating this executable: {e}")))?;
+    let exe = std::env::current_exe().map_err(|e| Error::Spawn(format!("locating this executable: {e}")))?;
     if exe.file_name().is_some_and(|n| n == "msb") {
         return Ok(exe);
     }
@@ -178,22 +144,22 @@ fn msb_binary(home: &Path) -> Result<PathBuf> {
             return Ok(c);
         }
     }
-    Err(Error::Missing("the msb binary (which runs sandbox processes) was not found; set MSB_BIN".into()))
+    Err(Error::Spawn("the msb binary (which runs sandbox processes) was not found; set MSB_BIN".into()))
 }
 
 impl NamedSandbox {
     pub fn name(&self) -> &str {
-        &self.name
+        self.name.as_str()
     }
 
     /// The current record.
     pub fn record(&self) -> Result<Record> {
-        Ok(self.msb.store()?.get(&self.name)?)
+        Ok(self.msb.reconciled_store()?.get(self.name())?)
     }
 
     /// The directory with its logs and socket.
     pub fn dir(&self) -> PathBuf {
-        server::sandbox_dir(&self.msb.home, &self.name)
+        paths::sandbox_dir(&self.msb.home, &self.name)
     }
 
     /// Starts it in a sandbox process that outlives this process.
@@ -211,10 +177,9 @@ impl NamedSandbox {
     }
 
     async fn start(&self, detached: bool) -> Result<Owner> {
-        let store = self.msb.store()?;
-        let rec = store.claim_start(&self.name)?;
-        let config: SandboxConfig = serde_json::from_value(rec.config.clone())
-            .map_err(|e| Error::State(StoreError::Corrupt(self.name.clone(), e.to_string())))?;
+        let store = self.msb.reconciled_store()?;
+        let rec = store.claim_start(self.name())?;
+        let config = rec.config.clone();
         let launch = Launch {
             name: self.name.clone(),
             home: self.msb.home.clone(),
@@ -226,12 +191,12 @@ impl NamedSandbox {
         let (mut child, stdin, stdout) = match spawned {
             Ok(v) => v,
             Err(e) => {
-                let _ = store.mark_stopped(&self.name, Status::Stopped, &format!("failed to start: {e}"));
+                let _ = store.mark_stopped(self.name(), Status::Stopped, &format!("failed to start: {e}"));
                 return Err(e);
             }
         };
         if let Some(p) = ProcessId::of(child.id()) {
-            let _ = store.set_process(&self.name, p);
+            let _ = store.set_process(self.name(), p);
         }
         let wait = Duration::from_secs(config.boot_timeout_secs + 30);
         let line = tokio::task::spawn_blocking(move || {
@@ -244,8 +209,8 @@ impl NamedSandbox {
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();
-                let _ = self.msb.store();
-                return Err(Error::Setup(format!(
+                let _ = self.msb.reconciled_store();
+                return Err(Error::Spawn(format!(
                     "sandbox process did not report within {wait:?}; see {}",
                     self.vmm_log().display()
                 )));
@@ -255,12 +220,12 @@ impl NamedSandbox {
             Ok(Announce { ok: true, .. }) => Ok(Owner { child, owner_pipe: (!detached).then_some(stdin) }),
             Ok(Announce { error, .. }) => {
                 let _ = child.wait();
-                Err(Error::Remote(error.unwrap_or_else(|| "the sandbox failed to start".into())))
+                Err(Error::StartFailed(error.unwrap_or_else(|| "the sandbox failed to start".into())))
             }
             Err(_) => {
                 let _ = child.wait();
-                let _ = self.msb.store();
-                Err(Error::Setup(format!(
+                let _ = self.msb.reconciled_store();
+                Err(Error::Spawn(format!(
                     "the sandbox process exited before it was up; see {}",
                     self.vmm_log().display()
                 )))
@@ -274,12 +239,12 @@ impl NamedSandbox {
 
     fn spawn(&self, launch: &Launch) -> Result<(Child, ChildStdin, std::process::ChildStdout)> {
         let dir = self.dir();
-        std::fs::create_dir_all(&dir).map_err(|e| Error::Setup(format!("creating {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Spawn(format!("creating {}: {e}", dir.display())))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.vmm_log())
-            .map_err(|e| Error::Setup(format!("opening {}: {e}", self.vmm_log().display())))?;
+            .map_err(|e| Error::Spawn(format!("opening {}: {e}", self.vmm_log().display())))?;
         let bin = msb_binary(&self.msb.home)?;
         let mut child = Command::new(&bin)
             .arg(SANDBOX_PROCESS_ARG)
@@ -289,18 +254,18 @@ impl NamedSandbox {
             .stderr(log)
             .process_group(0)
             .spawn()
-            .map_err(|e| Error::Setup(format!("starting {}: {e}", bin.display())))?;
+            .map_err(|e| Error::Spawn(format!("running {}: {e}", bin.display())))?;
         let mut stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
         let json = serde_json::to_string(launch).map_err(|e| Error::Config(e.to_string()))?;
-        writeln!(stdin, "{json}").map_err(|e| Error::Setup(format!("configuring the sandbox process: {e}")))?;
+        writeln!(stdin, "{json}").map_err(|e| Error::Spawn(format!("configuring the sandbox process: {e}")))?;
         Ok((child, stdin, stdout))
     }
 
     /// Connects to the sandbox process. The socket exists only while it runs, so the store is
     /// consulted (and reconciled) only to explain a failure, not on every exec.
     async fn connect(&self) -> Result<UnixStream> {
-        let sock = server::socket_path(&self.msb.home, &self.name);
+        let sock = paths::socket_path(&self.msb.home, &self.name);
         let err = match UnixStream::connect(&sock).await {
             Ok(s) => return Ok(s),
             Err(e) => e,
@@ -308,25 +273,28 @@ impl NamedSandbox {
         let rec = self.record()?;
         if rec.status != Status::Running {
             return Err(StoreError::WrongStatus {
-                name: self.name.clone(),
+                name: self.name().to_string(),
                 status: rec.status,
-                hint: "start it with `msb start`",
+                action: Action::Connect,
             }
             .into());
         }
-        Err(Error::Control(format!("connecting to {}: {err}", sock.display())))
+        Err(Error::Wire(format!("connecting to {}: {err}", sock.display())))
     }
 
     /// Starts a streaming exec. With `stdin`, input stays open for [`RemoteExec::write_stdin`].
     pub async fn exec_stream(&self, spec: ExecSpec, stdin: bool) -> Result<RemoteExec> {
         let (rd, mut wr) = self.connect().await?.into_split();
-        let initial = spec.stdin.clone();
-        control::send(&mut wr, &ClientMsg::Exec(ExecWire::from_spec(&spec, stdin || initial.is_some()))).await?;
+        let mut spec = spec;
+        let initial = spec.stdin.take();
+        let keep_stdin = stdin || initial.is_some();
+        wire::send(&mut wr, &ClientMsg::Exec { spec, keep_stdin }).await?;
         let mut reader = Reader::new(rd);
         let id = match reader.next::<ServerMsg>().await? {
             Some(ServerMsg::Started { id }) => id,
-            Some(ServerMsg::Failed(e)) => return Err(e.into()),
-            other => return Err(Error::Control(format!("unexpected answer to exec: {other:?}"))),
+            Some(ServerMsg::Event(ExecEvent::Failed(e))) => return Err(e.into()),
+            Some(ServerMsg::Refused(why)) => return Err(ExecError::Refused(why).into()),
+            other => return Err(Error::Wire(format!("unexpected answer to exec: {other:?}"))),
         };
         let wr = Arc::new(tokio::sync::Mutex::new(wr));
         if let Some(data) = initial {
@@ -334,29 +302,30 @@ impl NamedSandbox {
             // now, so the caller's own input queues behind it.
             let mut guard = wr.clone().lock_owned().await;
             tokio::spawn(async move {
-                for chunk in data.chunks(control::STDIN_CHUNK) {
-                    if control::send(&mut *guard, &ClientMsg::Stdin(chunk.to_vec())).await.is_err() {
+                for chunk in data.chunks(STDIN_CHUNK) {
+                    if wire::send(&mut *guard, &ClientMsg::Stdin(chunk.to_vec())).await.is_err() {
                         return;
                     }
                 }
                 if !stdin {
-                    let _ = control::send(&mut *guard, &ClientMsg::Stdin(Vec::new())).await;
+                    let _ = wire::send(&mut *guard, &ClientMsg::Stdin(Vec::new())).await;
                 }
             });
         }
         Ok(RemoteExec { id, events: ExecEvents { reader }, input: ExecInput { wr } })
     }
 
-    /// Runs a command and collects its output.
+    /// Runs a command and collects its output (at most
+    /// [`MAX_BUFFERED_OUTPUT`](msb_schema::limits::MAX_BUFFERED_OUTPUT) bytes).
     pub async fn exec(&self, spec: ExecSpec) -> Result<ExecOutput> {
-        self.exec_stream(spec, false).await?.wait().await
+        Ok(self.exec_stream(spec, false).await?.wait().await?)
     }
 
     /// Stops it: graceful within `graceful`, then forced. A stopped sandbox is left as is. If
     /// the sandbox process itself does not answer, it is killed (SIGKILL).
     pub async fn stop(&self, graceful: Duration) -> Result<String> {
         match self.request_stop(Some(graceful)).await {
-            Err(Error::Control(why)) => self.kill_process(&why).await,
+            Err(Error::Wire(why)) => self.kill_process(&why).await,
             r => r,
         }
     }
@@ -364,7 +333,7 @@ impl NamedSandbox {
     /// Stops it at once. If its process does not answer, it is killed (SIGKILL).
     pub async fn kill(&self) -> Result<String> {
         match self.request_stop(None).await {
-            Err(Error::Control(why)) => self.kill_process(&why).await,
+            Err(Error::Wire(why)) => self.kill_process(&why).await,
             r => r,
         }
     }
@@ -383,7 +352,7 @@ impl NamedSandbox {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        self.msb.store()?;
+        self.msb.reconciled_store()?;
         Ok(format!("killed its process ({why})"))
     }
 
@@ -393,17 +362,17 @@ impl NamedSandbox {
             return Ok(format!("already {}", rec.status));
         }
         let (rd, mut wr) = self.connect().await?.into_split();
-        let graceful_ms = graceful.map(|d| d.as_millis() as u64);
-        control::send(&mut wr, &ClientMsg::Stop { graceful_ms }).await?;
+        let graceful_ms = graceful.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        wire::send(&mut wr, &ClientMsg::Stop { graceful_ms }).await?;
         // The sandbox process forces the VM after `graceful`; one that does not answer well
         // after that is itself stuck (and `kill` falls back to SIGKILL).
         let patience = graceful.map_or(KILL_ANSWER_GRACE, |g| g + STOP_ANSWER_GRACE);
         let answer = tokio::time::timeout(patience, Reader::new(rd).next::<ServerMsg>()).await;
         let reason = match answer {
-            Ok(Ok(Some(ServerMsg::Stopped { reason }))) => reason,
+            Ok(Ok(Some(ServerMsg::Stopped { reason }))) => reason.to_string(),
             Ok(Err(e)) => return Err(e),
-            Ok(Ok(other)) => return Err(Error::Control(format!("unexpected answer to stop: {other:?}"))),
-            Err(_) => return Err(Error::Control(format!("the sandbox process did not stop within {patience:?}"))),
+            Ok(Ok(other)) => return Err(Error::Wire(format!("unexpected answer to stop: {other:?}"))),
+            Err(_) => return Err(Error::Wire(format!("the sandbox process did not stop within {patience:?}"))),
         };
         // The process records the stop as it exits; wait for that so that the next command
         // sees it.
@@ -420,20 +389,20 @@ impl NamedSandbox {
     /// [`Owner`] from [`NamedSandbox::start_attached`]) goes away.
     pub async fn release(&self) -> Result<()> {
         let (rd, mut wr) = self.connect().await?.into_split();
-        control::send(&mut wr, &ClientMsg::Release).await?;
+        wire::send(&mut wr, &ClientMsg::Release).await?;
         match Reader::new(rd).next::<ServerMsg>().await? {
             Some(ServerMsg::Released) => Ok(()),
-            other => Err(Error::Control(format!("unexpected answer to release: {other:?}"))),
+            other => Err(Error::Wire(format!("unexpected answer to release: {other:?}"))),
         }
     }
 
     /// What the sandbox process says about itself.
     pub async fn info(&self) -> Result<Info> {
         let (rd, mut wr) = self.connect().await?.into_split();
-        control::send(&mut wr, &ClientMsg::Info).await?;
+        wire::send(&mut wr, &ClientMsg::Info).await?;
         match Reader::new(rd).next::<ServerMsg>().await? {
             Some(ServerMsg::Info(i)) => Ok(i),
-            other => Err(Error::Control(format!("unexpected answer to info: {other:?}"))),
+            other => Err(Error::Wire(format!("unexpected answer to info: {other:?}"))),
         }
     }
 
@@ -442,7 +411,7 @@ impl NamedSandbox {
         if force && self.record()?.status.is_live() {
             self.kill().await?;
         }
-        self.msb.store()?.remove(&self.name)?;
+        self.msb.reconciled_store()?.remove(self.name())?;
         let _ = std::fs::remove_dir_all(self.dir());
         Ok(())
     }
@@ -472,29 +441,29 @@ impl ExecEvents {
     /// The next event; `None` after the last.
     pub async fn next(&mut self) -> Option<ExecEvent> {
         match self.reader.next::<ServerMsg>().await {
-            Ok(Some(ServerMsg::Stdout(d))) => Some(ExecEvent::Stdout(d)),
-            Ok(Some(ServerMsg::Stderr(d))) => Some(ExecEvent::Stderr(d)),
-            Ok(Some(ServerMsg::Exited(s))) => Some(ExecEvent::Exited(s)),
-            Ok(Some(ServerMsg::Failed(e))) => Some(ExecEvent::Failed(e.into())),
-            Ok(Some(other)) => Some(ExecEvent::Failed(Error::Control(format!("unexpected message {other:?}")))),
+            Ok(Some(ServerMsg::Event(ev))) => Some(ev),
+            Ok(Some(ServerMsg::Refused(why))) => Some(ExecEvent::Failed(ExecError::Refused(why))),
+            Ok(Some(other)) => {
+                Some(ExecEvent::Failed(ExecError::Disconnected(format!("unexpected message {other:?}"))))
+            }
             Ok(None) => None,
-            Err(e) => Some(ExecEvent::Failed(e)),
+            Err(e) => Some(ExecEvent::Failed(ExecError::Disconnected(e.to_string()))),
         }
     }
 }
 
 impl ExecInput {
-    /// Sends stdin (in chunks of at most [`control::STDIN_CHUNK`]).
+    /// Sends stdin (in chunks of at most [`STDIN_CHUNK`]).
     pub async fn write_stdin(&mut self, data: &[u8]) -> Result<()> {
         let mut wr = self.wr.lock().await;
-        for chunk in data.chunks(control::STDIN_CHUNK) {
-            control::send(&mut *wr, &ClientMsg::Stdin(chunk.to_vec())).await?;
+        for chunk in data.chunks(STDIN_CHUNK) {
+            wire::send(&mut *wr, &ClientMsg::Stdin(chunk.to_vec())).await?;
         }
         Ok(())
     }
 
     async fn send(&mut self, msg: ClientMsg) -> Result<()> {
-        control::send(&mut *self.wr.lock().await, &msg).await
+        wire::send(&mut *self.wr.lock().await, &msg).await
     }
 
     pub async fn close_stdin(&mut self) -> Result<()> {
@@ -544,15 +513,17 @@ impl RemoteExec {
     /// Leaves the command running and closes the connection.
     pub fn detach(self) {}
 
-    /// Collects the rest of the output and the exit status.
-    pub async fn wait(mut self) -> Result<ExecOutput> {
-        let mut out = crate::agent::OutputCollector::default();
+    /// Collects the rest of the output (at most
+    /// [`MAX_BUFFERED_OUTPUT`](msb_schema::limits::MAX_BUFFERED_OUTPUT) bytes) and the exit
+    /// status.
+    pub async fn wait(mut self) -> std::result::Result<ExecOutput, ExecError> {
+        let mut out = OutputCollector::new(MAX_BUFFERED_OUTPUT);
         while let Some(ev) = self.next().await {
             if let Some(done) = out.take(ev) {
                 return done;
             }
         }
-        Err(Error::Control("the sandbox process closed the session without an exit status".into()))
+        Err(ExecError::Disconnected("the sandbox process closed the session without an exit status".into()))
     }
 }
 
@@ -563,3 +534,42 @@ pub const KILL_ANSWER_GRACE: Duration = Duration::from_secs(10);
 
 /// The hidden first argument with which `msb` runs as a sandbox process.
 pub const SANDBOX_PROCESS_ARG: &str = "__sandbox-process";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_validates_before_recording_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let msb = Msb::at(dir.path());
+        assert!(matches!(msb.create("a/b", SandboxConfig::default()), Err(Error::Name(_))));
+        assert!(matches!(msb.create("web", SandboxConfig { cpus: 0, ..Default::default() }), Err(Error::Config(_))));
+        assert!(msb.list().unwrap().is_empty(), "nothing half-created");
+        let sb = msb.create("web", SandboxConfig::default()).unwrap();
+        assert_eq!(sb.record().unwrap().status, Status::Created);
+        assert!(matches!(msb.create("web", SandboxConfig::default()), Err(Error::Store(StoreError::Exists(_)))));
+        let gen = msb.create_generated("sb", SandboxConfig::default()).unwrap();
+        assert!(gen.name().starts_with("sb-") && !gen.record().unwrap().ephemeral);
+        assert!(msb.create_ephemeral(SandboxConfig::default()).unwrap().record().unwrap().ephemeral);
+    }
+
+    #[tokio::test]
+    async fn exec_on_a_sandbox_that_is_not_running_says_its_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let msb = Msb::at(dir.path());
+        let sb = msb.create("idle", SandboxConfig::default()).unwrap();
+        match sb.exec(ExecSpec::command(["true"])).await {
+            Err(Error::Store(StoreError::WrongStatus { status: Status::Created, action: Action::Connect, .. })) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_socket_path_too_long_for_sun_path_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("d".repeat(90));
+        let msb = Msb::at(&deep);
+        assert!(matches!(msb.create(&"n".repeat(40), SandboxConfig::default()), Err(Error::Config(_))));
+    }
+}

@@ -1,0 +1,255 @@
+//! The sandbox supervisor: owns the VM and its children, and is the one place that wires
+//! them together with narrowed refs.
+//!
+//! Children and the refs each gets (see [`wire`]):
+//! - `AgentClient`: a `ToConsole` ref to the console shell; `Sandbox` handles get an
+//!   `AgentRequest` ref to it (exec traffic), the supervisor keeps the full ref (shutdown,
+//!   VM stopped).
+//! - one shell per row of the device table: the console shell gets a `GuestBytes` ref to the
+//!   agent client; the rng shell gets nothing.
+//! - one `VcpuActor` per vCPU, reporting its exit to the supervisor.
+//!
+//! Policy (fails closed): any child that fails or stops on its own stops the VM with the
+//! reason; nothing is restarted against a half-changed guest. The stop reason is recorded
+//! once, in [`SupState::finish`], and every waiter gets that one reason. Lifecycle calls
+//! to children are bounded by [`LIFECYCLE_CALL_TIMEOUT`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use msb_devices::boot_timer::BootTimer;
+use msb_devices::console_log::ConsoleReports;
+use msb_devices::machine::VirtioParts;
+use msb_devices::serial::SerialDevice;
+use msb_devices::Machine;
+use msb_hypervisor::VcpuStop;
+use msb_schema::agent::AgentRequest;
+use msb_schema::limits::LIFECYCLE_CALL_TIMEOUT;
+use msb_schema::StopReason;
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent};
+
+use crate::agent::{AgentClient, AgentMsg};
+use crate::devices::{ConsoleArgs, ConsoleDevice, RngDevice};
+use crate::vcpu::{VcpuActor, VcpuArgs, VcpuMsg};
+use crate::BootTimes;
+
+/// The supervisor's mailbox: lifecycle only (exec traffic goes to the agent client).
+pub enum SupMsg {
+    /// The narrowed ref through which a `Sandbox` handle sends exec traffic.
+    AgentRef(RpcReplyPort<DerivedActorRef<AgentRequest>>),
+    /// Stop the VM: ask the guest to shut down within `graceful`, then force; `None` forces
+    /// at once. Answered with the stop reason once the VM is down.
+    Stop {
+        graceful: Option<Duration>,
+        reply: RpcReplyPort<StopReason>,
+    },
+    /// Answered with the stop reason once the VM is down.
+    Wait(RpcReplyPort<StopReason>),
+    /// The last bytes of the serial console.
+    ConsoleTail(RpcReplyPort<String>),
+    BootTimes(RpcReplyPort<BootTimes>),
+    /// A vCPU thread left `KVM_RUN` for good.
+    VcpuStopped(VcpuStop),
+    /// The graceful stop ran out of time.
+    StopTimeout,
+    /// The handle was dropped: stop at once and end the tree.
+    Kill,
+}
+
+pub struct SandboxSupervisor;
+
+struct Running {
+    runners: Vec<ActorRef<VcpuMsg>>,
+    agent: ActorRef<AgentMsg>,
+    devices: Vec<ActorCell>,
+    // Keeps the VM (fds, memory) alive until the vCPUs are stopped.
+    vm: msb_hypervisor::Vm,
+}
+
+pub struct SupState {
+    running: Option<Running>,
+    serial: Arc<SerialDevice>,
+    reports: Arc<ConsoleReports>,
+    boot_timer: Arc<BootTimer>,
+    stopped: Option<StopReason>,
+    shutdown_requested: bool,
+    waiters: Vec<RpcReplyPort<StopReason>>,
+}
+
+impl SupState {
+    fn classify(&self, stop: VcpuStop) -> StopReason {
+        let panicked = self.reports.panicked();
+        match stop {
+            VcpuStop::Reset | VcpuStop::PowerOff if self.shutdown_requested => StopReason::Shutdown,
+            VcpuStop::Reset | VcpuStop::TripleFault if panicked => StopReason::GuestPanic,
+            VcpuStop::Reset => StopReason::GuestReboot,
+            VcpuStop::PowerOff => StopReason::GuestPowerOff,
+            VcpuStop::TripleFault => StopReason::TripleFault,
+            VcpuStop::Requested => StopReason::Killed,
+            VcpuStop::DeviceFailure(why) => StopReason::DeviceFailure(why),
+            VcpuStop::InternalError => StopReason::KvmError("KVM_EXIT_INTERNAL_ERROR".into()),
+            VcpuStop::EntryFailure(r) => StopReason::KvmError(format!("VM entry failed, hardware reason {r:#x}")),
+            VcpuStop::SystemEvent(t) => StopReason::KvmError(format!("unexpected system event {t}")),
+            VcpuStop::Error(e) => StopReason::KvmError(e),
+        }
+    }
+
+    /// Stops everything once; later calls do nothing.
+    async fn finish(&mut self, reason: StopReason) {
+        if self.stopped.is_some() {
+            return;
+        }
+        tracing::info!(%reason, "sandbox VM stopped");
+        self.stopped = Some(reason.clone());
+        if let Some(mut running) = self.running.take() {
+            for vcpu in std::mem::take(&mut running.runners) {
+                if vcpu.call(VcpuMsg::Stop, Some(LIFECYCLE_CALL_TIMEOUT)).await.is_err() {
+                    tracing::warn!("a vCPU actor did not confirm its stop");
+                }
+                vcpu.stop(None);
+            }
+            // The agent fails its pending requests with the reason, then stops itself (a
+            // stop signal would overtake the message and lose the reason).
+            let _ = running.agent.cast(AgentMsg::VmStopped(reason.clone(), self.serial.tail()));
+            for d in running.devices {
+                d.stop(None);
+            }
+        }
+        for w in self.waiters.drain(..) {
+            let _ = w.send(reason.clone());
+        }
+    }
+}
+
+/// Spawns the agent client and one shell per device-table row, linked to `me`, and hands
+/// each the narrowed refs it may use (and no others).
+async fn wire(
+    me: &ActorRef<SupMsg>,
+    virtio: Vec<VirtioParts>,
+) -> Result<(ActorRef<AgentMsg>, Vec<ActorCell>), ActorProcessingErr> {
+    let (agent, _) = Actor::spawn_linked(None, AgentClient, (), me.get_cell()).await?;
+    let mut devices = Vec::new();
+    for parts in virtio {
+        match parts {
+            VirtioParts::Console(device) => {
+                let args = ConsoleArgs { device, agent: agent.get_derived() };
+                let (console, _) = Actor::spawn_linked(None, ConsoleDevice, args, me.get_cell()).await?;
+                agent.cast(AgentMsg::Attach(console.get_derived()))?;
+                devices.push(console.get_cell());
+            }
+            VirtioParts::Rng(device) => {
+                let (rng, _) = Actor::spawn_linked(None, RngDevice, device, me.get_cell()).await?;
+                devices.push(rng.get_cell());
+            }
+        }
+    }
+    Ok((agent, devices))
+}
+
+impl Actor for SandboxSupervisor {
+    type Msg = SupMsg;
+    type State = SupState;
+    type Arguments = Machine;
+
+    async fn pre_start(&self, me: ActorRef<SupMsg>, m: Machine) -> Result<SupState, ActorProcessingErr> {
+        let (agent, devices) = wire(&me, m.virtio).await?;
+        let mut runners = Vec::new();
+        for vcpu in m.vcpus {
+            let sup = me.clone();
+            let on_exit = Box::new(move |stop| {
+                let _ = sup.cast(SupMsg::VcpuStopped(stop));
+            });
+            let args = VcpuArgs { vcpu, bus: m.bus.clone(), on_exit };
+            let (vcpu, _) = Actor::spawn_linked(None, VcpuActor, args, me.get_cell()).await?;
+            runners.push(vcpu);
+        }
+        tracing::debug!(cmdline = %m.cmdline, "sandbox VM started");
+        Ok(SupState {
+            running: Some(Running { runners, agent, devices, vm: m.vm }),
+            serial: m.serial,
+            reports: m.reports,
+            boot_timer: m.boot_timer,
+            stopped: None,
+            shutdown_requested: false,
+            waiters: Vec::new(),
+        })
+    }
+
+    async fn post_stop(&self, _: ActorRef<SupMsg>, st: &mut SupState) -> Result<(), ActorProcessingErr> {
+        st.finish(StopReason::Killed).await;
+        Ok(())
+    }
+
+    async fn handle(&self, me: ActorRef<SupMsg>, msg: SupMsg, st: &mut SupState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupMsg::AgentRef(reply) => match &st.running {
+                Some(r) => drop(reply.send(r.agent.get_derived())),
+                // Dropping the port tells the caller the tree is gone.
+                None => drop(reply),
+            },
+            SupMsg::Stop { graceful, reply } => {
+                if let Some(r) = &st.stopped {
+                    let _ = reply.send(r.clone());
+                    return Ok(());
+                }
+                st.waiters.push(reply);
+                match (graceful, &st.running) {
+                    (Some(timeout), Some(r)) if !st.shutdown_requested => {
+                        st.shutdown_requested = true;
+                        let (tx, rx) = ractor::concurrency::oneshot();
+                        r.agent.cast(AgentMsg::Shutdown(tx.into()))?;
+                        let sup = me.clone();
+                        tokio::spawn(async move {
+                            // Either the agent refuses (not ready) or time runs out: force.
+                            let acked = matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(Ok(()))));
+                            if acked {
+                                tokio::time::sleep(timeout).await;
+                            }
+                            let _ = sup.cast(SupMsg::StopTimeout);
+                        });
+                    }
+                    (Some(_), Some(_)) => {}
+                    _ => st.finish(StopReason::Killed).await,
+                }
+            }
+            SupMsg::Wait(reply) => match &st.stopped {
+                Some(r) => drop(reply.send(r.clone())),
+                None => st.waiters.push(reply),
+            },
+            SupMsg::ConsoleTail(reply) => drop(reply.send(st.serial.tail())),
+            SupMsg::BootTimes(reply) => {
+                let memory = st.running.as_ref().map(|r| r.vm.resident());
+                let _ = reply.send(BootTimes { to_init: st.boot_timer.elapsed(), memory });
+            }
+            SupMsg::VcpuStopped(stop) => {
+                let reason = st.classify(stop);
+                st.finish(reason).await;
+            }
+            SupMsg::StopTimeout => st.finish(StopReason::Killed).await,
+            SupMsg::Kill => {
+                st.finish(StopReason::Killed).await;
+                me.stop(None);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _: ActorRef<SupMsg>,
+        evt: SupervisionEvent,
+        st: &mut SupState,
+    ) -> Result<(), ActorProcessingErr> {
+        match evt {
+            SupervisionEvent::ActorFailed(who, err) => {
+                tracing::warn!(actor = ?who.get_id(), "sandbox component failed: {err}");
+                st.finish(StopReason::DeviceFailure(err.to_string())).await;
+            }
+            SupervisionEvent::ActorTerminated(..) if st.stopped.is_none() => {
+                st.finish(StopReason::DeviceFailure("a sandbox component stopped unexpectedly".into())).await;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

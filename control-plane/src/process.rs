@@ -1,0 +1,75 @@
+//! Identifying a sandbox process: its pid plus its start time, read from `/proc/PID/stat`
+//! (parsed in one place), so that a recycled pid is never mistaken for it.
+
+use serde::{Deserialize, Serialize};
+
+/// A sandbox process: pid plus its start time (clock ticks since boot, `/proc/PID/stat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessId {
+    pub pid: u32,
+    pub start: u64,
+}
+
+/// The fields of `/proc/PID/stat` msb reads.
+struct Stat {
+    state: char,
+    start: u64,
+}
+
+fn stat(pid: u32) -> Option<Stat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text)
+}
+
+/// Parses one `/proc/PID/stat` line. The command name may contain spaces and parentheses:
+/// fields resume after the last ')'; the state is the first of them, the start time the 20th.
+fn parse_stat(text: &str) -> Option<Stat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let start = fields.nth(18)?.parse().ok()?;
+    Some(Stat { state, start })
+}
+
+impl ProcessId {
+    /// The calling process.
+    pub fn current() -> Option<Self> {
+        Self::of(std::process::id())
+    }
+
+    /// Process `pid` as it is now, if it exists.
+    pub fn of(pid: u32) -> Option<Self> {
+        stat(pid).map(|s| ProcessId { pid, start: s.start })
+    }
+
+    /// Whether this very process still runs (and is not a zombie).
+    pub fn is_alive(&self) -> bool {
+        stat(self.pid).is_some_and(|s| s.start == self.start && !matches!(s.state, 'Z' | 'X'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_name_with_parentheses_and_spaces_parses() {
+        let line = "42 (a) b (c) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 123456 1000 10";
+        let s = parse_stat(line).unwrap();
+        assert_eq!((s.state, s.start), ('S', 123456));
+        assert!(parse_stat("42 (x").is_none());
+    }
+
+    #[test]
+    fn a_zombie_is_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let p = ProcessId::of(child.id()).unwrap();
+        // Exited but not reaped: a zombie until wait().
+        while stat(p.pid).is_some_and(|s| s.state != 'Z') {
+            std::thread::yield_now();
+        }
+        assert!(!p.is_alive());
+        child.wait().unwrap();
+        assert!(!p.is_alive());
+    }
+}

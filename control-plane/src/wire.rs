@@ -1,0 +1,265 @@
+//! The contract between a client (the `msb` CLI or the Rust SDK) and a sandbox process.
+//!
+//! - Launch: the client starts `msb __sandbox-process` and writes one JSON [`Launch`] line to
+//!   its stdin (never argv or the environment); the process answers with one JSON
+//!   [`Announce`] line on stdout once it is up, or with why it is not.
+//! - Control socket (`$MSB_HOME/sandboxes/NAME/ctl.sock`, mode 0600, [`paths`]): framing is
+//!   the guest protocol's (4-byte length + postcard, at most [`msb_protocol::MAX_FRAME`] per
+//!   frame, checked before buffering). One connection carries one request: an exec session
+//!   (then stdin, signals and resizes from the client; [`ExecEvent`]s from the sandbox), a
+//!   stop, a release or an info query. A client that closes an exec connection detaches: the
+//!   command keeps running and its output goes on to the sandbox's exec log.
+//!
+//! The exec payloads are `msb_schema`'s: the same [`ExecSpec`] and [`ExecEvent`] the
+//! in-process API uses, so an error keeps its kind across the socket.
+
+use std::path::{Path, PathBuf};
+
+use msb_protocol::{decode, encode, FrameDecoder, WinSize};
+use msb_schema::{ExecEvent, ExecSpec, SandboxName, StopReason};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{Error, Result};
+
+/// From a client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClientMsg {
+    /// Starts an exec session (first message of the connection). `spec.stdin` is not used:
+    /// input follows as [`ClientMsg::Stdin`] when `keep_stdin`, else stdin is closed at once.
+    Exec {
+        spec: ExecSpec,
+        keep_stdin: bool,
+    },
+    /// Stdin for the session; empty closes it.
+    Stdin(Vec<u8>),
+    Signal(i32),
+    Resize(WinSize),
+    /// Stops the sandbox: gracefully within `graceful_ms`, then forced; `None` kills at once.
+    Stop {
+        graceful_ms: Option<u64>,
+    },
+    Info,
+    /// An attached sandbox becomes detached: it no longer stops when its owner goes away.
+    /// Answered with [`ServerMsg::Released`].
+    Release,
+}
+
+/// From the sandbox process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    /// The exec session started; its id names it in the exec log.
+    Started {
+        id: u64,
+    },
+    /// Output, the end, or why the session failed.
+    Event(ExecEvent),
+    /// The sandbox stopped, for this reason.
+    Stopped {
+        reason: StopReason,
+    },
+    Info(Info),
+    Released,
+    /// The request was not served (connection limit, a connection that did not start with a
+    /// request); the text says why.
+    Refused(String),
+}
+
+/// A sandbox process's view of itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Info {
+    pub name: String,
+    pub pid: u32,
+    /// Create → guest init, from the boot timer.
+    pub boot_ms: Option<u64>,
+    pub exec_sessions: u64,
+}
+
+/// How a named sandbox is built each time it starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SandboxConfig {
+    /// The root file system image; only the built-in base image exists so far.
+    pub image: Option<String>,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    pub kernel: Option<PathBuf>,
+    pub kernel_args: Option<String>,
+    pub boot_timeout_secs: u64,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig { image: None, cpus: 1, memory_mib: 256, kernel: None, kernel_args: None, boot_timeout_secs: 60 }
+    }
+}
+
+impl SandboxConfig {
+    /// Checks the configuration against the sandbox limits before anything is recorded.
+    pub fn validate(&self) -> Result<()> {
+        use msb_schema::limits::{MEMORY_MIB, VCPUS};
+        if let Some(img) = &self.image {
+            if img != "base" {
+                return Err(Error::Config(format!(
+                    "image {img:?} is not available: only the built-in \"base\" image (busybox) exists in this version"
+                )));
+            }
+        }
+        if !VCPUS.contains(&self.cpus) {
+            return Err(Error::Config(format!("--cpus {}: choose {} to {}", self.cpus, VCPUS.start(), VCPUS.end())));
+        }
+        if !MEMORY_MIB.contains(&self.memory_mib) {
+            return Err(Error::Config(format!(
+                "--memory {}: choose {} to {} MiB",
+                self.memory_mib,
+                MEMORY_MIB.start(),
+                MEMORY_MIB.end()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What a client tells a new sandbox process (one JSON line on its stdin).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Launch {
+    pub name: SandboxName,
+    pub home: PathBuf,
+    pub config: SandboxConfig,
+    /// Outlives its client; otherwise stops when the client's end of stdin closes.
+    pub detached: bool,
+    /// Removed from the store (with its directory) when it stops.
+    pub ephemeral: bool,
+}
+
+/// The one line a sandbox process prints on stdout when it is up, or why it is not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Announce {
+    pub ok: bool,
+    pub error: Option<String>,
+}
+
+/// Where a sandbox's files are.
+pub mod paths {
+    use super::*;
+
+    /// Longest path a Unix socket address holds (`sun_path` less its NUL).
+    pub const MAX_SOCKET_PATH: usize = 107;
+
+    /// Directory of a sandbox's files (0700: logs, socket).
+    pub fn sandbox_dir(home: &Path, name: &SandboxName) -> PathBuf {
+        home.join("sandboxes").join(name.as_str())
+    }
+
+    /// The control socket of a sandbox.
+    pub fn socket_path(home: &Path, name: &SandboxName) -> PathBuf {
+        sandbox_dir(home, name).join("ctl.sock")
+    }
+}
+
+/// Writes one message.
+pub async fn send<W: AsyncWriteExt + Unpin, T: Serialize>(w: &mut W, msg: &T) -> Result<()> {
+    let frame = encode(msg).map_err(|e| Error::Wire(format!("encoding a message: {e}")))?;
+    w.write_all(&frame).await.map_err(|e| Error::Wire(format!("socket write: {e}")))
+}
+
+/// Reads messages from one side of a connection.
+pub struct Reader<R> {
+    inner: R,
+    decoder: FrameDecoder,
+    ready: std::collections::VecDeque<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl<R: AsyncReadExt + Unpin> Reader<R> {
+    pub fn new(inner: R) -> Self {
+        Reader { inner, decoder: FrameDecoder::new(), ready: Default::default(), buf: vec![0; 64 * 1024] }
+    }
+
+    /// The next message; `Ok(None)` at a clean end of stream. Cancel-safe: bytes read are
+    /// kept in the decoder.
+    pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>> {
+        loop {
+            if let Some(f) = self.ready.pop_front() {
+                return decode(&f).map(Some).map_err(|e| Error::Wire(e.to_string()));
+            }
+            let n = self.inner.read(&mut self.buf).await.map_err(|e| Error::Wire(format!("socket read: {e}")))?;
+            if n == 0 {
+                return Ok(None);
+            }
+            let ready = &mut self.ready;
+            self.decoder.feed(&self.buf[..n], &mut |f| ready.push_back(f)).map_err(|e| Error::Wire(e.to_string()))?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use msb_schema::limits::STDIN_CHUNK;
+    use msb_schema::{ExecError, SpawnErrorKind};
+
+    #[tokio::test]
+    async fn messages_cross_a_socket_pair_in_order() {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let (_, mut w) = a.into_split();
+        let (r, _) = b.into_split();
+        let msgs = vec![
+            ClientMsg::Exec { spec: ExecSpec::command(["sh"]), keep_stdin: true },
+            ClientMsg::Stdin(vec![7; STDIN_CHUNK]),
+            ClientMsg::Resize(WinSize { rows: 40, cols: 120 }),
+            ClientMsg::Stop { graceful_ms: Some(5000) },
+        ];
+        for m in &msgs {
+            send(&mut w, m).await.unwrap();
+        }
+        drop(w);
+        let mut r = Reader::new(r);
+        for m in &msgs {
+            assert_eq!(r.next::<ClientMsg>().await.unwrap().as_ref(), Some(m));
+        }
+        assert_eq!(r.next::<ClientMsg>().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn exec_errors_keep_their_kind_across_the_socket() {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let (_, mut w) = a.into_split();
+        let (r, _) = b.into_split();
+        let failed = ExecError::SpawnFailed { kind: SpawnErrorKind::NotFound, message: "nope: not found".into() };
+        send(&mut w, &ServerMsg::Event(ExecEvent::Failed(failed.clone()))).await.unwrap();
+        let mut r = Reader::new(r);
+        assert_eq!(r.next::<ServerMsg>().await.unwrap(), Some(ServerMsg::Event(ExecEvent::Failed(failed))));
+    }
+
+    #[tokio::test]
+    async fn a_frame_over_the_limit_is_refused_before_it_is_buffered() {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let (_, mut w) = a.into_split();
+        let (r, _) = b.into_split();
+        w.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
+        let e = Reader::new(r).next::<ClientMsg>().await.unwrap_err();
+        assert!(matches!(e, Error::Wire(_)), "{e}");
+    }
+
+    #[test]
+    fn a_launch_line_with_a_bad_name_is_refused() {
+        let line = r#"{"name":"../x","home":"/h","config":{},"detached":true,"ephemeral":false}"#;
+        assert!(serde_json::from_str::<Launch>(line).is_err());
+        let line = r#"{"name":"web","home":"/h","config":{},"detached":true,"ephemeral":false}"#;
+        assert_eq!(serde_json::from_str::<Launch>(line).unwrap().config, SandboxConfig::default());
+    }
+
+    #[test]
+    fn configs_outside_the_sandbox_limits_are_refused() {
+        assert!(SandboxConfig::default().validate().is_ok());
+        for bad in [
+            SandboxConfig { cpus: 0, ..Default::default() },
+            SandboxConfig { cpus: 9, ..Default::default() },
+            SandboxConfig { memory_mib: 16, ..Default::default() },
+            SandboxConfig { image: Some("ubuntu".into()), ..Default::default() },
+        ] {
+            assert!(matches!(bad.validate(), Err(Error::Config(_))), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! The device table: every virtio device of a sandbox with its MMIO slot, its interrupt line
+//! and its kernel command-line entry, in one place. [`crate::machine`] builds the devices
+//! from this table and the actor tree spawns one shell per entry, so adding a device is one
+//! row here, one [`VirtioKind`] variant and one shell.
+//!
+//! Fixed legacy devices (not in the table, their addresses are the PC's): COM1 at 0x3f8 on
+//! IRQ 4, the i8042 at 0x60/0x64, the boot timer at [`msb_protocol::BOOT_TIMER_ADDR`].
+//!
+//! Invariants (checked by the tests below): slots and IRQs are distinct, IRQs avoid the
+//! legacy lines, and every slot lies inside the MMIO window that follows the boot timer.
+
+use msb_protocol::{MMIO_SLOT_SIZE, VIRTIO_MMIO_BASE};
+
+/// Which virtio device a table entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VirtioKind {
+    /// virtio-console carrying the agent channel.
+    Console,
+    /// virtio-rng fed from the host's CRNG.
+    Rng,
+}
+
+/// One virtio device's place in the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioSlot {
+    pub kind: VirtioKind,
+    /// Index of its 4 KiB MMIO window from [`VIRTIO_MMIO_BASE`].
+    pub slot: u64,
+    /// Its interrupt line (GSI).
+    pub irq: u32,
+}
+
+/// Every virtio device of a sandbox, in the order the guest probes them.
+pub const VIRTIO_DEVICES: &[VirtioSlot] =
+    &[VirtioSlot { kind: VirtioKind::Console, slot: 0, irq: 5 }, VirtioSlot { kind: VirtioKind::Rng, slot: 1, irq: 6 }];
+
+/// Most virtio slots the MMIO window holds.
+pub const MAX_SLOTS: u64 = 32;
+
+impl VirtioSlot {
+    /// Guest physical address of its register window.
+    pub fn base(&self) -> u64 {
+        VIRTIO_MMIO_BASE + self.slot * MMIO_SLOT_SIZE
+    }
+
+    /// Its kernel command-line entry (the guest finds virtio-mmio devices only from these).
+    pub fn cmdline(&self) -> String {
+        format!("virtio_mmio.device=4K@{:#x}:{}", self.base(), self.irq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_and_irqs_are_distinct_and_clear_of_legacy_devices() {
+        let mut slots: Vec<_> = VIRTIO_DEVICES.iter().map(|d| d.slot).collect();
+        let mut irqs: Vec<_> = VIRTIO_DEVICES.iter().map(|d| d.irq).collect();
+        slots.dedup();
+        irqs.sort();
+        irqs.dedup();
+        assert_eq!(slots.len(), VIRTIO_DEVICES.len());
+        assert_eq!(irqs.len(), VIRTIO_DEVICES.len());
+        for d in VIRTIO_DEVICES {
+            assert!(d.slot < MAX_SLOTS, "{d:?}");
+            assert!(![0, 1, 2, 4, 8, 12].contains(&d.irq) && d.irq < 24, "{d:?} collides with a legacy IRQ");
+            assert!(d.base() > msb_protocol::BOOT_TIMER_ADDR);
+        }
+    }
+
+    #[test]
+    fn the_command_line_entry_names_the_window_and_the_irq() {
+        let d = VirtioSlot { kind: VirtioKind::Rng, slot: 1, irq: 6 };
+        assert_eq!(d.cmdline(), format!("virtio_mmio.device=4K@{:#x}:6", VIRTIO_MMIO_BASE + 0x1000));
+    }
+}

@@ -1,0 +1,33 @@
+//! What a sandbox boots from: the guest kernel, agentd and busybox found in `MSB_HOME`
+//! ([`artifacts`]), and the initramfs assembled from them ([`initramfs`]). OCI images (pull,
+//! verify, content-addressed cache, root-filesystem images) land here next.
+//!
+//! Invariants: nothing here talks to a VM or a guest; every file this crate writes is written
+//! to a temporary name first and renamed, so a concurrent reader never sees a torn file.
+//! Errors say what is missing and where it was looked for; how to build it is for the
+//! caller to say (the CLI knows the commands).
+
+#![forbid(unsafe_code)]
+
+pub mod artifacts;
+pub mod initramfs;
+
+pub use artifacts::{agentd, busybox, kernel, msb_home, Artifact};
+
+/// Why an artifact could not be found or built.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file a sandbox boots from is not where it is looked for.
+    #[error("{what} not found at {}", .path.display())]
+    Missing { what: Artifact, path: std::path::PathBuf },
+    /// Reading, writing or running something failed.
+    #[error("{what} {}", .path.display())]
+    Io {
+        what: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

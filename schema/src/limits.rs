@@ -1,0 +1,50 @@
+//! Every named bound on traffic between components of a sandbox process, and between a
+//! client and that process. ractor mailboxes are unbounded, so each data path is bounded by
+//! one of these credits or caps; device-level bounds (descriptor chains, the console's own
+//! buffers) live beside their cores in `msb-devices`, which cannot see this crate.
+
+use std::time::Duration;
+
+/// Guest-to-host agent-channel bytes the console shell hands the agent client before the
+/// client credits them back ([`crate::agent::ToConsole::Credit`]); past it the shell stops
+/// taking transmit buffers, which pushes back on the guest's writer.
+pub const CREDIT_WINDOW: usize = 1024 * 1024;
+
+/// Host-to-guest bytes the agent client hands the console shell that the guest has not yet
+/// taken (below the device's own buffer limit, so the guest can never make it overflow).
+pub const TO_GUEST_WINDOW: usize = 1024 * 1024;
+
+/// Requests in flight on one sandbox's agent channel.
+pub const MAX_PENDING: usize = 1024;
+
+/// Unread output bytes one stream consumer may have before the agent client withholds
+/// console credit (which stalls guest output) until it catches up.
+pub const STREAM_WINDOW: usize = 4 * 1024 * 1024;
+
+/// Stdin bytes one buffered exec may carry.
+pub const MAX_STDIN: usize = 64 * 1024 * 1024;
+
+/// Output bytes (stdout plus stderr) one buffered exec keeps.
+pub const MAX_BUFFERED_OUTPUT: usize = 64 * 1024 * 1024;
+
+/// Guest-reported errors logged per sandbox (the guest can send them at will).
+pub const MAX_GUEST_LOGS: u64 = 16;
+
+/// Longest stdin chunk a client sends the sandbox process in one message.
+pub const STDIN_CHUNK: usize = 64 * 1024;
+
+/// Control connections one sandbox process serves at once; more are refused with why.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// Bytes the exec log of one sandbox grows to (the guest decides what its commands print).
+pub const EXEC_LOG_CAP: u64 = 64 * 1024 * 1024;
+
+/// How long a lifecycle request to a component (stop, wait for readiness, state) may take
+/// before the caller treats the component as stuck.
+pub const LIFECYCLE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// vCPUs a sandbox may have.
+pub const VCPUS: std::ops::RangeInclusive<u8> = 1..=8;
+
+/// Guest memory a sandbox may have, in MiB.
+pub const MEMORY_MIB: std::ops::RangeInclusive<u64> = 64..=65536;
