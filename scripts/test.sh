@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Runs every test layer (needs scripts/setup.sh first):
-#   1. cargo fmt --check and clippy -D warnings,
-#   2. unit and property tests, and the bare-metal VMM tests on this host's /dev/kvm,
+#   1. cargo fmt --check, clippy -D warnings and rustdoc -D warnings,
+#   2. unit and property tests, the layout check (DESIGN.md §3 dependency rules, `unsafe`
+#      only in hypervisor/), and the bare-metal VMM tests on this host's /dev/kvm,
 #   3. the end-to-end suite with real Linux guests: directly on hardware KVM, otherwise in
 #      the TCG rig. A run in which no e2e test executed is a failure.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 home=${MSB_HOME:-$HOME/.msb}
 cd "$root"
-echo "== fmt and clippy"
+echo "== fmt, clippy and docs"
 cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
-echo "== unit, property and bare-metal VMM tests"
+cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy -p msb-tests --test e2e --test bench -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace
+echo "== unit, property, layout and bare-metal VMM tests"
 cargo test --workspace
 echo "== end-to-end suite (real Linux guests)"
 if "$root/build/static/msb" doctor | grep -q '^/dev/kvm: hardware'; then

@@ -1,7 +1,7 @@
 //! The sandbox supervisor: owns the VM and its children, and is the one place that wires
 //! them together with narrowed refs.
 //!
-//! Children and the refs each gets (see [`wire`]):
+//! Children and the refs each gets (see `wire`):
 //! - `AgentClient`: a `ToConsole` ref to the console shell; `Sandbox` handles get an
 //!   `AgentRequest` ref to it (exec traffic), the supervisor keeps the full ref (shutdown,
 //!   VM stopped).
@@ -11,7 +11,7 @@
 //!
 //! Policy (fails closed): any child that fails or stops on its own stops the VM with the
 //! reason; nothing is restarted against a half-changed guest. The stop reason is recorded
-//! once, in [`SupState::finish`], and every waiter gets that one reason. Lifecycle calls
+//! once, in `SupState::finish`, and every waiter gets that one reason. Lifecycle calls
 //! to children are bounded by [`LIFECYCLE_CALL_TIMEOUT`].
 
 use std::sync::Arc;

@@ -152,14 +152,15 @@ struct CommandArgs {
     /// Working directory inside the guest.
     #[arg(short = 'w', long = "workdir")]
     workdir: Option<String>,
-    /// Run as this user: root, NAME[:GROUP] or UID[:GID].
-    #[arg(short = 'u', long)]
+    #[arg(short = 'u', long, help = "Run as this user: root, NAME[:GROUP] or UID[:GID]")]
     user: Option<String>,
     /// Kill the command after this many seconds (exit status 124).
     #[arg(long)]
     timeout: Option<f64>,
-    /// Resource limit, NAME=SOFT[:HARD] (nofile, nproc, as, cpu, fsize, core, stack, data, memlock).
-    #[arg(long = "ulimit")]
+    #[arg(
+        long = "ulimit",
+        help = "Resource limit, NAME=SOFT[:HARD] (nofile, nproc, as, cpu, fsize, core, stack, data, memlock)"
+    )]
     ulimits: Vec<String>,
     /// Keep stdin open and pass it to the command.
     #[arg(short = 'i', long)]

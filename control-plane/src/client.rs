@@ -3,7 +3,7 @@
 //! each running one is served by a sandbox process on its Unix socket ([`crate::wire`]).
 //!
 //! Bounds: [`NamedSandbox::exec`] keeps at most
-//! [`MAX_BUFFERED_OUTPUT`](msb_schema::limits::MAX_BUFFERED_OUTPUT) output bytes, as the
+//! [`MAX_BUFFERED_OUTPUT`] output bytes, as the
 //! in-process API does; every wait on a sandbox process is bounded ([`STOP_ANSWER_GRACE`],
 //! [`KILL_ANSWER_GRACE`], the boot timeout plus a margin).
 
@@ -316,7 +316,7 @@ impl NamedSandbox {
     }
 
     /// Runs a command and collects its output (at most
-    /// [`MAX_BUFFERED_OUTPUT`](msb_schema::limits::MAX_BUFFERED_OUTPUT) bytes).
+    /// [`MAX_BUFFERED_OUTPUT`] bytes).
     pub async fn exec(&self, spec: ExecSpec) -> Result<ExecOutput> {
         Ok(self.exec_stream(spec, false).await?.wait().await?)
     }
@@ -514,7 +514,7 @@ impl RemoteExec {
     pub fn detach(self) {}
 
     /// Collects the rest of the output (at most
-    /// [`MAX_BUFFERED_OUTPUT`](msb_schema::limits::MAX_BUFFERED_OUTPUT) bytes) and the exit
+    /// [`MAX_BUFFERED_OUTPUT`] bytes) and the exit
     /// status.
     pub async fn wait(mut self) -> std::result::Result<ExecOutput, ExecError> {
         let mut out = OutputCollector::new(MAX_BUFFERED_OUTPUT);

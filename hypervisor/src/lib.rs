@@ -14,6 +14,9 @@
 //! guest-memory access);
 //! every block carries a `SAFETY:` comment.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod boot;
 pub mod kind;
 pub mod memory;

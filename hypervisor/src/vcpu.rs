@@ -3,7 +3,7 @@
 //! Each vCPU runs `KVM_RUN` on its own OS thread. Port and MMIO exits are dispatched
 //! synchronously to an [`ExitHandler`] (the device bus). The thread ends, reporting a
 //! [`VcpuStop`], when the guest resets, triple-faults, hits a KVM error, or when the host
-//! asks it to stop ([`VcpuRunner::request_stop`] sets a flag and kicks the thread out of
+//! asks it to stop ([`VcpuRunner::stop`] sets a flag and kicks the thread out of
 //! `KVM_RUN` with a signal until it notices).
 
 use std::sync::atomic::{AtomicBool, Ordering};

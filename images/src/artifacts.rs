@@ -1,5 +1,5 @@
 //! Where msb keeps its files (`MSB_HOME`, default `~/.msb`) and where it finds the guest
-//! kernel, agentd and busybox. A missing file is an [`Error::Missing`](crate::Error::Missing)
+//! kernel, agentd and busybox. A missing file is an [`crate::Error::Missing`]
 //! that names the artifact, so that a caller can say how to make it.
 
 use std::path::{Path, PathBuf};

@@ -7,7 +7,7 @@
 //! Invariants: only 32-bit register accesses are honoured (others read as zero and are
 //! ignored); feature negotiation only accepts offered bits and requires `VERSION_1`; queue
 //! addresses and sizes can only change while the queue is not ready; `DRIVER_OK` with an
-//! invalid ready queue, or any [`DeviceError`], marks the device "needs reset" and it is not
+//! invalid ready queue, or any [`DeviceError`](super::DeviceError), marks the device "needs reset" and it is not
 //! served again.
 
 use std::sync::Arc;
