@@ -810,3 +810,90 @@ mod actor_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod stream_credit_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// Stands in for the console shell: sums the credit it is given.
+    struct FakeConsole;
+    impl Actor for FakeConsole {
+        type Msg = ToConsole;
+        type State = Arc<AtomicUsize>;
+        type Arguments = Arc<AtomicUsize>;
+        async fn pre_start(
+            &self,
+            _: ActorRef<ToConsole>,
+            n: Arc<AtomicUsize>,
+        ) -> std::result::Result<Self::State, ActorProcessingErr> {
+            Ok(n)
+        }
+        async fn handle(
+            &self,
+            _: ActorRef<ToConsole>,
+            m: ToConsole,
+            n: &mut Self::State,
+        ) -> std::result::Result<(), ActorProcessingErr> {
+            if let ToConsole::Credit(c) = m {
+                n.fetch_add(c, Ordering::SeqCst);
+            }
+            Ok(())
+        }
+    }
+
+    async fn eventually(what: &str, cond: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lagging_stream_withholds_credit_until_its_consumer_reports_progress() {
+        let credited = Arc::new(AtomicUsize::new(0));
+        let (console, _) = Actor::spawn(None, FakeConsole, credited.clone()).await.unwrap();
+        let (agent, _) = Actor::spawn(None, AgentClient, ()).await.unwrap();
+        agent.cast(AgentMsg::Attach(console.get_derived())).unwrap();
+        let ready = encode(&GuestMsg::Ready {
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            agent: "t".into(),
+        })
+        .unwrap();
+        agent.cast(AgentMsg::FromGuest(GuestBytes { data: ready.clone(), drained: 0 })).unwrap();
+        let requests: DerivedActorRef<AgentRequest> = agent.get_derived();
+        let (events, mut rx) = ractor::concurrency::mpsc_unbounded();
+        let (tx, id_rx) = ractor::concurrency::oneshot();
+        requests
+            .send_message(AgentRequest::ExecStream { spec: ExecSpec::command(["yes"]), events, reply: tx.into() })
+            .unwrap();
+        let id = id_rx.await.unwrap().unwrap();
+
+        let chunk =
+            encode(&GuestMsg::Output { id, stream: Stream::Stdout, data: vec![b'y'; MAX_OUTPUT_CHUNK] }).unwrap();
+        let chunks = STREAM_WINDOW / MAX_OUTPUT_CHUNK + 16;
+        for _ in 0..chunks {
+            agent.cast(AgentMsg::FromGuest(GuestBytes { data: chunk.clone(), drained: 0 })).unwrap();
+        }
+        let mut received = 0;
+        while received < chunks {
+            assert!(matches!(rx.recv().await, Some(ExecEvent::Stdout(_))));
+            received += 1;
+        }
+        // Credit flows while the consumer is within the window, and stops past it.
+        let within = ready.len() + (STREAM_WINDOW / MAX_OUTPUT_CHUNK) * chunk.len();
+        eventually("credit for the window arrived", || credited.load(Ordering::SeqCst) == within).await;
+        let (tx, rx_ready) = ractor::concurrency::oneshot();
+        requests.send_message(AgentRequest::WaitReady(tx.into())).unwrap();
+        rx_ready.await.unwrap().unwrap(); // the agent has handled everything before it
+        assert_eq!(credited.load(Ordering::SeqCst), within, "no credit while the consumer lags");
+        // The consumer reports what it read: the withheld credit is released.
+        requests.send_message(AgentRequest::Consumed { id, bytes: chunks * MAX_OUTPUT_CHUNK }).unwrap();
+        let all = ready.len() + chunks * chunk.len();
+        eventually("the withheld credit was released", || credited.load(Ordering::SeqCst) == all).await;
+    }
+}

@@ -67,7 +67,7 @@ mod tests {
 
     #[test]
     fn bytes_reach_the_log_and_halt_stops() {
-        let irq = Arc::new(EventFd::new(libc_nonblock()).unwrap());
+        let irq = Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
         let dev = SerialDevice::new(irq, ConsoleLog::new(None, 0).unwrap());
         for b in b"hello\n" {
             assert_eq!(dev.write(0, &[*b]), None);
@@ -81,9 +81,5 @@ mod tests {
         let mut lsr = [0u8];
         dev.read(5, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0, "transmitter holding register empty");
-    }
-
-    fn libc_nonblock() -> i32 {
-        0x800 // EFD_NONBLOCK
     }
 }
