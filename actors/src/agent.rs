@@ -816,7 +816,6 @@ mod stream_credit_tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    use std::time::Duration;
 
     /// Stands in for the console shell: sums the credit it is given.
     struct FakeConsole;
@@ -841,14 +840,6 @@ mod stream_credit_tests {
                 n.fetch_add(c, Ordering::SeqCst);
             }
             Ok(())
-        }
-    }
-
-    async fn eventually(what: &str, cond: impl Fn() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !cond() {
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
-            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 
@@ -886,7 +877,8 @@ mod stream_credit_tests {
         }
         // Credit flows while the consumer is within the window, and stops past it.
         let within = ready.len() + (STREAM_WINDOW / MAX_OUTPUT_CHUNK) * chunk.len();
-        eventually("credit for the window arrived", || credited.load(Ordering::SeqCst) == within).await;
+        crate::test_util::eventually("credit for the window arrived", || credited.load(Ordering::SeqCst) == within)
+            .await;
         let (tx, rx_ready) = ractor::concurrency::oneshot();
         requests.send_message(AgentRequest::WaitReady(tx.into())).unwrap();
         rx_ready.await.unwrap().unwrap(); // the agent has handled everything before it
@@ -894,6 +886,7 @@ mod stream_credit_tests {
         // The consumer reports what it read: the withheld credit is released.
         requests.send_message(AgentRequest::Consumed { id, bytes: chunks * MAX_OUTPUT_CHUNK }).unwrap();
         let all = ready.len() + chunks * chunk.len();
-        eventually("the withheld credit was released", || credited.load(Ordering::SeqCst) == all).await;
+        crate::test_util::eventually("the withheld credit was released", || credited.load(Ordering::SeqCst) == all)
+            .await;
     }
 }

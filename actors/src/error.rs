@@ -11,6 +11,9 @@ pub enum Error {
     /// The sandbox configuration is not acceptable; the text says why.
     #[error("invalid sandbox configuration: {0}")]
     Config(String),
+    /// The machine size is outside the sandbox limits.
+    #[error(transparent)]
+    Size(#[from] msb_schema::limits::SizeError),
     /// A file the sandbox boots from is missing or unreadable.
     #[error(transparent)]
     Artifacts(#[from] msb_images::Error),

@@ -31,6 +31,8 @@ pub mod devices;
 mod error;
 pub mod sandbox;
 pub mod supervisor;
+#[cfg(test)]
+mod test_util;
 pub mod vcpu;
 
 /// Log files the sandbox process writes (re-exported so the process needs no device crate).

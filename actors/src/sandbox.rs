@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use msb_devices::{Machine, MachineSpec};
 use msb_schema::agent::{AgentRequest, ExecId};
 use msb_schema::exec::OutputCollector;
-use msb_schema::limits::{LIFECYCLE_CALL_TIMEOUT, MAX_BUFFERED_OUTPUT, MEMORY_MIB, VCPUS};
+use msb_schema::limits::{check_size, LIFECYCLE_CALL_TIMEOUT, MAX_BUFFERED_OUTPUT};
 use msb_schema::{ExecError, ExecEvent, ExecOutput, ExecSpec, StopReason, WinSize};
 use ractor::concurrency::MpscUnboundedReceiver;
 use ractor::{Actor, ActorRef, DerivedActorRef, RpcReplyPort};
@@ -52,12 +52,12 @@ impl Default for SandboxBuilder {
 }
 
 impl SandboxBuilder {
-    /// vCPUs (within [`VCPUS`]).
+    /// vCPUs (within [`VCPUS`](msb_schema::limits::VCPUS)).
     pub fn cpus(mut self, n: u8) -> Self {
         self.cpus = n;
         self
     }
-    /// Guest memory in MiB (within [`MEMORY_MIB`]); a limit, host memory is used only as
+    /// Guest memory in MiB (within [`MEMORY_MIB`](msb_schema::limits::MEMORY_MIB)); a limit, host memory is used only as
     /// the guest touches it.
     pub fn memory_mib(mut self, mib: u64) -> Self {
         self.memory_mib = mib;
@@ -87,17 +87,7 @@ impl SandboxBuilder {
     }
 
     fn spec(&self) -> Result<MachineSpec> {
-        if !VCPUS.contains(&self.cpus) {
-            return Err(Error::Config(format!("{} vCPUs: choose {} to {}", self.cpus, VCPUS.start(), VCPUS.end())));
-        }
-        if !MEMORY_MIB.contains(&self.memory_mib) {
-            return Err(Error::Config(format!(
-                "{} MiB of memory: choose {} to {} MiB",
-                self.memory_mib,
-                MEMORY_MIB.start(),
-                MEMORY_MIB.end()
-            )));
-        }
+        check_size(self.cpus, self.memory_mib)?;
         let home = msb_images::msb_home();
         let kernel = match &self.kernel {
             Some(k) => k.clone(),

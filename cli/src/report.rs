@@ -5,6 +5,7 @@
 
 use std::error::Error as StdError;
 
+use msb_control_plane::schema::limits::{SizeError, MEMORY_MIB, VCPUS};
 use msb_control_plane::store::Action;
 use msb_control_plane::{Error, ExecError, StoreError};
 use msb_images::Artifact;
@@ -37,7 +38,15 @@ pub fn remedy(e: &Error) -> Option<String> {
             Action::Connect => "start it with `msb start`".into(),
         }),
         Error::Exec(e) => exec_remedy(e),
+        Error::Size(e) => Some(size_remedy(e)),
         _ => None,
+    }
+}
+
+fn size_remedy(e: &SizeError) -> String {
+    match e {
+        SizeError::Vcpus(_) => format!("choose --cpus {} to {}", VCPUS.start(), VCPUS.end()),
+        SizeError::Memory(_) => format!("choose --memory {} to {} (MiB)", MEMORY_MIB.start(), MEMORY_MIB.end()),
     }
 }
 
@@ -77,6 +86,7 @@ pub fn boot_remedy(e: &msb_actors::Error) -> Option<String> {
             Some(kernel_log_hint())
         }
         msb_actors::Error::Exec(e) => exec_remedy(e),
+        msb_actors::Error::Size(e) => Some(size_remedy(e)),
         _ => None,
     }
 }

@@ -64,7 +64,7 @@ fn bad_names_duplicates_and_bad_config_are_refused_clearly() {
         assert!(msg.contains("invalid sandbox name"), "{bad}: {msg}");
     }
     let (_, msg) = err(h, &["create", "--name", "m", "--memory", "16"]);
-    assert!(msg.contains("--memory 16"), "{msg}");
+    assert!(msg.contains("16 MiB") && msg.contains("--memory 64"), "{msg}");
     let (_, msg) = err(h, &["create", "ubuntu", "--name", "img"]);
     assert!(msg.contains("image \"ubuntu\" is not available"), "{msg}");
     assert_eq!(json(&ok(h, &["ls", "--format", "json"])).as_array().unwrap().len(), 1, "nothing half-created");

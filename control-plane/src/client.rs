@@ -544,7 +544,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let msb = Msb::at(dir.path());
         assert!(matches!(msb.create("a/b", SandboxConfig::default()), Err(Error::Name(_))));
-        assert!(matches!(msb.create("web", SandboxConfig { cpus: 0, ..Default::default() }), Err(Error::Config(_))));
+        assert!(matches!(msb.create("web", SandboxConfig { cpus: 0, ..Default::default() }), Err(Error::Size(_))));
         assert!(msb.list().unwrap().is_empty(), "nothing half-created");
         let sb = msb.create("web", SandboxConfig::default()).unwrap();
         assert_eq!(sb.record().unwrap().status, Status::Created);

@@ -41,6 +41,8 @@ pub enum Error {
     #[error(transparent)]
     Name(#[from] msb_schema::NameError),
     #[error(transparent)]
+    Size(#[from] msb_schema::limits::SizeError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Exec(#[from] ExecError),

@@ -97,7 +97,6 @@ impl Default for SandboxConfig {
 impl SandboxConfig {
     /// Checks the configuration against the sandbox limits before anything is recorded.
     pub fn validate(&self) -> Result<()> {
-        use msb_schema::limits::{MEMORY_MIB, VCPUS};
         if let Some(img) = &self.image {
             if img != "base" {
                 return Err(Error::Config(format!(
@@ -105,18 +104,7 @@ impl SandboxConfig {
                 )));
             }
         }
-        if !VCPUS.contains(&self.cpus) {
-            return Err(Error::Config(format!("--cpus {}: choose {} to {}", self.cpus, VCPUS.start(), VCPUS.end())));
-        }
-        if !MEMORY_MIB.contains(&self.memory_mib) {
-            return Err(Error::Config(format!(
-                "--memory {}: choose {} to {} MiB",
-                self.memory_mib,
-                MEMORY_MIB.start(),
-                MEMORY_MIB.end()
-            )));
-        }
-        Ok(())
+        Ok(msb_schema::limits::check_size(self.cpus, self.memory_mib)?)
     }
 }
 
@@ -257,9 +245,10 @@ mod tests {
             SandboxConfig { cpus: 0, ..Default::default() },
             SandboxConfig { cpus: 9, ..Default::default() },
             SandboxConfig { memory_mib: 16, ..Default::default() },
-            SandboxConfig { image: Some("ubuntu".into()), ..Default::default() },
         ] {
-            assert!(matches!(bad.validate(), Err(Error::Config(_))), "{bad:?}");
+            assert!(matches!(bad.validate(), Err(Error::Size(_))), "{bad:?}");
         }
+        let image = SandboxConfig { image: Some("ubuntu".into()), ..Default::default() };
+        assert!(matches!(image.validate(), Err(Error::Config(_))));
     }
 }

@@ -48,3 +48,38 @@ pub const VCPUS: std::ops::RangeInclusive<u8> = 1..=8;
 
 /// Guest memory a sandbox may have, in MiB.
 pub const MEMORY_MIB: std::ops::RangeInclusive<u64> = 64..=65536;
+
+/// A machine size outside the sandbox limits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("{0} vCPUs is outside what a sandbox may have ({min} to {max})", min = VCPUS.start(), max = VCPUS.end())]
+    Vcpus(u8),
+    #[error("{0} MiB of memory is outside what a sandbox may have ({min} to {max} MiB)", min = MEMORY_MIB.start(), max = MEMORY_MIB.end())]
+    Memory(u64),
+}
+
+/// Checks a machine size against [`VCPUS`] and [`MEMORY_MIB`] (the one place that does).
+pub fn check_size(vcpus: u8, memory_mib: u64) -> Result<(), SizeError> {
+    if !VCPUS.contains(&vcpus) {
+        return Err(SizeError::Vcpus(vcpus));
+    }
+    if !MEMORY_MIB.contains(&memory_mib) {
+        return Err(SizeError::Memory(memory_mib));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_checked_at_both_ends() {
+        assert_eq!(check_size(1, 64), Ok(()));
+        assert_eq!(check_size(8, 65536), Ok(()));
+        assert_eq!(check_size(0, 256), Err(SizeError::Vcpus(0)));
+        assert_eq!(check_size(9, 256), Err(SizeError::Vcpus(9)));
+        assert_eq!(check_size(1, 63), Err(SizeError::Memory(63)));
+        assert_eq!(check_size(1, 65537), Err(SizeError::Memory(65537)));
+    }
+}

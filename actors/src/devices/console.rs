@@ -112,7 +112,6 @@ impl Actor for ConsoleDevice {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Duration;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -143,15 +142,6 @@ mod tests {
         }
     }
 
-    /// Polls `cond` until it holds (no fixed sleeps: the wait ends as soon as it does).
-    async fn eventually(what: &str, cond: impl Fn() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !cond() {
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-
     #[tokio::test]
     async fn guest_to_host_bytes_stop_at_the_credit_window() {
         const CHAIN: usize = 60 * 1024;
@@ -178,7 +168,7 @@ mod tests {
         let (console, _) = Actor::spawn(None, ConsoleDevice, args).await.unwrap();
         console.cast(ConsoleMsg::Notify(msb_devices::virtio::console::TX_QUEUE)).unwrap();
         // One notification is one servicing round, forwarded as one message.
-        eventually("the first round arrived", || got.1.load(Ordering::SeqCst) == 1).await;
+        crate::test_util::eventually("the first round arrived", || got.1.load(Ordering::SeqCst) == 1).await;
         let first = got.0.load(Ordering::SeqCst);
         assert!(
             (CREDIT_WINDOW - CHAIN..=CREDIT_WINDOW + CHAIN).contains(&first),
@@ -186,6 +176,7 @@ mod tests {
         );
         // Crediting what was consumed lets the rest through.
         console.cast(ConsoleMsg::Agent(ToConsole::Credit(first))).unwrap();
-        eventually("everything arrived", || got.0.load(Ordering::SeqCst) == CHAIN * CHAINS as usize).await;
+        crate::test_util::eventually("everything arrived", || got.0.load(Ordering::SeqCst) == CHAIN * CHAINS as usize)
+            .await;
     }
 }
