@@ -258,3 +258,22 @@ fn sandbox_limits_fit_what_the_vmm_supports() {
     let cpus = msb_control_plane::schema::limits::VCPUS;
     assert!(*cpus.start() >= 1 && *cpus.end() <= msb_hypervisor::vm::MAX_VCPUS, "{cpus:?}");
 }
+
+#[test]
+fn the_named_sandbox_sdk_does_not_compile_the_vmm() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["tree", "-p", "msb-control-plane", "-e", "normal", "--prefix", "none", "--offline"])
+        .current_dir(root())
+        .output()
+        .expect("cargo tree runs");
+    assert!(out.status.success(), "cargo tree: {}", String::from_utf8_lossy(&out.stderr));
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let crates: BTreeSet<&str> = tree.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert!(crates.contains("msb-schema"), "{tree}");
+    for vmm in
+        ["msb-hypervisor", "msb-devices", "msb-actors", "kvm-ioctls", "linux-loader", "virtio-queue", "vm-memory"]
+    {
+        assert!(!crates.contains(vmm), "msb-control-plane pulls in {vmm}");
+    }
+}

@@ -349,6 +349,30 @@ mod tests {
     }
 
     #[test]
+    fn one_service_round_fills_rx_then_drains_tx_within_its_budget() {
+        let m = mem();
+        let rx = MockSplitQueue::create(&m, GuestAddress(0x10000), 16);
+        let tx = MockSplitQueue::create(&m, GuestAddress(0x20000), 16);
+        rx.build_desc_chain(&[desc(0x8000, 64, F_WRITE, 0)]).unwrap();
+        m.write_slice(b"from guest", GuestAddress(0x9000)).unwrap();
+        tx.build_desc_chain(&[desc(0x9000, 10, 0, 0)]).unwrap();
+        let empty = |at| MockSplitQueue::create(&m, GuestAddress(at), 16).create_queue::<Queue>().unwrap();
+        let mut queues = vec![rx.create_queue().unwrap(), tx.create_queue().unwrap(), empty(0x30000), empty(0x40000)];
+        let mut c = Console::default();
+        c.queue_to_guest(b"to guest").unwrap();
+        // No budget: the host bytes go out, the guest's stay queued.
+        let (done, signal) = c.service(&mut queues, &m, 0).unwrap();
+        assert_eq!(done, Serviced { from_guest: Vec::new(), drained: 8 });
+        assert!(signal, "a used receive buffer is signalled");
+        assert_eq!(tx.used().idx().load(), 0);
+        let (done, signal) = c.service(&mut queues, &m, 1 << 20).unwrap();
+        assert_eq!(done, Serviced { from_guest: b"from guest".to_vec(), drained: 0 });
+        assert!(signal);
+        let (done, signal) = c.service(&mut queues, &m, 1 << 20).unwrap();
+        assert_eq!((done, signal), (Serviced::default(), false), "nothing to do, nothing to signal");
+    }
+
+    #[test]
     fn descriptor_loop_is_bounded() {
         let m = mem();
         let vq = MockSplitQueue::new(&m, 4);

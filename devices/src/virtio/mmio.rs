@@ -324,12 +324,30 @@ pub(crate) mod tests {
 
     fn transport() -> MmioTransport<Rng> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let evt = || Arc::new(EventFd::new(libc_efd_nonblock()).unwrap());
+        let evt = || Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
         MmioTransport::new(Rng, mem, evt(), vec![evt()])
     }
 
-    fn libc_efd_nonblock() -> i32 {
-        0x800
+    #[test]
+    fn service_runs_only_while_active_and_a_device_error_fails_the_device_for_good() {
+        let mut t = transport();
+        let ran = std::cell::Cell::new(0);
+        let round = |_: &mut Rng, _: &mut [Queue], _: &GuestMemoryMmap| {
+            ran.set(ran.get() + 1);
+            Ok(((), false))
+        };
+        assert_eq!(t.service(round), Ok(None), "nothing runs before DRIVER_OK");
+        init(&mut t, 16, 0x1000, 0x2000, 0x3000);
+        assert!(t.is_active());
+        assert_eq!(t.service(round), Ok(Some(())));
+        let bad =
+            |_: &mut Rng, _: &mut [Queue], _: &GuestMemoryMmap| -> Result<((), bool), super::super::DeviceError> {
+                Err(super::super::DeviceError::BadQueue { queue: 0, what: "broken".into() })
+            };
+        assert_eq!(t.service(bad), Err(DeviceFailed("queue 0: broken".into())));
+        assert_ne!(r(&mut t, 0x70) & STATUS_NEEDS_RESET, 0);
+        assert_eq!(t.service(round), Err(DeviceFailed("queue 0: broken".into())), "never serviced again");
+        assert_eq!(ran.get(), 1);
     }
 
     /// Drives the standard init sequence with the given queue addresses.
