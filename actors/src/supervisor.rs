@@ -68,6 +68,9 @@ struct Running {
 
 pub struct SupState {
     running: Option<Running>,
+    /// Handed to every `Sandbox` handle; kept after the VM stops, so that a handle that asks
+    /// late still gets a ref (its requests then fail with the stop reason).
+    requests: DerivedActorRef<AgentRequest>,
     serial: Arc<SerialDevice>,
     reports: Arc<ConsoleReports>,
     boot_timer: Arc<BootTimer>,
@@ -165,6 +168,7 @@ impl Actor for SandboxSupervisor {
         }
         tracing::debug!(cmdline = %m.cmdline, "sandbox VM started");
         Ok(SupState {
+            requests: agent.get_derived(),
             running: Some(Running { runners, agent, devices, vm: m.vm }),
             serial: m.serial,
             reports: m.reports,
@@ -182,11 +186,7 @@ impl Actor for SandboxSupervisor {
 
     async fn handle(&self, me: ActorRef<SupMsg>, msg: SupMsg, st: &mut SupState) -> Result<(), ActorProcessingErr> {
         match msg {
-            SupMsg::AgentRef(reply) => match &st.running {
-                Some(r) => drop(reply.send(r.agent.get_derived())),
-                // Dropping the port tells the caller the tree is gone.
-                None => drop(reply),
-            },
+            SupMsg::AgentRef(reply) => drop(reply.send(st.requests.clone())),
             SupMsg::Stop { graceful, reply } => {
                 if let Some(r) = &st.stopped {
                     let _ = reply.send(r.clone());
