@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use msb_control_plane::NamedSandbox;
 
+use crate::report::for_terminal;
+
 /// One log line, tagged.
 fn tag_console(line: &str) -> String {
     match line.split_once(' ') {
@@ -90,7 +92,7 @@ pub async fn logs(sb: &NamedSandbox, follow: bool, tail: Option<usize>) -> msb_c
     }
     let mut out = std::io::stdout();
     for l in &lines {
-        let _ = writeln!(out, "{l}");
+        let _ = writeln!(out, "{}", for_terminal(l));
     }
     let _ = out.flush();
     if !follow {
@@ -103,14 +105,14 @@ pub async fn logs(sb: &NamedSandbox, follow: bool, tail: Option<usize>) -> msb_c
         let mut new: Vec<String> = files.iter_mut().flat_map(|f| f.poll()).collect();
         new.sort_by_key(|l| stamp(l));
         for l in new {
-            let _ = writeln!(out, "{l}");
+            let _ = writeln!(out, "{}", for_terminal(&l));
         }
         let _ = out.flush();
         ticks += 1;
         if ticks.is_multiple_of(5) && !sb.record().map(|r| r.status.is_live()).unwrap_or(false) {
             // One last read after the sandbox stopped, then done.
             for l in files.iter_mut().flat_map(|f| f.poll()) {
-                let _ = writeln!(out, "{l}");
+                let _ = writeln!(out, "{}", for_terminal(&l));
             }
             return Ok(());
         }

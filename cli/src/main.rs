@@ -253,7 +253,7 @@ fn main() -> ExitCode {
             println!("{name}");
             Ok(())
         }),
-        Cmd::Stop(a) => rt.block_on(stop(&msb, &a)).map(|why| println!("{}: {why}", a.name)),
+        Cmd::Stop(a) => rt.block_on(stop(&msb, &a)).map(|why| println!("{}: {}", a.name, report::for_terminal(&why))),
         Cmd::Restart(a) => rt.block_on(async {
             stop(&msb, &a).await?;
             msb.get(&a.name)?.start_detached().await?;
@@ -366,7 +366,7 @@ fn print_list(list: &[Record], format: Format) {
                     mem,
                     pid,
                     format_ms(r.created_ms),
-                    status_line(r)
+                    report::for_terminal(&status_line(r))
                 );
             }
         }
@@ -399,7 +399,7 @@ async fn inspect(msb: &Msb, name: &str, format: Format) -> msb_control_plane::Re
         Format::Table => {
             if let Some(o) = v.as_object() {
                 for (k, val) in o {
-                    println!("{k:<14} {val}");
+                    println!("{k:<14} {}", report::for_terminal(&val.to_string()));
                 }
             }
         }
@@ -481,7 +481,7 @@ async fn run(msb: &Msb, a: RunArgs) -> ExitCode {
                 );
                 return ExitCode::SUCCESS;
             }
-            Err(e) => eprintln!("msb: could not leave the sandbox running ({e}); stopping it"),
+            Err(e) => eprintln!("msb: could not leave the sandbox running ({}); stopping it", report::message(&e)),
         }
     }
     let _ = sb.stop(Duration::from_secs(10)).await;

@@ -10,6 +10,22 @@ use msb_control_plane::store::Action;
 use msb_control_plane::{Error, ExecError, StoreError};
 use msb_images::Artifact;
 
+/// Text for a terminal: control characters (terminal escapes among them) that a guest may
+/// have put into a log line, a console tail or an error message are shown as `\xNN` /
+/// `\u{NN}` instead of being sent to the terminal. Newlines and tabs stay as they are.
+pub fn for_terminal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if ('\u{80}'..='\u{9f}').contains(&c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// The message and every cause, joined by ": ".
 pub fn chain(e: &(dyn StdError + 'static)) -> String {
     let mut out = e.to_string();
@@ -102,12 +118,13 @@ fn opens_kvm(e: &(dyn StdError + 'static)) -> bool {
     false
 }
 
-/// The whole report: chain, then the remedy after "; ".
+/// The whole report, safe for a terminal: chain, then the remedy after "; ".
 pub fn with_remedy(e: &(dyn StdError + 'static), remedy: Option<String>) -> String {
-    match remedy {
+    let text = match remedy {
         Some(r) => format!("{}; {r}", chain(e)),
         None => chain(e),
-    }
+    };
+    for_terminal(&text)
 }
 
 /// The report of a named-sandbox command's error.
@@ -126,6 +143,16 @@ mod tests {
         assert_eq!(chain(&e), "reading /x: disk on fire");
         let e = Error::Store(StoreError::NotFound("web".into()));
         assert_eq!(message(&e), "no sandbox named \"web\"; `msb ls` lists them");
+    }
+
+    #[test]
+    fn guest_bytes_cannot_drive_the_terminal() {
+        assert_eq!(for_terminal("ok\tline\n"), "ok\tline\n");
+        assert_eq!(for_terminal("\x1b]0;pwned\x07\x1b[2J"), "\\x1b]0;pwned\\x07\\x1b[2J");
+        assert_eq!(for_terminal("a\u{9b}31mb\rc\x7f"), "a\\u{9b}31mb\\x0dc\\x7f");
+        let e =
+            ExecError::VmStopped { reason: msb_control_plane::StopReason::GuestPanic, console_tail: "\x1b[31m".into() };
+        assert!(message(&Error::Exec(e)).ends_with("\\x1b[31m"));
     }
 
     #[test]

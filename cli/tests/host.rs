@@ -124,3 +124,20 @@ fn shell_completions_are_printed() {
         assert!(s.contains("msb") && s.contains("inspect") && s.contains("logs"), "{shell}");
     }
 }
+
+#[test]
+fn logs_show_terminal_escapes_from_the_guest_escaped() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    ok(h, &["create", "--name", "esc"]);
+    let dir = h.join("sandboxes/esc");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("console.log"), "2026-12-01T00:00:00.000Z \x1b]0;owned\x07\x1b[2Jhi\rX\n").unwrap();
+    std::fs::write(dir.join("exec.log"), "2026-12-01T00:00:01.000Z [exec 1 stdout] \u{9b}31mred\n").unwrap();
+    let out = msb(h, &["logs", "esc"]);
+    assert!(out.status.success());
+    assert!(!out.stdout.iter().any(|b| *b == 0x1b || *b == 0x07 || *b == b'\r'), "raw control bytes: {:?}", out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[console] \\x1b]0;owned\\x07\\x1b[2Jhi\\x0dX"), "{text}");
+    assert!(text.contains("\\u{9b}31mred"), "{text}");
+}

@@ -366,7 +366,7 @@ impl NamedSandbox {
         wire::send(&mut wr, &ClientMsg::Stop { graceful_ms }).await?;
         // The sandbox process forces the VM after `graceful`; one that does not answer well
         // after that is itself stuck (and `kill` falls back to SIGKILL).
-        let patience = graceful.map_or(KILL_ANSWER_GRACE, |g| g + STOP_ANSWER_GRACE);
+        let patience = graceful.map_or(KILL_ANSWER_GRACE, |g| g.saturating_add(STOP_ANSWER_GRACE));
         let answer = tokio::time::timeout(patience, Reader::new(rd).next::<ServerMsg>()).await;
         let reason = match answer {
             Ok(Ok(Some(ServerMsg::Stopped { reason }))) => reason.to_string(),
@@ -563,6 +563,30 @@ mod tests {
             Err(Error::Store(StoreError::WrongStatus { status: Status::Created, action: Action::Connect, .. })) => {}
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_graceful_time_too_long_to_add_to_saturates_instead_of_panicking() {
+        let dir = tempfile::tempdir().unwrap();
+        let msb = Msb::at(dir.path());
+        let sb = msb.create("s", SandboxConfig::default()).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.claim_start("s").unwrap();
+        store.mark_running("s", ProcessId::current().unwrap()).unwrap();
+        std::fs::create_dir_all(sb.dir()).unwrap();
+        let listener = tokio::net::UnixListener::bind(paths::socket_path(dir.path(), &sb.name)).unwrap();
+        let home = dir.path().to_path_buf();
+        // Stands in for the sandbox process: answers one stop and records it.
+        let server = tokio::spawn(async move {
+            let (conn, _) = listener.accept().await.unwrap();
+            let (rd, mut wr) = conn.into_split();
+            let asked = Reader::new(rd).next::<ClientMsg>().await.unwrap();
+            Store::open(&home).unwrap().mark_stopped("s", Status::Stopped, "shut down on request").unwrap();
+            wire::send(&mut wr, &ServerMsg::Stopped { reason: msb_schema::StopReason::Shutdown }).await.unwrap();
+            asked
+        });
+        assert_eq!(sb.stop(Duration::MAX).await.unwrap(), "shut down on request");
+        assert_eq!(server.await.unwrap(), Some(ClientMsg::Stop { graceful_ms: Some(u64::MAX) }));
     }
 
     #[test]
