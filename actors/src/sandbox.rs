@@ -88,14 +88,22 @@ impl SandboxBuilder {
 
     fn spec(&self) -> Result<MachineSpec> {
         check_size(self.cpus, self.memory_mib)?;
-        let home = msb_images::msb_home();
+        // The home is only consulted (and checked) for what was not given explicitly.
+        let home = || -> Result<std::path::PathBuf> {
+            let home = msb_images::msb_home()?;
+            msb_images::ensure_private(&home)?;
+            Ok(home)
+        };
         let kernel = match &self.kernel {
             Some(k) => k.clone(),
-            None => msb_images::kernel(&home)?,
+            None => msb_images::kernel(&home()?)?,
         };
         let initramfs = match &self.initramfs {
             Some(i) => i.clone(),
-            None => msb_images::initramfs::cached(&home, &msb_images::agentd(&home)?, &msb_images::busybox(&home)?)?,
+            None => {
+                let home = home()?;
+                msb_images::initramfs::cached(&home, &msb_images::agentd(&home)?, &msb_images::busybox(&home)?)?
+            }
         };
         Ok(MachineSpec {
             vcpus: self.cpus,

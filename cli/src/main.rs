@@ -146,9 +146,14 @@ struct StopArgs {
 
 #[derive(clap::Args, Clone)]
 struct CommandArgs {
-    /// Environment variables for the command (KEY=VALUE).
+    /// Environment variables for the command: KEY=VALUE, or KEY alone to pass msb's own
+    /// value of KEY (so that a secret need not appear in argv).
     #[arg(short = 'e', long = "env")]
     env: Vec<String>,
+    /// Read environment variables from a file: one KEY=VALUE (or KEY, taken from msb's own
+    /// environment) per line; blank lines and lines starting with # are skipped.
+    #[arg(long = "env-file")]
+    env_files: Vec<PathBuf>,
     /// Working directory inside the guest.
     #[arg(short = 'w', long = "workdir")]
     workdir: Option<String>,
@@ -176,11 +181,11 @@ struct CommandArgs {
 impl CommandArgs {
     fn spec(&self, tty: bool) -> Result<ExecSpec, String> {
         let mut env = Vec::new();
+        for f in &self.env_files {
+            env.extend(env_file(f)?);
+        }
         for kv in &self.env {
-            match kv.split_once('=') {
-                Some((k, v)) if !k.is_empty() => env.push((k.to_string(), v.to_string())),
-                _ => return Err(format!("--env {kv:?} is not KEY=VALUE")),
-            }
+            env.push(env_entry(kv).map_err(|why| format!("--env {kv:?}: {why}"))?);
         }
         let timeout = match self.timeout.map(Duration::try_from_secs_f64) {
             Some(Err(_)) => return Err("--timeout must be a positive number of seconds".into()),
@@ -200,6 +205,46 @@ impl CommandArgs {
             rlimits,
         })
     }
+}
+
+/// Longest `--env-file` msb reads.
+const MAX_ENV_FILE: u64 = 1024 * 1024;
+
+/// One environment entry: `KEY=VALUE`, or `KEY` with the value from msb's own environment.
+fn env_entry(entry: &str) -> Result<(String, String), String> {
+    let (key, value) = match entry.split_once('=') {
+        Some((k, v)) => (k, Some(v.to_string())),
+        None => (entry, None),
+    };
+    if key.is_empty() || key.contains(|c: char| c.is_whitespace() || c == '\0') {
+        return Err("the name must be non-empty, without spaces".into());
+    }
+    let value = match value {
+        Some(v) => v,
+        None => std::env::var(key).map_err(|_| format!("{key} is not set in msb's environment (or not UTF-8)"))?,
+    };
+    Ok((key.to_string(), value))
+}
+
+/// The entries of an `--env-file`.
+fn env_file(path: &std::path::Path) -> Result<Vec<(String, String)>, String> {
+    use std::io::Read;
+    let shown = path.display();
+    let file = std::fs::File::open(path).map_err(|e| format!("--env-file {shown}: {e}"))?;
+    let mut text = String::new();
+    file.take(MAX_ENV_FILE + 1).read_to_string(&mut text).map_err(|e| format!("--env-file {shown}: {e}"))?;
+    if text.len() as u64 > MAX_ENV_FILE {
+        return Err(format!("--env-file {shown} is larger than {MAX_ENV_FILE} bytes"));
+    }
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        out.push(env_entry(line).map_err(|why| format!("--env-file {shown}, line {}: {why}", n + 1))?);
+    }
+    Ok(out)
 }
 
 #[derive(clap::Args)]
@@ -229,6 +274,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Everything msb creates (store, sockets, logs, sandbox directories) is private to this
+    // user from the first instant; the sandbox processes inherit this.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -236,16 +284,27 @@ fn main() -> ExitCode {
             return ExitCode::from(125);
         }
     };
-    let msb = Msb::from_env();
-    let r = match cli.cmd {
-        Cmd::Exec(a) => return rt.block_on(exec(&msb, *a)),
-        Cmd::Run(a) => return rt.block_on(run(&msb, *a)),
+    // Commands that need no home directory.
+    match cli.cmd {
         Cmd::Doctor => return doctor(),
         Cmd::SandboxProcess => return rt.block_on(sandbox_process()),
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "msb", &mut std::io::stdout());
-            Ok(())
+            return ExitCode::SUCCESS;
         }
+        _ => {}
+    }
+    let msb = match Msb::from_env() {
+        Ok(msb) => msb,
+        Err(e) => {
+            eprintln!("msb: {}; set MSB_HOME to a directory of your own", report::message(&e));
+            return ExitCode::from(if matches!(cli.cmd, Cmd::Run(_) | Cmd::Exec(_)) { 125 } else { 1 });
+        }
+    };
+    let r = match cli.cmd {
+        Cmd::Exec(a) => return rt.block_on(exec(&msb, *a)),
+        Cmd::Run(a) => return rt.block_on(run(&msb, *a)),
+        Cmd::Doctor | Cmd::SandboxProcess | Cmd::Completions { .. } => unreachable!("served above"),
         Cmd::Create(a) => msb.create(&a.name, a.machine.config(a.image)).map(|sb| println!("{}", sb.name())),
         Cmd::Start { name } => rt.block_on(async {
             let sb = msb.get(&name)?;
@@ -497,7 +556,14 @@ fn doctor() -> ExitCode {
         Ok(_) => println!("/dev/kvm access: read-write OK"),
         Err(e) => println!("/dev/kvm access: {e} (add yourself to the kvm group or run as root)"),
     }
-    let home = msb_images::msb_home();
+    let home = match msb_images::msb_home() {
+        Ok(home) => home,
+        Err(e) => {
+            println!("MSB_HOME: {}", report::chain(&e));
+            println!("verdict: set MSB_HOME (or HOME) before running sandboxes.");
+            return ExitCode::from(1);
+        }
+    };
     println!("MSB_HOME: {}", home.display());
     let mut ok = access.is_ok();
     for (what, r) in [
@@ -537,5 +603,34 @@ fn doctor() -> ExitCode {
     } else {
         println!("verdict: fix the items above before running sandboxes.");
         ExitCode::from(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_entries_take_a_bare_key_from_msbs_own_environment() {
+        assert_eq!(env_entry("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert_eq!(env_entry("PATH"), Ok(("PATH".into(), std::env::var("PATH").unwrap())));
+        assert!(env_entry("MSB_SURELY_UNSET_VARIABLE").unwrap_err().contains("not set"));
+        assert!(env_entry("=x").is_err());
+        assert!(env_entry("A B=x").is_err());
+    }
+
+    #[test]
+    fn env_files_skip_comments_and_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("env");
+        std::fs::write(&f, "# secrets\n\nTOKEN=s3cr3t\r\nPATH\n").unwrap();
+        let got = env_file(&f).unwrap();
+        assert_eq!(got[0], ("TOKEN".into(), "s3cr3t".into()));
+        assert_eq!(got[1].0, "PATH");
+        std::fs::write(&f, "OK=1\nnot a var\n").unwrap();
+        assert!(env_file(&f).unwrap_err().contains("line 2"));
+        std::fs::write(&f, vec![b'x'; MAX_ENV_FILE as usize + 1]).unwrap();
+        assert!(env_file(&f).unwrap_err().contains("larger than"));
+        assert!(env_file(&dir.path().join("missing")).is_err());
     }
 }

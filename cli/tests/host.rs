@@ -141,3 +141,94 @@ fn logs_show_terminal_escapes_from_the_guest_escaped() {
     assert!(text.contains("[console] \\x1b]0;owned\\x07\\x1b[2Jhi\\x0dX"), "{text}");
     assert!(text.contains("\\u{9b}31mred"), "{text}");
 }
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).permissions().mode() & 0o7777
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+}
+
+#[test]
+fn the_home_and_everything_in_it_are_private_from_the_start() {
+    let top = tempfile::tempdir().unwrap();
+    let h = top.path().join("fresh/home");
+    ok(&h, &["create", "--name", "m"]);
+    assert_eq!(mode(&h), 0o700, "a new MSB_HOME is 0700");
+    assert_eq!(mode(&h.join("state.db")) & 0o077, 0, "state.db is private");
+    // A start that cannot boot (no kernel here) still made its directory and vmm.log.
+    let _ = msb(&h, &["start", "m"]);
+    assert_eq!(mode(&h.join("sandboxes/m")), 0o700);
+    assert_eq!(mode(&h.join("sandboxes/m/vmm.log")), 0o600);
+}
+
+#[test]
+fn a_home_others_can_write_to_or_that_another_user_owns_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let top = tempfile::tempdir().unwrap();
+    let h = top.path().join("home");
+    ok(&h, &["ls"]);
+    std::fs::set_permissions(&h, std::fs::Permissions::from_mode(0o770)).unwrap();
+    let (code, msg) = err(&h, &["ls"]);
+    assert_eq!(code, 1);
+    assert!(msg.contains("refusing to use") && msg.contains("group or others can write"), "{msg}");
+    let (code, _) = err(&h, &["run", "--", "true"]);
+    assert_eq!(code, 125, "msb's own failure in `run`");
+    std::fs::set_permissions(&h, std::fs::Permissions::from_mode(0o700)).unwrap();
+    ok(&h, &["ls"]);
+    if is_root() {
+        std::os::unix::fs::chown(&h, Some(4242), Some(4242)).unwrap();
+        let (_, msg) = err(&h, &["ls"]);
+        assert!(msg.contains("owned by uid 4242"), "{msg}");
+    }
+}
+
+#[test]
+fn without_msb_home_or_home_msb_says_so_instead_of_using_tmp() {
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_msb")).arg("ls").env_remove("MSB_HOME").env_remove("HOME").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("neither MSB_HOME nor HOME is set") && msg.contains("set MSB_HOME"), "{msg}");
+}
+
+#[test]
+fn a_control_socket_served_by_another_user_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !is_root() {
+        eprintln!("needs root to run a socket server as another user; skipped");
+        return;
+    }
+    let top = tempfile::tempdir().unwrap();
+    let h = top.path().join("home");
+    ok(&h, &["create", "--name", "peer"]);
+    // Let uid 4242 reach sandboxes/peer/ and serve a socket there.
+    for d in [top.path(), h.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    let dir = h.join("sandboxes/peer");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(h.join("sandboxes"), std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::os::unix::fs::chown(&dir, Some(4242), Some(4242)).unwrap();
+    let sock = dir.join("ctl.sock");
+    let script =
+        "import socket,sys,time\ns=socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\ns.listen()\ntime.sleep(20)";
+    let mut server = Command::new("python3").args(["-c", script]).arg(&sock).uid(4242).gid(4242).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "the foreign server never bound {}", sock.display());
+        std::thread::yield_now();
+    }
+    let out = msb(&h, &["exec", "peer", "--", "true"]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(out.status.code(), Some(125));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("served by uid 4242"), "{msg}");
+}

@@ -8,6 +8,7 @@
 //! [`KILL_ANSWER_GRACE`], the boot timeout plus a margin).
 
 use std::io::{BufRead, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -30,9 +31,9 @@ pub struct Msb {
 }
 
 impl Msb {
-    /// `$MSB_HOME`, default `~/.msb`.
-    pub fn from_env() -> Self {
-        Msb { home: msb_images::msb_home() }
+    /// `$MSB_HOME`, default `~/.msb` (an error when neither is set).
+    pub fn from_env() -> Result<Self> {
+        Ok(Msb { home: msb_images::msb_home().map_err(StoreError::Home)? })
     }
 
     pub fn at(home: impl Into<PathBuf>) -> Self {
@@ -127,6 +128,24 @@ impl Owner {
 pub struct NamedSandbox {
     msb: Msb,
     name: SandboxName,
+}
+
+/// Creates `dir` (and missing parents) with mode 0700 from the first instant, and makes an
+/// existing one 0700.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Checks that the process at the other end of a control socket runs as this user.
+pub fn check_peer(stream: &UnixStream) -> Result<()> {
+    let me = rustix::process::geteuid().as_raw();
+    let cred = stream.peer_cred().map_err(|e| Error::Wire(format!("reading the socket's peer credentials: {e}")))?;
+    if cred.uid() != me {
+        return Err(Error::Wire(format!("the control socket is served by uid {}, not by you (uid {me})", cred.uid())));
+    }
+    Ok(())
 }
 
 /// Finds the `msb` binary that runs sandbox processes: `$MSB_BIN`, this executable if it is
@@ -239,10 +258,12 @@ impl NamedSandbox {
 
     fn spawn(&self, launch: &Launch) -> Result<(Child, ChildStdin, std::process::ChildStdout)> {
         let dir = self.dir();
-        std::fs::create_dir_all(&dir).map_err(|e| Error::Spawn(format!("creating {}: {e}", dir.display())))?;
+        private_dir(&dir).map_err(|e| Error::Spawn(format!("creating {}: {e}", dir.display())))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(self.vmm_log())
             .map_err(|e| Error::Spawn(format!("opening {}: {e}", self.vmm_log().display())))?;
         let bin = msb_binary(&self.msb.home)?;
@@ -267,7 +288,10 @@ impl NamedSandbox {
     async fn connect(&self) -> Result<UnixStream> {
         let sock = paths::socket_path(&self.msb.home, &self.name);
         let err = match UnixStream::connect(&sock).await {
-            Ok(s) => return Ok(s),
+            Ok(s) => {
+                check_peer(&s)?;
+                return Ok(s);
+            }
             Err(e) => e,
         };
         let rec = self.record()?;
@@ -341,7 +365,10 @@ impl NamedSandbox {
     /// SIGKILL for a sandbox process that does not answer; the store then records it crashed.
     async fn kill_process(&self, why: &str) -> Result<String> {
         tracing::warn!(sandbox = %self.name, "{why}; killing its process");
-        if let Some(p) = self.record()?.process.filter(|p| p.is_alive()) {
+        // Only a live process with the recorded start time, run by this user from the msb
+        // binary, is signalled: a pid in the store is a claim, not a proof.
+        let bin = msb_binary(&self.msb.home)?;
+        if let Some(p) = self.record()?.process.filter(|p| p.is_our_process(&bin)) {
             if let Some(pid) = rustix::process::Pid::from_raw(p.pid as i32) {
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
             }

@@ -5,7 +5,7 @@
 //! ```no_run
 //! # async fn demo() -> msb_control_plane::Result<()> {
 //! use msb_control_plane::{ExecSpec, Msb, SandboxConfig};
-//! let msb = Msb::from_env();
+//! let msb = Msb::from_env()?;
 //! let sb = msb.create("web", SandboxConfig::default())?;
 //! sb.start_detached().await?;
 //! let out = msb.get("web")?.exec(ExecSpec::command(["uname", "-a"])).await?;

@@ -42,6 +42,24 @@ impl ProcessId {
         stat(pid).map(|s| ProcessId { pid, start: s.start })
     }
 
+    /// Whether this very process still runs (see [`ProcessId::is_alive`]), as this user, from
+    /// the executable `exe` (or from what was at that path when it started).
+    pub fn is_our_process(&self, exe: &std::path::Path) -> bool {
+        if !self.is_alive() {
+            return false;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|v| v.split_whitespace().nth(1));
+        let me = rustix::process::geteuid().as_raw().to_string();
+        if uid != Some(me.as_str()) {
+            return false;
+        }
+        let Ok(running) = std::fs::read_link(format!("/proc/{}/exe", self.pid)) else { return false };
+        let want = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());
+        let running = running.to_string_lossy();
+        running == want.to_string_lossy() || running.strip_suffix(" (deleted)") == Some(&*want.to_string_lossy())
+    }
+
     /// Whether this very process still runs (and is not a zombie).
     pub fn is_alive(&self) -> bool {
         stat(self.pid).is_some_and(|s| s.start == self.start && !matches!(s.state, 'Z' | 'X'))
@@ -58,6 +76,15 @@ mod tests {
         let s = parse_stat(line).unwrap();
         assert_eq!((s.state, s.start), ('S', 123456));
         assert!(parse_stat("42 (x").is_none());
+    }
+
+    #[test]
+    fn only_a_process_of_the_expected_binary_counts_as_ours() {
+        let me = ProcessId::current().unwrap();
+        assert!(me.is_our_process(&std::env::current_exe().unwrap()));
+        assert!(!me.is_our_process(std::path::Path::new("/bin/true")));
+        let pid1 = ProcessId::of(1).unwrap();
+        assert!(!pid1.is_our_process(&std::env::current_exe().unwrap()));
     }
 
     #[test]

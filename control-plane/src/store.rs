@@ -56,6 +56,9 @@ pub enum StoreError {
     WrongStatus { name: String, status: Status, action: Action },
     #[error(transparent)]
     InvalidName(#[from] msb_schema::NameError),
+    /// The home directory is missing, not ours alone, or unreadable.
+    #[error(transparent)]
+    Home(#[from] msb_images::Error),
     #[error("state database {path}")]
     Db {
         path: String,
@@ -170,14 +173,13 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) `$home/state.db`.
+    /// Opens (creating if needed) `$home/state.db`, after checking that `home` is this
+    /// user's alone ([`msb_images::ensure_private`]).
     pub fn open(home: &Path) -> Result<Self> {
         let path = home.join("state.db");
         let shown = path.display().to_string();
         let db = |source| StoreError::Db { path: shown.clone(), source };
-        if let Err(e) = std::fs::create_dir_all(home) {
-            return Err(db(rusqlite::Error::InvalidPath(format!("{}: {e}", home.display()).into())));
-        }
+        msb_images::ensure_private(home)?;
         let conn = Connection::open(&path).map_err(db)?;
         // Sandbox configurations are the user's business only (SQLite gives its -wal and -shm
         // files the database's mode).

@@ -9,6 +9,15 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 
+/// Opens a log private to its owner from the first instant (mode 0600 on creation, and made
+/// 0600 if it existed), never through a symlink.
+fn private(opts: &mut std::fs::OpenOptions, path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = opts.mode(0o600).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32).open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
 /// A log file with a size cap.
 #[derive(Debug)]
 pub struct CappedLog {
@@ -22,13 +31,13 @@ pub struct CappedLog {
 impl CappedLog {
     /// Creates (or truncates) `path`.
     pub fn create(path: &Path, cap: u64, marker: &'static str) -> std::io::Result<Self> {
-        let file = File::create(path)?;
+        let file = private(std::fs::OpenOptions::new().write(true).create(true).truncate(true), path)?;
         Ok(CappedLog { file, written: 0, cap, marker, capped: false })
     }
 
     /// Opens `path` for appending; what it already holds counts against `cap`.
     pub fn append(path: &Path, cap: u64, marker: &'static str) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let file = private(std::fs::OpenOptions::new().create(true).append(true), path)?;
         let written = file.metadata()?.len();
         Ok(CappedLog { file, written, cap, marker, capped: written >= cap })
     }
@@ -77,6 +86,22 @@ mod tests {
         let text = std::fs::read_to_string(&p).unwrap();
         assert_eq!(text.len(), 100 + MARK.len() + 2);
         assert_eq!(text.matches(MARK).count(), 1);
+    }
+
+    #[test]
+    fn logs_are_private_and_never_written_through_a_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        CappedLog::create(&p, 10, MARK).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        CappedLog::append(&p, 10, MARK).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert!(CappedLog::append(&link, 10, MARK).is_err());
+        assert!(CappedLog::create(&link, 10, MARK).is_err());
     }
 
     #[test]

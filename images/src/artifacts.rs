@@ -1,5 +1,4 @@
-//! Where msb keeps its files (`MSB_HOME`, default `~/.msb`) and where it finds the guest
-//! kernel, agentd and busybox. A missing file is an [`crate::Error::Missing`]
+//! Where msb finds the guest kernel, agentd and busybox under its home. A missing file is an [`crate::Error::Missing`]
 //! that names the artifact, so that a caller can say how to make it.
 
 use std::path::{Path, PathBuf};
@@ -22,15 +21,6 @@ impl std::fmt::Display for Artifact {
             Artifact::Busybox => "static busybox",
         })
     }
-}
-
-/// The msb home directory: `$MSB_HOME`, else `$HOME/.msb`, else `/tmp/.msb`.
-pub fn msb_home() -> PathBuf {
-    if let Some(h) = std::env::var_os("MSB_HOME") {
-        return PathBuf::from(h);
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
-    home.join(".msb")
 }
 
 fn must_exist(path: PathBuf, what: Artifact) -> Result<PathBuf> {

@@ -10,13 +10,21 @@
 #![forbid(unsafe_code)]
 
 pub mod artifacts;
+pub mod home;
 pub mod initramfs;
 
-pub use artifacts::{agentd, busybox, kernel, msb_home, Artifact};
+pub use artifacts::{agentd, busybox, kernel, Artifact};
+pub use home::{ensure_private, msb_home};
 
-/// Why an artifact could not be found or built.
+/// Why an artifact could not be found or built, or the home could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Neither `MSB_HOME` nor `HOME` is set.
+    #[error("neither MSB_HOME nor HOME is set, so msb has no home directory")]
+    NoHome,
+    /// The home directory is not this user's alone.
+    #[error("refusing to use {} as msb's home: {why}", .path.display())]
+    NotPrivate { path: std::path::PathBuf, why: String },
     /// A file a sandbox boots from is not where it is looked for.
     #[error("{what} not found at {}", .path.display())]
     Missing { what: Artifact, path: std::path::PathBuf },

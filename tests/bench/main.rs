@@ -105,7 +105,7 @@ async fn main() {
 /// through a fresh `msb exec` process (the CLI).
 async fn named(n: usize) {
     use msb_control_plane::{Msb, SandboxConfig};
-    let msb = Msb::from_env();
+    let Ok(msb) = Msb::from_env() else { return println!("named sandboxes not benchmarked: no MSB_HOME") };
     let (mut to_exec, mut api_rtt, mut cli_rtt) = (vec![], vec![], vec![]);
     let bin = std::env::current_exe().ok().map(|p| p.with_file_name("msb")).filter(|p| p.is_file());
     for i in 0..n {
@@ -189,7 +189,7 @@ fn side_by_side(n: usize) {
     let Some(qemu) = which("qemu-system-x86_64") else {
         return println!("QEMU not found in PATH: comparison not run");
     };
-    let home = msb_images::msb_home();
+    let Ok(home) = msb_images::msb_home() else { return println!("comparison not run: no MSB_HOME") };
     let (kernel, initramfs) = match (|| {
         let k = msb_images::kernel(&home)?;
         let i = msb_images::initramfs::cached(&home, &msb_images::agentd(&home)?, &msb_images::busybox(&home)?)?;

@@ -126,8 +126,8 @@ fn cli_lifecycle_exec_logs_and_store() {
     // 100 sequential and 10 concurrent sessions through the sandbox process (Rust API).
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let sb = Msb::from_env().get(n).unwrap();
-        assert!(Msb::from_env().list().unwrap().iter().any(|r| r.name == n));
+        let sb = Msb::from_env().unwrap().get(n).unwrap();
+        assert!(Msb::from_env().unwrap().list().unwrap().iter().any(|r| r.name == n));
         // A streaming session through the sandbox process: output as it comes, a signal.
         // (A loop, not `sleep & wait`: ash only notices a signal that lands between `&` and
         // `wait` when the wait ends.)
@@ -178,7 +178,10 @@ fn cli_lifecycle_exec_logs_and_store() {
     let stopped = ok(&["stop", "-t", "10", n]);
     assert!(stopped.contains("shut down on request"), "{stopped}");
     assert_eq!(status(n), "stopped");
-    assert!(!paths::socket_path(Msb::from_env().home(), &SandboxName::new(n).unwrap()).exists(), "socket removed");
+    assert!(
+        !paths::socket_path(Msb::from_env().unwrap().home(), &SandboxName::new(n).unwrap()).exists(),
+        "socket removed"
+    );
     ok(&["restart", n]);
     assert_eq!(status(n), "running");
     assert_eq!(ok(&["exec", n, "--", "echo", "again"]), "again\n");
@@ -230,7 +233,7 @@ fn cli_sigkilled_sandbox_process_is_marked_crashed() {
     let rec = record(n).unwrap();
     assert!(rec["last_run"]["exit_reason"].as_str().unwrap().contains("crashed"), "{rec}");
     assert!(
-        !paths::socket_path(Msb::from_env().home(), &SandboxName::new(n).unwrap()).exists(),
+        !paths::socket_path(Msb::from_env().unwrap().home(), &SandboxName::new(n).unwrap()).exists(),
         "stale socket removed"
     );
     // A crashed sandbox starts again.

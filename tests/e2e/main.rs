@@ -150,7 +150,7 @@ async fn a_guest_that_never_gets_ready_times_out_with_its_console() {
 async fn bzimage_boots_through_the_fallback_protocol() {
     // scripts/setup.sh builds the rig's kernel as a bzImage from the same sources; as a guest
     // it exercises the 64-bit Linux boot protocol path instead of PVH.
-    let bz = msb_images::msb_home().join("rig/bzImage");
+    let bz = msb_images::msb_home().unwrap().join("rig/bzImage");
     assert!(bz.is_file(), "{} missing: run scripts/setup.sh", bz.display());
     let sb = msb_tests::boot_with(|| msb_actors::Sandbox::builder().kernel(bz.clone())).await;
     let out = sb.exec("cat", ["/proc/cmdline"]).await.unwrap();

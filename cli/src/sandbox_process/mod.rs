@@ -68,8 +68,7 @@ struct Ctx {
 pub async fn run(launch: Launch, mut announce: impl Write) -> Result<(), Error> {
     let store = Store::open(&launch.home)?;
     let dir = paths::sandbox_dir(&launch.home, &launch.name);
-    std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io("securing", &dir))?;
+    msb_control_plane::client::private_dir(&dir).map_err(io("creating", &dir))?;
     let sock = paths::socket_path(&launch.home, &launch.name);
     let sb = match boot(&launch, &dir).await {
         Ok(sb) => sb,
@@ -113,6 +112,10 @@ pub async fn run(launch: Launch, mut announce: impl Write) -> Result<(), Error> 
     let reason: StopReason = loop {
         tokio::select! {
             conn = listener.accept() => match conn {
+                Ok((stream, _)) if msb_control_plane::client::check_peer(&stream).is_err() => {
+                    tracing::warn!("refused a control connection from another user");
+                    refuse(&stream, "the control socket serves only its owner");
+                }
                 Ok((stream, _)) => match slots.clone().try_acquire_owned() {
                     Ok(slot) => {
                         let ctx = ctx.clone();
@@ -121,7 +124,9 @@ pub async fn run(launch: Launch, mut announce: impl Write) -> Result<(), Error> 
                             drop(slot);
                         });
                     }
-                    Err(_) => refuse(&stream),
+                    Err(_) => refuse(&stream, &format!(
+                        "the sandbox serves at most {MAX_CONNECTIONS} connections at once; retry when some end"
+                    )),
                 },
                 Err(e) => tracing::warn!("accept on {}: {e}", sock.display()),
             },
@@ -153,10 +158,9 @@ fn announce_line(error: Option<String>) -> String {
     serde_json::to_string(&Announce { ok: error.is_none(), error }).unwrap_or_default()
 }
 
-/// Tells a client over the connection limit why, without waiting on it, and closes.
-fn refuse(stream: &tokio::net::UnixStream) {
-    let why = format!("the sandbox serves at most {MAX_CONNECTIONS} connections at once; retry when some end");
-    if let Ok(frame) = msb_protocol::encode(&ServerMsg::Refused(why)) {
+/// Tells a client it is refused and why, without waiting on it, and closes.
+fn refuse(stream: &tokio::net::UnixStream, why: &str) {
+    if let Ok(frame) = msb_protocol::encode(&ServerMsg::Refused(why.to_string())) {
         let _ = stream.try_write(&frame);
     }
 }
