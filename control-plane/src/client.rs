@@ -50,8 +50,11 @@ impl Msb {
         let s = Store::open(&self.home)?;
         for name in s.reconcile()? {
             tracing::warn!("sandbox {name}: its process died; marked crashed");
-            if let Ok(name) = SandboxName::new(&name) {
-                let _ = std::fs::remove_file(paths::socket_path(&self.home, &name));
+            let Ok(name) = SandboxName::new(&name) else { continue };
+            let _ = std::fs::remove_file(paths::socket_path(&self.home, &name));
+            // An ephemeral sandbox would have been removed when it stopped: do it now.
+            if s.get(name.as_str()).is_ok_and(|r| r.ephemeral) && s.remove(name.as_str()).is_ok() {
+                let _ = std::fs::remove_dir_all(paths::sandbox_dir(&self.home, &name));
             }
         }
         Ok(s)
@@ -93,7 +96,9 @@ impl Msb {
     /// A recorded sandbox.
     pub fn get(&self, name: &str) -> Result<NamedSandbox> {
         let name = SandboxName::new(name)?;
-        self.reconciled_store()?.get(name.as_str())?;
+        if !self.reconciled_store()?.exists(name.as_str())? {
+            return Err(StoreError::NotFound(name.to_string()).into());
+        }
         Ok(NamedSandbox { msb: self.clone(), name })
     }
 
@@ -217,7 +222,7 @@ impl NamedSandbox {
         if let Some(p) = ProcessId::of(child.id()) {
             let _ = store.set_process(self.name(), p);
         }
-        let wait = Duration::from_secs(config.boot_timeout_secs + 30);
+        let wait = Duration::from_secs(config.boot_timeout_secs.saturating_add(30));
         let line = tokio::task::spawn_blocking(move || {
             let mut line = String::new();
             let _ = std::io::BufReader::new(stdout).read_line(&mut line);
@@ -388,6 +393,10 @@ impl NamedSandbox {
         if !rec.status.is_live() {
             return Ok(format!("already {}", rec.status));
         }
+        if rec.status == Status::Starting {
+            // No socket yet: nothing can be asked, the process (if any) is stopped by force.
+            return Err(Error::Wire("it is still starting".into()));
+        }
         let (rd, mut wr) = self.connect().await?.into_split();
         let graceful_ms = graceful.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         wire::send(&mut wr, &ClientMsg::Stop { graceful_ms }).await?;
@@ -435,8 +444,11 @@ impl NamedSandbox {
 
     /// Deletes it and its files; `force` kills it first if it is running.
     pub async fn remove(&self, force: bool) -> Result<()> {
-        if force && self.record()?.status.is_live() {
-            self.kill().await?;
+        match self.record() {
+            Ok(rec) if force && rec.status.is_live() => drop(self.kill().await?),
+            // An unreadable record cannot be live-checked; the store deletes it.
+            Ok(_) | Err(Error::Store(StoreError::Corrupt(..))) => {}
+            Err(e) => return Err(e),
         }
         self.msb.reconciled_store()?.remove(self.name())?;
         let _ = std::fs::remove_dir_all(self.dir());

@@ -268,10 +268,24 @@ impl Store {
             .map_err(|e| self.err(e))?;
         let rows = stmt.query_map([], RawRecord::from_row).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
+        // One unreadable row must not make every command fail: it is skipped (and said so);
+        // `get` of that name still reports it, and `remove` deletes it.
         for r in rows {
-            out.push(r.map_err(|e| self.err(e))?.parse()?);
+            match r.map_err(|e| self.err(e)).and_then(RawRecord::parse) {
+                Ok(rec) => out.push(rec),
+                Err(e) => tracing::warn!("state database: skipping an unreadable sandbox record: {e}"),
+            }
         }
         Ok(out)
+    }
+
+    /// Whether a sandbox of this name is recorded (readable or not).
+    pub fn exists(&self, name: &str) -> Result<bool> {
+        self.conn
+            .query_row("SELECT 1 FROM sandboxes WHERE name = ?1", [name], |_| Ok(()))
+            .optional()
+            .map(|r| r.is_some())
+            .map_err(|e| self.err(e))
     }
 
     /// Reads `name` inside a write transaction and refuses `action` if it is live.
@@ -324,7 +338,7 @@ impl Store {
     pub fn set_process(&self, name: &str, p: ProcessId) -> Result<()> {
         self.write(|tx| {
             tx.execute(
-                "UPDATE sandboxes SET pid = ?2, pid_start = ?3, updated_ms = ?4 WHERE name = ?1",
+                "UPDATE sandboxes SET pid = ?2, pid_start = ?3, updated_ms = ?4 WHERE name = ?1 AND status = 'starting'",
                 params![name, p.pid, p.start as i64, now_ms() as i64],
             )
             .map(drop)
@@ -344,6 +358,32 @@ impl Store {
         })
     }
 
+    /// The sandbox that process `p` served stopped: closes its run with `reason`, unless the
+    /// record no longer names `p` (another start has taken it over). Returns whether it did.
+    pub fn mark_stopped_by(&self, name: &str, p: ProcessId, status: Status, reason: &str) -> Result<bool> {
+        let now = now_ms() as i64;
+        self.write(|tx| {
+            let ours: bool = tx
+                .query_row(
+                    // A `starting` record without a pid is the start in progress, which is ours
+                    // (one start at a time; its client records our pid right after spawning).
+                    "SELECT count(*) FROM sandboxes WHERE name = ?1 AND ((pid = ?2 AND pid_start = ?3)
+                     OR (pid IS NULL AND status = 'starting'))",
+                    params![name, p.pid, p.start as i64],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map(|n| n > 0)?;
+            if ours {
+                Self::close_run(tx, name, now, reason)?;
+                tx.execute(
+                    "UPDATE sandboxes SET status = ?2, pid = NULL, pid_start = NULL, updated_ms = ?3 WHERE name = ?1",
+                    params![name, status.as_str(), now],
+                )?;
+            }
+            Ok(ours)
+        })
+    }
+
     /// The sandbox stopped (or never came up): closes its run with `reason`.
     pub fn mark_stopped(&self, name: &str, status: Status, reason: &str) -> Result<()> {
         let now = now_ms() as i64;
@@ -357,10 +397,14 @@ impl Store {
         })
     }
 
-    /// Deletes a sandbox and its history; refuses while it is live.
+    /// Deletes a sandbox and its history; refuses while it is live. An unreadable record
+    /// (nothing can be known about it, nor done with it) is deleted.
     pub fn remove(&self, name: &str) -> Result<()> {
         self.write_checked(|tx| {
-            self.not_live(tx, name, Action::Remove)?;
+            match self.not_live(tx, name, Action::Remove) {
+                Ok(_) | Err(StoreError::Corrupt(..)) => {}
+                Err(e) => return Err(e),
+            }
             tx.execute("DELETE FROM sandboxes WHERE name = ?1", [name]).map_err(|e| self.err(e))?;
             Ok(())
         })
@@ -540,6 +584,37 @@ mod tests {
         s.remove("web").unwrap();
         assert!(matches!(s.get("web"), Err(StoreError::NotFound(_))));
         assert!(s.runs("web").unwrap().is_empty(), "history goes with the sandbox");
+    }
+
+    #[test]
+    fn an_unreadable_row_is_skipped_by_list_and_can_be_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.insert(&n("bad"), &cfg(), false).unwrap();
+        s.insert(&n("good"), &cfg(), false).unwrap();
+        s.conn.execute("UPDATE sandboxes SET config = 'not json' WHERE name = 'bad'", []).unwrap();
+        let names: Vec<String> = s.list().unwrap().into_iter().map(|r| r.name).collect();
+        assert_eq!(names, vec!["good".to_string()]);
+        assert!(s.reconcile().is_ok());
+        assert!(matches!(s.get("bad"), Err(StoreError::Corrupt(..))));
+        assert!(s.exists("bad").unwrap());
+        s.remove("bad").unwrap();
+        assert!(!s.exists("bad").unwrap());
+    }
+
+    #[test]
+    fn only_the_process_that_ran_a_sandbox_closes_its_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.insert(&n("web"), &cfg(), false).unwrap();
+        s.claim_start("web").unwrap();
+        let me = ProcessId::current().unwrap();
+        s.mark_running("web", me).unwrap();
+        let stale = ProcessId { pid: me.pid, start: me.start + 1 };
+        assert!(!s.mark_stopped_by("web", stale, Status::Stopped, "late").unwrap());
+        assert_eq!(s.get("web").unwrap().status, Status::Running, "a stale process changes nothing");
+        assert!(s.mark_stopped_by("web", me, Status::Stopped, "done").unwrap());
+        assert_eq!(s.get("web").unwrap().last_run.unwrap().exit_reason.as_deref(), Some("done"));
     }
 
     #[test]

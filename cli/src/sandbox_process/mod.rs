@@ -15,7 +15,7 @@
 mod exec_log;
 
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -70,11 +70,14 @@ pub async fn run(launch: Launch, mut announce: impl Write) -> Result<(), Error> 
     let dir = paths::sandbox_dir(&launch.home, &launch.name);
     msb_control_plane::client::private_dir(&dir).map_err(io("creating", &dir))?;
     let sock = paths::socket_path(&launch.home, &launch.name);
+    let me = ProcessId::current()
+        .ok_or_else(|| io("reading", Path::new("/proc/self/stat"))(std::io::Error::other("unparsable")))?;
     let sb = match boot(&launch, &dir).await {
         Ok(sb) => sb,
         Err(e) => {
             let why = report::with_remedy(&e, report::boot_remedy(&e));
-            let _ = store.mark_stopped(launch.name.as_str(), Status::Stopped, &format!("failed to start: {why}"));
+            let _ =
+                store.mark_stopped_by(launch.name.as_str(), me, Status::Stopped, &format!("failed to start: {why}"));
             finish_ephemeral(&store, &launch, &dir);
             let _ = writeln!(announce, "{}", announce_line(Some(why)));
             return Err(Error::Boot(e));
@@ -83,8 +86,8 @@ pub async fn run(launch: Launch, mut announce: impl Write) -> Result<(), Error> 
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).map_err(io("binding", &sock))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(io("securing", &sock))?;
-    let me = ProcessId::current()
-        .ok_or_else(|| io("reading", Path::new("/proc/self/stat"))(std::io::Error::other("unparsable")))?;
+    // The exit path removes this very socket, not one a later start may have bound.
+    let sock_inode = std::fs::metadata(&sock).map(|m| m.ino()).map_err(io("reading the metadata of", &sock))?;
     store.mark_running(launch.name.as_str(), me)?;
     let exec_log = dir.join("exec.log");
     let log = ExecLog::open(&exec_log, EXEC_LOG_CAP).map_err(io("opening", &exec_log))?;
@@ -142,9 +145,13 @@ pub async fn run(launch: Launch, mut announce: impl Write) -> Result<(), Error> 
             }
         }
     };
-    let _ = std::fs::remove_file(&sock);
-    if let Err(e) = store.mark_stopped(launch.name.as_str(), Status::Stopped, &reason.to_string()) {
-        tracing::error!("recording the stop of {}: {}", launch.name, report::chain(&e));
+    if std::fs::metadata(&sock).is_ok_and(|m| m.ino() == sock_inode) {
+        let _ = std::fs::remove_file(&sock);
+    }
+    match store.mark_stopped_by(launch.name.as_str(), me, Status::Stopped, &reason.to_string()) {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!("the record of {} names another process now; left as it is", launch.name),
+        Err(e) => tracing::error!("recording the stop of {}: {}", launch.name, report::chain(&e)),
     }
     finish_ephemeral(&store, &launch, &dir);
     for w in stop_waiters {
