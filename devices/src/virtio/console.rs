@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{add_used, read_chain, write_chain, DeviceError, VirtioDevice, TYPE_CONSOLE};
+use super::{add_used, pop_chain, read_chain, write_chain, DeviceError, VirtioDevice, TYPE_CONSOLE};
 
 pub const RX_QUEUE: u16 = 0;
 pub const TX_QUEUE: u16 = 1;
@@ -146,7 +146,7 @@ impl Console {
         let mut used = false;
         let tx = &mut queues[CONTROL_TX_QUEUE as usize];
         for _ in 0..if tx.ready() { tx.size() } else { 0 } {
-            let Some(chain) = tx.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop_chain(tx, mem, CONTROL_TX_QUEUE)? else {
                 break;
             };
             let head = chain.head_index();
@@ -179,7 +179,7 @@ impl Console {
             if self.control_out.is_empty() {
                 break;
             }
-            let Some(chain) = rx.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop_chain(rx, mem, CONTROL_RX_QUEUE)? else {
                 break;
             };
             let head = chain.head_index();
@@ -207,7 +207,7 @@ impl Console {
             if self.to_guest.is_empty() {
                 break;
             }
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop_chain(q, mem, RX_QUEUE)? else {
                 break;
             };
             let head = chain.head_index();
@@ -264,7 +264,7 @@ impl Console {
             if out.len() - start >= budget {
                 break;
             }
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop_chain(q, mem, TX_QUEUE)? else {
                 break;
             };
             let head = chain.head_index();
@@ -370,6 +370,36 @@ mod tests {
         assert!(signal);
         let (done, signal) = c.service(&mut queues, &m, 1 << 20).unwrap();
         assert_eq!((done, signal), (Serviced::default(), false), "nothing to do, nothing to signal");
+    }
+
+    #[test]
+    fn an_indirect_descriptor_fails_the_chain_because_it_was_never_offered() {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 16);
+        // Head points at a (plausible) indirect table of 4 descriptors.
+        vq.build_desc_chain(&[desc(0x8000, 64, 4 /* VIRTQ_DESC_F_INDIRECT */, 0)]).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let e = Console::default().drain_tx(&mut q, &m, 1 << 20, &mut Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("indirect"), "{e}");
+        // An indirect descriptor further down the chain too.
+        let vq = MockSplitQueue::new(&m, 16);
+        vq.build_desc_chain(&[desc(0x9000, 8, F_NEXT, 1), desc(0x8000, 64, 4, 0)]).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let e = Console::default().drain_tx(&mut q, &m, 1 << 20, &mut Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("indirect"), "{e}");
+    }
+
+    #[test]
+    fn a_broken_available_ring_fails_the_device_instead_of_being_logged() {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 16);
+        vq.build_desc_chain(&[desc(0x8000, 4, 0, 0)]).unwrap();
+        // The driver claims far more new entries than the ring holds.
+        vq.avail().idx().store(1000u16);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let e = Console::default().drain_tx(&mut q, &m, 1 << 20, &mut Vec::new()).unwrap_err();
+        assert!(matches!(e, DeviceError::BadQueue { queue: TX_QUEUE, .. }), "{e}");
+        assert!(e.to_string().contains("available ring"), "{e}");
     }
 
     #[test]

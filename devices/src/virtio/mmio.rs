@@ -208,6 +208,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
         let configurable = |q: &Queue| !q.ready();
+        let queue_register = matches!(offset, 0x38 | 0x44 | 0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4);
+        if queue_register && self.status & STATUS_DRIVER_OK != 0 {
+            // Rings are validated once, at DRIVER_OK; re-arming a queue afterwards would serve
+            // rings nobody checked. Only a full reset (status 0) may change them.
+            let sel = self.queue_sel;
+            return self.fail(format!("queue {sel}: register {offset:#x} written after DRIVER_OK (reset first)"));
+        }
         match offset {
             0x14 => self.device_features_sel = v,
             0x20 => {
@@ -246,6 +253,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
             0x70 => self.write_status(v),
             0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 => {
                 let (low, high) = if offset & 4 == 0 { (Some(v), None) } else { (None, Some(v)) };
+                let (what, align) = match offset & !4 {
+                    0x80 => ("descriptor table", 16),
+                    0x90 => ("available ring", 2),
+                    _ => ("used ring", 4),
+                };
+                // A misaligned address fails the device here (virtio-queue would drop it and
+                // log a line per write, which a guest can repeat at will).
+                if low.is_some_and(|l| l % align != 0) {
+                    let sel = self.queue_sel;
+                    return self.fail(format!("queue {sel}: {what} address {v:#x} is not {align}-byte aligned"));
+                }
                 if let Some(q) = self.selected().filter(|q| configurable(q)) {
                     match offset & !4 {
                         0x80 => q.set_desc_table_address(low, high),
@@ -277,16 +295,49 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 self.fail("driver set DRIVER_OK before FEATURES_OK".into());
             }
             for (i, q) in self.queues.iter().enumerate() {
-                if q.ready() && !q.is_valid(&self.mem) {
-                    let why = format!("queue {i} is not valid (size or ring addresses outside guest memory)");
+                if !q.ready() {
+                    continue;
+                }
+                let checked = check_rings(q, &self.mem);
+                if let Err(why) = checked.and_then(|()| {
+                    q.is_valid(&self.mem).then_some(()).ok_or_else(|| "rejected by virtio-queue".to_string())
+                }) {
                     self.status = v;
-                    self.fail(why);
+                    self.fail(format!("queue {i} is not valid: {why}"));
                     return;
                 }
             }
         }
         self.status = v | (self.status & STATUS_NEEDS_RESET);
     }
+}
+
+/// Checks a ready queue's rings against the split-ring rules (virtio 1.x §2.7): a power-of-two
+/// size, the descriptor table 16-byte, the available ring 2-byte and the used ring 4-byte
+/// aligned, each wholly inside guest RAM. Done here, with a reason, so that a bad ring fails
+/// the device instead of making virtio-queue log a line per access.
+fn check_rings(q: &Queue, mem: &GuestMemoryMmap) -> Result<(), String> {
+    use vm_memory::{GuestAddress, GuestMemory, Permissions};
+    let size = u64::from(q.size());
+    if size == 0 || !size.is_power_of_two() || size > u64::from(q.max_size()) {
+        return Err(format!("size {size}"));
+    }
+    let rings = [
+        ("descriptor table", q.desc_table(), 16, 16 * size),
+        ("available ring", q.avail_ring(), 2, 6 + 2 * size),
+        ("used ring", q.used_ring(), 4, 6 + 8 * size),
+    ];
+    for (what, addr, align, len) in rings {
+        if addr % align != 0 {
+            return Err(format!("{what} at {addr:#x} is not {align}-byte aligned"));
+        }
+        let inside =
+            usize::try_from(len).is_ok_and(|len| mem.check_range(GuestAddress(addr), len, Permissions::ReadWrite));
+        if !inside {
+            return Err(format!("{what} at {addr:#x}+{len:#x} is outside guest memory"));
+        }
+    }
+    Ok(())
 }
 
 /// A transport on the bus: the vCPU side of the device's lock.
@@ -410,6 +461,42 @@ pub(crate) mod tests {
         assert!(!t.is_active());
         assert!(t.failure().unwrap().contains("not valid"));
         assert_ne!(r(&mut t, 0x70) & STATUS_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn queue_registers_cannot_change_after_driver_ok() {
+        // Re-arming: unready, point the rings elsewhere, ready again.
+        for (reg, value) in [(0x44u64, 0u32), (0x80, 0x5000), (0x90, 0x5000), (0xa0, 0x5000), (0x38, 8)] {
+            let mut t = transport();
+            init(&mut t, 16, 0x1000, 0x2000, 0x3000);
+            assert!(t.is_active());
+            w(&mut t, 0x30, 0);
+            w(&mut t, reg, value);
+            assert!(!t.is_active(), "register {reg:#x} after DRIVER_OK");
+            assert!(t.failure().unwrap().contains("after DRIVER_OK"), "{:?}", t.failure());
+            assert_ne!(r(&mut t, 0x70) & STATUS_NEEDS_RESET, 0);
+        }
+        // After a full reset the driver may configure again.
+        let mut t = transport();
+        init(&mut t, 16, 0x1000, 0x2000, 0x3000);
+        w(&mut t, 0x70, 0);
+        init(&mut t, 16, 0x4000, 0x5000, 0x6000);
+        assert!(t.is_active());
+    }
+
+    #[test]
+    fn misaligned_rings_fail_the_device_with_the_reason() {
+        for (desc, avail, used, what) in [
+            (0x1008, 0x2000, 0x3000, "descriptor table"),
+            (0x1000, 0x2001, 0x3000, "available ring"),
+            (0x1000, 0x2000, 0x3002, "used ring"),
+        ] {
+            let mut t = transport();
+            init(&mut t, 16, desc, avail, used);
+            assert!(!t.is_active());
+            let why = t.failure().unwrap();
+            assert!(why.contains(what) && why.contains("aligned"), "{why}");
+        }
     }
 
     #[test]

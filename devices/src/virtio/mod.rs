@@ -40,6 +40,54 @@ pub enum DeviceError {
     BadQueue { queue: u16, what: String },
 }
 
+/// `VIRTQ_DESC_F_NEXT` and `VIRTQ_DESC_F_INDIRECT` (virtio 1.x §2.7.5).
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_INDIRECT: u16 = 4;
+
+/// Takes the next available chain of `q`. Fails (instead of logging and carrying on, as
+/// `pop_descriptor_chain` does) when the available ring is broken, and when the chain uses an
+/// indirect descriptor: no device offers `VIRTIO_RING_F_INDIRECT_DESC`, so a driver that
+/// sends one breaks the contract, and following it would let one chain name up to 2^28
+/// descriptors.
+pub(crate) fn pop_chain<'m>(
+    q: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    queue: u16,
+) -> Result<Option<virtio_queue::DescriptorChain<&'m GuestMemoryMmap>>, DeviceError> {
+    use virtio_queue::{QueueOwnedT, QueueT};
+    use vm_memory::{Address, Bytes, GuestAddress};
+    let (table, size) = (q.desc_table(), q.size());
+    let chain = match q.iter(mem) {
+        Ok(mut avail) => avail.next(),
+        Err(e) => return Err(DeviceError::BadQueue { queue, what: format!("available ring: {e}") }),
+    };
+    let Some(chain) = chain else { return Ok(None) };
+    let head = chain.head_index();
+    let bad = |what: String| DeviceError::BadChain { queue, head, what };
+    // Walk the chain's descriptors as the driver wrote them (bounded by the queue size; a
+    // loop is cut short here and by the chain iterator's own bound).
+    let mut index = head;
+    for _ in 0..size {
+        if index >= size {
+            return Err(bad(format!("descriptor index {index} is outside the {size}-entry table")));
+        }
+        let at = GuestAddress(table)
+            .checked_add(u64::from(index) * 16)
+            .ok_or_else(|| bad("table address overflows".into()))?;
+        let mut raw = [0u8; 16];
+        mem.read_slice(&mut raw, at).map_err(|e| bad(format!("descriptor {index}: {e}")))?;
+        let flags = u16::from_le_bytes([raw[12], raw[13]]);
+        if flags & DESC_F_INDIRECT != 0 {
+            return Err(bad("indirect descriptor, but VIRTIO_RING_F_INDIRECT_DESC was never offered".into()));
+        }
+        if flags & DESC_F_NEXT == 0 {
+            break;
+        }
+        index = u16::from_le_bytes([raw[14], raw[15]]);
+    }
+    Ok(Some(chain))
+}
+
 /// Copies the readable part of a chain out of guest memory, at most `limit` bytes.
 /// Errors if the chain holds a device-writable descriptor, exceeds `limit`, or points
 /// outside guest memory.

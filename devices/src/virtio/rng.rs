@@ -8,7 +8,7 @@
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{add_used, write_chain, DeviceError, VirtioDevice, TYPE_RNG};
+use super::{add_used, pop_chain, write_chain, DeviceError, VirtioDevice, TYPE_RNG};
 
 pub const QUEUE_SIZE: u16 = 64;
 pub const MAX_CHAIN_BYTES: usize = 64 * 1024;
@@ -57,7 +57,7 @@ impl Rng {
         }
         let mut used = false;
         for _ in 0..q.size() {
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop_chain(q, mem, 0)? else {
                 break;
             };
             let head = chain.head_index();
