@@ -269,11 +269,16 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MSB_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MSB_LOG").unwrap_or_else(|_| "warn".into());
+    if matches!(cli.cmd, Cmd::SandboxProcess) {
+        // The sandbox process's stderr is vmm.log: capped and rate-limited (the guest can
+        // make the VMM log).
+        let log = sandbox_process::vmm_log::VmmLog::stderr();
+        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(move || log.clone()).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    }
     // Everything msb creates (store, sockets, logs, sandbox directories) is private to this
     // user from the first instant; the sandbox processes inherit this.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));

@@ -39,6 +39,9 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// Bytes the exec log of one sandbox grows to (the guest decides what its commands print).
 pub const EXEC_LOG_CAP: u64 = 64 * 1024 * 1024;
 
+/// Bytes the sandbox process's own log (`vmm.log`) grows to, across runs.
+pub const VMM_LOG_CAP: u64 = 16 * 1024 * 1024;
+
 /// How long a lifecycle request to a component (stop, wait for readiness, state) may take
 /// before the caller treats the component as stuck.
 pub const LIFECYCLE_CALL_TIMEOUT: Duration = Duration::from_secs(30);

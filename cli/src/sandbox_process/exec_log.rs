@@ -24,6 +24,10 @@ impl ExecLog {
 
     /// Logs `data` from session `id` under `what` (`stdout`, `exit`, …), a line per line.
     pub fn write(&self, id: u64, what: &str, data: &[u8]) {
+        // Past the cap nothing is written: do not spend the formatting either.
+        if lock(&self.inner).is_capped() {
+            return;
+        }
         let stamp = humantime::format_rfc3339_millis(std::time::SystemTime::now());
         let text = String::from_utf8_lossy(data);
         let mut out = String::new();

@@ -13,6 +13,7 @@
 //! its reason and removes the socket.
 
 mod exec_log;
+pub mod vmm_log;
 
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
