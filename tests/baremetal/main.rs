@@ -18,6 +18,8 @@ struct Variant {
     desc_addr: String,
     desc_flags: u16,
     queue_size: u32,
+    /// Guest physical address of the transmit queue's descriptor table.
+    desc_table: u32,
     finish: &'static str,
 }
 
@@ -37,7 +39,14 @@ fn ready_frame() -> Vec<u8> {
 
 impl Variant {
     fn happy(finish: &'static str) -> Self {
-        Variant { payload: ready_frame(), desc_addr: "$payload".into(), desc_flags: 0, queue_size: 8, finish }
+        Variant {
+            payload: ready_frame(),
+            desc_addr: "$payload".into(),
+            desc_flags: 0,
+            queue_size: 8,
+            desc_table: 0x300000,
+            finish,
+        }
     }
 
     fn source(&self) -> String {
@@ -45,7 +54,7 @@ impl Variant {
         format!(
             r#"
 .set BASE, {base:#x}
-.set DESC, 0x300000
+.set DESC, {desc_table:#x}
 .set AVAIL, 0x301000
 .set USED, 0x302000
 .section .note.Xen, "a", @note
@@ -110,6 +119,7 @@ payload: .byte {bytes}
 "#,
             base = VIRTIO_MMIO_BASE,
             qsize = self.queue_size,
+            desc_table = self.desc_table,
             addr = self.desc_addr,
             len = self.payload.len(),
             flags = self.desc_flags,
@@ -184,6 +194,42 @@ async fn descriptor_outside_guest_memory_fails_the_device() {
     let (reason, _) = stop_reason(create("badaddr", v).await.0);
     match reason {
         StopReason::DeviceFailure(why) => assert!(why.contains("0xf0000000"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_indirect_descriptor_that_was_never_offered_fails_the_device() {
+    let v = Variant { desc_flags: 4, ..Variant::happy(IDLE) };
+    let (reason, _) = stop_reason(create("indirect", v).await.0);
+    match reason {
+        StopReason::DeviceFailure(why) => assert!(why.contains("indirect"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misaligned_descriptor_table_fails_the_device_at_the_write() {
+    let v = Variant { desc_table: 0x300008, ..Variant::happy(IDLE) };
+    let (reason, _) = stop_reason(create("misaligned", v).await.0);
+    match reason {
+        StopReason::DeviceFailure(why) => assert!(why.contains("not 16-byte aligned"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_arming_a_queue_after_driver_ok_fails_the_device() {
+    // After the handshake the guest unreadies its transmit queue, to point it elsewhere.
+    // The write can land before or after the host finished the handshake: either way the
+    // device fails and the VM stops with that reason.
+    let (sb, _dir) = create("rearm", Variant::happy("movl $0, 0x44(%ebx)")).await;
+    let reason = match sb {
+        Ok(sb) => sb.wait().await.unwrap(),
+        Err(e) => stop_reason(Err(e)).0,
+    };
+    match reason {
+        StopReason::DeviceFailure(why) => assert!(why.contains("after DRIVER_OK"), "{why}"),
         other => panic!("{other:?}"),
     }
 }
