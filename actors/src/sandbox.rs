@@ -131,10 +131,15 @@ impl SandboxBuilder {
             }
         };
         let sb = Sandbox { sup: sup.clone(), link: AgentLink { agent, sup }, created: clock };
-        let ready = tokio::time::timeout(self.boot_timeout, sb.link.ask(AgentRequest::WaitReady)).await;
+        let ready = tokio::time::timeout(self.boot_timeout, sb.sup.call(SupMsg::WaitReady, None)).await;
         match ready {
-            Ok(Ok(_agent)) => Ok(sb),
-            Ok(Err(e)) => {
+            Ok(Ok(ractor::rpc::CallResult::Success(Ok(_agent)))) => Ok(sb),
+            Ok(Ok(ractor::rpc::CallResult::Success(Err(e)))) => {
+                let _ = sb.kill().await;
+                Err(e.into())
+            }
+            Ok(_) => {
+                let e = sb.link.why_gone().await;
                 let _ = sb.kill().await;
                 Err(e.into())
             }

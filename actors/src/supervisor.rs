@@ -25,7 +25,7 @@ use msb_devices::Machine;
 use msb_hypervisor::VcpuStop;
 use msb_schema::agent::AgentRequest;
 use msb_schema::limits::LIFECYCLE_CALL_TIMEOUT;
-use msb_schema::StopReason;
+use msb_schema::{ExecError, StopReason};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::agent::{AgentClient, AgentMsg};
@@ -37,6 +37,12 @@ use crate::BootTimes;
 pub enum SupMsg {
     /// The narrowed ref through which a `Sandbox` handle sends exec traffic.
     AgentRef(RpcReplyPort<DerivedActorRef<AgentRequest>>),
+    /// Answered once the guest agent is ready (with its name), or with why it never will be.
+    /// The supervisor asks the agent before any vCPU runs, so the answer cannot be lost to a
+    /// guest that stops right after its handshake.
+    WaitReady(RpcReplyPort<Result<String, ExecError>>),
+    /// The agent's answer to the supervisor's own readiness request.
+    AgentReady(Result<String, ExecError>),
     /// Stop the VM: ask the guest to shut down within `graceful`, then force; `None` forces
     /// at once. Answered with the stop reason once the VM is down.
     Stop {
@@ -77,6 +83,10 @@ pub struct SupState {
     stopped: Option<StopReason>,
     shutdown_requested: bool,
     waiters: Vec<RpcReplyPort<StopReason>>,
+    ready: Option<Result<String, ExecError>>,
+    ready_waiters: Vec<RpcReplyPort<Result<String, ExecError>>>,
+    /// The agent failed before it was ready; the answer waits for the stop reason.
+    ready_failed: bool,
 }
 
 impl SupState {
@@ -97,6 +107,21 @@ impl SupState {
         }
     }
 
+    fn set_ready(&mut self, r: Result<String, ExecError>) {
+        for w in self.ready_waiters.drain(..) {
+            let _ = w.send(r.clone());
+        }
+        self.ready = Some(r);
+    }
+
+    /// Answers readiness with the stop reason once the agent failed and the VM is down.
+    fn resolve_failed_readiness(&mut self) {
+        if let (true, None, Some(reason)) = (self.ready_failed, &self.ready, &self.stopped) {
+            let failed = ExecError::VmStopped { reason: reason.clone(), console_tail: self.serial.tail() };
+            self.set_ready(Err(failed));
+        }
+    }
+
     /// Stops everything once; later calls do nothing.
     async fn finish(&mut self, reason: StopReason) {
         if self.stopped.is_some() {
@@ -104,6 +129,7 @@ impl SupState {
         }
         tracing::info!(%reason, "sandbox VM stopped");
         self.stopped = Some(reason.clone());
+        self.resolve_failed_readiness();
         if let Some(mut running) = self.running.take() {
             for vcpu in std::mem::take(&mut running.runners) {
                 if vcpu.call(VcpuMsg::Stop, Some(LIFECYCLE_CALL_TIMEOUT)).await.is_err() {
@@ -156,6 +182,14 @@ impl Actor for SandboxSupervisor {
 
     async fn pre_start(&self, me: ActorRef<SupMsg>, m: Machine) -> Result<SupState, ActorProcessingErr> {
         let (agent, devices) = wire(&me, m.virtio).await?;
+        // Registered before the guest runs a single instruction (see `SupMsg::WaitReady`).
+        let (tx, rx) = ractor::concurrency::oneshot();
+        agent.cast(AgentMsg::Request(AgentRequest::WaitReady(tx.into())))?;
+        let sup = me.clone();
+        tokio::spawn(async move {
+            let ready = rx.await.unwrap_or(Err(ExecError::Gone));
+            let _ = sup.cast(SupMsg::AgentReady(ready));
+        });
         let mut runners = Vec::new();
         for vcpu in m.vcpus {
             let sup = me.clone();
@@ -176,6 +210,9 @@ impl Actor for SandboxSupervisor {
             stopped: None,
             shutdown_requested: false,
             waiters: Vec::new(),
+            ready: None,
+            ready_waiters: Vec::new(),
+            ready_failed: false,
         })
     }
 
@@ -187,6 +224,19 @@ impl Actor for SandboxSupervisor {
     async fn handle(&self, me: ActorRef<SupMsg>, msg: SupMsg, st: &mut SupState) -> Result<(), ActorProcessingErr> {
         match msg {
             SupMsg::AgentRef(reply) => drop(reply.send(st.requests.clone())),
+            SupMsg::WaitReady(reply) => match &st.ready {
+                Some(r) => drop(reply.send(r.clone())),
+                None => st.ready_waiters.push(reply),
+            },
+            SupMsg::AgentReady(r) => match r {
+                Err(e) if !matches!(e, ExecError::VmStopped { .. }) => {
+                    // The agent died (a guest that broke the protocol): say why the VM stopped,
+                    // now if it has, or once it has.
+                    st.ready_failed = true;
+                    st.resolve_failed_readiness();
+                }
+                r => st.set_ready(r),
+            },
             SupMsg::Stop { graceful, reply } => {
                 if let Some(r) = &st.stopped {
                     let _ = reply.send(r.clone());
