@@ -374,11 +374,7 @@ impl Store {
                 )
                 .map(|n| n > 0)?;
             if ours {
-                Self::close_run(tx, name, now, reason)?;
-                tx.execute(
-                    "UPDATE sandboxes SET status = ?2, pid = NULL, pid_start = NULL, updated_ms = ?3 WHERE name = ?1",
-                    params![name, status.as_str(), now],
-                )?;
+                Self::end_run(tx, name, status, now, reason)?;
             }
             Ok(ours)
         })
@@ -387,14 +383,18 @@ impl Store {
     /// The sandbox stopped (or never came up): closes its run with `reason`.
     pub fn mark_stopped(&self, name: &str, status: Status, reason: &str) -> Result<()> {
         let now = now_ms() as i64;
-        self.write(|tx| {
-            Self::close_run(tx, name, now, reason)?;
-            tx.execute(
-                "UPDATE sandboxes SET status = ?2, pid = NULL, pid_start = NULL, updated_ms = ?3 WHERE name = ?1",
-                params![name, status.as_str(), now],
-            )
-            .map(drop)
-        })
+        self.write(|tx| Self::end_run(tx, name, status, now, reason))
+    }
+
+    /// Closes the open run of `name` with `reason` and leaves the sandbox in `status`, with no
+    /// process.
+    fn end_run(tx: &Connection, name: &str, status: Status, now: i64, reason: &str) -> rusqlite::Result<()> {
+        Self::close_run(tx, name, now, reason)?;
+        tx.execute(
+            "UPDATE sandboxes SET status = ?2, pid = NULL, pid_start = NULL, updated_ms = ?3 WHERE name = ?1",
+            params![name, status.as_str(), now],
+        )
+        .map(drop)
     }
 
     /// Deletes a sandbox and its history; refuses while it is live. An unreadable record

@@ -24,8 +24,9 @@ impl ExecLog {
 
     /// Logs `data` from session `id` under `what` (`stdout`, `exit`, …), a line per line.
     pub fn write(&self, id: u64, what: &str, data: &[u8]) {
+        let mut log = lock(&self.inner);
         // Past the cap nothing is written: do not spend the formatting either.
-        if lock(&self.inner).is_capped() {
+        if log.is_capped() {
             return;
         }
         let stamp = humantime::format_rfc3339_millis(std::time::SystemTime::now());
@@ -34,7 +35,7 @@ impl ExecLog {
         for line in text.split_inclusive('\n') {
             out.push_str(&format!("{stamp} [exec {id} {what}] {}\n", line.trim_end_matches(['\n', '\r'])));
         }
-        lock(&self.inner).write(out.as_bytes());
+        log.write(out.as_bytes());
     }
 }
 
