@@ -45,4 +45,4 @@ pub use error::{Error, Result};
 pub use msb_schema::{
     ExecError, ExecEvent, ExecOutput, ExecSpec, ExitStatus, Rlimit, SpawnErrorKind, StopReason, WinSize,
 };
-pub use sandbox::{BootTimes, ExecHandle, Sandbox, SandboxBuilder};
+pub use sandbox::{BootTimes, ExecControl, ExecHandle, Sandbox, SandboxBuilder};

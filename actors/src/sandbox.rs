@@ -252,7 +252,7 @@ impl Sandbox {
     pub async fn exec_stream(&self, spec: ExecSpec) -> std::result::Result<ExecHandle, ExecError> {
         let (events, rx) = ractor::concurrency::mpsc_unbounded();
         let id = self.link.ask(|reply| AgentRequest::ExecStream { spec, events, reply }).await?;
-        Ok(ExecHandle { id, rx, link: self.link.clone() })
+        Ok(ExecHandle { id, rx, control: ExecControl { id, link: self.link.clone() }, done: false })
     }
 
     /// Asks the guest to sync and shut down, forcing it after the default timeout.
@@ -305,36 +305,39 @@ impl Drop for Sandbox {
     }
 }
 
-/// A running streaming exec (see [`Sandbox::exec_stream`]). Reading events credits the
-/// agent client; a consumer that falls more than
-/// [`STREAM_WINDOW`](msb_schema::limits::STREAM_WINDOW) behind stalls the guest's output.
+/// A running streaming exec (see [`Sandbox::exec_stream`]).
+///
+/// Reading an event credits the guest for it; a handle that is not read stalls only its own
+/// command once [`OUTPUT_WINDOW`](msb_protocol::OUTPUT_WINDOW) is unread. Dropping the handle
+/// before the end lets go of the output: the command runs on and what it prints is dropped.
+/// Stdin writes wait until the guest has room, so a writer that is not also reading output
+/// (from another task, through [`ExecHandle::control`]) can wait on a command that is itself
+/// waiting to be read.
 pub struct ExecHandle {
     id: ExecId,
     rx: MpscUnboundedReceiver<ExecEvent>,
+    control: ExecControl,
+    done: bool,
+}
+
+/// The input side of a streaming exec: stdin, signals, terminal size. It can be cloned and
+/// used from another task while the [`ExecHandle`] is read.
+#[derive(Clone)]
+pub struct ExecControl {
+    id: ExecId,
     link: AgentLink,
 }
 
-impl ExecHandle {
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-
-    /// The next event; `None` after the final `Exited`/`Failed`.
-    pub async fn next(&mut self) -> Option<ExecEvent> {
-        let ev = self.rx.recv().await?;
-        if let ExecEvent::Stdout(d) | ExecEvent::Stderr(d) = &ev {
-            let _ = self.link.agent.send_message(AgentRequest::Consumed { id: self.id, bytes: d.len() });
-        }
-        Some(ev)
-    }
-
-    /// Writes to the command's stdin; fails with [`ExecError::StdinClosed`] once it has exited.
+impl ExecControl {
+    /// Writes to the command's stdin, in chunks of at most
+    /// [`STDIN_CHUNK`](msb_schema::limits::STDIN_CHUNK), each answered once the guest has
+    /// taken it; fails with [`ExecError::StdinClosed`] once the command has exited.
     pub async fn write_stdin(&self, data: &[u8]) -> std::result::Result<(), ExecError> {
-        if data.is_empty() {
-            return Ok(());
+        for chunk in data.chunks(msb_schema::limits::STDIN_CHUNK) {
+            let (id, data) = (self.id, chunk.to_vec());
+            self.link.ask(|reply| AgentRequest::Stdin { id, data, reply }).await?;
         }
-        let (id, data) = (self.id, data.to_vec());
-        self.link.ask(|reply| AgentRequest::Stdin { id, data, reply }).await
+        Ok(())
     }
 
     /// Closes the command's stdin (it reads end of file).
@@ -354,6 +357,49 @@ impl ExecHandle {
         let (id, size) = (self.id, WinSize { rows, cols });
         self.link.ask(|reply| AgentRequest::Resize { id, size, reply }).await
     }
+}
+
+impl ExecHandle {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The input side, for another task.
+    pub fn control(&self) -> ExecControl {
+        self.control.clone()
+    }
+
+    /// The next event; `None` after the final `Exited`/`Failed`.
+    pub async fn next(&mut self) -> Option<ExecEvent> {
+        let ev = self.rx.recv().await;
+        match &ev {
+            Some(ExecEvent::Stdout(d) | ExecEvent::Stderr(d)) => {
+                let _ = self.control.link.agent.send_message(AgentRequest::Consumed { id: self.id, bytes: d.len() });
+            }
+            Some(ExecEvent::Exited(_) | ExecEvent::Failed(_)) | None => self.done = true,
+        }
+        ev
+    }
+
+    /// See [`ExecControl::write_stdin`].
+    pub async fn write_stdin(&self, data: &[u8]) -> std::result::Result<(), ExecError> {
+        self.control.write_stdin(data).await
+    }
+
+    /// See [`ExecControl::close_stdin`].
+    pub async fn close_stdin(&self) -> std::result::Result<(), ExecError> {
+        self.control.close_stdin().await
+    }
+
+    /// See [`ExecControl::signal`].
+    pub async fn signal(&self, signal: i32) -> std::result::Result<(), ExecError> {
+        self.control.signal(signal).await
+    }
+
+    /// See [`ExecControl::resize`].
+    pub async fn resize(&self, rows: u16, cols: u16) -> std::result::Result<(), ExecError> {
+        self.control.resize(rows, cols).await
+    }
 
     /// Reads everything that is left (at most [`MAX_BUFFERED_OUTPUT`] bytes) and returns it
     /// with the exit status.
@@ -365,5 +411,14 @@ impl ExecHandle {
             }
         }
         Err(ExecError::Gone)
+    }
+}
+
+impl Drop for ExecHandle {
+    fn drop(&mut self) {
+        if !self.done {
+            // Events still queued were never read: the agent acknowledges what it is owed.
+            let _ = self.control.link.agent.send_message(AgentRequest::Release { id: self.id });
+        }
     }
 }

@@ -1,24 +1,34 @@
-//! One command session: validate, spawn, feed stdin, stream stdout and stderr in bounded
-//! chunks, enforce the timeout, report the exit status.
+//! One command session: validate, spawn into its own cgroup, feed stdin, stream stdout and
+//! stderr in bounded chunks, report the exit status.
 //!
-//! Bounds: at most [`STDIN_QUEUE`] stdin chunks wait per session (the host's send window
-//! bounds it further); a timeout kills the whole process group.
+//! Flow control (see the protocol's crate docs): output is read from the command's pipes only
+//! against the session's output credit, so a host consumer that stops reading stalls this
+//! session's pumps and nothing else. Stdin is queued without blocking the port reader; the
+//! host may queue at most [`STDIN_WINDOW`] cost units per session (an overdraw is refused and
+//! reported), and each chunk is acknowledged once it is in the pipe or dropped.
+//!
+//! Every exec runs in its own cgroup under [`CGROUP_ROOT`] (joined by the exec helper before
+//! the command starts), so [`HostMsg::Kill`](msb_protocol::HostMsg::Kill) reaches every
+//! process it started, including those that left its process group or session. Without
+//! cgroup v2 (agentd run outside a sandbox) kill falls back to the process group.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender as ChanSender};
+use std::sync::{Arc, Condvar, Mutex};
 
 use std::fs::File;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
 use msb_protocol::sync::lock;
-use msb_protocol::{ExecRequest, GuestMsg, RequestId, SpawnErrorKind, Stream, UserSpec, WinSize, MAX_OUTPUT_CHUNK};
+use msb_protocol::{
+    cost, ExecRequest, GuestMsg, RequestId, SpawnErrorKind, Stream, UserSpec, WinSize, MAX_OUTPUT_CHUNK, OUTPUT_WINDOW,
+    STDIN_WINDOW,
+};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
@@ -27,18 +37,70 @@ use crate::{helper, users, Sender, MAX_SESSIONS};
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Where cgroup v2 is mounted; each exec gets `exec-ID` below it.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
 static RUNNING: AtomicUsize = AtomicUsize::new(0);
 
-/// Stdin chunks that may wait for one session's writer.
-pub const STDIN_QUEUE: usize = 64;
+/// A session's output credit, shared by its pumps. A pump reserves a whole chunk's cost
+/// before it reads, and gives back what the chunk did not use, so the pumps together never
+/// overdraw. Once the host has killed the session, output is read and dropped (the host
+/// no longer wants it, and the pipes must drain for the session to end).
+#[derive(Default)]
+pub struct Credit {
+    state: Mutex<(usize, bool)>,
+    cv: Condvar,
+}
 
-/// Running sessions: their stdin feeds (when they asked for one), process ids, and terminal
-/// masters (PTY sessions).
+impl Credit {
+    fn new() -> Self {
+        Credit { state: Mutex::new((OUTPUT_WINDOW, false)), cv: Condvar::new() }
+    }
+
+    /// Waits for `n` units; `false` means "discard" (the session was killed).
+    fn reserve(&self, n: usize) -> bool {
+        let mut g = lock(&self.state);
+        loop {
+            if g.1 {
+                return false;
+            }
+            if g.0 >= n {
+                g.0 -= n;
+                return true;
+            }
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Adds credit (returned by a pump, or acknowledged by the host); never above the window.
+    fn grant(&self, n: usize) {
+        let mut g = lock(&self.state);
+        g.0 = g.0.saturating_add(n).min(OUTPUT_WINDOW);
+        self.cv.notify_all();
+    }
+
+    fn discard(&self) {
+        lock(&self.state).1 = true;
+        self.cv.notify_all();
+    }
+}
+
+/// One running session as the port reader sees it.
+struct Session {
+    /// Stdin chunks for the writer thread (absent without stdin, or after end of input).
+    stdin: Option<ChanSender<Vec<u8>>>,
+    /// Stdin cost units queued and not yet acknowledged.
+    stdin_owed: Arc<AtomicUsize>,
+    credit: Arc<Credit>,
+    pid: Option<u32>,
+    tty: Option<File>,
+    cgroup: Option<PathBuf>,
+}
+
+/// Running sessions, by request id.
 #[derive(Default)]
 pub struct Sessions {
-    stdins: Mutex<HashMap<RequestId, SyncSender<Vec<u8>>>>,
-    pids: Mutex<HashMap<RequestId, u32>>,
-    ttys: Mutex<HashMap<RequestId, File>>,
+    map: Mutex<HashMap<RequestId, Session>>,
 }
 
 fn winsize(size: WinSize) -> rustix::termios::Winsize {
@@ -51,7 +113,7 @@ pub fn resize(sessions: &Stdins, id: RequestId, size: WinSize) {
     if size.rows == 0 || size.cols == 0 {
         return;
     }
-    if let Some(master) = lock(&sessions.ttys).get(&id) {
+    if let Some(master) = lock(&sessions.map).get(&id).and_then(|s| s.tty.as_ref()) {
         let _ = rustix::termios::tcsetwinsize(master, winsize(size));
     }
 }
@@ -104,48 +166,129 @@ pub type Stdins = Arc<Sessions>;
 /// outside 1..=64 are ignored.
 pub fn signal(sessions: &Stdins, id: RequestId, signal: i32) {
     let Ok(sig) = Signal::try_from(signal) else { return };
-    if let Some(pid) = lock(&sessions.pids).get(&id).copied() {
+    if let Some(pid) = lock(&sessions.map).get(&id).and_then(|s| s.pid) {
         let _ = killpg(Pid::from_raw(pid as i32), sig);
     }
 }
 
-/// Hands a stdin chunk to session `id` (an empty chunk closes its stdin). Input for a session
-/// that has ended, or never asked for stdin, is dropped.
-pub fn feed_stdin(stdins: &Stdins, id: RequestId, data: Vec<u8>) {
-    let tx = {
-        let mut map = lock(&stdins.stdins);
-        if data.is_empty() {
-            map.remove(&id)
-        } else {
-            map.get(&id).cloned()
+/// Kills every process of session `id` (its cgroup; its process group without one) and
+/// drops its further output, so that its pipes drain and `Exited` follows.
+pub fn kill(sessions: &Stdins, id: RequestId) {
+    let map = lock(&sessions.map);
+    let Some(s) = map.get(&id) else { return };
+    s.credit.discard();
+    match &s.cgroup {
+        Some(cg) => {
+            if let Err(e) = std::fs::write(cg.join("cgroup.kill"), "1") {
+                crate::log(&format!("exec {id}: killing its cgroup: {e}"));
+            }
         }
-    };
-    if let Some(tx) = tx {
-        let _ = tx.send(data);
+        None => {
+            if let Some(pid) = s.pid {
+                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
     }
 }
 
-pub fn start(req: ExecRequest, sender: Sender, reaper: Reaper, stdins: Stdins) {
+/// Adds output credit the host acknowledged for session `id`.
+pub fn output_ack(sessions: &Stdins, id: RequestId, credit: u64) {
+    if let Some(s) = lock(&sessions.map).get(&id) {
+        s.credit.grant(usize::try_from(credit).unwrap_or(usize::MAX));
+    }
+}
+
+/// Queues a stdin chunk for session `id` (an empty chunk closes its stdin) without blocking.
+/// A chunk past the session's stdin window is a host protocol violation: it is dropped and
+/// reported. Input for a session whose stdin is closed is dropped and acknowledged (so the
+/// host's account stays right while the session lasts); for an ended session, ignored.
+pub fn feed_stdin(sessions: &Stdins, sender: &Sender, id: RequestId, data: Vec<u8>) {
+    let units = cost(data.len());
+    let mut map = lock(&sessions.map);
+    let Some(s) = map.get_mut(&id) else { return };
+    let owed = s.stdin_owed.load(Ordering::SeqCst);
+    if owed.saturating_add(units) > STDIN_WINDOW {
+        drop(map);
+        return sender.send(&GuestMsg::Error {
+            message: format!("stdin for exec {id} overdraws its window ({owed} + {units} > {STDIN_WINDOW})"),
+        });
+    }
+    let eof = data.is_empty();
+    let queued = match &s.stdin {
+        Some(tx) => {
+            s.stdin_owed.fetch_add(units, Ordering::SeqCst);
+            let ok = tx.send(data).is_ok();
+            if !ok {
+                s.stdin_owed.fetch_sub(units, Ordering::SeqCst);
+            }
+            ok
+        }
+        None => false,
+    };
+    if eof {
+        s.stdin = None;
+    }
+    drop(map);
+    if !queued {
+        sender.send(&GuestMsg::StdinAck { id, credit: units as u64 });
+    }
+}
+
+/// Creates session `id`'s cgroup, or `None` where cgroup v2 is not mounted.
+fn make_cgroup(id: RequestId) -> Option<PathBuf> {
+    if !Path::new(CGROUP_ROOT).join("cgroup.kill").exists() && !Path::new(CGROUP_ROOT).join("cgroup.procs").exists() {
+        return None;
+    }
+    let dir = Path::new(CGROUP_ROOT).join(format!("exec-{id}"));
+    match std::fs::create_dir(&dir) {
+        Ok(()) => Some(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Some(dir),
+        Err(e) => {
+            crate::log(&format!("exec {id}: no cgroup ({e}); a kill reaches only its process group"));
+            None
+        }
+    }
+}
+
+pub fn start(req: ExecRequest, sender: Sender, reaper: Reaper, sessions: Stdins) {
     let id = req.id;
     let fail = |kind, message: String| GuestMsg::SpawnFailed { id, kind, message };
     if let Err(e) = req.validate() {
         return sender.send(&fail(SpawnErrorKind::InvalidRequest, e));
+    }
+    if lock(&sessions.map).contains_key(&id) {
+        return sender.send(&GuestMsg::Error { message: format!("exec {id} is already running") });
     }
     if RUNNING.fetch_add(1, Ordering::SeqCst) >= MAX_SESSIONS {
         RUNNING.fetch_sub(1, Ordering::SeqCst);
         return sender.send(&fail(SpawnErrorKind::Other, format!("more than {MAX_SESSIONS} commands running")));
     }
     // Registered now, before the host's first stdin chunk can be read.
-    let stdin_rx = req.stdin.then(|| {
-        let (tx, rx) = sync_channel(STDIN_QUEUE);
-        lock(&stdins.stdins).insert(id, tx);
-        rx
-    });
+    let (stdin_tx, stdin_rx) = match req.stdin {
+        true => {
+            let (tx, rx) = channel();
+            (Some(tx), Some(rx))
+        }
+        false => (None, None),
+    };
+    let session = Session {
+        stdin: stdin_tx,
+        stdin_owed: Arc::default(),
+        credit: Arc::new(Credit::new()),
+        pid: None,
+        tty: None,
+        cgroup: make_cgroup(id),
+    };
+    let (owed, credit, cgroup) = (session.stdin_owed.clone(), session.credit.clone(), session.cgroup.clone());
+    lock(&sessions.map).insert(id, session);
     let spawned = std::thread::Builder::new().name(format!("exec-{id}")).spawn(move || {
-        run(req, stdin_rx, &sender, &reaper, &stdins);
-        lock(&stdins.stdins).remove(&id);
-        lock(&stdins.pids).remove(&id);
-        lock(&stdins.ttys).remove(&id);
+        let ctx = Ctx { sender: &sender, sessions: &sessions, credit, cgroup: cgroup.clone() };
+        run(req, stdin_rx.map(|rx| (rx, owed)), &ctx, &reaper);
+        lock(&sessions.map).remove(&id);
+        if let Some(cg) = cgroup {
+            // Fails while something the command left behind still runs there; it stays.
+            let _ = std::fs::remove_dir(cg);
+        }
         RUNNING.fetch_sub(1, Ordering::SeqCst);
     });
     if let Err(e) = spawned {
@@ -163,8 +306,70 @@ fn classify(e: &std::io::Error) -> SpawnErrorKind {
     }
 }
 
-fn run(req: ExecRequest, stdin_rx: Option<Receiver<Vec<u8>>>, sender: &Sender, reaper: &Reaper, sessions: &Sessions) {
+/// What a session thread works with.
+struct Ctx<'a> {
+    sender: &'a Sender,
+    sessions: &'a Sessions,
+    credit: Arc<Credit>,
+    cgroup: Option<PathBuf>,
+}
+
+type StdinFeed = (Receiver<Vec<u8>>, Arc<AtomicUsize>);
+
+/// Writes queued stdin chunks to the command, acknowledging each once written (or dropped,
+/// after the command stopped reading); ends at end of input or when the feed closes, which
+/// closes the pipe (the end of file the command reads).
+fn stdin_writer(
+    id: RequestId,
+    rx: Receiver<Vec<u8>>,
+    owed: Arc<AtomicUsize>,
+    pipe: Box<dyn Write + Send>,
+    sender: Sender,
+) {
+    let mut pipe = Some(pipe);
+    for chunk in rx {
+        let units = cost(chunk.len());
+        let eof = chunk.is_empty();
+        if eof || pipe.as_mut().is_some_and(|p| p.write_all(&chunk).is_err()) {
+            pipe = None;
+        }
+        let _ = owed.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |o| Some(o.saturating_sub(units)));
+        sender.send(&GuestMsg::StdinAck { id, credit: units as u64 });
+        if eof {
+            break;
+        }
+    }
+}
+
+/// Reads one output stream against the session's credit until end of file.
+fn pump(id: RequestId, stream: Stream, mut r: Box<dyn Read + Send>, credit: Arc<Credit>, sender: Sender) {
+    let mut buf = vec![0u8; MAX_OUTPUT_CHUNK];
+    let full = cost(MAX_OUTPUT_CHUNK);
+    loop {
+        let sending = credit.reserve(full);
+        let n = loop {
+            match r.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Ok(n) => break n,
+                // A terminal master reads EIO once every slave is closed: the end.
+                Err(_) => break 0,
+            }
+        };
+        if sending {
+            credit.grant(if n == 0 { full } else { full - cost(n) });
+        }
+        if n == 0 {
+            return;
+        }
+        if sending {
+            sender.send(&GuestMsg::Output { id, stream, data: buf[..n].to_vec() });
+        }
+    }
+}
+
+fn run(req: ExecRequest, stdin: Option<StdinFeed>, ctx: &Ctx, reaper: &Reaper) {
     let id = req.id;
+    let sender = ctx.sender;
     let spawn_failed = |kind, message| sender.send(&GuestMsg::SpawnFailed { id, kind, message });
     let user = match req.user.as_deref().map(|u| UserSpec::parse(u).and_then(|s| users::resolve(&s))) {
         Some(Err(e)) => return spawn_failed(SpawnErrorKind::InvalidRequest, e),
@@ -178,9 +383,9 @@ fn run(req: ExecRequest, stdin_rx: Option<Receiver<Vec<u8>>>, sender: &Sender, r
             format!("working directory {cwd} does not exist or is not a directory"),
         );
     }
-    // The helper does what std's Command cannot without `unsafe` (see helper.rs); users go
-    // through it too, for their supplementary groups.
-    let via_helper = req.tty.is_some() || !req.rlimits.is_empty() || user.is_some();
+    // The helper does what std's Command cannot without `unsafe` (see helper.rs): joining the
+    // session's cgroup before the command starts, limits, terminals, users.
+    let via_helper = ctx.cgroup.is_some() || req.tty.is_some() || !req.rlimits.is_empty() || user.is_some();
     let path_var = req.env.iter().rev().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
     if via_helper {
         if let Err((kind, message)) = precheck(&req.argv[0], path_var, &cwd) {
@@ -194,7 +399,13 @@ fn run(req: ExecRequest, stdin_rx: Option<Receiver<Vec<u8>>>, sender: &Sender, r
     let mut cmd = if via_helper {
         let mut c = Command::new("/proc/self/exe");
         let identity = user.as_ref().map(|u| helper::Identity { uid: u.uid, gid: u.gid, groups: u.groups.clone() });
-        c.args(helper::args(pty.is_some(), &req.rlimits, identity.as_ref(), &req.argv));
+        let setup = helper::Setup {
+            ctty: pty.is_some(),
+            rlimits: &req.rlimits,
+            user: identity.as_ref(),
+            cgroup: ctx.cgroup.as_deref(),
+        };
+        c.args(helper::args(&setup, &req.argv));
         c
     } else {
         let mut c = Command::new(&req.argv[0]);
@@ -217,7 +428,7 @@ fn run(req: ExecRequest, stdin_rx: Option<Receiver<Vec<u8>>>, sender: &Sender, r
             };
         }
         None => {
-            cmd.stdin(if stdin_rx.is_some() { Stdio::piped() } else { Stdio::null() })
+            cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .process_group(0);
@@ -237,38 +448,19 @@ fn run(req: ExecRequest, stdin_rx: Option<Receiver<Vec<u8>>>, sender: &Sender, r
         Err(e) => return spawn_failed(classify(&e), format!("{}: {e}", req.argv[0])),
     };
     let pid = child.id();
-    lock(&sessions.pids).insert(id, pid);
-    sender.send(&GuestMsg::Started { id, pid });
-    let input: Option<Box<dyn Write + Send>> = match &master {
-        Some(m) => {
-            if let Ok(c) = m.try_clone() {
-                lock(&sessions.ttys).insert(id, c);
-            }
-            m.try_clone().ok().map(|f| Box::new(f) as Box<dyn Write + Send>)
-        }
-        None => child.stdin.take().map(|p| Box::new(p) as Box<dyn Write + Send>),
-    };
-    if let (Some(rx), Some(mut pipe)) = (stdin_rx, input) {
-        std::thread::spawn(move || {
-            for chunk in rx {
-                // An empty chunk is EOF. After a write error (the process closed its stdin or
-                // exited) the rest is drained and dropped.
-                if chunk.is_empty() || pipe.write_all(&chunk).is_err() {
-                    break;
-                }
-            }
-        });
+    if let Some(s) = lock(&ctx.sessions.map).get_mut(&id) {
+        s.pid = Some(pid);
+        s.tty = master.as_ref().and_then(|m| m.try_clone().ok());
     }
-    let timed_out = Arc::new(AtomicBool::new(false));
-    let (done_tx, done_rx) = sync_channel::<()>(1);
-    if let Some(ms) = req.timeout_ms {
-        let flag = timed_out.clone();
-        std::thread::spawn(move || {
-            if let Err(RecvTimeoutError::Timeout) = done_rx.recv_timeout(Duration::from_millis(ms)) {
-                flag.store(true, Ordering::SeqCst);
-                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            }
-        });
+    sender.send(&GuestMsg::Started { id, pid });
+    if let Some((rx, owed)) = stdin {
+        // Without a pipe (none could be cloned) input is still acknowledged, then dropped.
+        let pipe: Box<dyn Write + Send> = match &master {
+            Some(m) => m.try_clone().map_or_else(|_| Box::new(std::io::sink()) as _, |f| Box::new(f) as _),
+            None => child.stdin.take().map_or_else(|| Box::new(std::io::sink()) as _, |p| Box::new(p) as _),
+        };
+        let sender = sender.clone();
+        std::thread::spawn(move || stdin_writer(id, rx, owed, pipe, sender));
     }
     let pumps: Vec<_> = [
         master.map(|m| (Stream::Stdout, Box::new(m) as Box<dyn Read + Send>)),
@@ -277,20 +469,9 @@ fn run(req: ExecRequest, stdin_rx: Option<Receiver<Vec<u8>>>, sender: &Sender, r
     ]
     .into_iter()
     .flatten()
-    .map(|(stream, mut r)| {
-        let sender = sender.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; MAX_OUTPUT_CHUNK];
-            loop {
-                match r.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => sender.send(&GuestMsg::Output { id, stream, data: buf[..n].to_vec() }),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    // A terminal master reads EIO once every slave is closed: the end.
-                    Err(_) => break,
-                }
-            }
-        })
+    .map(|(stream, r)| {
+        let (sender, credit) = (sender.clone(), ctx.credit.clone());
+        std::thread::spawn(move || pump(id, stream, r, credit, sender))
     })
     .collect();
     for p in pumps {
@@ -298,13 +479,43 @@ fn run(req: ExecRequest, stdin_rx: Option<Receiver<Vec<u8>>>, sender: &Sender, r
     }
     // The reaper owns waiting; `child` is only dropped (which neither waits nor kills).
     drop(child);
-    let status = exited.recv();
-    drop(done_tx);
-    if timed_out.load(Ordering::SeqCst) {
-        sender.send(&GuestMsg::TimedOut { id });
-    }
-    match status {
+    match exited.recv() {
         Ok(status) => sender.send(&GuestMsg::Exited { id, status }),
         Err(_) => crate::log(&format!("exec {id}: reaper lost the exit status")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pumps_share_credit_without_overdrawing() {
+        let c = Arc::new(Credit::new());
+        let full = cost(MAX_OUTPUT_CHUNK);
+        let fit = OUTPUT_WINDOW / full;
+        for _ in 0..fit {
+            assert!(c.reserve(full));
+        }
+        // The next reservation waits until the host acknowledges.
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || c2.reserve(full));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!t.is_finished(), "a pump waits for credit");
+        c.grant(full);
+        assert!(t.join().unwrap());
+        // Credit never exceeds the window, whatever the host claims.
+        c.grant(usize::MAX);
+        assert_eq!(lock(&c.state).0, OUTPUT_WINDOW);
+    }
+
+    #[test]
+    fn a_killed_session_stops_waiting_for_credit() {
+        let c = Arc::new(Credit::new());
+        while c.reserve(cost(MAX_OUTPUT_CHUNK)) && lock(&c.state).0 >= cost(MAX_OUTPUT_CHUNK) {}
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || c2.reserve(OUTPUT_WINDOW));
+        c.discard();
+        assert!(!t.join().unwrap(), "discard releases a waiting pump, which then drops output");
     }
 }

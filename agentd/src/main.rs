@@ -6,7 +6,9 @@
 //!
 //! Invariants: the host is trusted, but agentd still validates every request before acting
 //! on it; at most [`MAX_SESSIONS`] commands run at once; output is sent in chunks of at most
-//! [`MAX_OUTPUT_CHUNK`] bytes, so no frame exceeds the protocol's bound. This crate has no
+//! [`MAX_OUTPUT_CHUNK`] bytes, so no frame exceeds the protocol's bound, and only against the
+//! session's output credit; the port reader never blocks on one session (stdin is queued
+//! within the session's stdin window, see exec.rs). This crate has no
 //! `unsafe`: system calls go through `nix` and `rustix`.
 
 #![forbid(unsafe_code)]
@@ -116,7 +118,9 @@ fn serve() -> Result<(), String> {
                     sender.send(&GuestMsg::Error { message: "request before Hello".into() });
                 }
                 HostMsg::Exec(req) => exec::start(req, sender.clone(), reaper.clone(), stdins.clone()),
-                HostMsg::Stdin { id, data } => exec::feed_stdin(&stdins, id, data),
+                HostMsg::Stdin { id, data } => exec::feed_stdin(&stdins, &sender, id, data),
+                HostMsg::OutputAck { id, credit } => exec::output_ack(&stdins, id, credit),
+                HostMsg::Kill { id } => exec::kill(&stdins, id),
                 HostMsg::Signal { id, signal } => exec::signal(&stdins, id, signal),
                 HostMsg::Resize { id, size } => exec::resize(&stdins, id, size),
                 HostMsg::Shutdown { id } => {

@@ -27,6 +27,8 @@ pub fn early_setup() {
     mount_fs("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("ptmxmode=0666"));
     mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"));
     mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"));
+    // One cgroup per exec lives here (see exec.rs): the unit a deadline kills.
+    mount_fs("cgroup2", crate::exec::CGROUP_ROOT, "cgroup2", nosuid, None);
     std::env::set_var("PATH", crate::exec::DEFAULT_PATH);
 }
 

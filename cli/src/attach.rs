@@ -18,6 +18,9 @@ pub enum Outcome {
     Exited(ExitStatus),
     Failed(Error),
     Detached,
+    /// Our stdout was closed (the reader of a pipeline left): the command was sent SIGPIPE,
+    /// as a local writer would get.
+    BrokenPipe,
 }
 
 impl Outcome {
@@ -27,6 +30,7 @@ impl Outcome {
             Outcome::Exited(ExitStatus::Code(c)) => (*c).clamp(0, 255) as u8,
             Outcome::Exited(ExitStatus::Signal(s)) => (128 + *s).clamp(0, 255) as u8,
             Outcome::Detached => 0,
+            Outcome::BrokenPipe => 128 + 13,
             Outcome::Failed(e) => error_code(e),
         }
     }
@@ -136,13 +140,20 @@ pub async fn attach(ex: RemoteExec, forward_stdin: bool, tty: bool) -> Outcome {
     let _raw = tty.then(RawMode::enter);
     let (mut events, input) = ex.split();
     let (detach_tx, mut detach_rx) = mpsc::channel::<()>(1);
+    let mut signals = input.clone();
     let feeder = tokio::spawn(feed_input(input, forward_stdin, tty, detach_tx));
     let mut feeding = true;
     let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    let broken = |r: std::io::Result<()>| r.is_err_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe);
     let outcome = loop {
         tokio::select! {
             ev = events.next() => match ev {
-                Some(ExecEvent::Stdout(d)) => { let _ = out.write_all(&d); let _ = out.flush(); }
+                Some(ExecEvent::Stdout(d)) => {
+                    if broken(out.write_all(&d).and_then(|_| out.flush())) {
+                        let _ = signals.signal(13).await;
+                        break Outcome::BrokenPipe;
+                    }
+                }
                 Some(ExecEvent::Stderr(d)) => { let _ = err.write_all(&d); let _ = err.flush(); }
                 Some(ExecEvent::Exited(s)) => break Outcome::Exited(s),
                 Some(ExecEvent::Failed(e)) => break Outcome::Failed(e.into()),

@@ -493,7 +493,8 @@ fn finish(o: Outcome) -> ExitCode {
     match &o {
         Outcome::Failed(e) => eprintln!("msb: {}", report::message(e)),
         Outcome::Detached => eprintln!("msb: detached; the command keeps running (see `msb logs`)"),
-        Outcome::Exited(_) => {}
+        // A closed pipe is how a pipeline ends: nothing to say.
+        Outcome::Exited(_) | Outcome::BrokenPipe => {}
     }
     ExitCode::from(o.code())
 }

@@ -470,8 +470,9 @@ pub struct ExecEvents {
 }
 
 /// The input side of a [`RemoteExec`]: stdin, signals, terminal size. Read events on
-/// another task while writing large input: the sandbox stops reading input while its output
-/// is not read.
+/// another task while writing large input: the sandbox takes input only as fast as the
+/// command reads it. Clones share the connection.
+#[derive(Clone)]
 pub struct ExecInput {
     wr: Arc<tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>>,
 }

@@ -10,7 +10,14 @@
 //!   closed, never resynchronised (a hostile peer could otherwise smuggle frames);
 //! - the guest speaks first ([`GuestMsg::Ready`] with the range of versions it speaks), the host
 //!   answers [`HostMsg::Hello`] with the version it picked, or closes the channel;
-//! - requests carry host-chosen ids; every guest reply names the id it answers.
+//! - requests carry host-chosen ids; every guest reply names the id it answers;
+//! - flow control is per session, both ways, in [`cost`] units: agentd sends a session's
+//!   output only against credit the host granted ([`OUTPUT_WINDOW`] to start, then
+//!   [`HostMsg::OutputAck`]), and the host sends a session's stdin only against credit agentd
+//!   granted ([`STDIN_WINDOW`] to start, then [`GuestMsg::StdinAck`] once the bytes are in the
+//!   command's pipe). Either side overdrawing, or an empty [`GuestMsg::Output`], is a protocol
+//!   violation. So one slow reader or writer stalls only its own session, and neither side
+//!   ever buffers more than a window per session.
 
 #![forbid(unsafe_code)]
 
@@ -21,14 +28,27 @@ pub mod sync;
 pub use codec::{encode, FrameDecoder, FrameError, HEADER_LEN, MAX_FRAME};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The oldest version this build can still speak.
-pub const MIN_PROTOCOL_VERSION: u16 = 2;
+pub const MIN_PROTOCOL_VERSION: u16 = 3;
 
 /// Largest output chunk agentd puts in one [`GuestMsg::Output`].
 pub const MAX_OUTPUT_CHUNK: usize = 64 * 1024;
 /// Most arguments or environment entries in one exec request.
 pub const MAX_EXEC_ITEMS: usize = 4096;
+
+/// Fixed cost of one data message against a window, on top of its bytes, so that a stream of
+/// tiny (or empty) chunks is paid for too.
+pub const FRAME_COST: usize = 64;
+/// Output credit (in [`cost`] units) a session starts with, and the most the host ever owes.
+pub const OUTPUT_WINDOW: usize = 256 * 1024;
+/// Stdin credit (in [`cost`] units) a session starts with, and the most agentd ever owes.
+pub const STDIN_WINDOW: usize = 256 * 1024;
+
+/// What a data message of `len` bytes costs against a window.
+pub const fn cost(len: usize) -> usize {
+    len.saturating_add(FRAME_COST)
+}
 
 /// Name of the virtio-console port that carries the agent channel.
 pub const AGENT_PORT_NAME: &str = "msb.agent";
@@ -53,9 +73,15 @@ pub enum HostMsg {
     Exec(ExecRequest),
     /// Sync file systems and power off; answered by [`GuestMsg::ShutdownAck`].
     Shutdown { id: RequestId },
-    /// Input for request `id` (which asked for stdin); at most [`MAX_OUTPUT_CHUNK`] bytes.
-    /// An empty chunk closes the process's stdin.
+    /// Input for request `id` (which asked for stdin); at most [`MAX_OUTPUT_CHUNK`] bytes, sent
+    /// only against stdin credit. An empty chunk closes the process's stdin.
     Stdin { id: RequestId, data: Vec<u8> },
+    /// The host consumed `credit` ([`cost`] units) of request `id`'s output: agentd may send
+    /// that much more.
+    OutputAck { id: RequestId, credit: u64 },
+    /// Kill every process request `id` started (its cgroup), wherever it went; `Exited`
+    /// follows.
+    Kill { id: RequestId },
     /// Send `signal` (1..=64) to the process group of request `id`.
     Signal { id: RequestId, signal: i32 },
     /// New window size for the terminal of request `id` (which asked for one).
@@ -152,8 +178,6 @@ pub struct ExecRequest {
     pub cwd: Option<String>,
     /// `uid[:gid]` (numbers) or `root`; the agent's own (root) when absent.
     pub user: Option<String>,
-    /// Kill the process (SIGKILL to its process group) after this many milliseconds.
-    pub timeout_ms: Option<u64>,
     /// Give the process a stdin pipe fed by [`HostMsg::Stdin`]; otherwise /dev/null.
     pub stdin: bool,
     /// Run on a new pseudo-terminal of this size (stdin, stdout and stderr are the terminal,
@@ -235,12 +259,14 @@ pub enum GuestMsg {
     Ready { min_version: u16, max_version: u16, agent: String },
     /// The process for request `id` started.
     Started { id: RequestId, pid: u32 },
-    /// A chunk of output of request `id`.
+    /// A chunk of output of request `id`: 1..=[`MAX_OUTPUT_CHUNK`] bytes, sent only against
+    /// output credit.
     Output { id: RequestId, stream: Stream, data: Vec<u8> },
+    /// agentd moved `credit` ([`cost`] units) of request `id`'s stdin into its pipe (or
+    /// dropped it because the command no longer reads): the host may send that much more.
+    StdinAck { id: RequestId, credit: u64 },
     /// The process of request `id` ended; no more output follows.
     Exited { id: RequestId, status: ExitStatus },
-    /// The process of request `id` ran past its timeout and was killed; `Exited` follows.
-    TimedOut { id: RequestId },
     /// The process of request `id` could not be started.
     SpawnFailed { id: RequestId, kind: SpawnErrorKind, message: String },
     /// File systems are synced; the guest powers off next.
@@ -308,7 +334,6 @@ mod tests {
             env: vec![],
             cwd: None,
             user: None,
-            timeout_ms: None,
             stdin: false,
             tty: None,
             rlimits: vec![],

@@ -6,9 +6,12 @@
 //! - A `Sandbox` handle sends the agent client [`AgentRequest`]s (exec traffic) and nothing
 //!   else; lifecycle goes to the supervisor. Every request that expects an answer carries its
 //!   reply port, and a request the agent cannot serve is answered with why.
-//! - Streamed output is credited by message ([`AgentRequest::Consumed`]): the agent client
-//!   counts what each stream's consumer has not read and withholds console credit while one
-//!   lags past [`crate::limits::STREAM_WINDOW`]. No counter is shared between components.
+//! - Streamed output is credited by message: one [`AgentRequest::Consumed`] per output event
+//!   read, and [`AgentRequest::Release`] when the consumer lets go. The agent client passes
+//!   the credit on to the guest per exec (the protocol's output window), so a consumer that
+//!   lags stalls only its own exec. No counter is shared between components.
+//! - Stdin is answered only once it has gone to the guest, against credit the guest
+//!   returned, so a writer is paced by the command that reads it.
 
 use msb_protocol::WinSize;
 use ractor::concurrency::MpscUnboundedSender;
@@ -50,14 +53,17 @@ pub enum AgentRequest {
         events: MpscUnboundedSender<ExecEvent>,
         reply: RpcReplyPort<Result<ExecId, ExecError>>,
     },
-    /// Stdin for a streaming exec; empty closes it.
+    /// Stdin for a streaming exec (at most [`crate::limits::STDIN_CHUNK`] bytes); empty closes
+    /// it. Answered once the guest has room for it and it has gone out.
     Stdin { id: ExecId, data: Vec<u8>, reply: RpcReplyPort<Result<(), ExecError>> },
     /// A signal (1..=64) for a running exec's process group.
     Signal { id: ExecId, signal: i32, reply: RpcReplyPort<Result<(), ExecError>> },
     /// A new terminal size for a PTY exec.
     Resize { id: ExecId, size: WinSize, reply: RpcReplyPort<Result<(), ExecError>> },
-    /// The consumer of stream `id` has read `bytes` more output bytes.
+    /// The consumer of stream `id` has read one output event of `bytes` bytes.
     Consumed { id: ExecId, bytes: usize },
+    /// The consumer of stream `id` is gone: the command runs on, its output is dropped.
+    Release { id: ExecId },
 }
 
 impl AgentRequest {
@@ -70,7 +76,7 @@ impl AgentRequest {
             AgentRequest::Stdin { reply, .. }
             | AgentRequest::Signal { reply, .. }
             | AgentRequest::Resize { reply, .. } => drop(reply.send(Err(err))),
-            AgentRequest::Consumed { .. } => {}
+            AgentRequest::Consumed { .. } | AgentRequest::Release { .. } => {}
         }
     }
 }

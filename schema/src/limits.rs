@@ -14,12 +14,22 @@ pub const CREDIT_WINDOW: usize = 1024 * 1024;
 /// taken (below the device's own buffer limit, so the guest can never make it overflow).
 pub const TO_GUEST_WINDOW: usize = 1024 * 1024;
 
-/// Requests in flight on one sandbox's agent channel.
-pub const MAX_PENDING: usize = 1024;
+/// Requests in flight on one sandbox's agent channel (agentd runs as many sessions). With
+/// the protocol's per-exec windows this bounds what one sandbox's execs can make the host
+/// hold: `MAX_PENDING * OUTPUT_WINDOW` of unread output.
+pub const MAX_PENDING: usize = 256;
 
-/// Unread output bytes one stream consumer may have before the agent client withholds
-/// console credit (which stalls guest output) until it catches up.
-pub const STREAM_WINDOW: usize = 4 * 1024 * 1024;
+/// Stdin writes of one exec that may wait for guest credit; more are refused.
+pub const MAX_PARKED_STDIN: usize = 4;
+
+/// Host-to-guest frames (bytes) the agent client queues while the guest does not read its
+/// channel; past it, signals and resizes are refused (stdin and acknowledgements are bounded
+/// by their windows).
+pub const MAX_OUTBOX: usize = 4 * 1024 * 1024;
+
+/// How long a control client may leave exec output unread before the sandbox process
+/// detaches it (the command runs on; its output goes to the exec log only).
+pub const STALLED_CLIENT_DETACH: Duration = Duration::from_secs(30);
 
 /// Stdin bytes one buffered exec may carry.
 pub const MAX_STDIN: usize = 64 * 1024 * 1024;

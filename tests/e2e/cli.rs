@@ -454,3 +454,105 @@ fn cli_run_ephemeral_named_detached_and_attached_owner() {
     assert_eq!(rec["last_run"]["exit_reason"], "shut down on request", "{rec}");
     ok(&["rm", "e2e-owned"]);
 }
+
+/// Resident memory of a named sandbox's process, KiB.
+fn sandbox_rss_kib(name: &str) -> u64 {
+    let pid = record(name).unwrap()["pid"].as_u64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// `msb exec NAME -- echo hi` answers within `within`.
+fn still_answers(name: &str, within: Duration) {
+    let t = Instant::now();
+    assert_eq!(ok(&["exec", name, "--", "echo", "hi"]), "hi\n");
+    assert!(t.elapsed() < within, "an exec took {:?} beside a stalled session", t.elapsed());
+}
+
+/// What a sandbox process may grow by while one client floods or stalls it (guest RAM the
+/// guest touches included): a few windows, never what was offered.
+const CLI_RSS_BOUND_KIB: u64 = 64 * 1024;
+
+#[test]
+fn cli_clients_that_leave_stall_or_flood_stall_only_themselves() {
+    let n = "e2e-flow";
+    create_and_start(n);
+    let before = sandbox_rss_kib(n);
+
+    // The reader of a pipeline leaves (`| head -c 1000000`): the client exits 141, as a local
+    // writer killed by SIGPIPE would, and the command is sent SIGPIPE.
+    let mut c = Command::new(msb_bin())
+        .args(["exec", n, "--", "cat", "/dev/zero"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = c.stdout.take().unwrap();
+    let mut buf = vec![0u8; 1_000_000];
+    out.read_exact(&mut buf).unwrap();
+    drop(out);
+    let t = Instant::now();
+    let st = c.wait().unwrap();
+    assert_eq!(st.code(), Some(141), "a broken pipe ends the client like SIGPIPE");
+    assert!(t.elapsed() < Duration::from_secs(20));
+    still_answers(n, Duration::from_secs(10));
+    let ps = ok(&["exec", n, "--", "sh", "-c", "ps -o args | grep '[c]at /dev/zero' || true"]);
+    assert_eq!(ps, "", "the command of a closed pipeline got SIGPIPE");
+
+    // A reader that stalls (`| sleep 8`): other sessions keep being answered meanwhile, and
+    // the client ends once its reader does.
+    let mut c = Command::new(msb_bin())
+        .args(["exec", n, "--", "cat", "/dev/zero"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    for _ in 0..3 {
+        still_answers(n, Duration::from_secs(10));
+    }
+    let grown = sandbox_rss_kib(n).saturating_sub(before);
+    assert!(grown < CLI_RSS_BOUND_KIB, "a stalled client made the sandbox process grow {grown} KiB");
+    drop(c.stdout.take());
+    let st = c.wait().unwrap();
+    assert_eq!(st.code(), Some(141));
+    still_answers(n, Duration::from_secs(10));
+
+    // Stdin offered by the GiB to a command that never reads it: the client is held back.
+    let mut c = Command::new(msb_bin())
+        .args(["exec", "-i", n, "--", "sleep", "600"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut w = c.stdin.take().unwrap();
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = written.clone();
+    std::thread::spawn(move || {
+        let chunk = vec![0u8; 64 * 1024];
+        for _ in 0..(4u64 << 30) / chunk.len() as u64 {
+            if w.write_all(&chunk).is_err() {
+                return;
+            }
+            counter.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    std::thread::sleep(Duration::from_secs(6));
+    let taken = written.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(taken < 8 << 20, "{taken} bytes of stdin taken for a command that reads none");
+    still_answers(n, Duration::from_secs(10));
+    let grown = sandbox_rss_kib(n).saturating_sub(before);
+    assert!(grown < CLI_RSS_BOUND_KIB, "an unread stdin flood made the sandbox process grow {grown} KiB");
+    c.kill().unwrap();
+    let _ = c.wait();
+    still_answers(n, Duration::from_secs(10));
+
+    // `--timeout` is the host's: a child that left the session dies with the exec, and the
+    // client gets 124 in time.
+    let t = Instant::now();
+    let o = msb(&["exec", "--timeout", "3", "-u", "msb", n, "--", "sh", "-c", "setsid sleep 600 & sleep 600"]);
+    assert_eq!(code(&o), 124, "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(t.elapsed() < Duration::from_secs(8), "the timeout answered after {:?}", t.elapsed());
+    ok(&["rm", "--force", n]);
+}

@@ -2,6 +2,7 @@
 //! unchanged, directly on hardware KVM. Every test fails, never skips, where it cannot boot.
 
 mod cli;
+mod flow;
 
 use std::time::Duration;
 

@@ -24,10 +24,10 @@ use std::time::Duration;
 
 use msb_actors::{ExecEvent, Sandbox, StopReason};
 use msb_control_plane::process::ProcessId;
-use msb_control_plane::schema::limits::{EXEC_LOG_CAP, MAX_CONNECTIONS};
+use msb_control_plane::schema::limits::{EXEC_LOG_CAP, MAX_CONNECTIONS, STALLED_CLIENT_DETACH};
 use msb_control_plane::store::{Status, Store};
 use msb_control_plane::wire::{self, paths, Announce, ClientMsg, Info, Launch, Reader, ServerMsg};
-use tokio::io::AsyncBufReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
@@ -270,12 +270,14 @@ async fn serve_conn(stream: tokio::net::UnixStream, ctx: Arc<Ctx>) {
     }
 }
 
-/// Runs one exec session for a client. If the client goes away (detaches), the command keeps
-/// running and its output still reaches the exec log.
+/// Runs one exec session for a client. Input (stdin, signals, resizes) is forwarded by its own
+/// task, so a stdin write waiting for guest room never holds up output. If the client goes
+/// away, or leaves output unread for [`STALLED_CLIENT_DETACH`], it is detached: the command
+/// keeps running and its output still reaches the exec log (and credits the guest).
 async fn exec_session(
     mut spec: msb_actors::ExecSpec,
     keep_stdin: bool,
-    mut reader: Reader<tokio::net::unix::OwnedReadHalf>,
+    reader: Reader<tokio::net::unix::OwnedReadHalf>,
     mut wr: tokio::net::unix::OwnedWriteHalf,
     ctx: &Ctx,
 ) {
@@ -297,60 +299,82 @@ async fn exec_session(
         let _ = h.close_stdin().await;
     }
     let mut attached = wire::send(&mut wr, &ServerMsg::Started { id }).await.is_ok();
-    // The client's input may end before the command does; only a failed send (the client is
-    // gone) detaches the session.
-    let mut reading = attached;
-    loop {
-        tokio::select! {
-            ev = h.next() => {
-                let Some(ev) = ev else { break };
-                let last = match &ev {
-                    ExecEvent::Stdout(d) => {
-                        ctx.log.write(id, "stdout", d);
-                        false
-                    }
-                    ExecEvent::Stderr(d) => {
-                        ctx.log.write(id, "stderr", d);
-                        false
-                    }
-                    ExecEvent::Exited(s) => {
-                        ctx.log.write(id, "exit", format!("{s:?}").as_bytes());
-                        true
-                    }
-                    ExecEvent::Failed(e) => {
-                        ctx.log.write(id, "failed", e.to_string().as_bytes());
-                        true
+    let input = attached.then(|| tokio::spawn(forward_input(reader, h.control(), tty)));
+    while let Some(ev) = h.next().await {
+        let last = match &ev {
+            ExecEvent::Stdout(d) => {
+                ctx.log.write(id, "stdout", d);
+                false
+            }
+            ExecEvent::Stderr(d) => {
+                ctx.log.write(id, "stderr", d);
+                false
+            }
+            ExecEvent::Exited(s) => {
+                ctx.log.write(id, "exit", format!("{s:?}").as_bytes());
+                true
+            }
+            ExecEvent::Failed(e) => {
+                ctx.log.write(id, "failed", e.to_string().as_bytes());
+                true
+            }
+        };
+        if attached {
+            let why =
+                match tokio::time::timeout(STALLED_CLIENT_DETACH, wire::send(&mut wr, &ServerMsg::Event(ev))).await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(_)) => Some("client detached".to_string()),
+                    Err(_) => {
+                        Some(format!("client left output unread for {} s: detached", STALLED_CLIENT_DETACH.as_secs()))
                     }
                 };
-                let msg = ServerMsg::Event(ev);
-                if attached && wire::send(&mut wr, &msg).await.is_err() {
-                    attached = false;
-                    reading = false;
-                    ctx.log.write(id, "detached", b"client detached");
-                }
-                if last {
-                    break;
-                }
+            if let Some(why) = why {
+                attached = false;
+                tracing::info!(exec = id, "{why}");
+                ctx.log.write(id, "detached", why.as_bytes());
+                // Its input is still forwarded until it ends (a client that leaves may have sent
+                // a last signal on its way out); then stdin gets its end of file.
+                let _ = wr.shutdown().await;
             }
-            m = reader.next::<ClientMsg>(), if reading => match m {
-                Ok(Some(ClientMsg::Stdin(d))) if d.is_empty() => { let _ = h.close_stdin().await; }
-                Ok(Some(ClientMsg::Stdin(d))) => {
-                    if let Err(e) = h.write_stdin(&d).await {
-                        let _ = wire::send(&mut wr, &ServerMsg::Event(ExecEvent::Failed(e))).await;
-                    }
+        }
+        if last {
+            break;
+        }
+    }
+    if let Some(t) = input {
+        t.abort();
+    }
+}
+
+/// Forwards a client's input to the command until the client stops sending. A pipe-fed stdin
+/// then gets its end of file; a terminal stays as it is. Input for a command whose stdin has
+/// closed is dropped.
+async fn forward_input(
+    mut reader: Reader<tokio::net::unix::OwnedReadHalf>,
+    control: msb_actors::ExecControl,
+    tty: bool,
+) {
+    loop {
+        match reader.next::<ClientMsg>().await {
+            Ok(Some(ClientMsg::Stdin(d))) if d.is_empty() => {
+                let _ = control.close_stdin().await;
+            }
+            Ok(Some(ClientMsg::Stdin(d))) => {
+                // Answered once the guest has room: this is what paces a client's stdin.
+                let _ = control.write_stdin(&d).await;
+            }
+            Ok(Some(ClientMsg::Signal(s))) => {
+                let _ = control.signal(s).await;
+            }
+            Ok(Some(ClientMsg::Resize(size))) => {
+                let _ = control.resize(size.rows, size.cols).await;
+            }
+            Ok(Some(_)) | Err(_) | Ok(None) => {
+                if !tty {
+                    let _ = control.close_stdin().await;
                 }
-                Ok(Some(ClientMsg::Signal(s))) => { let _ = h.signal(s).await; }
-                Ok(Some(ClientMsg::Resize(size))) => { let _ = h.resize(size.rows, size.cols).await; }
-                Ok(Some(_)) | Err(_) | Ok(None) => {
-                    // No more input (the client closed its side, left, or broke the
-                    // protocol): the command runs on; a pipe-fed stdin gets its end of file,
-                    // a terminal stays as it is.
-                    reading = false;
-                    if !tty {
-                        let _ = h.close_stdin().await;
-                    }
-                }
-            },
+                return;
+            }
         }
     }
 }
