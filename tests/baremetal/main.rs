@@ -20,6 +20,9 @@ struct Variant {
     queue_size: u32,
     /// Guest physical address of the transmit queue's descriptor table.
     desc_table: u32,
+    /// Assembly run after the one descriptor is posted and before the queue is notified (to
+    /// post something else instead).
+    extra: String,
     finish: &'static str,
 }
 
@@ -45,6 +48,7 @@ impl Variant {
             desc_flags: 0,
             queue_size: 8,
             desc_table: 0x300000,
+            extra: String::new(),
             finish,
         }
     }
@@ -98,6 +102,7 @@ _start:
     movw $0, AVAIL
     movw $0, AVAIL+4
     movw $1, AVAIL+2
+    {extra}
     movl $1, 0x50(%ebx)
 wait:
     cmpw $0, USED+2
@@ -124,6 +129,7 @@ payload: .byte {bytes}
             len = self.payload.len(),
             flags = self.desc_flags,
             finish = self.finish,
+            extra = self.extra,
             bytes = bytes.join(","),
         )
     }
@@ -263,6 +269,64 @@ async fn bogus_queue_size_fails_the_device() {
     let (reason, _) = stop_reason(create("qsize", v).await.0);
     match reason {
         StopReason::DeviceFailure(why) => assert!(why.contains("size 3"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_zero_length_descriptors_is_paid_for_and_the_real_frame_still_arrives() {
+    // Descriptors 0..=254 form one chain of zero-length buffers; descriptor 255 holds the
+    // Ready frame. The available ring names the empty chain 255 times, then the frame: one
+    // notification asks for ~65,000 descriptor visits. The host serves it in bounded rounds
+    // that continue by themselves (the guest never notifies again), so the frame arrives.
+    let len = ready_frame().len();
+    let extra = format!(
+        r#"
+    mov $0, %ecx
+3:  mov %ecx, %eax
+    shl $4, %eax
+    movl $payload, DESC(%eax)
+    movl $0, DESC+4(%eax)
+    movl $0, DESC+8(%eax)
+    movw $1, DESC+12(%eax)
+    lea 1(%ecx), %edx
+    movw %dx, DESC+14(%eax)
+    inc %ecx
+    cmp $255, %ecx
+    jne 3b
+    movw $0, DESC+12+254*16
+    movl $payload, DESC+255*16
+    movl $0, DESC+255*16+4
+    movl ${len}, DESC+255*16+8
+    movw $0, DESC+255*16+12
+    mov $0, %ecx
+4:  movw $0, AVAIL+4(,%ecx,2)
+    inc %ecx
+    cmp $255, %ecx
+    jne 4b
+    movw $255, AVAIL+4+255*2
+    movw $256, AVAIL+2
+"#
+    );
+    let v = Variant { queue_size: 256, extra, ..Variant::happy(IDLE) };
+    let (sb, _dir) = create("storm", v).await;
+    let sb = sb.expect("the Ready frame behind the storm reaches the host");
+    sb.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_with_host_bytes_in_flight_fails_the_device_instead_of_stranding_them() {
+    // The guest never posts a receive buffer, so the host's Hello waits in the device; a
+    // moment later the guest resets the device. Dropping the Hello would strand the host's
+    // send credit; the device fails instead and the VM stops with the reason.
+    const FINISH: &str = "mov $1000000, %ecx\n5: dec %ecx\n jnz 5b\n movl $0, 0x70(%ebx)";
+    let (sb, _dir) = create("reset-in-flight", Variant::happy(FINISH)).await;
+    let reason = match sb {
+        Ok(sb) => tokio::time::timeout(Duration::from_secs(30), sb.wait()).await.expect("the VM stops").unwrap(),
+        Err(e) => stop_reason(Err(e)).0,
+    };
+    match reason {
+        StopReason::DeviceFailure(why) => assert!(why.contains("undelivered"), "{why}"),
         other => panic!("{other:?}"),
     }
 }

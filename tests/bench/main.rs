@@ -3,6 +3,9 @@
 //! For N sandboxes, one after another: create() start → guest init (boot timer), → agent
 //! ready, → first exec result; exec round trip on the running sandbox; and the sandbox's host
 //! memory outside guest RAM (this process's RSS minus the guest memory mapping's RSS).
+//! The agent channel: exec round trip with and without a stalled session beside it,
+//! throughput each way (`cat` of a large stream), and host memory while a client offers stdin
+//! to a command that never reads it.
 //! Usage: `msb-bench [N]` with MSB_HOME set up (hardware KVM, or inside the rig).
 
 use std::io::BufRead;
@@ -97,8 +100,97 @@ async fn main() {
     stats("create -> first exec result", to_exec);
     stats("exec round trip (true)", rtt);
     stats("process RSS outside guest RAM, MiB", outside);
+    channel().await;
     named(n).await;
     side_by_side(n);
+}
+
+async fn rtts(sb: &Sandbox, n: usize) -> (Vec<f64>, usize) {
+    let (mut v, mut lost) = (Vec::new(), 0);
+    for _ in 0..n {
+        let t = Instant::now();
+        match tokio::time::timeout(Duration::from_secs(10), sb.exec("true", Vec::<String>::new())).await {
+            Ok(Ok(_)) => v.push(ms(t.elapsed())),
+            _ => lost += 1,
+        }
+    }
+    (v, lost)
+}
+
+/// The agent channel under load (one sandbox).
+async fn channel() {
+    println!("--- agent channel ---");
+    let sb = match Sandbox::builder().memory_mib(MEMORY_MIB).create().await {
+        Ok(sb) => sb,
+        Err(e) => return println!("agent channel not benchmarked: {e}"),
+    };
+    let (plain, _) = rtts(&sb, 30).await;
+    stats("exec round trip, alone", plain);
+
+    const STREAM: usize = 32 << 20;
+    let t = Instant::now();
+    let spec = msb_actors::ExecSpec::command(["head", "-c", "33554432", "/dev/zero"]);
+    let mut got = 0;
+    if let Ok(mut h) = sb.exec_stream(spec).await {
+        while let Some(ev) = h.next().await {
+            if let msb_actors::ExecEvent::Stdout(d) = ev {
+                got += d.len();
+            }
+        }
+    }
+    println!(
+        "guest->host throughput: {:.1} MiB/s ({} MiB)",
+        got as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64(),
+        got >> 20
+    );
+
+    let t = Instant::now();
+    let spec = msb_actors::ExecSpec { stdin: Some(vec![b'x'; STREAM]), ..msb_actors::ExecSpec::command(["wc", "-c"]) };
+    match sb.exec_spec(spec).await {
+        Ok(out) if String::from_utf8_lossy(&out.stdout).trim() == STREAM.to_string() => println!(
+            "host->guest throughput: {:.1} MiB/s ({} MiB)",
+            STREAM as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64(),
+            STREAM >> 20
+        ),
+        other => println!("host->guest throughput: failed: {other:?}"),
+    }
+
+    // A client offers stdin as fast as it can to a command that never reads it.
+    let before = sb.boot_times().await.ok().and_then(|b| b.memory).unwrap_or_default().outside_guest_kib();
+    if let Ok(h) = sb.exec_stream(msb_actors::ExecSpec::command(["sleep", "600"])).await {
+        let chunk = vec![0u8; 64 * 1024];
+        let mut accepted = 0usize;
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while h.write_stdin(&chunk).await.is_ok() {
+                accepted += chunk.len();
+            }
+        })
+        .await;
+        let after = sb.boot_times().await.ok().and_then(|b| b.memory).unwrap_or_default().outside_guest_kib();
+        println!(
+            "stdin flood (5 s, unread): {:.1} MiB accepted; RSS outside guest RAM {:.1} -> {:.1} MiB",
+            accepted as f64 / (1 << 20) as f64,
+            before as f64 / 1024.0,
+            after as f64 / 1024.0
+        );
+        let _ = h.signal(9).await;
+    }
+
+    // A session whose consumer stops reading a flood, beside the round trips.
+    match sb.exec_stream(msb_actors::ExecSpec::command(["cat", "/dev/zero"])).await {
+        Ok(mut stalled) => {
+            let _ = stalled.next().await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let (v, lost) = rtts(&sb, 30).await;
+            stats("exec round trip, one session stalled", v);
+            if lost > 0 {
+                println!("  {lost} of 30 round trips got no answer within 10 s");
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), stalled.signal(9)).await;
+        }
+        Err(e) => println!("stalled session not started: {e}"),
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(20), sb.kill()).await;
 }
 
 /// Named sandboxes: a sandbox process per sandbox, exec over its Unix socket (the API) and

@@ -25,6 +25,8 @@ pub enum ConsoleMsg {
     Notify(u16),
     /// From the agent client.
     Agent(ToConsole),
+    /// The last round stopped at its work bound: service again.
+    Continue,
 }
 
 impl From<ToConsole> for ConsoleMsg {
@@ -38,7 +40,7 @@ impl TryFrom<ConsoleMsg> for ToConsole {
     fn try_from(m: ConsoleMsg) -> Result<Self, ()> {
         match m {
             ConsoleMsg::Agent(c) => Ok(c),
-            ConsoleMsg::Notify(_) => Err(()),
+            ConsoleMsg::Notify(_) | ConsoleMsg::Continue => Err(()),
         }
     }
 }
@@ -51,6 +53,9 @@ pub struct ConsoleArgs {
 }
 
 pub struct ConsoleState {
+    me: ActorRef<ConsoleMsg>,
+    /// A `Continue` is in this shell's mailbox.
+    continuing: bool,
     transport: Arc<Mutex<MmioTransport<Console>>>,
     watchers: Watchers,
     agent: DerivedActorRef<GuestBytes>,
@@ -62,10 +67,16 @@ impl ConsoleState {
     /// One servicing round of the core, as far as credit allows; forwards what it produced.
     fn pump(&mut self) -> Result<(), ActorProcessingErr> {
         let budget = CREDIT_WINDOW.saturating_sub(self.in_flight);
-        let serviced = lock(&self.transport).service(|dev, queues, mem| dev.service(queues, mem, budget));
+        let transport = &self.transport;
+        let serviced =
+            super::off_worker(|| lock(transport).service(|dev, queues, mem| dev.service(queues, mem, budget)));
         let Some(s) = serviced.map_err(|failed| format!("virtio-console: {failed}"))? else {
             return Ok(());
         };
+        if s.more && !self.continuing {
+            self.continuing = true;
+            let _ = self.me.send_message(ConsoleMsg::Continue);
+        }
         if !s.from_guest.is_empty() || s.drained > 0 {
             self.in_flight += s.from_guest.len();
             self.agent
@@ -83,7 +94,14 @@ impl Actor for ConsoleDevice {
 
     async fn pre_start(&self, me: ActorRef<ConsoleMsg>, args: ConsoleArgs) -> Result<ConsoleState, ActorProcessingErr> {
         let watchers = Watchers::start(&me, args.device.notify, ConsoleMsg::Notify)?;
-        Ok(ConsoleState { transport: args.device.transport, watchers, agent: args.agent, in_flight: 0 })
+        Ok(ConsoleState {
+            me,
+            continuing: false,
+            transport: args.device.transport,
+            watchers,
+            agent: args.agent,
+            in_flight: 0,
+        })
     }
 
     async fn handle(
@@ -94,6 +112,7 @@ impl Actor for ConsoleDevice {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ConsoleMsg::Notify(q) => st.watchers.taken(q),
+            ConsoleMsg::Continue => st.continuing = false,
             ConsoleMsg::Agent(ToConsole::Credit(n)) => st.in_flight = st.in_flight.saturating_sub(n),
             ConsoleMsg::Agent(ToConsole::Bytes(b)) => {
                 let mut t = lock(&st.transport);
@@ -167,13 +186,18 @@ mod tests {
         let args = ConsoleArgs { device: Virtio { transport, notify }, agent: sink.get_derived() };
         let (console, _) = Actor::spawn(None, ConsoleDevice, args).await.unwrap();
         console.cast(ConsoleMsg::Notify(msb_devices::virtio::console::TX_QUEUE)).unwrap();
-        // One notification is one servicing round, forwarded as one message.
-        crate::test_util::eventually("the first round arrived", || got.1.load(Ordering::SeqCst) == 1).await;
+        // One notification is served in rounds of bounded work that continue by themselves,
+        // until the credit window is full; then nothing more moves.
+        crate::test_util::eventually("the window filled", || got.0.load(Ordering::SeqCst) >= CREDIT_WINDOW - CHAIN)
+            .await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         let first = got.0.load(Ordering::SeqCst);
         assert!(
             (CREDIT_WINDOW - CHAIN..=CREDIT_WINDOW + CHAIN).contains(&first),
             "forwarded {first} bytes without credit"
         );
+        let rounds = got.1.load(Ordering::SeqCst);
+        assert!(rounds > 1, "a round is bounded below the window ({rounds} rounds)");
         // Crediting what was consumed lets the rest through.
         console.cast(ConsoleMsg::Agent(ToConsole::Credit(first))).unwrap();
         crate::test_util::eventually("everything arrived", || got.0.load(Ordering::SeqCst) == CHAIN * CHAINS as usize)

@@ -40,8 +40,13 @@ impl Actor for RngDevice {
     async fn handle(&self, me: ActorRef<RngMsg>, msg: RngMsg, st: &mut RngState) -> Result<(), ActorProcessingErr> {
         let RngMsg::Notify(q) = msg;
         st.watchers.taken(q);
-        let progress = lock(&st.transport).service(|dev, queues, mem| dev.service(queues, mem));
-        if progress.map_err(|failed| format!("virtio-rng: {failed}"))? == Some(RngProgress::HostNotReady) {
+        let progress = super::off_worker(|| lock(&st.transport).service(|dev, queues, mem| dev.service(queues, mem)));
+        let progress = progress.map_err(|failed| format!("virtio-rng: {failed}"))?;
+        if progress == Some(RngProgress::More) && st.watchers.claim(0) {
+            // The round stopped at its budget: continue after whatever else is queued.
+            let _ = me.send_message(RngMsg::Notify(0));
+        }
+        if progress == Some(RngProgress::HostNotReady) {
             tracing::debug!("host CRNG not ready; guest entropy request deferred");
             if st.watchers.claim(0) {
                 tokio::spawn(async move {

@@ -15,7 +15,10 @@
 //! Bounds: host-to-guest bytes waiting for guest buffers are capped at [`TO_GUEST_LIMIT`]
 //! (a full buffer refuses new data, all or nothing, so frames are never cut); one transmit
 //! chain may carry at most [`MAX_CHAIN_BYTES`]; one drain call stops at its byte budget, so
-//! the caller's credit window bounds what is in flight towards the host.
+//! the caller's credit window bounds what is in flight towards the host. One servicing round
+//! does at most [`ROUND_WORK`] of work, counting [`DESC_COST`](super::DESC_COST) per descriptor on top of the
+//! bytes moved (so zero-length descriptors are not free); a round cut short says so
+//! ([`Serviced::more`]) and the caller schedules the next.
 
 use std::collections::VecDeque;
 
@@ -43,6 +46,9 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const TO_GUEST_LIMIT: usize = 4 * 1024 * 1024;
 /// Most bytes one guest transmit chain may carry.
 pub const MAX_CHAIN_BYTES: usize = 64 * 1024;
+/// Work (bytes moved plus [`DESC_COST`](super::DESC_COST) per descriptor) one servicing round may do, per
+/// direction.
+pub const ROUND_WORK: usize = 256 * 1024;
 
 /// The host-to-guest buffer is full; retry after the guest has consumed some.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -86,6 +92,9 @@ impl VirtioDevice for Console {
     fn reset(&mut self) {
         *self = Self::default();
     }
+    fn undelivered(&self) -> usize {
+        self.to_guest.len()
+    }
 }
 
 fn control(event: u16, value: u16, extra: &[u8]) -> Vec<u8> {
@@ -104,6 +113,9 @@ pub struct Serviced {
     pub from_guest: Vec<u8>,
     /// Queued host bytes the guest took.
     pub drained: usize,
+    /// The round stopped at [`ROUND_WORK`] with buffers left: service again soon (the guest
+    /// will not notify for buffers it already posted).
+    pub more: bool,
 }
 
 impl Console {
@@ -185,7 +197,7 @@ impl Console {
             let head = chain.head_index();
             let msg = self.control_out.pop_front().expect("checked non-empty");
             let mut at = 0;
-            let n = write_chain(mem, chain, CONTROL_RX_QUEUE, msg.len(), &mut |buf| {
+            let (n, _) = write_chain(mem, chain, CONTROL_RX_QUEUE, msg.len(), &mut |buf| {
                 let n = buf.len().min(msg.len() - at);
                 buf[..n].copy_from_slice(&msg[at..at + n]);
                 at += n;
@@ -197,32 +209,38 @@ impl Console {
         Ok(used)
     }
 
-    /// Moves queued bytes into the guest's receive buffers. Returns whether any buffer was used.
-    pub fn fill_rx(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
+    /// Moves queued bytes into the guest's receive buffers, within [`ROUND_WORK`]. Returns
+    /// whether any buffer was used, and whether it stopped at the work bound.
+    pub fn fill_rx(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<(bool, bool), DeviceError> {
         let mut used = false;
         if !q.ready() {
-            return Ok(false);
+            return Ok((false, false));
         }
+        let mut work = 0;
         for _ in 0..q.size() {
             if self.to_guest.is_empty() {
                 break;
+            }
+            if work >= ROUND_WORK {
+                return Ok((used, true));
             }
             let Some(chain) = pop_chain(q, mem, RX_QUEUE)? else {
                 break;
             };
             let head = chain.head_index();
             let to_guest = &mut self.to_guest;
-            let n = write_chain(mem, chain, RX_QUEUE, MAX_CHAIN_BYTES, &mut |buf| {
+            let (n, cost) = write_chain(mem, chain, RX_QUEUE, MAX_CHAIN_BYTES, &mut |buf| {
                 let n = buf.len().min(to_guest.len());
                 for (d, s) in buf.iter_mut().zip(to_guest.drain(..n)) {
                     *d = s;
                 }
                 n
             })?;
+            work += cost;
             add_used(q, mem, RX_QUEUE, head, n)?;
             used = true;
         }
-        Ok(used)
+        Ok((used, false))
     }
 
     /// One servicing round, in the device's fixed order: the control queues, then receive
@@ -237,42 +255,51 @@ impl Console {
     ) -> Result<(Serviced, bool), DeviceError> {
         let pending_before = self.to_guest.len();
         let mut signal = self.process_control(queues, mem)?;
-        signal |= self.fill_rx(&mut queues[RX_QUEUE as usize], mem)?;
+        let (filled, more_rx) = self.fill_rx(&mut queues[RX_QUEUE as usize], mem)?;
+        signal |= filled;
         let mut from_guest = Vec::new();
+        let mut more_tx = false;
         if budget > 0 {
-            signal |= self.drain_tx(&mut queues[TX_QUEUE as usize], mem, budget, &mut from_guest)?;
+            let (drained, more) = self.drain_tx(&mut queues[TX_QUEUE as usize], mem, budget, &mut from_guest)?;
+            signal |= drained;
+            more_tx = more;
         }
         let drained = pending_before.saturating_sub(self.to_guest.len());
-        Ok((Serviced { from_guest, drained }, signal))
+        Ok((Serviced { from_guest, drained, more: more_rx || more_tx }, signal))
     }
 
-    /// Copies guest transmit chains into `out` until `budget` bytes have been taken or the
-    /// queue is empty. Returns whether any buffer was used.
+    /// Copies guest transmit chains into `out` until `budget` bytes have been taken, the
+    /// round's [`ROUND_WORK`] is done, or the queue is empty. Returns whether any buffer was
+    /// used, and whether it stopped at the work bound with chains possibly left.
     pub fn drain_tx(
         &mut self,
         q: &mut Queue,
         mem: &GuestMemoryMmap,
         budget: usize,
         out: &mut Vec<u8>,
-    ) -> Result<bool, DeviceError> {
+    ) -> Result<(bool, bool), DeviceError> {
         let mut used = false;
         let start = out.len();
         if !q.ready() {
-            return Ok(false);
+            return Ok((false, false));
         }
+        let mut work = 0;
         for _ in 0..q.size() {
             if out.len() - start >= budget {
                 break;
+            }
+            if work >= ROUND_WORK {
+                return Ok((used, true));
             }
             let Some(chain) = pop_chain(q, mem, TX_QUEUE)? else {
                 break;
             };
             let head = chain.head_index();
-            read_chain(mem, chain, TX_QUEUE, MAX_CHAIN_BYTES, out)?;
+            work += read_chain(mem, chain, TX_QUEUE, MAX_CHAIN_BYTES, out)?;
             add_used(q, mem, TX_QUEUE, head, 0)?;
             used = true;
         }
-        Ok(used)
+        Ok((used, false))
     }
 }
 
@@ -304,7 +331,7 @@ mod tests {
         let mut q: Queue = vq.create_queue().unwrap();
         let mut c = Console::default();
         let mut out = Vec::new();
-        assert!(c.drain_tx(&mut q, &m, 1 << 20, &mut out).unwrap());
+        assert!(c.drain_tx(&mut q, &m, 1 << 20, &mut out).unwrap().0);
         assert_eq!(out, b"hello world");
         assert_eq!(vq.used().idx().load(), 1);
     }
@@ -336,6 +363,41 @@ mod tests {
     }
 
     #[test]
+    fn zero_length_descriptors_are_paid_for_and_a_round_is_bounded() {
+        let m = mem();
+        // The storm: one chain of 256 zero-length descriptors, and every available entry
+        // naming it (a chain's worth of walking for each, carrying nothing).
+        let vq = MockSplitQueue::new(&m, 256);
+        let descs: Vec<RawDescriptor> = (0..256u16)
+            .map(|i| desc(0x8000, 0, if i == 255 { 0 } else { F_NEXT }, if i == 255 { 0 } else { i + 1 }))
+            .collect();
+        vq.build_desc_chain(&descs).unwrap();
+        for i in 0..256 {
+            vq.avail().ring().ref_at(i).unwrap().store(u16::to_le(0));
+        }
+        vq.avail().idx().store(u16::to_le(256));
+        let mut q: Queue = vq.create_queue().unwrap();
+        let per_chain = 256 * crate::virtio::DESC_COST;
+        let mut rounds = 0;
+        let mut dev = Console::default();
+        loop {
+            let mut out = Vec::new();
+            let before = vq.used().idx().load();
+            let (_, more) = dev.drain_tx(&mut q, &m, usize::MAX, &mut out).unwrap();
+            let chains = usize::from(vq.used().idx().load().wrapping_sub(before));
+            // A round stops once its work reaches the bound: at most one chain past it.
+            assert!(chains <= ROUND_WORK / per_chain + 1, "one round walked {chains} chains");
+            assert!(out.is_empty());
+            rounds += 1;
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(vq.used().idx().load(), 256, "every chain is served, over several rounds");
+        assert!(rounds >= 256 / ROUND_WORK.div_ceil(per_chain), "{rounds} rounds");
+    }
+
+    #[test]
     fn tx_stops_at_budget() {
         let m = mem();
         let vq = MockSplitQueue::new(&m, 16);
@@ -362,11 +424,11 @@ mod tests {
         c.queue_to_guest(b"to guest").unwrap();
         // No budget: the host bytes go out, the guest's stay queued.
         let (done, signal) = c.service(&mut queues, &m, 0).unwrap();
-        assert_eq!(done, Serviced { from_guest: Vec::new(), drained: 8 });
+        assert_eq!(done, Serviced { from_guest: Vec::new(), drained: 8, more: false });
         assert!(signal, "a used receive buffer is signalled");
         assert_eq!(tx.used().idx().load(), 0);
         let (done, signal) = c.service(&mut queues, &m, 1 << 20).unwrap();
-        assert_eq!(done, Serviced { from_guest: b"from guest".to_vec(), drained: 0 });
+        assert_eq!(done, Serviced { from_guest: b"from guest".to_vec(), drained: 0, more: false });
         assert!(signal);
         let (done, signal) = c.service(&mut queues, &m, 1 << 20).unwrap();
         assert_eq!((done, signal), (Serviced::default(), false), "nothing to do, nothing to signal");
@@ -425,14 +487,14 @@ mod tests {
         let mut q: Queue = vq.create_queue().unwrap();
         let mut c = Console::default();
         c.queue_to_guest(b"abcdefgh").unwrap();
-        assert!(c.fill_rx(&mut q, &m).unwrap());
+        assert!(c.fill_rx(&mut q, &m).unwrap().0);
         let mut a = [0u8; 4];
         m.read_slice(&mut a, GuestAddress(0x8000)).unwrap();
         assert_eq!(&a, b"abcd");
         m.read_slice(&mut a, GuestAddress(0x9000)).unwrap();
         assert_eq!(&a, b"efgh");
         assert_eq!(c.pending_to_guest(), 0);
-        assert!(!c.fill_rx(&mut q, &m).unwrap(), "nothing to send");
+        assert!(!c.fill_rx(&mut q, &m).unwrap().0, "nothing to send");
 
         let mut c = Console::default();
         c.queue_to_guest(&vec![0; TO_GUEST_LIMIT]).unwrap();

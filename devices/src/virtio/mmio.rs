@@ -162,6 +162,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn reset(&mut self) {
+        let undelivered = self.device.undelivered();
+        if undelivered > 0 {
+            return self.fail(format!(
+                "driver reset the device with {undelivered} host bytes undelivered; they cannot be taken back"
+            ));
+        }
         self.device.reset();
         for q in &mut self.queues {
             q.reset();
@@ -377,6 +383,25 @@ pub(crate) mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let evt = || Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
         MmioTransport::new(Rng, mem, evt(), vec![evt()])
+    }
+
+    #[test]
+    fn a_reset_that_would_drop_host_bytes_fails_the_device_instead() {
+        use crate::virtio::console::Console;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let evt = || Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
+        let mut t = MmioTransport::new(Console::default(), mem, evt(), (0..4).map(|_| evt()).collect());
+        init(&mut t, 16, 0x1000, 0x2000, 0x3000);
+        // Nothing in flight: a reset is a reset.
+        w(&mut t, 0x70, 0);
+        assert!(t.failure().is_none());
+        init(&mut t, 16, 0x1000, 0x2000, 0x3000);
+        t.device_mut().queue_to_guest(b"hello").unwrap();
+        w(&mut t, 0x70, 0);
+        let why = t.failure().expect("the device failed").to_string();
+        assert!(why.contains("5 host bytes undelivered"), "{why}");
+        assert_eq!(t.device().pending_to_guest(), 5, "nothing was dropped silently");
+        assert_ne!(r(&mut t, 0x70) & STATUS_NEEDS_RESET, 0);
     }
 
     #[test]

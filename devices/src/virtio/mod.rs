@@ -29,6 +29,12 @@ pub trait VirtioDevice: Send {
     fn ack_features(&mut self, _features: u64) {}
     /// Forget all in-flight state (driver reset).
     fn reset(&mut self);
+    /// Host bytes the device holds for the driver, which a reset would drop. The transport
+    /// refuses such a reset and fails the device instead: whoever sent them would wait for
+    /// them forever.
+    fn undelivered(&self) -> usize {
+        0
+    }
 }
 
 /// A guest broke the virtio contract. The device is not served again.
@@ -39,6 +45,10 @@ pub enum DeviceError {
     #[error("queue {queue}: {what}")]
     BadQueue { queue: u16, what: String },
 }
+
+/// What one descriptor costs a servicing round, on top of the bytes it carries, so that a
+/// storm of zero-length descriptors is paid for like data.
+pub const DESC_COST: usize = 64;
 
 /// `VIRTQ_DESC_F_NEXT` and `VIRTQ_DESC_F_INDIRECT` (virtio 1.x §2.7.5).
 const DESC_F_NEXT: u16 = 1;
@@ -88,7 +98,8 @@ pub(crate) fn pop_chain<'m>(
     Ok(Some(chain))
 }
 
-/// Copies the readable part of a chain out of guest memory, at most `limit` bytes.
+/// Copies the readable part of a chain out of guest memory, at most `limit` bytes, and
+/// returns its cost (bytes plus [`DESC_COST`] per descriptor).
 /// Errors if the chain holds a device-writable descriptor, exceeds `limit`, or points
 /// outside guest memory.
 pub(crate) fn read_chain(
@@ -102,7 +113,9 @@ pub(crate) fn read_chain(
     let head = chain.head_index();
     let bad = |what: String| DeviceError::BadChain { queue, head, what };
     let start = out.len();
+    let mut descs = 0usize;
     for desc in chain {
+        descs += 1;
         if desc.is_write_only() {
             return Err(bad("device-writable descriptor in a driver-to-device chain".into()));
         }
@@ -115,24 +128,27 @@ pub(crate) fn read_chain(
         mem.read_slice(&mut out[at..], desc.addr())
             .map_err(|e| bad(format!("descriptor at {:#x}+{len}: {e}", desc.addr().0)))?;
     }
-    Ok(out.len() - start)
+    Ok(out.len() - start + descs * DESC_COST)
 }
 
 /// Fills the device-writable part of a chain from `src` (which supplies bytes on demand),
-/// at most `limit` bytes. Returns how many bytes were written.
+/// at most `limit` bytes. Returns how many bytes were written, and the cost (bytes plus
+/// [`DESC_COST`] per descriptor visited).
 pub(crate) fn write_chain(
     mem: &GuestMemoryMmap,
     chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
     queue: u16,
     limit: usize,
     src: &mut dyn FnMut(&mut [u8]) -> usize,
-) -> Result<u32, DeviceError> {
+) -> Result<(u32, usize), DeviceError> {
     use vm_memory::Bytes;
     let head = chain.head_index();
     let bad = |what: String| DeviceError::BadChain { queue, head, what };
     let mut written = 0usize;
     let mut buf = Vec::new();
+    let mut descs = 0usize;
     for desc in chain {
+        descs += 1;
         if !desc.is_write_only() {
             return Err(bad("driver-readable descriptor in a device-to-driver chain".into()));
         }
@@ -149,7 +165,7 @@ pub(crate) fn write_chain(
             .map_err(|e| bad(format!("descriptor at {:#x}+{}: {e}", desc.addr().0, desc.len())))?;
         written += n;
     }
-    Ok(written as u32)
+    Ok((written as u32, written + descs * DESC_COST))
 }
 
 /// Marks `head` used on `q`, mapping queue errors to a device error.

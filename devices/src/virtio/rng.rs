@@ -33,6 +33,8 @@ pub enum RngProgress {
     Served(bool),
     /// The host CRNG is not ready; try again later.
     HostNotReady,
+    /// The round stopped at its work bound with requests possibly left: service again.
+    More,
 }
 
 fn host_random(buf: &mut [u8]) -> usize {
@@ -44,7 +46,7 @@ impl Rng {
     /// One servicing round over the device's one queue; the flag says whether to signal.
     pub fn service(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<(RngProgress, bool), DeviceError> {
         let progress = self.process(&mut queues[0], mem)?;
-        Ok((progress, progress == RngProgress::Served(true)))
+        Ok((progress, matches!(progress, RngProgress::Served(true) | RngProgress::More)))
     }
 
     /// Serves pending requests.
@@ -56,12 +58,17 @@ impl Rng {
             return Ok(RngProgress::HostNotReady);
         }
         let mut used = false;
+        let mut work = 0;
         for _ in 0..q.size() {
+            if work >= super::console::ROUND_WORK {
+                return Ok(RngProgress::More);
+            }
             let Some(chain) = pop_chain(q, mem, 0)? else {
                 break;
             };
             let head = chain.head_index();
-            let n = write_chain(mem, chain, 0, MAX_CHAIN_BYTES, &mut host_random)?;
+            let (n, cost) = write_chain(mem, chain, 0, MAX_CHAIN_BYTES, &mut host_random)?;
+            work += cost;
             add_used(q, mem, 0, head, n)?;
             used = true;
         }
