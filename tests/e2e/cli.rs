@@ -556,3 +556,38 @@ fn cli_clients_that_leave_stall_or_flood_stall_only_themselves() {
     assert!(t.elapsed() < Duration::from_secs(8), "the timeout answered after {:?}", t.elapsed());
     ok(&["rm", "--force", n]);
 }
+
+#[test]
+fn cli_a_guest_writing_garbage_mmio_for_a_minute() {
+    let n = "e2e-mmio";
+    create_and_start(n);
+    let home = msb_images::msb_home().unwrap();
+    let vmm_log = paths::sandbox_dir(&home, &SandboxName::new(n).unwrap()).join("vmm.log");
+    // For a minute, guest root writes random values to the MMIO hole around the devices:
+    // addresses with no device, and the boot timer. None of it reaches a device's state, so
+    // the VM stays healthy, and none of it is logged.
+    let script = "end=$(( $(date +%s) + 60 )); i=0; \
+        while [ $(date +%s) -lt $end ]; do \
+          a=$(( 0xd0008000 + (RANDOM % 0x7ff) * 16 )); devmem $a 32 $RANDOM; devmem 0xd0000000 8 $RANDOM; \
+          i=$((i+1)); done; echo $i";
+    let out = msb(&["exec", n, "--", "sh", "-c", script]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let writes: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(writes > 10, "only {writes} rounds of writes");
+    assert_eq!(status(n), "running");
+    still_answers(n, Duration::from_secs(10));
+    let size = std::fs::metadata(&vmm_log).unwrap().len();
+    assert!(size < msb_control_plane::schema::limits::VMM_LOG_CAP, "vmm.log is {size} bytes");
+    // Then garbage over the registers of every device: the first write a device cannot take
+    // (a queue register after DRIVER_OK, say) fails it, and the VM stops with that reason.
+    let script = "while :; do a=$(( 0xd0001000 + (RANDOM % 0x2000) / 4 * 4 )); devmem $a 32 $RANDOM; done";
+    let _ = msb(&["exec", "--timeout", "60", n, "--", "sh", "-c", script]);
+    wait_status(n, "stopped", Duration::from_secs(60));
+    let rec = record(n).unwrap();
+    let reason = rec["last_run"]["exit_reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("device failure"), "stopped with {reason:?}");
+    let log = std::fs::read_to_string(&vmm_log).unwrap();
+    assert_eq!(log.matches("virtio device failed").count(), 1, "a failure is logged once:\n{log}");
+    assert!((log.len() as u64) < msb_control_plane::schema::limits::VMM_LOG_CAP);
+    ok(&["rm", "--force", n]);
+}
