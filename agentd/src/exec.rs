@@ -7,10 +7,13 @@
 //! host may queue at most [`STDIN_WINDOW`] cost units per session (an overdraw is refused and
 //! reported), and each chunk is acknowledged once it is in the pipe or dropped.
 //!
-//! Every exec runs in its own cgroup under [`CGROUP_ROOT`] (joined by the exec helper before
-//! the command starts), so [`HostMsg::Kill`](msb_protocol::HostMsg::Kill) reaches every
-//! process it started, including those that left its process group or session. Without
-//! cgroup v2 (agentd run outside a sandbox) kill falls back to the process group.
+//! Every exec runs in its own cgroup under [`CGROUP_ROOT`], so
+//! [`HostMsg::Kill`](msb_protocol::HostMsg::Kill) reaches every process it started, including
+//! those that left its process group or session. The command is born there: agentd moves
+//! itself into the exec's cgroup for the fork and back right after, with the reaper's spawn
+//! lock held, so no other spawn can interleave (no controllers are enabled, so the move only
+//! sets membership; PID 1 is immune to a concurrent `cgroup.kill`). Without cgroup v2 (agentd
+//! run outside a sandbox) kill falls back to the process group.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -306,6 +309,28 @@ fn classify(e: &std::io::Error) -> SpawnErrorKind {
     }
 }
 
+/// agentd inside an exec's cgroup, for one spawn: it moves back to the root when dropped.
+struct Inside;
+
+impl Inside {
+    fn enter(cgroup: &Path) -> std::io::Result<Inside> {
+        let me = std::process::id().to_string();
+        std::fs::write(cgroup.join("cgroup.procs"), &me).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("joining the exec's cgroup {}: {e}", cgroup.display()))
+        })?;
+        Ok(Inside)
+    }
+}
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        let me = std::process::id().to_string();
+        if let Err(e) = std::fs::write(Path::new(CGROUP_ROOT).join("cgroup.procs"), me) {
+            crate::log(&format!("leaving an exec's cgroup: {e}"));
+        }
+    }
+}
+
 /// What a session thread works with.
 struct Ctx<'a> {
     sender: &'a Sender,
@@ -383,9 +408,9 @@ fn run(req: ExecRequest, stdin: Option<StdinFeed>, ctx: &Ctx, reaper: &Reaper) {
             format!("working directory {cwd} does not exist or is not a directory"),
         );
     }
-    // The helper does what std's Command cannot without `unsafe` (see helper.rs): joining the
-    // session's cgroup before the command starts, limits, terminals, users.
-    let via_helper = ctx.cgroup.is_some() || req.tty.is_some() || !req.rlimits.is_empty() || user.is_some();
+    // The helper does what std's Command cannot without `unsafe` (see helper.rs): limits,
+    // terminals, users.
+    let via_helper = req.tty.is_some() || !req.rlimits.is_empty() || user.is_some();
     let path_var = req.env.iter().rev().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
     if via_helper {
         if let Err((kind, message)) = precheck(&req.argv[0], path_var, &cwd) {
@@ -399,12 +424,7 @@ fn run(req: ExecRequest, stdin: Option<StdinFeed>, ctx: &Ctx, reaper: &Reaper) {
     let mut cmd = if via_helper {
         let mut c = Command::new("/proc/self/exe");
         let identity = user.as_ref().map(|u| helper::Identity { uid: u.uid, gid: u.gid, groups: u.groups.clone() });
-        let setup = helper::Setup {
-            ctty: pty.is_some(),
-            rlimits: &req.rlimits,
-            user: identity.as_ref(),
-            cgroup: ctx.cgroup.as_deref(),
-        };
+        let setup = helper::Setup { ctty: pty.is_some(), rlimits: &req.rlimits, user: identity.as_ref() };
         c.args(helper::args(&setup, &req.argv));
         c
     } else {
@@ -435,6 +455,7 @@ fn run(req: ExecRequest, stdin: Option<StdinFeed>, ctx: &Ctx, reaper: &Reaper) {
         }
     }
     let spawned = reaper.spawn_registered(|| {
+        let _inside = ctx.cgroup.as_deref().map(Inside::enter).transpose()?;
         let child = cmd.spawn()?;
         let pid = child.id();
         Ok((child, pid))

@@ -1,17 +1,15 @@
 //! The exec helper: agentd re-executes itself as `agentd --msb-exec-helper` for commands that
 //! need set-up between fork and exec that the standard library cannot do without `unsafe`:
-//! joining the exec's cgroup, resource limits, a new session whose controlling terminal is
-//! stdin (PTY sessions), and a user switch with supplementary groups.
+//! resource limits, a new session whose controlling terminal is stdin (PTY sessions), and a
+//! user switch with supplementary groups.
 //!
-//! It first moves itself into the exec's cgroup (so nothing the command starts can be outside
-//! it, short of a guest root moving it out), applies the limits (as root, so hard limits can be raised), optionally starts the
+//! It applies the limits (as root, so hard limits can be raised), optionally starts the
 //! session, sets groups, gid and uid in that order, then replaces itself with the command.
 //! The helper is single-threaded, so the per-thread Linux id system calls are process-wide. agentd checks that the program exists and is executable before it starts the
 //! helper, so spawn failures are still classified; if `exec` fails anyway the helper reports
 //! it on stderr and exits 127 (not found) or 126 (any other reason), as shells do.
 
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 
 use msb_protocol::{Rlimit, RlimitResource};
 use rustix::process::Resource;
@@ -50,16 +48,11 @@ pub struct Setup<'a> {
     pub ctty: bool,
     pub rlimits: &'a [Rlimit],
     pub user: Option<&'a Identity>,
-    /// The cgroup directory to join first.
-    pub cgroup: Option<&'a Path>,
 }
 
 /// Arguments that make the helper run `argv` with `setup`.
 pub fn args(setup: &Setup, argv: &[String]) -> Vec<String> {
     let mut a = vec![FLAG.to_string()];
-    if let Some(cg) = setup.cgroup {
-        a.push(format!("--cgroup={}", cg.display()));
-    }
     if setup.ctty {
         a.push("--ctty".into());
     }
@@ -102,11 +95,6 @@ pub fn main(args: &[String]) -> ! {
     for a in it.by_ref() {
         if a == "--" {
             break;
-        } else if let Some(dir) = a.strip_prefix("--cgroup=") {
-            // "0" names the writing process: this helper, and so the command it becomes.
-            if let Err(e) = std::fs::write(Path::new(dir).join("cgroup.procs"), "0") {
-                fail(format!("joining the exec's cgroup {dir}: {e}"), 126);
-            }
         } else if a == "--ctty" {
             ctty = true;
         } else if let Some(spec) = a.strip_prefix("--user=") {
@@ -153,10 +141,9 @@ mod tests {
     #[test]
     fn identities_round_trip_through_the_arguments() {
         let id = Identity { uid: 1000, gid: 100, groups: vec![10, 27] };
-        let cg = Path::new("/sys/fs/cgroup/exec-3");
-        let setup = Setup { ctty: true, rlimits: &[], user: Some(&id), cgroup: Some(cg) };
+        let setup = Setup { ctty: true, rlimits: &[], user: Some(&id) };
         let a = args(&setup, &["id".into()]);
-        assert_eq!(a, [FLAG, "--cgroup=/sys/fs/cgroup/exec-3", "--ctty", "--user=1000:100:10,27", "--", "id"]);
+        assert_eq!(a, [FLAG, "--ctty", "--user=1000:100:10,27", "--", "id"]);
         let back = parse_identity("1000:100:10,27").unwrap();
         assert_eq!((back.uid, back.gid, back.groups), (1000, 100, vec![10, 27]));
         assert_eq!(parse_identity("5:6:").unwrap().groups, Vec::<u32>::new());

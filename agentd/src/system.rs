@@ -27,8 +27,14 @@ pub fn early_setup() {
     mount_fs("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("ptmxmode=0666"));
     mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"));
     mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"));
-    // One cgroup per exec lives here (see exec.rs): the unit a deadline kills.
-    mount_fs("cgroup2", crate::exec::CGROUP_ROOT, "cgroup2", nosuid, None);
+    // One cgroup per exec lives here (see exec.rs): the unit a deadline kills. agentd moves
+    // in and out of a cgroup for every spawn; `favordynmods` makes such moves cheap (no RCU
+    // grace period), at a small cost to fork and exit. Kernels without it mount plainly.
+    let cg = crate::exec::CGROUP_ROOT;
+    let _ = std::fs::create_dir_all(cg);
+    if mount(Some("cgroup2"), cg, Some("cgroup2"), nosuid, Some("favordynmods")).is_err() {
+        mount_fs("cgroup2", cg, "cgroup2", nosuid, None);
+    }
     std::env::set_var("PATH", crate::exec::DEFAULT_PATH);
 }
 

@@ -341,7 +341,31 @@ fn run_loop(fd: &mut VcpuFd, handler: &dyn ExitHandler, stop: &AtomicBool) -> Vc
             other => Some(VcpuStop::Error(format!("unexpected vCPU exit {other:?}"))),
         };
         if let Some(reason) = outcome {
+            if matches!(reason, VcpuStop::TripleFault) {
+                log_shutdown_state(fd);
+            }
             return reason;
         }
+    }
+}
+
+/// Logs where the vCPU was when KVM reported a shutdown (a triple fault), so that one seen in
+/// the field can be told apart: a guest kernel bug (a sane RIP in the kernel), or a broken
+/// nested hypervisor (garbage control registers).
+fn log_shutdown_state(fd: &kvm_ioctls::VcpuFd) {
+    match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(r), Ok(s)) => tracing::warn!(
+            rip = format_args!("{:#x}", r.rip),
+            rsp = format_args!("{:#x}", r.rsp),
+            rflags = format_args!("{:#x}", r.rflags),
+            cr0 = format_args!("{:#x}", s.cr0),
+            cr2 = format_args!("{:#x}", s.cr2),
+            cr3 = format_args!("{:#x}", s.cr3),
+            cr4 = format_args!("{:#x}", s.cr4),
+            efer = format_args!("{:#x}", s.efer),
+            idt = format_args!("{:#x}+{:#x}", s.idt.base, s.idt.limit),
+            "vCPU shut down (triple fault)"
+        ),
+        (r, s) => tracing::warn!("vCPU shut down (triple fault); registers unreadable: {:?} {:?}", r.err(), s.err()),
     }
 }

@@ -42,7 +42,28 @@ fn stats(name: &str, mut v: Vec<f64>) {
 const VMM_CHILD: &str = "--vmm-child";
 
 async fn vmm_child() {
-    let sb = Sandbox::builder().memory_mib(MEMORY_MIB).console_log("/proc/self/fd/1").create().await;
+    // The console log refuses symlinks (such as /proc/self/fd/1): it goes to a private file,
+    // which a thread copies to stdout as it grows (polling every millisecond).
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let log = dir.path().join("console.log");
+    let tail = log.clone();
+    std::thread::spawn(move || {
+        use std::io::{Read, Seek, Write};
+        let mut at = 0;
+        loop {
+            if let Ok(mut f) = std::fs::File::open(&tail) {
+                let mut buf = Vec::new();
+                if f.seek(std::io::SeekFrom::Start(at)).is_ok() && f.read_to_end(&mut buf).is_ok() && !buf.is_empty() {
+                    at += buf.len() as u64;
+                    let mut out = std::io::stdout();
+                    let _ = out.write_all(&buf);
+                    let _ = out.flush();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let sb = Sandbox::builder().memory_mib(MEMORY_MIB).console_log(&log).create().await;
     if let Ok(sb) = sb {
         let _ = sb.exec("true", Vec::<String>::new()).await;
         let _ = sb.stop().await;
@@ -111,7 +132,13 @@ async fn rtts(sb: &Sandbox, n: usize) -> (Vec<f64>, usize) {
         let t = Instant::now();
         match tokio::time::timeout(Duration::from_secs(10), sb.exec("true", Vec::<String>::new())).await {
             Ok(Ok(_)) => v.push(ms(t.elapsed())),
-            _ => lost += 1,
+            _ => {
+                lost += 1;
+                // A channel that is stalled for good answers nothing: do not wait 10 s more.
+                if lost >= 3 && v.is_empty() {
+                    break;
+                }
+            }
         }
     }
     (v, lost)
@@ -184,7 +211,7 @@ async fn channel() {
             let (v, lost) = rtts(&sb, 30).await;
             stats("exec round trip, one session stalled", v);
             if lost > 0 {
-                println!("  {lost} of 30 round trips got no answer within 10 s");
+                println!("  {lost} round trips got no answer within 10 s");
             }
             let _ = tokio::time::timeout(Duration::from_secs(5), stalled.signal(9)).await;
         }
