@@ -5,7 +5,7 @@
 //!
 //! Invariants: a watcher never queues more than one notification per queue in a mailbox; a
 //! failed device (the guest broke its contract) fails its shell, which makes the supervisor
-//! stop the VM with the reason. A servicing round runs through [`off_worker`], so the guest
+//! stop the VM with the reason. A servicing round runs through `off_worker`, so the guest
 //! memory work it does (bounded by the core's round budget) never holds an async worker
 //! thread's other tasks; a round cut short at its budget is continued by a message the shell
 //! sends itself, so other messages interleave.
