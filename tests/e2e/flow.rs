@@ -10,9 +10,11 @@ use msb_tests::boot;
 
 use crate::sh;
 
-/// Growth of host memory outside guest RAM a scenario may cause: a few windows, never the
-/// size of what the guest or the client offered (GiBs).
-const RSS_BOUND_KIB: u64 = 48 * 1024;
+/// Growth of host memory outside guest RAM a scenario may cause: never the size of what the
+/// guest or the client offered (GiBs). The scenario itself needs a few windows (~1 MiB); the
+/// bound leaves room for another test running in this process at the same time (on hardware
+/// KVM the suite runs two at once, and one of them holds 10 MiB buffers several times over).
+const RSS_BOUND_KIB: u64 = 128 * 1024;
 
 async fn outside_guest_kib(sb: &Sandbox) -> u64 {
     sb.boot_times().await.unwrap().memory.expect("resident memory is measured").outside_guest_kib()
@@ -152,17 +154,29 @@ async fn sixty_four_sessions_with_one_stalled() {
 
 /// The scenario behind issue 8's unexplained triple fault, held for four minutes: a flood
 /// nobody reads any more (released, so acknowledged and dropped as it arrives) and a flood
-/// whose reader stalled, beside round trips. Ignored by default (it takes minutes); run with
-/// `RIG_E2E_ARGS="--ignored soak"`.
+/// whose reader stalled, beside round trips. In the rig it triple-faulted the guest once in
+/// four runs (see the README); it is here to be run where `/dev/kvm` is hardware, which
+/// tells the rig's nested SVM apart from the VMM. Ignored by default (it takes minutes): run
+/// `msb-e2e --ignored soak`, or `RIG_E2E_ARGS="--ignored soak" tests/rig/run-rig.sh e2e`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn soak_a_released_and_a_stalled_flood_for_four_minutes() {
     let sb = boot().await;
-    let released = sb.exec_stream(ExecSpec::command(["cat", "/dev/zero"])).await.unwrap();
-    drop(released);
+    // MSB_SOAK=released|stalled|read narrows it down (default: released and stalled).
+    let mode = std::env::var("MSB_SOAK").unwrap_or_default();
+    let secs = std::env::var("MSB_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(240);
+    if mode.is_empty() || mode == "released" {
+        let released = sb.exec_stream(ExecSpec::command(["cat", "/dev/zero"])).await.unwrap();
+        drop(released);
+    }
     let mut stalled = sb.exec_stream(ExecSpec::command(["cat", "/dev/zero"])).await.unwrap();
     assert!(matches!(stalled.next().await, Some(ExecEvent::Stdout(_))));
-    let end = Instant::now() + Duration::from_secs(240);
+    if mode == "read" {
+        // A flood that is read as fast as it comes, on its own task.
+        let mut h = sb.exec_stream(ExecSpec::command(["cat", "/dev/zero"])).await.unwrap();
+        tokio::spawn(async move { while h.next().await.is_some() {} });
+    }
+    let end = Instant::now() + Duration::from_secs(secs);
     let mut worst = Duration::ZERO;
     while Instant::now() < end {
         let t = Instant::now();
