@@ -424,7 +424,13 @@ fn run(req: ExecRequest, stdin: Option<StdinFeed>, ctx: &Ctx, reaper: &Reaper) {
     let mut cmd = if via_helper {
         let mut c = Command::new("/proc/self/exe");
         let identity = user.as_ref().map(|u| helper::Identity { uid: u.uid, gid: u.gid, groups: u.groups.clone() });
-        let setup = helper::Setup { ctty: pty.is_some(), rlimits: &req.rlimits, user: identity.as_ref() };
+        // With a user switch the helper enters the working directory as that user.
+        let setup = helper::Setup {
+            ctty: pty.is_some(),
+            rlimits: &req.rlimits,
+            user: identity.as_ref(),
+            cwd: user.is_some().then_some(cwd.as_str()),
+        };
         c.args(helper::args(&setup, &req.argv));
         c
     } else {
@@ -437,7 +443,10 @@ fn run(req: ExecRequest, stdin: Option<StdinFeed>, ctx: &Ctx, reaper: &Reaper) {
     if pty.is_some() {
         cmd.env("TERM", "xterm");
     }
-    cmd.envs(req.env.iter().map(|(k, v)| (k, v))).current_dir(&cwd);
+    cmd.envs(req.env.iter().map(|(k, v)| (k, v)));
+    if user.is_none() {
+        cmd.current_dir(&cwd);
+    }
     match &pty {
         Some((_, slave)) => {
             // The helper starts a new session (so no process group of its own here).

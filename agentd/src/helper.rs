@@ -4,7 +4,8 @@
 //! user switch with supplementary groups.
 //!
 //! It applies the limits (as root, so hard limits can be raised), optionally starts the
-//! session, sets groups, gid and uid in that order, then replaces itself with the command.
+//! session, sets groups, gid and uid in that order, enters the working directory as that user, then
+//! replaces itself with the command.
 //! The helper is single-threaded, so the per-thread Linux id system calls are process-wide. agentd checks that the program exists and is executable before it starts the
 //! helper, so spawn failures are still classified; if `exec` fails anyway the helper reports
 //! it on stderr and exits 127 (not found) or 126 (any other reason), as shells do.
@@ -48,6 +49,9 @@ pub struct Setup<'a> {
     pub ctty: bool,
     pub rlimits: &'a [Rlimit],
     pub user: Option<&'a Identity>,
+    /// The working directory, entered after the user switch (so a user cannot start in a
+    /// directory it could not reach itself).
+    pub cwd: Option<&'a str>,
 }
 
 /// Arguments that make the helper run `argv` with `setup`.
@@ -63,6 +67,9 @@ pub fn args(setup: &Setup, argv: &[String]) -> Vec<String> {
     }
     for r in rlimits {
         a.push(format!("--rlimit={}={}:{}", r.resource.name(), r.soft, r.hard));
+    }
+    if let Some(dir) = setup.cwd {
+        a.push(format!("--cwd={dir}"));
     }
     a.push("--".into());
     a.extend(argv.iter().cloned());
@@ -92,9 +99,12 @@ pub fn main(args: &[String]) -> ! {
     let mut it = args.iter();
     let mut ctty = false;
     let mut user = None;
+    let mut cwd = None;
     for a in it.by_ref() {
         if a == "--" {
             break;
+        } else if let Some(dir) = a.strip_prefix("--cwd=") {
+            cwd = Some(dir.to_string());
         } else if a == "--ctty" {
             ctty = true;
         } else if let Some(spec) = a.strip_prefix("--user=") {
@@ -129,6 +139,11 @@ pub fn main(args: &[String]) -> ! {
             fail(format!("switching to uid {} gid {}: {e}", u.uid, u.gid), 126);
         }
     }
+    if let Some(dir) = cwd {
+        if let Err(e) = std::env::set_current_dir(&dir) {
+            fail(format!("working directory {dir}: {e}"), 126);
+        }
+    }
     let e = std::process::Command::new(program).args(&argv[1..]).exec();
     let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
     fail(format!("{program}: {e}"), code)
@@ -141,9 +156,9 @@ mod tests {
     #[test]
     fn identities_round_trip_through_the_arguments() {
         let id = Identity { uid: 1000, gid: 100, groups: vec![10, 27] };
-        let setup = Setup { ctty: true, rlimits: &[], user: Some(&id) };
+        let setup = Setup { ctty: true, rlimits: &[], user: Some(&id), cwd: Some("/home/msb") };
         let a = args(&setup, &["id".into()]);
-        assert_eq!(a, [FLAG, "--ctty", "--user=1000:100:10,27", "--", "id"]);
+        assert_eq!(a, [FLAG, "--ctty", "--user=1000:100:10,27", "--cwd=/home/msb", "--", "id"]);
         let back = parse_identity("1000:100:10,27").unwrap();
         assert_eq!((back.uid, back.gid, back.groups), (1000, 100, vec![10, 27]));
         assert_eq!(parse_identity("5:6:").unwrap().groups, Vec::<u32>::new());

@@ -190,6 +190,20 @@ async fn stdin_timeout_and_user() {
     // Dropping root.
     let spec = ExecSpec { argv: sh("id -u; id -g"), user: Some("1000:1001".into()), ..Default::default() };
     assert_eq!(sb.exec_spec(spec).await.unwrap().stdout, b"1000\n1001\n");
+    // The working directory is entered as the user: one only root can reach is refused.
+    sb.exec_argv(sh("mkdir -p /secret/pub && chmod 700 /secret"), vec![], None).await.unwrap();
+    let spec = ExecSpec {
+        argv: vec!["pwd".into()],
+        user: Some("msb".into()),
+        cwd: Some("/secret/pub".into()),
+        ..Default::default()
+    };
+    let out = sb.exec_spec(spec).await.unwrap();
+    assert_eq!(out.status, ExitStatus::Code(126), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("working directory /secret/pub"), "{out:?}");
+    let spec =
+        ExecSpec { argv: vec!["pwd".into()], user: Some("msb".into()), cwd: Some("/tmp".into()), ..Default::default() };
+    assert_eq!(sb.exec_spec(spec).await.unwrap().stdout, b"/tmp\n");
     // Names come from the guest's /etc/passwd and /etc/group.
     let spec = ExecSpec { argv: sh("id -u; id -g"), user: Some("nobody".into()), ..Default::default() };
     assert_eq!(sb.exec_spec(spec).await.unwrap().stdout, b"65534\n65534\n");
