@@ -470,6 +470,16 @@ fn still_answers(name: &str, within: Duration) {
     assert!(t.elapsed() < within, "an exec took {:?} beside a stalled session", t.elapsed());
 }
 
+/// `msb exec NAME -- cat /dev/zero` with its stdout on a pipe that the test reads, or not.
+fn flood_client(name: &str) -> std::process::Child {
+    Command::new(msb_bin())
+        .args(["exec", name, "--", "cat", "/dev/zero"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// What a sandbox process may grow by while one client floods or stalls it (guest RAM the
 /// guest touches included): a few windows, never what was offered.
 const CLI_RSS_BOUND_KIB: u64 = 64 * 1024;
@@ -482,12 +492,7 @@ fn cli_clients_that_leave_stall_or_flood_stall_only_themselves() {
 
     // The reader of a pipeline leaves (`| head -c 1000000`): the client exits 141, as a local
     // writer killed by SIGPIPE would, and the command is sent SIGPIPE.
-    let mut c = Command::new(msb_bin())
-        .args(["exec", n, "--", "cat", "/dev/zero"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut c = flood_client(n);
     let mut out = c.stdout.take().unwrap();
     let mut buf = vec![0u8; 1_000_000];
     out.read_exact(&mut buf).unwrap();
@@ -502,12 +507,7 @@ fn cli_clients_that_leave_stall_or_flood_stall_only_themselves() {
 
     // A reader that stalls (`| sleep 8`): other sessions keep being answered meanwhile, and
     // the client ends once its reader does.
-    let mut c = Command::new(msb_bin())
-        .args(["exec", n, "--", "cat", "/dev/zero"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut c = flood_client(n);
     std::thread::sleep(Duration::from_secs(3));
     for _ in 0..3 {
         still_answers(n, Duration::from_secs(10));

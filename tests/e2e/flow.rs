@@ -33,13 +33,19 @@ async fn answers(sb: &Sandbox, n: usize, within: Duration) {
     }
 }
 
+/// Starts `cat /dev/zero` and reads one chunk of it, then nothing: a stalled flood.
+async fn stalled_flood(sb: &Sandbox) -> msb_actors::ExecHandle {
+    let mut h = sb.exec_stream(ExecSpec::command(["cat", "/dev/zero"])).await.unwrap();
+    assert!(matches!(h.next().await, Some(ExecEvent::Stdout(_))));
+    h
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reader_of_a_flood_stalls_only_itself() {
     let sb = boot().await;
     let before = outside_guest_kib(&sb).await;
     // A command that floods, and a consumer that reads one chunk and then nothing.
-    let mut flood = sb.exec_stream(ExecSpec::command(["cat", "/dev/zero"])).await.unwrap();
-    assert!(matches!(flood.next().await, Some(ExecEvent::Stdout(_))));
+    let mut flood = stalled_flood(&sb).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     answers(&sb, 20, Duration::from_secs(10)).await;
     let grown = outside_guest_kib(&sb).await.saturating_sub(before);
@@ -130,8 +136,7 @@ async fn a_timeout_kills_what_escaped_the_process_group_and_answers_in_time() {
 async fn sixty_four_sessions_with_one_stalled() {
     let sb = boot().await;
     let before = outside_guest_kib(&sb).await;
-    let mut stalled = sb.exec_stream(ExecSpec::command(["cat", "/dev/zero"])).await.unwrap();
-    assert!(matches!(stalled.next().await, Some(ExecEvent::Stdout(_))));
+    let stalled = stalled_flood(&sb).await;
     let runs = (0..63).map(|i| {
         let sb = &sb;
         async move {
@@ -169,8 +174,7 @@ async fn soak_a_released_and_a_stalled_flood_for_four_minutes() {
         let released = sb.exec_stream(ExecSpec::command(["cat", "/dev/zero"])).await.unwrap();
         drop(released);
     }
-    let mut stalled = sb.exec_stream(ExecSpec::command(["cat", "/dev/zero"])).await.unwrap();
-    assert!(matches!(stalled.next().await, Some(ExecEvent::Stdout(_))));
+    let stalled = stalled_flood(&sb).await;
     if mode == "read" {
         // A flood that is read as fast as it comes, on its own task.
         let mut h = sb.exec_stream(ExecSpec::command(["cat", "/dev/zero"])).await.unwrap();

@@ -46,9 +46,7 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const TO_GUEST_LIMIT: usize = 4 * 1024 * 1024;
 /// Most bytes one guest transmit chain may carry.
 pub const MAX_CHAIN_BYTES: usize = 64 * 1024;
-/// Work (bytes moved plus [`DESC_COST`](super::DESC_COST) per descriptor) one servicing round may do, per
-/// direction.
-pub const ROUND_WORK: usize = 256 * 1024;
+pub use super::ROUND_WORK;
 
 /// The host-to-guest buffer is full; retry after the guest has consumed some.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -50,6 +50,10 @@ pub enum DeviceError {
 /// storm of zero-length descriptors is paid for like data.
 pub const DESC_COST: usize = 64;
 
+/// Work (bytes moved plus [`DESC_COST`] per descriptor) one servicing round of a device may
+/// do, per direction.
+pub const ROUND_WORK: usize = 256 * 1024;
+
 /// `VIRTQ_DESC_F_NEXT` and `VIRTQ_DESC_F_INDIRECT` (virtio 1.x §2.7.5).
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_INDIRECT: u16 = 4;

@@ -60,7 +60,7 @@ impl Rng {
         let mut used = false;
         let mut work = 0;
         for _ in 0..q.size() {
-            if work >= super::console::ROUND_WORK {
+            if work >= super::ROUND_WORK {
                 return Ok(RngProgress::More);
             }
             let Some(chain) = pop_chain(q, mem, 0)? else {
