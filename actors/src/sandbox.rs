@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use msb_devices::{Machine, MachineSpec};
+use msb_devices::{DiskSpec, Machine, MachineSpec};
 use msb_schema::agent::{AgentRequest, ExecId};
 use msb_schema::exec::OutputCollector;
 use msb_schema::limits::{check_size, LIFECYCLE_CALL_TIMEOUT, MAX_BUFFERED_OUTPUT};
@@ -35,6 +35,7 @@ pub struct SandboxBuilder {
     console_log: Option<PathBuf>,
     boot_timeout: Duration,
     extra_cmdline: String,
+    root: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for SandboxBuilder {
@@ -47,6 +48,7 @@ impl Default for SandboxBuilder {
             console_log: None,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             extra_cmdline: String::new(),
+            root: None,
         }
     }
 }
@@ -80,6 +82,13 @@ impl SandboxBuilder {
         self.boot_timeout = d;
         self
     }
+    /// Boots into an image: `base` (the image's read-only root filesystem, shared, never
+    /// written) under `writable` (this sandbox's own disk, where its writes land), joined by
+    /// an overlay in the guest. Without one the sandbox runs in its initramfs.
+    pub fn root(mut self, base: impl Into<PathBuf>, writable: impl Into<PathBuf>) -> Self {
+        self.root = Some((base.into(), writable.into()));
+        self
+    }
     /// Extra kernel command-line arguments (appended).
     pub fn kernel_args(mut self, args: impl Into<String>) -> Self {
         self.extra_cmdline = args.into();
@@ -105,13 +114,25 @@ impl SandboxBuilder {
                 msb_images::initramfs::cached(&home, &msb_images::agentd(&home)?, &msb_images::busybox(&home)?)?
             }
         };
+        let mut extra_cmdline = self.extra_cmdline.clone();
+        let disks = match &self.root {
+            Some((base, writable)) => {
+                extra_cmdline = format!("{} {}", msb_protocol::ROOT_CMDLINE, extra_cmdline).trim_end().to_string();
+                vec![
+                    DiskSpec { path: base.clone(), read_only: true },
+                    DiskSpec { path: writable.clone(), read_only: false },
+                ]
+            }
+            None => Vec::new(),
+        };
         Ok(MachineSpec {
             vcpus: self.cpus,
             memory_mib: self.memory_mib,
             kernel,
             initramfs,
             console_log: self.console_log.clone(),
-            extra_cmdline: self.extra_cmdline.clone(),
+            extra_cmdline,
+            disks,
         })
     }
 

@@ -29,7 +29,7 @@ use msb_schema::{ExecError, StopReason};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::agent::{AgentClient, AgentMsg};
-use crate::devices::{ConsoleArgs, ConsoleDevice, RngDevice};
+use crate::devices::{BlkDevice, ConsoleArgs, ConsoleDevice, RngDevice};
 use crate::vcpu::{VcpuActor, VcpuArgs, VcpuMsg};
 use crate::BootTimes;
 
@@ -169,6 +169,10 @@ async fn wire(
             VirtioParts::Rng(device) => {
                 let (rng, _) = Actor::spawn_linked(None, RngDevice, device, me.get_cell()).await?;
                 devices.push(rng.get_cell());
+            }
+            VirtioParts::Blk(device) => {
+                let (blk, _) = Actor::spawn_linked(None, BlkDevice, device, me.get_cell()).await?;
+                devices.push(blk.get_cell());
             }
         }
     }

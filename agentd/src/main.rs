@@ -1,6 +1,7 @@
 //! agentd: PID 1 of every sandbox.
 //!
-//! Boot: mount /proc, /sys, /dev (+ /dev/pts), /tmp and /run; mark the boot timer; open the
+//! Boot: mount /proc, /sys, /dev (+ /dev/pts), /tmp and /run; mark the boot timer; with
+//! `msb.root=overlay` make the image's overlay the root (system.rs); open the
 //! agent channel (the virtio-console port named `msb.agent`); send [`GuestMsg::Ready`]; then serve host requests
 //! until told to shut down. As PID 1 it also reaps every orphan.
 //!
@@ -62,6 +63,12 @@ fn main() {
         // time the guest's init by this line.
         log("init");
         system::early_setup();
+        if system::image_root_requested() {
+            if let Err(e) = system::switch_to_image_root() {
+                log(&format!("fatal: cannot boot into the image: {e}"));
+                system::power_off();
+            }
+        }
     }
     let result = serve();
     if let Err(e) = &result {

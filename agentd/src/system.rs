@@ -38,6 +38,77 @@ pub fn early_setup() {
     std::env::set_var("PATH", crate::exec::DEFAULT_PATH);
 }
 
+/// Whether the kernel command line asks for an image root ([`msb_protocol::ROOT_CMDLINE`]).
+pub fn image_root_requested() -> bool {
+    std::fs::read_to_string("/proc/cmdline")
+        .map(|c| c.split_whitespace().any(|a| a == msb_protocol::ROOT_CMDLINE))
+        .unwrap_or(false)
+}
+
+/// The block device whose virtio serial is `serial` (`/sys/block/*/serial`), waiting up to
+/// 5 s for it to appear.
+fn disk_with_serial(serial: &str) -> Result<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        for entry in std::fs::read_dir("/sys/block").map_err(|e| format!("/sys/block: {e}"))?.flatten() {
+            let found = std::fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
+            if found.trim_end_matches(['\0', '\n']) == serial {
+                return Ok(format!("/dev/{}", entry.file_name().to_string_lossy()));
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("no disk with serial {serial} appeared within 5 s"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn mount_or(
+    source: &str,
+    target: &str,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
+    std::fs::create_dir_all(target).map_err(|e| format!("creating {target}: {e}"))?;
+    mount(Some(source), target, fstype, flags, data)
+        .map_err(|e| format!("mounting {source} on {target} ({}): {e}", fstype.unwrap_or("move")))
+}
+
+/// Makes the image the root: its read-only squashfs (disk `msb-image`) is the lower layer,
+/// the sandbox's writable ext4 (disk `msb-root`) holds the upper layer, and the overlay of
+/// both becomes `/`, with /dev, /proc and /sys moved in and a fresh /run. agentd keeps
+/// running from the initramfs (its exec helper is `/proc/self/exe`, reachable from any root).
+///
+/// Invariant: on any failure agentd does not serve (a command must never run in a root that
+/// is not the one asked for); the error reaches the console and the host reports it.
+pub fn switch_to_image_root() -> Result<(), String> {
+    let image = disk_with_serial(msb_protocol::IMAGE_DISK_SERIAL)?;
+    let writable = disk_with_serial(msb_protocol::ROOT_DISK_SERIAL)?;
+    mount_or(&image, "/.msb/image", Some("squashfs"), MsFlags::MS_RDONLY, None)?;
+    mount_or(&writable, "/.msb/rw", Some("ext4"), MsFlags::empty(), None)?;
+    for d in ["/.msb/rw/upper", "/.msb/rw/work"] {
+        std::fs::create_dir_all(d).map_err(|e| format!("creating {d}: {e}"))?;
+    }
+    let opts = "lowerdir=/.msb/image,upperdir=/.msb/rw/upper,workdir=/.msb/rw/work";
+    mount_or("overlay", "/.msb/root", Some("overlay"), MsFlags::empty(), Some(opts))?;
+    for d in ["/dev", "/proc", "/sys"] {
+        mount_or(d, &format!("/.msb/root{d}"), None, MsFlags::MS_MOVE, None)?;
+    }
+    std::env::set_current_dir("/.msb/root").map_err(|e| format!("entering the new root: {e}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("moving the new root onto /: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("chroot into the new root: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("entering /: {e}"))?;
+    mount_or("tmpfs", "/run", Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    // /tmp is the image's (on the writable disk, as in a container); make sure it exists.
+    if std::fs::create_dir_all("/tmp").is_ok() {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions("/tmp", std::fs::Permissions::from_mode(0o1777));
+    }
+    Ok(())
+}
+
 /// Writes one byte to the boot-timer MMIO page. `busybox devmem` does the mapping, so that
 /// agentd itself needs no `unsafe`; it runs in the background and agentd does not wait.
 fn mark_boot_timer() {

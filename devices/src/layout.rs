@@ -18,6 +18,9 @@ pub enum VirtioKind {
     Console,
     /// virtio-rng fed from the host's CRNG.
     Rng,
+    /// The sandbox's `n`th disk (present only when the sandbox has that many, see
+    /// [`crate::machine::MachineSpec::disks`]).
+    Blk(u8),
 }
 
 /// One virtio device's place in the machine.
@@ -31,8 +34,15 @@ pub struct VirtioSlot {
 }
 
 /// Every virtio device of a sandbox, in the order the guest probes them.
-pub const VIRTIO_DEVICES: &[VirtioSlot] =
-    &[VirtioSlot { kind: VirtioKind::Console, slot: 0, irq: 5 }, VirtioSlot { kind: VirtioKind::Rng, slot: 1, irq: 6 }];
+pub const VIRTIO_DEVICES: &[VirtioSlot] = &[
+    VirtioSlot { kind: VirtioKind::Console, slot: 0, irq: 5 },
+    VirtioSlot { kind: VirtioKind::Rng, slot: 1, irq: 6 },
+    VirtioSlot { kind: VirtioKind::Blk(0), slot: 2, irq: 10 },
+    VirtioSlot { kind: VirtioKind::Blk(1), slot: 3, irq: 11 },
+];
+
+/// Most disks a sandbox has (the `Blk` rows of the table).
+pub const MAX_DISKS: usize = 2;
 
 /// Most virtio slots the MMIO window holds.
 pub const MAX_SLOTS: u64 = 32;

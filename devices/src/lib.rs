@@ -25,4 +25,4 @@ pub mod serial;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};
-pub use machine::{Machine, MachineError, MachineSpec};
+pub use machine::{DiskSpec, Machine, MachineError, MachineSpec};

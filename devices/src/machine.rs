@@ -17,8 +17,9 @@ use crate::boot_timer::BootTimer;
 use crate::bus::BusError;
 use crate::console_log::{ConsoleLog, ConsoleReports, DEFAULT_FILE_CAP};
 use crate::i8042::{I8042, I8042_BASE, I8042_LEN};
-use crate::layout::{VirtioKind, VirtioSlot, VIRTIO_DEVICES};
+use crate::layout::{VirtioKind, VirtioSlot, MAX_DISKS, VIRTIO_DEVICES};
 use crate::serial::{SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::virtio::blk::Blk;
 use crate::virtio::console::Console;
 use crate::virtio::mmio::{MmioSlot, NOTIFY_OFFSET};
 use crate::virtio::rng::Rng;
@@ -36,6 +37,14 @@ pub enum MachineError {
     Hypervisor(#[from] msb_hypervisor::Error),
     #[error("device layout")]
     Bus(#[from] BusError),
+    #[error("a sandbox has at most {MAX_DISKS} disks, not {0}")]
+    TooManyDisks(usize),
+    #[error("opening disk {}", .path.display())]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{what}")]
     Io {
         what: &'static str,
@@ -55,6 +64,16 @@ pub struct MachineSpec {
     pub initramfs: PathBuf,
     pub console_log: Option<PathBuf>,
     pub extra_cmdline: String,
+    /// The sandbox's disks, in order (at most [`MAX_DISKS`]; the guest names them by their
+    /// serial, `msb-image` for a read-only one and `msb-root` for a writable one).
+    pub disks: Vec<DiskSpec>,
+}
+
+/// One disk: a host file, and whether the guest may write it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
 }
 
 /// What a device shell needs: the transport (registers and queues) and the queue-notify
@@ -68,6 +87,7 @@ pub struct Virtio<D> {
 pub enum VirtioParts {
     Console(Virtio<Console>),
     Rng(Virtio<Rng>),
+    Blk(Virtio<Blk>),
 }
 
 /// A built, not yet running, VM.
@@ -102,6 +122,9 @@ fn virtio<D: VirtioDevice + 'static>(vm: &Vm, bus: &mut Bus, at: &VirtioSlot, de
 
 impl Machine {
     pub fn build(spec: &MachineSpec, clock_start: Instant) -> Result<Self> {
+        if spec.disks.len() > MAX_DISKS {
+            return Err(MachineError::TooManyDisks(spec.disks.len()));
+        }
         let vm = Vm::new(VmConfig { vcpus: spec.vcpus, memory_mib: spec.memory_mib })?;
         let mut bus = Bus::new();
 
@@ -123,6 +146,12 @@ impl Machine {
             devices.push(match at.kind {
                 VirtioKind::Console => VirtioParts::Console(virtio(&vm, &mut bus, at, Console::default())?),
                 VirtioKind::Rng => VirtioParts::Rng(virtio(&vm, &mut bus, at, Rng)?),
+                VirtioKind::Blk(n) => {
+                    let Some(disk) = spec.disks.get(usize::from(n)) else { continue };
+                    let blk = Blk::open(&disk.path, disk.read_only)
+                        .map_err(|source| MachineError::Disk { path: disk.path.clone(), source })?;
+                    VirtioParts::Blk(virtio(&vm, &mut bus, at, blk)?)
+                }
             });
             cmdline.push(' ');
             cmdline.push_str(&at.cmdline());

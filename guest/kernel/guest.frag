@@ -71,6 +71,12 @@ CONFIG_FUSE_FS=y
 CONFIG_VIRTIO_FS=y
 CONFIG_EXT4_FS=y
 CONFIG_OVERLAY_FS=y
+# Image roots: a read-only squashfs (zstd, xattrs for file capabilities) under the
+# sandbox's ext4 disk, joined by overlayfs.
+CONFIG_MISC_FILESYSTEMS=y
+CONFIG_SQUASHFS=y
+CONFIG_SQUASHFS_XATTR=y
+CONFIG_SQUASHFS_ZSTD=y
 CONFIG_HW_RANDOM=y
 CONFIG_HW_RANDOM_VIRTIO=y
 CONFIG_VIRTIO_BALLOON=y

@@ -1,6 +1,8 @@
 //! What a sandbox boots from: the guest kernel, agentd and busybox found in `MSB_HOME`
-//! ([`artifacts`]), and the initramfs assembled from them ([`initramfs`]). OCI images (pull,
-//! verify, content-addressed cache, root-filesystem images) land here next.
+//! ([`artifacts`]), the initramfs assembled from them ([`initramfs`]), and OCI images: their
+//! documents as checked types ([`oci`]), the content-addressed local store that loads and
+//! verifies them ([`store`]), and the read-only root filesystem built from their layers plus
+//! the writable disk of each sandbox ([`rootfs`]).
 //!
 //! Invariants: nothing here talks to a VM or a guest; every file this crate writes is written
 //! to a temporary name first and renamed, so a concurrent reader never sees a torn file.
@@ -12,6 +14,9 @@
 pub mod artifacts;
 pub mod home;
 pub mod initramfs;
+pub mod oci;
+pub mod rootfs;
+pub mod store;
 
 pub use artifacts::{agentd, busybox, kernel, Artifact};
 pub use home::{ensure_private, msb_home};
@@ -28,6 +33,18 @@ pub enum Error {
     /// A file a sandbox boots from is not where it is looked for.
     #[error("{what} not found at {}", .path.display())]
     Missing { what: Artifact, path: std::path::PathBuf },
+    /// A layer of an image is malformed or hostile; nothing of it was kept.
+    #[error("layer {layer} ({digest}){}: {why}", .entry.as_ref().map(|e| format!(", entry {e:?}")).unwrap_or_default())]
+    Layer { layer: usize, digest: oci::Digest, entry: Option<String>, why: String },
+    /// An image archive or document is malformed, or does not match its digests.
+    #[error("{0}")]
+    Image(String),
+    /// No image by that name is in the local store.
+    #[error("no image {0:?} in the local store (see `msb images`; `msb load -i FILE` adds one)")]
+    NoSuchImage(String),
+    /// A helper tool failed or is missing.
+    #[error("{0}")]
+    Tool(String),
     /// Reading, writing or running something failed.
     #[error("{what} {}", .path.display())]
     Io {

@@ -53,6 +53,15 @@ pub const fn cost(len: usize) -> usize {
 /// Name of the virtio-console port that carries the agent channel.
 pub const AGENT_PORT_NAME: &str = "msb.agent";
 
+/// Kernel argument that tells agentd to boot into an image: the disk with serial
+/// [`IMAGE_DISK_SERIAL`] (a read-only squashfs) under the disk with serial
+/// [`ROOT_DISK_SERIAL`] (the sandbox's writable ext4), joined by overlayfs, as `/`.
+pub const ROOT_CMDLINE: &str = "msb.root=overlay";
+/// virtio-blk serial of an image's read-only root filesystem.
+pub const IMAGE_DISK_SERIAL: &str = "msb-image";
+/// virtio-blk serial of a sandbox's writable disk.
+pub const ROOT_DISK_SERIAL: &str = "msb-root";
+
 /// Guest physical address of the boot-timer device: agentd writes one byte here as soon as
 /// it runs, and the VMM records the time since its own start.
 pub const BOOT_TIMER_ADDR: u64 = 0xd000_0000;

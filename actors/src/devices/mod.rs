@@ -10,10 +10,12 @@
 //! thread's other tasks; a round cut short at its budget is continued by a message the shell
 //! sends itself, so other messages interleave.
 
+pub mod blk;
 pub mod console;
 pub mod rng;
 pub mod watch;
 
+pub use blk::{BlkDevice, BlkMsg};
 pub use console::{ConsoleArgs, ConsoleDevice, ConsoleMsg};
 pub use rng::{RngDevice, RngMsg};
 

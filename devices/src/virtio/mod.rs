@@ -1,6 +1,7 @@
 //! Virtio devices over the virtio-mmio transport (virtio 1.x, split rings, no event index,
 //! no indirect descriptors offered).
 
+pub mod blk;
 pub mod console;
 pub mod mmio;
 pub mod rng;
@@ -11,6 +12,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_CONSOLE: u32 = 3;
 pub const TYPE_RNG: u32 = 4;
 

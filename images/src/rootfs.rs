@@ -1,0 +1,585 @@
+//! An image's root filesystem, built from its layers without extracting anything on the host.
+//!
+//! Design: the layers (hostile tar streams) are merged here, top layer first, into one
+//! sanitized tar stream that `tar2sqfs` (squashfs-tools-ng) turns into a squashfs image: the
+//! file system is written straight from the archive, so no host code creates a file, a
+//! directory, a link, a setuid binary or a device node from an image entry, and no host root
+//! is needed. Ownership, modes (setuid included), xattrs (file capabilities included),
+//! symlinks and hardlinks are preserved inside the squashfs, where only the guest sees them.
+//!
+//! Merge rules (OCI image spec, layer changesets): an upper layer's entry hides the same path
+//! in lower layers; `.wh.NAME` hides NAME and everything under it in lower layers;
+//! `.wh..wh..opq` in a directory hides what lower layers put in it; an upper non-directory
+//! hides what lower layers put below it, and an upper entry below a path makes that path a
+//! directory for lower layers.
+//!
+//! Refused, with an error naming the layer and the entry: absolute paths, `..` components, NUL
+//! bytes, an entry below a non-directory placed by an earlier entry of the same layer
+//! (writing through a symlink), a non-directory at a path the layer already used as a
+//! directory, the same path twice in one layer, hardlinks whose target escapes or is not a
+//! regular file of the same layer, unknown entry types. Device nodes are dropped (not
+//! materialized, counted). Bounds: [`MAX_ENTRIES`] entries and [`MAX_UNPACKED_BYTES`] of
+//! decompressed data over all layers, [`MAX_PATH`] bytes per name. Each layer's decompressed
+//! stream must hash to its diff_id.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::oci::Digest;
+use crate::{Error, Result};
+
+/// Most entries over all layers of an image.
+pub const MAX_ENTRIES: u64 = 1_000_000;
+/// Most decompressed bytes over all layers of an image (a decompression bomb stops here).
+pub const MAX_UNPACKED_BYTES: u64 = 16 << 30;
+/// Longest entry name or link target.
+pub const MAX_PATH: usize = 4096;
+
+/// One layer to merge: its compressed (or plain) tar blob and the digest of its tar.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub blob: PathBuf,
+    pub digest: Digest,
+    pub diff_id: Digest,
+}
+
+/// What a merge did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MergeStats {
+    pub entries: u64,
+    pub bytes: u64,
+    pub devices_dropped: u64,
+}
+
+/// Hashes and counts what passes through, and stops a stream past the image's byte bound.
+struct Counted<R> {
+    inner: R,
+    hash: Sha256,
+    total: u64,
+    before: u64,
+    max: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        self.total += n as u64;
+        if self.before + self.total > self.max {
+            return Err(std::io::Error::other(format!(
+                "the image unpacks to more than {} bytes (a decompression bomb?)",
+                self.max
+            )));
+        }
+        Ok(n)
+    }
+}
+
+/// Opens a layer blob, decompressing gzip or zstd by their magic bytes (plain tar otherwise).
+fn open_layer(path: &Path) -> std::io::Result<Box<dyn Read>> {
+    let mut r = BufReader::with_capacity(256 * 1024, std::fs::File::open(path)?);
+    let head = r.fill_buf()?;
+    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::MultiGzDecoder::new(r))
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(ruzstd::decoding::StreamingDecoder::new(r).map_err(std::io::Error::other)?)
+    } else {
+        Box::new(r)
+    })
+}
+
+/// Checks an entry name: relative, no `..`, no NUL, at most [`MAX_PATH`] bytes. Returns it
+/// without `./` prefixes, empty components or a trailing slash ("" is the root).
+pub fn normalize(raw: &[u8]) -> std::result::Result<String, String> {
+    if raw.len() > MAX_PATH {
+        return Err(format!("a name of {} bytes is longer than {MAX_PATH}", raw.len()));
+    }
+    if raw.contains(&0) {
+        return Err("the name contains a NUL byte".into());
+    }
+    let s = std::str::from_utf8(raw).map_err(|_| "the name is not UTF-8".to_string())?;
+    if s.starts_with('/') {
+        return Err("the name is absolute".into());
+    }
+    let mut parts = Vec::new();
+    for c in s.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => return Err("the name has a `..` component".into()),
+            c => parts.push(c),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+/// The strict ancestors of `path`, nearest last ("a/b/c" → "a", "a/b").
+fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    path.match_indices('/').map(move |(i, _)| &path[..i])
+}
+
+#[derive(Default)]
+struct Merged {
+    /// Paths emitted (by an upper layer): lower layers' entries there are hidden.
+    seen: HashSet<String>,
+    /// Paths upper layers made directories (ancestors of their entries).
+    dirs: HashSet<String>,
+    /// Whiteouts: the path and everything below it are hidden in lower layers.
+    gone: HashSet<String>,
+    /// Opaque directories and upper non-directories: what is below is hidden.
+    covered: HashSet<String>,
+    stats: MergeStats,
+    max_entries: u64,
+}
+
+impl Merged {
+    fn hidden(&self, path: &str) -> bool {
+        self.gone.contains(path) || ancestors(path).any(|a| self.gone.contains(a) || self.covered.contains(a))
+    }
+}
+
+/// The pax records worth keeping: extended attributes (file capabilities among them).
+fn xattrs<R: Read>(e: &mut tar::Entry<'_, R>) -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    if let Some(exts) = e.pax_extensions()? {
+        for ext in exts {
+            let ext = ext?;
+            if let Ok(key) = ext.key() {
+                if key.starts_with("SCHILY.xattr.") {
+                    out.push((key.to_string(), ext.value_bytes().to_vec()));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Merges `layers` (bottom first, as in a manifest) into one tar stream on `out`.
+pub fn merge<W: Write>(layers: &[Layer], out: W) -> Result<MergeStats> {
+    merge_within(layers, out, MAX_ENTRIES, MAX_UNPACKED_BYTES)
+}
+
+/// [`merge`] with other bounds (tests use small ones).
+pub fn merge_within<W: Write>(layers: &[Layer], out: W, max_entries: u64, max_bytes: u64) -> Result<MergeStats> {
+    let mut m = Merged { max_entries, ..Merged::default() };
+    let mut b = tar::Builder::new(out);
+    b.mode(tar::HeaderMode::Complete);
+    for (index, layer) in layers.iter().enumerate().rev() {
+        let fail_layer = |why: String| Error::Layer { layer: index, digest: layer.digest.clone(), entry: None, why };
+        let reader = open_layer(&layer.blob).map_err(|e| fail_layer(format!("cannot open: {e}")))?;
+        let mut counted =
+            Counted { inner: reader, hash: Sha256::new(), total: 0, before: m.stats.bytes, max: max_bytes };
+        merge_layer(&mut m, &mut b, index, layer, &mut counted)?;
+        // The tar's trailing blocks and padding count towards the diff_id too.
+        std::io::copy(&mut counted, &mut std::io::sink()).map_err(|e| fail_layer(format!("reading: {e}")))?;
+        let got = Digest::from_hasher(counted.hash);
+        if got != layer.diff_id {
+            return Err(fail_layer(format!(
+                "its content hashes to {got}, but the image config says {}",
+                layer.diff_id
+            )));
+        }
+        m.stats.bytes += counted.total;
+    }
+    b.into_inner().and_then(|mut w| w.flush()).map_err(|e| Error::Tool(format!("writing the merged tar: {e}")))?;
+    Ok(m.stats)
+}
+
+fn merge_layer<W: Write, R: Read>(
+    m: &mut Merged,
+    b: &mut tar::Builder<W>,
+    index: usize,
+    layer: &Layer,
+    input: &mut R,
+) -> Result<()> {
+    let err = |entry: Option<&str>, why: String| Error::Layer {
+        layer: index,
+        digest: layer.digest.clone(),
+        entry: entry.map(String::from),
+        why,
+    };
+    let mut ar = tar::Archive::new(input);
+    let (mut names, mut nondirs, mut parents, mut regulars) =
+        (HashSet::new(), HashSet::new(), HashSet::<String>::new(), HashSet::new());
+    let (mut gone, mut covered) = (Vec::new(), Vec::new());
+    for entry in ar.entries().map_err(|e| err(None, format!("not a tar archive: {e}")))? {
+        let mut e = entry.map_err(|e| err(None, format!("unreadable entry: {e}")))?;
+        m.stats.entries += 1;
+        if m.stats.entries > m.max_entries {
+            return Err(err(None, format!("the image has more than {} entries", m.max_entries)));
+        }
+        let raw = e.path_bytes().into_owned();
+        let shown = String::from_utf8_lossy(&raw).chars().take(200).collect::<String>();
+        let path = normalize(&raw).map_err(|why| err(Some(&shown), why))?;
+        let kind = e.header().entry_type();
+        if path.is_empty() {
+            continue; // the root directory: the squashfs root stays root:root 0755
+        }
+        let (dir, name) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
+        if let Some(target) = name.strip_prefix(".wh.") {
+            if target == ".wh..opq" {
+                covered.push(dir.to_string());
+            } else if target.is_empty() || target == "." || target == ".." {
+                return Err(err(Some(&shown), "a whiteout without a name".into()));
+            } else {
+                gone.push(if dir.is_empty() { target.to_string() } else { format!("{dir}/{target}") });
+            }
+            continue;
+        }
+        if let Some(a) = ancestors(&path).find(|a| nondirs.contains(*a)) {
+            return Err(err(Some(&shown), format!("it lies below {a}, which this layer made a non-directory")));
+        }
+        if !names.insert(path.clone()) {
+            return Err(err(Some(&shown), "the layer holds this path twice".into()));
+        }
+        let is_dir = kind == tar::EntryType::Directory;
+        if !is_dir && parents.contains(&path) {
+            return Err(err(Some(&shown), "the layer already used this path as a directory".into()));
+        }
+        for a in ancestors(&path) {
+            parents.insert(a.to_string());
+        }
+        if !is_dir {
+            nondirs.insert(path.clone());
+        }
+        if m.hidden(&path) || m.seen.contains(&path) || (!is_dir && m.dirs.contains(&path)) {
+            continue; // an upper layer decided this path
+        }
+        let mut header = e.header().clone();
+        header.set_size(0);
+        let xattrs = xattrs(&mut e).map_err(|e| err(Some(&shown), format!("bad pax header: {e}")))?;
+        let emit = |b: &mut tar::Builder<W>| -> std::io::Result<()> {
+            if !xattrs.is_empty() {
+                b.append_pax_extensions(xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+            }
+            Ok(())
+        };
+        let io = |e: std::io::Error| err(Some(&shown), format!("{e}"));
+        match kind {
+            tar::EntryType::Directory | tar::EntryType::Fifo => {
+                emit(b).map_err(io)?;
+                b.append_data(&mut header, &path, std::io::empty()).map_err(io)?;
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_size(e.size());
+                emit(b).map_err(io)?;
+                b.append_data(&mut header, &path, &mut e).map_err(io)?;
+                regulars.insert(path.clone());
+            }
+            tar::EntryType::Symlink => {
+                let target = e.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
+                if target.is_empty() || target.len() > MAX_PATH || target.contains(&0) {
+                    return Err(err(Some(&shown), "a symlink with an empty, overlong or NUL target".into()));
+                }
+                let target = std::str::from_utf8(&target)
+                    .map_err(|_| err(Some(&shown), "the symlink target is not UTF-8".into()))?
+                    .to_string();
+                emit(b).map_err(io)?;
+                b.append_link(&mut header, &path, &target).map_err(io)?;
+            }
+            tar::EntryType::Link => {
+                let target = e.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
+                let target = normalize(&target).map_err(|why| err(Some(&shown), format!("hardlink target: {why}")))?;
+                if !regulars.contains(&target) {
+                    return Err(err(
+                        Some(&shown),
+                        format!("a hardlink to {target}, which is not a regular file of this layer"),
+                    ));
+                }
+                emit(b).map_err(io)?;
+                b.append_link(&mut header, &path, &target).map_err(io)?;
+            }
+            tar::EntryType::Char | tar::EntryType::Block => {
+                m.stats.devices_dropped += 1;
+                continue;
+            }
+            other => return Err(err(Some(&shown), format!("unsupported entry type {other:?}"))),
+        }
+        m.seen.insert(path);
+    }
+    // What this layer decided applies to the layers below it.
+    m.gone.extend(gone);
+    m.covered.extend(covered);
+    m.covered.extend(nondirs);
+    m.dirs.extend(parents);
+    Ok(())
+}
+
+/// Builds the squashfs root filesystem of `layers` at `dest`: the merged stream is written
+/// to `tar2sqfs` as `staging/name` (a private directory, a name no other writer uses) and
+/// the result renamed into place, so
+/// `dest` never exists half-written.
+pub fn build(layers: &[Layer], staging: &Path, dest: &Path, name: &str) -> Result<MergeStats> {
+    let tmp = staging.join(name);
+    let tool = which("tar2sqfs").ok_or_else(|| {
+        Error::Tool(
+            "tar2sqfs (Debian package squashfs-tools-ng) is not installed; it builds image root filesystems".into(),
+        )
+    })?;
+    let mut child = std::process::Command::new(tool)
+        .args(["-q", "-f", "-s", "-c", "zstd", "-j", "2"])
+        .arg(&tmp)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::Tool(format!("starting tar2sqfs: {e}")))?;
+    let stdin = child.stdin.take().expect("piped");
+    let merged = merge(layers, std::io::BufWriter::with_capacity(1 << 20, stdin));
+    let out = child.wait_with_output().map_err(|e| Error::Tool(format!("waiting for tar2sqfs: {e}")))?;
+    let stats = match merged {
+        Ok(s) if out.status.success() => s,
+        Ok(_) => {
+            let _ = std::fs::remove_file(&tmp);
+            let why = String::from_utf8_lossy(&out.stderr);
+            return Err(Error::Tool(format!("tar2sqfs failed: {}", why.trim().chars().take(500).collect::<String>())));
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, dest).map_err(|source| Error::Io { what: "publishing", path: dest.to_path_buf(), source })?;
+    Ok(stats)
+}
+
+/// Creates a sparse writable disk of `bytes` at `path` (mode 0600) with an empty ext4 file
+/// system on it (`mke2fs`, which only ever writes that file). Fails if `path` exists.
+pub fn create_writable_disk(path: &Path, bytes: u64) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if bytes < MIN_DISK_BYTES {
+        return Err(Error::Tool(format!("a root disk of {bytes} bytes is smaller than {MIN_DISK_BYTES}")));
+    }
+    let io = |what: &'static str| move |source| Error::Io { what, path: path.to_path_buf(), source };
+    let f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io("creating"))?;
+    f.set_len(bytes).map_err(io("sizing"))?;
+    drop(f);
+    let tool = which("mke2fs").ok_or_else(|| {
+        Error::Tool("mke2fs (Debian package e2fsprogs) is not installed; it formats sandbox root disks".into())
+    })?;
+    let out = std::process::Command::new(tool)
+        .args(["-q", "-F", "-t", "ext4", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
+        .arg(path)
+        .output()
+        .map_err(|e| Error::Tool(format!("starting mke2fs: {e}")))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(path);
+        let why = String::from_utf8_lossy(&out.stderr);
+        return Err(Error::Tool(format!("mke2fs failed: {}", why.trim().chars().take(500).collect::<String>())));
+    }
+    Ok(())
+}
+
+/// Smallest writable disk.
+pub const MIN_DISK_BYTES: u64 = 64 << 20;
+
+/// Finds a tool on `PATH` or in the sbin directories.
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_relative_and_never_climb() {
+        assert_eq!(normalize(b"./a//b/").unwrap(), "a/b");
+        assert_eq!(normalize(b"./").unwrap(), "");
+        for bad in [&b"/etc/passwd"[..], b"a/../../x", b"..", b"a/\0b"] {
+            assert!(normalize(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert!(normalize(&vec![b'a'; MAX_PATH + 1]).is_err());
+    }
+
+    /// A test entry: name, type, link target, content, mode.
+    type E = (String, tar::EntryType, String, Vec<u8>, u32);
+
+    /// A raw tar entry: any name (even one the tar crate refuses to write), any type.
+    fn raw(out: &mut Vec<u8>, name: &str, kind: tar::EntryType, link: &str, data: &[u8], mode: u32) {
+        let mut h = tar::Header::new_ustar();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        h.set_entry_type(kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_uid(1000);
+        h.set_gid(1000);
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+
+    fn f(name: &str, data: &[u8]) -> E {
+        (name.into(), tar::EntryType::Regular, String::new(), data.to_vec(), 0o644)
+    }
+    fn d(name: &str) -> E {
+        (name.into(), tar::EntryType::Directory, String::new(), Vec::new(), 0o755)
+    }
+    fn l(name: &str, kind: tar::EntryType, target: &str) -> E {
+        (name.into(), kind, target.into(), Vec::new(), 0o777)
+    }
+
+    /// Writes a layer (gzip-compressed when `gz`) into `dir`; returns it with its true diff_id.
+    fn layer(dir: &Path, n: usize, entries: &[E], gz: bool) -> Layer {
+        let mut tar = Vec::new();
+        for (name, kind, link, data, mode) in entries {
+            raw(&mut tar, name, *kind, link, data, *mode);
+        }
+        tar.extend_from_slice(&[0u8; 1024]);
+        let diff_id = Digest::of(&tar);
+        let bytes = if gz {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(&tar).unwrap();
+            e.finish().unwrap()
+        } else {
+            tar
+        };
+        let blob = dir.join(format!("layer{n}"));
+        std::fs::write(&blob, &bytes).unwrap();
+        Layer { blob, digest: Digest::of(&bytes), diff_id }
+    }
+
+    /// The merged tree: path → (type, link target, content, mode).
+    fn tree(layers: &[Layer]) -> std::collections::BTreeMap<String, (tar::EntryType, String, Vec<u8>, u32)> {
+        let mut out = Vec::new();
+        merge(layers, &mut out).unwrap();
+        let mut ar = tar::Archive::new(&out[..]);
+        let mut t = std::collections::BTreeMap::new();
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            let path = String::from_utf8(e.path_bytes().into_owned()).unwrap();
+            let link = e.link_name_bytes().map(|b| String::from_utf8(b.into_owned()).unwrap()).unwrap_or_default();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            let h = e.header();
+            t.insert(path, (h.entry_type(), link, data, h.mode().unwrap()));
+        }
+        t
+    }
+
+    fn refused(layers: &[Layer]) -> String {
+        match merge(layers, std::io::sink()) {
+            Err(e) => e.to_string(),
+            Ok(s) => panic!("merged: {s:?}"),
+        }
+    }
+
+    #[test]
+    fn upper_layers_win_whiteouts_delete_and_opaque_dirs_hide() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = layer(
+            dir.path(),
+            0,
+            &[
+                d("etc"),
+                f("etc/keep", b"base"),
+                f("etc/gone", b"x"),
+                d("etc/sub"),
+                f("etc/sub/deep", b"x"),
+                d("opq"),
+                f("opq/old", b"x"),
+                f("replaced", b"old"),
+                d("becomes-file"),
+                f("becomes-file/child", b"x"),
+                (String::from("bin/su"), tar::EntryType::Regular, String::new(), b"suid".to_vec(), 0o4755),
+            ],
+            true,
+        );
+        let top = layer(
+            dir.path(),
+            1,
+            &[
+                f("etc/.wh.gone", b""),
+                f("etc/.wh.sub", b""),
+                f("opq/.wh..wh..opq", b""),
+                f("opq/new", b"n"),
+                f("replaced", b"new"),
+                f("becomes-file", b"file"),
+            ],
+            false,
+        );
+        let t = tree(&[base, top]);
+        let names: Vec<_> = t.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            vec!["becomes-file", "bin/su", "etc", "etc/keep", "opq", "opq/new", "replaced"],
+            "whiteouts, opaque dirs and replaced directories hide what was below"
+        );
+        assert_eq!(t["replaced"].2, b"new");
+        assert_eq!(t["becomes-file"].0, tar::EntryType::Regular);
+        assert_eq!(t["bin/su"].3 & 0o7777, 0o4755, "setuid is kept (inside the image)");
+    }
+
+    #[test]
+    fn escapes_and_bad_entries_are_refused_naming_layer_and_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: Vec<(Vec<E>, &str)> = vec![
+            (vec![f("/etc/passwd", b"x")], "absolute"),
+            (vec![f("a/../../x", b"x")], "`..`"),
+            (vec![l("link", tar::EntryType::Symlink, "/etc"), f("link/passwd", b"x")], "non-directory"),
+            (vec![f("a", b"x"), l("h", tar::EntryType::Link, "../../etc/shadow")], "hardlink target"),
+            (vec![l("h", tar::EntryType::Link, "etc/shadow")], "not a regular file of this layer"),
+            (vec![f("a", b"1"), f("a", b"2")], "twice"),
+            (vec![f("d/x", b"1"), l("d", tar::EntryType::Symlink, "/")], "as a directory"),
+        ];
+        for (i, (entries, why)) in cases.into_iter().enumerate() {
+            let e = refused(&[layer(dir.path(), i, &entries, false)]);
+            assert!(e.contains(why) && e.contains("layer 0"), "{why}: {e}");
+        }
+    }
+
+    #[test]
+    fn device_nodes_are_dropped_and_links_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let lay = layer(
+            dir.path(),
+            0,
+            &[
+                l("dev-null", tar::EntryType::Char, ""),
+                l("disk", tar::EntryType::Block, ""),
+                f("a", b"data"),
+                l("hard", tar::EntryType::Link, "a"),
+                l("sym", tar::EntryType::Symlink, "/anywhere/at/all"),
+            ],
+            false,
+        );
+        let mut sink = Vec::new();
+        let stats = merge(std::slice::from_ref(&lay), &mut sink).unwrap();
+        assert_eq!(stats.devices_dropped, 2);
+        let t = tree(&[lay]);
+        assert_eq!(t.keys().map(String::as_str).collect::<Vec<_>>(), vec!["a", "hard", "sym"]);
+        assert_eq!((t["hard"].0, t["hard"].1.as_str()), (tar::EntryType::Link, "a"));
+        assert_eq!(t["sym"].1, "/anywhere/at/all", "a symlink target is the guest's business");
+    }
+
+    #[test]
+    fn a_wrong_diff_id_and_a_bomb_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lay = layer(dir.path(), 0, &[f("a", b"x")], true);
+        lay.diff_id = Digest::of(b"something else");
+        assert!(refused(&[lay]).contains("hashes to"));
+        let big = layer(dir.path(), 1, &[f("zeros", &vec![0u8; 1 << 20])], true);
+        assert!(std::fs::metadata(&big.blob).unwrap().len() < 8192, "compresses well");
+        let e = merge_within(&[big], std::io::sink(), MAX_ENTRIES, 256 * 1024).unwrap_err().to_string();
+        assert!(e.contains("decompression bomb"), "{e}");
+        let many: Vec<_> = (0..50).map(|i| f(&format!("f{i}"), b"")).collect();
+        let many = layer(dir.path(), 2, &many, false);
+        let e = merge_within(&[many], std::io::sink(), 10, MAX_UNPACKED_BYTES).unwrap_err().to_string();
+        assert!(e.contains("more than 10 entries"), "{e}");
+    }
+
+    #[test]
+    fn ancestors_are_strict_prefixes() {
+        assert_eq!(ancestors("a/b/c").collect::<Vec<_>>(), vec!["a", "a/b"]);
+        assert_eq!(ancestors("a").count(), 0);
+    }
+}

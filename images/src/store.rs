@@ -1,0 +1,471 @@
+//! The local image store under `$MSB_HOME/images`:
+//!
+//! ```text
+//! blobs/sha256/HEX     every blob (layer, config, manifest), by the digest of its bytes
+//! refs/HEX.json        one image record per reference (HEX: the reference's bytes in hex)
+//! rootfs/HEX.sqfs      the read-only root filesystem of an image, by its config digest
+//! tmp/                 staging: nothing here is ever looked up
+//! ```
+//!
+//! Invariants: a blob is hashed while it is written to `tmp/` and renamed to its digest only
+//! after the hash is known (and matched what the archive claimed), so a blob file always
+//! holds its digest's bytes and a killed load leaves nothing that looks complete; records
+//! and root filesystems are written the same way; two loads of one image at once write the
+//! same names with the same bytes. Every name under the store comes from a checked
+//! [`Digest`] or is hex, never from an archive's entry names.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{Read, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::oci::{self, Descriptor, Digest, ImageConfig, Index, Manifest, RunConfig, MAX_DOCUMENT};
+use crate::rootfs::{self, Layer};
+use crate::{Error, Result};
+
+/// Most entries in an image archive (`msb load`).
+pub const MAX_ARCHIVE_ENTRIES: u64 = 100_000;
+/// Longest image reference.
+pub const MAX_REFERENCE: usize = 255;
+
+/// One layer of a stored image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    pub digest: Digest,
+    pub diff_id: Digest,
+    pub size: u64,
+}
+
+/// A stored image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub reference: String,
+    /// The image's identity: the digest of its config.
+    pub config: Digest,
+    pub manifest: Option<Digest>,
+    pub layers: Vec<LayerRecord>,
+    /// Sum of the layer blobs' sizes.
+    pub size: u64,
+    /// When it was loaded (seconds since the epoch).
+    pub loaded: u64,
+}
+
+/// Checks an image reference (`name[:tag]`, docker's characters) and adds `:latest` when it
+/// has no tag.
+pub fn normalize_reference(r: &str) -> Result<String> {
+    let bad = |why: &str| Error::Image(format!("image reference {r:?} {why}"));
+    if r.is_empty() || r.len() > MAX_REFERENCE {
+        return Err(bad(&format!("is not 1..={MAX_REFERENCE} characters")));
+    }
+    if !r.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b)) {
+        return Err(bad("has characters other than letters, digits and . _ - / : @"));
+    }
+    if r.starts_with(['.', '-', '/', ':']) {
+        return Err(bad("must start with a letter or digit"));
+    }
+    let last = r.rsplit('/').next().unwrap_or(r);
+    Ok(if last.contains(':') || r.contains('@') { r.to_string() } else { format!("{r}:latest") })
+}
+
+pub struct Store {
+    root: PathBuf,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// A staging name no other writer uses.
+fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{prefix}-{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+impl Store {
+    /// Opens (creating, mode 0700) the store under `home`.
+    pub fn open(home: &Path) -> Result<Self> {
+        let root = home.join("images");
+        for d in ["blobs/sha256", "refs", "rootfs", "tmp"] {
+            let p = root.join(d);
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&p).map_err(|source| Error::Io {
+                what: "creating",
+                path: p.clone(),
+                source,
+            })?;
+        }
+        Ok(Store { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(d.hex())
+    }
+
+    fn ref_path(&self, reference: &str) -> PathBuf {
+        self.root.join("refs").join(format!("{}.json", hex(reference.as_bytes())))
+    }
+
+    /// The root filesystem path of an image (it may not be built yet).
+    pub fn rootfs_path(&self, rec: &ImageRecord) -> PathBuf {
+        self.root.join("rootfs").join(format!("{}.sqfs", rec.config.hex()))
+    }
+
+    /// Writes `r` into the store as a blob; if `expected` is given the bytes must hash to it.
+    fn put_blob(&self, mut r: impl Read, expected: Option<&Digest>, what: &str) -> Result<(Digest, u64)> {
+        if let Some(d) = expected {
+            if self.blob_path(d).is_file() {
+                // Already stored (and verified when it was): skip the copy, keep the bytes
+                // flowing so an archive reader can go on.
+                let n =
+                    std::io::copy(&mut r, &mut std::io::sink()).map_err(|e| Error::Image(format!("{what}: {e}")))?;
+                return Ok((d.clone(), n));
+            }
+        }
+        let tmp = self.root.join("tmp").join(unique("blob"));
+        let io = |source| Error::Io { what: "writing", path: tmp.clone(), source };
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut n = 0u64;
+        let copied: std::io::Result<()> = (|| loop {
+            let k = r.read(&mut buf)?;
+            if k == 0 {
+                return Ok(());
+            }
+            h.update(&buf[..k]);
+            f.write_all(&buf[..k])?;
+            n += k as u64;
+        })();
+        if let Err(e) = copied.and_then(|_| f.sync_data()) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::Image(format!("{what}: {e}")));
+        }
+        let got = Digest::from_hasher(h);
+        if let Some(d) = expected {
+            if &got != d {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Error::Image(format!(
+                    "{what} should have digest {d} but its content hashes to {got}: the archive is corrupt or was tampered with"
+                )));
+            }
+        }
+        let dest = self.blob_path(&got);
+        std::fs::rename(&tmp, &dest).map_err(|source| Error::Io { what: "publishing", path: dest, source })?;
+        Ok((got, n))
+    }
+
+    /// A stored document blob, re-hashed on reading.
+    fn document(&self, d: &Digest, what: &str) -> Result<Vec<u8>> {
+        let p = self.blob_path(d);
+        let f = std::fs::File::open(&p).map_err(|_| Error::Image(format!("{what} {d} is missing from the archive")))?;
+        let mut bytes = Vec::new();
+        f.take(MAX_DOCUMENT + 1).read_to_end(&mut bytes).map_err(|source| Error::Io {
+            what: "reading",
+            path: p,
+            source,
+        })?;
+        if bytes.len() as u64 > MAX_DOCUMENT {
+            return Err(Error::Image(format!("{what} {d} is larger than {MAX_DOCUMENT} bytes")));
+        }
+        if &Digest::of(&bytes) != d {
+            return Err(Error::Image(format!("stored {what} {d} does not match its digest")));
+        }
+        Ok(bytes)
+    }
+
+    /// Loads the images of an archive: an OCI image layout (a directory, or a tar of one)
+    /// or a `docker save` tar; `-` reads the tar from stdin. `tag` names the image (the
+    /// archive must then hold exactly one); otherwise the archive's own names are used.
+    pub fn load(&self, input: &Path, tag: Option<&str>) -> Result<Vec<ImageRecord>> {
+        let tag = tag.map(normalize_reference).transpose()?;
+        let mut docs = HashMap::new();
+        let mut files = HashMap::new();
+        if input.is_dir() {
+            for name in ["index.json", "manifest.json"] {
+                if let Ok(b) = std::fs::read(input.join(name)) {
+                    docs.insert(name.to_string(), b);
+                }
+            }
+            let dir = input.to_path_buf();
+            let fetch = |s: &Store, d: &Digest| -> Result<()> {
+                let p = dir.join("blobs/sha256").join(d.hex());
+                let f = std::fs::File::open(&p)
+                    .map_err(|_| Error::Image(format!("blob {d} is not in {}", dir.display())))?;
+                s.put_blob(f, Some(d), &format!("blob {d}")).map(|_| ())
+            };
+            self.resolve(&docs, &files, tag, &fetch)
+        } else {
+            let reader: Box<dyn Read> = if input == Path::new("-") {
+                Box::new(std::io::stdin().lock())
+            } else {
+                Box::new(std::fs::File::open(input).map_err(|source| Error::Io {
+                    what: "opening",
+                    path: input.to_path_buf(),
+                    source,
+                })?)
+            };
+            self.import_tar(reader, &mut docs, &mut files)?;
+            self.resolve(&docs, &files, tag, &|_, _| Ok(()))
+        }
+    }
+
+    /// Streams every file of an archive into the store (blobs) or memory (documents).
+    fn import_tar(
+        &self,
+        reader: impl Read,
+        docs: &mut HashMap<String, Vec<u8>>,
+        files: &mut HashMap<String, Digest>,
+    ) -> Result<()> {
+        let mut ar = tar::Archive::new(reader);
+        let bad = |e: std::io::Error| Error::Image(format!("the archive is not a readable tar: {e}"));
+        for (i, entry) in ar.entries().map_err(bad)?.enumerate() {
+            if i as u64 >= MAX_ARCHIVE_ENTRIES {
+                return Err(Error::Image(format!("the archive has more than {MAX_ARCHIVE_ENTRIES} entries")));
+            }
+            let mut e = entry.map_err(bad)?;
+            if e.header().entry_type() != tar::EntryType::Regular {
+                continue;
+            }
+            let Ok(name) = rootfs::normalize(&e.path_bytes()) else { continue };
+            if matches!(name.as_str(), "index.json" | "manifest.json" | "oci-layout" | "repositories") {
+                let mut b = Vec::new();
+                (&mut e).take(MAX_DOCUMENT + 1).read_to_end(&mut b).map_err(bad)?;
+                if b.len() as u64 > MAX_DOCUMENT {
+                    return Err(Error::Image(format!("{name} in the archive is larger than {MAX_DOCUMENT} bytes")));
+                }
+                docs.insert(name, b);
+            } else if let Some(hex) = name.strip_prefix("blobs/sha256/") {
+                let d = Digest::parse(&format!("sha256:{hex}")).map_err(Error::Image)?;
+                self.put_blob(&mut e, Some(&d), &format!("blob {name}"))?;
+                files.insert(name, d);
+            } else {
+                let (d, _) = self.put_blob(&mut e, None, &format!("archive file {name}"))?;
+                files.insert(name, d);
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns an archive's documents into image records.
+    fn resolve(
+        &self,
+        docs: &HashMap<String, Vec<u8>>,
+        files: &HashMap<String, Digest>,
+        tag: Option<String>,
+        fetch: &dyn Fn(&Store, &Digest) -> Result<()>,
+    ) -> Result<Vec<ImageRecord>> {
+        // (name in the archive, manifest, config, layers) per image.
+        type Found = (Option<String>, Option<Digest>, Digest, Vec<Digest>);
+        let mut found: Vec<Found> = Vec::new();
+        if let Some(index) = docs.get("index.json") {
+            let index: Index = oci::parse("index.json", index).map_err(Error::Image)?;
+            for desc in &index.manifests {
+                let name = desc.annotations.get(oci::REF_NAME).cloned();
+                let (digest, manifest) = self.manifest_for(desc, fetch, 0)?;
+                let layers = layers_of(&manifest);
+                found.push((name, Some(digest), manifest.config.digest, layers));
+            }
+        } else if let Some(m) = docs.get("manifest.json") {
+            #[derive(Deserialize)]
+            struct DockerEntry {
+                #[serde(rename = "Config")]
+                config: String,
+                #[serde(rename = "RepoTags", default)]
+                repo_tags: Option<Vec<String>>,
+                #[serde(rename = "Layers")]
+                layers: Vec<String>,
+            }
+            let entries: Vec<DockerEntry> = oci::parse("manifest.json", m).map_err(Error::Image)?;
+            let file = |name: &str| -> Result<Digest> {
+                let name = rootfs::normalize(name.as_bytes()).map_err(Error::Image)?;
+                files
+                    .get(&name)
+                    .cloned()
+                    .ok_or_else(|| Error::Image(format!("manifest.json names {name}, which the archive lacks")))
+            };
+            for e in entries {
+                let layers = e.layers.iter().map(|l| file(l)).collect::<Result<Vec<_>>>()?;
+                let name = e.repo_tags.and_then(|t| t.into_iter().next());
+                found.push((name, None, file(&e.config)?, layers));
+            }
+        } else {
+            return Err(Error::Image(
+                "the archive has neither index.json (an OCI layout) nor manifest.json (docker save)".into(),
+            ));
+        }
+        if found.is_empty() {
+            return Err(Error::Image("the archive holds no image".into()));
+        }
+        if tag.is_some() && found.len() > 1 {
+            return Err(Error::Image(format!("the archive holds {} images; --tag names only one", found.len())));
+        }
+        let mut out = Vec::new();
+        for (name, manifest, config, layers) in found {
+            let reference = match tag.clone().or(name) {
+                Some(r) => normalize_reference(&r)?,
+                None => return Err(Error::Image("the archive does not name its image; give it one with --tag".into())),
+            };
+            fetch(self, &config)?;
+            let cfg: ImageConfig =
+                oci::parse("image config", &self.document(&config, "image config")?).map_err(Error::Image)?;
+            cfg.check(layers.len()).map_err(Error::Image)?;
+            let mut records = Vec::new();
+            for (l, diff_id) in layers.iter().zip(&cfg.rootfs.diff_ids) {
+                fetch(self, l)?;
+                let size = std::fs::metadata(self.blob_path(l))
+                    .map_err(|_| Error::Image(format!("layer {l} is missing from the archive")))?
+                    .len();
+                records.push(LayerRecord { digest: l.clone(), diff_id: diff_id.clone(), size });
+            }
+            let rec = ImageRecord {
+                reference,
+                config,
+                manifest,
+                size: records.iter().map(|l| l.size).sum(),
+                layers: records,
+                loaded: now(),
+            };
+            self.put_record(&rec)?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    /// Follows an index entry to the linux/amd64 manifest (nested indexes at most 4 deep).
+    fn manifest_for(
+        &self,
+        desc: &Descriptor,
+        fetch: &dyn Fn(&Store, &Digest) -> Result<()>,
+        depth: usize,
+    ) -> Result<(Digest, Manifest)> {
+        if depth > 4 {
+            return Err(Error::Image("image indexes are nested more than 4 deep".into()));
+        }
+        fetch(self, &desc.digest)?;
+        let bytes = self.document(&desc.digest, "manifest")?;
+        if desc.is_index() || serde_json::from_slice::<Index>(&bytes).is_ok() {
+            let index: Index = oci::parse("image index", &bytes).map_err(Error::Image)?;
+            let pick = index
+                .manifests
+                .iter()
+                .find(|m| m.is_linux_amd64() && m.platform.is_some())
+                .or_else(|| index.manifests.iter().find(|m| m.is_linux_amd64()))
+                .ok_or_else(|| Error::Image(format!("index {} has no linux/amd64 image", desc.digest)))?;
+            return self.manifest_for(pick, fetch, depth + 1);
+        }
+        let m: Manifest = oci::parse("manifest", &bytes).map_err(Error::Image)?;
+        Ok((desc.digest.clone(), m))
+    }
+
+    fn put_record(&self, rec: &ImageRecord) -> Result<()> {
+        let dest = self.ref_path(&rec.reference);
+        let tmp = self.root.join("tmp").join(unique("ref"));
+        let bytes = serde_json::to_vec_pretty(rec).expect("records serialize");
+        std::fs::write(&tmp, bytes).map_err(|source| Error::Io { what: "writing", path: tmp.clone(), source })?;
+        std::fs::rename(&tmp, &dest).map_err(|source| Error::Io { what: "publishing", path: dest, source })
+    }
+
+    /// Every stored image, by reference.
+    pub fn list(&self) -> Result<Vec<ImageRecord>> {
+        let dir = self.root.join("refs");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(|source| Error::Io { what: "listing", path: dir.clone(), source })? {
+            let Ok(e) = e else { continue };
+            if let Ok(bytes) = std::fs::read(e.path()) {
+                if let Ok(rec) = serde_json::from_slice::<ImageRecord>(&bytes) {
+                    out.push(rec);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.reference.cmp(&b.reference));
+        Ok(out)
+    }
+
+    /// The image named `reference`.
+    pub fn get(&self, reference: &str) -> Result<ImageRecord> {
+        let r = normalize_reference(reference)?;
+        let bytes = std::fs::read(self.ref_path(&r)).map_err(|_| Error::NoSuchImage(r.clone()))?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::Image(format!("the record of {r} is damaged: {e}")))
+    }
+
+    /// Removes the reference (blobs stay until [`Store::prune`]).
+    pub fn remove(&self, reference: &str) -> Result<ImageRecord> {
+        let rec = self.get(reference)?;
+        let p = self.ref_path(&rec.reference);
+        std::fs::remove_file(&p).map_err(|source| Error::Io { what: "removing", path: p, source })?;
+        Ok(rec)
+    }
+
+    /// What the image runs, from its config.
+    pub fn run_config(&self, rec: &ImageRecord) -> Result<RunConfig> {
+        let cfg: ImageConfig =
+            oci::parse("image config", &self.document(&rec.config, "image config")?).map_err(Error::Image)?;
+        Ok(cfg.config)
+    }
+
+    /// The image's read-only root filesystem, built from its layers on first use.
+    pub fn rootfs(&self, rec: &ImageRecord) -> Result<PathBuf> {
+        let dest = self.rootfs_path(rec);
+        if dest.is_file() {
+            return Ok(dest);
+        }
+        let layers: Vec<Layer> = rec
+            .layers
+            .iter()
+            .map(|l| Layer { blob: self.blob_path(&l.digest), digest: l.digest.clone(), diff_id: l.diff_id.clone() })
+            .collect();
+        let staging = self.root.join("tmp");
+        let stats = rootfs::build(&layers, &staging, &dest, &unique("rootfs"))?;
+        tracing::info!(image = %rec.reference, entries = stats.entries, bytes = stats.bytes, devices_dropped = stats.devices_dropped, "root filesystem built");
+        Ok(dest)
+    }
+
+    /// Removes blobs and root filesystems no stored image uses, except the root filesystems
+    /// of `in_use` configs (images of existing sandboxes). Returns the bytes freed.
+    pub fn prune(&self, in_use: &BTreeSet<Digest>) -> Result<u64> {
+        let images = self.list()?;
+        let mut keep_blobs = BTreeSet::new();
+        let mut keep_roots: BTreeSet<String> = in_use.iter().map(|d| format!("{}.sqfs", d.hex())).collect();
+        for r in &images {
+            keep_blobs.insert(r.config.hex().to_string());
+            if let Some(m) = &r.manifest {
+                keep_blobs.insert(m.hex().to_string());
+            }
+            for l in &r.layers {
+                keep_blobs.insert(l.digest.hex().to_string());
+            }
+            keep_roots.insert(format!("{}.sqfs", r.config.hex()));
+        }
+        let mut freed = 0;
+        for (dir, keep) in [("blobs/sha256", &keep_blobs), ("rootfs", &keep_roots)] {
+            let dir = self.root.join(dir);
+            for e in
+                std::fs::read_dir(&dir).map_err(|source| Error::Io { what: "listing", path: dir.clone(), source })?
+            {
+                let Ok(e) = e else { continue };
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !keep.contains(&name) {
+                    freed += e.metadata().map(|m| m.len()).unwrap_or(0);
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(freed)
+    }
+}
+
+fn layers_of(m: &Manifest) -> Vec<Digest> {
+    m.layers.iter().map(|l| l.digest.clone()).collect()
+}
