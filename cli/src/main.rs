@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod attach;
+mod images;
 mod logs;
 mod report;
 mod sandbox_process;
@@ -77,12 +78,38 @@ enum Cmd {
         #[arg(long)]
         tail: Option<usize>,
     },
+    /// Load images from an OCI layout (directory or tar) or a `docker save` tar ("-": stdin).
+    Load {
+        #[arg(short = 'i', long = "input")]
+        input: PathBuf,
+        /// Name the image (the archive must hold one); default: the archive's own name.
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// List the images of the local store.
+    Images {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Remove an image from the local store (refused while a sandbox uses it).
+    Rmi { reference: String },
+    /// Image maintenance.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
     /// Report what this host can run: the kind of /dev/kvm, permissions, kernel, agent.
     Doctor,
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
     #[command(name = SANDBOX_PROCESS_ARG, hide = true)]
     SandboxProcess,
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Delete blobs and root filesystems no image or sandbox uses.
+    Prune,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -108,12 +135,28 @@ struct MachineArgs {
     /// Seconds to wait for the guest to become ready.
     #[arg(long, default_value_t = 60)]
     boot_timeout: u64,
+    /// Size of an image sandbox's writable root disk, e.g. 512M or 4G (sparse; default 4G).
+    #[arg(long, value_parser = parse_size_mib)]
+    root_disk: Option<u64>,
+}
+
+/// A size with an optional M or G suffix (MiB by default), in MiB.
+fn parse_size_mib(s: &str) -> Result<u64, String> {
+    let (num, mul) = match s.strip_suffix(['G', 'g']) {
+        Some(n) => (n, 1024),
+        None => (s.strip_suffix(['M', 'm']).unwrap_or(s), 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("{s:?} is not a size such as 512M or 4G"))
 }
 
 impl MachineArgs {
     fn config(&self, image: Option<String>) -> SandboxConfig {
         SandboxConfig {
             image,
+            root_disk_mib: self.root_disk,
             cpus: self.cpus,
             memory_mib: self.memory,
             kernel: self.kernel.clone().map(|k| std::path::absolute(&k).unwrap_or(k)),
@@ -125,7 +168,8 @@ impl MachineArgs {
 
 #[derive(clap::Args)]
 struct CreateArgs {
-    /// Root file system image (only the built-in "base" exists so far).
+    /// Image of the local store to boot into (`msb images`); default: the busybox
+    /// initramfs.
     image: Option<String>,
     #[arg(long)]
     name: String,
@@ -173,8 +217,9 @@ struct CommandArgs {
     /// Run the command on a pseudo-terminal (detach with Ctrl-P Ctrl-Q).
     #[arg(short = 't', long)]
     tty: bool,
-    /// The command and its arguments.
-    #[arg(last = true, required = true)]
+    /// The command and its arguments (after `--`; `msb run IMAGE` may leave it out to run
+    /// the image's ENTRYPOINT/CMD).
+    #[arg(last = true)]
     command: Vec<String>,
 }
 
@@ -256,6 +301,11 @@ struct ExecArgs {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// Image of the local store to run (`msb images`); without one, the busybox initramfs.
+    image: Option<String>,
+    /// Replace the image's ENTRYPOINT (docker's rule: it also drops the image's CMD).
+    #[arg(long)]
+    entrypoint: Option<String>,
     /// Keep the sandbox under this name (stopped afterwards; with -d, left running).
     #[arg(long)]
     name: Option<String>,
@@ -310,7 +360,13 @@ fn main() -> ExitCode {
         Cmd::Exec(a) => return rt.block_on(exec(&msb, *a)),
         Cmd::Run(a) => return rt.block_on(run(&msb, *a)),
         Cmd::Doctor | Cmd::SandboxProcess | Cmd::Completions { .. } => unreachable!("served above"),
-        Cmd::Create(a) => msb.create(&a.name, a.machine.config(a.image)).map(|sb| println!("{}", sb.name())),
+        Cmd::Create(a) => resolve_image(&msb, a.image.as_deref())
+            .and_then(|image| msb.create(&a.name, a.machine.config(image)))
+            .map(|sb| println!("{}", sb.name())),
+        Cmd::Load { input, tag } => images::load(&msb, &input, tag.as_deref()),
+        Cmd::Images { format } => images::list(&msb, matches!(format, Format::Json)),
+        Cmd::Rmi { reference } => images::remove(&msb, &reference),
+        Cmd::Image { cmd: ImageCmd::Prune } => images::prune(&msb),
         Cmd::Start { name } => rt.block_on(async {
             let sb = msb.get(&name)?;
             sb.start_detached().await?;
@@ -499,15 +555,46 @@ fn finish(o: Outcome) -> ExitCode {
     ExitCode::from(o.code())
 }
 
-async fn exec(msb: &Msb, a: ExecArgs) -> ExitCode {
-    match msb.get(&a.name) {
-        Ok(sb) => finish(exec_in(&sb, &a.cmd, false, false).await),
+async fn exec(msb: &Msb, mut a: ExecArgs) -> ExitCode {
+    if a.cmd.command.is_empty() {
+        return finish(Outcome::Failed(Error::Config("give the command to run after `--`".into())));
+    }
+    let sb = match msb.get(&a.name) {
+        Ok(sb) => sb,
+        Err(e) => return finish(Outcome::Failed(e)),
+    };
+    // The image's ENV, WORKDIR and USER are an exec's defaults, as with `docker exec`.
+    let image = sb.record().map(|r| r.config.image_ref().map(String::from));
+    match image.and_then(|i| images::defaults(msb, i.as_deref(), &mut a.cmd, None, false)) {
+        Ok(()) => finish(exec_in(&sb, &a.cmd, false, false).await),
         Err(e) => finish(Outcome::Failed(e)),
     }
 }
 
-async fn run(msb: &Msb, a: RunArgs) -> ExitCode {
-    let config = a.machine.config(None);
+/// The normalized reference of an image the store holds; `None` and "base" are the
+/// built-in initramfs.
+fn resolve_image(msb: &Msb, image: Option<&str>) -> msb_control_plane::Result<Option<String>> {
+    match image.filter(|i| *i != "base") {
+        None => Ok(image.map(String::from)),
+        Some(i) => Ok(Some(images::store(msb)?.get(i).map_err(images::err)?.reference)),
+    }
+}
+
+async fn run(msb: &Msb, mut a: RunArgs) -> ExitCode {
+    let image = match resolve_image(msb, a.image.as_deref()) {
+        Ok(i) => i,
+        Err(e) => return finish(Outcome::Failed(e)),
+    };
+    let image_ref = image.as_deref().filter(|i| *i != "base");
+    if image_ref.is_none() && a.cmd.command.is_empty() {
+        return finish(Outcome::Failed(Error::Config(
+            "give the command to run after `--` (or an image whose CMD it runs)".into(),
+        )));
+    }
+    if let Err(e) = images::defaults(msb, image_ref, &mut a.cmd, a.entrypoint.as_deref(), true) {
+        return finish(Outcome::Failed(e));
+    }
+    let config = a.machine.config(image);
     let created = match (&a.name, a.detach) {
         (Some(n), _) => msb.create(n, config),
         (None, true) => msb.create_generated("sb", config),

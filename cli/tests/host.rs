@@ -66,7 +66,7 @@ fn bad_names_duplicates_and_bad_config_are_refused_clearly() {
     let (_, msg) = err(h, &["create", "--name", "m", "--memory", "16"]);
     assert!(msg.contains("16 MiB") && msg.contains("--memory 64"), "{msg}");
     let (_, msg) = err(h, &["create", "ubuntu", "--name", "img"]);
-    assert!(msg.contains("image \"ubuntu\" is not available"), "{msg}");
+    assert!(msg.contains("no image \"ubuntu:latest\" in the local store") && msg.contains("msb load"), "{msg}");
     assert_eq!(json(&ok(h, &["ls", "--format", "json"])).as_array().unwrap().len(), 1, "nothing half-created");
     let (code, msg) = err(h, &["run", "--memory", "16", "--", "true"]);
     assert_eq!(code, 125, "msb's own failure in `run` is 125");
@@ -231,4 +231,101 @@ fn a_control_socket_served_by_another_user_is_refused() {
     assert_eq!(out.status.code(), Some(125));
     let msg = String::from_utf8_lossy(&out.stderr);
     assert!(msg.contains("served by uid 4242"), "{msg}");
+}
+
+/// Writes a one-layer OCI image layout into `dir` (a plain tar layer with `files`), named
+/// `name`; returns the layer blob's path.
+fn oci_layout(dir: &Path, name: &str, files: &[(&str, &[u8])]) -> std::path::PathBuf {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, path, *data).unwrap();
+    }
+    oci_layout_raw(dir, name, &b.into_inner().unwrap())
+}
+
+/// [`oci_layout`] with the layer's bytes as given (hostile ones too).
+fn oci_layout_raw(dir: &Path, name: &str, layer: &[u8]) -> std::path::PathBuf {
+    use msb_images::oci::Digest;
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let d = Digest::of(bytes);
+        std::fs::write(blobs.join(d.hex()), bytes).unwrap();
+        (d, bytes.len())
+    };
+    let (ld, ls) = put(layer);
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Cmd":["sh"]}},"rootfs":{{"type":"layers","diff_ids":["{ld}"]}}}}"#
+    );
+    let (cd, cs) = put(config.as_bytes());
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"config":{{"digest":"{cd}","size":{cs}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{ld}","size":{ls}}}]}}"#
+    );
+    let (md, ms) = put(manifest.as_bytes());
+    let index = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"digest":"{md}","size":{ms},"annotations":{{"org.opencontainers.image.ref.name":"{name}"}}}}]}}"#
+    );
+    std::fs::write(dir.join("index.json"), index).unwrap();
+    blobs.join(ld.hex())
+}
+
+#[test]
+fn images_load_list_remove_and_prune() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let src = tempfile::tempdir().unwrap();
+    oci_layout(src.path(), "tiny", &[("etc/hostname", b"tiny\n"), ("bin/x", b"#!/bin/sh\n")]);
+    let out = ok(h, &["load", "-i", src.path().to_str().unwrap()]);
+    assert!(out.contains("Loaded image: tiny:latest"), "{out}");
+    let list = json(&ok(h, &["images", "--format", "json"]));
+    assert_eq!(list[0]["reference"], "tiny:latest");
+    assert_eq!(list[0]["rootfs_built"], true, "load builds the root filesystem");
+    // A sandbox of it is recorded; the image cannot be removed under it.
+    ok(h, &["create", "tiny", "--name", "uses-tiny"]);
+    let (_, msg) = err(h, &["rmi", "tiny"]);
+    assert!(msg.contains("used by a sandbox"), "{msg}");
+    ok(h, &["rm", "uses-tiny"]);
+    ok(h, &["rmi", "tiny"]);
+    assert_eq!(json(&ok(h, &["images", "--format", "json"])).as_array().unwrap().len(), 0);
+    let freed = ok(h, &["image", "prune"]);
+    assert!(freed.contains("reclaimed"), "{freed}");
+    let store = h.join("images");
+    for d in ["blobs/sha256", "rootfs", "tmp"] {
+        assert_eq!(std::fs::read_dir(store.join(d)).unwrap().count(), 0, "{d} is not empty after prune");
+    }
+}
+
+#[test]
+fn images_a_tampered_layer_or_a_hostile_one_loads_nothing() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let src = tempfile::tempdir().unwrap();
+    let layer = oci_layout(src.path(), "tampered", &[("etc/passwd", b"root:x:0:0::/:/bin/sh\n")]);
+    let mut bytes = std::fs::read(&layer).unwrap();
+    bytes[600] ^= 1;
+    std::fs::write(&layer, bytes).unwrap();
+    let (code, msg) = err(h, &["load", "-i", src.path().to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(msg.contains("tampered"), "{msg}");
+    assert_eq!(json(&ok(h, &["images", "--format", "json"])).as_array().unwrap().len(), 0);
+    // A layer with an absolute path: refused naming the layer and the entry.
+    let src = tempfile::tempdir().unwrap();
+    let mut evil = Vec::new();
+    let mut hd = tar::Header::new_gnu();
+    hd.as_old_mut().name[..11].copy_from_slice(b"/etc/shadow");
+    hd.set_size(0);
+    hd.set_mode(0o644);
+    hd.set_cksum();
+    evil.extend_from_slice(hd.as_bytes());
+    evil.extend_from_slice(&[0u8; 1024]);
+    oci_layout_raw(src.path(), "evil", &evil);
+    let (code, msg) = err(h, &["load", "-i", src.path().to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(msg.contains("layer 0") && msg.contains("/etc/shadow") && msg.contains("absolute"), "{msg}");
+    assert_eq!(std::fs::read_dir(h.join("images/rootfs")).unwrap().count(), 0, "no root filesystem");
+    assert_eq!(std::fs::read_dir(h.join("images/tmp")).unwrap().count(), 0, "staging is cleaned up");
+    assert_eq!(json(&ok(h, &["images", "--format", "json"])).as_array().unwrap().len(), 0, "no image recorded");
 }

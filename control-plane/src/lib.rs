@@ -55,6 +55,9 @@ pub enum Error {
     /// The sandbox process started but reported that the sandbox could not.
     #[error("{0}")]
     StartFailed(String),
+    /// The image store refused or failed.
+    #[error(transparent)]
+    Image(msb_images::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -79,8 +79,13 @@ pub struct Info {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SandboxConfig {
-    /// The root file system image; only the built-in base image exists so far.
+    /// The root file system: an image of the local store (its normalized reference), or
+    /// `None` (or `"base"`) for the built-in busybox initramfs.
     pub image: Option<String>,
+    /// Size of the writable root disk of an image sandbox, in MiB (default
+    /// [`DEFAULT_ROOT_DISK_MIB`]); sparse, so only what the guest writes uses host disk.
+    #[serde(default)]
+    pub root_disk_mib: Option<u64>,
     pub cpus: u8,
     pub memory_mib: u64,
     pub kernel: Option<PathBuf>,
@@ -90,17 +95,38 @@ pub struct SandboxConfig {
 
 impl Default for SandboxConfig {
     fn default() -> Self {
-        SandboxConfig { image: None, cpus: 1, memory_mib: 256, kernel: None, kernel_args: None, boot_timeout_secs: 60 }
+        SandboxConfig {
+            image: None,
+            root_disk_mib: None,
+            cpus: 1,
+            memory_mib: 256,
+            kernel: None,
+            kernel_args: None,
+            boot_timeout_secs: 60,
+        }
     }
 }
 
+/// Writable root disk size when none is given (sparse: 4 GiB of room, not of host disk).
+pub const DEFAULT_ROOT_DISK_MIB: u64 = 4096;
+pub const MIN_ROOT_DISK_MIB: u64 = 64;
+pub const MAX_ROOT_DISK_MIB: u64 = 1 << 20;
+
 impl SandboxConfig {
+    /// Whether the sandbox boots into an image of the store (not the busybox initramfs).
+    pub fn image_ref(&self) -> Option<&str> {
+        self.image.as_deref().filter(|i| *i != "base")
+    }
+
     /// Checks the configuration against the sandbox limits before anything is recorded.
     pub fn validate(&self) -> Result<()> {
-        if let Some(img) = &self.image {
-            if img != "base" {
+        if let Some(img) = self.image.as_deref().filter(|i| *i != "base") {
+            msb_images::store::normalize_reference(img).map_err(|e| Error::Config(e.to_string()))?;
+        }
+        if let Some(mib) = self.root_disk_mib {
+            if !(MIN_ROOT_DISK_MIB..=MAX_ROOT_DISK_MIB).contains(&mib) {
                 return Err(Error::Config(format!(
-                    "image {img:?} is not available: only the built-in \"base\" image (busybox) exists in this version"
+                    "a root disk of {mib} MiB is outside {MIN_ROOT_DISK_MIB}..={MAX_ROOT_DISK_MIB} MiB"
                 )));
             }
         }
@@ -248,7 +274,9 @@ mod tests {
         ] {
             assert!(matches!(bad.validate(), Err(Error::Size(_))), "{bad:?}");
         }
-        let image = SandboxConfig { image: Some("ubuntu".into()), ..Default::default() };
+        let image = SandboxConfig { image: Some("../ubuntu".into()), ..Default::default() };
         assert!(matches!(image.validate(), Err(Error::Config(_))));
+        let disk = SandboxConfig { image: Some("debian".into()), root_disk_mib: Some(1), ..Default::default() };
+        assert!(matches!(disk.validate(), Err(Error::Config(_))));
     }
 }

@@ -188,6 +188,7 @@ impl Store {
     /// Loads the images of an archive: an OCI image layout (a directory, or a tar of one)
     /// or a `docker save` tar; `-` reads the tar from stdin. `tag` names the image (the
     /// archive must then hold exactly one); otherwise the archive's own names are used.
+    /// Each image's root filesystem is built before the image is named in the store.
     pub fn load(&self, input: &Path, tag: Option<&str>) -> Result<Vec<ImageRecord>> {
         let tag = tag.map(normalize_reference).transpose()?;
         let mut docs = HashMap::new();
@@ -337,6 +338,8 @@ impl Store {
                 layers: records,
                 loaded: now(),
             };
+            // Named only once its root filesystem is built: a bad layer leaves no image.
+            self.rootfs(&rec)?;
             self.put_record(&rec)?;
             out.push(rec);
         }

@@ -18,7 +18,7 @@ fn msb_bin() -> PathBuf {
     std::env::current_exe().unwrap().with_file_name("msb")
 }
 
-fn msb(args: &[&str]) -> Output {
+pub(crate) fn msb(args: &[&str]) -> Output {
     msb_tests::require_linux_capable_kvm();
     Command::new(msb_bin()).args(args).stdin(Stdio::null()).output().expect("msb runs")
 }
@@ -33,13 +33,13 @@ fn msb_stdin(args: &[&str], input: &[u8]) -> Output {
     out
 }
 
-fn ok(args: &[&str]) -> String {
+pub(crate) fn ok(args: &[&str]) -> String {
     let out = msb(args);
     assert!(out.status.success(), "msb {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn code(o: &Output) -> i32 {
+pub(crate) fn code(o: &Output) -> i32 {
     o.status.code().unwrap_or(-1)
 }
 
@@ -61,7 +61,7 @@ fn wait_status(name: &str, want: &str, within: Duration) {
 }
 
 /// `msb start`, retried once like the other e2e boots (nested TCG loses a boot rarely).
-fn start(name: &str) {
+pub(crate) fn start(name: &str) {
     let out = msb(&["start", name]);
     if !out.status.success() {
         eprintln!("E2E-RETRY: msb start {name}: {}", String::from_utf8_lossy(&out.stderr));

@@ -3,6 +3,7 @@
 
 mod cli;
 mod flow;
+mod images;
 
 use std::time::Duration;
 

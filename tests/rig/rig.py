@@ -92,31 +92,63 @@ def build_initramfs(args, job):
     # The rig kernel doubles as a bzImage guest for the boot-protocol fallback test.
     c.dir("msb/home/rig")
     c.file("msb/home/rig/bzImage", args.l1_kernel, 0o644)
+    made = {"bin", "dev", "proc", "sys", "tmp", "msb", "msb/bin", "msb/home", "msb/home/bin", "msb/home/kernel",
+            "msb/home/rig"}
+    # mke2fs formats each image sandbox's writable disk; tar2sqfs builds root filesystems
+    # (`msb load` in L1). Both run as the host side would run them.
+    for tool in ["mke2fs", "tar2sqfs"]:
+        path = shutil.which(tool) or os.path.join("/usr/sbin", tool)
+        if not os.path.exists(path):
+            sys.exit(f"rig: {tool} not found; run scripts/setup.sh (it installs e2fsprogs and squashfs-tools-ng)")
+        add_with_libs(c, [path], made)
+        c.file(f"msb/bin/{tool}", os.path.realpath(path))
+    if args.images and os.path.isdir(args.images):
+        add_images(c, args.images, made)
     if args.with_qemu:
-        add_qemu(c)
+        add_qemu(c, made)
     return c.finish()
 
 
-def add_qemu(c):
+def add_images(c, store, made):
+    """Puts the image store into L1's $MSB_HOME: every reference, every built root
+    filesystem, and the small blobs (configs, manifests); layers stay behind (the root
+    filesystems are built from them already)."""
+    for sub in ["images", "images/blobs", "images/blobs/sha256", "images/refs", "images/rootfs", "images/tmp"]:
+        c.dir(f"msb/home/{sub}")
+        made.add(f"msb/home/{sub}")
+    for sub, small_only in [("refs", False), ("rootfs", False), ("blobs/sha256", True)]:
+        d = os.path.join(store, sub)
+        for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            path = os.path.join(d, name)
+            if os.path.isfile(path) and (not small_only or os.path.getsize(path) <= 1 << 20):
+                c.file(f"msb/home/images/{sub}/{name}", path, 0o644)
+
+
+def add_with_libs(c, binaries, made, extra=()):
+    """Puts host binaries, their shared libraries and `extra` files into L1 at their paths."""
+    files = set(binaries) | set(extra)
+    for b in binaries:
+        out = subprocess.run(["ldd", b], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            for tok in line.split():
+                if tok.startswith("/"):
+                    files.add(tok)
+    for f in sorted(files):
+        name = f.lstrip("/")
+        if name in made:
+            continue
+        made.add(name)
+        c.dirs_for(name, made)
+        c.file(name, os.path.realpath(f), 0o755)
+
+
+def add_qemu(c, made):
     """Puts QEMU, its shared libraries and its x86 firmware into L1, for side-by-side
     benchmarks (`-M microvm` on L1's KVM, booting the same kernel and initramfs)."""
     qemu = shutil.which("qemu-system-x86_64")
-    out = subprocess.run(["ldd", qemu], capture_output=True, text=True, check=True).stdout
-    files = {qemu}
-    for line in out.splitlines():
-        for tok in line.split():
-            if tok.startswith("/"):
-                files.add(tok)
-    for fw in ["bios-microvm.bin", "pvh.bin", "linuxboot_dma.bin", "linuxboot.bin", "qboot.rom", "kvmvapic.bin"]:
-        path = os.path.join("/usr/share/qemu", fw)
-        if os.path.exists(path):
-            files.add(path)
-    made = {"bin", "dev", "proc", "sys", "tmp", "msb", "msb/bin", "msb/home", "msb/home/bin", "msb/home/kernel",
-            "msb/home/rig"}
-    for f in sorted(files):
-        name = f.lstrip("/")
-        c.dirs_for(name, made)
-        c.file(name, os.path.realpath(f), 0o755)
+    fws = [os.path.join("/usr/share/qemu", fw)
+           for fw in ["bios-microvm.bin", "pvh.bin", "linuxboot_dma.bin", "linuxboot.bin", "qboot.rom", "kvmvapic.bin"]]
+    add_with_libs(c, [qemu], made, [f for f in fws if os.path.exists(f)])
 
 
 def kicker(sock_path, stop):
@@ -148,6 +180,7 @@ def main():
     p.add_argument("--timeout", type=int, default=1800, help="whole-run limit in seconds")
     p.add_argument("--job", required=True, help="shell script to run inside L1")
     p.add_argument("--with-qemu", action="store_true", help="add QEMU to L1 (benchmarks)")
+    p.add_argument("--images", help="the host's image store ($MSB_HOME/images), copied into L1")
     args = p.parse_args()
 
     qemu = shutil.which("qemu-system-x86_64")

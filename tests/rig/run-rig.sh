@@ -39,7 +39,8 @@ grep -q "^test result: ok" /tmp/e2e.log'
     job="$canary"'msb run -- uname -a; echo "exit status: $?"
 msb run -- sh -c "echo hello from a microVM; echo on stderr >&2; exit 42"; echo "exit status: $?"
 msb run -- no-such-command; echo "exit status: $?"
-msb run -- uname -a | grep -q Linux'
+msb run -- uname -a | grep -q Linux
+msb run msb/debian:12 -- python3 -c "print(6*7)"'
     ;;
   bench)
     job="msb-bench ${1:-5}"
@@ -54,7 +55,7 @@ msb run -- uname -a | grep -q Linux'
 esac
 rig() {
   python3 "$root/tests/rig/rig.py" --l1-kernel "$home/rig/bzImage" --guest-kernel "$home/kernel/vmlinux" \
-    --bin-dir "$root/build/static" --job "$job" ${extra:-} ${RIG_TIMEOUT:+--timeout "$RIG_TIMEOUT"}
+    --bin-dir "$root/build/static" --images "$home/images" --job "$job" ${extra:-} ${RIG_TIMEOUT:+--timeout "$RIG_TIMEOUT"}
 }
 case $mode in e2e|demo) ;; *) rig; exit $? ;; esac
 # An L1 occasionally comes up in which every nested boot stalls (nothing on the L2 console):

@@ -200,7 +200,31 @@ async fn boot(launch: &Launch, dir: &Path) -> msb_actors::Result<Sandbox> {
     if let Some(a) = &c.kernel_args {
         b = b.kernel_args(a.clone());
     }
+    if let Some(image) = c.image_ref() {
+        let (base, writable) = image_root(&launch.home, dir, image, c.root_disk_mib)?;
+        b = b.root(base, writable);
+    }
     b.create().await
+}
+
+/// The disks of an image sandbox: the image's shared read-only root filesystem (built on
+/// first use) and this sandbox's writable disk (`root.img` in its directory, created on its
+/// first start and kept until `msb rm`).
+fn image_root(
+    home: &Path,
+    dir: &Path,
+    image: &str,
+    disk_mib: Option<u64>,
+) -> msb_actors::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let store = msb_images::store::Store::open(home)?;
+    let rec = store.get(image)?;
+    let base = store.rootfs(&rec)?;
+    let writable = dir.join("root.img");
+    if !writable.exists() {
+        let mib = disk_mib.unwrap_or(msb_control_plane::wire::DEFAULT_ROOT_DISK_MIB);
+        msb_images::rootfs::create_writable_disk(&writable, mib << 20)?;
+    }
+    Ok((base, writable))
 }
 
 /// Resolves when the owner of an attached sandbox goes away (its end of our stdin closes);

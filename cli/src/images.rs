@@ -1,0 +1,218 @@
+//! `msb load`, `msb images`, `msb rmi`, `msb image prune`, and the image's run defaults
+//! (ENTRYPOINT, CMD, ENV, WORKDIR, USER) applied to a command as docker applies them.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use msb_control_plane::{Error, Msb, Result};
+use msb_images::oci::RunConfig;
+use msb_images::store::{ImageRecord, Store};
+
+use crate::CommandArgs;
+
+pub fn err(e: msb_images::Error) -> Error {
+    Error::Image(e)
+}
+
+pub fn store(msb: &Msb) -> Result<Store> {
+    Store::open(msb.home()).map_err(err)
+}
+
+/// Loads an archive; each image's root filesystem is built at once (so a first `msb run`
+/// does not wait for it, and a bad layer is reported now, before the image is named).
+pub fn load(msb: &Msb, input: &Path, tag: Option<&str>) -> Result<()> {
+    let store = store(msb)?;
+    for rec in store.load(input, tag).map_err(err)? {
+        println!("Loaded image: {} ({})", rec.reference, short(&rec));
+    }
+    Ok(())
+}
+
+fn short(rec: &ImageRecord) -> &str {
+    &rec.config.hex()[..12]
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}MB", bytes as f64 / 1e6)
+}
+
+pub fn list(msb: &Msb, json: bool) -> Result<()> {
+    let store = store(msb)?;
+    let images = store.list().map_err(err)?;
+    if json {
+        let v: Vec<_> = images
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "reference": r.reference,
+                    "id": r.config.as_str(),
+                    "manifest": r.manifest.as_ref().map(|m| m.as_str()),
+                    "layers": r.layers.len(),
+                    "size": r.size,
+                    "rootfs_built": store.rootfs_path(r).is_file(),
+                    "loaded": msb_control_plane::store::format_ms(r.loaded.saturating_mul(1000)),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    println!("{:<40} {:<12} {:>7} {:>10}", "REFERENCE", "ID", "LAYERS", "SIZE");
+    for r in &images {
+        println!("{:<40} {:<12} {:>7} {:>10}", r.reference, short(r), r.layers.len(), mib(r.size));
+    }
+    Ok(())
+}
+
+/// Config digests of the images that sandboxes are recorded with.
+fn in_use(msb: &Msb, store: &Store) -> Result<(BTreeSet<String>, BTreeSet<msb_images::oci::Digest>)> {
+    let mut refs = BTreeSet::new();
+    let mut ids = BTreeSet::new();
+    for r in msb.list()? {
+        if let Some(i) = r.config.image_ref() {
+            refs.insert(i.to_string());
+            if let Ok(rec) = store.get(i) {
+                ids.insert(rec.config);
+            }
+        }
+    }
+    Ok((refs, ids))
+}
+
+pub fn remove(msb: &Msb, reference: &str) -> Result<()> {
+    let store = store(msb)?;
+    let rec = store.get(reference).map_err(err)?;
+    let (refs, _) = in_use(msb, &store)?;
+    if refs.contains(&rec.reference) {
+        return Err(Error::Config(format!(
+            "image {} is used by a sandbox; remove the sandbox first (`msb ls`)",
+            rec.reference
+        )));
+    }
+    store.remove(reference).map_err(err)?;
+    println!("Untagged: {}", rec.reference);
+    Ok(())
+}
+
+pub fn prune(msb: &Msb) -> Result<()> {
+    let store = store(msb)?;
+    let (_, ids) = in_use(msb, &store)?;
+    let freed = store.prune(&ids).map_err(err)?;
+    println!("Total reclaimed space: {}", mib(freed));
+    Ok(())
+}
+
+/// Applies the image's defaults to `cmd`: for a run, the argv (ENTRYPOINT, then the given
+/// command or else CMD; `--entrypoint` replaces ENTRYPOINT and drops CMD); for both, ENV
+/// before the user's own variables, WORKDIR and USER unless given.
+pub fn defaults(
+    msb: &Msb,
+    image: Option<&str>,
+    cmd: &mut CommandArgs,
+    entrypoint: Option<&str>,
+    run: bool,
+) -> Result<()> {
+    let Some(image) = image else { return Ok(()) };
+    let store = store(msb)?;
+    let rec = store.get(image).map_err(err)?;
+    let rc = store.run_config(&rec).map_err(err)?;
+    apply(&rc, cmd, entrypoint, run).map_err(Error::Config)
+}
+
+fn apply(
+    rc: &RunConfig,
+    cmd: &mut CommandArgs,
+    entrypoint: Option<&str>,
+    run: bool,
+) -> std::result::Result<(), String> {
+    if run {
+        let mut argv: Vec<String> = match entrypoint {
+            Some("") => Vec::new(),
+            Some(e) => vec![e.to_string()],
+            None => rc.entrypoint.clone(),
+        };
+        if !cmd.command.is_empty() {
+            argv.append(&mut cmd.command);
+        } else if entrypoint.is_none() {
+            argv.extend(rc.cmd.iter().cloned());
+        }
+        if argv.is_empty() {
+            return Err("the image has no ENTRYPOINT or CMD; give the command to run after `--`".into());
+        }
+        cmd.command = argv;
+    }
+    let mut env: Vec<String> = rc
+        .env
+        .iter()
+        .filter(|kv| {
+            let key = kv.split('=').next().unwrap_or_default();
+            !cmd.env.iter().any(|u| u.split('=').next() == Some(key))
+        })
+        .filter(|kv| kv.contains('='))
+        .cloned()
+        .collect();
+    env.append(&mut cmd.env);
+    cmd.env = env;
+    if cmd.workdir.is_none() && !rc.working_dir.is_empty() {
+        cmd.workdir = Some(rc.working_dir.clone());
+    }
+    if cmd.user.is_none() && !rc.user.is_empty() {
+        cmd.user = Some(rc.user.clone());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        cmd: CommandArgs,
+    }
+
+    fn args(a: &[&str]) -> CommandArgs {
+        T::parse_from(std::iter::once("t").chain(a.iter().copied())).cmd
+    }
+
+    fn rc() -> RunConfig {
+        RunConfig {
+            env: vec!["PATH=/usr/bin".into(), "LANG=C.UTF-8".into()],
+            entrypoint: vec!["/entry".into()],
+            cmd: vec!["serve".into(), "--port=1".into()],
+            working_dir: "/app".into(),
+            user: "app".into(),
+        }
+    }
+
+    #[test]
+    fn run_follows_dockers_entrypoint_and_cmd_rules() {
+        let mut c = args(&[]);
+        apply(&rc(), &mut c, None, true).unwrap();
+        assert_eq!(c.command, ["/entry", "serve", "--port=1"]);
+        let mut c = args(&["--", "sh", "-c", "x"]);
+        apply(&rc(), &mut c, None, true).unwrap();
+        assert_eq!(c.command, ["/entry", "sh", "-c", "x"], "a command replaces CMD only");
+        let mut c = args(&["--", "-v"]);
+        apply(&rc(), &mut c, Some("/other"), true).unwrap();
+        assert_eq!(c.command, ["/other", "-v"]);
+        let mut c = args(&[]);
+        apply(&rc(), &mut c, Some("/other"), true).unwrap();
+        assert_eq!(c.command, ["/other"], "--entrypoint drops CMD");
+        let mut c = args(&[]);
+        let e = apply(&RunConfig::default(), &mut c, None, true).unwrap_err();
+        assert!(e.contains("no ENTRYPOINT or CMD"));
+    }
+
+    #[test]
+    fn env_workdir_and_user_are_defaults_the_user_overrides() {
+        let mut c = args(&["-e", "LANG=fr", "-u", "root", "--", "id"]);
+        apply(&rc(), &mut c, None, false).unwrap();
+        assert_eq!(c.command, ["id"], "exec keeps its command");
+        assert_eq!(c.env, ["PATH=/usr/bin", "LANG=fr"]);
+        assert_eq!(c.user.as_deref(), Some("root"));
+        assert_eq!(c.workdir.as_deref(), Some("/app"));
+    }
+}

@@ -1,0 +1,199 @@
+//! Images against real guests, through the `msb` command line: the default image runs
+//! Python; an image's ENTRYPOINT, CMD, ENV, WORKDIR and USER are honoured; sandboxes of one
+//! image write privately and the shared root filesystem never changes; a named sandbox keeps
+//! its writes across a restart and `msb rm` deletes them; a full root disk is ENOSPC in the
+//! guest and the sandbox stays healthy.
+//!
+//! The default image must be in the store (`scripts/setup.sh` builds and loads it; the rig
+//! copies the store into L1): its absence fails the test, it never skips it.
+
+use std::path::{Path, PathBuf};
+
+use msb_images::oci::Digest;
+use msb_images::store::Store;
+
+use crate::cli::{code, msb, ok, start};
+
+const DEFAULT: &str = "msb/debian:12";
+const TINY: &str = "e2e/tiny:1";
+
+fn home() -> PathBuf {
+    msb_images::msb_home().unwrap()
+}
+
+fn require_default_image() {
+    let images = ok(&["images", "--format", "json"]);
+    assert!(
+        images.contains(&format!("\"{DEFAULT}\"")),
+        "the default image {DEFAULT} is not in the store ({images}); scripts/setup.sh builds and loads it"
+    );
+}
+
+/// A one-layer image made of the static busybox: ENTRYPOINT `sh -c`, a CMD that reports
+/// its environment, ENV, WORKDIR /work (owned by 1000) and USER 1000. Loaded once.
+fn tiny_image() {
+    let store = Store::open(&home()).unwrap();
+    if store.get(TINY).is_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let busybox = std::fs::read(msb_images::busybox(&home()).unwrap()).unwrap();
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, kind: tar::EntryType, mode: u32, uid: u64, data: &[u8], link: Option<&str>| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(uid);
+        h.set_gid(uid);
+        h.set_size(data.len() as u64);
+        match link {
+            Some(l) => layer.append_link(&mut h, path, l).unwrap(),
+            None => layer.append_data(&mut h, path, data).unwrap(),
+        }
+    };
+    for d in ["bin", "etc", "tmp"] {
+        add(d, tar::EntryType::Directory, 0o755, 0, b"", None);
+    }
+    add("work", tar::EntryType::Directory, 0o755, 1000, b"", None);
+    add("bin/busybox", tar::EntryType::Regular, 0o755, 0, &busybox, None);
+    for applet in ["sh", "cat", "echo", "id", "pwd", "dd", "sync", "ls", "sha256sum", "rm", "df"] {
+        add(&format!("bin/{applet}"), tar::EntryType::Symlink, 0o777, 0, b"", Some("busybox"));
+    }
+    add(
+        "etc/passwd",
+        tar::EntryType::Regular,
+        0o644,
+        0,
+        b"root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/work:/bin/sh\n",
+        None,
+    );
+    add("etc/group", tar::EntryType::Regular, 0o644, 0, b"root:x:0:\napp:x:1000:\n", None);
+    let tar = layer.into_inner().unwrap();
+    let blobs = dir.path().join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| -> (Digest, usize) {
+        let d = Digest::of(bytes);
+        std::fs::write(blobs.join(d.hex()), bytes).unwrap();
+        (d, bytes.len())
+    };
+    let (layer_digest, layer_size) = put(&tar);
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin","GREETING=hello"],"Entrypoint":["/bin/sh","-c"],"Cmd":["echo \"$GREETING from $(pwd) as $(id -u)\""],"WorkingDir":"/work","User":"1000"}},"rootfs":{{"type":"layers","diff_ids":["{layer_digest}"]}}}}"#
+    );
+    let (config_digest, config_size) = put(config.as_bytes());
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{config_size}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer_digest}","size":{layer_size}}}]}}"#
+    );
+    let (manifest_digest, manifest_size) = put(manifest.as_bytes());
+    let index = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{manifest_digest}","size":{manifest_size}}}]}}"#
+    );
+    std::fs::write(dir.path().join("index.json"), index).unwrap();
+    let loaded = ok(&["load", "-i", dir.path().to_str().unwrap(), "--tag", TINY]);
+    assert!(loaded.contains(TINY), "{loaded}");
+}
+
+fn rootfs_of(reference: &str) -> PathBuf {
+    let store = Store::open(&home()).unwrap();
+    store.rootfs_path(&store.get(reference).unwrap())
+}
+
+fn digest_of(path: &Path) -> Digest {
+    Digest::of(&std::fs::read(path).unwrap())
+}
+
+fn stdout_of(args: &[&str]) -> String {
+    let out = msb(args);
+    assert!(out.status.success(), "msb {args:?}: {} {}", code(&out), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn images_the_default_image_runs_python() {
+    require_default_image();
+    let out = stdout_of(&["run", DEFAULT, "--boot-timeout", "60", "--", "python3", "-c", "print(6*7)"]);
+    assert_eq!(out, "42\n");
+    // Its own userland, not the initramfs: Debian's os-release and a CA bundle for curl.
+    let out = stdout_of(&[
+        "run",
+        DEFAULT,
+        "--boot-timeout",
+        "60",
+        "--",
+        "sh",
+        "-c",
+        ". /etc/os-release; echo $ID $VERSION_ID; test -s /etc/ssl/certs/ca-certificates.crt && echo certs",
+    ]);
+    assert_eq!(out, "debian 12\ncerts\n");
+}
+
+#[test]
+fn images_entrypoint_cmd_env_workdir_and_user_are_honoured() {
+    tiny_image();
+    assert_eq!(stdout_of(&["run", TINY, "--boot-timeout", "60"]), "hello from /work as 1000\n");
+    // A command replaces CMD (ENTRYPOINT stays); -e, -w and -u override the image's.
+    let out = stdout_of(&[
+        "run",
+        TINY,
+        "--boot-timeout",
+        "60",
+        "-e",
+        "GREETING=bye",
+        "-w",
+        "/",
+        "-u",
+        "0",
+        "--",
+        "echo $GREETING $(pwd) $(id -u)",
+    ]);
+    assert_eq!(out, "bye / 0\n");
+    let out = stdout_of(&["run", TINY, "--boot-timeout", "60", "--entrypoint", "/bin/echo", "--", "plain"]);
+    assert_eq!(out, "plain\n");
+}
+
+#[test]
+fn images_sandboxes_of_one_image_diverge_privately_and_keep_writes_until_rm() {
+    tiny_image();
+    let base = rootfs_of(TINY);
+    let before = digest_of(&base);
+    for n in ["e2e-img-a", "e2e-img-b"] {
+        let _ = msb(&["rm", "--force", n]);
+        ok(&["create", TINY, "--name", n, "--boot-timeout", "60"]);
+        start(n);
+    }
+    ok(&["exec", "e2e-img-a", "--", "echo a-was-here > /work/mine; echo changed > /etc/motd; sync"]);
+    let b = msb(&["exec", "e2e-img-b", "--", "cat /work/mine"]);
+    assert_ne!(code(&b), 0, "b sees a's file: {}", String::from_utf8_lossy(&b.stdout));
+    assert_eq!(
+        stdout_of(&["exec", "e2e-img-b", "--", "cat /etc/motd 2>&1 || echo none"]),
+        "cat: can't open '/etc/motd': No such file or directory\nnone\n"
+    );
+    assert_eq!(digest_of(&base), before, "the shared root filesystem changed");
+    // A restart keeps a's writes; rm deletes its disk.
+    ok(&["stop", "e2e-img-a"]);
+    start("e2e-img-a");
+    assert_eq!(stdout_of(&["exec", "e2e-img-a", "--", "cat /work/mine"]), "a-was-here\n");
+    let dir = msb_control_plane::wire::paths::sandbox_dir(
+        &home(),
+        &msb_control_plane::SandboxName::new("e2e-img-a").unwrap(),
+    );
+    assert!(dir.join("root.img").is_file());
+    for n in ["e2e-img-a", "e2e-img-b"] {
+        ok(&["rm", "--force", n]);
+    }
+    assert!(!dir.join("root.img").exists(), "rm left the root disk behind");
+    assert_eq!(digest_of(&base), before);
+}
+
+#[test]
+fn images_a_full_root_disk_is_enospc_and_the_sandbox_stays_healthy() {
+    tiny_image();
+    let out = msb(&[
+        "run", TINY, "--boot-timeout", "60", "--root-disk", "64M", "-u", "0", "--",
+        "dd if=/dev/zero of=/work/fill bs=1M count=200 2>&1; echo rc=$?; rm /work/fill; echo ok > /work/after && cat /work/after",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("No space left on device"), "{text}");
+    assert!(text.contains("rc=1") && text.ends_with("ok\n"), "{text}");
+}
