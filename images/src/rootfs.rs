@@ -308,7 +308,9 @@ fn merge_layer<W: Write, R: Read>(
     Ok(())
 }
 
-/// Builds the squashfs root filesystem of `layers` at `dest`: the merged stream is written
+/// Builds the squashfs root filesystem of `layers` at `dest` (zstd level 6: for the default
+/// image, 175 MB of files, level 15, the tool's default, took 50.5 s for 50.8 MB, level 6
+/// 3.8 s for 54.9 MB): the merged stream is written
 /// to `tar2sqfs` as `staging/name` (a private directory, a name no other writer uses) and
 /// the result renamed into place, so
 /// `dest` never exists half-written.
@@ -320,7 +322,7 @@ pub fn build(layers: &[Layer], staging: &Path, dest: &Path, name: &str) -> Resul
         )
     })?;
     let mut child = std::process::Command::new(tool)
-        .args(["-q", "-f", "-s", "-c", "zstd", "-j", "2"])
+        .args(["-q", "-f", "-s", "-c", "zstd", "-X", "level=6", "-j", "2"])
         .arg(&tmp)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())

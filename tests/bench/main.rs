@@ -123,7 +123,45 @@ async fn main() {
     stats("process RSS outside guest RAM, MiB", outside);
     channel().await;
     named(n).await;
+    images(n);
     side_by_side(n);
+}
+
+/// The default image beside the busybox initramfs, through the CLI: `msb run IMAGE -- true`
+/// (root filesystem already built) against `msb run -- true`, and 1,000 small-file creates
+/// with fsync on an image sandbox's writable root (timed inside the guest).
+fn images(n: usize) {
+    const IMAGE: &str = "msb/debian:12";
+    let Some(bin) = std::env::current_exe().ok().map(|p| p.with_file_name("msb")).filter(|p| p.is_file()) else {
+        return println!("images not benchmarked: no msb binary beside this one");
+    };
+    let listed = Command::new(&bin).args(["images", "--format", "json"]).output();
+    if !listed.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(IMAGE)) {
+        return println!("images not benchmarked: {IMAGE} is not in the store (scripts/setup.sh loads it)");
+    }
+    let timed = |args: &[&str]| -> Option<(f64, String)> {
+        let t = Instant::now();
+        let out = Command::new(&bin).args(args).output().ok().filter(|o| o.status.success())?;
+        Some((ms(t.elapsed()), String::from_utf8_lossy(&out.stdout).into_owned()))
+    };
+    let (mut image, mut initramfs, mut creates) = (vec![], vec![], vec![]);
+    let script = "import os,time\nt=time.time()\nfor i in range(1000):\n    fd=os.open(f'/tmp/f{i}',os.O_CREAT|os.O_WRONLY)\n    os.write(fd,b'x'); os.fsync(fd); os.close(fd)\nprint(round((time.time()-t)*1000))";
+    for _ in 0..n {
+        initramfs.extend(timed(&["run", "--", "true"]).map(|t| t.0));
+        image.extend(timed(&["run", IMAGE, "--", "true"]).map(|t| t.0));
+    }
+    for _ in 0..n.min(3) {
+        if let Some((_, out)) = timed(&["run", IMAGE, "--", "python3", "-c", script]) {
+            creates.extend(out.trim().parse::<f64>().ok());
+        }
+    }
+    println!("--- images (CLI, root filesystem already built) ---");
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let ratio = mean(&image) / mean(&initramfs).max(f64::MIN_POSITIVE);
+    stats("`msb run -- true` (busybox initramfs)", initramfs);
+    stats(&format!("`msb run {IMAGE} -- true`"), image);
+    println!("image / initramfs: {ratio:.2}x");
+    stats("1,000 file creates + fsync on the writable root, ms", creates);
 }
 
 async fn rtts(sb: &Sandbox, n: usize) -> (Vec<f64>, usize) {

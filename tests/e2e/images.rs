@@ -161,18 +161,29 @@ fn images_sandboxes_of_one_image_diverge_privately_and_keep_writes_until_rm() {
         ok(&["create", TINY, "--name", n, "--boot-timeout", "60"]);
         start(n);
     }
-    ok(&["exec", "e2e-img-a", "--", "echo a-was-here > /work/mine; echo changed > /etc/motd; sync"]);
-    let b = msb(&["exec", "e2e-img-b", "--", "cat /work/mine"]);
+    // `msb exec` runs its command as given (no ENTRYPOINT), as the image's USER unless -u.
+    ok(&[
+        "exec",
+        "-u",
+        "0",
+        "e2e-img-a",
+        "--",
+        "sh",
+        "-c",
+        "echo a-was-here > /work/mine; echo changed > /etc/motd; sync",
+    ]);
+    assert_eq!(stdout_of(&["exec", "e2e-img-a", "--", "id", "-u"]), "1000\n");
+    let b = msb(&["exec", "e2e-img-b", "--", "cat", "/work/mine"]);
     assert_ne!(code(&b), 0, "b sees a's file: {}", String::from_utf8_lossy(&b.stdout));
     assert_eq!(
-        stdout_of(&["exec", "e2e-img-b", "--", "cat /etc/motd 2>&1 || echo none"]),
+        stdout_of(&["exec", "e2e-img-b", "--", "sh", "-c", "cat /etc/motd 2>&1 || echo none"]),
         "cat: can't open '/etc/motd': No such file or directory\nnone\n"
     );
     assert_eq!(digest_of(&base), before, "the shared root filesystem changed");
     // A restart keeps a's writes; rm deletes its disk.
     ok(&["stop", "e2e-img-a"]);
     start("e2e-img-a");
-    assert_eq!(stdout_of(&["exec", "e2e-img-a", "--", "cat /work/mine"]), "a-was-here\n");
+    assert_eq!(stdout_of(&["exec", "e2e-img-a", "--", "cat", "/work/mine", "/etc/motd"]), "a-was-here\nchanged\n");
     let dir = msb_control_plane::wire::paths::sandbox_dir(
         &home(),
         &msb_control_plane::SandboxName::new("e2e-img-a").unwrap(),
