@@ -1,4 +1,4 @@
-//! `msb load`, `msb images`, `msb rmi`, `msb image prune`, and the image's run defaults
+//! `msb pull`, `msb load`, `msb images`, `msb rmi`, `msb image prune`, and the image's run defaults
 //! (ENTRYPOINT, CMD, ENV, WORKDIR, USER) applied to a command as docker applies them.
 
 use std::collections::BTreeSet;
@@ -25,6 +25,15 @@ pub fn load(msb: &Msb, input: &Path, tag: Option<&str>) -> Result<()> {
     for rec in store.load(input, tag).map_err(err)? {
         println!("Loaded image: {} ({})", rec.reference, short(&rec));
     }
+    Ok(())
+}
+
+/// Pulls an image; progress goes to stderr, one line per step.
+pub fn pull(msb: &Msb, reference: &str, ca_cert: Option<std::path::PathBuf>, insecure: bool) -> Result<()> {
+    let store = store(msb)?;
+    let opts = msb_images::registry::PullOptions { ca_cert, insecure };
+    let rec = msb_images::registry::pull(&store, reference, &opts, &mut |line| eprintln!("{line}")).map_err(err)?;
+    println!("Pulled image: {} ({})", rec.reference, short(&rec));
     Ok(())
 }
 

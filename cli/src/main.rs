@@ -78,6 +78,17 @@ enum Cmd {
         #[arg(long)]
         tail: Option<usize>,
     },
+    /// Pull an image from an OCI/Docker registry into the local store.
+    Pull {
+        /// `[HOST[:PORT]/]NAME[:TAG][@DIGEST]` (no host: Docker Hub).
+        reference: String,
+        /// Trust this CA certificate (PEM) too, for a private registry.
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
+        /// Allow plain HTTP to this registry (loopback registries always may use it).
+        #[arg(long)]
+        insecure: bool,
+    },
     /// Load images from an OCI layout (directory or tar) or a `docker save` tar ("-": stdin).
     Load {
         #[arg(short = 'i', long = "input")]
@@ -364,6 +375,7 @@ fn main() -> ExitCode {
             .and_then(|image| msb.create(&a.name, a.machine.config(image)))
             .map(|sb| println!("{}", sb.name())),
         Cmd::Load { input, tag } => images::load(&msb, &input, tag.as_deref()),
+        Cmd::Pull { reference, ca_cert, insecure } => images::pull(&msb, &reference, ca_cert, insecure),
         Cmd::Images { format } => images::list(&msb, matches!(format, Format::Json)),
         Cmd::Rmi { reference } => images::remove(&msb, &reference),
         Cmd::Image { cmd: ImageCmd::Prune } => images::prune(&msb),

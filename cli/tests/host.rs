@@ -262,13 +262,14 @@ fn oci_layout_raw(dir: &Path, name: &str, layer: &[u8]) -> std::path::PathBuf {
     );
     let (cd, cs) = put(config.as_bytes());
     let manifest = format!(
-        r#"{{"schemaVersion":2,"config":{{"digest":"{cd}","size":{cs}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{ld}","size":{ls}}}]}}"#
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{cs}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{ld}","size":{ls}}}]}}"#
     );
     let (md, ms) = put(manifest.as_bytes());
     let index = format!(
-        r#"{{"schemaVersion":2,"manifests":[{{"digest":"{md}","size":{ms},"annotations":{{"org.opencontainers.image.ref.name":"{name}"}}}}]}}"#
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{md}","size":{ms},"annotations":{{"org.opencontainers.image.ref.name":"{name}"}}}}]}}"#
     );
     std::fs::write(dir.join("index.json"), index).unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     blobs.join(ld.hex())
 }
 
@@ -328,4 +329,182 @@ fn images_a_tampered_layer_or_a_hostile_one_loads_nothing() {
     assert_eq!(std::fs::read_dir(h.join("images/rootfs")).unwrap().count(), 0, "no root filesystem");
     assert_eq!(std::fs::read_dir(h.join("images/tmp")).unwrap().count(), 0, "staging is cleaned up");
     assert_eq!(json(&ok(h, &["images", "--format", "json"])).as_array().unwrap().len(), 0, "no image recorded");
+}
+
+/// Debian's docker-registry on a free loopback port, optionally behind htpasswd basic auth
+/// and TLS; killed on drop.
+struct Registry {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Test certificates: a CA and a leaf for 127.0.0.1 signed by it (openssl).
+fn test_ca(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl runs");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=msb test CA",
+    ]);
+    run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "leaf.key", "-out", "leaf.csr", "-subj", "/CN=127.0.0.1"]);
+    std::fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "leaf.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ]);
+    (dir.join("ca.crt"), dir.join("leaf.crt"), dir.join("leaf.key"))
+}
+
+fn registry(auth: Option<(&str, &str)>, tls: bool) -> (Registry, Option<std::path::PathBuf>) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut cfg = format!(
+        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+        dir.path().join("data").display()
+    );
+    let mut ca = None;
+    if tls {
+        let (c, cert, key) = test_ca(dir.path());
+        cfg.push_str(&format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display()));
+        ca = Some(c);
+    }
+    if let Some((user, pass)) = auth {
+        let out = Command::new("htpasswd").args(["-Bbn", user, pass]).output().expect("htpasswd runs (apache2-utils)");
+        std::fs::write(dir.path().join("htpasswd"), out.stdout).unwrap();
+        cfg.push_str(&format!(
+            "auth:\n  htpasswd:\n    realm: msb-test\n    path: {}\n",
+            dir.path().join("htpasswd").display()
+        ));
+    }
+    std::fs::write(dir.path().join("config.yml"), cfg).unwrap();
+    let child = Command::new("docker-registry")
+        .args(["serve", dir.path().join("config.yml").to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("docker-registry runs (Debian package docker-registry; scripts/setup.sh installs it)");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < end, "the test registry did not come up");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    (Registry { child, port, _dir: dir }, ca)
+}
+
+/// Pushes the OCI layout `src` (named `tiny`) to `dest` with skopeo.
+fn push(src: &Path, dest: &str, extra: &[&str]) {
+    let out = Command::new("skopeo")
+        .arg("copy")
+        .args(extra)
+        .arg(format!("oci:{}:tiny", src.display()))
+        .arg(format!("docker://{dest}"))
+        .output()
+        .expect("skopeo runs (Debian package skopeo)");
+    assert!(out.status.success(), "skopeo: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn images_pull_from_a_loopback_registry_twice_at_once() {
+    let (reg, _) = registry(None, false);
+    let src = tempfile::tempdir().unwrap();
+    oci_layout(src.path(), "tiny", &[("etc/hostname", b"pulled\n")]);
+    let image = format!("127.0.0.1:{}/team/tiny:1", reg.port);
+    push(src.path(), &image, &["--dest-tls-verify=false"]);
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    // Two pulls of one image at once: both succeed, one image results.
+    let bin = env!("CARGO_BIN_EXE_msb");
+    let spawn = || Command::new(bin).args(["pull", &image]).env("MSB_HOME", h).output().unwrap();
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(spawn);
+        let b = s.spawn(spawn);
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    for o in [&a, &b] {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("Pulled image"));
+    }
+    let list = json(&ok(h, &["images", "--format", "json"]));
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["reference"], image.as_str());
+    assert_eq!(list[0]["rootfs_built"], true);
+    assert_eq!(std::fs::read_dir(h.join("images/tmp")).unwrap().count(), 0, "staging is empty");
+    let (_, msg) = err(h, &["pull", &format!("127.0.0.1:{}/team/absent:1", reg.port)]);
+    assert!(msg.contains("not found"), "{msg}");
+}
+
+#[test]
+fn images_pull_with_basic_auth_over_tls_with_a_test_ca() {
+    let (reg, ca) = registry(Some(("alice", "s3cret")), true);
+    let ca = ca.unwrap();
+    let src = tempfile::tempdir().unwrap();
+    oci_layout(src.path(), "tiny", &[("etc/hostname", b"private\n")]);
+    let image = format!("127.0.0.1:{}/private/tiny:2", reg.port);
+    let certs = tempfile::tempdir().unwrap();
+    std::fs::copy(&ca, certs.path().join("ca.crt")).unwrap();
+    push(src.path(), &image, &["--dest-creds", "alice:s3cret", "--dest-cert-dir", certs.path().to_str().unwrap()]);
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let docker = tempfile::tempdir().unwrap();
+    let pull = |extra: &[&str], config: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_msb"));
+        c.arg("pull").arg(&image).args(extra).env("MSB_HOME", h).env("DOCKER_CONFIG", docker.path());
+        if let Some(cfg) = config {
+            std::fs::write(docker.path().join("config.json"), cfg).unwrap();
+        }
+        c.output().unwrap()
+    };
+    let ca_arg = ["--ca-cert", ca.to_str().unwrap()];
+    // Without the CA the registry's certificate is not trusted; with it but without
+    // credentials the registry refuses and msb says how to log in.
+    let o = pull(&[], None);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).to_lowercase().contains("certificate"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = pull(&ca_arg, None);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("docker login"), "{}", String::from_utf8_lossy(&o.stderr));
+    // Docker's stored credentials (base64 of user:password).
+    let auth = "YWxpY2U6czNjcmV0"; // alice:s3cret
+    let cfg = format!(r#"{{"auths":{{"127.0.0.1:{}":{{"auth":"{auth}"}}}}}}"#, reg.port);
+    let o = pull(&ca_arg, Some(&cfg));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(json(&ok(h, &["images", "--format", "json"]))[0]["reference"], image.as_str());
 }

@@ -15,6 +15,7 @@ pub mod artifacts;
 pub mod home;
 pub mod initramfs;
 pub mod oci;
+pub mod registry;
 pub mod rootfs;
 pub mod store;
 

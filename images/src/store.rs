@@ -166,6 +166,37 @@ impl Store {
         Ok((got, n))
     }
 
+    /// Whether the blob `d` is stored.
+    pub fn has_blob(&self, d: &Digest) -> bool {
+        self.blob_path(d).is_file()
+    }
+
+    /// Stores a document already in memory under its digest `d` (checked).
+    pub fn put_document(&self, bytes: &[u8], d: &Digest) -> Result<()> {
+        self.put_blob(bytes, Some(d), &format!("document {d}")).map(|_| ())
+    }
+
+    /// Streams a blob that must hash to `d` into the store.
+    pub fn put_verified(&self, r: impl Read, d: &Digest) -> Result<()> {
+        self.put_blob(r, Some(d), &format!("blob {d}")).map(|_| ())
+    }
+
+    /// Names `reference` the image whose top document (an index or a manifest) is the stored
+    /// blob `top`; `fetch` stores the blobs it needs that are missing. The root filesystem is
+    /// built before the name is recorded.
+    pub fn load_documents(
+        &self,
+        top: &Digest,
+        reference: &str,
+        fetch: &dyn Fn(&Store, &Digest) -> Result<()>,
+    ) -> Result<ImageRecord> {
+        let size = std::fs::metadata(self.blob_path(top)).map(|m| m.len()).unwrap_or(0);
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"digest": top.as_str(), "size": size}]});
+        let docs = HashMap::from([("index.json".to_string(), index.to_string().into_bytes())]);
+        let mut recs = self.resolve(&docs, &HashMap::new(), Some(normalize_reference(reference)?), fetch)?;
+        recs.pop().ok_or_else(|| Error::Image("the registry named no image".into()))
+    }
+
     /// A stored document blob, re-hashed on reading.
     fn document(&self, d: &Digest, what: &str) -> Result<Vec<u8>> {
         let p = self.blob_path(d);

@@ -1,0 +1,366 @@
+//! Pulling from an OCI/Docker registry (distribution API v2), into the local [`Store`].
+//!
+//! A registry is as hostile as an archive: every document is at most
+//! [`MAX_DOCUMENT`](crate::oci::MAX_DOCUMENT) bytes, every blob streams through the store's
+//! verifying writer (a blob that does not hash to its digest is never kept), a manifest named
+//! by digest must hash to it, and the image is named in the store only once its root
+//! filesystem is built (see [`Store::load_documents`]).
+//!
+//! Transport: HTTPS with the system's roots (`/etc/ssl/certs/ca-certificates.crt`) plus an
+//! optional extra CA (`--ca-cert`); plain HTTP only for loopback registries and those the
+//! user marks insecure. Authentication: anonymous, or the user's Docker credentials
+//! (`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`, `auths.HOST.auth`), answered
+//! to a `Basic` challenge directly and to a `Bearer` challenge through the registry's token
+//! service, as registries do it. Credentials are never sent to another host: redirects (blob
+//! downloads usually go to storage) drop the Authorization header.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::oci::{Digest, MAX_DOCUMENT};
+use crate::store::{ImageRecord, Store};
+use crate::{Error, Result};
+
+const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// Where to pull from and how.
+#[derive(Debug, Clone, Default)]
+pub struct PullOptions {
+    /// An extra CA certificate (PEM) to trust, for a private registry.
+    pub ca_cert: Option<PathBuf>,
+    /// Allow plain HTTP to this registry (always allowed for loopback).
+    pub insecure: bool,
+}
+
+/// A parsed image reference: registry host, repository, tag or digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    pub registry: String,
+    pub repository: String,
+    /// A tag, or a digest (`sha256:…`).
+    pub reference: String,
+}
+
+impl Reference {
+    /// Parses `[HOST[:PORT]/]NAME[:TAG][@DIGEST]`, docker's way: no host means Docker Hub,
+    /// and a one-part name there is under `library/`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = |why: &str| Error::Image(format!("image reference {s:?}: {why}"));
+        crate::store::normalize_reference(s)?;
+        let (rest, digest) = match s.split_once('@') {
+            Some((r, d)) => (r, Some(Digest::parse(d).map_err(|e| bad(&e))?)),
+            None => (s, None),
+        };
+        let (host, path) = match rest.split_once('/') {
+            Some((h, p)) if h.contains(['.', ':']) || h == "localhost" => (h.to_string(), p.to_string()),
+            _ => ("docker.io".to_string(), rest.to_string()),
+        };
+        let (repo, tag) = match path.rsplit_once(':') {
+            Some((r, t)) if !t.contains('/') => (r.to_string(), t.to_string()),
+            _ => (path.clone(), "latest".to_string()),
+        };
+        if repo.is_empty() || repo.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+            return Err(bad("the repository name is empty or has empty, `.` or `..` parts"));
+        }
+        let repo = if host == "docker.io" && !repo.contains('/') { format!("library/{repo}") } else { repo };
+        Ok(Reference { registry: host, repository: repo, reference: digest.map(String::from).unwrap_or(tag) })
+    }
+
+    /// The name the image gets in the store (as given, with `:latest` added if untagged).
+    pub fn local_name(s: &str) -> Result<String> {
+        crate::store::normalize_reference(s)
+    }
+
+    fn is_loopback(&self) -> bool {
+        let host = self.registry.rsplit_once(':').map_or(self.registry.as_str(), |(h, _)| h);
+        matches!(host, "localhost" | "127.0.0.1" | "[::1]") || host.starts_with("127.")
+    }
+
+    fn api_host(&self) -> &str {
+        if self.registry == "docker.io" {
+            "registry-1.docker.io"
+        } else {
+            &self.registry
+        }
+    }
+}
+
+/// A registry session: one agent, one repository, the credentials and token it earned.
+struct Session {
+    agent: ureq::Agent,
+    base: String,
+    repo: String,
+    basic: Option<String>,
+    auth: Option<String>,
+}
+
+/// Docker's stored credentials for `host` (`auths.HOST.auth`, base64 of `user:password`).
+fn docker_credentials(host: &str) -> Option<String> {
+    let path = std::env::var_os("DOCKER_CONFIG")
+        .map(|d| PathBuf::from(d).join("config.json"))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")))?;
+    let text = std::fs::read(path).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    let auths = v.get("auths")?.as_object()?;
+    let keys = [host.to_string(), format!("https://{host}"), format!("https://{host}/v1/"), format!("http://{host}")];
+    let hub = host == "registry-1.docker.io" || host == "docker.io";
+    keys.iter()
+        .chain(hub.then_some(&"https://index.docker.io/v1/".to_string()))
+        .find_map(|k| auths.get(k)?.get("auth")?.as_str().map(String::from))
+        .filter(|a| !a.is_empty())
+}
+
+/// The certificates to trust: the system bundle and `extra`.
+fn roots(extra: Option<&Path>) -> Result<Vec<ureq::tls::Certificate<'static>>> {
+    let mut certs = Vec::new();
+    let mut add = |path: &Path, required: bool| -> Result<()> {
+        let pem = match std::fs::read(path) {
+            Ok(p) => p,
+            Err(_) if !required => return Ok(()),
+            Err(source) => {
+                return Err(Error::Io { what: "reading the CA certificate", path: path.to_path_buf(), source })
+            }
+        };
+        let before = certs.len();
+        for item in ureq::tls::parse_pem(&pem).flatten() {
+            if let ureq::tls::PemItem::Certificate(c) = item {
+                certs.push(c.to_owned());
+            }
+        }
+        if required && certs.len() == before {
+            return Err(Error::Image(format!("{} holds no PEM certificate", path.display())));
+        }
+        Ok(())
+    };
+    add(Path::new("/etc/ssl/certs/ca-certificates.crt"), false)?;
+    if let Some(p) = extra {
+        add(p, true)?;
+    }
+    Ok(certs)
+}
+
+/// One `key="value"` list of a WWW-Authenticate challenge.
+fn challenge_params(s: &str) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let mut rest = s;
+    while let Some(eq) = rest.find('=') {
+        let key = rest[..eq].trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        rest = &rest[eq + 1..];
+        let value;
+        if let Some(r) = rest.strip_prefix('"') {
+            let end = r.find('"').unwrap_or(r.len());
+            value = r[..end].to_string();
+            rest = r.get(end + 1..).unwrap_or("");
+        } else {
+            let end = rest.find(',').unwrap_or(rest.len());
+            value = rest[..end].trim().to_string();
+            rest = &rest[end..];
+        }
+        out.insert(key, value);
+    }
+    out
+}
+
+impl Session {
+    fn get(&self, url: &str, accept: Option<&str>) -> Result<ureq::http::Response<ureq::Body>> {
+        let mut req = self.agent.get(url);
+        if let Some(a) = accept {
+            req = req.header("Accept", a);
+        }
+        if let Some(auth) = &self.auth {
+            req = req.header("Authorization", auth);
+        }
+        req.call().map_err(|e| Error::Image(format!("GET {url}: {e}")))
+    }
+
+    /// GET with one round of authentication on a 401.
+    fn fetch(&mut self, url: &str, accept: Option<&str>) -> Result<ureq::http::Response<ureq::Body>> {
+        let resp = self.get(url, accept)?;
+        if resp.status() != 401 {
+            return check(url, resp);
+        }
+        let challenge =
+            resp.headers().get("www-authenticate").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+        if let Some(params) = challenge.strip_prefix("Bearer ").map(challenge_params) {
+            let realm = params
+                .get("realm")
+                .ok_or_else(|| Error::Image(format!("{url}: a Bearer challenge without a realm")))?;
+            let mut token_url = format!("{realm}?");
+            for k in ["service", "scope"] {
+                if let Some(v) = params.get(k) {
+                    token_url.push_str(&format!("{k}={}&", urlencode(v)));
+                }
+            }
+            let mut req = self.agent.get(token_url.trim_end_matches(['&', '?']));
+            if let Some(b) = &self.basic {
+                req = req.header("Authorization", format!("Basic {b}"));
+            }
+            let resp = req.call().map_err(|e| Error::Image(format!("token service {realm}: {e}")))?;
+            let resp = check(realm, resp)?;
+            let body = resp
+                .into_body()
+                .with_config()
+                .limit(MAX_DOCUMENT)
+                .read_to_vec()
+                .map_err(|e| Error::Image(format!("token service {realm}: {e}")))?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&body).map_err(|e| Error::Image(format!("token service {realm}: {e}")))?;
+            let token = v
+                .get("token")
+                .or_else(|| v.get("access_token"))
+                .and_then(|t| t.as_str())
+                .ok_or_else(|| Error::Image(format!("token service {realm} returned no token")))?;
+            self.auth = Some(format!("Bearer {token}"));
+        } else if challenge.starts_with("Basic") {
+            let b = self.basic.clone().ok_or_else(|| {
+                Error::Image(format!(
+                    "{url}: the registry wants a user name and password; log in with `docker login {}` (msb reads ~/.docker/config.json)",
+                    self.base
+                ))
+            })?;
+            self.auth = Some(format!("Basic {b}"));
+        } else {
+            return Err(Error::Image(format!("{url}: 401 with an unknown challenge {challenge:?}")));
+        }
+        let resp = self.get(url, accept)?;
+        if resp.status() == 401 {
+            return Err(Error::Image(format!(
+                "{url}: access denied; check your credentials (`docker login {}`)",
+                self.base
+            )));
+        }
+        check(url, resp)
+    }
+}
+
+fn check(url: &str, resp: ureq::http::Response<ureq::Body>) -> Result<ureq::http::Response<ureq::Body>> {
+    match resp.status().as_u16() {
+        200..=299 => Ok(resp),
+        404 => Err(Error::Image(format!("{url}: not found (no such image, tag or blob)"))),
+        s => Err(Error::Image(format!("{url}: the registry answered HTTP {s}"))),
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Pulls `image` into `store` and returns its record; `progress` gets one line per step.
+pub fn pull(store: &Store, image: &str, opts: &PullOptions, progress: &mut dyn FnMut(&str)) -> Result<ImageRecord> {
+    let r = Reference::parse(image)?;
+    let local = Reference::local_name(image)?;
+    // HTTPS first; plain HTTP for an insecure registry, and for a loopback one whose HTTPS
+    // fails for a reason other than its certificate (as docker treats localhost).
+    let plain_ok = r.is_loopback() || opts.insecure;
+    let scheme = if opts.insecure { "http" } else { "https" };
+    let certs = roots(opts.ca_cert.as_deref())?;
+    let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .tls_config(tls)
+        .http_status_as_error(false)
+        .https_only(!plain_ok)
+        .timeout_connect(Some(Duration::from_secs(15)))
+        .timeout_recv_response(Some(Duration::from_secs(60)))
+        .max_redirects(5)
+        .build()
+        .into();
+    let host = r.api_host().to_string();
+    let mut s = Session {
+        agent,
+        base: format!("{scheme}://{host}"),
+        repo: r.repository.clone(),
+        basic: docker_credentials(&host).or_else(|| docker_credentials(&r.registry)),
+        auth: None,
+    };
+    let url = format!("{}/v2/{}/manifests/{}", s.base, s.repo, r.reference);
+    progress(&format!("{local}: resolving {url}"));
+    let resp = match s.fetch(&url, Some(ACCEPT)) {
+        Err(e) if plain_ok && scheme == "https" && !e.to_string().to_lowercase().contains("certificate") => {
+            s.base = format!("http://{host}");
+            let url = format!("{}/v2/{}/manifests/{}", s.base, s.repo, r.reference);
+            progress(&format!("{local}: no HTTPS on a loopback registry ({e}); trying {url}"));
+            s.fetch(&url, Some(ACCEPT))?
+        }
+        other => other?,
+    };
+    let top = resp
+        .into_body()
+        .with_config()
+        .limit(MAX_DOCUMENT)
+        .read_to_vec()
+        .map_err(|e| Error::Image(format!("{url}: {e}")))?;
+    let top_digest = Digest::of(&top);
+    if let Ok(want) = Digest::parse(&r.reference) {
+        if want != top_digest {
+            return Err(Error::Image(format!("{url}: the manifest hashes to {top_digest}, not the {want} asked for")));
+        }
+    }
+    store.put_document(&top, &top_digest)?;
+    let session = std::cell::RefCell::new(s);
+    let progress = std::cell::RefCell::new(progress);
+    let fetch = |st: &Store, d: &Digest| -> Result<()> {
+        if st.has_blob(d) {
+            return Ok(());
+        }
+        let mut s = session.borrow_mut();
+        let blob_url = format!("{}/v2/{}/blobs/{d}", s.base, s.repo);
+        let resp = match s.fetch(&blob_url, None) {
+            Ok(r) => r,
+            // Manifests named by an index are fetched from the manifests endpoint.
+            Err(_) => {
+                let manifest_url = format!("{}/v2/{}/manifests/{d}", s.base, s.repo);
+                s.fetch(&manifest_url, Some(ACCEPT))?
+            }
+        };
+        drop(s);
+        (progress.borrow_mut())(&format!("{local}: fetching {d}"));
+        let reader: Box<dyn Read + Send> = Box::new(resp.into_body().into_reader());
+        st.put_verified(reader, d)
+    };
+    store.load_documents(&top_digest, &local, &fetch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_follow_dockers_rules() {
+        let r = Reference::parse("python:3.12").unwrap();
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.reference.as_str()),
+            ("docker.io", "library/python", "3.12")
+        );
+        let r = Reference::parse("127.0.0.1:5000/team/app").unwrap();
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.reference.as_str()),
+            ("127.0.0.1:5000", "team/app", "latest")
+        );
+        assert!(r.is_loopback());
+        let d = format!("sha256:{}", "a".repeat(64));
+        let r = Reference::parse(&format!("ghcr.io/o/i@{d}")).unwrap();
+        assert_eq!(r.reference, d);
+        assert!(!r.is_loopback());
+        assert!(Reference::parse("ghcr.io/../x").is_err());
+        assert!(Reference::parse("a b").is_err());
+    }
+
+    #[test]
+    fn bearer_challenges_are_parsed() {
+        let p = challenge_params(
+            r#"realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull""#,
+        );
+        assert_eq!(p["realm"], "https://auth.example/token");
+        assert_eq!(p["service"], "registry.example");
+        assert_eq!(p["scope"], "repository:a/b:pull");
+        assert_eq!(urlencode("repository:a/b:pull"), "repository%3Aa%2Fb%3Apull");
+    }
+}
