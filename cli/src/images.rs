@@ -83,6 +83,10 @@ fn in_use(msb: &Msb, store: &Store) -> Result<(BTreeSet<String>, BTreeSet<msb_im
             if let Ok(rec) = store.get(i) {
                 ids.insert(rec.config);
             }
+            // The root filesystem the sandbox's disk was made over, whatever its name is now.
+            if let Some(id) = r.config.image_id.as_deref().and_then(|d| msb_images::oci::Digest::parse(d).ok()) {
+                ids.insert(id);
+            }
         }
     }
     Ok((refs, ids))

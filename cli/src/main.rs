@@ -168,6 +168,7 @@ impl MachineArgs {
         SandboxConfig {
             image,
             root_disk_mib: self.root_disk,
+            image_id: None,
             cpus: self.cpus,
             memory_mib: self.memory,
             kernel: self.kernel.clone().map(|k| std::path::absolute(&k).unwrap_or(k)),
@@ -372,7 +373,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => return rt.block_on(run(&msb, *a)),
         Cmd::Doctor | Cmd::SandboxProcess | Cmd::Completions { .. } => unreachable!("served above"),
         Cmd::Create(a) => resolve_image(&msb, a.image.as_deref())
-            .and_then(|image| msb.create(&a.name, a.machine.config(image)))
+            .and_then(|(image, id)| msb.create(&a.name, SandboxConfig { image_id: id, ..a.machine.config(image) }))
             .map(|sb| println!("{}", sb.name())),
         Cmd::Load { input, tag } => images::load(&msb, &input, tag.as_deref()),
         Cmd::Pull { reference, ca_cert, insecure } => images::pull(&msb, &reference, ca_cert, insecure),
@@ -585,15 +586,18 @@ async fn exec(msb: &Msb, mut a: ExecArgs) -> ExitCode {
 
 /// The normalized reference of an image the store holds; `None` and "base" are the
 /// built-in initramfs.
-fn resolve_image(msb: &Msb, image: Option<&str>) -> msb_control_plane::Result<Option<String>> {
+fn resolve_image(msb: &Msb, image: Option<&str>) -> msb_control_plane::Result<(Option<String>, Option<String>)> {
     match image.filter(|i| *i != "base") {
-        None => Ok(image.map(String::from)),
-        Some(i) => Ok(Some(images::store(msb)?.get(i).map_err(images::err)?.reference)),
+        None => Ok((image.map(String::from), None)),
+        Some(i) => {
+            let rec = images::store(msb)?.get(i).map_err(images::err)?;
+            Ok((Some(rec.reference), Some(rec.config.to_string())))
+        }
     }
 }
 
 async fn run(msb: &Msb, mut a: RunArgs) -> ExitCode {
-    let image = match resolve_image(msb, a.image.as_deref()) {
+    let (image, image_id) = match resolve_image(msb, a.image.as_deref()) {
         Ok(i) => i,
         Err(e) => return finish(Outcome::Failed(e)),
     };
@@ -606,7 +610,7 @@ async fn run(msb: &Msb, mut a: RunArgs) -> ExitCode {
     if let Err(e) = images::defaults(msb, image_ref, &mut a.cmd, a.entrypoint.as_deref(), true) {
         return finish(Outcome::Failed(e));
     }
-    let config = a.machine.config(image);
+    let config = SandboxConfig { image_id, ..a.machine.config(image) };
     let created = match (&a.name, a.detach) {
         (Some(n), _) => msb.create(n, config),
         (None, true) => msb.create_generated("sb", config),

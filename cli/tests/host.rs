@@ -508,3 +508,62 @@ fn images_pull_with_basic_auth_over_tls_with_a_test_ca() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(json(&ok(h, &["images", "--format", "json"]))[0]["reference"], image.as_str());
 }
+
+#[test]
+fn images_a_sandbox_refuses_to_start_over_another_image_under_its_name() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let first = tempfile::tempdir().unwrap();
+    oci_layout(first.path(), "app", &[("v", b"1")]);
+    ok(h, &["load", "-i", first.path().to_str().unwrap()]);
+    ok(h, &["create", "app", "--name", "over-v1"]);
+    let second = tempfile::tempdir().unwrap();
+    oci_layout(second.path(), "app", &[("v", b"2")]);
+    ok(h, &["load", "-i", second.path().to_str().unwrap()]);
+    let (_, msg) = err(h, &["start", "over-v1"]);
+    assert!(msg.contains("image app:latest is now") && msg.contains("msb rm"), "{msg}");
+    // Pruning keeps the root filesystem that sandbox's disk was made over.
+    ok(h, &["image", "prune"]);
+    assert_eq!(std::fs::read_dir(h.join("images/rootfs")).unwrap().count(), 2);
+}
+
+#[test]
+fn images_a_docker_save_tar_loads_from_stdin() {
+    use std::io::Write;
+    let entry = |b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, path, data).unwrap();
+    };
+    let mut layer = tar::Builder::new(Vec::new());
+    entry(&mut layer, "etc/saved", b"yes\n");
+    let layer = layer.into_inner().unwrap();
+    let diff_id = msb_images::oci::Digest::of(&layer);
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Cmd":["cat","/etc/saved"]}},"rootfs":{{"type":"layers","diff_ids":["{diff_id}"]}}}}"#
+    );
+    let cfg_name = format!("{}.json", msb_images::oci::Digest::of(config.as_bytes()).hex());
+    let manifest = format!(r#"[{{"Config":"{cfg_name}","RepoTags":["saved:1"],"Layers":["abc/layer.tar"]}}]"#);
+    let mut archive = tar::Builder::new(Vec::new());
+    entry(&mut archive, "abc/layer.tar", &layer);
+    entry(&mut archive, &cfg_name, config.as_bytes());
+    entry(&mut archive, "manifest.json", manifest.as_bytes());
+    let archive = archive.into_inner().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_msb"))
+        .args(["load", "-i", "-"])
+        .env("MSB_HOME", home.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(&archive).unwrap();
+    let out = c.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Loaded image: saved:1"));
+    let list = json(&ok(home.path(), &["images", "--format", "json"]));
+    assert_eq!(list[0]["reference"], "saved:1");
+    assert_eq!(list[0]["manifest"], serde_json::Value::Null, "docker save has no manifest digest");
+}

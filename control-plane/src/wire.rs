@@ -86,6 +86,11 @@ pub struct SandboxConfig {
     /// [`DEFAULT_ROOT_DISK_MIB`]); sparse, so only what the guest writes uses host disk.
     #[serde(default)]
     pub root_disk_mib: Option<u64>,
+    /// The image's identity (its config digest) when the sandbox was created: its writable
+    /// disk is a layer over exactly that root filesystem, so a sandbox whose reference now
+    /// names another image refuses to start instead of mixing the two.
+    #[serde(default)]
+    pub image_id: Option<String>,
     pub cpus: u8,
     pub memory_mib: u64,
     pub kernel: Option<PathBuf>,
@@ -98,6 +103,7 @@ impl Default for SandboxConfig {
         SandboxConfig {
             image: None,
             root_disk_mib: None,
+            image_id: None,
             cpus: 1,
             memory_mib: 256,
             kernel: None,

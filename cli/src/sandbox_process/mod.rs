@@ -201,7 +201,7 @@ async fn boot(launch: &Launch, dir: &Path) -> msb_actors::Result<Sandbox> {
         b = b.kernel_args(a.clone());
     }
     if let Some(image) = c.image_ref() {
-        let (base, writable) = image_root(&launch.home, dir, image, c.root_disk_mib)?;
+        let (base, writable) = image_root(&launch.home, dir, image, c.image_id.as_deref(), c.root_disk_mib)?;
         b = b.root(base, writable);
     }
     b.create().await
@@ -214,10 +214,18 @@ fn image_root(
     home: &Path,
     dir: &Path,
     image: &str,
+    image_id: Option<&str>,
     disk_mib: Option<u64>,
 ) -> msb_actors::Result<(std::path::PathBuf, std::path::PathBuf)> {
     let store = msb_images::store::Store::open(home)?;
     let rec = store.get(image)?;
+    if let Some(id) = image_id.filter(|id| *id != rec.config.as_str()) {
+        return Err(msb_actors::Error::Config(format!(
+            "image {image} is now {}, but this sandbox's disk is a layer over {id}; load that image again \
+             or remove the sandbox (`msb rm`)",
+            rec.config
+        )));
+    }
     let base = store.rootfs(&rec)?;
     let writable = dir.join("root.img");
     if !writable.exists() {
