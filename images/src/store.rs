@@ -31,6 +31,8 @@ use crate::{Error, Result};
 pub const MAX_ARCHIVE_ENTRIES: u64 = 100_000;
 /// Longest image reference.
 pub const MAX_REFERENCE: usize = 255;
+/// Largest blob stored (a registry or archive that streams more is cut off here).
+pub const MAX_BLOB_BYTES: u64 = 16 << 30;
 
 /// One layer of a stored image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +149,9 @@ impl Store {
             h.update(&buf[..k]);
             f.write_all(&buf[..k])?;
             n += k as u64;
+            if n > MAX_BLOB_BYTES {
+                return Err(std::io::Error::other(format!("it is larger than {MAX_BLOB_BYTES} bytes")));
+            }
         })();
         if let Err(e) = copied.and_then(|_| f.sync_data()) {
             let _ = std::fs::remove_file(&tmp);

@@ -33,6 +33,9 @@ pub const SIZE_MAX: u32 = 64 * 1024;
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Largest data transfer of one request; larger ones are refused with `IOERR`.
 pub const MAX_REQUEST_BYTES: u64 = 4 << 20;
+/// What a flush costs against a round's work budget (it is an fsync on the host), so a
+/// queue full of flushes costs like a few MiB of data, not a few descriptors.
+pub const FLUSH_COST: usize = 64 * 1024;
 /// Most ranges in one discard request (advertised as `max_discard_seg`).
 pub const MAX_DISCARD_SEGS: u32 = 16;
 /// Largest discard range, in sectors (advertised as `max_discard_sectors`).
@@ -306,6 +309,9 @@ impl Blk {
                 let header: [u8; 16] = self.buf[..16].try_into().expect("16 bytes");
                 match parse(&header, &self.buf[16..], room - 1, self.capacity, self.read_only) {
                     Ok(req) => {
+                        if matches!(req, Request::Flush | Request::Discard(_)) {
+                            work += FLUSH_COST;
+                        }
                         let (status, data) = self.serve(&req, &writable, mem).map_err(bad)?;
                         work += data as usize;
                         (status, data + 1)
@@ -562,6 +568,27 @@ mod tests {
         let mut id = [0u8; 8];
         m.read_slice(&mut id, GuestAddress(0x2000)).unwrap();
         assert_eq!(&id, b"msb-root");
+    }
+
+    #[test]
+    fn a_queue_of_flushes_is_served_over_several_rounds() {
+        let m = mem();
+        let (_f, mut blk) = disk(4, false);
+        m.write_slice(&header(T_FLUSH, 0), GuestAddress(0x1000)).unwrap();
+        let vq = MockSplitQueue::new(&m, 16);
+        // Eight chains of (header with NEXT -> status): descriptor 2i points at 2i+1.
+        let mut raw = Vec::new();
+        for i in 0..8u16 {
+            raw.push(RawDescriptor::from(SplitDescriptor::new(0x1000, 16, 1, 2 * i + 1)));
+            raw.push(RawDescriptor::from(SplitDescriptor::new(0x3000 + u64::from(i), 1, W, 0)));
+        }
+        vq.add_desc_chains(&raw, 0).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let per_round = super::super::ROUND_WORK.div_ceil(FLUSH_COST);
+        assert_eq!(blk.process(&mut q, &m).unwrap(), BlkProgress::More);
+        assert_eq!(vq.used().idx().load(), per_round as u16, "a round stops at its budget");
+        while blk.process(&mut q, &m).unwrap() == BlkProgress::More {}
+        assert_eq!(vq.used().idx().load(), 8);
     }
 
     #[test]
