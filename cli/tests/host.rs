@@ -567,3 +567,45 @@ fn images_a_docker_save_tar_loads_from_stdin() {
     assert_eq!(list[0]["reference"], "saved:1");
     assert_eq!(list[0]["manifest"], serde_json::Value::Null, "docker save has no manifest digest");
 }
+
+#[test]
+fn images_a_load_killed_midway_leaves_no_image() {
+    use std::io::Write;
+    let src = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    oci_layout(src.path(), "killed", &[("big", &big)]);
+    // The layout as a tar, fed on stdin: half of it, then the loader is killed.
+    let mut archive = tar::Builder::new(Vec::new());
+    archive.append_dir_all(".", src.path()).unwrap();
+    let archive = archive.into_inner().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_msb"))
+        .args(["load", "-i", "-"])
+        .env("MSB_HOME", home.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = c.stdin.take().unwrap();
+    stdin.write_all(&archive[..archive.len() / 2]).unwrap();
+    stdin.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    c.kill().unwrap();
+    c.wait().unwrap();
+    drop(stdin);
+    assert_eq!(json(&ok(home.path(), &["images", "--format", "json"])).as_array().unwrap().len(), 0);
+    assert_eq!(std::fs::read_dir(home.path().join("images/rootfs")).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(home.path().join("images/refs")).unwrap().count(), 0);
+    // The whole archive loads afterwards.
+    let mut c = Command::new(env!("CARGO_BIN_EXE_msb"))
+        .args(["load", "-i", "-"])
+        .env("MSB_HOME", home.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(&archive).unwrap();
+    assert!(c.wait_with_output().unwrap().status.success());
+    assert_eq!(json(&ok(home.path(), &["images", "--format", "json"]))[0]["reference"], "killed:latest");
+}

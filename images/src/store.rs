@@ -31,6 +31,8 @@ use crate::{Error, Result};
 pub const MAX_ARCHIVE_ENTRIES: u64 = 100_000;
 /// Longest image reference.
 pub const MAX_REFERENCE: usize = 255;
+/// Age after which `prune` removes a staging file (left by a killed load or pull).
+pub const STALE_STAGING_SECS: u64 = 3600;
 /// Largest blob stored (a registry or archive that streams more is cut off here).
 pub const MAX_BLOB_BYTES: u64 = 16 << 30;
 
@@ -488,6 +490,17 @@ impl Store {
             keep_roots.insert(format!("{}.sqfs", r.config.hex()));
         }
         let mut freed = 0;
+        // Staging files of loads that were killed: anything older than an hour (a load in
+        // progress keeps writing its file).
+        let tmp = self.root.join("tmp");
+        for e in std::fs::read_dir(&tmp).map_err(|source| Error::Io { what: "listing", path: tmp.clone(), source })? {
+            let Ok(e) = e else { continue };
+            let Ok(md) = e.metadata() else { continue };
+            if md.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age.as_secs() > STALE_STAGING_SECS) {
+                freed += md.len();
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         for (dir, keep) in [("blobs/sha256", &keep_blobs), ("rootfs", &keep_roots)] {
             let dir = self.root.join(dir);
             for e in
