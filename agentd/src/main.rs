@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod exec;
+mod files;
 mod helper;
 mod reaper;
 mod system;
@@ -56,6 +57,9 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some(helper::FLAG) {
         helper::main(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some(files::FLAG) {
+        files::main(&args[1..]);
     }
     let pid1 = std::process::id() == 1;
     if pid1 {

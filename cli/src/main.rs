@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod attach;
+mod cp;
 mod images;
 mod logs;
 mod report;
@@ -78,6 +79,9 @@ enum Cmd {
         #[arg(long)]
         tail: Option<usize>,
     },
+    /// Copy files or directories between the host and a running sandbox: `msb cp SRC
+    /// NAME:DST` or `msb cp NAME:SRC DST` (as docker cp).
+    Cp { src: String, dst: String },
     /// Pull an image from an OCI/Docker registry into the local store.
     Pull {
         /// `[HOST[:PORT]/]NAME[:TAG][@DIGEST]` (no host: Docker Hub).
@@ -376,6 +380,7 @@ fn main() -> ExitCode {
             .and_then(|(image, id)| msb.create(&a.name, SandboxConfig { image_id: id, ..a.machine.config(image) }))
             .map(|sb| println!("{}", sb.name())),
         Cmd::Load { input, tag } => images::load(&msb, &input, tag.as_deref()),
+        Cmd::Cp { src, dst } => rt.block_on(cp::cp(&msb, &src, &dst)),
         Cmd::Pull { reference, ca_cert, insecure } => images::pull(&msb, &reference, ca_cert, insecure),
         Cmd::Images { format } => images::list(&msb, matches!(format, Format::Json)),
         Cmd::Rmi { reference } => images::remove(&msb, &reference),

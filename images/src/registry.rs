@@ -1,7 +1,7 @@
 //! Pulling from an OCI/Docker registry (distribution API v2), into the local [`Store`].
 //!
 //! A registry is as hostile as an archive: every document is at most
-//! [`MAX_DOCUMENT`](crate::oci::MAX_DOCUMENT) bytes, every blob streams through the store's
+//! [`MAX_DOCUMENT`] bytes, every blob streams through the store's
 //! verifying writer (a blob that does not hash to its digest is never kept), a manifest named
 //! by digest must hash to it, and the image is named in the store only once its root
 //! filesystem is built (see [`Store::load_documents`]).

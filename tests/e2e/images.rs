@@ -208,3 +208,49 @@ fn images_a_full_root_disk_is_enospc_and_the_sandbox_stays_healthy() {
     assert!(text.contains("No space left on device"), "{text}");
     assert!(text.contains("rc=1") && text.ends_with("ok\n"), "{text}");
 }
+
+#[test]
+fn images_msb_cp_round_trips_100_mib_and_a_directory_both_ways() {
+    tiny_image();
+    let n = "e2e-cp";
+    let _ = msb(&["rm", "--force", n]);
+    ok(&["create", TINY, "--name", n, "--boot-timeout", "60"]);
+    start(n);
+    let dir = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..100u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let src = dir.path().join("big");
+    std::fs::write(&src, &big).unwrap();
+    let t = std::time::Instant::now();
+    ok(&["cp", src.to_str().unwrap(), &format!("{n}:/work/big")]);
+    let into = t.elapsed();
+    let want = Digest::of(&big);
+    let guest_sum = stdout_of(&["exec", n, "--", "sha256sum", "/work/big"]);
+    assert!(guest_sum.starts_with(want.hex()), "{guest_sum} vs {want}");
+    let back = dir.path().join("back");
+    let t = std::time::Instant::now();
+    ok(&["cp", &format!("{n}:/work/big"), back.to_str().unwrap()]);
+    let out = t.elapsed();
+    assert_eq!(digest_of(&back), want, "the round trip changed the bytes");
+    println!(
+        "msb cp 100 MiB: into the guest {:.1} MiB/s, out {:.1} MiB/s",
+        100.0 / into.as_secs_f64(),
+        100.0 / out.as_secs_f64()
+    );
+    // A directory, with a symlink, both ways (docker cp's rules for existing directories).
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("sub/file"), b"in a tree\n").unwrap();
+    std::os::unix::fs::symlink("sub/file", tree.join("link")).unwrap();
+    ok(&["cp", tree.to_str().unwrap(), &format!("{n}:/work/")]);
+    assert_eq!(stdout_of(&["exec", n, "--", "cat", "/work/tree/link"]), "in a tree\n");
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    ok(&["cp", &format!("{n}:/work/tree"), out_dir.to_str().unwrap()]);
+    assert_eq!(std::fs::read(out_dir.join("tree/sub/file")).unwrap(), b"in a tree\n");
+    assert_eq!(std::fs::read_link(out_dir.join("tree/link")).unwrap(), Path::new("sub/file"));
+    // A missing guest path is a clear error.
+    let o = msb(&["cp", &format!("{n}:/no/such"), out_dir.to_str().unwrap()]);
+    assert_ne!(code(&o), 0);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/no/such"), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&["rm", "--force", n]);
+}
