@@ -90,32 +90,43 @@ async fn copy_in(msb: &Msb, from: &Path, name: &str, to: &str) -> Result<()> {
             let _ = tx.blocking_send(Err(e));
         }
     });
-    let mut stderr = Vec::new();
-    let mut end = None;
-    loop {
-        tokio::select! {
-            chunk = rx.recv() => match chunk {
-                Some(Ok(data)) => input.write_stdin(&data).await?,
-                Some(Err(e)) => return Err(Error::Config(format!("reading {shown}: {e}"))),
-                None => { input.close_stdin().await?; break; }
-            },
-            ev = events.next() => match ev {
-                Some(ExecEvent::Stderr(d)) => keep(&mut stderr, &d),
-                Some(ExecEvent::Stdout(_)) => {}
-                other => { end = Some(other); break; }
-            },
-        }
-    }
-    let end = match end {
-        Some(e) => e,
-        None => loop {
+    // The events are read on their own task, never raced against the input (a read of the
+    // socket cut short by a select would lose part of a frame).
+    let drain = tokio::spawn(async move {
+        let mut stderr = Vec::new();
+        let end = loop {
             match events.next().await {
                 Some(ExecEvent::Stderr(d)) => keep(&mut stderr, &d),
                 Some(ExecEvent::Stdout(_)) => {}
                 other => break other,
             }
-        },
-    };
+        };
+        (end, stderr)
+    });
+    let mut sent: Result<()> = Ok(());
+    while let Some(chunk) = rx.recv().await {
+        match chunk {
+            Ok(data) => {
+                // A refused write means the guest side stopped reading (it failed): its exit
+                // status and stderr say why.
+                if input.write_stdin(&data).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                sent = Err(Error::Config(format!("reading {shown}: {e}")));
+                break;
+            }
+        }
+    }
+    drop(rx);
+    if sent.is_ok() {
+        let _ = input.close_stdin().await;
+    } else {
+        let _ = input.signal(9).await;
+    }
+    let (end, stderr) = drain.await.map_err(|e| Error::Wire(format!("reading the copy's events: {e}")))?;
+    sent?;
     let _ = packer.await;
     match guest_failure(&format!("copying into {name}:{to}"), end, &stderr) {
         Some(e) => Err(e),

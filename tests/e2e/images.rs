@@ -209,6 +209,31 @@ fn images_a_full_root_disk_is_enospc_and_the_sandbox_stays_healthy() {
     assert!(text.contains("rc=1") && text.ends_with("ok\n"), "{text}");
 }
 
+/// `msb ARGS` that must succeed within `secs` (a hang fails the test, saying which command).
+fn ok_within(args: &[&str], secs: u64) {
+    let mut c = std::process::Command::new(std::env::current_exe().unwrap().with_file_name("msb"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            let out = c.wait_with_output().unwrap();
+            assert!(st.success(), "msb {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            return;
+        }
+        if std::time::Instant::now() > end {
+            let _ = c.kill();
+            let out = c.wait_with_output().unwrap();
+            panic!("msb {args:?} did not finish within {secs} s: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn images_msb_cp_round_trips_100_mib_and_a_directory_both_ways() {
     tiny_image();
@@ -221,14 +246,14 @@ fn images_msb_cp_round_trips_100_mib_and_a_directory_both_ways() {
     let src = dir.path().join("big");
     std::fs::write(&src, &big).unwrap();
     let t = std::time::Instant::now();
-    ok(&["cp", src.to_str().unwrap(), &format!("{n}:/work/big")]);
+    ok_within(&["cp", src.to_str().unwrap(), &format!("{n}:/work/big")], 300);
     let into = t.elapsed();
     let want = Digest::of(&big);
     let guest_sum = stdout_of(&["exec", n, "--", "sha256sum", "/work/big"]);
     assert!(guest_sum.starts_with(want.hex()), "{guest_sum} vs {want}");
     let back = dir.path().join("back");
     let t = std::time::Instant::now();
-    ok(&["cp", &format!("{n}:/work/big"), back.to_str().unwrap()]);
+    ok_within(&["cp", &format!("{n}:/work/big"), back.to_str().unwrap()], 300);
     let out = t.elapsed();
     assert_eq!(digest_of(&back), want, "the round trip changed the bytes");
     println!(
