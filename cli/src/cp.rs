@@ -212,27 +212,14 @@ async fn copy_out(msb: &Msb, name: &str, from: &str, to: &Path) -> Result<()> {
     extracted.map_err(Error::Config)
 }
 
-/// Checks an entry name from the guest: relative, no `..`, no NUL.
+/// Checks an entry name from the guest with the image unpacker's rule (relative, no `..`,
+/// no NUL, UTF-8, bounded length) and splits it; the root itself is no entry.
 fn entry_parts(raw: &[u8]) -> std::result::Result<Vec<String>, String> {
-    if raw.contains(&0) {
-        return Err("the name contains a NUL byte".into());
-    }
-    let s = std::str::from_utf8(raw).map_err(|_| "the name is not UTF-8".to_string())?;
-    if s.starts_with('/') {
-        return Err("the name is absolute".into());
-    }
-    let mut parts = Vec::new();
-    for c in s.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => return Err("the name has a `..` component".into()),
-            c => parts.push(c.to_string()),
-        }
-    }
-    if parts.is_empty() {
+    let name = msb_images::rootfs::normalize(raw)?;
+    if name.is_empty() {
         return Err("the name is empty".into());
     }
-    Ok(parts)
+    Ok(name.split('/').map(String::from).collect())
 }
 
 /// Extracts a tar from the guest below `dest` (see the module docs for what is refused).

@@ -200,12 +200,7 @@ impl Session {
             }
             let resp = req.call().map_err(|e| Error::Image(format!("token service {realm}: {e}")))?;
             let resp = check(realm, resp)?;
-            let body = resp
-                .into_body()
-                .with_config()
-                .limit(MAX_DOCUMENT)
-                .read_to_vec()
-                .map_err(|e| Error::Image(format!("token service {realm}: {e}")))?;
+            let body = document(resp, &format!("token service {realm}"))?;
             let v: serde_json::Value =
                 serde_json::from_slice(&body).map_err(|e| Error::Image(format!("token service {realm}: {e}")))?;
             let token = v
@@ -242,6 +237,11 @@ fn check(url: &str, resp: ureq::http::Response<ureq::Body>) -> Result<ureq::http
         404 => Err(Error::Image(format!("{url}: not found (no such image, tag or blob)"))),
         s => Err(Error::Image(format!("{url}: the registry answered HTTP {s}"))),
     }
+}
+
+/// A response body of at most [`MAX_DOCUMENT`] bytes.
+fn document(resp: ureq::http::Response<ureq::Body>, what: &str) -> Result<Vec<u8>> {
+    resp.into_body().with_config().limit(MAX_DOCUMENT).read_to_vec().map_err(|e| Error::Image(format!("{what}: {e}")))
 }
 
 fn urlencode(s: &str) -> String {
@@ -291,12 +291,7 @@ pub fn pull(store: &Store, image: &str, opts: &PullOptions, progress: &mut dyn F
         }
         other => other?,
     };
-    let top = resp
-        .into_body()
-        .with_config()
-        .limit(MAX_DOCUMENT)
-        .read_to_vec()
-        .map_err(|e| Error::Image(format!("{url}: {e}")))?;
+    let top = document(resp, &url)?;
     let top_digest = Digest::of(&top);
     if let Ok(want) = Digest::parse(&r.reference) {
         if want != top_digest {
