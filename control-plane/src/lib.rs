@@ -1,6 +1,6 @@
 //! Named sandboxes from any process, without the VMM: the client ↔ sandbox-process contract
 //! ([`wire`]), the SQLite state store ([`store`], the only user of SQLite), and the SDK
-//! ([`client`]: [`Msb`], [`NamedSandbox`], [`RemoteExec`]).
+//! ([`client`]: [`Msb`], [`NamedSandbox`], [`RemoteExec`]; [`files`]: a sandbox's files).
 //!
 //! ```no_run
 //! # async fn demo() -> msb_control_plane::Result<()> {
@@ -21,11 +21,13 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod files;
 pub mod process;
 pub mod store;
 pub mod wire;
 
 pub use client::{ExecEvents, ExecInput, Msb, NamedSandbox, Owner, RemoteExec};
+pub use files::{FileError, FileErrorKind, FileInfo, FileKind, FileReader, FileWriter, Files};
 /// The schema crate, for its limits and exec vocabulary.
 pub use msb_schema as schema;
 pub use msb_schema::{ExecError, ExecEvent, ExecOutput, ExecSpec, SandboxName, StopReason};
@@ -55,6 +57,9 @@ pub enum Error {
     /// The sandbox process started but reported that the sandbox could not.
     #[error("{0}")]
     StartFailed(String),
+    /// A file operation in a sandbox failed there.
+    #[error(transparent)]
+    File(#[from] files::FileError),
     /// The image store refused or failed.
     #[error(transparent)]
     Image(msb_images::Error),

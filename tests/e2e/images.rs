@@ -291,3 +291,62 @@ fn cp_round_trip(n: &str, mib: u32) {
     assert!(String::from_utf8_lossy(&o.stderr).contains("/no/such"), "{}", String::from_utf8_lossy(&o.stderr));
     ok(&["rm", "--force", n]);
 }
+
+/// The SDK's file API on a running named sandbox: streamed write and read, stat, list,
+/// mkdir, rename, remove, and each failure with its kind; an abandoned write leaves the old
+/// file.
+#[test]
+fn images_the_sdk_file_api_reads_writes_lists_and_names_failures() {
+    use msb_control_plane::{Error, FileErrorKind, FileKind, Msb};
+    tiny_image();
+    let n = "e2e-files";
+    let _ = msb(&["rm", "--force", n]);
+    ok(&["create", TINY, "--name", n, "--boot-timeout", "60"]);
+    start(n);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kind = |r: msb_control_plane::Result<()>| match r {
+        Err(Error::File(f)) => f.kind,
+        other => panic!("expected a file error, got {other:?}"),
+    };
+    rt.block_on(async {
+        let sb = Msb::from_env().unwrap().get(n).unwrap();
+        let fs = sb.files();
+        let data: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+        let mut w = fs.write_file("/work/a.bin", 0o640).await.unwrap();
+        for c in data.chunks(100_000) {
+            w.write(c).await.unwrap();
+        }
+        w.finish().await.unwrap();
+        assert_eq!(fs.read("/work/a.bin", 4 << 20).await.unwrap(), data, "the bytes came back changed");
+        assert!(matches!(fs.read("/work/a.bin", 1 << 20).await, Err(Error::Config(_))), "the read limit holds");
+        let st = fs.stat("/work/a.bin").await.unwrap();
+        assert_eq!((st.name.as_str(), st.kind, st.size, st.mode), ("a.bin", FileKind::File, data.len() as u64, 0o640));
+        // An abandoned write leaves the old file whole.
+        let mut w = fs.write_file("/work/a.bin", 0o644).await.unwrap();
+        w.write(b"partial").await.unwrap();
+        drop(w);
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        assert_eq!(fs.stat("/work/a.bin").await.unwrap().size, data.len() as u64);
+        fs.mkdir("/work/d/e", true).await.unwrap();
+        assert_eq!(kind(fs.mkdir("/work/d/e", false).await), FileErrorKind::AlreadyExists);
+        fs.write("/work/d/e/small", b"hi\n", 0o600).await.unwrap();
+        let mut names: Vec<(String, FileKind)> =
+            fs.list("/work").await.unwrap().into_iter().map(|e| (e.name, e.kind)).collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(names, [("a.bin".to_string(), FileKind::File), ("d".to_string(), FileKind::Dir)]);
+        fs.rename("/work/a.bin", "/work/d/b.bin").await.unwrap();
+        assert!(matches!(fs.stat("/work/a.bin").await, Err(Error::File(f)) if f.kind == FileErrorKind::NotFound));
+        assert_eq!(kind(fs.read("/work/d", 10).await.map(|_| ())), FileErrorKind::IsADirectory);
+        assert_eq!(kind(fs.write("/work/no/such", b"x", 0o644).await), FileErrorKind::NotFound);
+        assert_eq!(kind(fs.remove("/work/d", false).await), FileErrorKind::DirectoryNotEmpty);
+        let out = sb.exec(msb_control_plane::ExecSpec::command(["busybox", "ln", "-s", "/etc/passwd", "/work/l"]));
+        assert_eq!(out.await.unwrap().status, msb_protocol::ExitStatus::Code(0));
+        let l = fs.stat("/work/l").await.unwrap();
+        assert_eq!((l.kind, l.link_target.as_deref()), (FileKind::Symlink, Some("/etc/passwd")));
+        fs.remove("/work/d", true).await.unwrap();
+        fs.remove("/work/l", false).await.unwrap();
+        assert!(fs.list("/work").await.unwrap().is_empty());
+        assert!(matches!(fs.stat("work").await, Err(Error::Config(_))), "a relative path is refused on the host");
+    });
+    ok(&["rm", "--force", n]);
+}
