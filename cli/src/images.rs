@@ -6,6 +6,7 @@ use std::path::Path;
 
 use msb_control_plane::{Error, Msb, Result};
 use msb_images::oci::RunConfig;
+use msb_images::registry::PullEvent;
 use msb_images::store::{ImageRecord, Store};
 
 use crate::CommandArgs;
@@ -28,13 +29,72 @@ pub fn load(msb: &Msb, input: &Path, tag: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// Pulls an image; progress goes to stderr, one line per step.
+/// Pulls an image; progress goes to stderr: a bar per blob on a terminal, plain lines
+/// (a blob's start and end) otherwise.
 pub fn pull(msb: &Msb, reference: &str, ca_cert: Option<std::path::PathBuf>, insecure: bool) -> Result<()> {
+    use std::io::IsTerminal;
     let store = store(msb)?;
     let opts = msb_images::registry::PullOptions { ca_cert, insecure };
-    let rec = msb_images::registry::pull(&store, reference, &opts, &mut |line| eprintln!("{line}")).map_err(err)?;
+    let rec = if std::io::stderr().is_terminal() {
+        let mut bars = Bars::default();
+        msb_images::registry::pull(&store, reference, &opts, &mut |ev| bars.show(ev))
+    } else {
+        msb_images::registry::pull(&store, reference, &opts, &mut plain)
+    }
+    .map_err(err)?;
     println!("Pulled image: {} ({})", rec.reference, short(&rec));
     Ok(())
+}
+
+fn plain(ev: PullEvent) {
+    match ev {
+        PullEvent::Step(line) => eprintln!("{line}"),
+        PullEvent::Started { digest, size: Some(n) } => eprintln!("{}: fetching ({})", digest.short(), mib(n)),
+        PullEvent::Started { digest, size: None } => eprintln!("{}: fetching", digest.short()),
+        PullEvent::Finished { digest } => eprintln!("{}: verified", digest.short()),
+        PullEvent::Progress { .. } => {}
+    }
+}
+
+/// One progress bar per blob (a pull has at most the manifest's layers and documents).
+#[derive(Default)]
+struct Bars {
+    all: indicatif::MultiProgress,
+    bars: std::collections::HashMap<String, indicatif::ProgressBar>,
+}
+
+impl Bars {
+    fn show(&mut self, ev: PullEvent) {
+        let style = |known: bool| {
+            let t = if known {
+                "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}"
+            } else {
+                "{prefix} {spinner} {bytes} {bytes_per_sec}"
+            };
+            indicatif::ProgressStyle::with_template(t).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        };
+        match ev {
+            PullEvent::Step(line) => {
+                let _ = self.all.println(line);
+            }
+            PullEvent::Started { digest, size } => {
+                let bar = self.all.add(indicatif::ProgressBar::new(size.unwrap_or(0)));
+                bar.set_style(style(size.is_some()).progress_chars("=> "));
+                bar.set_prefix(digest.short().to_string());
+                self.bars.insert(digest.to_string(), bar);
+            }
+            PullEvent::Progress { digest, done } => {
+                if let Some(b) = self.bars.get(digest.as_str()) {
+                    b.set_position(done);
+                }
+            }
+            PullEvent::Finished { digest } => {
+                if let Some(b) = self.bars.get(digest.as_str()) {
+                    b.finish();
+                }
+            }
+        }
+    }
 }
 
 fn short(rec: &ImageRecord) -> &str {

@@ -458,6 +458,11 @@ fn images_pull_from_a_loopback_registry_twice_at_once() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(String::from_utf8_lossy(&o.stdout).contains("Pulled image"));
     }
+    // Not on a terminal: plain lines, a blob's start and its verified end (one of the two
+    // pulls fetched each blob; the other may have found it stored).
+    let lines = format!("{}{}", String::from_utf8_lossy(&a.stderr), String::from_utf8_lossy(&b.stderr));
+    assert!(lines.contains(": fetching (") && lines.contains(": verified"), "{lines}");
+    assert!(!lines.contains('\r') && !lines.contains('\x1b'), "no terminal control off a terminal: {lines:?}");
     let list = json(&ok(h, &["images", "--format", "json"]));
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     assert_eq!(list[0]["reference"], image.as_str());

@@ -51,6 +51,11 @@ impl Digest {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The first 12 hex digits, as docker shows an ID.
+    pub fn short(&self) -> &str {
+        &self.hex()[..12]
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {

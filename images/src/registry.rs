@@ -253,8 +253,43 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
-/// Pulls `image` into `store` and returns its record; `progress` gets one line per step.
-pub fn pull(store: &Store, image: &str, opts: &PullOptions, progress: &mut dyn FnMut(&str)) -> Result<ImageRecord> {
+/// What a pull reports as it goes.
+#[derive(Debug, Clone, Copy)]
+pub enum PullEvent<'a> {
+    /// A step, as a line of text.
+    Step(&'a str),
+    /// A blob started to arrive; `size` is what the registry announced, if it did (shown
+    /// only: the bytes are bounded and verified whatever it says).
+    Started { digest: &'a Digest, size: Option<u64> },
+    /// `done` bytes of the blob have arrived.
+    Progress { digest: &'a Digest, done: u64 },
+    /// The blob arrived whole and matched its digest.
+    Finished { digest: &'a Digest },
+}
+
+/// A reader that reports how much has passed through it.
+struct Counting<R, F> {
+    inner: R,
+    done: u64,
+    report: F,
+}
+
+impl<R: Read, F: FnMut(u64)> Read for Counting<R, F> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.done += n as u64;
+        (self.report)(self.done);
+        Ok(n)
+    }
+}
+
+/// Pulls `image` into `store` and returns its record, telling `progress` as it goes.
+pub fn pull(
+    store: &Store,
+    image: &str,
+    opts: &PullOptions,
+    progress: &mut dyn FnMut(PullEvent),
+) -> Result<ImageRecord> {
     let r = Reference::parse(image)?;
     let local = Reference::local_name(image)?;
     // HTTPS first; plain HTTP for an insecure registry, and for a loopback one whose HTTPS
@@ -281,12 +316,12 @@ pub fn pull(store: &Store, image: &str, opts: &PullOptions, progress: &mut dyn F
         auth: None,
     };
     let url = format!("{}/v2/{}/manifests/{}", s.base, s.repo, r.reference);
-    progress(&format!("{local}: resolving {url}"));
+    progress(PullEvent::Step(&format!("{local}: resolving {url}")));
     let resp = match s.fetch(&url, Some(ACCEPT)) {
         Err(e) if plain_ok && scheme == "https" && !e.to_string().to_lowercase().contains("certificate") => {
             s.base = format!("http://{host}");
             let url = format!("{}/v2/{}/manifests/{}", s.base, s.repo, r.reference);
-            progress(&format!("{local}: no HTTPS on a loopback registry ({e}); trying {url}"));
+            progress(PullEvent::Step(&format!("{local}: no HTTPS on a loopback registry ({e}); trying {url}")));
             s.fetch(&url, Some(ACCEPT))?
         }
         other => other?,
@@ -316,9 +351,13 @@ pub fn pull(store: &Store, image: &str, opts: &PullOptions, progress: &mut dyn F
             }
         };
         drop(s);
-        (progress.borrow_mut())(&format!("{local}: fetching {d}"));
-        let reader: Box<dyn Read + Send> = Box::new(resp.into_body().into_reader());
-        st.put_verified(reader, d)
+        let size = resp.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        (progress.borrow_mut())(PullEvent::Started { digest: d, size });
+        let report = |done| (progress.borrow_mut())(PullEvent::Progress { digest: d, done });
+        let reader = Counting { inner: resp.into_body().into_reader(), done: 0, report };
+        st.put_verified(reader, d)?;
+        (progress.borrow_mut())(PullEvent::Finished { digest: d });
+        Ok(())
     };
     store.load_documents(&top_digest, &local, &fetch)
 }
