@@ -26,7 +26,7 @@ pub fn load(msb: &Msb, input: &Path, tag: Option<&str>) -> Result<()> {
     for rec in store.load(input, tag).map_err(err)? {
         println!("Loaded image: {} ({})", rec.reference, short(&rec));
     }
-    Ok(())
+    msb.sync_images().map(drop)
 }
 
 /// Pulls an image; progress goes to stderr: a bar per blob on a terminal, plain lines
@@ -43,7 +43,7 @@ pub fn pull(msb: &Msb, reference: &str, ca_cert: Option<std::path::PathBuf>, ins
     }
     .map_err(err)?;
     println!("Pulled image: {} ({})", rec.reference, short(&rec));
-    Ok(())
+    msb.sync_images().map(drop)
 }
 
 fn plain(ev: PullEvent) {
@@ -105,30 +105,42 @@ fn mib(bytes: u64) -> String {
     format!("{:.1}MB", bytes as f64 / 1e6)
 }
 
+/// Lists the images from the state store (mirrored from the image store first), with the
+/// sandboxes recorded with each.
 pub fn list(msb: &Msb, json: bool) -> Result<()> {
     let store = store(msb)?;
-    let images = store.list().map_err(err)?;
+    let rows = msb.sync_images()?;
+    let mut users: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for r in msb.list()? {
+        if let Some(i) = r.config.image_ref() {
+            users.entry(i.to_string()).or_default().push(r.name.clone());
+        }
+    }
     if json {
-        let v: Vec<_> = images
+        let v: Vec<_> = rows
             .iter()
             .map(|r| {
+                let built = msb_images::oci::Digest::parse(&r.id).is_ok_and(|id| store.rootfs_of(&id).is_file());
                 serde_json::json!({
                     "reference": r.reference,
-                    "id": r.config.as_str(),
-                    "manifest": r.manifest.as_ref().map(|m| m.as_str()),
-                    "layers": r.layers.len(),
+                    "id": r.id,
+                    "manifest": r.manifest,
+                    "layers": r.layers,
                     "size": r.size,
-                    "rootfs_built": store.rootfs_path(r).is_file(),
-                    "loaded": msb_control_plane::store::format_ms(r.loaded.saturating_mul(1000)),
+                    "rootfs_built": built,
+                    "loaded": msb_control_plane::store::format_ms(r.loaded_ms),
+                    "sandboxes": users.get(&r.reference).cloned().unwrap_or_default(),
                 })
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(());
     }
-    println!("{:<40} {:<12} {:>7} {:>10}", "REFERENCE", "ID", "LAYERS", "SIZE");
-    for r in &images {
-        println!("{:<40} {:<12} {:>7} {:>10}", r.reference, short(r), r.layers.len(), mib(r.size));
+    println!("{:<40} {:<12} {:>7} {:>10} {:>9}", "REFERENCE", "ID", "LAYERS", "SIZE", "SANDBOXES");
+    for r in &rows {
+        let id = r.id.strip_prefix("sha256:").unwrap_or(&r.id);
+        let n = users.get(&r.reference).map_or(0, Vec::len);
+        println!("{:<40} {:<12} {:>7} {:>10} {n:>9}", r.reference, &id[..id.len().min(12)], r.layers, mib(r.size));
     }
     Ok(())
 }
@@ -164,7 +176,7 @@ pub fn remove(msb: &Msb, reference: &str) -> Result<()> {
     }
     store.remove(reference).map_err(err)?;
     println!("Untagged: {}", rec.reference);
-    Ok(())
+    msb.sync_images().map(drop)
 }
 
 pub fn prune(msb: &Msb) -> Result<()> {
@@ -172,7 +184,7 @@ pub fn prune(msb: &Msb) -> Result<()> {
     let (_, ids) = in_use(msb, &store)?;
     let freed = store.prune(&ids).map_err(err)?;
     println!("Total reclaimed space: {}", mib(freed));
-    Ok(())
+    msb.sync_images().map(drop)
 }
 
 /// Applies the image's defaults to `cmd`: for a run, the argv (ENTRYPOINT, then the given

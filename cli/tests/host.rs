@@ -286,11 +286,20 @@ fn images_load_list_remove_and_prune() {
     assert_eq!(list[0]["rootfs_built"], true, "load builds the root filesystem");
     // A sandbox of it is recorded; the image cannot be removed under it.
     ok(h, &["create", "tiny", "--name", "uses-tiny"]);
+    assert_eq!(json(&ok(h, &["images", "--format", "json"]))[0]["sandboxes"], serde_json::json!(["uses-tiny"]));
+    // The state store lists it (loaded through the CLI, mirrored in one transaction).
+    let db = msb_control_plane::store::Store::open(h).unwrap().images().unwrap();
+    assert_eq!(db.iter().map(|i| i.reference.as_str()).collect::<Vec<_>>(), ["tiny:latest"]);
+    assert_eq!(db[0].id, list[0]["id"].as_str().unwrap());
     let (_, msg) = err(h, &["rmi", "tiny"]);
     assert!(msg.contains("used by a sandbox"), "{msg}");
     ok(h, &["rm", "uses-tiny"]);
     ok(h, &["rmi", "tiny"]);
     assert_eq!(json(&ok(h, &["images", "--format", "json"])).as_array().unwrap().len(), 0);
+    assert!(
+        msb_control_plane::store::Store::open(h).unwrap().images().unwrap().is_empty(),
+        "rmi leaves the state store"
+    );
     let freed = ok(h, &["image", "prune"]);
     assert!(freed.contains("reclaimed"), "{freed}");
     let store = h.join("images");

@@ -60,6 +60,26 @@ impl Msb {
         Ok(s)
     }
 
+    /// Mirrors the image store's names into the state store's `images` table and returns
+    /// the rows ([`crate::store::ImageRow`]).
+    pub fn sync_images(&self) -> Result<Vec<crate::store::ImageRow>> {
+        let images = msb_images::store::Store::open(&self.home).and_then(|s| s.list()).map_err(Error::Image)?;
+        let rows: Vec<_> = images
+            .iter()
+            .map(|r| crate::store::ImageRow {
+                reference: r.reference.clone(),
+                id: r.config.to_string(),
+                manifest: r.manifest.as_ref().map(|m| m.to_string()),
+                layers: r.layers.len() as u32,
+                size: r.size,
+                loaded_ms: r.loaded.saturating_mul(1000),
+            })
+            .collect();
+        let s = Store::open(&self.home)?;
+        s.sync_images(&rows)?;
+        s.images().map_err(Error::from)
+    }
+
     /// Records a new named sandbox (not started).
     pub fn create(&self, name: &str, config: SandboxConfig) -> Result<NamedSandbox> {
         self.create_with(name, config, false)

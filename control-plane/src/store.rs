@@ -164,7 +164,29 @@ CREATE TABLE IF NOT EXISTS runs (
     exit_reason TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_sandbox ON runs(sandbox);
+CREATE TABLE IF NOT EXISTS images (
+    reference TEXT PRIMARY KEY,
+    id TEXT NOT NULL,
+    manifest TEXT,
+    layers INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    loaded_ms INTEGER NOT NULL
+);
 ";
+
+/// An image as the state store lists it: a mirror of the image store's names
+/// ([`Store::sync_images`]). The image store's own records stay the truth (each is
+/// published only after its root filesystem is built); this table is what queries read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRow {
+    pub reference: String,
+    /// The config digest.
+    pub id: String,
+    pub manifest: Option<String>,
+    pub layers: u32,
+    pub size: u64,
+    pub loaded_ms: u64,
+}
 
 /// An open state database.
 pub struct Store {
@@ -410,6 +432,43 @@ impl Store {
         })
     }
 
+    /// Makes the `images` table say exactly `images`, in one transaction.
+    pub fn sync_images(&self, images: &[ImageRow]) -> Result<()> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM images", [])?;
+            let mut ins = tx.prepare(
+                "INSERT INTO images (reference, id, manifest, layers, size, loaded_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for i in images {
+                let size = i64::try_from(i.size).unwrap_or(i64::MAX);
+                let loaded = i64::try_from(i.loaded_ms).unwrap_or(i64::MAX);
+                ins.execute(rusqlite::params![i.reference, i.id, i.manifest, i.layers, size, loaded])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The images, by reference.
+    pub fn images(&self) -> Result<Vec<ImageRow>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT reference, id, manifest, layers, size, loaded_ms FROM images ORDER BY reference")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(ImageRow {
+                    reference: r.get(0)?,
+                    id: r.get(1)?,
+                    manifest: r.get(2)?,
+                    layers: r.get(3)?,
+                    size: r.get::<_, i64>(4)?.max(0) as u64,
+                    loaded_ms: r.get::<_, i64>(5)?.max(0) as u64,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))
+    }
+
     /// The runs of a sandbox, newest first.
     pub fn runs(&self, name: &str) -> Result<Vec<Run>> {
         let mut stmt = self
@@ -545,6 +604,26 @@ mod tests {
 
     fn n(name: &str) -> SandboxName {
         SandboxName::new(name).unwrap()
+    }
+
+    #[test]
+    fn the_images_table_mirrors_what_it_is_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let row = |r: &str| ImageRow {
+            reference: r.into(),
+            id: format!("sha256:{}", "a".repeat(64)),
+            manifest: None,
+            layers: 3,
+            size: u64::MAX,
+            loaded_ms: 5,
+        };
+        s.sync_images(&[row("b:1"), row("a:1")]).unwrap();
+        let got = s.images().unwrap();
+        assert_eq!(got.iter().map(|i| i.reference.as_str()).collect::<Vec<_>>(), ["a:1", "b:1"]);
+        assert_eq!((got[0].layers, got[0].size, got[0].loaded_ms), (3, i64::MAX as u64, 5));
+        s.sync_images(&[row("b:1")]).unwrap();
+        assert_eq!(s.images().unwrap(), [row("b:1")].map(|r| ImageRow { size: i64::MAX as u64, ..r }));
     }
 
     #[test]

@@ -123,7 +123,12 @@ impl Store {
 
     /// The root filesystem path of an image (it may not be built yet).
     pub fn rootfs_path(&self, rec: &ImageRecord) -> PathBuf {
-        self.root.join("rootfs").join(format!("{}.sqfs", rec.config.hex()))
+        self.rootfs_of(&rec.config)
+    }
+
+    /// The root filesystem path of the image with config digest `id`.
+    pub fn rootfs_of(&self, id: &Digest) -> PathBuf {
+        self.root.join("rootfs").join(format!("{}.sqfs", id.hex()))
     }
 
     /// Writes `r` into the store as a blob; if `expected` is given the bytes must hash to it.
