@@ -113,7 +113,8 @@ impl Store {
         &self.root
     }
 
-    fn blob_path(&self, d: &Digest) -> PathBuf {
+    /// Where a blob with digest `d` is stored (it may not be).
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
         self.root.join("blobs/sha256").join(d.hex())
     }
 

@@ -6,7 +6,13 @@
 //! The agent channel: exec round trip with and without a stalled session beside it,
 //! throughput each way (`cat` of a large stream), and host memory while a client offers stdin
 //! to a command that never reads it.
+//! Images: `msb run IMAGE -- true` warm and cold (its root filesystem removed first, so the
+//! run builds it) beside the busybox initramfs, 1,000 creates with fsync on the writable root.
 //! Usage: `msb-bench [N]` with MSB_HOME set up (hardware KVM, or inside the rig).
+//!
+//! `msb-bench pull [N]` (on the host, no VM): a cold `msb pull` of the default image from a
+//! loopback `docker-registry` into a fresh MSB_HOME, beside `skopeo copy` of it to an OCI
+//! layout, N times each, alternating.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -74,6 +80,9 @@ async fn vmm_child() {
 async fn main() {
     if std::env::args().nth(1).as_deref() == Some(VMM_CHILD) {
         return vmm_child().await;
+    }
+    if std::env::args().nth(1).as_deref() == Some("pull") {
+        return pull_side_by_side(std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(3));
     }
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5);
     println!("msb-bench: {n} sandboxes, {MEMORY_MIB} MiB, 1 vCPU; KVM: {}", msb_hypervisor::classify().describe());
@@ -155,13 +164,146 @@ fn images(n: usize) {
             creates.extend(out.trim().parse::<f64>().ok());
         }
     }
-    println!("--- images (CLI, root filesystem already built) ---");
+    // Cold: the root filesystem removed, so the run builds it from the stored layers first.
+    let mut cold = vec![];
+    let cold_note = match msb_images::msb_home().and_then(|h| msb_images::store::Store::open(&h)) {
+        Ok(store) => match store.get(IMAGE) {
+            Ok(rec) if rec.layers.iter().all(|l| store.blob_path(&l.digest).is_file()) => {
+                for _ in 0..n.min(2) {
+                    let _ = std::fs::remove_file(store.rootfs_path(&rec));
+                    cold.extend(timed(&["run", IMAGE, "--", "true"]).map(|t| t.0));
+                }
+                String::new()
+            }
+            Ok(_) => " (not run: the image's layers are not in this store)".into(),
+            Err(e) => format!(" (not run: {e})"),
+        },
+        Err(e) => format!(" (not run: {e})"),
+    };
+    println!("--- images (CLI) ---");
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let ratio = mean(&image) / mean(&initramfs).max(f64::MIN_POSITIVE);
+    let base = mean(&initramfs).max(f64::MIN_POSITIVE);
+    let ratio = mean(&image) / base;
     stats("`msb run -- true` (busybox initramfs)", initramfs);
-    stats(&format!("`msb run {IMAGE} -- true`"), image);
-    println!("image / initramfs: {ratio:.2}x");
+    stats(&format!("`msb run {IMAGE} -- true` warm"), image);
+    println!("image warm / initramfs: {ratio:.2}x");
+    if cold_note.is_empty() {
+        let ratio = mean(&cold) / base;
+        stats(&format!("`msb run {IMAGE} -- true` cold"), cold);
+        println!("image cold / initramfs: {ratio:.2}x");
+    } else {
+        println!("`msb run {IMAGE} -- true` cold{cold_note}");
+    }
     stats("1,000 file creates + fsync on the writable root, ms", creates);
+}
+
+/// A loopback `docker-registry` for the pull comparison; killed on drop.
+struct Registry(std::process::Child);
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `msb pull` (cold: a fresh MSB_HOME each time, so fetch, verify and the squashfs build)
+/// beside `skopeo copy` to an OCI layout (fetch and write only), of the default image served
+/// by a loopback registry.
+fn pull_side_by_side(n: usize) {
+    const IMAGE: &str = "msb/debian:12";
+    println!("--- pull of {IMAGE} from a loopback docker-registry, {n} each ---");
+    let Some(bin) = std::env::current_exe().ok().map(|p| p.with_file_name("msb")).filter(|p| p.is_file()) else {
+        return println!("pull not benchmarked: no msb binary beside this one");
+    };
+    for tool in ["docker-registry", "skopeo"] {
+        if which(tool).is_none() {
+            return println!("pull not benchmarked: {tool} not found (scripts/setup.sh installs it)");
+        }
+    }
+    let store = match msb_images::msb_home().and_then(|h| msb_images::store::Store::open(&h)) {
+        Ok(s) => s,
+        Err(e) => return println!("pull not benchmarked: {e}"),
+    };
+    let Ok(rec) = store.get(IMAGE) else {
+        return println!("pull not benchmarked: {IMAGE} is not in the store (scripts/setup.sh loads it)");
+    };
+    let Some(manifest) = rec.manifest.clone() else { return println!("pull not benchmarked: no manifest recorded") };
+    // An OCI layout over the store's own blobs, for skopeo to push.
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    std::fs::create_dir(&layout).unwrap();
+    std::os::unix::fs::symlink(store.root().join("blobs"), layout.join("blobs")).unwrap();
+    let doc = std::fs::read(store.blob_path(&manifest)).unwrap_or_default();
+    let media =
+        serde_json::from_slice::<serde_json::Value>(&doc).ok().and_then(|v| v["mediaType"].as_str().map(String::from));
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": media.unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into()),
+        "digest": manifest.as_str(), "size": doc.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "bench"}}]});
+    std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cfg = format!(
+        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+        work.path().join("data").display()
+    );
+    std::fs::write(work.path().join("config.yml"), cfg).unwrap();
+    let Ok(child) = Command::new("docker-registry")
+        .arg("serve")
+        .arg(work.path().join("config.yml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return println!("pull not benchmarked: docker-registry did not start");
+    };
+    let _registry = Registry(child);
+    let end = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > end {
+            return println!("pull not benchmarked: the registry did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let remote = format!("127.0.0.1:{port}/{IMAGE}");
+    let pushed = Command::new("skopeo")
+        .args(["copy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:bench", layout.display()))
+        .arg(format!("docker://{remote}"))
+        .output();
+    if !pushed.as_ref().is_ok_and(|o| o.status.success()) {
+        return println!("pull not benchmarked: pushing with skopeo failed: {pushed:?}");
+    }
+    let (mut msb, mut skopeo) = (vec![], vec![]);
+    for i in 0..n {
+        let home = work.path().join(format!("home{i}"));
+        std::fs::create_dir(&home).unwrap();
+        let t = Instant::now();
+        let o = Command::new(&bin).args(["pull", &remote]).env("MSB_HOME", &home).output();
+        match o {
+            Ok(o) if o.status.success() => msb.push(ms(t.elapsed())),
+            other => println!("msb pull {i}: failed: {other:?}"),
+        }
+        let dest = work.path().join(format!("oci{i}"));
+        let t = Instant::now();
+        let o = Command::new("skopeo")
+            .args(["copy", "--src-tls-verify=false"])
+            .arg(format!("docker://{remote}"))
+            .arg(format!("oci:{}:x", dest.display()))
+            .output();
+        match o {
+            Ok(o) if o.status.success() => skopeo.push(ms(t.elapsed())),
+            other => println!("skopeo copy {i}: failed: {other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&home);
+        let _ = std::fs::remove_dir_all(&dest);
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let ratio = mean(&msb) / mean(&skopeo).max(f64::MIN_POSITIVE);
+    stats("`msb pull` (fetch, verify, squashfs)", msb);
+    stats("`skopeo copy` to an OCI layout", skopeo);
+    println!("ratio msb/skopeo (mean): {ratio:.2}x");
 }
 
 async fn rtts(sb: &Sandbox, n: usize) -> (Vec<f64>, usize) {

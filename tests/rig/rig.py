@@ -103,16 +103,17 @@ def build_initramfs(args, job):
         add_with_libs(c, [path], made)
         c.file(f"msb/bin/{tool}", os.path.realpath(path))
     if args.images and os.path.isdir(args.images):
-        add_images(c, args.images, made)
+        add_images(c, args.images, made, args.all_blobs)
     if args.with_qemu:
         add_qemu(c, made)
     return c.finish()
 
 
-def add_images(c, store, made):
+def add_images(c, store, made, all_blobs=False):
     """Puts the image store into L1's $MSB_HOME: every reference, every built root
     filesystem, and the small blobs (configs, manifests); layers stay behind (the root
-    filesystems are built from them already)."""
+    filesystems are built from them already) unless `all_blobs` (the benchmark's cold run
+    rebuilds a root filesystem from them)."""
     for sub in ["images", "images/blobs", "images/blobs/sha256", "images/refs", "images/rootfs", "images/tmp"]:
         c.dir(f"msb/home/{sub}")
         made.add(f"msb/home/{sub}")
@@ -120,7 +121,7 @@ def add_images(c, store, made):
         d = os.path.join(store, sub)
         for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
             path = os.path.join(d, name)
-            if os.path.isfile(path) and (not small_only or os.path.getsize(path) <= 1 << 20):
+            if os.path.isfile(path) and (all_blobs or not small_only or os.path.getsize(path) <= 1 << 20):
                 c.file(f"msb/home/images/{sub}/{name}", path, 0o644)
 
 
@@ -181,6 +182,7 @@ def main():
     p.add_argument("--job", required=True, help="shell script to run inside L1")
     p.add_argument("--with-qemu", action="store_true", help="add QEMU to L1 (benchmarks)")
     p.add_argument("--images", help="the host's image store ($MSB_HOME/images), copied into L1")
+    p.add_argument("--all-blobs", action="store_true", help="copy the image store's layer blobs too")
     args = p.parse_args()
 
     qemu = shutil.which("qemu-system-x86_64")

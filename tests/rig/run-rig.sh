@@ -44,7 +44,7 @@ msb run msb/debian:12 -- python3 -c "print(6*7)"'
     ;;
   bench)
     job="msb-bench ${1:-5}"
-    extra=--with-qemu
+    extra="--with-qemu --all-blobs"
     ;;
   run)
     [ "${1:-}" = -- ] && shift
