@@ -579,6 +579,62 @@ mod tests {
         assert!(e.contains("more than 10 entries"), "{e}");
     }
 
+    /// A zstd layer whose entries carry ownership, setuid, a file capability (pax
+    /// SCHILY.xattr.security.capability), a hardlink and a symlink: the squashfs tar2sqfs
+    /// builds from the merge holds every one of them, as `rdsquashfs` reads it back.
+    #[test]
+    fn a_zstd_layer_keeps_owners_setuid_capabilities_and_links_in_the_squashfs() {
+        if which("tar2sqfs").is_none() || which("rdsquashfs").is_none() {
+            panic!("tar2sqfs and rdsquashfs (squashfs-tools-ng; scripts/setup.sh installs it) are needed");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cap = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        b.append_data(&mut h, "bin", &b""[..]).unwrap();
+        b.append_pax_extensions([("SCHILY.xattr.security.capability", &cap[..])]).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o4755);
+        h.set_uid(1000);
+        h.set_gid(1001);
+        h.set_size(4);
+        b.append_data(&mut h, "bin/ping", &b"ping"[..]).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Link);
+        h.set_size(0);
+        b.append_link(&mut h, "bin/ping2", "bin/ping").unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        b.append_link(&mut h, "bin/p", "ping").unwrap();
+        let tar = b.into_inner().unwrap();
+        let bytes = ruzstd::encoding::compress_to_vec(&tar[..], ruzstd::encoding::CompressionLevel::Fastest);
+        assert_eq!(&bytes[..4], b"\x28\xb5\x2f\xfd", "a zstd frame");
+        let blob = dir.path().join("layer");
+        std::fs::write(&blob, &bytes).unwrap();
+        let lay = Layer { blob, digest: Digest::of(&bytes), diff_id: Digest::of(&tar) };
+        let dest = dir.path().join("root.sqfs");
+        build(&[lay], dir.path(), &dest, "staging").unwrap();
+        let rd = |args: &[&str]| {
+            let o = std::process::Command::new("rdsquashfs").args(args).arg(&dest).output().unwrap();
+            assert!(o.status.success(), "rdsquashfs {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        let st = rd(&["-s", "/bin/ping"]);
+        let field = |name: &str| st.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_string();
+        assert!(field("Access").contains("04755"), "setuid survived: {st}");
+        assert!(field("UID").contains("1000") && field("GID").contains("1001"), "{st}");
+        assert!(field("Hard link count").contains('2'), "the hardlink is one inode: {st}");
+        let x = rd(&["-x", "/bin/ping"]);
+        assert!(x.contains("security.capability"), "the file capability survived: {x:?}");
+        assert!(rd(&["-s", "/bin/p"]).contains("ping"), "the symlink target survived");
+        assert_eq!(rd(&["-c", "/bin/ping2"]), "ping");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "the staging file is gone");
+    }
+
     #[test]
     fn ancestors_are_strict_prefixes() {
         assert_eq!(ancestors("a/b/c").collect::<Vec<_>>(), vec!["a", "a/b"]);
