@@ -521,6 +521,31 @@ fn images_pull_with_basic_auth_over_tls_with_a_test_ca() {
     let o = pull(&ca_arg, Some(&cfg));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(json(&ok(h, &["images", "--format", "json"]))[0]["reference"], image.as_str());
+    // A credential helper (docker's protocol: the server on stdin, JSON on stdout), named
+    // for this registry; it checks which server it was asked about.
+    ok(h, &["rmi", &image]);
+    let bin = tempfile::tempdir().unwrap();
+    let helper = bin.path().join("docker-credential-msbtest");
+    let script = format!(
+        "#!/bin/sh\n[ \"$1\" = get ] || exit 1\nread server\n[ \"$server\" = 127.0.0.1:{} ] || exit 1\necho '{{\"ServerURL\":\"x\",\"Username\":\"alice\",\"Secret\":\"s3cret\"}}'\n",
+        reg.port
+    );
+    std::fs::write(&helper, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.path().display(), std::env::var("PATH").unwrap_or_default());
+    let cfg = format!(r#"{{"credHelpers":{{"127.0.0.1:{}":"msbtest"}},"auths":{{}}}}"#, reg.port);
+    std::fs::write(docker.path().join("config.json"), cfg).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_msb"))
+        .arg("pull")
+        .arg(&image)
+        .args(ca_arg)
+        .env("MSB_HOME", h)
+        .env("DOCKER_CONFIG", docker.path())
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "through the helper: {}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]

@@ -97,20 +97,85 @@ struct Session {
     auth: Option<String>,
 }
 
-/// Docker's stored credentials for `host` (`auths.HOST.auth`, base64 of `user:password`).
+/// Docker's stored credentials for `host`, as docker finds them: a credential helper named
+/// for the host (`credHelpers`) or for all (`credsStore`), then `auths.HOST.auth` (base64 of
+/// `user:password`). Returns the base64 `user:password` for Basic.
 fn docker_credentials(host: &str) -> Option<String> {
     let path = std::env::var_os("DOCKER_CONFIG")
         .map(|d| PathBuf::from(d).join("config.json"))
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")))?;
     let text = std::fs::read(path).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    let hub = host == "registry-1.docker.io" || host == "docker.io";
+    let server = if hub { "https://index.docker.io/v1/".to_string() } else { host.to_string() };
+    let helper =
+        v.get("credHelpers").and_then(|h| h.get(host)).or_else(|| v.get("credsStore")).and_then(|h| h.as_str());
+    if let Some(found) = helper.and_then(|h| credential_helper(h, &server)) {
+        return Some(found);
+    }
     let auths = v.get("auths")?.as_object()?;
     let keys = [host.to_string(), format!("https://{host}"), format!("https://{host}/v1/"), format!("http://{host}")];
-    let hub = host == "registry-1.docker.io" || host == "docker.io";
     keys.iter()
-        .chain(hub.then_some(&"https://index.docker.io/v1/".to_string()))
+        .chain(hub.then_some(&server))
         .find_map(|k| auths.get(k)?.get("auth")?.as_str().map(String::from))
         .filter(|a| !a.is_empty())
+}
+
+/// Most a credential helper may print.
+const MAX_HELPER_OUTPUT: u64 = 64 * 1024;
+/// How long a credential helper may take.
+const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Asks `docker-credential-NAME get` for `server`'s credentials (docker's helper protocol:
+/// the server on stdin, `{"Username", "Secret"}` on stdout). A helper name is a plain word;
+/// an identity token (`<token>` user) is not a password and is not used.
+fn credential_helper(name: &str, server: &str) -> Option<String> {
+    use base64::Engine;
+    use std::io::Write;
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        tracing::warn!(helper = name, "ignoring a credential helper with an odd name");
+        return None;
+    }
+    let program = format!("docker-credential-{name}");
+    let mut child = std::process::Command::new(&program)
+        .arg("get")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| tracing::warn!(%program, "credential helper did not start: {e}"))
+        .ok()?;
+    let _ = child.stdin.take().map(|mut i| i.write_all(server.as_bytes()));
+    let out = child.stdout.take()?;
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out.take(MAX_HELPER_OUTPUT).read_to_end(&mut buf);
+        buf
+    });
+    let end = std::time::Instant::now() + HELPER_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if std::time::Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                tracing::warn!(%program, "credential helper did not answer in time");
+                return None;
+            }
+        }
+    };
+    let buf = reader.join().ok()?;
+    if !status.success() {
+        // No credentials for this server: pull anonymously.
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&buf).ok()?;
+    let (user, secret) = (v.get("Username")?.as_str()?, v.get("Secret")?.as_str()?);
+    if user.is_empty() || user == "<token>" || secret.is_empty() {
+        return None;
+    }
+    Some(base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}")))
 }
 
 /// The certificates to trust: the system bundle and `extra`.
