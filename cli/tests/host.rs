@@ -345,7 +345,7 @@ fn images_a_tampered_layer_or_a_hostile_one_loads_nothing() {
 struct Registry {
     child: std::process::Child,
     port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Registry {
@@ -431,7 +431,7 @@ fn registry(auth: Option<(&str, &str)>, tls: bool) -> (Registry, Option<std::pat
         assert!(std::time::Instant::now() < end, "the test registry did not come up");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    (Registry { child, port, _dir: dir }, ca)
+    (Registry { child, port, dir }, ca)
 }
 
 /// Pushes the OCI layout `src` (named `tiny`) to `dest` with skopeo.
@@ -479,6 +479,90 @@ fn images_pull_from_a_loopback_registry_twice_at_once() {
     assert_eq!(std::fs::read_dir(h.join("images/tmp")).unwrap().count(), 0, "staging is empty");
     let (_, msg) = err(h, &["pull", &format!("127.0.0.1:{}/team/absent:1", reg.port)]);
     assert!(msg.contains("not found"), "{msg}");
+}
+
+/// Every stored blob hashes to its name (nothing unverified was published).
+fn blobs_verify(home: &Path) {
+    for e in std::fs::read_dir(home.join("images/blobs/sha256")).unwrap() {
+        let p = e.unwrap().path();
+        let d = msb_images::oci::Digest::of(&std::fs::read(&p).unwrap());
+        assert_eq!(d.hex(), p.file_name().unwrap().to_str().unwrap(), "a stored blob does not match its name");
+    }
+}
+
+#[test]
+fn images_a_killed_pull_leaves_no_image_and_tampered_or_mislabelled_layers_are_refused() {
+    use std::io::BufRead;
+    let (reg, _) = registry(None, false);
+    let src = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..48u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    oci_layout(src.path(), "tiny", &[("big", &big)]);
+    let image = format!("127.0.0.1:{}/team/big:1", reg.port);
+    push(src.path(), &image, &["--dest-tls-verify=false"]);
+    // Killed as soon as the layer starts to arrive.
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_msb"))
+        .args(["pull", &image])
+        .env("MSB_HOME", h)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    for line in std::io::BufReader::new(c.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let big_blob = line.contains(": fetching (") && !line.contains("(0.0MB)");
+        seen.push(line);
+        if big_blob {
+            break;
+        }
+    }
+    c.kill().unwrap();
+    c.wait().unwrap();
+    assert!(seen.iter().any(|l| l.contains(": fetching (")), "{seen:?}");
+    assert_eq!(json(&ok(h, &["images", "--format", "json"])).as_array().unwrap().len(), 0, "{seen:?}");
+    assert_eq!(std::fs::read_dir(h.join("images/refs")).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(h.join("images/rootfs")).unwrap().count(), 0);
+    blobs_verify(h);
+    // The same pull afterwards completes.
+    ok(h, &["pull", &image]);
+    assert_eq!(json(&ok(h, &["images", "--format", "json"]))[0]["reference"], image.as_str());
+    // A layer changed in the registry's storage: refused, nothing named.
+    let blobs = reg.dir.path().join("data/docker/registry/v2/blobs/sha256");
+    let mut biggest = (0u64, std::path::PathBuf::new());
+    for sub in std::fs::read_dir(&blobs).unwrap() {
+        for b in std::fs::read_dir(sub.unwrap().path()).unwrap() {
+            let data = b.unwrap().path().join("data");
+            let len = std::fs::metadata(&data).map(|m| m.len()).unwrap_or(0);
+            if len > biggest.0 {
+                biggest = (len, data);
+            }
+        }
+    }
+    let mut bytes = std::fs::read(&biggest.1).unwrap();
+    bytes[4096] ^= 1;
+    std::fs::write(&biggest.1, bytes).unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    let (_, msg) = err(fresh.path(), &["pull", &image]);
+    assert!(msg.contains("tampered"), "{msg}");
+    assert_eq!(json(&ok(fresh.path(), &["images", "--format", "json"])).as_array().unwrap().len(), 0);
+    blobs_verify(fresh.path());
+    // A gzip layer whose config names the compressed digest as its diff_id: refused.
+    let lying = tempfile::tempdir().unwrap();
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut hd = tar::Header::new_gnu();
+    hd.set_size(3);
+    hd.set_mode(0o644);
+    tar.append_data(&mut hd, "etc/x", &b"abc"[..]).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar.into_inner().unwrap()).unwrap();
+    oci_layout_raw(lying.path(), "tiny", &gz.finish().unwrap());
+    let lie = format!("127.0.0.1:{}/team/lying:1", reg.port);
+    push(lying.path(), &lie, &["--dest-tls-verify=false"]);
+    let (_, msg) = err(fresh.path(), &["pull", &lie]);
+    assert!(msg.contains("diff_id") || msg.contains("hashes to"), "{msg}");
+    assert_eq!(json(&ok(fresh.path(), &["images", "--format", "json"])).as_array().unwrap().len(), 0);
 }
 
 #[test]
