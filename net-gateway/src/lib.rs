@@ -1,0 +1,12 @@
+//! The network gateway's pure core (DESIGN.md §6): the one address classifier
+//! ([`classify`]) and the egress/ingress policy ([`policy`]). The smoltcp stack, DNS, the
+//! dialer and published ports build on these; every decision about an address goes through
+//! [`classify::Classifier`] and every decision about a flow through [`policy::Policy`].
+//!
+//! Invariants: nothing here does I/O or sees guest memory; every input is a parsed value
+//! (addresses as [`std::net::IpAddr`], names as checked [`policy::DomainName`]s).
+
+#![forbid(unsafe_code)]
+
+pub mod classify;
+pub mod policy;
