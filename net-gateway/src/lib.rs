@@ -1,5 +1,6 @@
 //! The network gateway's pure core (DESIGN.md §6): the one address classifier
-//! ([`classify`]) and the egress/ingress policy ([`policy`]). The smoltcp stack, DNS, the
+//! ([`classify`]), the egress/ingress policy ([`policy`]) and DNS answering with its pin set
+//! ([`dns`]). The smoltcp stack, DNS, the
 //! dialer and published ports build on these; every decision about an address goes through
 //! [`classify::Classifier`] and every decision about a flow through [`policy::Policy`].
 //!
@@ -9,4 +10,5 @@
 #![forbid(unsafe_code)]
 
 pub mod classify;
+pub mod dns;
 pub mod policy;

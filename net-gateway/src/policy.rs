@@ -17,8 +17,10 @@
 //! every rule keeps its canonical text (its [`std::fmt::Display`], which parses back to the
 //! same rule), which denials and the audit stream name. A domain target matches a flow only
 //! through the names the gateway itself resolved to the flow's address for this sandbox
-//! ([`Flow::names`]): what the guest claims never names a flow. Address targets match the
-//! parsed address; groups match through the one [`Classifier`].
+//! ([`Flow::names`]): what the guest claims never names a flow; and a domain target matches
+//! only `public` addresses (a name that resolves to a private or loopback address needs an
+//! address rule too). Address targets match the parsed address; groups match through the
+//! one [`Classifier`].
 
 use std::net::IpAddr;
 
@@ -235,12 +237,18 @@ impl Rule {
         if !self.ports.is_empty() && !self.ports.iter().any(|r| (r.lo..=r.hi).contains(&f.port)) {
             return false;
         }
+        self.target_matches(f.addr, f.names, group)
+    }
+
+    fn target_matches(&self, addr: IpAddr, names: &[DomainName], group: Group) -> bool {
         match &self.target {
             Target::Any => true,
             Target::Group(g) => *g == group,
-            Target::Net(n) => n.contains(&canonical(f.addr)) || n.contains(&f.addr),
-            Target::Domain(d) => f.names.iter().any(|n| n == d),
-            Target::Below(d) => f.names.iter().any(|n| n.is_below(d)),
+            Target::Net(n) => n.contains(&canonical(addr)) || n.contains(&addr),
+            // A name never opens a non-public address: a rebinding answer (a public name that
+            // resolves to 127.0.0.1) stays denied unless an address rule allows that address.
+            Target::Domain(d) => group == Group::Public && names.iter().any(|n| n == d),
+            Target::Below(d) => group == Group::Public && names.iter().any(|n| n.is_below(d)),
         }
     }
 
@@ -463,6 +471,24 @@ impl Policy {
         }
     }
 
+    /// Whether some egress flow to `addr` (any protocol, any port) could be allowed, with
+    /// `names` resolved to it: what keeps an address in a DNS answer. A deny rule stops the
+    /// search only when it covers every protocol and port.
+    pub fn address_allowed(&self, c: &Classifier, addr: IpAddr, names: &[DomainName]) -> bool {
+        let group = c.classify(addr);
+        for r in self.rules.iter().filter(|r| r.direction == Direction::Egress) {
+            if !r.target_matches(addr, names, group) {
+                continue;
+            }
+            match r.action {
+                Action::Allow => return true,
+                Action::Deny if r.proto.is_none() && r.ports.is_empty() => return false,
+                Action::Deny => {}
+            }
+        }
+        self.default == Action::Allow
+    }
+
     /// Decides a DNS lookup by name alone: the first domain rule matching `name`, if any.
     /// `None`: no domain rule names it, so its answers are decided address by address.
     pub fn decide_name(&self, name: &DomainName) -> Option<(Action, usize)> {
@@ -617,6 +643,8 @@ mod tests {
         assert_eq!(p.decide(&c, &out(Proto::Udp, "93.184.216.34", 53, &below)).action, Action::Allow);
         let apex = names(&["cdn.example.net"]);
         assert_eq!(p.decide(&c, &out(Proto::Tcp, "93.184.216.34", 443, &apex)).action, Action::Deny, "not the apex");
+        let rebound = p.decide(&c, &out(Proto::Tcp, "127.0.0.1", 443, &pinned));
+        assert_eq!(rebound.action, Action::Deny, "a name never opens a loopback address");
         let lookalike = names(&["evilcdn.example.net"]);
         assert_eq!(p.decide(&c, &out(Proto::Tcp, "93.184.216.34", 443, &lookalike)).action, Action::Deny);
         // By name alone, for DNS.
@@ -624,6 +652,21 @@ mod tests {
         assert_eq!(p.decide_name(&n("API.example.com.")), Some((Action::Allow, 0)));
         assert_eq!(p.decide_name(&n("x.cdn.example.net")), Some((Action::Allow, 1)));
         assert_eq!(p.decide_name(&n("example.com")), None);
+    }
+
+    #[test]
+    fn an_address_stays_in_a_dns_answer_if_some_flow_to_it_could_be_allowed() {
+        let c = Classifier::default();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let p = Policy::with_rules(vec![rule("deny tcp/8.8.8.8:25"), rule("deny 1.1.1.1")]).unwrap();
+        assert!(p.address_allowed(&c, ip("8.8.8.8"), &[]), "only port 25 is denied");
+        assert!(!p.address_allowed(&c, ip("1.1.1.1"), &[]), "a blanket deny");
+        assert!(!p.address_allowed(&c, ip("10.0.0.1"), &[]));
+        let p = Policy::new(vec![rule("allow tcp/api.example.com:443")], Action::Deny).unwrap();
+        let api = names(&["api.example.com"]);
+        assert!(p.address_allowed(&c, ip("93.184.216.34"), &api));
+        assert!(!p.address_allowed(&c, ip("93.184.216.34"), &[]));
+        assert!(!p.address_allowed(&c, ip("192.168.1.1"), &api), "rebinding to a private address");
     }
 
     #[test]
