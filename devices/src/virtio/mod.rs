@@ -4,6 +4,7 @@
 pub mod blk;
 pub mod console;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 
 pub use mmio::{MmioSlot, MmioTransport};
@@ -12,6 +13,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_CONSOLE: u32 = 3;
 pub const TYPE_RNG: u32 = 4;
