@@ -13,7 +13,9 @@
 //!
 //! The SDK's other modes: `cat PATH` (a regular file's bytes to stdout), `write PATH MODE`
 //! (stdin into a new file beside PATH, synced, then renamed onto PATH, so a reader never
-//! sees half a file and a failed write leaves the old one), `ls PATH` and `stat PATH`
+//! sees half a file and a failed write leaves the old one; stdin is [`write_frames`]: chunks
+//! each after its length, ended by an empty one, so that input which stops without that end
+//! — a client that went away — is never committed), `ls PATH` and `stat PATH`
 //! (one [`entry_line`] per entry; `ls` stops after [`MAX_LIST`]), `mkdir PATH 0|1`
 //! (1: with parents, existing is fine), `rm PATH 0|1` (1: a directory with everything
 //! below it), `mv FROM TO` (rename(2)). Failures exit with a status naming the kind
@@ -107,7 +109,33 @@ fn cat(path: &Path, mut out: impl Write) -> Result<(), Failure> {
     out.flush().map_err(io(path))
 }
 
-/// Writes stdin to a fresh file beside `path`, syncs it and renames it onto `path`.
+/// Largest chunk of a framed write.
+pub const MAX_WRITE_FRAME: usize = 1 << 20;
+
+/// Copies framed input (`u32` little-endian length, then that many bytes; a zero length
+/// ends it) to `out`. Input that ends without the zero length is an abandoned write.
+pub fn write_frames(input: &mut impl Read, out: &mut impl Write) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    loop {
+        let mut len = [0u8; 4];
+        input.read_exact(&mut len).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => std::io::Error::other("the write was abandoned before its end"),
+            _ => e,
+        })?;
+        let len = u32::from_le_bytes(len) as usize;
+        if len == 0 {
+            return Ok(());
+        }
+        if len > MAX_WRITE_FRAME {
+            return Err(std::io::Error::other(format!("a write chunk of {len} bytes (at most {MAX_WRITE_FRAME})")));
+        }
+        buf.resize(len, 0);
+        input.read_exact(&mut buf)?;
+        out.write_all(&buf)?;
+    }
+}
+
+/// Writes framed stdin to a fresh file beside `path`, syncs it and renames it onto `path`.
 fn write(mut input: impl Read, path: &Path, perm: u32) -> Result<(), Failure> {
     use std::os::unix::fs::OpenOptionsExt;
     if path.is_dir() {
@@ -120,7 +148,7 @@ fn write(mut input: impl Read, path: &Path, perm: u32) -> Result<(), Failure> {
     let tmp = path.with_file_name(tmp_name);
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(perm).open(&tmp).map_err(io(path))?;
     let r = (|| {
-        std::io::copy(&mut input, &mut f)?;
+        write_frames(&mut input, &mut f)?;
         f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(perm))?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -272,20 +300,39 @@ mod tests {
         }
     }
 
+    fn framed(chunks: &[&[u8]], end: bool) -> Vec<u8> {
+        let mut v = Vec::new();
+        for c in chunks {
+            v.extend_from_slice(&(c.len() as u32).to_le_bytes());
+            v.extend_from_slice(c);
+        }
+        if end {
+            v.extend_from_slice(&[0; 4]);
+        }
+        v
+    }
+
     #[test]
     fn a_write_replaces_the_file_whole_or_not_at_all() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
-        write(&b"first"[..], &p, 0o600).unwrap();
+        write(&framed(&[b"fi", b"rst"], true)[..], &p, 0o600).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"first");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777, 0o600);
         assert!(write(Broken, &p, 0o644).is_err());
         assert_eq!(std::fs::read(&p).unwrap(), b"first", "a failed write leaves the old file");
+        let e = write(&framed(&[b"abandoned"], false)[..], &p, 0o644).unwrap_err();
+        assert!(e.1.contains("abandoned"), "{e:?}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"first", "input that stops without its end is not committed");
+        let mut huge = framed(&[], false);
+        huge.extend_from_slice(&(MAX_WRITE_FRAME as u32 + 1).to_le_bytes());
+        assert!(write(&huge[..], &p, 0o644).is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "and no temporary file");
-        let Err(Failure(code, _)) = write(&b"x"[..], dir.path(), 0o644) else { panic!("wrote over a directory") };
+        let x = framed(&[b"x"], true);
+        let Err(Failure(code, _)) = write(&x[..], dir.path(), 0o644) else { panic!("wrote over a directory") };
         assert_eq!(code, 5);
-        let Err(Failure(code, _)) = write(&b"x"[..], &dir.path().join("no/such"), 0o644) else { panic!() };
+        let Err(Failure(code, _)) = write(&x[..], &dir.path().join("no/such"), 0o644) else { panic!() };
         assert_eq!(code, 2);
     }
 

@@ -18,7 +18,9 @@
 //! [`MAX_COPY_ENTRIES`] entries.
 //!
 //! A write goes to a new file beside its target and is renamed onto it only once all of it
-//! is synced, so a failed or abandoned write never leaves half a file at the path. Dropping a
+//! is synced, so a failed or abandoned write never leaves half a file at the path: its bytes
+//! go framed (length, bytes; an empty chunk commits), so input that stops early — a client
+//! that went away, a writer dropped unfinished — is never taken for the whole file. Dropping a
 //! [`FileReader`] or an unfinished [`FileWriter`] kills its command in the guest.
 
 use std::io::{Read, Write};
@@ -221,6 +223,8 @@ impl FileWriter {
         let Some(mut input) = self.input.take() else {
             return Err(Error::Config(format!("the write of {} has already ended", self.path)));
         };
+        // The empty chunk commits the write; input that stops without it never does.
+        input.write_stdin(&[0; 4]).await?;
         input.close_stdin().await?;
         self.end().await
     }
@@ -552,10 +556,9 @@ impl Files<'_> {
         };
         drop(tx);
         let extracted = extractor.await.map_err(|e| Error::Wire(format!("the extractor failed: {e}")))?;
-        if let Err(why) = extracted {
-            return Err(Error::Config(why));
-        }
-        outcome("copying", from, end, &stderr)
+        // The guest's own failure (a missing path) says more than what the host made of it.
+        outcome("copying", from, end, &stderr)?;
+        extracted.map_err(Error::Config)
     }
 }
 
