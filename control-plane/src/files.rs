@@ -192,6 +192,15 @@ impl Drop for FileReader {
     }
 }
 
+/// One chunk of a write as agentd's write mode reads it: its length (`u32` little-endian),
+/// then its bytes. An empty chunk ends the write and commits it.
+fn frame(chunk: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(4 + chunk.len());
+    f.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
+    f.extend_from_slice(chunk);
+    f
+}
+
 type Drain = tokio::task::JoinHandle<(Option<ExecEvent>, Vec<u8>)>;
 
 /// A file being written into a sandbox; [`FileWriter::finish`] puts it in place.
@@ -207,13 +216,15 @@ impl FileWriter {
         let Some(input) = self.input.as_mut() else {
             return Err(Error::Config(format!("the write of {} has already ended", self.path)));
         };
-        if input.write_stdin(data).await.is_err() {
-            // The guest side stopped reading: it failed, and its status says why.
-            self.input = None;
-            return self
-                .end()
-                .await
-                .and(Err(Error::Wire(format!("writing {}: the sandbox stopped reading", self.path))));
+        for chunk in data.chunks(CHUNK) {
+            if input.write_stdin(&frame(chunk)).await.is_err() {
+                // The guest side stopped reading: it failed, and its status says why.
+                self.input = None;
+                return self
+                    .end()
+                    .await
+                    .and(Err(Error::Wire(format!("writing {}: the sandbox stopped reading", self.path))));
+            }
         }
         Ok(())
     }
@@ -224,7 +235,7 @@ impl FileWriter {
             return Err(Error::Config(format!("the write of {} has already ended", self.path)));
         };
         // The empty chunk commits the write; input that stops without it never does.
-        input.write_stdin(&[0; 4]).await?;
+        input.write_stdin(&frame(&[])).await?;
         input.close_stdin().await?;
         self.end().await
     }
@@ -804,6 +815,14 @@ mod tests {
         }
         let long = format!("f 644 0 0 1 0 {}", "61".repeat(256));
         assert!(parse_entry(long.as_bytes(), false).is_err(), "a 256-byte name");
+    }
+
+    #[test]
+    fn write_chunks_are_framed_as_agentd_reads_them() {
+        // The same layout agentd's write_frames test builds: length, bytes; empty ends.
+        assert_eq!(frame(b"fi"), [2, 0, 0, 0, b'f', b'i']);
+        assert_eq!(frame(&[]), [0, 0, 0, 0]);
+        assert_eq!(frame(&vec![7; CHUNK])[..4], (CHUNK as u32).to_le_bytes());
     }
 
     #[test]
