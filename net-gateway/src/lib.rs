@@ -12,3 +12,4 @@
 pub mod classify;
 pub mod dns;
 pub mod policy;
+pub mod stack;

@@ -1,0 +1,614 @@
+//! The gateway's packet side: a smoltcp interface in any-IP mode that ends the guest's TCP
+//! and DNS, and asks its shell to dial host sockets only after the policy said yes.
+//!
+//! The guest sees one router, [`NetConfig::gateway_v4`] / [`NetConfig::gateway_v6`], which
+//! also answers DNS on port 53 (UDP, any address the guest sends it to). Every frame from the
+//! guest is parsed before smoltcp sees it: a source that is not the guest's address is
+//! dropped (no spoofing); a TCP SYN to a new destination is decided by [`Policy::decide`]
+//! with the names this sandbox resolved to that address ([`Pins`]), and only an allowed one
+//! gets a socket and a [`Event::Dial`]; a denied one gets no socket, so smoltcp answers RST
+//! at once. Every decision is an [`Event::Audit`].
+//!
+//! Invariants (the shell relies on them): nothing here does I/O; time comes in as
+//! milliseconds; queues are bounded — frames each way ([`MAX_FRAMES`]), TCP flows
+//! ([`MAX_FLOWS`], new ones at most [`SYN_BURST`] then [`SYN_PER_SEC`] a second), DNS
+//! lookups in flight ([`MAX_DNS_PENDING`]), events ([`MAX_EVENTS`]; audit records past it are
+//! counted as dropped, never data); bytes move towards the host only against the credit the
+//! shell grants per flow, and towards the guest only as fast as the flow's socket takes them.
+//! A flow idle for [`IDLE_TIMEOUT_MS`] is reset.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::time::Instant;
+use smoltcp::wire::{
+    EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint,
+    IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket,
+};
+
+use crate::classify::{Classifier, Group};
+use crate::dns::{self, GuestQuery, Pins, Step};
+use crate::policy::{Action, Direction, Flow, Policy, Proto};
+
+/// Most frames queued each way.
+pub const MAX_FRAMES: usize = 256;
+/// Most TCP flows at once.
+pub const MAX_FLOWS: usize = 1024;
+/// New TCP flows allowed at once, then [`SYN_PER_SEC`] a second.
+pub const SYN_BURST: u32 = 128;
+pub const SYN_PER_SEC: u32 = 64;
+/// Most DNS lookups waiting for upstream.
+pub const MAX_DNS_PENDING: usize = 64;
+/// Most events waiting for the shell.
+pub const MAX_EVENTS: usize = 4096;
+/// A flow with no traffic this long is reset.
+pub const IDLE_TIMEOUT_MS: u64 = 10 * 60 * 1000;
+/// Socket buffers per TCP flow, each way.
+pub const FLOW_BUFFER: usize = 64 * 1024;
+const DNS_PORT: u16 = 53;
+
+/// The guest's side of the network: what agentd configures from the boot configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetConfig {
+    pub guest_mac: [u8; 6],
+    pub gateway_mac: [u8; 6],
+    pub guest_v4: Ipv4Addr,
+    pub gateway_v4: Ipv4Addr,
+    pub prefix_v4: u8,
+    pub guest_v6: Ipv6Addr,
+    pub gateway_v6: Ipv6Addr,
+    pub prefix_v6: u8,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            guest_mac: [0x02, 0x6d, 0x73, 0x62, 0, 2],
+            gateway_mac: [0x02, 0x6d, 0x73, 0x62, 0, 1],
+            guest_v4: Ipv4Addr::new(192, 168, 127, 2),
+            gateway_v4: Ipv4Addr::new(192, 168, 127, 1),
+            prefix_v4: 24,
+            guest_v6: Ipv6Addr::new(0xfd6d, 0x7362, 0, 0, 0, 0, 0, 2),
+            gateway_v6: Ipv6Addr::new(0xfd6d, 0x7362, 0, 0, 0, 0, 0, 1),
+            prefix_v6: 64,
+        }
+    }
+}
+
+pub type FlowId = u64;
+
+/// One decision, for the audit stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audit {
+    pub at_ms: u64,
+    pub proto: Proto,
+    pub dest: SocketAddr,
+    /// The names this sandbox resolved to the destination, if any.
+    pub names: Vec<String>,
+    pub action: Action,
+    pub group: Group,
+    /// What decided, in words (`rule 2 \`deny private\``, `the default (deny)`, …).
+    pub why: String,
+}
+
+/// What the shell must do or record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Open a host connection for `flow` to `addr` (check the address actually connected
+    /// with the classifier again at the dial point), then [`Gateway::host_connected`] or
+    /// [`Gateway::host_failed`].
+    Dial {
+        flow: FlowId,
+        addr: SocketAddr,
+    },
+    /// Bytes the guest sent on `flow`, for the host socket.
+    Data {
+        flow: FlowId,
+        bytes: Vec<u8>,
+    },
+    /// The guest finished sending on `flow` (shut down the host socket's write side).
+    GuestDone {
+        flow: FlowId,
+    },
+    /// `flow` is gone (reset, closed both ways, idle): drop its host socket.
+    Closed {
+        flow: FlowId,
+    },
+    /// Send `bytes` to the upstream resolver; its answer goes to [`Gateway::dns_reply`].
+    Resolve {
+        lookup: u64,
+        upstream_id: u16,
+        bytes: Vec<u8>,
+    },
+    Audit(Audit),
+}
+
+/// The frame queues smoltcp reads and writes.
+#[derive(Debug, Default)]
+struct Frames {
+    rx: VecDeque<Vec<u8>>,
+    tx: VecDeque<Vec<u8>>,
+}
+
+struct Rx(Vec<u8>);
+struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl phy::RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl phy::TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0u8; len];
+        let r = f(&mut buf);
+        self.0.push_back(buf);
+        r
+    }
+}
+
+impl Device for Frames {
+    type RxToken<'a> = Rx;
+    type TxToken<'a> = Tx<'a>;
+
+    fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
+        if self.tx.len() >= MAX_FRAMES {
+            return None;
+        }
+        let f = self.rx.pop_front()?;
+        Some((Rx(f), Tx(&mut self.tx)))
+    }
+
+    fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
+        if self.tx.len() < MAX_FRAMES {
+            Some(Tx(&mut self.tx))
+        } else {
+            None
+        }
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ethernet;
+        c.max_transmission_unit = 1514;
+        c
+    }
+}
+
+struct TcpFlow {
+    handle: SocketHandle,
+    key: (SocketAddr, SocketAddr),
+    /// Bytes the shell can take towards the host now.
+    credit: usize,
+    connected: bool,
+    guest_done: bool,
+    last_ms: u64,
+}
+
+struct PendingLookup {
+    query: GuestQuery,
+    upstream_id: u16,
+    guest: IpEndpoint,
+    local: IpAddress,
+}
+
+/// A SYN a guest frame carries, parsed.
+struct Syn {
+    src: SocketAddr,
+    dst: SocketAddr,
+}
+
+/// The gateway core for one sandbox.
+pub struct Gateway {
+    cfg: NetConfig,
+    iface: Interface,
+    dev: Frames,
+    sockets: SocketSet<'static>,
+    policy: Policy,
+    classifier: Classifier,
+    pins: Pins,
+    flows: HashMap<FlowId, TcpFlow>,
+    by_key: HashMap<(SocketAddr, SocketAddr), FlowId>,
+    dns: SocketHandle,
+    lookups: HashMap<u64, PendingLookup>,
+    events: VecDeque<Event>,
+    next_id: u64,
+    syn_tokens: u32,
+    syn_refill_ms: u64,
+    /// Upstream DNS ids come from here (xorshift, seeded per sandbox).
+    rng: u64,
+    /// Frames dropped for a spoofed source, audits dropped for a full event queue.
+    pub spoofed: u64,
+    pub audits_dropped: u64,
+}
+
+impl Gateway {
+    pub fn new(cfg: NetConfig, policy: Policy, classifier: Classifier, seed: u64, now_ms: u64) -> Self {
+        let mut dev = Frames::default();
+        let mut c = Config::new(HardwareAddress::Ethernet(EthernetAddress(cfg.gateway_mac)));
+        c.random_seed = seed;
+        let now = Instant::from_millis(now_ms as i64);
+        let mut iface = Interface::new(c, &mut dev, now);
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(IpAddress::Ipv4(cfg.gateway_v4), cfg.prefix_v4));
+            let _ = a.push(IpCidr::new(IpAddress::Ipv6(cfg.gateway_v6), cfg.prefix_v6));
+        });
+        // Any-IP: packets to every address are ours, routed "via" our own address.
+        iface.set_any_ip(true);
+        let _ = iface.routes_mut().add_default_ipv4_route(cfg.gateway_v4);
+        let _ = iface.routes_mut().add_default_ipv6_route(cfg.gateway_v6);
+        let mut sockets = SocketSet::new(Vec::new());
+        let meta = || vec![udp::PacketMetadata::EMPTY; 32];
+        let mut dns_sock = udp::Socket::new(
+            udp::PacketBuffer::new(meta(), vec![0; 32 * 1024]),
+            udp::PacketBuffer::new(meta(), vec![0; 64 * 1024]),
+        );
+        dns_sock.bind(IpListenEndpoint { addr: None, port: DNS_PORT }).expect("port 53 binds");
+        let dns = sockets.add(dns_sock);
+        Gateway {
+            cfg,
+            iface,
+            dev,
+            sockets,
+            policy,
+            classifier,
+            pins: Pins::default(),
+            flows: HashMap::new(),
+            by_key: HashMap::new(),
+            dns,
+            lookups: HashMap::new(),
+            events: VecDeque::new(),
+            next_id: 1,
+            syn_tokens: SYN_BURST,
+            syn_refill_ms: now_ms,
+            rng: seed | 1,
+            spoofed: 0,
+            audits_dropped: 0,
+        }
+    }
+
+    pub fn config(&self) -> &NetConfig {
+        &self.cfg
+    }
+
+    /// Replaces the policy; flows it now denies are reset.
+    pub fn set_policy(&mut self, policy: Policy, now_ms: u64) {
+        self.policy = policy;
+        let denied: Vec<FlowId> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| self.decide(Proto::Tcp, f.key.1, now_ms).0 == Action::Deny)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in denied {
+            self.reset(id);
+        }
+    }
+
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    fn push(&mut self, ev: Event) {
+        if self.events.len() >= MAX_EVENTS {
+            // Data and lifecycle events are bounded by the flows' credit and the flow table;
+            // only audit records can outrun the shell, and they are counted when dropped.
+            if matches!(ev, Event::Audit(_)) {
+                self.audits_dropped += 1;
+                return;
+            }
+        }
+        self.events.push_back(ev);
+    }
+
+    /// The events since the last call.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        self.events.drain(..).collect()
+    }
+
+    /// Frames for the guest (at most [`MAX_FRAMES`] wait here).
+    pub fn take_frames(&mut self) -> Vec<Vec<u8>> {
+        self.dev.tx.drain(..).collect()
+    }
+
+    fn decide(&self, proto: Proto, dst: SocketAddr, now_ms: u64) -> (Action, Audit) {
+        let names = self.pins.names_for(dst.ip(), now_ms);
+        let flow = Flow { direction: Direction::Egress, proto, addr: dst.ip(), port: dst.port(), names: &names };
+        let d = self.policy.decide(&self.classifier, &flow);
+        let why = self.policy.describe(d.rule);
+        let audit = Audit {
+            at_ms: now_ms,
+            proto,
+            dest: dst,
+            names: names.iter().map(|n| n.to_string()).collect(),
+            action: d.action,
+            group: d.group,
+            why,
+        };
+        (d.action, audit)
+    }
+
+    /// Takes a frame from the guest. Returns false when the queue is full (the device keeps
+    /// or drops it).
+    pub fn guest_frame(&mut self, frame: Vec<u8>, now_ms: u64) -> bool {
+        if self.dev.rx.len() >= MAX_FRAMES {
+            return false;
+        }
+        match self.inspect(&frame) {
+            Inspect::Spoofed => {
+                self.spoofed += 1;
+                return true;
+            }
+            Inspect::Syn(syn) => self.on_syn(syn, now_ms),
+            Inspect::Other => {}
+        }
+        self.dev.rx.push_back(frame);
+        true
+    }
+
+    fn inspect(&self, frame: &[u8]) -> Inspect {
+        let Ok(eth) = EthernetFrame::new_checked(frame) else { return Inspect::Other };
+        let (src, dst, proto, payload): (IpAddr, IpAddr, IpProtocol, &[u8]) = match eth.ethertype() {
+            EthernetProtocol::Ipv4 => {
+                let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else { return Inspect::Other };
+                (IpAddr::V4(ip.src_addr()), IpAddr::V4(ip.dst_addr()), ip.next_header(), ip.payload())
+            }
+            EthernetProtocol::Ipv6 => {
+                let Ok(ip) = Ipv6Packet::new_checked(eth.payload()) else { return Inspect::Other };
+                (IpAddr::V6(ip.src_addr()), IpAddr::V6(ip.dst_addr()), ip.next_header(), ip.payload())
+            }
+            // ARP and the rest: smoltcp's business.
+            _ => return Inspect::Other,
+        };
+        let ours = src == IpAddr::V4(self.cfg.guest_v4) || src == IpAddr::V6(self.cfg.guest_v6);
+        // Link-local and unspecified sources are what IPv6 neighbour discovery uses.
+        let nd = matches!(src, IpAddr::V6(a) if a.is_unspecified() || (a.segments()[0] & 0xffc0) == 0xfe80);
+        if !ours && !nd {
+            return Inspect::Spoofed;
+        }
+        if proto != IpProtocol::Tcp {
+            return Inspect::Other;
+        }
+        let Ok(tcp) = TcpPacket::new_checked(payload) else { return Inspect::Other };
+        if tcp.syn() && !tcp.ack() {
+            return Inspect::Syn(Syn {
+                src: SocketAddr::new(src, tcp.src_port()),
+                dst: SocketAddr::new(dst, tcp.dst_port()),
+            });
+        }
+        Inspect::Other
+    }
+
+    fn on_syn(&mut self, syn: Syn, now_ms: u64) {
+        if self.by_key.contains_key(&(syn.src, syn.dst)) {
+            return; // a retransmitted SYN
+        }
+        let gateway =
+            syn.dst.ip() == IpAddr::V4(self.cfg.gateway_v4) || syn.dst.ip() == IpAddr::V6(self.cfg.gateway_v6);
+        let (mut action, mut audit) = self.decide(Proto::Tcp, syn.dst, now_ms);
+        if gateway {
+            (action, audit.why) = (Action::Deny, "the gateway's own address".into());
+        }
+        // Rate and table bounds come after the policy: a denied SYN costs no token.
+        if action == Action::Allow {
+            let elapsed = now_ms.saturating_sub(self.syn_refill_ms);
+            let refill = (elapsed * u64::from(SYN_PER_SEC) / 1000) as u32;
+            if refill > 0 {
+                self.syn_tokens = (self.syn_tokens + refill).min(SYN_BURST);
+                self.syn_refill_ms = now_ms;
+            }
+            if self.flows.len() >= MAX_FLOWS {
+                (action, audit.action, audit.why) =
+                    (Action::Deny, Action::Deny, format!("the {MAX_FLOWS}-flow table is full"));
+            } else if self.syn_tokens == 0 {
+                (action, audit.action, audit.why) =
+                    (Action::Deny, Action::Deny, format!("more than {SYN_PER_SEC} new connections a second"));
+            }
+        }
+        audit.action = action;
+        self.push(Event::Audit(audit));
+        if action == Action::Deny {
+            return; // no socket: smoltcp answers the SYN with RST
+        }
+        self.syn_tokens -= 1;
+        let mut sock = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]),
+        );
+        let local = IpListenEndpoint { addr: Some(syn.dst.ip().into()), port: syn.dst.port() };
+        if sock.listen(local).is_err() {
+            return;
+        }
+        let handle = self.sockets.add(sock);
+        let id = self.next_id;
+        self.next_id += 1;
+        self.flows.insert(
+            id,
+            TcpFlow {
+                handle,
+                key: (syn.src, syn.dst),
+                credit: 0,
+                connected: false,
+                guest_done: false,
+                last_ms: now_ms,
+            },
+        );
+        self.by_key.insert((syn.src, syn.dst), id);
+        self.push(Event::Dial { flow: id, addr: syn.dst });
+    }
+
+    /// The host connection of `flow` is up; the shell can take `credit` bytes towards it.
+    pub fn host_connected(&mut self, flow: FlowId, credit: usize) {
+        if let Some(f) = self.flows.get_mut(&flow) {
+            f.connected = true;
+            f.credit = credit;
+        }
+    }
+
+    /// The shell can take `bytes` more towards the host on `flow`.
+    pub fn grant(&mut self, flow: FlowId, bytes: usize) {
+        if let Some(f) = self.flows.get_mut(&flow) {
+            f.credit = f.credit.saturating_add(bytes);
+        }
+    }
+
+    /// The host connection failed or was refused: the guest's connection is reset.
+    pub fn host_failed(&mut self, flow: FlowId) {
+        self.reset(flow);
+    }
+
+    /// Bytes from the host for `flow`; returns how many the guest's socket took (the shell
+    /// keeps the rest and offers it again).
+    pub fn host_data(&mut self, flow: FlowId, bytes: &[u8], now_ms: u64) -> usize {
+        let Some(f) = self.flows.get_mut(&flow) else { return 0 };
+        f.last_ms = now_ms;
+        let sock = self.sockets.get_mut::<tcp::Socket>(f.handle);
+        sock.send_slice(bytes).unwrap_or(0)
+    }
+
+    /// The host finished sending on `flow`: the guest gets FIN after what was sent.
+    pub fn host_done(&mut self, flow: FlowId) {
+        if let Some(f) = self.flows.get(&flow) {
+            self.sockets.get_mut::<tcp::Socket>(f.handle).close();
+        }
+    }
+
+    fn reset(&mut self, flow: FlowId) {
+        if let Some(f) = self.flows.get(&flow) {
+            self.sockets.get_mut::<tcp::Socket>(f.handle).abort();
+        }
+    }
+
+    /// Upstream's answer to lookup `lookup` (or `None`: it failed or timed out).
+    pub fn dns_reply(&mut self, lookup: u64, answer: Option<&[u8]>, now_ms: u64) {
+        let Some(p) = self.lookups.remove(&lookup) else { return };
+        let bytes = match answer {
+            Some(a) => {
+                let (bytes, f) =
+                    dns::answer(&p.query, a, p.upstream_id, &self.policy, &self.classifier, &mut self.pins, now_ms);
+                for ip in f.removed {
+                    let audit = Audit {
+                        at_ms: now_ms,
+                        proto: Proto::Udp,
+                        dest: SocketAddr::new(ip, 0),
+                        names: vec![p.query.name.to_string()],
+                        action: Action::Deny,
+                        group: self.classifier.classify(ip),
+                        why: "removed from a DNS answer".into(),
+                    };
+                    self.push(Event::Audit(audit));
+                }
+                bytes
+            }
+            None => p.query.servfail(),
+        };
+        let meta = udp::UdpMetadata { endpoint: p.guest, local_address: Some(p.local), meta: Default::default() };
+        let _ = self.sockets.get_mut::<udp::Socket>(self.dns).send_slice(&bytes, meta);
+    }
+
+    /// Runs the stack: frames in, frames out, socket work, events.
+    pub fn poll(&mut self, now_ms: u64) {
+        let now = Instant::from_millis(now_ms as i64);
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        self.serve_dns(now_ms);
+        let mut gone = Vec::new();
+        let mut buf = vec![0u8; FLOW_BUFFER];
+        let ids: Vec<FlowId> = self.flows.keys().copied().collect();
+        for id in ids {
+            let f = self.flows.get_mut(&id).expect("listed");
+            let sock = self.sockets.get_mut::<tcp::Socket>(f.handle);
+            let mut out = Vec::new();
+            if f.connected && f.credit > 0 && sock.can_recv() {
+                let n = sock.recv_slice(&mut buf[..f.credit.min(FLOW_BUFFER)]).unwrap_or(0);
+                if n > 0 {
+                    f.credit -= n;
+                    f.last_ms = now_ms;
+                    out.push(Event::Data { flow: id, bytes: buf[..n].to_vec() });
+                }
+            }
+            if f.connected
+                && !f.guest_done
+                && !sock.may_recv()
+                && sock.recv_queue() == 0
+                && sock.state() != tcp::State::Listen
+                && sock.state() != tcp::State::SynReceived
+            {
+                f.guest_done = true;
+                out.push(Event::GuestDone { flow: id });
+            }
+            if now_ms.saturating_sub(f.last_ms) > IDLE_TIMEOUT_MS {
+                sock.abort();
+            }
+            if matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                gone.push(id);
+            }
+            for ev in out {
+                self.push(ev);
+            }
+        }
+        for id in gone {
+            if let Some(f) = self.flows.remove(&id) {
+                self.by_key.remove(&f.key);
+                self.sockets.remove(f.handle);
+                self.push(Event::Closed { flow: id });
+            }
+        }
+        // What the socket work produced (ACKs, data, FINs, RSTs).
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+    }
+
+    fn serve_dns(&mut self, now_ms: u64) {
+        loop {
+            let sock = self.sockets.get_mut::<udp::Socket>(self.dns);
+            let Ok((data, meta)) = sock.recv() else { break };
+            let (data, guest, local) = (data.to_vec(), meta.endpoint, meta.local_address);
+            let Some(local) = local else { continue };
+            match dns::on_query(&self.policy, &data) {
+                Step::Answer { bytes, why } => {
+                    let m = udp::UdpMetadata { endpoint: guest, local_address: Some(local), meta: Default::default() };
+                    let _ = self.sockets.get_mut::<udp::Socket>(self.dns).send_slice(&bytes, m);
+                    let audit = Audit {
+                        at_ms: now_ms,
+                        proto: Proto::Udp,
+                        dest: SocketAddr::new(local.into(), DNS_PORT),
+                        names: vec![],
+                        action: Action::Deny,
+                        group: self.classifier.classify(local.into()),
+                        why,
+                    };
+                    self.push(Event::Audit(audit));
+                }
+                Step::Resolve(q) => {
+                    if self.lookups.len() >= MAX_DNS_PENDING {
+                        let m =
+                            udp::UdpMetadata { endpoint: guest, local_address: Some(local), meta: Default::default() };
+                        let _ = self.sockets.get_mut::<udp::Socket>(self.dns).send_slice(&q.servfail(), m);
+                        continue;
+                    }
+                    let lookup = self.next_id;
+                    self.next_id += 1;
+                    self.rng ^= self.rng << 13;
+                    self.rng ^= self.rng >> 7;
+                    self.rng ^= self.rng << 17;
+                    let upstream_id = self.rng as u16;
+                    let bytes = q.upstream(upstream_id);
+                    self.lookups.insert(lookup, PendingLookup { query: q, upstream_id, guest, local });
+                    self.push(Event::Resolve { lookup, upstream_id, bytes });
+                }
+            }
+        }
+    }
+}
+
+enum Inspect {
+    Spoofed,
+    Syn(Syn),
+    Other,
+}
+
+#[cfg(test)]
+mod tests;

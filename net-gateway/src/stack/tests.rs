@@ -1,0 +1,306 @@
+//! The gateway against a guest that is another smoltcp stack, frame by frame.
+
+use super::*;
+use crate::dns::response_for;
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+/// A guest: a smoltcp interface with the guest's addresses, routed via the gateway.
+struct Guest {
+    iface: Interface,
+    dev: Frames,
+    sockets: SocketSet<'static>,
+}
+
+impl Guest {
+    fn new(cfg: &NetConfig) -> Self {
+        let mut dev = Frames::default();
+        let c = Config::new(HardwareAddress::Ethernet(EthernetAddress(cfg.guest_mac)));
+        let mut iface = Interface::new(c, &mut dev, Instant::from_millis(0));
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(IpAddress::Ipv4(cfg.guest_v4), cfg.prefix_v4));
+        });
+        iface.routes_mut().add_default_ipv4_route(cfg.gateway_v4).unwrap();
+        Guest { iface, dev, sockets: SocketSet::new(Vec::new()) }
+    }
+
+    fn tcp(&mut self) -> SocketHandle {
+        let s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 65536]), tcp::SocketBuffer::new(vec![0; 65536]));
+        self.sockets.add(s)
+    }
+}
+
+struct Net {
+    gw: Gateway,
+    guest: Guest,
+    now: u64,
+    events: Vec<Event>,
+}
+
+impl Net {
+    fn new(policy: Policy) -> Self {
+        let cfg = NetConfig::default();
+        let classifier = Classifier::new(["203.0.113.77".parse().unwrap()]);
+        Net { gw: Gateway::new(cfg, policy, classifier, 7, 0), guest: Guest::new(&cfg), now: 0, events: vec![] }
+    }
+
+    /// Moves frames both ways and polls both stacks, `rounds` times, 10 ms apart.
+    fn run(&mut self, rounds: usize) {
+        for _ in 0..rounds {
+            self.now += 10;
+            let t = Instant::from_millis(self.now as i64);
+            self.guest.iface.poll(t, &mut self.guest.dev, &mut self.guest.sockets);
+            for f in self.guest.dev.tx.drain(..).collect::<Vec<_>>() {
+                assert!(self.gw.guest_frame(f, self.now));
+            }
+            self.gw.poll(self.now);
+            self.events.extend(self.gw.take_events());
+            for f in self.gw.take_frames() {
+                self.guest.dev.rx.push_back(f);
+            }
+        }
+    }
+
+    fn dials(&self) -> Vec<(FlowId, SocketAddr)> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Dial { flow, addr } => Some((*flow, *addr)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn audits(&self) -> Vec<&Audit> {
+        self.events.iter().filter_map(|e| if let Event::Audit(a) = e { Some(a) } else { None }).collect()
+    }
+}
+
+#[test]
+fn an_allowed_connection_is_dialed_and_carries_bytes_both_ways() {
+    let mut n = Net::new(Policy::default());
+    let h = n.guest.tcp();
+    let dst = IpEndpoint::new(IpAddress::v4(93, 184, 216, 34), 80);
+    n.guest.sockets.get_mut::<tcp::Socket>(h).connect(n.guest.iface.context(), dst, 40000).unwrap();
+    n.run(5);
+    let dials = n.dials();
+    assert_eq!(dials.len(), 1, "{:?}", n.events);
+    let (flow, addr) = dials[0];
+    assert_eq!(addr, "93.184.216.34:80".parse().unwrap());
+    assert_eq!(n.audits()[0].action, Action::Allow);
+    n.gw.host_connected(flow, 1 << 20);
+    assert!(n.guest.sockets.get::<tcp::Socket>(h).may_send(), "the guest's connection is established");
+    n.guest.sockets.get_mut::<tcp::Socket>(h).send_slice(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    n.run(5);
+    let sent: Vec<u8> = n
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Data { flow: f, bytes } if *f == flow => Some(bytes.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(sent, b"GET / HTTP/1.0\r\n\r\n");
+    assert_eq!(n.gw.host_data(flow, b"HTTP/1.0 200 OK\r\n\r\nhi", n.now), 21);
+    n.gw.host_done(flow);
+    n.run(5);
+    let mut got = vec![0u8; 64];
+    let k = n.guest.sockets.get_mut::<tcp::Socket>(h).recv_slice(&mut got).unwrap();
+    assert_eq!(&got[..k], b"HTTP/1.0 200 OK\r\n\r\nhi");
+    assert!(!n.guest.sockets.get::<tcp::Socket>(h).may_recv(), "the host's end reached the guest as FIN");
+}
+
+#[test]
+fn denied_destinations_are_reset_at_once_and_never_dialed() {
+    let mut n = Net::new(Policy::default());
+    let mut handles = vec![];
+    for (i, ip) in [
+        IpAddress::v4(10, 0, 0, 1),
+        IpAddress::v4(127, 0, 0, 1),
+        IpAddress::v4(169, 254, 169, 254),
+        IpAddress::v4(203, 0, 113, 77),
+        IpAddress::v4(192, 168, 127, 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let h = n.guest.tcp();
+        n.guest.sockets.get_mut::<tcp::Socket>(h).connect(n.guest.iface.context(), (ip, 80), 41000 + i as u16).unwrap();
+        handles.push(h);
+    }
+    n.run(5);
+    assert!(n.dials().is_empty(), "{:?}", n.dials());
+    for h in handles {
+        assert_eq!(n.guest.sockets.get::<tcp::Socket>(h).state(), tcp::State::Closed, "reset within 50 ms");
+    }
+    let why: Vec<(Group, &str)> = n.audits().iter().map(|a| (a.group, a.why.as_str())).collect();
+    assert_eq!(why.len(), 5);
+    assert!(n.audits().iter().all(|a| a.action == Action::Deny));
+    assert_eq!(why[0], (Group::Private, "the default (deny)"));
+    assert_eq!(why[3].0, Group::Host, "the host's own address");
+    assert_eq!(why[4].1, "the gateway's own address");
+    assert_eq!(n.gw.flow_count(), 0);
+}
+
+#[test]
+fn dns_to_any_address_is_answered_by_the_gateway_and_pins_what_it_kept() {
+    let mut n = Net::new(Policy::parse("allow tcp/api.example.com:443\ndefault deny\n").unwrap());
+    let meta = || vec![udp::PacketMetadata::EMPTY; 4];
+    let mut s =
+        udp::Socket::new(udp::PacketBuffer::new(meta(), vec![0; 4096]), udp::PacketBuffer::new(meta(), vec![0; 4096]));
+    s.bind(5353).unwrap();
+    let h = n.guest.sockets.add(s);
+    let mut q = Message::new();
+    q.set_id(0x4242).set_message_type(MessageType::Query).set_op_code(OpCode::Query).set_recursion_desired(true);
+    q.add_query(Query::query(Name::from_ascii("api.example.com.").unwrap(), RecordType::A));
+    let resolver = IpEndpoint::new(IpAddress::v4(8, 8, 8, 8), 53); // a guest-chosen resolver address
+    n.guest.sockets.get_mut::<udp::Socket>(h).send_slice(&q.to_vec().unwrap(), resolver).unwrap();
+    n.run(5);
+    let (lookup, upstream_id, bytes) = n
+        .events
+        .iter()
+        .find_map(|e| match e {
+            Event::Resolve { lookup, upstream_id, bytes } => Some((*lookup, *upstream_id, bytes.clone())),
+            _ => None,
+        })
+        .expect("a lookup upstream");
+    let a = |ip: [u8; 4]| {
+        Record::from_rdata(Name::from_ascii("api.example.com.").unwrap(), 60, RData::A(A::from(Ipv4Addr::from(ip))))
+    };
+    let reply = response_for(&bytes, ResponseCode::NoError, vec![a([93, 184, 216, 34]), a([10, 1, 2, 3])]);
+    assert_eq!(Message::from_vec(&reply).unwrap().id(), upstream_id);
+    n.gw.dns_reply(lookup, Some(&reply), n.now);
+    n.run(3);
+    let (data, meta) = n.guest.sockets.get_mut::<udp::Socket>(h).recv().map(|(d, m)| (d.to_vec(), m)).unwrap();
+    assert_eq!(meta.endpoint, resolver, "the answer comes from the address the guest asked");
+    let m = Message::from_vec(&data).unwrap();
+    assert_eq!((m.id(), m.answers().len()), (0x4242, 1), "the private answer is gone");
+    assert!(n
+        .audits()
+        .iter()
+        .any(|a| a.dest.ip() == "10.1.2.3".parse::<IpAddr>().unwrap() && a.action == Action::Deny));
+    // The domain rule now opens the pinned address, on its port only.
+    let ok = n.guest.tcp();
+    n.guest
+        .sockets
+        .get_mut::<tcp::Socket>(ok)
+        .connect(n.guest.iface.context(), (IpAddress::v4(93, 184, 216, 34), 443), 42000)
+        .unwrap();
+    let wrong_port = n.guest.tcp();
+    n.guest
+        .sockets
+        .get_mut::<tcp::Socket>(wrong_port)
+        .connect(n.guest.iface.context(), (IpAddress::v4(93, 184, 216, 34), 80), 42001)
+        .unwrap();
+    let unresolved = n.guest.tcp();
+    n.guest
+        .sockets
+        .get_mut::<tcp::Socket>(unresolved)
+        .connect(n.guest.iface.context(), (IpAddress::v4(93, 184, 216, 35), 443), 42002)
+        .unwrap();
+    n.run(5);
+    let dialed: Vec<SocketAddr> = n.dials().into_iter().map(|d| d.1).collect();
+    assert_eq!(dialed, vec!["93.184.216.34:443".parse::<SocketAddr>().unwrap()]);
+    assert_eq!(n.guest.sockets.get::<tcp::Socket>(wrong_port).state(), tcp::State::Closed);
+    assert_eq!(n.guest.sockets.get::<tcp::Socket>(unresolved).state(), tcp::State::Closed);
+}
+
+/// A raw SYN from the guest's address.
+fn syn(cfg: &NetConfig, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{EthernetRepr, Ipv4Repr, TcpControl, TcpRepr, TcpSeqNumber};
+    let tcp = TcpRepr {
+        src_port: sport,
+        dst_port: dport,
+        control: TcpControl::Syn,
+        seq_number: TcpSeqNumber(1),
+        ack_number: None,
+        window_len: 1024,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    let ip = Ipv4Repr {
+        src_addr: cfg.guest_v4,
+        dst_addr: dst,
+        next_header: IpProtocol::Tcp,
+        payload_len: tcp.buffer_len(),
+        hop_limit: 64,
+    };
+    let eth = EthernetRepr {
+        src_addr: EthernetAddress(cfg.guest_mac),
+        dst_addr: EthernetAddress(cfg.gateway_mac),
+        ethertype: EthernetProtocol::Ipv4,
+    };
+    let mut buf = vec![0u8; eth.buffer_len() + ip.buffer_len() + tcp.buffer_len()];
+    let mut f = EthernetFrame::new_unchecked(&mut buf);
+    eth.emit(&mut f);
+    let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
+    ip.emit(&mut p, &ChecksumCapabilities::default());
+    let mut t = TcpPacket::new_unchecked(p.payload_mut());
+    tcp.emit(&mut t, &IpAddress::Ipv4(cfg.guest_v4), &IpAddress::Ipv4(dst), &ChecksumCapabilities::default());
+    buf
+}
+
+#[test]
+fn a_syn_flood_stays_within_the_rate_and_the_table() {
+    let cfg = NetConfig::default();
+    let mut gw = Gateway::new(cfg, Policy::default(), Classifier::default(), 1, 0);
+    let mut dials = 0;
+    let mut now = 0;
+    for i in 0..10_000u32 {
+        if i % 100 == 0 {
+            now += 100;
+            gw.poll(now);
+            dials += gw.take_events().iter().filter(|e| matches!(e, Event::Dial { .. })).count();
+            gw.take_frames();
+        }
+        let dst = Ipv4Addr::new(93, 184, (i >> 8) as u8, i as u8);
+        gw.guest_frame(syn(&cfg, dst, 1024 + (i % 60000) as u16, 80), now);
+    }
+    gw.poll(now);
+    dials += gw.take_events().iter().filter(|e| matches!(e, Event::Dial { .. })).count();
+    // 10 s of flood: the burst plus 64 a second.
+    assert!(dials <= SYN_BURST as usize + 10 * SYN_PER_SEC as usize + SYN_PER_SEC as usize, "{dials} dials");
+    assert!(dials >= SYN_BURST as usize, "the burst was served: {dials}");
+    assert!(gw.flow_count() <= MAX_FLOWS);
+    assert!(gw.take_frames().len() <= MAX_FRAMES);
+}
+
+#[test]
+fn a_spoofed_source_is_dropped_before_the_stack_sees_it() {
+    let cfg = NetConfig::default();
+    let mut gw = Gateway::new(cfg, Policy::default(), Classifier::default(), 1, 0);
+    let mut frame = syn(&cfg, Ipv4Addr::new(93, 184, 216, 34), 1000, 80);
+    frame[14 + 12..14 + 16].copy_from_slice(&[192, 168, 127, 9]); // another source address
+    assert!(gw.guest_frame(frame, 0));
+    gw.poll(10);
+    assert_eq!(gw.spoofed, 1);
+    assert!(gw.take_events().is_empty(), "no decision, no dial");
+}
+
+#[test]
+fn a_policy_tightened_live_resets_the_flows_it_now_denies() {
+    let mut n = Net::new(Policy::default());
+    let h = n.guest.tcp();
+    n.guest
+        .sockets
+        .get_mut::<tcp::Socket>(h)
+        .connect(n.guest.iface.context(), (IpAddress::v4(93, 184, 216, 34), 80), 43000)
+        .unwrap();
+    n.run(5);
+    let (flow, _) = n.dials()[0];
+    n.gw.host_connected(flow, 1 << 16);
+    n.run(2);
+    assert!(n.guest.sockets.get::<tcp::Socket>(h).may_send());
+    n.gw.set_policy(Policy::parse("deny 93.184.216.0/24\nallow public\n").unwrap(), n.now);
+    n.run(5);
+    assert_eq!(n.guest.sockets.get::<tcp::Socket>(h).state(), tcp::State::Closed, "reset");
+    assert!(n.events.contains(&Event::Closed { flow }));
+    assert_eq!(n.gw.flow_count(), 0);
+}
