@@ -53,6 +53,14 @@ fn zeros(ev: Option<ExecEvent>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reader_of_a_flood_stalls_only_itself() {
+    msb_tests::rig_flood(
+        "a_stalled_reader_of_a_flood_stalls_only_itself",
+        a_stalled_reader_of_a_flood_stalls_only_itself_scenario,
+    )
+    .await;
+}
+
+async fn a_stalled_reader_of_a_flood_stalls_only_itself_scenario() {
     let sb = boot().await;
     let before = outside_guest_kib(&sb).await;
     // A command that floods, and a consumer that reads one chunk and then nothing.
@@ -77,6 +85,10 @@ async fn a_stalled_reader_of_a_flood_stalls_only_itself() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stdin_that_is_never_read_is_not_taken() {
+    msb_tests::rig_flood("stdin_that_is_never_read_is_not_taken", stdin_that_is_never_read_is_not_taken_scenario).await;
+}
+
+async fn stdin_that_is_never_read_is_not_taken_scenario() {
     let sb = boot().await;
     let before = outside_guest_kib(&sb).await;
     let h = sb.exec_stream(ExecSpec::command(["sleep", "600"])).await.unwrap();
@@ -110,6 +122,14 @@ async fn stdin_that_is_never_read_is_not_taken() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_kills_what_escaped_the_process_group_and_answers_in_time() {
+    msb_tests::rig_flood(
+        "a_timeout_kills_what_escaped_the_process_group_and_answers_in_time",
+        a_timeout_kills_what_escaped_the_process_group_and_answers_in_time_scenario,
+    )
+    .await;
+}
+
+async fn a_timeout_kills_what_escaped_the_process_group_and_answers_in_time_scenario() {
     let sb = boot().await;
     let spec = ExecSpec {
         argv: sh("setsid sleep 600 & sleep 600"),
@@ -145,6 +165,10 @@ async fn a_timeout_kills_what_escaped_the_process_group_and_answers_in_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_sessions_with_one_stalled() {
+    msb_tests::rig_flood("sixty_four_sessions_with_one_stalled", sixty_four_sessions_with_one_stalled_scenario).await;
+}
+
+async fn sixty_four_sessions_with_one_stalled_scenario() {
     let sb = boot().await;
     let before = outside_guest_kib(&sb).await;
     let stalled = stalled_flood(&sb).await;

@@ -66,7 +66,7 @@ mount -t tmpfs tmp /tmp
 mkdir -p /dev/pts; mount -t devpts -o ptmxmode=0666 devpts /dev/pts
 echo "RIG: L1 up after $(cut -d' ' -f1 /proc/uptime) s; cpu: $(grep -o -w -E 'svm|npt' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 ls -l /dev/kvm
-export MSB_HOME=/msb/home PATH=/msb/bin:/bin:/usr/bin HOME=/tmp
+export MSB_HOME=/msb/home PATH=/msb/bin:/bin:/usr/bin HOME=/tmp MSB_RIG=1
 cd /tmp
 sh /job.sh
 echo "RIG-EXIT $?"
