@@ -281,7 +281,10 @@ mod tests {
         assert_eq!(sniff(b"GET / HTTP/1.1\r\nhost: a.example\r\n\r\n"), Sniffed::Http(name("a.example")));
         assert_eq!(sniff(b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n"), Sniffed::Ambiguous);
         assert_eq!(sniff(b"GET http://b.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n"), Sniffed::Ambiguous);
-        assert_eq!(sniff(b"GET http://a.example/x HTTP/1.1\r\nHost: a.example\r\n\r\n"), Sniffed::Http(name("a.example")));
+        assert_eq!(
+            sniff(b"GET http://a.example/x HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+            Sniffed::Http(name("a.example"))
+        );
         assert_eq!(sniff(b"GET / HTTP/1.1\r\nHost: a.exa"), Sniffed::NeedMore);
         assert_eq!(sniff(b"GET / HTTP/1.1\r\n\r\n"), Sniffed::Other, "no Host");
         assert_eq!(sniff(b"SSH-2.0-OpenSSH\r\n"), Sniffed::NeedMore);

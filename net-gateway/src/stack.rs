@@ -94,6 +94,25 @@ pub struct Audit {
     pub why: String,
 }
 
+impl Audit {
+    /// The record as one JSON line (no newline inside: every string is JSON-escaped) for the
+    /// sandbox's audit stream.
+    pub fn json_line(&self, sandbox: &str) -> String {
+        serde_json::json!({
+            "at_ms": self.at_ms,
+            "sandbox": sandbox,
+            "proto": self.proto.name(),
+            "dest": self.dest.ip().to_string(),
+            "port": self.dest.port(),
+            "names": self.names,
+            "action": self.action.name(),
+            "group": self.group.name(),
+            "why": self.why,
+        })
+        .to_string()
+    }
+}
+
 /// What the shell must do or record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -612,3 +631,29 @@ enum Inspect {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod audit_tests {
+    use super::*;
+
+    #[test]
+    fn an_audit_record_is_one_json_line() {
+        let a = Audit {
+            at_ms: 5,
+            proto: Proto::Tcp,
+            dest: "10.0.0.1:80".parse().unwrap(),
+            names: vec!["a.example".into()],
+            action: Action::Deny,
+            group: Group::Private,
+            why: "rule 1 `deny private`\n(injected)".into(),
+        };
+        let line = a.json_line("web");
+        assert!(!line.contains('\n'), "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["dest"], "10.0.0.1");
+        assert_eq!(v["port"], 80);
+        assert_eq!(v["action"], "deny");
+        assert_eq!(v["group"], "private");
+        assert_eq!(v["names"][0], "a.example");
+    }
+}

@@ -14,7 +14,7 @@
 //! counted, and the device carries on. Host-to-guest frames wait in a queue of at most
 //! [`MAX_PENDING`] frames (a full queue refuses the frame: the gateway keeps it or drops it,
 //! its choice); a receive chain too small for its frame gets the frame dropped and counted.
-//! One servicing round does at most [`ROUND_WORK`](super::ROUND_WORK) of work per direction.
+//! One servicing round does at most [`ROUND_WORK`] of work per direction.
 
 use std::collections::VecDeque;
 
