@@ -413,12 +413,7 @@ impl VirtioDevice for Blk {
         cfg[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
         cfg[40..44].copy_from_slice(&MAX_DISCARD_SEGS.to_le_bytes());
         cfg[44..48].copy_from_slice(&1u32.to_le_bytes());
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else { return };
-        if start < cfg.len() {
-            let n = data.len().min(cfg.len() - start);
-            data[..n].copy_from_slice(&cfg[start..start + n]);
-        }
+        super::config_window(&cfg, offset, data);
     }
 
     fn reset(&mut self) {}

@@ -80,12 +80,7 @@ impl VirtioDevice for Console {
         // struct virtio_console_config { u16 cols; u16 rows; u32 max_nr_ports; u32 emerg_wr; }
         let mut cfg = [0u8; 12];
         cfg[4..8].copy_from_slice(&1u32.to_le_bytes());
-        data.fill(0);
-        let start = offset as usize;
-        if start < cfg.len() {
-            let n = data.len().min(cfg.len() - start);
-            data[..n].copy_from_slice(&cfg[start..start + n]);
-        }
+        super::config_window(&cfg, offset, data);
     }
     fn reset(&mut self) {
         *self = Self::default();

@@ -176,6 +176,17 @@ pub(crate) fn write_chain(
     Ok((written as u32, written + descs * DESC_COST))
 }
 
+/// Answers a driver's read of `data.len()` bytes at `offset` of a device's config space
+/// `cfg`: the bytes that fall inside it, zeros past its end.
+pub(crate) fn config_window(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else { return };
+    if start < cfg.len() {
+        let n = data.len().min(cfg.len() - start);
+        data[..n].copy_from_slice(&cfg[start..start + n]);
+    }
+}
+
 /// Marks `head` used on `q`, mapping queue errors to a device error.
 pub(crate) fn add_used(
     q: &mut Queue,

@@ -206,12 +206,7 @@ impl VirtioDevice for Net {
         cfg[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
         cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
         cfg[10..12].copy_from_slice(&MTU.to_le_bytes());
-        data.fill(0);
-        let start = offset as usize;
-        if start < cfg.len() {
-            let n = data.len().min(cfg.len() - start);
-            data[..n].copy_from_slice(&cfg[start..start + n]);
-        }
+        super::config_window(&cfg, offset, data);
     }
     fn reset(&mut self) {
         // Frames in flight are network traffic: losing them on a reset is what a NIC does.
