@@ -258,17 +258,20 @@ impl Drop for FileWriter {
 /// Reads a command's events on their own task (never raced against its input: a read of the
 /// socket cut short by a select would lose part of a frame), keeping stderr.
 fn drain_events(mut events: crate::client::ExecEvents) -> Drain {
-    tokio::spawn(async move {
-        let mut stderr = Vec::new();
-        let end = loop {
-            match events.next().await {
-                Some(ExecEvent::Stderr(d)) => keep(&mut stderr, &d),
-                Some(ExecEvent::Stdout(_)) => {}
-                other => break other,
-            }
-        };
-        (end, stderr)
-    })
+    tokio::spawn(async move { to_end(&mut events).await })
+}
+
+/// Reads a command's events to its end, ignoring stdout and keeping stderr (bounded).
+async fn to_end(events: &mut crate::client::ExecEvents) -> (Option<ExecEvent>, Vec<u8>) {
+    let mut stderr = Vec::new();
+    let end = loop {
+        match events.next().await {
+            Some(ExecEvent::Stderr(d)) => keep(&mut stderr, &d),
+            Some(ExecEvent::Stdout(_)) => {}
+            other => break other,
+        }
+    };
+    (end, stderr)
 }
 
 /// Parses one line of a listing or stat from the guest; `top` allows the name `/`.
@@ -371,15 +374,8 @@ impl Files<'_> {
 
     /// Runs a file command that says nothing on success.
     async fn file_op(&self, op: &'static str, shown: &str, args: &[&str]) -> Result<()> {
-        let mut ex = self.file_command(args, false).await?;
-        let mut stderr = Vec::new();
-        let end = loop {
-            match ex.next().await {
-                Some(ExecEvent::Stderr(d)) => keep(&mut stderr, &d),
-                Some(ExecEvent::Stdout(_)) => {}
-                other => break other,
-            }
-        };
+        let (mut events, _input) = self.file_command(args, false).await?.split();
+        let (end, stderr) = to_end(&mut events).await;
         outcome(op, shown, end, &stderr)
     }
 
