@@ -245,21 +245,7 @@ fn images_msb_cp_round_trips_a_file_and_a_directory_both_ways() {
 /// fresh L1, and prints it.
 #[test]
 fn images_msb_cp_round_trips_100_mib() {
-    for attempt in 1..=2 {
-        match std::panic::catch_unwind(|| cp_round_trip("e2e-cp-big", 100)) {
-            Ok(()) => return,
-            Err(p) => {
-                let msg = p.downcast_ref::<String>().cloned().unwrap_or_default();
-                if attempt == 1 && msb_tests::in_rig() && msg.contains("triple-faulted") {
-                    eprintln!(
-                        "E2E-RETRY: msb cp 100 MiB: the nested guest triple-faulted (known rig limit); once more"
-                    );
-                    continue;
-                }
-                std::panic::resume_unwind(p);
-            }
-        }
-    }
+    msb_tests::rig_flood_blocking("msb cp 100 MiB", || cp_round_trip("e2e-cp-big", 100));
 }
 
 fn cp_round_trip(n: &str, mib: u32) {
