@@ -25,8 +25,10 @@ impl Guest {
         Guest { iface, dev, sockets: SocketSet::new(Vec::new()) }
     }
 
-    fn tcp(&mut self) -> SocketHandle {
-        let s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 65536]), tcp::SocketBuffer::new(vec![0; 65536]));
+    /// A TCP socket connecting from `local_port` to `ip:port`.
+    fn connect(&mut self, ip: IpAddress, port: u16, local_port: u16) -> SocketHandle {
+        let mut s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 65536]), tcp::SocketBuffer::new(vec![0; 65536]));
+        s.connect(self.iface.context(), (ip, port), local_port).unwrap();
         self.sockets.add(s)
     }
 }
@@ -80,9 +82,7 @@ impl Net {
 #[test]
 fn an_allowed_connection_is_dialed_and_carries_bytes_both_ways() {
     let mut n = Net::new(Policy::default());
-    let h = n.guest.tcp();
-    let dst = IpEndpoint::new(IpAddress::v4(93, 184, 216, 34), 80);
-    n.guest.sockets.get_mut::<tcp::Socket>(h).connect(n.guest.iface.context(), dst, 40000).unwrap();
+    let h = n.guest.connect(IpAddress::v4(93, 184, 216, 34), 80, 40000);
     n.run(5);
     let dials = n.dials();
     assert_eq!(dials.len(), 1, "{:?}", n.events);
@@ -126,9 +126,7 @@ fn denied_destinations_are_reset_at_once_and_never_dialed() {
     .into_iter()
     .enumerate()
     {
-        let h = n.guest.tcp();
-        n.guest.sockets.get_mut::<tcp::Socket>(h).connect(n.guest.iface.context(), (ip, 80), 41000 + i as u16).unwrap();
-        handles.push(h);
+        handles.push(n.guest.connect(ip, 80, 41000 + i as u16));
     }
     n.run(5);
     assert!(n.dials().is_empty(), "{:?}", n.dials());
@@ -182,24 +180,9 @@ fn dns_to_any_address_is_answered_by_the_gateway_and_pins_what_it_kept() {
         .iter()
         .any(|a| a.dest.ip() == "10.1.2.3".parse::<IpAddr>().unwrap() && a.action == Action::Deny));
     // The domain rule now opens the pinned address, on its port only.
-    let ok = n.guest.tcp();
-    n.guest
-        .sockets
-        .get_mut::<tcp::Socket>(ok)
-        .connect(n.guest.iface.context(), (IpAddress::v4(93, 184, 216, 34), 443), 42000)
-        .unwrap();
-    let wrong_port = n.guest.tcp();
-    n.guest
-        .sockets
-        .get_mut::<tcp::Socket>(wrong_port)
-        .connect(n.guest.iface.context(), (IpAddress::v4(93, 184, 216, 34), 80), 42001)
-        .unwrap();
-    let unresolved = n.guest.tcp();
-    n.guest
-        .sockets
-        .get_mut::<tcp::Socket>(unresolved)
-        .connect(n.guest.iface.context(), (IpAddress::v4(93, 184, 216, 35), 443), 42002)
-        .unwrap();
+    let _allowed = n.guest.connect(IpAddress::v4(93, 184, 216, 34), 443, 42000);
+    let wrong_port = n.guest.connect(IpAddress::v4(93, 184, 216, 34), 80, 42001);
+    let unresolved = n.guest.connect(IpAddress::v4(93, 184, 216, 35), 443, 42002);
     n.run(5);
     let dialed: Vec<SocketAddr> = n.dials().into_iter().map(|d| d.1).collect();
     assert_eq!(dialed, vec!["93.184.216.34:443".parse::<SocketAddr>().unwrap()]);
@@ -287,12 +270,7 @@ fn a_spoofed_source_is_dropped_before_the_stack_sees_it() {
 #[test]
 fn a_policy_tightened_live_resets_the_flows_it_now_denies() {
     let mut n = Net::new(Policy::default());
-    let h = n.guest.tcp();
-    n.guest
-        .sockets
-        .get_mut::<tcp::Socket>(h)
-        .connect(n.guest.iface.context(), (IpAddress::v4(93, 184, 216, 34), 80), 43000)
-        .unwrap();
+    let h = n.guest.connect(IpAddress::v4(93, 184, 216, 34), 80, 43000);
     n.run(5);
     let (flow, _) = n.dials()[0];
     n.gw.host_connected(flow, 1 << 16);
