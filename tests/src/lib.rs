@@ -61,7 +61,8 @@ fn rerun_in_rig(name: &str, attempt: u32, payload: &(dyn std::any::Any + Send)) 
     again
 }
 
-/// Runs a flood scenario, once more in the rig if its guest triple-faulted ([`rerun_in_rig`]).
+/// Runs a flood scenario, once more in the rig if its guest triple-faulted: the rig's known
+/// limit, see `rerun_in_rig` (outside the rig a triple fault fails at once).
 pub async fn rig_flood<F, Fut>(name: &str, scenario: F)
 where
     F: Fn() -> Fut,
