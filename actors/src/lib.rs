@@ -45,4 +45,10 @@ pub use error::{Error, Result};
 pub use msb_schema::{
     ExecError, ExecEvent, ExecOutput, ExecSpec, ExitStatus, Rlimit, SpawnErrorKind, StopReason, WinSize,
 };
-pub use sandbox::{BootTimes, ExecControl, ExecHandle, Sandbox, SandboxBuilder};
+pub use sandbox::{BootTimes, ExecControl, ExecHandle, Network, Sandbox, SandboxBuilder};
+
+/// The network gateway's policy vocabulary, for callers that build a [`Network`].
+pub mod net {
+    pub use msb_net_gateway::actor::AUDIT_CAP;
+    pub use msb_net_gateway::policy::{Action, Policy, PolicyError, Rule};
+}

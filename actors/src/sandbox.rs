@@ -17,8 +17,12 @@ use msb_schema::{ExecError, ExecEvent, ExecOutput, ExecSpec, StopReason, WinSize
 use ractor::concurrency::MpscUnboundedReceiver;
 use ractor::{Actor, ActorRef, DerivedActorRef, RpcReplyPort};
 
-use crate::supervisor::{SandboxSupervisor, SupMsg};
+use crate::supervisor::{SandboxSupervisor, SupArgs, SupMsg};
 use crate::{Error, Result};
+use msb_net_gateway::actor::GatewayArgs;
+use msb_net_gateway::policy::Policy;
+use msb_net_gateway::stack::NetConfig;
+use msb_schema::net::NetControl;
 
 /// Default time for a guest to become ready.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -36,6 +40,37 @@ pub struct SandboxBuilder {
     boot_timeout: Duration,
     extra_cmdline: String,
     root: Option<(PathBuf, PathBuf)>,
+    network: Option<Network>,
+}
+
+/// A sandbox's network: the egress policy, the resolver the gateway asks, and where its
+/// decisions are written. The default is the mission's: the public internet and nothing
+/// else, the host's resolver, decisions to `tracing` only.
+#[derive(Debug, Clone, Default)]
+pub struct Network {
+    pub policy: Policy,
+    /// Where the gateway sends the guest's DNS queries (default: the host's resolver).
+    pub upstream_dns: Option<std::net::SocketAddr>,
+    /// The audit stream (JSON lines, appended, bounded).
+    pub audit: Option<PathBuf>,
+    /// The name the audit stream records.
+    pub name: String,
+}
+
+impl Network {
+    /// The kernel command-line entry that tells agentd how to configure the guest's side.
+    fn cmdline(cfg: &NetConfig) -> String {
+        format!(
+            "{}{}/{},{},{}/{},{}",
+            msb_protocol::NET_CMDLINE,
+            cfg.guest_v4,
+            cfg.prefix_v4,
+            cfg.gateway_v4,
+            cfg.guest_v6,
+            cfg.prefix_v6,
+            cfg.gateway_v6
+        )
+    }
 }
 
 impl Default for SandboxBuilder {
@@ -49,6 +84,7 @@ impl Default for SandboxBuilder {
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             extra_cmdline: String::new(),
             root: None,
+            network: Some(Network::default()),
         }
     }
 }
@@ -89,6 +125,16 @@ impl SandboxBuilder {
         self.root = Some((base.into(), writable.into()));
         self
     }
+    /// The sandbox's network (default: [`Network::default`], the public internet only).
+    pub fn network(mut self, net: Network) -> Self {
+        self.network = Some(net);
+        self
+    }
+    /// No network device at all (`--net none`).
+    pub fn no_network(mut self) -> Self {
+        self.network = None;
+        self
+    }
     /// Extra kernel command-line arguments (appended).
     pub fn kernel_args(mut self, args: impl Into<String>) -> Self {
         self.extra_cmdline = args.into();
@@ -125,6 +171,10 @@ impl SandboxBuilder {
             }
             None => Vec::new(),
         };
+        let net_cfg = NetConfig::default();
+        if self.network.is_some() {
+            extra_cmdline = format!("{} {}", Network::cmdline(&net_cfg), extra_cmdline).trim_end().to_string();
+        }
         Ok(MachineSpec {
             vcpus: self.cpus,
             memory_mib: self.memory_mib,
@@ -133,6 +183,7 @@ impl SandboxBuilder {
             console_log: self.console_log.clone(),
             extra_cmdline,
             disks,
+            net: self.network.as_ref().map(|_| net_cfg.guest_mac),
         })
     }
 
@@ -143,7 +194,17 @@ impl SandboxBuilder {
         let machine = tokio::task::spawn_blocking(move || Machine::build(&spec, clock))
             .await
             .map_err(|e| Error::Spawn(format!("VM setup task: {e}")))??;
-        let (sup, _) = Actor::spawn(None, SandboxSupervisor, machine).await.map_err(|e| Error::Spawn(e.to_string()))?;
+        let net = self.network.clone().map(|n| GatewayArgs {
+            sandbox: n.name,
+            net: NetConfig::default(),
+            policy: n.policy,
+            upstream_dns: n.upstream_dns,
+            audit: n.audit,
+            seed: random_seed(),
+        });
+        let (sup, _) = Actor::spawn(None, SandboxSupervisor, SupArgs { machine, net })
+            .await
+            .map_err(|e| Error::Spawn(e.to_string()))?;
         let agent = match sup.call(SupMsg::AgentRef, Some(LIFECYCLE_CALL_TIMEOUT)).await {
             Ok(ractor::rpc::CallResult::Success(agent)) => agent,
             _ => {
@@ -171,6 +232,15 @@ impl SandboxBuilder {
             }
         }
     }
+}
+
+/// A seed for the gateway's TCP sequence numbers and DNS ids (std seeds `RandomState` from
+/// the OS's randomness).
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.finish()
 }
 
 /// Figures of a sandbox, for benchmarks and diagnostics.
@@ -317,6 +387,20 @@ impl Sandbox {
     /// When `create()` started.
     pub fn created_at(&self) -> Instant {
         self.created
+    }
+
+    /// Replaces the egress policy of the running sandbox; flows the new policy denies are
+    /// reset at once. Refused (nothing changes) for a sandbox without a network.
+    pub async fn set_policy(&self, policy: &Policy) -> Result<()> {
+        let text = policy.to_string();
+        self.call(|reply| SupMsg::Net(NetControl::SetPolicy { policy: text, reply }), LIFECYCLE_CALL_TIMEOUT)
+            .await?
+            .map_err(Error::Config)
+    }
+
+    /// The egress policy in force, as policy-file text (empty without a network).
+    pub async fn policy(&self) -> Result<String> {
+        self.call(|reply| SupMsg::Net(NetControl::Policy(reply)), LIFECYCLE_CALL_TIMEOUT).await
     }
 }
 

@@ -6,7 +6,9 @@
 //!   `AgentRequest` ref to it (exec traffic), the supervisor keeps the full ref (shutdown,
 //!   VM stopped).
 //! - one shell per row of the device table: the console shell gets a `GuestBytes` ref to the
-//!   agent client; the rng shell gets nothing.
+//!   agent client; the rng shell gets nothing; the virtio-net shell gets a `GuestFrames` ref
+//!   to the network gateway, which gets a `ToNet` ref back to it and nothing else; the
+//!   supervisor keeps a `NetControl` ref to the gateway (live policy).
 //! - one `VcpuActor` per vCPU, reporting its exit to the supervisor.
 //!
 //! Policy (fails closed): any child that fails or stops on its own stops the VM with the
@@ -29,9 +31,11 @@ use msb_schema::{ExecError, StopReason};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::agent::{AgentClient, AgentMsg};
-use crate::devices::{BlkDevice, ConsoleArgs, ConsoleDevice, RngDevice};
+use crate::devices::{BlkDevice, ConsoleArgs, ConsoleDevice, NetArgs, NetDevice, RngDevice};
 use crate::vcpu::{VcpuActor, VcpuArgs, VcpuMsg};
 use crate::BootTimes;
+use msb_net_gateway::actor::{GatewayArgs, GatewayMsg, NetGateway};
+use msb_schema::net::NetControl;
 
 /// The supervisor's mailbox: lifecycle only (exec traffic goes to the agent client).
 pub enum SupMsg {
@@ -60,6 +64,15 @@ pub enum SupMsg {
     StopTimeout,
     /// The handle was dropped: stop at once and end the tree.
     Kill,
+    /// For the network gateway (answered `Err` when the sandbox has no network).
+    Net(NetControl),
+}
+
+/// What the supervisor is started with: the built VM, and the gateway's arguments when the
+/// VM has a network device.
+pub struct SupArgs {
+    pub machine: Machine,
+    pub net: Option<GatewayArgs>,
 }
 
 pub struct SandboxSupervisor;
@@ -68,6 +81,7 @@ struct Running {
     runners: Vec<ActorRef<VcpuMsg>>,
     agent: ActorRef<AgentMsg>,
     devices: Vec<ActorCell>,
+    net: Option<DerivedActorRef<NetControl>>,
     // Keeps the VM (fds, memory) alive until the vCPUs are stopped.
     vm: msb_hypervisor::Vm,
 }
@@ -155,9 +169,11 @@ impl SupState {
 async fn wire(
     me: &ActorRef<SupMsg>,
     virtio: Vec<VirtioParts>,
-) -> Result<(ActorRef<AgentMsg>, Vec<ActorCell>), ActorProcessingErr> {
+    mut net: Option<GatewayArgs>,
+) -> Result<Wired, ActorProcessingErr> {
     let (agent, _) = Actor::spawn_linked(None, AgentClient, (), me.get_cell()).await?;
     let mut devices = Vec::new();
+    let mut control = None;
     for parts in virtio {
         match parts {
             VirtioParts::Console(device) => {
@@ -174,18 +190,35 @@ async fn wire(
                 let (blk, _) = Actor::spawn_linked(None, BlkDevice, device, me.get_cell()).await?;
                 devices.push(blk.get_cell());
             }
+            VirtioParts::Net(device) => {
+                let args = net.take().ok_or("a network device without gateway arguments")?;
+                let (gw, _) = Actor::spawn_linked(None, NetGateway, args, me.get_cell()).await?;
+                let args = NetArgs { device, gateway: gw.get_derived() };
+                let (shell, _) = Actor::spawn_linked(None, NetDevice, args, me.get_cell()).await?;
+                gw.cast(GatewayMsg::Attach(shell.get_derived()))?;
+                control = Some(gw.get_derived());
+                devices.push(shell.get_cell());
+                devices.push(gw.get_cell());
+            }
         }
     }
-    Ok((agent, devices))
+    Ok(Wired { agent, devices, net: control })
+}
+
+struct Wired {
+    agent: ActorRef<AgentMsg>,
+    devices: Vec<ActorCell>,
+    net: Option<DerivedActorRef<NetControl>>,
 }
 
 impl Actor for SandboxSupervisor {
     type Msg = SupMsg;
     type State = SupState;
-    type Arguments = Machine;
+    type Arguments = SupArgs;
 
-    async fn pre_start(&self, me: ActorRef<SupMsg>, m: Machine) -> Result<SupState, ActorProcessingErr> {
-        let (agent, devices) = wire(&me, m.virtio).await?;
+    async fn pre_start(&self, me: ActorRef<SupMsg>, args: SupArgs) -> Result<SupState, ActorProcessingErr> {
+        let m = args.machine;
+        let Wired { agent, devices, net } = wire(&me, m.virtio, args.net).await?;
         // Registered before the guest runs a single instruction (see `SupMsg::WaitReady`).
         let (tx, rx) = ractor::concurrency::oneshot();
         agent.cast(AgentMsg::Request(AgentRequest::WaitReady(tx.into())))?;
@@ -207,7 +240,7 @@ impl Actor for SandboxSupervisor {
         tracing::debug!(cmdline = %m.cmdline, "sandbox VM started");
         Ok(SupState {
             requests: agent.get_derived(),
-            running: Some(Running { runners, agent, devices, vm: m.vm }),
+            running: Some(Running { runners, agent, devices, net, vm: m.vm }),
             serial: m.serial,
             reports: m.reports,
             boot_timer: m.boot_timer,
@@ -284,6 +317,15 @@ impl Actor for SandboxSupervisor {
                 st.finish(StopReason::Killed).await;
                 me.stop(None);
             }
+            SupMsg::Net(c) => match st.running.as_ref().and_then(|r| r.net.as_ref()) {
+                Some(gw) => drop(gw.send_message(c)),
+                None => match c {
+                    NetControl::SetPolicy { reply, .. } => {
+                        drop(reply.send(Err("this sandbox has no network (--net none)".into())))
+                    }
+                    NetControl::Policy(reply) => drop(reply.send(String::new())),
+                },
+            },
         }
         Ok(())
     }

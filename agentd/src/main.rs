@@ -67,12 +67,14 @@ fn main() {
         // time the guest's init by this line.
         log("init");
         system::early_setup();
+        system::configure_network();
         if system::image_root_requested() {
             if let Err(e) = system::switch_to_image_root() {
                 log(&format!("fatal: cannot boot into the image: {e}"));
                 system::power_off();
             }
         }
+        system::write_resolv_conf();
     }
     let result = serve();
     if let Err(e) = &result {

@@ -45,6 +45,73 @@ pub fn image_root_requested() -> bool {
         .unwrap_or(false)
 }
 
+/// The guest's side of the network, from the kernel command line
+/// ([`msb_protocol::NET_CMDLINE`]): `(address/prefix, gateway)` for IPv4 and IPv6.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NetBoot {
+    pub v4: (std::net::Ipv4Addr, u8, std::net::Ipv4Addr),
+    pub v6: (std::net::Ipv6Addr, u8, std::net::Ipv6Addr),
+}
+
+/// Parses the `msb.net=` entry of `cmdline`; `None` when absent (no network) or malformed.
+pub fn net_boot(cmdline: &str) -> Option<NetBoot> {
+    let v = cmdline.split_whitespace().find_map(|a| a.strip_prefix(msb_protocol::NET_CMDLINE))?;
+    let parts: Vec<&str> = v.split(',').collect();
+    let [a4, g4, a6, g6] = parts[..] else { return None };
+    let (ip4, p4) = a4.split_once('/')?;
+    let (ip6, p6) = a6.split_once('/')?;
+    let (p4, p6): (u8, u8) = (p4.parse().ok()?, p6.parse().ok()?);
+    if p4 > 32 || p6 > 128 {
+        return None;
+    }
+    Some(NetBoot { v4: (ip4.parse().ok()?, p4, g4.parse().ok()?), v6: (ip6.parse().ok()?, p6, g6.parse().ok()?) })
+}
+
+fn ip(args: &[&str]) {
+    match std::process::Command::new("/bin/busybox").arg("ip").args(args).status() {
+        Ok(s) if s.success() => {}
+        Ok(s) => log(&format!("ip {}: {s}", args.join(" "))),
+        Err(e) => log(&format!("ip {}: {e}", args.join(" "))),
+    }
+}
+
+/// Brings up loopback and, when the command line gives one, `eth0` with its addresses and
+/// default routes (IPv6 without duplicate-address detection or router advertisements: the
+/// gateway is the only other host on the link). Failures are logged; the guest then has
+/// less network, never more.
+pub fn configure_network() {
+    ip(&["link", "set", "lo", "up"]);
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let Some(net) = net_boot(&cmdline) else { return };
+    for (knob, v) in [("accept_dad", "0"), ("accept_ra", "0"), ("autoconf", "0"), ("router_solicitations", "0")] {
+        for dev in ["default", "eth0"] {
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/{knob}"), v);
+        }
+    }
+    let (a4, p4, g4) = net.v4;
+    let (a6, p6, g6) = net.v6;
+    ip(&["addr", "add", &format!("{a4}/{p4}"), "dev", "eth0"]);
+    ip(&["-6", "addr", "add", &format!("{a6}/{p6}"), "dev", "eth0"]);
+    ip(&["link", "set", "eth0", "up"]);
+    ip(&["route", "add", "default", "via", &g4.to_string()]);
+    ip(&["-6", "route", "add", "default", "via", &g6.to_string()]);
+}
+
+/// Points the root's `/etc/resolv.conf` at the gateway (which answers every DNS query),
+/// when the sandbox has a network.
+pub fn write_resolv_conf() {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let Some(net) = net_boot(&cmdline) else { return };
+    let _ = std::fs::create_dir_all("/etc");
+    // A symlink (systemd images) would send the write elsewhere in the root: replace it.
+    if std::fs::symlink_metadata("/etc/resolv.conf").is_ok_and(|m| !m.is_file()) {
+        let _ = std::fs::remove_file("/etc/resolv.conf");
+    }
+    if let Err(e) = std::fs::write("/etc/resolv.conf", format!("nameserver {}\noptions edns0\n", net.v4.2)) {
+        log(&format!("writing /etc/resolv.conf: {e}"));
+    }
+}
+
 /// The block device whose virtio serial is `serial` (`/sys/block/*/serial`), waiting up to
 /// 5 s for it to appear.
 fn disk_with_serial(serial: &str) -> Result<String, String> {
@@ -169,5 +236,28 @@ pub fn power_off() -> ! {
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
     loop {
         std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_network_entry_is_parsed_or_ignored_whole() {
+        let line = "console=ttyS0 msb.net=192.168.127.2/24,192.168.127.1,fd6d:7362::2/64,fd6d:7362::1 quiet";
+        let n = net_boot(line).unwrap();
+        assert_eq!(n.v4, ("192.168.127.2".parse().unwrap(), 24, "192.168.127.1".parse().unwrap()));
+        assert_eq!(n.v6, ("fd6d:7362::2".parse().unwrap(), 64, "fd6d:7362::1".parse().unwrap()));
+        assert_eq!(net_boot("console=ttyS0 quiet"), None, "no entry: no network");
+        for bad in [
+            "msb.net=192.168.127.2/24,192.168.127.1",
+            "msb.net=192.168.127.2/33,192.168.127.1,fd6d::2/64,fd6d::1",
+            "msb.net=192.168.127.2,192.168.127.1,fd6d::2/64,fd6d::1",
+            "msb.net=eth0;reboot/24,192.168.127.1,fd6d::2/64,fd6d::1",
+            "msb.net=1.2.3.4/24,1.2.3.1,fd6d::2/129,fd6d::1",
+        ] {
+            assert_eq!(net_boot(bad), None, "{bad}");
+        }
     }
 }

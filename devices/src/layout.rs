@@ -21,6 +21,8 @@ pub enum VirtioKind {
     /// The sandbox's `n`th disk (present only when the sandbox has that many, see
     /// [`crate::machine::MachineSpec::disks`]).
     Blk(u8),
+    /// Present only when the sandbox has a network ([`crate::MachineSpec::net`]).
+    Net,
 }
 
 /// One virtio device's place in the machine.
@@ -39,6 +41,7 @@ pub const VIRTIO_DEVICES: &[VirtioSlot] = &[
     VirtioSlot { kind: VirtioKind::Rng, slot: 1, irq: 6 },
     VirtioSlot { kind: VirtioKind::Blk(0), slot: 2, irq: 10 },
     VirtioSlot { kind: VirtioKind::Blk(1), slot: 3, irq: 11 },
+    VirtioSlot { kind: VirtioKind::Net, slot: 4, irq: 9 },
 ];
 
 /// Most disks a sandbox has (the `Blk` rows of the table).

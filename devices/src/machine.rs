@@ -22,6 +22,7 @@ use crate::serial::{SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::virtio::blk::Blk;
 use crate::virtio::console::Console;
 use crate::virtio::mmio::{MmioSlot, NOTIFY_OFFSET};
+use crate::virtio::net::Net;
 use crate::virtio::rng::Rng;
 use crate::virtio::{MmioTransport, VirtioDevice};
 use crate::Bus;
@@ -67,6 +68,9 @@ pub struct MachineSpec {
     /// The sandbox's disks, in order (at most [`MAX_DISKS`]; the guest names them by their
     /// serial, `msb-image` for a read-only one and `msb-root` for a writable one).
     pub disks: Vec<DiskSpec>,
+    /// The guest's MAC address when it has a network device; `None`: no network device at
+    /// all (`--net none`).
+    pub net: Option<[u8; 6]>,
 }
 
 /// One disk: a host file, and whether the guest may write it.
@@ -88,6 +92,7 @@ pub enum VirtioParts {
     Console(Virtio<Console>),
     Rng(Virtio<Rng>),
     Blk(Virtio<Blk>),
+    Net(Virtio<Net>),
 }
 
 /// A built, not yet running, VM.
@@ -151,6 +156,10 @@ impl Machine {
                     let blk = Blk::open(&disk.path, disk.read_only)
                         .map_err(|source| MachineError::Disk { path: disk.path.clone(), source })?;
                     VirtioParts::Blk(virtio(&vm, &mut bus, at, blk)?)
+                }
+                VirtioKind::Net => {
+                    let Some(mac) = spec.net else { continue };
+                    VirtioParts::Net(virtio(&vm, &mut bus, at, Net::new(mac))?)
                 }
             });
             cmdline.push(' ');

@@ -52,6 +52,8 @@ CONFIG_SYSVIPC=y
 CONFIG_MAGIC_SYSRQ=y
 CONFIG_NET=y
 CONFIG_INET=y
+# The sandbox's network: IPv4 and IPv6 through virtio-net to the host's gateway.
+CONFIG_IPV6=y
 CONFIG_UNIX=y
 CONFIG_PACKET=y
 CONFIG_NETDEVICES=y

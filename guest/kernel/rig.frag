@@ -12,3 +12,5 @@ CONFIG_INPUT_KEYBOARD=y
 CONFIG_KEYBOARD_ATKBD=y
 CONFIG_INPUT=y
 CONFIG_SERIO=y
+# The network e2e tests' hosts live in network namespaces of L1 on veth pairs.
+CONFIG_VETH=y

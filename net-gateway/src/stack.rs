@@ -147,13 +147,13 @@ pub enum Event {
 
 /// The frame queues smoltcp reads and writes.
 #[derive(Debug, Default)]
-struct Frames {
-    rx: VecDeque<Vec<u8>>,
-    tx: VecDeque<Vec<u8>>,
+pub(crate) struct Frames {
+    pub(crate) rx: VecDeque<Vec<u8>>,
+    pub(crate) tx: VecDeque<Vec<u8>>,
 }
 
-struct Rx(Vec<u8>);
-struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
+pub(crate) struct Rx(Vec<u8>);
+pub(crate) struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
 
 impl phy::RxToken for Rx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -294,6 +294,10 @@ impl Gateway {
         &self.cfg
     }
 
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
     /// Replaces the policy; flows it now denies are reset.
     pub fn set_policy(&mut self, policy: Policy, now_ms: u64) {
         self.policy = policy;
@@ -332,6 +336,43 @@ impl Gateway {
     /// Frames for the guest (at most [`MAX_FRAMES`] wait here).
     pub fn take_frames(&mut self) -> Vec<Vec<u8>> {
         self.dev.tx.drain(..).collect()
+    }
+
+    /// At most `n` frames for the guest, oldest first; the rest keep waiting (and while
+    /// [`MAX_FRAMES`] wait, smoltcp sends nothing more: the data stays in its sockets).
+    pub fn take_frames_upto(&mut self, n: usize) -> Vec<Vec<u8>> {
+        let n = n.min(self.dev.tx.len());
+        self.dev.tx.drain(..n).collect()
+    }
+
+    /// Milliseconds until the stack next needs [`Gateway::poll`] (a retransmission, a delayed
+    /// ACK, an idle check); `None` when nothing is due.
+    pub fn poll_delay(&mut self, now_ms: u64) -> Option<u64> {
+        let now = Instant::from_millis(now_ms as i64);
+        let stack = self.iface.poll_delay(now, &self.sockets).map(|d| d.total_millis());
+        // Idle timeouts are checked at least once a second while flows live.
+        let floor = (!self.flows.is_empty()).then_some(1000);
+        match (stack, floor) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The dial point: the host connection of `flow` reached `peer`. The address actually
+    /// connected is decided again (with the names this sandbox resolved to it); a denied one
+    /// resets the guest's connection and returns false (the shell drops the host socket).
+    pub fn dial_point(&mut self, flow: FlowId, peer: SocketAddr, now_ms: u64) -> bool {
+        let Some(f) = self.flows.get(&flow) else { return false };
+        let dialed = f.key.1;
+        let (action, mut audit) = self.decide(Proto::Tcp, peer, now_ms);
+        if action == Action::Allow && peer == dialed {
+            return true;
+        }
+        audit.action = Action::Deny;
+        audit.why = format!("the dial point: connected to {peer} for {dialed} ({})", audit.why);
+        self.push(Event::Audit(audit));
+        self.reset(flow);
+        false
     }
 
     fn decide(&self, proto: Proto, dst: SocketAddr, now_ms: u64) -> (Action, Audit) {
@@ -504,6 +545,7 @@ impl Gateway {
 
     /// Upstream's answer to lookup `lookup` (or `None`: it failed or timed out).
     pub fn dns_reply(&mut self, lookup: u64, answer: Option<&[u8]>, now_ms: u64) {
+        self.pins.expire(now_ms);
         let Some(p) = self.lookups.remove(&lookup) else { return };
         let bytes = match answer {
             Some(a) => {

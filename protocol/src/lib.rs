@@ -57,6 +57,12 @@ pub const AGENT_PORT_NAME: &str = "msb.agent";
 /// [`IMAGE_DISK_SERIAL`] (a read-only squashfs) under the disk with serial
 /// [`ROOT_DISK_SERIAL`] (the sandbox's writable ext4), joined by overlayfs, as `/`.
 pub const ROOT_CMDLINE: &str = "msb.root=overlay";
+
+/// The kernel command-line entry that gives the guest a network:
+/// `msb.net=GUEST4/PREFIX,GATEWAY4,GUEST6/PREFIX,GATEWAY6`. agentd configures `eth0`, the
+/// default routes and `/etc/resolv.conf` (the gateway answers DNS) from it; without it the
+/// sandbox has no network device.
+pub const NET_CMDLINE: &str = "msb.net=";
 /// virtio-blk serial of an image's read-only root filesystem.
 pub const IMAGE_DISK_SERIAL: &str = "msb-image";
 /// virtio-blk serial of a sandbox's writable disk.

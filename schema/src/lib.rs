@@ -9,6 +9,7 @@
 //!   may send the agent client ([`agent::AgentRequest`]).
 //! - [`ids`]: validated names ([`SandboxName`]).
 //! - [`limits`]: every bound on traffic between components, in one file.
+//! - [`net`]: frames between the virtio-net shell and the gateway, and the gateway's controls.
 //!
 //! Invariants: this crate does no I/O and holds no state; payload types that need checking
 //! are constructed only through a validating constructor; every enum that crosses a
@@ -21,6 +22,7 @@ pub mod agent;
 pub mod exec;
 pub mod ids;
 pub mod limits;
+pub mod net;
 
 pub use exec::{ExecError, ExecEvent, ExecOutput, ExecSpec, StopReason};
 pub use ids::{NameError, SandboxName};

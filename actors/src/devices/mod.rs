@@ -12,11 +12,13 @@
 
 pub mod blk;
 pub mod console;
+pub mod net;
 pub mod rng;
 pub mod watch;
 
 pub use blk::{BlkDevice, BlkMsg};
 pub use console::{ConsoleArgs, ConsoleDevice, ConsoleMsg};
+pub use net::{NetArgs, NetDevice, NetMsg};
 pub use rng::{RngDevice, RngMsg};
 
 /// Runs blocking device work (a servicing round, with the transport lock held) without

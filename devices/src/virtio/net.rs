@@ -107,21 +107,37 @@ impl Net {
         Ok(())
     }
 
-    /// One round over both queues.
-    pub fn service(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<NetServiced, DeviceError> {
+    /// One round over both queues, taking at most `tx_budget` frames from the guest (the
+    /// credit its consumer has left; at 0 the guest's transmit buffers stay where they are,
+    /// which pushes back on its sender).
+    pub fn service(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+        tx_budget: usize,
+    ) -> Result<NetServiced, DeviceError> {
         let mut out = NetServiced::default();
         let (rx, tx) = queues.split_at_mut(1);
-        self.transmit(&mut tx[0], mem, &mut out)?;
+        self.transmit(&mut tx[0], mem, tx_budget, &mut out)?;
         self.receive(&mut rx[0], mem, &mut out)?;
         Ok(out)
     }
 
-    fn transmit(&mut self, q: &mut Queue, mem: &GuestMemoryMmap, out: &mut NetServiced) -> Result<(), DeviceError> {
+    fn transmit(
+        &mut self,
+        q: &mut Queue,
+        mem: &GuestMemoryMmap,
+        budget: usize,
+        out: &mut NetServiced,
+    ) -> Result<(), DeviceError> {
         if !q.ready() {
             return Ok(());
         }
         let mut work = 0;
         for _ in 0..q.size() {
+            if out.from_guest.len() >= budget {
+                return Ok(());
+            }
             if work >= ROUND_WORK {
                 out.more = true;
                 return Ok(());
@@ -251,7 +267,7 @@ mod tests {
     fn transmit(net: &mut Net, m: &GuestMemoryMmap, c: &[&[(u64, u32, u16)]]) -> Result<NetServiced, DeviceError> {
         let vq = chains(m, c);
         let mut qs = [Queue::new(16).unwrap(), vq.create_queue().unwrap()];
-        net.service(&mut qs, m)
+        net.service(&mut qs, m, usize::MAX)
     }
 
     #[test]
@@ -287,6 +303,24 @@ mod tests {
     }
 
     #[test]
+    fn the_transmit_budget_leaves_the_rest_of_the_guests_frames_in_its_ring() {
+        let m = mem();
+        let mut net = Net::new([2, 0, 0, 0, 0, 1]);
+        for (i, at) in [0x1000u64, 0x2000, 0x3000].into_iter().enumerate() {
+            m.write_slice(&[0u8; HEADER], GuestAddress(at)).unwrap();
+            m.write_slice(&[i as u8; 60], GuestAddress(at + HEADER as u64)).unwrap();
+        }
+        let len = (HEADER + 60) as u32;
+        let vq = chains(&m, &[&[(0x1000, len, 0)], &[(0x2000, len, 0)], &[(0x3000, len, 0)]]);
+        let mut qs = [Queue::new(16).unwrap(), vq.create_queue().unwrap()];
+        let out = net.service(&mut qs, &m, 2).unwrap();
+        assert_eq!(out.from_guest, vec![vec![0u8; 60], vec![1u8; 60]]);
+        assert_eq!(vq.used().idx().load(), 2, "the third chain is not taken");
+        assert!(net.service(&mut qs, &m, 0).unwrap().from_guest.is_empty(), "no credit, nothing taken");
+        assert_eq!(net.service(&mut qs, &m, 1).unwrap().from_guest, vec![vec![2u8; 60]]);
+    }
+
+    #[test]
     fn a_chain_longer_than_a_frame_or_with_a_writable_part_fails_the_device() {
         let m = mem();
         let mut net = Net::new([2, 0, 0, 0, 0, 1]);
@@ -313,7 +347,7 @@ mod tests {
         net.push_frame(frame(1000)).unwrap();
         let vq = chains(&m, &[&[(0x1000, 2048, W)], &[(0x2000, 200, W)]]);
         let mut qs = [vq.create_queue().unwrap(), Queue::new(16).unwrap()];
-        let out = net.service(&mut qs, &m).unwrap();
+        let out = net.service(&mut qs, &m, usize::MAX).unwrap();
         assert_eq!(out.delivered, 1);
         assert_eq!(net.dropped().rx_too_small, 1, "1,000 bytes do not fit 200");
         assert_eq!(net.pending(), 0);

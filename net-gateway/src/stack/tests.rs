@@ -6,32 +6,7 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
-/// A guest: a smoltcp interface with the guest's addresses, routed via the gateway.
-struct Guest {
-    iface: Interface,
-    dev: Frames,
-    sockets: SocketSet<'static>,
-}
-
-impl Guest {
-    fn new(cfg: &NetConfig) -> Self {
-        let mut dev = Frames::default();
-        let c = Config::new(HardwareAddress::Ethernet(EthernetAddress(cfg.guest_mac)));
-        let mut iface = Interface::new(c, &mut dev, Instant::from_millis(0));
-        iface.update_ip_addrs(|a| {
-            let _ = a.push(IpCidr::new(IpAddress::Ipv4(cfg.guest_v4), cfg.prefix_v4));
-        });
-        iface.routes_mut().add_default_ipv4_route(cfg.gateway_v4).unwrap();
-        Guest { iface, dev, sockets: SocketSet::new(Vec::new()) }
-    }
-
-    /// A TCP socket connecting from `local_port` to `ip:port`.
-    fn connect(&mut self, ip: IpAddress, port: u16, local_port: u16) -> SocketHandle {
-        let mut s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 65536]), tcp::SocketBuffer::new(vec![0; 65536]));
-        s.connect(self.iface.context(), (ip, port), local_port).unwrap();
-        self.sockets.add(s)
-    }
-}
+use crate::test_guest::Guest;
 
 struct Net {
     gw: Gateway,

@@ -1,0 +1,510 @@
+//! The gateway's actor shell: runs the [`Gateway`] core for one sandbox, opens host sockets
+//! for the flows it allows, asks the upstream resolver what the guest asked, and writes the
+//! audit stream.
+//!
+//! Its peers, and only these: the virtio-net shell ([`GuestFrames`] in, [`ToNet`] out) and
+//! the control side ([`NetControl`]). Host sockets belong to tasks of this actor, one per
+//! flow and one per DNS lookup; they talk to it by message only.
+//!
+//! Invariants:
+//! - A host socket is opened only for an [`Event::Dial`], i.e. after the policy allowed the
+//!   flow; once connected, the address actually reached is decided again
+//!   ([`Gateway::dial_point`]) before a byte moves.
+//! - Bounded per flow: towards the host at most [`FLOW_BUFFER`] bytes are unwritten (the
+//!   writer grants credit back as it writes); towards the guest a flow's reader holds one
+//!   chunk of at most [`HOST_CHUNK`] bytes until the guest's socket took all of it, then
+//!   reads again. Frames towards the guest go only against the shell's credit
+//!   ([`NET_FRAME_WINDOW`]); the core's own queue bounds the rest.
+//! - The audit stream is one JSON line per decision, appended to a file of at most
+//!   [`AUDIT_CAP`] bytes; past it records are counted as dropped, and the count is written
+//!   once as a last record.
+//! - Upstream DNS is asked with the core's own query (a fresh id, one question); an answer
+//!   is taken only from the resolver's address, and a lookup that gets none within
+//!   [`DNS_TIMEOUT`] is answered SERVFAIL.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use msb_schema::net::{GuestFrames, NetControl, ToNet, NET_FRAME_WINDOW};
+use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+
+use crate::classify::Classifier;
+use crate::policy::Policy;
+use crate::stack::{Event, FlowId, Gateway, NetConfig, FLOW_BUFFER};
+
+/// Largest chunk a flow's reader takes from its host socket at once.
+pub const HOST_CHUNK: usize = 16 * 1024;
+/// Longest a host connection may take to open.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the upstream resolver may take to answer.
+pub const DNS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest audit stream per sandbox.
+pub const AUDIT_CAP: u64 = 16 * 1024 * 1024;
+/// Largest DNS message taken from upstream.
+const DNS_MAX: usize = 4096;
+
+/// What the gateway is started with.
+#[derive(Debug, Clone)]
+pub struct GatewayArgs {
+    /// The sandbox's name, for the audit stream.
+    pub sandbox: String,
+    pub net: NetConfig,
+    pub policy: Policy,
+    /// Where lookups go (default: the host's first resolver in `/etc/resolv.conf`).
+    pub upstream_dns: Option<SocketAddr>,
+    /// The audit stream's file (appended); `None`: decisions go to `tracing` only.
+    pub audit: Option<PathBuf>,
+    pub seed: u64,
+}
+
+/// The gateway's mailbox. Its peers hold refs narrowed to [`GuestFrames`] (the virtio-net
+/// shell) or [`NetControl`] (the control side); the rest are its own tasks'.
+pub enum GatewayMsg {
+    Guest(GuestFrames),
+    Control(NetControl),
+    /// The virtio-net shell to send frames to.
+    Attach(DerivedActorRef<ToNet>),
+    /// Time for the stack (a timer of generation `n`; stale ones are ignored).
+    Tick(u64),
+    /// A flow's host connection is up, to `peer`.
+    Connected {
+        flow: FlowId,
+        peer: SocketAddr,
+    },
+    /// A flow's host connection failed to open, or broke.
+    Failed {
+        flow: FlowId,
+    },
+    /// Bytes a flow's host socket read; `taken` fires once the guest's socket took them all.
+    HostData {
+        flow: FlowId,
+        bytes: Vec<u8>,
+        taken: oneshot::Sender<()>,
+    },
+    /// A flow's host socket reached end of stream.
+    HostDone {
+        flow: FlowId,
+    },
+    /// A flow's writer wrote this many bytes to its host socket.
+    Written {
+        flow: FlowId,
+        bytes: usize,
+    },
+    /// Upstream's answer to a lookup (`None`: none came).
+    Dns {
+        lookup: u64,
+        answer: Option<Vec<u8>>,
+    },
+}
+
+impl From<GuestFrames> for GatewayMsg {
+    fn from(m: GuestFrames) -> Self {
+        GatewayMsg::Guest(m)
+    }
+}
+impl TryFrom<GatewayMsg> for GuestFrames {
+    type Error = ();
+    fn try_from(m: GatewayMsg) -> Result<Self, ()> {
+        match m {
+            GatewayMsg::Guest(g) => Ok(g),
+            _ => Err(()),
+        }
+    }
+}
+impl From<NetControl> for GatewayMsg {
+    fn from(m: NetControl) -> Self {
+        GatewayMsg::Control(m)
+    }
+}
+impl TryFrom<GatewayMsg> for NetControl {
+    type Error = ();
+    fn try_from(m: GatewayMsg) -> Result<Self, ()> {
+        match m {
+            GatewayMsg::Control(c) => Ok(c),
+            _ => Err(()),
+        }
+    }
+}
+
+/// What a flow's task is told to do with its host socket.
+enum ToHost {
+    Data(Vec<u8>),
+    /// The guest finished sending: shut down the write side.
+    Shutdown,
+}
+
+struct HostFlow {
+    tx: mpsc::UnboundedSender<ToHost>,
+    task: AbortHandle,
+    /// Host bytes the guest's socket has not taken yet (from `at`), and whom to tell.
+    parked: Option<(Vec<u8>, usize, oneshot::Sender<()>)>,
+    /// The host finished; tell the core once the parked bytes are in.
+    done: bool,
+}
+
+impl Drop for HostFlow {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The audit stream's file, bounded.
+struct AuditLog {
+    sandbox: String,
+    file: Option<std::fs::File>,
+    written: u64,
+    dropped: u64,
+}
+
+impl AuditLog {
+    fn open(sandbox: String, path: Option<&PathBuf>) -> Self {
+        let file = path.and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| tracing::warn!(path = %p.display(), "cannot open the network audit stream: {e}"))
+                .ok()
+        });
+        let written = file.as_ref().and_then(|f| f.metadata().ok()).map_or(0, |m| m.len());
+        AuditLog { sandbox, file, written, dropped: 0 }
+    }
+
+    fn record(&mut self, audit: &crate::stack::Audit) {
+        tracing::debug!(action = audit.action.name(), dest = %audit.dest, why = %audit.why, "network decision");
+        let Some(f) = &mut self.file else { return };
+        let line = audit.json_line(&self.sandbox) + "\n";
+        // Room is kept for the one record that says how many were dropped.
+        if self.written + line.len() as u64 + 256 > AUDIT_CAP {
+            if self.dropped == 0 {
+                let note = serde_json::json!({"sandbox": self.sandbox, "audit": "full", "cap_bytes": AUDIT_CAP});
+                let _ = writeln!(f, "{note}");
+                self.written += 256;
+            }
+            self.dropped += 1;
+            return;
+        }
+        if f.write_all(line.as_bytes()).is_ok() {
+            self.written += line.len() as u64;
+        }
+    }
+}
+
+pub struct NetGateway;
+
+pub struct GatewayState {
+    me: ActorRef<GatewayMsg>,
+    core: Gateway,
+    start: Instant,
+    shell: Option<DerivedActorRef<ToNet>>,
+    /// Frames the shell can still take.
+    credit: usize,
+    flows: HashMap<FlowId, HostFlow>,
+    upstream: Option<SocketAddr>,
+    audit: AuditLog,
+    /// The timer in flight: its generation and when it fires (ms on `start`'s clock).
+    timer: Option<(u64, u64)>,
+    timer_gen: u64,
+    /// Guest frames the core's queue refused (counted; the guest's TCP retransmits).
+    pub refused: u64,
+}
+
+impl GatewayState {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Polls the core, acts on what it produced, sends the guest what credit allows, and
+    /// keeps one timer for the next poll.
+    fn run(&mut self) {
+        let now = self.now();
+        self.core.poll(now);
+        self.feed_parked(now);
+        for ev in self.core.take_events() {
+            self.on_event(ev);
+        }
+        self.flush();
+        let Some(delay) = self.core.poll_delay(now) else { return };
+        let due = now + delay.max(1);
+        if self.timer.is_some_and(|(_, at)| at <= due) {
+            return;
+        }
+        self.timer_gen += 1;
+        self.timer = Some((self.timer_gen, due));
+        let (me, generation) = (self.me.clone(), self.timer_gen);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay.max(1))).await;
+            let _ = me.cast(GatewayMsg::Tick(generation));
+        });
+    }
+
+    fn flush(&mut self) {
+        let Some(shell) = &self.shell else { return };
+        if self.credit == 0 {
+            return;
+        }
+        let frames = self.core.take_frames_upto(self.credit);
+        if frames.is_empty() {
+            return;
+        }
+        self.credit -= frames.len();
+        let _ = shell.send_message(ToNet::Frames(frames));
+    }
+
+    /// Offers parked host bytes to the guest's sockets again.
+    fn feed_parked(&mut self, now: u64) {
+        let mut finished = Vec::new();
+        for (id, f) in self.flows.iter_mut() {
+            if let Some((bytes, at, _)) = &mut f.parked {
+                *at += self.core.host_data(*id, &bytes[*at..], now);
+                if *at >= bytes.len() {
+                    if let Some((_, _, taken)) = f.parked.take() {
+                        let _ = taken.send(());
+                    }
+                    if f.done {
+                        finished.push(*id);
+                    }
+                }
+            }
+        }
+        for id in finished {
+            self.core.host_done(id);
+        }
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Dial { flow, addr } => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let task = tokio::spawn(flow_task(flow, addr, self.me.clone(), rx)).abort_handle();
+                self.flows.insert(flow, HostFlow { tx, task, parked: None, done: false });
+            }
+            Event::Data { flow, bytes } => {
+                if let Some(f) = self.flows.get(&flow) {
+                    let _ = f.tx.send(ToHost::Data(bytes));
+                }
+            }
+            Event::GuestDone { flow } => {
+                if let Some(f) = self.flows.get(&flow) {
+                    let _ = f.tx.send(ToHost::Shutdown);
+                }
+            }
+            Event::Closed { flow } => drop(self.flows.remove(&flow)),
+            Event::Resolve { lookup, upstream_id, bytes } => {
+                let (me, upstream) = (self.me.clone(), self.upstream);
+                tokio::spawn(async move {
+                    let answer = match upstream {
+                        Some(server) => ask_upstream(server, upstream_id, &bytes).await,
+                        None => None,
+                    };
+                    let _ = me.cast(GatewayMsg::Dns { lookup, answer });
+                });
+            }
+            Event::Audit(a) => self.audit.record(&a),
+        }
+    }
+}
+
+/// One flow's host side: connect, then copy both ways under the actor's credit.
+async fn flow_task(flow: FlowId, addr: SocketAddr, me: ActorRef<GatewayMsg>, mut rx: mpsc::UnboundedReceiver<ToHost>) {
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            let _ = me.cast(GatewayMsg::Failed { flow });
+            return;
+        }
+    };
+    let Ok(peer) = stream.peer_addr() else {
+        let _ = me.cast(GatewayMsg::Failed { flow });
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let _ = me.cast(GatewayMsg::Connected { flow, peer });
+    let (mut rd, mut wr) = stream.into_split();
+    let mut buf = vec![0u8; HOST_CHUNK];
+    let mut reading = true;
+    let mut waiting: Option<oneshot::Receiver<()>> = None;
+    loop {
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some(ToHost::Data(bytes)) => {
+                    if wr.write_all(&bytes).await.is_err() {
+                        let _ = me.cast(GatewayMsg::Failed { flow });
+                        return;
+                    }
+                    let _ = me.cast(GatewayMsg::Written { flow, bytes: bytes.len() });
+                }
+                Some(ToHost::Shutdown) => { let _ = wr.shutdown().await; }
+                None => return,
+            },
+            r = async { waiting.as_mut().expect("guarded").await }, if waiting.is_some() => {
+                waiting = None;
+                if r.is_err() { return; }
+            }
+            n = rd.read(&mut buf), if reading && waiting.is_none() => match n {
+                Ok(0) => {
+                    reading = false;
+                    let _ = me.cast(GatewayMsg::HostDone { flow });
+                }
+                Ok(n) => {
+                    let (taken, rx_taken) = oneshot::channel();
+                    waiting = Some(rx_taken);
+                    let _ = me.cast(GatewayMsg::HostData { flow, bytes: buf[..n].to_vec(), taken });
+                }
+                Err(_) => {
+                    let _ = me.cast(GatewayMsg::Failed { flow });
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// Sends `query` to the resolver and waits for the answer with `id` from its address.
+async fn ask_upstream(server: SocketAddr, id: u16, query: &[u8]) -> Option<Vec<u8>> {
+    let local: SocketAddr = match server {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let sock = UdpSocket::bind(local).await.ok()?;
+    sock.connect(server).await.ok()?;
+    sock.send(query).await.ok()?;
+    let mut buf = vec![0u8; DNS_MAX];
+    tokio::time::timeout(DNS_TIMEOUT, async {
+        loop {
+            let n = sock.recv(&mut buf).await.ok()?;
+            if n >= 2 && u16::from_be_bytes([buf[0], buf[1]]) == id {
+                return Some(buf[..n].to_vec());
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// The host's first resolver, from `/etc/resolv.conf`.
+pub fn host_resolver() -> Option<SocketAddr> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+    text.lines().find_map(|l| {
+        let mut w = l.split_whitespace();
+        (w.next() == Some("nameserver")).then(|| w.next()?.parse::<IpAddr>().ok()).flatten().map(|ip| (ip, 53).into())
+    })
+}
+
+/// Every address of the host's own interfaces (the `host` group).
+pub fn host_addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    addrs
+        .filter_map(|a| {
+            let sa = a.address?;
+            if let Some(v4) = sa.as_sockaddr_in() {
+                return Some(IpAddr::V4(v4.ip()));
+            }
+            sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        })
+        .collect()
+}
+
+impl Actor for NetGateway {
+    type Msg = GatewayMsg;
+    type State = GatewayState;
+    type Arguments = GatewayArgs;
+
+    async fn pre_start(&self, me: ActorRef<GatewayMsg>, a: GatewayArgs) -> Result<GatewayState, ActorProcessingErr> {
+        let classifier = Classifier::new(host_addresses());
+        let core = Gateway::new(a.net, a.policy, classifier, a.seed, 0);
+        Ok(GatewayState {
+            me,
+            core,
+            start: Instant::now(),
+            shell: None,
+            credit: NET_FRAME_WINDOW,
+            flows: HashMap::new(),
+            upstream: a.upstream_dns.or_else(host_resolver),
+            audit: AuditLog::open(a.sandbox, a.audit.as_ref()),
+            timer: None,
+            timer_gen: 0,
+            refused: 0,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<GatewayMsg>,
+        msg: GatewayMsg,
+        st: &mut GatewayState,
+    ) -> Result<(), ActorProcessingErr> {
+        let now = st.now();
+        match msg {
+            GatewayMsg::Attach(shell) => st.shell = Some(shell),
+            GatewayMsg::Guest(g) => {
+                st.credit = (st.credit + g.delivered).min(NET_FRAME_WINDOW);
+                let n = g.frames.len();
+                for frame in g.frames {
+                    if !st.core.guest_frame(frame.clone(), now) {
+                        // The core's queue is full: run it, then try once more.
+                        st.core.poll(now);
+                        if !st.core.guest_frame(frame, now) {
+                            st.refused += 1;
+                        }
+                    }
+                }
+                if n > 0 {
+                    if let Some(shell) = &st.shell {
+                        let _ = shell.send_message(ToNet::Credit(n));
+                    }
+                }
+            }
+            GatewayMsg::Control(NetControl::SetPolicy { policy, reply }) => match Policy::parse(&policy) {
+                Ok(p) => {
+                    st.core.set_policy(p, now);
+                    let _ = reply.send(Ok(()));
+                }
+                Err(e) => drop(reply.send(Err(e.to_string()))),
+            },
+            GatewayMsg::Control(NetControl::Policy(reply)) => drop(reply.send(st.core.policy().to_string())),
+            GatewayMsg::Tick(generation) => {
+                if st.timer.is_some_and(|(g, _)| g == generation) {
+                    st.timer = None;
+                }
+            }
+            GatewayMsg::Connected { flow, peer } => {
+                if st.core.dial_point(flow, peer, now) {
+                    st.core.host_connected(flow, FLOW_BUFFER);
+                } else {
+                    st.flows.remove(&flow);
+                }
+            }
+            GatewayMsg::Failed { flow } => {
+                st.core.host_failed(flow);
+                st.flows.remove(&flow);
+            }
+            GatewayMsg::HostData { flow, bytes, taken } => {
+                let took = st.core.host_data(flow, &bytes, now);
+                match st.flows.get_mut(&flow) {
+                    Some(f) if took < bytes.len() => f.parked = Some((bytes, took, taken)),
+                    _ => drop(taken.send(())),
+                }
+            }
+            GatewayMsg::HostDone { flow } => match st.flows.get_mut(&flow) {
+                Some(f) if f.parked.is_some() => f.done = true,
+                _ => st.core.host_done(flow),
+            },
+            GatewayMsg::Written { flow, bytes } => st.core.grant(flow, bytes),
+            GatewayMsg::Dns { lookup, answer } => st.core.dns_reply(lookup, answer.as_deref(), now),
+        }
+        st.run();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,47 @@
+//! Messages between the virtio-net shell and the network gateway, and the gateway's
+//! control vocabulary.
+//!
+//! - The virtio-net shell sends the gateway [`GuestFrames`] and nothing else; the gateway
+//!   sends the shell [`ToNet`] and nothing else. Both directions are credit-bounded in
+//!   frames: at most [`NET_FRAME_WINDOW`] guest frames are in flight towards the gateway
+//!   (the shell stops taking transmit buffers past it, which pushes back on the guest), and
+//!   the gateway sends at most [`NET_FRAME_WINDOW`] frames the guest has not yet taken.
+//! - The supervisor and the control plane send the gateway [`NetControl`].
+//!
+//! Invariant: every frame here is a whole Ethernet frame of [`MIN_FRAME`]..=[`MAX_FRAME`]
+//! bytes, copied out of guest memory before anything looks at it.
+
+use ractor::RpcReplyPort;
+
+/// Most frames in flight each way between the virtio-net shell and the gateway.
+pub const NET_FRAME_WINDOW: usize = 256;
+/// Smallest and largest Ethernet frame (no FCS; MTU 1500).
+pub const MIN_FRAME: usize = 14;
+pub const MAX_FRAME: usize = 1514;
+
+/// Guest-to-host frames, and how many host-to-guest frames the guest has taken since the
+/// last report (the gateway's send credit).
+#[derive(Debug, Default)]
+pub struct GuestFrames {
+    pub frames: Vec<Vec<u8>>,
+    pub delivered: usize,
+}
+
+/// What the gateway may send the virtio-net shell.
+#[derive(Debug)]
+pub enum ToNet {
+    /// Frames for the guest (at most the credit the shell reported).
+    Frames(Vec<Vec<u8>>),
+    /// The gateway took this many guest frames.
+    Credit(usize),
+}
+
+/// What the control side may ask of the gateway.
+#[derive(Debug)]
+pub enum NetControl {
+    /// Replaces the egress policy (policy-file text); flows the new policy denies are reset.
+    /// Answered with the parse error, if any (then nothing changed).
+    SetPolicy { policy: String, reply: RpcReplyPort<Result<(), String>> },
+    /// The policy in force, as policy-file text.
+    Policy(RpcReplyPort<String>),
+}
