@@ -90,15 +90,29 @@ pub async fn logs(sb: &NamedSandbox, follow: bool, tail: Option<usize>) -> msb_c
     if let Some(n) = tail {
         lines = lines.split_off(lines.len().saturating_sub(n));
     }
+    let files = vec![Follow::new(console, console_at, true), Follow::new(exec, exec_at, false)];
+    show(sb, lines, follow.then_some(files)).await
+}
+
+/// `msb logs --net`: the network audit stream, one JSON line per gateway decision.
+pub async fn net_logs(sb: &NamedSandbox, follow: bool, tail: Option<usize>) -> msb_control_plane::Result<()> {
+    sb.record()?;
+    let path = sb.dir().join("net.jsonl");
+    let (mut lines, at) = read_lines(&path);
+    if let Some(n) = tail {
+        lines = lines.split_off(lines.len().saturating_sub(n));
+    }
+    show(sb, lines, follow.then(|| vec![Follow::new(path, at, false)])).await
+}
+
+/// Prints `lines`, then, when following, new lines of `files` until the sandbox stops.
+async fn show(sb: &NamedSandbox, lines: Vec<String>, follow: Option<Vec<Follow>>) -> msb_control_plane::Result<()> {
     let mut out = std::io::stdout();
     for l in &lines {
         let _ = writeln!(out, "{}", for_terminal(l));
     }
     let _ = out.flush();
-    if !follow {
-        return Ok(());
-    }
-    let mut files = [Follow::new(console, console_at, true), Follow::new(exec, exec_at, false)];
+    let Some(mut files) = follow else { return Ok(()) };
     let mut ticks = 0u32;
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -24,7 +24,7 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use msb_control_plane::client::SANDBOX_PROCESS_ARG;
 use msb_control_plane::schema::{Rlimit, WinSize};
 use msb_control_plane::store::format_ms;
-use msb_control_plane::{Error, ExecSpec, Msb, NamedSandbox, Record, SandboxConfig, Status};
+use msb_control_plane::{Error, ExecSpec, Msb, NamedSandbox, NetSettings, Record, SandboxConfig, Status};
 
 use attach::Outcome;
 
@@ -78,6 +78,10 @@ enum Cmd {
         /// Only the last N lines.
         #[arg(long)]
         tail: Option<usize>,
+        /// The network audit stream instead: one JSON line per gateway decision (time,
+        /// protocol, destination, names, allow/deny, the rule that decided).
+        #[arg(long)]
+        net: bool,
     },
     /// Copy files or directories between the host and a running sandbox: `msb cp SRC
     /// NAME:DST` or `msb cp NAME:SRC DST` (as docker cp).
@@ -153,6 +157,73 @@ struct MachineArgs {
     /// Size of an image sandbox's writable root disk, e.g. 512M or 4G (sparse; default 4G).
     #[arg(long, value_parser = parse_size_mib)]
     root_disk: Option<u64>,
+    #[command(flatten)]
+    net: NetArgs,
+}
+
+/// The sandbox's network (see `msb run --help`): the public internet only, unless told.
+#[derive(clap::Args, Clone)]
+struct NetArgs {
+    /// `public` (default: the public internet, nothing private, local or the host's) or
+    /// `none` (no network device at all).
+    #[arg(long, value_parser = ["public", "none"], default_value = "public")]
+    net: String,
+    /// Allow a destination, before the defaults: `[out/][tcp/|udp/]TARGET[:PORTS]`, TARGET an
+    /// address, a CIDR (`203.0.113.0/24`, `[2001:db8::/32]`), a group (`private`, `loopback`,
+    /// `host`, …), a domain (`api.example.com`) or `*.example.com`; PORTS `443`, `8000-8100`
+    /// or a comma list. Repeatable; the first matching rule wins.
+    #[arg(long = "allow", value_name = "RULE")]
+    allow: Vec<String>,
+    /// Deny a destination (same syntax as --allow), before the defaults. Repeatable.
+    #[arg(long = "deny", value_name = "RULE")]
+    deny: Vec<String>,
+    /// A policy file: one `allow RULE` / `deny RULE` per line, `default allow|deny`, `#`
+    /// comments. It replaces the default policy; --allow/--deny rules go before its rules.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
+    /// The resolver the gateway asks for the guest (default: the host's first nameserver).
+    #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_resolver)]
+    dns: Option<std::net::SocketAddr>,
+}
+
+fn parse_resolver(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse::<std::net::SocketAddr>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+        .map_err(|_| format!("{s:?} is not an address such as 192.0.2.53 or [2001:db8::53]:5353"))
+}
+
+impl NetArgs {
+    /// The recorded network settings; the rules and the file are parsed here, so a bad one
+    /// is refused before anything is created.
+    fn settings(&self) -> Result<NetSettings, Error> {
+        use msb_actors::net::{Action, Policy, Rule};
+        let none = self.net == "none";
+        let custom = !self.allow.is_empty() || !self.deny.is_empty() || self.policy.is_some();
+        if none && (custom || self.dns.is_some()) {
+            return Err(Error::Config("--net none has no network: drop --allow, --deny, --policy and --dns".into()));
+        }
+        let mut rules = Vec::new();
+        for (action, list) in [(Action::Deny, &self.deny), (Action::Allow, &self.allow)] {
+            for r in list {
+                let flag = if action == Action::Allow { "--allow" } else { "--deny" };
+                rules.push(Rule::parse(action, r).map_err(|e| Error::Config(format!("{flag} {r:?}: {e}")))?);
+            }
+        }
+        let policy = match &self.policy {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| Error::Config(format!("--policy {}: {e}", path.display())))?;
+                let file =
+                    Policy::parse(&text).map_err(|e| Error::Config(format!("--policy {}: {e}", path.display())))?;
+                rules.extend(file.rules().iter().cloned());
+                Some(Policy::new(rules, file.default_action()))
+            }
+            None if custom => Some(Policy::with_rules(rules)),
+            None => None,
+        };
+        let policy = policy.transpose().map_err(|e| Error::Config(format!("the network policy: {e}")))?;
+        Ok(NetSettings { none, policy: policy.map(|p| p.to_string()), dns: self.dns })
+    }
 }
 
 /// A size with an optional M or G suffix (MiB by default), in MiB.
@@ -168,8 +239,8 @@ fn parse_size_mib(s: &str) -> Result<u64, String> {
 }
 
 impl MachineArgs {
-    fn config(&self, image: Option<String>) -> SandboxConfig {
-        SandboxConfig {
+    fn config(&self, image: Option<String>) -> Result<SandboxConfig, Error> {
+        Ok(SandboxConfig {
             image,
             root_disk_mib: self.root_disk,
             image_id: None,
@@ -178,7 +249,8 @@ impl MachineArgs {
             kernel: self.kernel.clone().map(|k| std::path::absolute(&k).unwrap_or(k)),
             kernel_args: self.kernel_args.clone(),
             boot_timeout_secs: self.boot_timeout,
-        }
+            net: self.net.settings()?,
+        })
     }
 }
 
@@ -377,7 +449,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => return rt.block_on(run(&msb, *a)),
         Cmd::Doctor | Cmd::SandboxProcess | Cmd::Completions { .. } => unreachable!("served above"),
         Cmd::Create(a) => resolve_image(&msb, a.image.as_deref())
-            .and_then(|(image, id)| msb.create(&a.name, SandboxConfig { image_id: id, ..a.machine.config(image) }))
+            .and_then(|(image, id)| msb.create(&a.name, SandboxConfig { image_id: id, ..a.machine.config(image)? }))
             .map(|sb| println!("{}", sb.name())),
         Cmd::Load { input, tag } => images::load(&msb, &input, tag.as_deref()),
         Cmd::Cp { src, dst } => rt.block_on(cp::cp(&msb, &src, &dst)),
@@ -413,7 +485,12 @@ fn main() -> ExitCode {
         }),
         Cmd::Ls { format } => msb.list().map(|l| print_list(&l, format)),
         Cmd::Inspect { name, format } => rt.block_on(inspect(&msb, &name, format)),
-        Cmd::Logs { name, follow, tail } => rt.block_on(async { logs::logs(&msb.get(&name)?, follow, tail).await }),
+        Cmd::Logs { name, follow, tail, net: false } => {
+            rt.block_on(async { logs::logs(&msb.get(&name)?, follow, tail).await })
+        }
+        Cmd::Logs { name, follow, tail, net: true } => {
+            rt.block_on(async { logs::net_logs(&msb.get(&name)?, follow, tail).await })
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -615,7 +692,10 @@ async fn run(msb: &Msb, mut a: RunArgs) -> ExitCode {
     if let Err(e) = images::defaults(msb, image_ref, &mut a.cmd, a.entrypoint.as_deref(), true) {
         return finish(Outcome::Failed(e));
     }
-    let config = SandboxConfig { image_id, ..a.machine.config(image) };
+    let config = match a.machine.config(image) {
+        Ok(c) => SandboxConfig { image_id, ..c },
+        Err(e) => return finish(Outcome::Failed(e)),
+    };
     let created = match (&a.name, a.detach) {
         (Some(n), _) => msb.create(n, config),
         (None, true) => msb.create_generated("sb", config),
@@ -723,6 +803,47 @@ fn doctor() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn net(args: &[&str]) -> Result<NetSettings, Error> {
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            net: NetArgs,
+        }
+        let mut argv = vec!["t"];
+        argv.extend_from_slice(args);
+        T::try_parse_from(argv).map_err(|e| Error::Config(e.to_string()))?.net.settings()
+    }
+
+    #[test]
+    fn network_flags_become_one_checked_policy() {
+        assert_eq!(net(&[]).unwrap(), NetSettings::default(), "the default is recorded as the default");
+        assert!(net(&["--net", "none"]).unwrap().none);
+        let s =
+            net(&["--allow", "203.0.113.0/24", "--deny", "tcp/*.example.com:443", "--dns", "198.51.100.2"]).unwrap();
+        let p = msb_actors::net::Policy::parse(s.policy.as_deref().unwrap()).unwrap();
+        let rules: Vec<String> = p.rules().iter().map(|r| r.to_string()).collect();
+        assert_eq!(rules, ["deny tcp/*.example.com:443", "allow 203.0.113.0/24", "allow public"], "denies first");
+        assert_eq!(p.default_action(), msb_actors::net::Action::Deny);
+        assert_eq!(s.dns, Some("198.51.100.2:53".parse().unwrap()));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p");
+        std::fs::write(&file, "allow tcp/198.51.100.0/24:80\ndefault deny\n").unwrap();
+        let s = net(&["--policy", file.to_str().unwrap(), "--allow", "10.1.2.3"]).unwrap();
+        let p = msb_actors::net::Policy::parse(s.policy.as_deref().unwrap()).unwrap();
+        assert_eq!(p.rules().len(), 2, "the file replaces the default: no implicit allow public");
+        for bad in [
+            &["--allow", "300.1.1.1"][..],
+            &["--deny", "tcp/"],
+            &["--net", "none", "--allow", "public"],
+            &["--net", "bridge"],
+            &["--dns", "resolver.example"],
+            &["--policy", "/nonexistent/policy"],
+        ] {
+            let e = net(bad).expect_err(&format!("{bad:?}"));
+            assert!(!e.to_string().is_empty());
+        }
+    }
 
     #[test]
     fn env_entries_take_a_bare_key_from_msbs_own_environment() {

@@ -96,6 +96,25 @@ pub struct SandboxConfig {
     pub kernel: Option<PathBuf>,
     pub kernel_args: Option<String>,
     pub boot_timeout_secs: u64,
+    /// The sandbox's network.
+    #[serde(default)]
+    pub net: NetSettings,
+}
+
+/// A sandbox's network, as recorded: whether it has one, the egress policy (policy-file
+/// text, checked by the client before it is recorded and parsed again by the sandbox
+/// process), and the resolver its gateway asks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetSettings {
+    /// No network device at all (`--net none`).
+    #[serde(default)]
+    pub none: bool,
+    /// The whole policy; `None`: the default (`allow public`, default deny).
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// Where the gateway sends DNS queries (default: the host's resolver).
+    #[serde(default)]
+    pub dns: Option<std::net::SocketAddr>,
 }
 
 impl Default for SandboxConfig {
@@ -109,6 +128,7 @@ impl Default for SandboxConfig {
             kernel: None,
             kernel_args: None,
             boot_timeout_secs: 60,
+            net: NetSettings::default(),
         }
     }
 }
@@ -169,6 +189,11 @@ pub mod paths {
     /// Directory of a sandbox's files (0700: logs, socket).
     pub fn sandbox_dir(home: &Path, name: &SandboxName) -> PathBuf {
         home.join("sandboxes").join(name.as_str())
+    }
+
+    /// The network audit stream of a sandbox (JSON lines, one per gateway decision).
+    pub fn net_audit_path(home: &Path, name: &SandboxName) -> PathBuf {
+        sandbox_dir(home, name).join("net.jsonl")
     }
 
     /// The control socket of a sandbox.

@@ -180,7 +180,8 @@ impl AuditLog {
     fn record(&mut self, audit: &crate::stack::Audit) {
         tracing::debug!(action = audit.action.name(), dest = %audit.dest, why = %audit.why, "network decision");
         let Some(f) = &mut self.file else { return };
-        let line = audit.json_line(&self.sandbox) + "\n";
+        let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        let line = audit.json_line(&self.sandbox, &time) + "\n";
         // Room is kept for the one record that says how many were dropped.
         if self.written + line.len() as u64 + 256 > AUDIT_CAP {
             if self.dropped == 0 {

@@ -97,8 +97,9 @@ pub struct Audit {
 impl Audit {
     /// The record as one JSON line (no newline inside: every string is JSON-escaped) for the
     /// sandbox's audit stream.
-    pub fn json_line(&self, sandbox: &str) -> String {
+    pub fn json_line(&self, sandbox: &str, time: &str) -> String {
         serde_json::json!({
+            "time": time,
             "at_ms": self.at_ms,
             "sandbox": sandbox,
             "proto": self.proto.name(),
@@ -689,10 +690,11 @@ mod audit_tests {
             group: Group::Private,
             why: "rule 1 `deny private`\n(injected)".into(),
         };
-        let line = a.json_line("web");
+        let line = a.json_line("web", "2026-12-02T08:00:00.000Z");
         assert!(!line.contains('\n'), "{line}");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["dest"], "10.0.0.1");
+        assert_eq!(v["time"], "2026-12-02T08:00:00.000Z");
         assert_eq!(v["port"], 80);
         assert_eq!(v["action"], "deny");
         assert_eq!(v["group"], "private");

@@ -204,6 +204,21 @@ async fn boot(launch: &Launch, dir: &Path) -> msb_actors::Result<Sandbox> {
         let (base, writable) = image_root(&launch.home, dir, image, c.image_id.as_deref(), c.root_disk_mib)?;
         b = b.root(base, writable);
     }
+    b = if c.net.none {
+        b.no_network()
+    } else {
+        let policy = match &c.net.policy {
+            Some(text) => msb_actors::net::Policy::parse(text)
+                .map_err(|e| msb_actors::Error::Config(format!("the recorded network policy: {e}")))?,
+            None => msb_actors::net::Policy::default(),
+        };
+        b.network(msb_actors::Network {
+            policy,
+            upstream_dns: c.net.dns,
+            audit: Some(paths::net_audit_path(&launch.home, &launch.name)),
+            name: launch.name.to_string(),
+        })
+    };
     b.create().await
 }
 
