@@ -38,7 +38,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Record a named sandbox (does not start it).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Start a sandbox in the background.
     Start { name: String },
     /// Stop a sandbox: the guest syncs and powers off; forced after the timeout.
