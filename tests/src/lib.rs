@@ -2,6 +2,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod netns;
+
 use std::time::Duration;
 
 use msb_actors::{Error, ExecError, Sandbox, SandboxBuilder};

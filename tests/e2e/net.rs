@@ -1,0 +1,291 @@
+//! The network against real guests, through the `msb` command line: the default image's
+//! `curl`, `getent` and Python against a test host in a network namespace of this machine
+//! (198.51.100.0/24 on a veth pair), a DNS server the test runs there, and listeners on this
+//! machine's loopback and own addresses. Traffic goes only to those.
+//!
+//! What must hold: the default policy denies the test host (documentation addresses are
+//! `reserved`), private, metadata, the host's own addresses, the gateway's address and every
+//! IPv4-in-IPv6 spelling of a loopback address, each as a reset within a second and with no
+//! host socket ever opened; an explicit rule lets exactly its address and port through; DNS
+//! to any resolver address is answered by the gateway, with private and rebinding answers
+//! removed (NXDOMAIN when none is left); the audit stream records every decision;
+//! `--net none` has no interface.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, UdpSocket};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
+use msb_tests::netns::TestNet;
+
+use crate::cli::{code, msb, ok};
+
+const IMAGE: &str = "msb/debian:12";
+const BODY: &str = "hello from the test host";
+
+/// Serves a fixed HTTP answer on `l`, counting connections and recording Host headers.
+fn http_server(l: TcpListener) -> (Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
+    let (count, hosts) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::new())));
+    let (c, h) = (count.clone(), hosts.clone());
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            c.fetch_add(1, Ordering::SeqCst);
+            let h = h.clone();
+            std::thread::spawn(move || {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&req);
+                if let Some(host) = text.lines().find_map(|l| l.strip_prefix("Host: ")) {
+                    h.lock().unwrap().push(host.trim().to_string());
+                }
+                let reply = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{BODY}", BODY.len());
+                let _ = s.write_all(reply.as_bytes());
+            });
+        }
+    });
+    (count, hosts)
+}
+
+/// Counts connections to `l` (which must stay zero: it is never to be reached).
+fn counting(l: TcpListener) -> Arc<AtomicUsize> {
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            c.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    count
+}
+
+/// A DNS server with fixed A records: the test host, a private address, a mix, and a
+/// rebinding answer (loopback).
+fn dns_server(sock: UdpSocket, host: std::net::Ipv4Addr) -> Arc<AtomicUsize> {
+    let asked = Arc::new(AtomicUsize::new(0));
+    let a = asked.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        loop {
+            let Ok((n, from)) = sock.recv_from(&mut buf) else { return };
+            let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
+            a.fetch_add(1, Ordering::SeqCst);
+            let Some(query) = q.queries().first().cloned() else { continue };
+            let name = query.name().to_ascii().trim_end_matches('.').to_string();
+            let addrs: Vec<std::net::Ipv4Addr> = match (name.as_str(), query.query_type()) {
+                (_, t) if t != RecordType::A => vec![],
+                ("allowed.test", _) => vec![host],
+                ("private.test", _) => vec!["10.0.0.1".parse().unwrap()],
+                ("mixed.test", _) => vec!["10.1.2.3".parse().unwrap(), host, "127.0.0.1".parse().unwrap()],
+                ("rebind.test", _) => vec!["127.0.0.1".parse().unwrap()],
+                _ => vec![],
+            };
+            let known = ["allowed.test", "private.test", "mixed.test", "rebind.test"].contains(&name.as_str());
+            let mut r = Message::new();
+            r.set_id(q.id());
+            r.set_message_type(MessageType::Response);
+            r.set_recursion_desired(q.recursion_desired());
+            r.set_recursion_available(true);
+            r.add_query(query.clone());
+            r.set_response_code(if known { ResponseCode::NoError } else { ResponseCode::NXDomain });
+            for ip in addrs {
+                r.add_answer(Record::from_rdata(query.name().clone(), 60, RData::A(A(ip))));
+            }
+            let _ = sock.send_to(&r.to_vec().unwrap(), from);
+        }
+    });
+    asked
+}
+
+/// Lines of `curl` results: `URL EXIT HTTPCODE SECONDS`.
+fn curl_script(urls: &[String]) -> String {
+    let mut s = String::new();
+    for u in urls {
+        s.push_str(&format!(
+            "r=$(curl -s -g --max-time 8 -o /dev/null -w '%{{http_code}} %{{time_total}}' '{u}'); echo \"{u} $? $r\"\n"
+        ));
+    }
+    s
+}
+
+struct Curl {
+    exit: i32,
+    http: String,
+    secs: f64,
+}
+
+fn parse_curl(out: &str) -> std::collections::HashMap<String, Curl> {
+    out.lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let [url, exit, http, secs] = w[..] else { return None };
+            Some((url.to_string(), Curl { exit: exit.parse().ok()?, http: http.into(), secs: secs.parse().ok()? }))
+        })
+        .collect()
+}
+
+fn exec(name: &str, script: &str) -> (i32, String, String) {
+    let o = msb(&["exec", name, "--", "sh", "-c", script]);
+    (code(&o), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+fn start_sandbox(name: &str, extra: &[&str]) {
+    let _ = msb(&["rm", "--force", name]);
+    let mut args = vec!["create", IMAGE, "--name", name, "--boot-timeout", "45"];
+    args.extend_from_slice(extra);
+    ok(&args);
+    crate::cli::start(name);
+}
+
+#[test]
+fn the_default_network_denies_every_inward_destination_at_once_and_never_dials_it() {
+    let net = TestNet::new(0);
+    let (test_host, _) = http_server(net.tcp(80));
+    // This machine's loopback and its own address on the veth: the `loopback` and `host`
+    // groups, whatever spelling the guest uses.
+    let lo = TcpListener::bind("127.0.0.1:0").unwrap();
+    let lo_port = lo.local_addr().unwrap().port();
+    let lo_hits = counting(lo);
+    let own = TcpListener::bind((net.local, 0)).unwrap();
+    let own_port = own.local_addr().unwrap().port();
+    let own_hits = counting(own);
+
+    let name = "e2e-net-default";
+    start_sandbox(name, &[]);
+    let (code, ifaces, _) = exec(name, "ls /sys/class/net");
+    assert_eq!(code, 0);
+    assert!(ifaces.split_whitespace().any(|i| i == "eth0"), "the default sandbox has a network: {ifaces}");
+    let urls: Vec<String> = [
+        format!("http://{}/", net.host),                 // reserved (documentation)
+        "http://10.0.0.1/".into(),                        // private
+        "http://100.64.0.1/".into(),                      // CGNAT
+        "http://169.254.169.254/latest/meta-data/".into(), // metadata
+        format!("http://{}:{own_port}/", net.local),      // the host's own address
+        "http://192.168.127.1/".into(),                   // the gateway itself
+        format!("http://[64:ff9b::7f00:1]:{lo_port}/"),   // NAT64 of 127.0.0.1
+        format!("http://[::127.0.0.1]:{lo_port}/"),       // IPv4-compatible
+        format!("http://[2002:7f00:1::1]:{lo_port}/"),    // 6to4 of 127.0.0.1
+        format!("http://[::ffff:0:7f00:1]:{lo_port}/"),   // IPv4-translated
+        "http://[fd00:ec2::254]/".into(),                 // metadata, IPv6
+        "http://169.254.1.1/".into(),                     // link-local
+    ]
+    .into();
+    let (_, out, err) = exec(name, &curl_script(&urls));
+    let got = parse_curl(&out);
+    for u in &urls {
+        let c = got.get(u).unwrap_or_else(|| panic!("no result for {u}: {out} {err}"));
+        assert_eq!(c.http, "000", "{u} was answered");
+        assert!(c.exit == 7, "{u}: curl exit {} (7 = refused at once); all: {out}", c.exit);
+        assert!(c.secs < 1.0, "{u} took {} s to be refused", c.secs);
+    }
+    assert_eq!(test_host.load(Ordering::SeqCst), 0, "the test host was reached");
+    assert_eq!(lo_hits.load(Ordering::SeqCst), 0, "this machine's loopback was reached");
+    assert_eq!(own_hits.load(Ordering::SeqCst), 0, "this machine's own address was reached");
+
+    // Every decision is in the audit stream, with its group and what decided.
+    let audit = ok(&["logs", "--net", name]);
+    let records: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let denied = |dest: &str| records.iter().find(|r| r["dest"] == dest && r["action"] == "deny").cloned();
+    for (dest, group) in [
+        (net.host.to_string(), "reserved"),
+        ("10.0.0.1".into(), "private"),
+        ("169.254.169.254".into(), "metadata"),
+        (net.local.to_string(), "host"),
+        ("64:ff9b::7f00:1".into(), "loopback"),
+    ] {
+        let r = denied(&dest).unwrap_or_else(|| panic!("no denial of {dest} in the audit stream:\n{audit}"));
+        assert_eq!(r["group"], group, "{r}");
+        assert_eq!(r["sandbox"], name);
+        assert!(r["time"].as_str().is_some_and(|t| t.starts_with("20")), "{r}");
+    }
+    assert!(records.iter().all(|r| r["action"] == "deny"), "nothing was allowed:\n{audit}");
+    let _ = msb(&["rm", "--force", name]);
+}
+
+#[test]
+fn an_explicit_rule_lets_exactly_its_destination_through_and_dns_answers_are_filtered() {
+    let net = TestNet::new(1);
+    let (test_host, hosts) = http_server(net.tcp(80));
+    let other_port = counting(net.tcp(81));
+    let asked = dns_server(net.udp(53), net.host);
+    let name = "e2e-net-allow";
+    let rule = format!("tcp/{}:80", net.host);
+    start_sandbox(name, &["--allow", &rule, "--dns", &net.host.to_string()]);
+
+    let urls = vec![
+        format!("http://{}/", net.host),
+        format!("http://{}:81/", net.host),
+        "http://allowed.test/".to_string(),
+        "http://mixed.test/".to_string(),
+    ];
+    let (_, out, err) = exec(name, &curl_script(&urls));
+    let got = parse_curl(&out);
+    let r = |u: &str| got.get(u).unwrap_or_else(|| panic!("no result for {u}: {out} {err}"));
+    assert_eq!((r(&urls[0]).exit, r(&urls[0]).http.as_str()), (0, "200"), "{out}");
+    assert_eq!(r(&urls[1]).exit, 7, "another port of the allowed address is refused: {out}");
+    assert_eq!((r(&urls[2]).exit, r(&urls[2]).http.as_str()), (0, "200"), "by name: {out}");
+    assert_eq!((r(&urls[3]).exit, r(&urls[3]).http.as_str()), (0, "200"), "the allowed one of a mix: {out}");
+    assert_eq!(test_host.load(Ordering::SeqCst), 3);
+    assert_eq!(other_port.load(Ordering::SeqCst), 0, "the denied port never got a host socket");
+    let seen = hosts.lock().unwrap().clone();
+    assert!(seen.contains(&"allowed.test".to_string()), "{seen:?}");
+
+    // DNS: answers the policy would deny are removed; a name left with none is NXDOMAIN.
+    let (code, out, _) = exec(name, "getent ahostsv4 mixed.test | cut -d' ' -f1 | sort -u");
+    assert_eq!((code, out.trim()), (0, net.host.to_string().as_str()), "only the allowed address of a mix");
+    for n in ["private.test", "rebind.test", "unknown.test"] {
+        let (code, out, _) = exec(name, &format!("getent ahostsv4 {n}"));
+        assert_eq!(code, 2, "{n} resolved: {out}");
+    }
+    // To any resolver address, the gateway answers (a guest-chosen 192.0.2.53 is never
+    // dialed: the query reaches our test server as the gateway's upstream).
+    let before = asked.load(Ordering::SeqCst);
+    let py = r#"
+import socket, struct
+q = struct.pack(">HHHHHH", 0x4d53, 0x0100, 1, 0, 0, 0) + b"\x07allowed\x04test\x00" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+s.sendto(q, ("192.0.2.53", 53))
+a, src = s.recvfrom(1500)
+print(src[0], struct.unpack(">H", a[:2])[0] == 0x4d53, a[3] & 15, socket.inet_ntoa(a[-4:]))
+"#;
+    let o = msb(&["exec", name, "--", "python3", "-c", py]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.trim(), format!("192.0.2.53 True 0 {}", net.host), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(asked.load(Ordering::SeqCst) > before, "the gateway asked its upstream");
+
+    let audit = ok(&["logs", "--net", name]);
+    let records: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let host = net.host.to_string();
+    assert!(
+        records.iter().any(|r| r["dest"] == host && r["port"] == 80 && r["action"] == "allow"
+            && r["why"].as_str().unwrap().contains(&rule)),
+        "the allow names its rule:\n{audit}"
+    );
+    assert!(records.iter().any(|r| r["dest"] == host && r["port"] == 81 && r["action"] == "deny"), "{audit}");
+    assert!(
+        records.iter().any(|r| r["dest"] == "10.0.0.1" && r["why"] == "removed from a DNS answer"),
+        "{audit}"
+    );
+    let _ = msb(&["rm", "--force", name]);
+}
+
+#[test]
+fn net_none_has_no_interface_but_loopback() {
+    let out = ok(&["run", "--net", "none", "--", "ls", "/sys/class/net"]);
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["lo"], "{out}");
+    let out = ok(&["run", "--", "sh", "-c", "ls /sys/class/net; cat /etc/resolv.conf; ip addr show eth0"]);
+    assert!(out.contains("eth0") && out.contains("nameserver 192.168.127.1"), "{out}");
+    assert!(out.contains("192.168.127.2/24") && out.contains("fd6d:7362::2/64"), "{out}");
+    let refused = msb(&["run", "--net", "none", "--allow", "public", "--", "true"]);
+    assert_eq!(code(&refused), 125, "a contradiction is refused before anything starts");
+}
