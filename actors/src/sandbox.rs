@@ -55,6 +55,8 @@ pub struct Network {
     pub audit: Option<PathBuf>,
     /// The name the audit stream records.
     pub name: String,
+    /// Published ports: host address (port 0 picks a free one) → guest TCP port.
+    pub publish: Vec<(std::net::SocketAddr, u16)>,
 }
 
 impl Network {
@@ -194,14 +196,28 @@ impl SandboxBuilder {
         let machine = tokio::task::spawn_blocking(move || Machine::build(&spec, clock))
             .await
             .map_err(|e| Error::Spawn(format!("VM setup task: {e}")))??;
-        let net = self.network.clone().map(|n| GatewayArgs {
-            sandbox: n.name,
-            net: NetConfig::default(),
-            policy: n.policy,
-            upstream_dns: n.upstream_dns,
-            audit: n.audit,
-            seed: random_seed(),
-        });
+        let mut published = Vec::new();
+        let net = match self.network.clone() {
+            None => None,
+            Some(n) => {
+                let mut listeners = Vec::new();
+                for (host, guest) in &n.publish {
+                    let l = std::net::TcpListener::bind(host)
+                        .map_err(|e| Error::Config(format!("publishing {host} (to guest port {guest}): {e}")))?;
+                    published.push((l.local_addr().map_err(|e| Error::Config(e.to_string()))?, *guest));
+                    listeners.push((l, *guest));
+                }
+                Some(GatewayArgs {
+                    sandbox: n.name,
+                    net: NetConfig::default(),
+                    policy: n.policy,
+                    upstream_dns: n.upstream_dns,
+                    audit: n.audit,
+                    seed: random_seed(),
+                    published: listeners,
+                })
+            }
+        };
         let (sup, _) = Actor::spawn(None, SandboxSupervisor, SupArgs { machine, net })
             .await
             .map_err(|e| Error::Spawn(e.to_string()))?;
@@ -212,7 +228,7 @@ impl SandboxBuilder {
                 return Err(Error::Spawn("the sandbox supervisor did not hand out its agent".into()));
             }
         };
-        let sb = Sandbox { sup: sup.clone(), link: AgentLink { agent, sup }, created: clock };
+        let sb = Sandbox { sup: sup.clone(), link: AgentLink { agent, sup }, created: clock, published };
         let ready = tokio::time::timeout(self.boot_timeout, sb.sup.call(SupMsg::WaitReady, None)).await;
         match ready {
             Ok(Ok(ractor::rpc::CallResult::Success(Ok(_agent)))) => Ok(sb),
@@ -296,9 +312,16 @@ pub struct Sandbox {
     sup: ActorRef<SupMsg>,
     link: AgentLink,
     created: Instant,
+    published: Vec<(std::net::SocketAddr, u16)>,
 }
 
 impl Sandbox {
+    /// The published ports: the host address each is bound to (with the port picked for a
+    /// port 0) and the guest port it leads to.
+    pub fn published(&self) -> &[(std::net::SocketAddr, u16)] {
+        &self.published
+    }
+
     pub fn builder() -> SandboxBuilder {
         SandboxBuilder::default()
     }

@@ -24,7 +24,7 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use msb_control_plane::client::SANDBOX_PROCESS_ARG;
 use msb_control_plane::schema::{Rlimit, WinSize};
 use msb_control_plane::store::format_ms;
-use msb_control_plane::{Error, ExecSpec, Msb, NamedSandbox, NetSettings, Record, SandboxConfig, Status};
+use msb_control_plane::{Error, ExecSpec, Msb, NamedSandbox, NetSettings, Publish, Record, SandboxConfig, Status};
 
 use attach::Outcome;
 
@@ -83,6 +83,8 @@ enum Cmd {
         #[arg(long)]
         net: bool,
     },
+    /// The published ports of a running sandbox: `GUEST/tcp -> HOST_ADDR:PORT` per line.
+    Port { name: String },
     /// Copy files or directories between the host and a running sandbox: `msb cp SRC
     /// NAME:DST` or `msb cp NAME:SRC DST` (as docker cp).
     Cp { src: String, dst: String },
@@ -184,6 +186,10 @@ struct NetArgs {
     /// The resolver the gateway asks for the guest (default: the host's first nameserver).
     #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_resolver)]
     dns: Option<std::net::SocketAddr>,
+    /// Publish a guest TCP port: `[ADDR:]HOST:GUEST` or `GUEST` (a free host port, shown by
+    /// `msb port`). Bound to 127.0.0.1 unless ADDR names another. Repeatable.
+    #[arg(short = 'p', long = "publish", value_name = "[ADDR:]HOST:GUEST", value_parser = Publish::parse)]
+    publish: Vec<Publish>,
 }
 
 fn parse_resolver(s: &str) -> Result<std::net::SocketAddr, String> {
@@ -199,8 +205,10 @@ impl NetArgs {
         use msb_actors::net::{Action, Policy, Rule};
         let none = self.net == "none";
         let custom = !self.allow.is_empty() || !self.deny.is_empty() || self.policy.is_some();
-        if none && (custom || self.dns.is_some()) {
-            return Err(Error::Config("--net none has no network: drop --allow, --deny, --policy and --dns".into()));
+        if none && (custom || self.dns.is_some() || !self.publish.is_empty()) {
+            return Err(Error::Config(
+                "--net none has no network: drop --allow, --deny, --policy, --dns and -p".into(),
+            ));
         }
         let mut rules = Vec::new();
         for (action, list) in [(Action::Deny, &self.deny), (Action::Allow, &self.allow)] {
@@ -222,7 +230,7 @@ impl NetArgs {
             None => None,
         };
         let policy = policy.transpose().map_err(|e| Error::Config(format!("the network policy: {e}")))?;
-        Ok(NetSettings { none, policy: policy.map(|p| p.to_string()), dns: self.dns })
+        Ok(NetSettings { none, policy: policy.map(|p| p.to_string()), dns: self.dns, publish: self.publish.clone() })
     }
 }
 
@@ -483,8 +491,13 @@ fn main() -> ExitCode {
             }
             first_err.map_or(Ok(()), Err)
         }),
-        Cmd::Ls { format } => msb.list().map(|l| print_list(&l, format)),
+        Cmd::Ls { format } => msb.list().map(|l| print_list(&msb, &l, format)),
         Cmd::Inspect { name, format } => rt.block_on(inspect(&msb, &name, format)),
+        Cmd::Port { name } => ports(&msb, &name).map(|ports| {
+            for (host, guest) in ports {
+                println!("{guest}/tcp -> {host}");
+            }
+        }),
         Cmd::Logs { name, follow, tail, net: false } => {
             rt.block_on(async { logs::logs(&msb.get(&name)?, follow, tail).await })
         }
@@ -559,10 +572,25 @@ fn record_json(r: &Record) -> serde_json::Value {
     })
 }
 
-fn print_list(list: &[Record], format: Format) {
+/// `msb ls`'s words for the published ports of a running sandbox (`127.0.0.1:8080->80`).
+fn ports_text(msb: &Msb, r: &Record) -> Vec<String> {
+    if r.status != Status::Running {
+        return Vec::new();
+    }
+    ports(msb, &r.name).unwrap_or_default().iter().map(|(h, g)| format!("{h}->{g}")).collect()
+}
+
+fn print_list(msb: &Msb, list: &[Record], format: Format) {
     match format {
         Format::Json => {
-            let v: Vec<_> = list.iter().map(record_json).collect();
+            let v: Vec<_> = list
+                .iter()
+                .map(|r| {
+                    let mut v = record_json(r);
+                    v["ports"] = serde_json::json!(ports_text(msb, r));
+                    v
+                })
+                .collect();
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         }
         Format::Table => {
@@ -573,6 +601,11 @@ fn print_list(list: &[Record], format: Format) {
             for r in list {
                 let (cpus, mem) = (r.config.cpus, r.config.memory_mib);
                 let pid = r.process.map(|p| p.pid.to_string()).unwrap_or_else(|| "-".into());
+                let mut status = status_line(r);
+                let ports = ports_text(msb, r);
+                if !ports.is_empty() {
+                    status = format!("{status}, ports {}", ports.join(" "));
+                }
                 println!(
                     "{:<24} {:<8} {:>4} {:>6}M {:>8}  {:<20}  {}",
                     r.name,
@@ -581,11 +614,24 @@ fn print_list(list: &[Record], format: Format) {
                     mem,
                     pid,
                     format_ms(r.created_ms),
-                    report::for_terminal(&status_line(r))
+                    report::for_terminal(&status)
                 );
             }
         }
     }
+}
+
+/// The published ports of a running sandbox, as its process bound them.
+fn ports(msb: &Msb, name: &str) -> msb_control_plane::Result<Vec<(std::net::SocketAddr, u16)>> {
+    let sb = msb.get(name)?;
+    if sb.record()?.status != Status::Running {
+        return Err(Error::Config(format!("{name} is not running: its ports are bound only while it runs")));
+    }
+    let path = sb.dir().join("ports.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "[]".into());
+    let list: Vec<Publish> =
+        serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    Ok(list.into_iter().map(|p| (p.host, p.guest)).collect())
 }
 
 async fn inspect(msb: &Msb, name: &str, format: Format) -> msb_control_plane::Result<()> {
@@ -605,6 +651,12 @@ async fn inspect(msb: &Msb, name: &str, format: Format) -> msb_control_plane::Re
         })
         .collect();
     v["dir"] = serde_json::json!(sb.dir());
+    if rec.status == Status::Running {
+        v["ports"] = ports(msb, name)?
+            .into_iter()
+            .map(|(host, guest)| serde_json::json!({"host": host.to_string(), "guest": guest}))
+            .collect();
+    }
     if let Some(i) = info {
         v["boot_ms"] = serde_json::json!(i.boot_ms);
         v["exec_sessions"] = serde_json::json!(i.exec_sessions);

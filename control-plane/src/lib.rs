@@ -32,7 +32,7 @@ pub use files::{FileError, FileErrorKind, FileInfo, FileKind, FileReader, FileWr
 pub use msb_schema as schema;
 pub use msb_schema::{ExecError, ExecEvent, ExecOutput, ExecSpec, SandboxName, StopReason};
 pub use store::{Record, Status, StoreError};
-pub use wire::{NetSettings, SandboxConfig};
+pub use wire::{NetSettings, Publish, SandboxConfig};
 
 /// Why a control-plane operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -115,6 +115,54 @@ pub struct NetSettings {
     /// Where the gateway sends DNS queries (default: the host's resolver).
     #[serde(default)]
     pub dns: Option<std::net::SocketAddr>,
+    /// Published TCP ports.
+    #[serde(default)]
+    pub publish: Vec<Publish>,
+}
+
+/// One published port: a host address (127.0.0.1 unless the user named another; port 0
+/// picks a free one when the sandbox starts) and the guest TCP port it leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publish {
+    pub host: std::net::SocketAddr,
+    pub guest: u16,
+}
+
+impl Publish {
+    /// Parses `[ADDR:]HOST:GUEST[/tcp]` or `GUEST` (docker's `-p`); ADDR defaults to
+    /// 127.0.0.1 (an IPv6 one in brackets), HOST 0 or absent picks a free port.
+    pub fn parse(spec: &str) -> std::result::Result<Publish, String> {
+        let bad = |why: &str| format!("-p {spec:?}: {why}; write [ADDR:]HOST:GUEST or GUEST, e.g. 8080:80");
+        let body = match spec.rsplit_once('/') {
+            Some((b, "tcp")) => b,
+            Some((_, "udp")) => return Err(bad("UDP ports cannot be published yet (TCP only)")),
+            Some((_, p)) => return Err(bad(&format!("unknown protocol {p:?}"))),
+            None => spec,
+        };
+        let port =
+            |p: &str, what: &str| p.parse::<u16>().map_err(|_| bad(&format!("{what} port {p:?} is not 0..=65535")));
+        let (addr, rest): (std::net::IpAddr, &str) = match body.strip_prefix('[') {
+            Some(v6) => {
+                let (a, rest) = v6.split_once("]:").ok_or_else(|| bad("an IPv6 address is [ADDR]:HOST:GUEST"))?;
+                (a.parse().map_err(|_| bad(&format!("{a:?} is not an IPv6 address")))?, rest)
+            }
+            None => match body.matches(':').count() {
+                2 => {
+                    let (a, rest) = body.split_once(':').expect("counted");
+                    (a.parse().map_err(|_| bad(&format!("{a:?} is not an IP address")))?, rest)
+                }
+                _ => (std::net::Ipv4Addr::LOCALHOST.into(), body),
+            },
+        };
+        let (host, guest) = match rest.split_once(':') {
+            Some((h, g)) => (port(h, "the host")?, port(g, "the guest")?),
+            None => (0, port(rest, "the guest")?),
+        };
+        if guest == 0 {
+            return Err(bad("the guest port must not be 0"));
+        }
+        Ok(Publish { host: (addr, host).into(), guest })
+    }
 }
 
 impl Default for SandboxConfig {
@@ -129,6 +177,25 @@ impl Default for SandboxConfig {
             kernel_args: None,
             boot_timeout_secs: 60,
             net: NetSettings::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod publish_tests {
+    use super::Publish;
+
+    #[test]
+    fn published_ports_default_to_loopback_and_refuse_what_cannot_work() {
+        let p = |s: &str| Publish::parse(s).map(|p| (p.host.to_string(), p.guest));
+        assert_eq!(p("8080:80"), Ok(("127.0.0.1:8080".into(), 80)));
+        assert_eq!(p("80"), Ok(("127.0.0.1:0".into(), 80)), "a free port");
+        assert_eq!(p("0:80/tcp"), Ok(("127.0.0.1:0".into(), 80)));
+        assert_eq!(p("0.0.0.0:8080:80"), Ok(("0.0.0.0:8080".into(), 80)), "only when named");
+        assert_eq!(p("[::1]:8080:80"), Ok(("[::1]:8080".into(), 80)));
+        for bad in ["80/udp", "8080:0", "70000:80", "a:b", "localhost:8080:80", "[::1]8080:80", "80/sctp", ""] {
+            let e = p(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
         }
     }
 }
@@ -194,6 +261,11 @@ pub mod paths {
     /// The network audit stream of a sandbox (JSON lines, one per gateway decision).
     pub fn net_audit_path(home: &Path, name: &SandboxName) -> PathBuf {
         sandbox_dir(home, name).join("net.jsonl")
+    }
+
+    /// The published ports of a running sandbox, as bound (JSON: `[{host, guest}]`).
+    pub fn ports_path(home: &Path, name: &SandboxName) -> PathBuf {
+        sandbox_dir(home, name).join("ports.json")
     }
 
     /// The control socket of a sandbox.

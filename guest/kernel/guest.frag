@@ -54,6 +54,8 @@ CONFIG_NET=y
 CONFIG_INET=y
 # The sandbox's network: IPv4 and IPv6 through virtio-net to the host's gateway.
 CONFIG_IPV6=y
+# No tunnel devices: a sandbox has eth0 (or, with --net none, nothing) besides lo.
+CONFIG_IPV6_SIT=n
 CONFIG_UNIX=y
 CONFIG_PACKET=y
 CONFIG_NETDEVICES=y

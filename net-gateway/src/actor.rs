@@ -51,7 +51,7 @@ pub const AUDIT_CAP: u64 = 16 * 1024 * 1024;
 const DNS_MAX: usize = 4096;
 
 /// What the gateway is started with.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct GatewayArgs {
     /// The sandbox's name, for the audit stream.
     pub sandbox: String,
@@ -62,6 +62,9 @@ pub struct GatewayArgs {
     /// The audit stream's file (appended); `None`: decisions go to `tracing` only.
     pub audit: Option<PathBuf>,
     pub seed: u64,
+    /// Published ports: host listeners (already bound, so a taken port fails the sandbox's
+    /// creation, not later) and the guest port each leads to.
+    pub published: Vec<(std::net::TcpListener, u16)>,
 }
 
 /// The gateway's mailbox. Its peers hold refs narrowed to [`GuestFrames`] (the virtio-net
@@ -101,6 +104,11 @@ pub enum GatewayMsg {
     Dns {
         lookup: u64,
         answer: Option<Vec<u8>>,
+    },
+    /// A host client connected to a published port leading to `guest_port`.
+    Inbound {
+        guest_port: u16,
+        stream: TcpStream,
     },
 }
 
@@ -215,6 +223,8 @@ pub struct GatewayState {
     timer_gen: u64,
     /// Guest frames the core's queue refused (counted; the guest's TCP retransmits).
     pub refused: u64,
+    /// The published ports' accept loops.
+    listeners: Vec<AbortHandle>,
 }
 
 impl GatewayState {
@@ -282,11 +292,7 @@ impl GatewayState {
 
     fn on_event(&mut self, ev: Event) {
         match ev {
-            Event::Dial { flow, addr } => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                let task = tokio::spawn(flow_task(flow, addr, self.me.clone(), rx)).abort_handle();
-                self.flows.insert(flow, HostFlow { tx, task, parked: None, done: false });
-            }
+            Event::Dial { flow, addr } => self.start_flow(flow, HostEnd::Dial(addr)),
             Event::Data { flow, bytes } => {
                 if let Some(f) = self.flows.get(&flow) {
                     let _ = f.tx.send(ToHost::Data(bytes));
@@ -313,21 +319,42 @@ impl GatewayState {
     }
 }
 
-/// One flow's host side: connect, then copy both ways under the actor's credit.
-async fn flow_task(flow: FlowId, addr: SocketAddr, me: ActorRef<GatewayMsg>, mut rx: mpsc::UnboundedReceiver<ToHost>) {
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        _ => {
-            let _ = me.cast(GatewayMsg::Failed { flow });
-            return;
+/// A flow's host end: an address to dial, or a client a published port accepted.
+enum HostEnd {
+    Dial(SocketAddr),
+    Accepted(TcpStream),
+}
+
+impl GatewayState {
+    fn start_flow(&mut self, flow: FlowId, end: HostEnd) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(flow_task(flow, end, self.me.clone(), rx)).abort_handle();
+        self.flows.insert(flow, HostFlow { tx, task, parked: None, done: false });
+    }
+}
+
+/// One flow's host side: connect (or take the accepted client), then copy both ways under
+/// the actor's credit.
+async fn flow_task(flow: FlowId, end: HostEnd, me: ActorRef<GatewayMsg>, mut rx: mpsc::UnboundedReceiver<ToHost>) {
+    let stream = match end {
+        HostEnd::Accepted(s) => s,
+        HostEnd::Dial(addr) => {
+            let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => s,
+                _ => {
+                    let _ = me.cast(GatewayMsg::Failed { flow });
+                    return;
+                }
+            };
+            let Ok(peer) = stream.peer_addr() else {
+                let _ = me.cast(GatewayMsg::Failed { flow });
+                return;
+            };
+            let _ = me.cast(GatewayMsg::Connected { flow, peer });
+            stream
         }
     };
-    let Ok(peer) = stream.peer_addr() else {
-        let _ = me.cast(GatewayMsg::Failed { flow });
-        return;
-    };
     let _ = stream.set_nodelay(true);
-    let _ = me.cast(GatewayMsg::Connected { flow, peer });
     let (mut rd, mut wr) = stream.into_split();
     let mut buf = vec![0u8; HOST_CHUNK];
     let mut reading = true;
@@ -422,6 +449,27 @@ impl Actor for NetGateway {
     async fn pre_start(&self, me: ActorRef<GatewayMsg>, a: GatewayArgs) -> Result<GatewayState, ActorProcessingErr> {
         let classifier = Classifier::new(host_addresses());
         let core = Gateway::new(a.net, a.policy, classifier, a.seed, 0);
+        let mut listeners = Vec::new();
+        for (l, guest_port) in a.published {
+            l.set_nonblocking(true)?;
+            let l = tokio::net::TcpListener::from_std(l)?;
+            let me = me.clone();
+            listeners.push(
+                tokio::spawn(async move {
+                    loop {
+                        let Ok((stream, _)) = l.accept().await else {
+                            // Out of fds or the like: back off instead of spinning.
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        };
+                        if me.cast(GatewayMsg::Inbound { guest_port, stream }).is_err() {
+                            return;
+                        }
+                    }
+                })
+                .abort_handle(),
+            );
+        }
         Ok(GatewayState {
             me,
             core,
@@ -434,7 +482,16 @@ impl Actor for NetGateway {
             timer: None,
             timer_gen: 0,
             refused: 0,
+            listeners,
         })
+    }
+
+    async fn post_stop(&self, _: ActorRef<GatewayMsg>, st: &mut GatewayState) -> Result<(), ActorProcessingErr> {
+        for l in &st.listeners {
+            l.abort();
+        }
+        st.flows.clear();
+        Ok(())
     }
 
     async fn handle(
@@ -501,6 +558,12 @@ impl Actor for NetGateway {
             },
             GatewayMsg::Written { flow, bytes } => st.core.grant(flow, bytes),
             GatewayMsg::Dns { lookup, answer } => st.core.dns_reply(lookup, answer.as_deref(), now),
+            GatewayMsg::Inbound { guest_port, stream } => {
+                // No flow (the table is full): the client's connection is dropped.
+                if let Some(flow) = st.core.inbound(guest_port, FLOW_BUFFER, now) {
+                    st.start_flow(flow, HostEnd::Accepted(stream));
+                }
+            }
         }
         st.run();
         Ok(())

@@ -207,7 +207,13 @@ struct TcpFlow {
     connected: bool,
     guest_done: bool,
     last_ms: u64,
+    /// A connection into the guest through a published port (the policy's egress rules do
+    /// not apply to it).
+    inbound: bool,
 }
+
+/// First local port the gateway uses for connections into the guest.
+const INBOUND_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
 
 struct PendingLookup {
     query: GuestQuery,
@@ -241,6 +247,8 @@ pub struct Gateway {
     syn_refill_ms: u64,
     /// Upstream DNS ids come from here (xorshift, seeded per sandbox).
     rng: u64,
+    /// The next local port to try for a connection into the guest.
+    next_inbound: u16,
     /// Frames dropped for a spoofed source, audits dropped for a full event queue.
     pub spoofed: u64,
     pub audits_dropped: u64,
@@ -283,6 +291,7 @@ impl Gateway {
             lookups: HashMap::new(),
             events: VecDeque::new(),
             next_id: 1,
+            next_inbound: *INBOUND_PORTS.start(),
             syn_tokens: SYN_BURST,
             syn_refill_ms: now_ms,
             rng: seed | 1,
@@ -305,7 +314,7 @@ impl Gateway {
         let denied: Vec<FlowId> = self
             .flows
             .iter()
-            .filter(|(_, f)| self.decide(Proto::Tcp, f.key.1, now_ms).0 == Action::Deny)
+            .filter(|(_, f)| !f.inbound && self.decide(Proto::Tcp, f.key.1, now_ms).0 == Action::Deny)
             .map(|(id, _)| *id)
             .collect();
         for id in denied {
@@ -492,6 +501,7 @@ impl Gateway {
             TcpFlow {
                 handle,
                 key: (syn.src, syn.dst),
+                inbound: false,
                 credit: 0,
                 connected: false,
                 guest_done: false,
@@ -500,6 +510,64 @@ impl Gateway {
         );
         self.by_key.insert((syn.src, syn.dst), id);
         self.push(Event::Dial { flow: id, addr: syn.dst });
+    }
+
+    /// A host client connected to a published port: opens a connection from the gateway to
+    /// the guest's `guest_port` (IPv4). The flow is connected on the host side from the
+    /// start, with `credit` bytes the shell can take towards the client; if the guest
+    /// refuses, the flow closes ([`Event::Closed`]). `None` when the flow table is full.
+    pub fn inbound(&mut self, guest_port: u16, credit: usize, now_ms: u64) -> Option<FlowId> {
+        let guest = SocketAddr::new(IpAddr::V4(self.cfg.guest_v4), guest_port);
+        let mut audit = Audit {
+            at_ms: now_ms,
+            proto: Proto::Tcp,
+            dest: guest,
+            names: vec![],
+            action: Action::Allow,
+            group: self.classifier.classify(guest.ip()),
+            why: format!("published port to guest port {guest_port}"),
+        };
+        if self.flows.len() >= MAX_FLOWS {
+            (audit.action, audit.why) = (Action::Deny, format!("the {MAX_FLOWS}-flow table is full"));
+            self.push(Event::Audit(audit));
+            return None;
+        }
+        // A local port no live flow uses (there are fewer flows than ports).
+        let local = loop {
+            let port = self.next_inbound;
+            self.next_inbound = if port == *INBOUND_PORTS.end() { *INBOUND_PORTS.start() } else { port + 1 };
+            let local = SocketAddr::new(IpAddr::V4(self.cfg.gateway_v4), port);
+            if !self.by_key.contains_key(&(guest, local)) {
+                break local;
+            }
+        };
+        let mut sock = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]),
+        );
+        let remote = IpEndpoint::new(guest.ip().into(), guest_port);
+        let local_ep = IpListenEndpoint { addr: Some(local.ip().into()), port: local.port() };
+        if sock.connect(self.iface.context(), remote, local_ep).is_err() {
+            return None;
+        }
+        self.push(Event::Audit(audit));
+        let handle = self.sockets.add(sock);
+        let id = self.next_id;
+        self.next_id += 1;
+        self.flows.insert(
+            id,
+            TcpFlow {
+                handle,
+                key: (guest, local),
+                credit,
+                connected: true,
+                guest_done: false,
+                last_ms: now_ms,
+                inbound: true,
+            },
+        );
+        self.by_key.insert((guest, local), id);
+        Some(id)
     }
 
     /// The host connection of `flow` is up; the shell can take `credit` bytes towards it.
@@ -598,6 +666,7 @@ impl Gateway {
                 && sock.recv_queue() == 0
                 && sock.state() != tcp::State::Listen
                 && sock.state() != tcp::State::SynReceived
+                && sock.state() != tcp::State::SynSent
             {
                 f.guest_done = true;
                 out.push(Event::GuestDone { flow: id });

@@ -166,18 +166,18 @@ fn the_default_network_denies_every_inward_destination_at_once_and_never_dials_i
     assert_eq!(code, 0);
     assert!(ifaces.split_whitespace().any(|i| i == "eth0"), "the default sandbox has a network: {ifaces}");
     let urls: Vec<String> = [
-        format!("http://{}/", net.host),                 // reserved (documentation)
-        "http://10.0.0.1/".into(),                        // private
-        "http://100.64.0.1/".into(),                      // CGNAT
+        format!("http://{}/", net.host),                   // reserved (documentation)
+        "http://10.0.0.1/".into(),                         // private
+        "http://100.64.0.1/".into(),                       // CGNAT
         "http://169.254.169.254/latest/meta-data/".into(), // metadata
-        format!("http://{}:{own_port}/", net.local),      // the host's own address
-        "http://192.168.127.1/".into(),                   // the gateway itself
-        format!("http://[64:ff9b::7f00:1]:{lo_port}/"),   // NAT64 of 127.0.0.1
-        format!("http://[::127.0.0.1]:{lo_port}/"),       // IPv4-compatible
-        format!("http://[2002:7f00:1::1]:{lo_port}/"),    // 6to4 of 127.0.0.1
-        format!("http://[::ffff:0:7f00:1]:{lo_port}/"),   // IPv4-translated
-        "http://[fd00:ec2::254]/".into(),                 // metadata, IPv6
-        "http://169.254.1.1/".into(),                     // link-local
+        format!("http://{}:{own_port}/", net.local),       // the host's own address
+        "http://192.168.127.1/".into(),                    // the gateway itself
+        format!("http://[64:ff9b::7f00:1]:{lo_port}/"),    // NAT64 of 127.0.0.1
+        format!("http://[::127.0.0.1]:{lo_port}/"),        // IPv4-compatible
+        format!("http://[2002:7f00:1::1]:{lo_port}/"),     // 6to4 of 127.0.0.1
+        format!("http://[::ffff:0:7f00:1]:{lo_port}/"),    // IPv4-translated
+        "http://[fd00:ec2::254]/".into(),                  // metadata, IPv6
+        "http://169.254.1.1/".into(),                      // link-local
     ]
     .into();
     let (_, out, err) = exec(name, &curl_script(&urls));
@@ -267,15 +267,14 @@ print(src[0], struct.unpack(">H", a[:2])[0] == 0x4d53, a[3] & 15, socket.inet_nt
     let records: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let host = net.host.to_string();
     assert!(
-        records.iter().any(|r| r["dest"] == host && r["port"] == 80 && r["action"] == "allow"
+        records.iter().any(|r| r["dest"] == host
+            && r["port"] == 80
+            && r["action"] == "allow"
             && r["why"].as_str().unwrap().contains(&rule)),
         "the allow names its rule:\n{audit}"
     );
     assert!(records.iter().any(|r| r["dest"] == host && r["port"] == 81 && r["action"] == "deny"), "{audit}");
-    assert!(
-        records.iter().any(|r| r["dest"] == "10.0.0.1" && r["why"] == "removed from a DNS answer"),
-        "{audit}"
-    );
+    assert!(records.iter().any(|r| r["dest"] == "10.0.0.1" && r["why"] == "removed from a DNS answer"), "{audit}");
     let _ = msb(&["rm", "--force", name]);
 }
 
@@ -288,4 +287,72 @@ fn net_none_has_no_interface_but_loopback() {
     assert!(out.contains("192.168.127.2/24") && out.contains("fd6d:7362::2/64"), "{out}");
     let refused = msb(&["run", "--net", "none", "--allow", "public", "--", "true"]);
     assert_eq!(code(&refused), 125, "a contradiction is refused before anything starts");
+}
+
+/// `GET /` over a fresh connection to `at`; the whole answer, or why not.
+fn http_get(at: std::net::SocketAddr) -> std::io::Result<String> {
+    let mut s = std::net::TcpStream::connect_timeout(&at, std::time::Duration::from_secs(5))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: e2e\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+#[test]
+fn a_published_port_reaches_a_guest_server_on_loopback_only() {
+    let name = "e2e-net-ports";
+    let _ = msb(&["rm", "--force", name]);
+    ok(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--boot-timeout",
+        "45",
+        "-p",
+        "8000",
+        "-p",
+        "127.0.0.1:0:8001",
+        IMAGE,
+        "--",
+        "python3",
+        "-m",
+        "http.server",
+        "-d",
+        "/etc",
+        "8000",
+    ]);
+    let listed = ok(&["port", name]);
+    let mut ports = std::collections::HashMap::new();
+    for l in listed.lines() {
+        let (guest, host) = l.split_once(" -> ").unwrap_or_else(|| panic!("{listed}"));
+        ports.insert(guest.to_string(), host.parse::<std::net::SocketAddr>().unwrap());
+    }
+    let web = ports["8000/tcp"];
+    assert!(web.ip().is_loopback() && web.port() != 0, "bound to 127.0.0.1 on a picked port: {listed}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let answer = loop {
+        match http_get(web) {
+            Ok(a) if a.starts_with("HTTP/1.0 200") => break a,
+            other if std::time::Instant::now() > deadline => panic!("the guest's server never answered: {other:?}"),
+            _ => std::thread::sleep(std::time::Duration::from_millis(500)),
+        }
+    };
+    assert!(answer.contains("passwd"), "the directory listing of the guest's /etc: {answer}");
+    // Nothing listens on the guest's 8001: the client's connection is closed, no answer.
+    let closed = http_get(ports["8001/tcp"]);
+    assert!(closed.as_ref().map_or(true, |a| a.is_empty()), "{closed:?}");
+    // No other way in: the guest's own address is not reachable from the host.
+    let direct =
+        std::net::TcpStream::connect_timeout(&"192.168.127.2:8000".parse().unwrap(), std::time::Duration::from_secs(2));
+    assert!(direct.is_err(), "the guest is reachable without a published port");
+    let v: serde_json::Value = serde_json::from_str(&ok(&["inspect", "--format", "json", name])).unwrap();
+    assert_eq!(v["ports"].as_array().map(|a| a.len()), Some(2), "{v}");
+    let ls = ok(&["ls"]);
+    assert!(ls.contains(&format!("{web}->8000")), "{ls}");
+    ok(&["stop", name]);
+    assert_ne!(code(&msb(&["port", name])), 0, "a stopped sandbox has no ports");
+    assert!(http_get(web).is_err(), "the port is closed with the sandbox");
+    let _ = msb(&["rm", "--force", name]);
 }

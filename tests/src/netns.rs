@@ -38,6 +38,8 @@ impl TestNet {
         assert!(index < 60);
         let link = format!("msbt{index}");
         let _ = Command::new("ip").args(["link", "del", &link]).output();
+        // The rig's L1 boots with loopback down; the tests listen on it.
+        run(&["ip", "link", "set", "lo", "up"]);
         let holder = Command::new("unshare")
             .args(["-n", "sleep", "100000"])
             .stdin(Stdio::null())

@@ -84,6 +84,9 @@ pub async fn run(launch: Launch, mut announce: impl Write) -> Result<(), Error> 
             return Err(Error::Boot(e));
         }
     };
+    let ports: Vec<wire::Publish> = sb.published().iter().map(|&(host, guest)| wire::Publish { host, guest }).collect();
+    let ports_file = paths::ports_path(&launch.home, &launch.name);
+    std::fs::write(&ports_file, serde_json::to_vec(&ports).unwrap_or_default()).map_err(io("writing", &ports_file))?;
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).map_err(io("binding", &sock))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(io("securing", &sock))?;
@@ -217,6 +220,7 @@ async fn boot(launch: &Launch, dir: &Path) -> msb_actors::Result<Sandbox> {
             upstream_dns: c.net.dns,
             audit: Some(paths::net_audit_path(&launch.home, &launch.name)),
             name: launch.name.to_string(),
+            publish: c.net.publish.iter().map(|p| (p.host, p.guest)).collect(),
         })
     };
     b.create().await

@@ -37,8 +37,19 @@ struct Rig {
 
 impl Rig {
     async fn new(policy: Policy, audit: Option<PathBuf>) -> Rig {
-        let args =
-            GatewayArgs { sandbox: "t".into(), net: NetConfig::default(), policy, upstream_dns: None, audit, seed: 3 };
+        Rig::with_ports(policy, audit, Vec::new()).await
+    }
+
+    async fn with_ports(policy: Policy, audit: Option<PathBuf>, published: Vec<(std::net::TcpListener, u16)>) -> Rig {
+        let args = GatewayArgs {
+            sandbox: "t".into(),
+            net: NetConfig::default(),
+            policy,
+            upstream_dns: None,
+            audit,
+            seed: 3,
+            published,
+        };
         let (gw, _) = Actor::spawn(None, NetGateway, args).await.unwrap();
         let (tx, from_gw) = mpsc::unbounded_channel();
         let (shell, _) = Actor::spawn(None, Shell, tx).await.unwrap();
@@ -157,4 +168,38 @@ async fn the_audit_stream_stops_at_its_cap_and_says_so() {
     assert_eq!(log.dropped, 100);
     let text = std::fs::read_to_string(&path).unwrap();
     assert_eq!(text.matches("\"audit\":\"full\"").count(), 1, "the cap is recorded once");
+}
+
+#[tokio::test]
+async fn a_published_port_carries_a_host_client_into_the_guest_whatever_the_egress_policy() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = l.local_addr().unwrap();
+    let deny_all = Policy::parse("deny any").unwrap();
+    let mut rig = Rig::with_ports(deny_all, None, vec![(l, 8080)]).await;
+    let mut s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 4096]), tcp::SocketBuffer::new(vec![0; 4096]));
+    s.listen(8080).unwrap();
+    let h = rig.guest.sockets.add(s);
+    let mut client = TcpStream::connect(at).await.unwrap();
+    client.write_all(b"ping").await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        rig.run(20).await;
+        let mut buf = [0u8; 16];
+        if let Ok(n) = rig.guest.sockets.get_mut::<tcp::Socket>(h).recv_slice(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+        if got.len() >= 4 {
+            break;
+        }
+    }
+    assert_eq!(got, b"ping");
+    rig.guest.sockets.get_mut::<tcp::Socket>(h).send_slice(b"pong").unwrap();
+    rig.guest.sockets.get_mut::<tcp::Socket>(h).close();
+    let reader = tokio::spawn(async move {
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.map(|_| back)
+    });
+    rig.run(300).await;
+    let back = tokio::time::timeout(Duration::from_secs(5), reader).await.unwrap().unwrap().unwrap();
+    assert_eq!(back, b"pong", "the guest's answer and its close reach the client");
 }

@@ -257,3 +257,40 @@ fn a_policy_tightened_live_resets_the_flows_it_now_denies() {
     assert!(n.events.contains(&Event::Closed { flow }));
     assert_eq!(n.gw.flow_count(), 0);
 }
+
+#[test]
+fn a_published_port_connects_into_the_guest_and_a_closed_one_is_refused() {
+    let mut n = Net::new(Policy::default());
+    let mut s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 4096]), tcp::SocketBuffer::new(vec![0; 4096]));
+    s.listen(8080).unwrap();
+    let h = n.guest.sockets.add(s);
+    let flow = n.gw.inbound(8080, 1 << 16, n.now).unwrap();
+    n.run(5);
+    assert!(n.guest.sockets.get::<tcp::Socket>(h).may_send(), "the guest accepted the connection");
+    assert_eq!(n.gw.host_data(flow, b"GET /", n.now), 5);
+    n.run(5);
+    let mut buf = [0u8; 16];
+    let k = n.guest.sockets.get_mut::<tcp::Socket>(h).recv_slice(&mut buf).unwrap();
+    assert_eq!(&buf[..k], b"GET /");
+    n.guest.sockets.get_mut::<tcp::Socket>(h).send_slice(b"200").unwrap();
+    n.run(5);
+    let back: Vec<u8> = n
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Data { flow: f, bytes } if *f == flow => Some(bytes.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(back, b"200");
+    assert!(n.events.iter().all(|e| !matches!(e, Event::GuestDone { .. } | Event::Dial { .. })), "{:?}", n.events);
+    // A policy change does not touch inbound flows.
+    n.gw.set_policy(Policy::parse("deny any").unwrap(), n.now);
+    n.run(2);
+    assert!(n.gw.flow_count() == 1, "the published flow survives an egress policy change");
+    // Nothing listens on 9090: the guest refuses, the flow closes.
+    let refused = n.gw.inbound(9090, 1 << 16, n.now).unwrap();
+    n.run(5);
+    assert!(n.events.iter().any(|e| *e == Event::Closed { flow: refused }), "{:?}", n.events);
+}
