@@ -64,6 +64,7 @@ INIT = r"""#!/bin/busybox sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev 2>/dev/null
 mount -t tmpfs tmp /tmp
 mkdir -p /dev/pts; mount -t devpts -o ptmxmode=0666 devpts /dev/pts
+ip link set lo up
 echo "RIG: L1 up after $(cut -d' ' -f1 /proc/uptime) s; cpu: $(grep -o -w -E 'svm|npt' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 ls -l /dev/kvm
 export MSB_HOME=/msb/home PATH=/msb/bin:/bin:/usr/bin HOME=/tmp MSB_RIG=1

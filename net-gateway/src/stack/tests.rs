@@ -292,5 +292,5 @@ fn a_published_port_connects_into_the_guest_and_a_closed_one_is_refused() {
     // Nothing listens on 9090: the guest refuses, the flow closes.
     let refused = n.gw.inbound(9090, 1 << 16, n.now).unwrap();
     n.run(5);
-    assert!(n.events.iter().any(|e| *e == Event::Closed { flow: refused }), "{:?}", n.events);
+    assert!(n.events.contains(&Event::Closed { flow: refused }), "{:?}", n.events);
 }
