@@ -67,14 +67,16 @@ fn main() {
         // time the guest's init by this line.
         log("init");
         system::early_setup();
-        system::configure_network();
+        let net = system::configure_network();
         if system::image_root_requested() {
             if let Err(e) = system::switch_to_image_root() {
                 log(&format!("fatal: cannot boot into the image: {e}"));
                 system::power_off();
             }
         }
-        system::write_resolv_conf();
+        if let Some(net) = &net {
+            system::write_resolv_conf(net);
+        }
     }
     let result = serve();
     if let Err(e) = &result {

@@ -78,11 +78,11 @@ fn ip(args: &[&str]) {
 /// Brings up loopback and, when the command line gives one, `eth0` with its addresses and
 /// default routes (IPv6 without duplicate-address detection or router advertisements: the
 /// gateway is the only other host on the link). Failures are logged; the guest then has
-/// less network, never more.
-pub fn configure_network() {
+/// less network, never more. Returns the configuration, for [`write_resolv_conf`].
+pub fn configure_network() -> Option<NetBoot> {
     ip(&["link", "set", "lo", "up"]);
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let Some(net) = net_boot(&cmdline) else { return };
+    let net = net_boot(&cmdline)?;
     for (knob, v) in [("accept_dad", "0"), ("accept_ra", "0"), ("autoconf", "0"), ("router_solicitations", "0")] {
         for dev in ["default", "eth0"] {
             let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/{knob}"), v);
@@ -95,13 +95,11 @@ pub fn configure_network() {
     ip(&["link", "set", "eth0", "up"]);
     ip(&["route", "add", "default", "via", &g4.to_string()]);
     ip(&["-6", "route", "add", "default", "via", &g6.to_string()]);
+    Some(net)
 }
 
-/// Points the root's `/etc/resolv.conf` at the gateway (which answers every DNS query),
-/// when the sandbox has a network.
-pub fn write_resolv_conf() {
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let Some(net) = net_boot(&cmdline) else { return };
+/// Points the root's `/etc/resolv.conf` at the gateway (which answers every DNS query).
+pub fn write_resolv_conf(net: &NetBoot) {
     let _ = std::fs::create_dir_all("/etc");
     // A symlink (systemd images) would send the write elsewhere in the root: replace it.
     if std::fs::symlink_metadata("/etc/resolv.conf").is_ok_and(|m| !m.is_file()) {

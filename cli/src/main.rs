@@ -577,7 +577,8 @@ fn ports_text(msb: &Msb, r: &Record) -> Vec<String> {
     if r.status != Status::Running {
         return Vec::new();
     }
-    ports(msb, &r.name).unwrap_or_default().iter().map(|(h, g)| format!("{h}->{g}")).collect()
+    let bound = msb.get(&r.name).and_then(|sb| bound_ports(&sb)).unwrap_or_default();
+    bound.iter().map(|(h, g)| format!("{h}->{g}")).collect()
 }
 
 fn print_list(msb: &Msb, list: &[Record], format: Format) {
@@ -627,6 +628,11 @@ fn ports(msb: &Msb, name: &str) -> msb_control_plane::Result<Vec<(std::net::Sock
     if sb.record()?.status != Status::Running {
         return Err(Error::Config(format!("{name} is not running: its ports are bound only while it runs")));
     }
+    bound_ports(&sb)
+}
+
+/// What the sandbox process wrote in `ports.json` (the caller knows it is running).
+fn bound_ports(sb: &NamedSandbox) -> msb_control_plane::Result<Vec<(std::net::SocketAddr, u16)>> {
     let path = sb.dir().join("ports.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "[]".into());
     let list: Vec<Publish> =
@@ -652,7 +658,7 @@ async fn inspect(msb: &Msb, name: &str, format: Format) -> msb_control_plane::Re
         .collect();
     v["dir"] = serde_json::json!(sb.dir());
     if rec.status == Status::Running {
-        v["ports"] = ports(msb, name)?
+        v["ports"] = bound_ports(&sb)?
             .into_iter()
             .map(|(host, guest)| serde_json::json!({"host": host.to_string(), "guest": guest}))
             .collect();

@@ -507,12 +507,12 @@ impl Actor for NetGateway {
                 st.credit = (st.credit + g.delivered).min(NET_FRAME_WINDOW);
                 let n = g.frames.len();
                 for frame in g.frames {
-                    if !st.core.guest_frame(frame.clone(), now) {
+                    if !st.core.has_room() {
                         // The core's queue is full: run it, then try once more.
                         st.core.poll(now);
-                        if !st.core.guest_frame(frame, now) {
-                            st.refused += 1;
-                        }
+                    }
+                    if !st.core.has_room() || !st.core.guest_frame(frame, now) {
+                        st.refused += 1;
                     }
                 }
                 if n > 0 {

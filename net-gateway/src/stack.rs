@@ -402,6 +402,11 @@ impl Gateway {
         (d.action, audit)
     }
 
+    /// Whether [`Gateway::guest_frame`] would take a frame now.
+    pub fn has_room(&self) -> bool {
+        self.dev.rx.len() < MAX_FRAMES
+    }
+
     /// Takes a frame from the guest. Returns false when the queue is full (the device keeps
     /// or drops it).
     pub fn guest_frame(&mut self, frame: Vec<u8>, now_ms: u64) -> bool {
@@ -485,31 +490,32 @@ impl Gateway {
             return; // no socket: smoltcp answers the SYN with RST
         }
         self.syn_tokens -= 1;
-        let mut sock = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]),
-            tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]),
-        );
+        let mut sock = flow_socket();
         let local = IpListenEndpoint { addr: Some(syn.dst.ip().into()), port: syn.dst.port() };
         if sock.listen(local).is_err() {
             return;
         }
+        let id = self.add_flow(sock, (syn.src, syn.dst), false, 0, now_ms);
+        self.push(Event::Dial { flow: id, addr: syn.dst });
+    }
+
+    /// Enters a flow's socket in the tables; `inbound` flows (published ports) are connected
+    /// on the host side from the start, with `credit`.
+    fn add_flow(
+        &mut self,
+        sock: tcp::Socket<'static>,
+        key: (SocketAddr, SocketAddr),
+        inbound: bool,
+        credit: usize,
+        now_ms: u64,
+    ) -> FlowId {
         let handle = self.sockets.add(sock);
         let id = self.next_id;
         self.next_id += 1;
-        self.flows.insert(
-            id,
-            TcpFlow {
-                handle,
-                key: (syn.src, syn.dst),
-                inbound: false,
-                credit: 0,
-                connected: false,
-                guest_done: false,
-                last_ms: now_ms,
-            },
-        );
-        self.by_key.insert((syn.src, syn.dst), id);
-        self.push(Event::Dial { flow: id, addr: syn.dst });
+        let flow = TcpFlow { handle, key, credit, connected: inbound, guest_done: false, last_ms: now_ms, inbound };
+        self.flows.insert(id, flow);
+        self.by_key.insert(key, id);
+        id
     }
 
     /// A host client connected to a published port: opens a connection from the gateway to
@@ -541,33 +547,14 @@ impl Gateway {
                 break local;
             }
         };
-        let mut sock = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]),
-            tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]),
-        );
+        let mut sock = flow_socket();
         let remote = IpEndpoint::new(guest.ip().into(), guest_port);
         let local_ep = IpListenEndpoint { addr: Some(local.ip().into()), port: local.port() };
         if sock.connect(self.iface.context(), remote, local_ep).is_err() {
             return None;
         }
         self.push(Event::Audit(audit));
-        let handle = self.sockets.add(sock);
-        let id = self.next_id;
-        self.next_id += 1;
-        self.flows.insert(
-            id,
-            TcpFlow {
-                handle,
-                key: (guest, local),
-                credit,
-                connected: true,
-                guest_done: false,
-                last_ms: now_ms,
-                inbound: true,
-            },
-        );
-        self.by_key.insert((guest, local), id);
-        Some(id)
+        Some(self.add_flow(sock, (guest, local), true, credit, now_ms))
     }
 
     /// The host connection of `flow` is up; the shell can take `credit` bytes towards it.
@@ -733,6 +720,11 @@ impl Gateway {
             }
         }
     }
+}
+
+/// A TCP socket with a flow's buffers ([`FLOW_BUFFER`] each way).
+fn flow_socket() -> tcp::Socket<'static> {
+    tcp::Socket::new(tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]), tcp::SocketBuffer::new(vec![0; FLOW_BUFFER]))
 }
 
 enum Inspect {

@@ -49,6 +49,18 @@ impl Net {
             .collect()
     }
 
+    /// The bytes the guest sent on `flow`, as the shell got them.
+    fn sent(&self, flow: FlowId) -> Vec<u8> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Data { flow: f, bytes } if *f == flow => Some(bytes.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
     fn audits(&self) -> Vec<&Audit> {
         self.events.iter().filter_map(|e| if let Event::Audit(a) = e { Some(a) } else { None }).collect()
     }
@@ -68,15 +80,7 @@ fn an_allowed_connection_is_dialed_and_carries_bytes_both_ways() {
     assert!(n.guest.sockets.get::<tcp::Socket>(h).may_send(), "the guest's connection is established");
     n.guest.sockets.get_mut::<tcp::Socket>(h).send_slice(b"GET / HTTP/1.0\r\n\r\n").unwrap();
     n.run(5);
-    let sent: Vec<u8> = n
-        .events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Data { flow: f, bytes } if *f == flow => Some(bytes.clone()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
+    let sent = n.sent(flow);
     assert_eq!(sent, b"GET / HTTP/1.0\r\n\r\n");
     assert_eq!(n.gw.host_data(flow, b"HTTP/1.0 200 OK\r\n\r\nhi", n.now), 21);
     n.gw.host_done(flow);
@@ -274,15 +278,7 @@ fn a_published_port_connects_into_the_guest_and_a_closed_one_is_refused() {
     assert_eq!(&buf[..k], b"GET /");
     n.guest.sockets.get_mut::<tcp::Socket>(h).send_slice(b"200").unwrap();
     n.run(5);
-    let back: Vec<u8> = n
-        .events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Data { flow: f, bytes } if *f == flow => Some(bytes.clone()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
+    let back = n.sent(flow);
     assert_eq!(back, b"200");
     assert!(n.events.iter().all(|e| !matches!(e, Event::GuestDone { .. } | Event::Dial { .. })), "{:?}", n.events);
     // A policy change does not touch inbound flows.
