@@ -6,7 +6,9 @@
 //! - TARGET: `any`; a group (`public`, `private`, `loopback`, `link-local`, `metadata`,
 //!   `host`, `multicast`, `reserved`, see [`Group`]); an IPv4 address or CIDR; an IPv6
 //!   address or CIDR in brackets (`[2001:db8::/32]`); an exact domain (`api.example.com`) or
-//!   every name below one (`*.example.com`, which does not match `example.com` itself);
+//!   every name below one (`*.example.com`, which does not match `example.com` itself),
+//!   optionally with `@GROUP[+GROUP]`: the non-public groups its names may resolve into
+//!   (`api.corp@private`; without it a name opens only public addresses);
 //! - PORTS: `443`, `8000-8100`, or a comma list of both (default: every port).
 //!
 //! Examples: `allow tcp/api.example.com:443`, `allow 203.0.113.0/24`, `deny metadata`,
@@ -18,8 +20,8 @@
 //! same rule), which denials and the audit stream name. A domain target matches a flow only
 //! through the names the gateway itself resolved to the flow's address for this sandbox
 //! ([`Flow::names`]): what the guest claims never names a flow; and a domain target matches
-//! only `public` addresses (a name that resolves to a private or loopback address needs an
-//! address rule too). Address targets match the parsed address; groups match through the
+//! only `public` addresses unless the rule names more groups (a name that resolves to a private
+//! or loopback address needs `@private` or an address rule too). Address targets match the parsed address; groups match through the
 //! one [`Classifier`].
 
 use std::net::IpAddr;
@@ -159,6 +161,9 @@ pub struct Rule {
     pub target: Target,
     /// Empty: every port.
     pub ports: Vec<Ports>,
+    /// For a domain target, the groups besides `public` its names may resolve into
+    /// (`internal.corp@private`); empty for every other target.
+    pub name_groups: Vec<Group>,
 }
 
 /// A flow (or a DNS answer's address) to decide on.
@@ -212,7 +217,7 @@ impl Rule {
                 "" => None,
                 p => Some(p.strip_prefix(':').ok_or_else(|| bad("expected :PORTS after ]"))?),
             };
-            (Target::Net(net), ports)
+            ((Target::Net(net), Vec::new()), ports)
         } else {
             let (t, p) = match rest.split_once(':') {
                 Some((t, p)) => (t, Some(p)),
@@ -221,13 +226,30 @@ impl Rule {
             if p.is_some_and(|p| p.contains(':')) {
                 return Err(bad("write an IPv6 target in brackets: [2001:db8::/32]:443"));
             }
-            (parse_target(t).map_err(|w| bad(&w))?, p)
+            let (t, groups) = match t.split_once('@') {
+                Some((t, g)) => (t, Some(g)),
+                None => (t, None),
+            };
+            let target = parse_target(t).map_err(|w| bad(&w))?;
+            if groups.is_some() && !matches!(target, Target::Domain(_) | Target::Below(_)) {
+                return Err(bad("@GROUP follows a domain target only (api.internal@private)"));
+            }
+            let mut name_groups = Vec::new();
+            for g in groups.map(|g| g.split('+').collect::<Vec<_>>()).unwrap_or_default() {
+                let g = Group::parse(g).ok_or_else(|| bad(&format!("{g:?} is not a group")))?;
+                if g != Group::Public && !name_groups.contains(&g) {
+                    name_groups.push(g);
+                }
+            }
+            name_groups.sort_by_key(|g| g.name());
+            ((target, name_groups), p)
         };
+        let (target, name_groups) = target;
         let ports = match ports {
             None => Vec::new(),
             Some(p) => parse_ports(p).map_err(|w| bad(&w))?,
         };
-        Ok(Rule { action, direction, proto, target, ports })
+        Ok(Rule { action, direction, proto, target, ports, name_groups })
     }
 
     fn matches(&self, f: &Flow<'_>, group: Group) -> bool {
@@ -245,11 +267,22 @@ impl Rule {
             Target::Any => true,
             Target::Group(g) => *g == group,
             Target::Net(n) => n.contains(&canonical(addr)) || n.contains(&addr),
-            // A name never opens a non-public address: a rebinding answer (a public name that
-            // resolves to 127.0.0.1) stays denied unless an address rule allows that address.
-            Target::Domain(d) => group == Group::Public && names.iter().any(|n| n == d),
-            Target::Below(d) => group == Group::Public && names.iter().any(|n| n.is_below(d)),
+            // A name opens only a public address unless its rule names the group: a rebinding
+            // answer (a public name that resolves to 127.0.0.1) stays denied unless an address
+            // rule allows that address or the rule says `@loopback`.
+            Target::Domain(d) => self.name_may_resolve_to(group) && names.iter().any(|n| n == d),
+            Target::Below(d) => self.name_may_resolve_to(group) && names.iter().any(|n| n.is_below(d)),
         }
+    }
+
+    fn name_may_resolve_to(&self, group: Group) -> bool {
+        group == Group::Public || self.name_groups.contains(&group)
+    }
+
+    /// Whether this rule names domains (so a flow it allows must also name one of them in its
+    /// TLS server name or HTTP `Host`).
+    pub fn is_domain(&self) -> bool {
+        matches!(self.target, Target::Domain(_) | Target::Below(_))
     }
 
     /// Whether a DNS name alone decides this rule: a domain rule that matches `name` (in any
@@ -358,6 +391,10 @@ impl std::fmt::Display for Rule {
             Target::Domain(d) => write!(f, "{d}")?,
             Target::Below(d) => write!(f, "*.{d}")?,
         }
+        for (i, g) in self.name_groups.iter().enumerate() {
+            f.write_str(if i == 0 { "@" } else { "+" })?;
+            f.write_str(g.name())?;
+        }
         for (i, p) in self.ports.iter().enumerate() {
             f.write_str(if i == 0 { ":" } else { "," })?;
             if p.lo == p.hi {
@@ -394,6 +431,7 @@ impl Policy {
                 proto: None,
                 target: Target::Group(Group::Public),
                 ports: Vec::new(),
+                name_groups: Vec::new(),
             }],
             default: Action::Deny,
         }
@@ -544,6 +582,8 @@ mod tests {
             ("out/*.Example.COM.", "allow *.example.com"),
             ("metadata", "allow metadata"),
             ("link-local:80", "allow link-local:80"),
+            ("tcp/api.corp@private+reserved:443", "allow tcp/api.corp@private+reserved:443"),
+            ("*.corp@reserved+private+public", "allow *.corp@private+reserved"),
         ] {
             let r = rule(&format!("allow {written}"));
             assert_eq!(r.to_string(), canonical, "{written}");
@@ -572,11 +612,30 @@ mod tests {
             ("exa mple.com", "domain label"),
             ("-bad.com", "domain label"),
             ("bücher.de", "xn--"),
+            ("10.0.0.1@private", "domain target only"),
+            ("private@private", "domain target only"),
+            ("api.corp@intranet", "not a group"),
         ] {
             let e = Rule::parse(Action::Allow, bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad:?}: {e}");
         }
         assert!(Rule::parse(Action::Allow, &"a".repeat(MAX_RULE_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn a_domain_rule_opens_a_non_public_address_only_when_it_names_the_group() {
+        let c = Classifier::new(Vec::<IpAddr>::new());
+        let n = names(&["api.corp"]);
+        let plain = Policy::new(vec![rule("allow api.corp")], Action::Deny).unwrap();
+        let widened = Policy::new(vec![rule("allow api.corp@private")], Action::Deny).unwrap();
+        for (ip, plain_ok, widened_ok) in
+            [("93.184.216.34", true, true), ("10.1.2.3", false, true), ("127.0.0.1", false, false)]
+        {
+            let f = out(Proto::Tcp, ip, 443, &n);
+            assert_eq!(plain.decide(&c, &f).action == Action::Allow, plain_ok, "{ip}");
+            assert_eq!(widened.decide(&c, &f).action == Action::Allow, widened_ok, "{ip} @private");
+            assert_eq!(widened.address_allowed(&c, ip.parse().unwrap(), &n), widened_ok, "{ip} kept in an answer");
+        }
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub enum Sniffed {
     TlsNoName,
     /// An HTTP/1 request for this host.
     Http(DomainName),
+    /// An HTTP/1 request without a `Host` header.
+    HttpNoHost,
     /// Not enough bytes yet.
     NeedMore,
     /// Two names, or a name that is not a domain name.
@@ -150,7 +152,43 @@ fn client_hello(hs: &[u8]) -> Option<Sniffed> {
     Some(found.unwrap_or(Sniffed::TlsNoName))
 }
 
+/// Whether `line` (the bytes so far of a first line) can still become an HTTP/1 request
+/// line: a method of capital letters, a space, a target, ` HTTP/1.`.
+fn may_be_request_line(line: &[u8]) -> bool {
+    let method = line.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    match line.get(method) {
+        None => method <= 16,
+        Some(b' ') => {
+            let rest = &line[method + 1..];
+            match rest.iter().position(|b| *b == b' ') {
+                None => !rest.iter().any(|b| b.is_ascii_control()),
+                Some(sp) => {
+                    let version = &rest[sp + 1..];
+                    let want = b"HTTP/1.";
+                    let n = version.len().min(want.len());
+                    version[..n] == want[..n]
+                }
+            }
+        }
+        Some(_) => false,
+    }
+}
+
 fn http(data: &[u8]) -> Sniffed {
+    // Decide early on a first line that cannot be HTTP (an SSH banner, say): its client may
+    // wait for the server before it sends more.
+    let line_end = data.iter().position(|b| *b == b'\r' || *b == b'\n');
+    let first = line_end.map_or(data, |e| &data[..e]);
+    let whole_line_ok = || {
+        let mut parts = first.split(|b| *b == b' ');
+        let (_, target, version) = (parts.next(), parts.next(), parts.next());
+        target.is_some_and(|t| !t.is_empty())
+            && version.is_some_and(|v| v.starts_with(b"HTTP/1."))
+            && parts.next().is_none()
+    };
+    if !may_be_request_line(first) || (line_end.is_some() && !whole_line_ok()) {
+        return Sniffed::Other;
+    }
     let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") else {
         return if data.len() >= MAX_SNIFF { Sniffed::Other } else { Sniffed::NeedMore };
     };
@@ -170,7 +208,7 @@ fn http(data: &[u8]) -> Sniffed {
     });
     let host = match (hosts.next(), hosts.next()) {
         (Some(h), None) => h,
-        (None, _) => return Sniffed::Other,
+        (None, _) => return Sniffed::HttpNoHost,
         (Some(_), Some(_)) => return Sniffed::Ambiguous,
     };
     // An absolute-form target must name the same host.
@@ -210,11 +248,11 @@ pub fn http_forbidden(host: &str, why: &str) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A minimal ClientHello with the given server names (none: no SNI extension).
-    fn hello(names: &[&str], split_at: Option<usize>) -> Vec<u8> {
+    pub(crate) fn hello(names: &[&str], split_at: Option<usize>) -> Vec<u8> {
         let mut ext = Vec::new();
         if !names.is_empty() {
             let mut list = Vec::new();
@@ -286,8 +324,16 @@ mod tests {
             Sniffed::Http(name("a.example"))
         );
         assert_eq!(sniff(b"GET / HTTP/1.1\r\nHost: a.exa"), Sniffed::NeedMore);
-        assert_eq!(sniff(b"GET / HTTP/1.1\r\n\r\n"), Sniffed::Other, "no Host");
-        assert_eq!(sniff(b"SSH-2.0-OpenSSH\r\n"), Sniffed::NeedMore);
+        assert_eq!(sniff(b"GET / HTTP/1.1\r\n\r\n"), Sniffed::HttpNoHost);
+        assert_eq!(sniff(b"GET / HTTP/1.0\r\nAccept: */*\r\n\r\n"), Sniffed::HttpNoHost);
+        // A first line that cannot be a request line is decided at once.
+        assert_eq!(sniff(b"SSH-2.0-OpenSSH\r\n"), Sniffed::Other);
+        assert_eq!(sniff(b"SSH-2.0"), Sniffed::Other);
+        assert_eq!(sniff(b"EHLO x\r\n"), Sniffed::Other);
+        assert_eq!(sniff(b"GET / SMTP\r\n"), Sniffed::Other);
+        for partial in [&b"G"[..], b"GET", b"GET ", b"GET /x", b"GET /x HT", b"GET /x HTTP/1.1"] {
+            assert_eq!(sniff(partial), Sniffed::NeedMore, "{:?}", String::from_utf8_lossy(partial));
+        }
         assert_eq!(sniff(b"\x00\x01binary"), Sniffed::Other);
         let long = vec![b'G'; MAX_SNIFF + 10];
         assert_eq!(sniff(&long), Sniffed::Other, "undecided within the bound");

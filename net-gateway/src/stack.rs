@@ -9,6 +9,14 @@
 //! gets a socket and a [`Event::Dial`]; a denied one gets no socket, so smoltcp answers RST
 //! at once. Every decision is an [`Event::Audit`].
 //!
+//! A flow that only a domain rule allows is decided for good by the server its first bytes
+//! name (TLS SNI, HTTP `Host`, see [`crate::sniff`]): the name must be one this sandbox
+//! resolved to the flow's address, and the policy must allow it there. Until then nothing is
+//! dialed and none of its bytes leave; a denial is a TLS `access_denied` alert or an HTTP 403
+//! naming the rule. A guest that sends nothing for [`SNIFF_WAIT_MS`] (its server speaks
+//! first) gets its host end opened, and its first bytes are still checked before they go.
+//! TCP to port 53 of any address is DNS over TCP, answered here like UDP, never dialed.
+//!
 //! Invariants (the shell relies on them): nothing here does I/O; time comes in as
 //! milliseconds; queues are bounded — frames each way ([`MAX_FRAMES`]), TCP flows
 //! ([`MAX_FLOWS`], new ones at most [`SYN_BURST`] then [`SYN_PER_SEC`] a second), DNS
@@ -31,7 +39,8 @@ use smoltcp::wire::{
 
 use crate::classify::{Classifier, Group};
 use crate::dns::{self, GuestQuery, Pins, Step};
-use crate::policy::{Action, Direction, Flow, Policy, Proto};
+use crate::policy::{Action, Direction, DomainName, Flow, Policy, Proto};
+use crate::sniff::{self, Sniffed, MAX_SNIFF};
 
 /// Most frames queued each way.
 pub const MAX_FRAMES: usize = 256;
@@ -48,6 +57,14 @@ pub const MAX_EVENTS: usize = 4096;
 pub const IDLE_TIMEOUT_MS: u64 = 10 * 60 * 1000;
 /// Socket buffers per TCP flow, each way.
 pub const FLOW_BUFFER: usize = 64 * 1024;
+/// How long a flow allowed by a domain rule waits for the guest's first bytes (a TLS
+/// ClientHello or HTTP request to check) before its host end is opened anyway, for protocols
+/// whose server speaks first. The guest's bytes still wait to be checked.
+pub const SNIFF_WAIT_MS: u64 = 1000;
+/// How long a flow denied after sniffing may take to read its denial and close.
+pub const DENIED_LINGER_MS: u64 = 5000;
+/// Most DNS-over-TCP queries one connection may have waiting for upstream.
+pub const MAX_DNS_PER_FLOW: usize = 8;
 const DNS_PORT: u16 = 53;
 
 /// The guest's side of the network: what agentd configures from the boot configuration.
@@ -92,6 +109,8 @@ pub struct Audit {
     pub group: Group,
     /// What decided, in words (`rule 2 \`deny private\``, `the default (deny)`, …).
     pub why: String,
+    /// The index of the policy rule that decided (`None`: the default, or a bound).
+    pub rule: Option<usize>,
 }
 
 impl Audit {
@@ -109,6 +128,7 @@ impl Audit {
             "action": self.action.name(),
             "group": self.group.name(),
             "why": self.why,
+            "rule": self.rule.map(|i| i + 1),
         })
         .to_string()
     }
@@ -210,6 +230,31 @@ struct TcpFlow {
     /// A connection into the guest through a published port (the policy's egress rules do
     /// not apply to it).
     inbound: bool,
+    kind: FlowKind,
+    /// The server name the flow's first bytes named (TLS SNI or HTTP `Host`), once checked:
+    /// what a later policy change decides it by.
+    name: Option<DomainName>,
+}
+
+enum FlowKind {
+    /// Bytes move both ways.
+    Relay,
+    /// Allowed by a domain rule: the guest's bytes wait until its first ones name a server
+    /// (TLS SNI, HTTP `Host`) the policy allows at this address. `dialed`: the host end was
+    /// opened already (the guest sent nothing within [`SNIFF_WAIT_MS`]).
+    Sniff { until_ms: u64, dialed: bool },
+    /// Denied after sniffing: the denial (TLS alert, HTTP 403) is on its way and the socket
+    /// closes; nothing is relayed, and it is reset at `until_ms`.
+    Denied { until_ms: u64 },
+    /// DNS over TCP, answered here: the bytes of a partial message, lookups in flight.
+    Dns { buf: Vec<u8>, pending: usize },
+}
+
+/// Where a DNS answer goes.
+#[derive(Clone, Copy)]
+enum Reply {
+    Udp { guest: IpEndpoint, local: IpAddress },
+    Tcp(FlowId),
 }
 
 /// First local port the gateway uses for connections into the guest.
@@ -218,8 +263,7 @@ const INBOUND_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
 struct PendingLookup {
     query: GuestQuery,
     upstream_id: u16,
-    guest: IpEndpoint,
-    local: IpAddress,
+    reply: Reply,
 }
 
 /// A SYN a guest frame carries, parsed.
@@ -314,7 +358,9 @@ impl Gateway {
         let denied: Vec<FlowId> = self
             .flows
             .iter()
-            .filter(|(_, f)| !f.inbound && self.decide(Proto::Tcp, f.key.1, now_ms).0 == Action::Deny)
+            .filter(|(_, f)| {
+                !f.inbound && !matches!(f.kind, FlowKind::Dns { .. }) && self.decide_flow(f, now_ms).0 == Action::Deny
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in denied {
@@ -360,8 +406,19 @@ impl Gateway {
     pub fn poll_delay(&mut self, now_ms: u64) -> Option<u64> {
         let now = Instant::from_millis(now_ms as i64);
         let stack = self.iface.poll_delay(now, &self.sockets).map(|d| d.total_millis());
-        // Idle timeouts are checked at least once a second while flows live.
-        let floor = (!self.flows.is_empty()).then_some(1000);
+        // Idle timeouts are checked at least once a second while flows live, and a flow's
+        // own deadline (the sniff wait, a denial's linger) when it is due.
+        let deadline = self
+            .flows
+            .values()
+            .filter_map(|f| match f.kind {
+                FlowKind::Sniff { until_ms, dialed: false } => Some(until_ms),
+                FlowKind::Denied { until_ms } => Some(until_ms),
+                _ => None,
+            })
+            .min()
+            .map(|at| at.saturating_sub(now_ms).max(1));
+        let floor = (!self.flows.is_empty()).then_some(deadline.unwrap_or(1000).min(1000));
         match (stack, floor) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -387,6 +444,31 @@ impl Gateway {
 
     fn decide(&self, proto: Proto, dst: SocketAddr, now_ms: u64) -> (Action, Audit) {
         let names = self.pins.names_for(dst.ip(), now_ms);
+        self.decide_names(proto, dst, names, now_ms)
+    }
+
+    /// A flow decided again: by the server name it named, if it was checked for one.
+    fn decide_flow(&self, f: &TcpFlow, now_ms: u64) -> (Action, Audit) {
+        match &f.name {
+            Some(n) => self.decide_named(f.key.1, n, now_ms),
+            None => self.decide(Proto::Tcp, f.key.1, now_ms),
+        }
+    }
+
+    /// Decides a TCP flow to `dst` that named server `name`: the name counts only if this
+    /// sandbox resolved it to `dst` (what the guest claims never opens an address).
+    fn decide_named(&self, dst: SocketAddr, name: &DomainName, now_ms: u64) -> (Action, Audit) {
+        let pinned = self.pins.is_pinned(name, dst.ip(), now_ms);
+        let names = if pinned { vec![name.clone()] } else { Vec::new() };
+        let (action, mut audit) = self.decide_names(Proto::Tcp, dst, names, now_ms);
+        audit.names = vec![name.to_string()];
+        if !pinned {
+            audit.why = format!("{name} was not resolved to {} by this sandbox; {}", dst.ip(), audit.why);
+        }
+        (action, audit)
+    }
+
+    fn decide_names(&self, proto: Proto, dst: SocketAddr, names: Vec<DomainName>, now_ms: u64) -> (Action, Audit) {
         let flow = Flow { direction: Direction::Egress, proto, addr: dst.ip(), port: dst.port(), names: &names };
         let d = self.policy.decide(&self.classifier, &flow);
         let why = self.policy.describe(d.rule);
@@ -398,6 +480,7 @@ impl Gateway {
             action: d.action,
             group: d.group,
             why,
+            rule: d.rule,
         };
         (d.action, audit)
     }
@@ -462,11 +545,16 @@ impl Gateway {
         if self.by_key.contains_key(&(syn.src, syn.dst)) {
             return; // a retransmitted SYN
         }
+        // DNS over TCP, to any address, is answered here like DNS over UDP.
+        let dns = syn.dst.port() == DNS_PORT;
         let gateway =
             syn.dst.ip() == IpAddr::V4(self.cfg.gateway_v4) || syn.dst.ip() == IpAddr::V6(self.cfg.gateway_v6);
         let (mut action, mut audit) = self.decide(Proto::Tcp, syn.dst, now_ms);
-        if gateway {
-            (action, audit.why) = (Action::Deny, "the gateway's own address".into());
+        if dns {
+            (action, audit.action, audit.rule) = (Action::Allow, Action::Allow, None);
+            audit.why = "DNS over TCP, answered by the gateway".into();
+        } else if gateway {
+            (action, audit.rule, audit.why) = (Action::Deny, None, "the gateway's own address".into());
         }
         // Rate and table bounds come after the policy: a denied SYN costs no token.
         if action == Action::Allow {
@@ -477,15 +565,19 @@ impl Gateway {
                 self.syn_refill_ms = now_ms;
             }
             if self.flows.len() >= MAX_FLOWS {
-                (action, audit.action, audit.why) =
-                    (Action::Deny, Action::Deny, format!("the {MAX_FLOWS}-flow table is full"));
+                (action, audit.rule, audit.why) = (Action::Deny, None, format!("the {MAX_FLOWS}-flow table is full"));
             } else if self.syn_tokens == 0 {
-                (action, audit.action, audit.why) =
-                    (Action::Deny, Action::Deny, format!("more than {SYN_PER_SEC} new connections a second"));
+                (action, audit.rule, audit.why) =
+                    (Action::Deny, None, format!("more than {SYN_PER_SEC} new connections a second"));
             }
         }
         audit.action = action;
-        self.push(Event::Audit(audit));
+        // A flow a domain rule allows is decided for good, and audited, once its first bytes
+        // named the server.
+        let by_name = !dns && audit.rule.is_some_and(|i| self.policy.rules()[i].is_domain());
+        if action == Action::Deny || !by_name {
+            self.push(Event::Audit(audit));
+        }
         if action == Action::Deny {
             return; // no socket: smoltcp answers the SYN with RST
         }
@@ -495,8 +587,144 @@ impl Gateway {
         if sock.listen(local).is_err() {
             return;
         }
-        let id = self.add_flow(sock, (syn.src, syn.dst), false, 0, now_ms);
-        self.push(Event::Dial { flow: id, addr: syn.dst });
+        let kind = if dns {
+            FlowKind::Dns { buf: Vec::new(), pending: 0 }
+        } else if by_name {
+            FlowKind::Sniff { until_ms: now_ms + SNIFF_WAIT_MS, dialed: false }
+        } else {
+            FlowKind::Relay
+        };
+        let id = self.add_flow(sock, (syn.src, syn.dst), false, kind, 0, now_ms);
+        if matches!(self.flows[&id].kind, FlowKind::Relay) {
+            self.push(Event::Dial { flow: id, addr: syn.dst });
+        }
+    }
+
+    /// A flow waiting for its first bytes: decides it by the server they name, once they
+    /// name one (or cannot), and dials or denies.
+    fn sniff_flow(&mut self, id: FlowId, now_ms: u64) {
+        let Some(f) = self.flows.get(&id) else { return };
+        let FlowKind::Sniff { until_ms, dialed } = f.kind else { return };
+        let (handle, dst) = (f.handle, f.key.1);
+        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        if matches!(sock.state(), tcp::State::Listen | tcp::State::SynReceived) {
+            if now_ms >= until_ms + DENIED_LINGER_MS {
+                sock.abort(); // the handshake never finished
+            }
+            return;
+        }
+        let mut first = vec![0u8; MAX_SNIFF];
+        let n = sock.peek_slice(&mut first).unwrap_or(0);
+        first.truncate(n);
+        let ended = !sock.may_recv();
+        let late = now_ms >= until_ms;
+        let (name, what) = match sniff::sniff(&first) {
+            Sniffed::NeedMore if n == 0 && !ended => {
+                if late && !dialed {
+                    // A protocol whose server speaks first: open the host end; the guest's
+                    // bytes, when they come, are still checked before they are sent.
+                    self.flows.get_mut(&id).expect("listed").kind = FlowKind::Sniff { until_ms, dialed: true };
+                    self.push(Event::Dial { flow: id, addr: dst });
+                }
+                return;
+            }
+            Sniffed::NeedMore if !ended && !late => return,
+            Sniffed::NeedMore if n > 0 => {
+                (None, "the first bytes stopped short of a whole TLS ClientHello or HTTP request")
+            }
+            Sniffed::NeedMore | Sniffed::Other => (None, ""),
+            Sniffed::Tls(name) | Sniffed::Http(name) => (Some(name), ""),
+            Sniffed::TlsNoName => (None, "a TLS ClientHello without a server name"),
+            Sniffed::HttpNoHost => (None, "an HTTP request without a Host header"),
+            Sniffed::Ambiguous => (None, "two server names, or one that is not a domain name"),
+        };
+        let (action, mut audit) = match &name {
+            Some(name) => self.decide_named(dst, name, now_ms),
+            None if what.is_empty() => self.decide(Proto::Tcp, dst, now_ms),
+            None => {
+                let (_, mut audit) = self.decide(Proto::Tcp, dst, now_ms);
+                (audit.action, audit.rule, audit.why) =
+                    (Action::Deny, None, format!("{what}, for a flow only a domain rule allows"));
+                (Action::Deny, audit)
+            }
+        };
+        audit.action = action;
+        let f = self.flows.get_mut(&id).expect("listed");
+        if action == Action::Allow {
+            f.kind = FlowKind::Relay;
+            f.name = name;
+            self.push(Event::Audit(audit));
+            if !dialed {
+                self.push(Event::Dial { flow: id, addr: dst });
+            }
+            return;
+        }
+        // A denial the guest's program can read: TLS gets an alert, HTTP a 403 naming what
+        // denied it, anything else a reset.
+        f.kind = FlowKind::Denied { until_ms: now_ms + DENIED_LINGER_MS };
+        let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+        let shown = name.as_ref().map_or_else(|| dst.ip().to_string(), |n| n.to_string());
+        match first.first() {
+            Some(0x16) => {
+                let _ = sock.send_slice(&sniff::tls_access_denied());
+                sock.close();
+            }
+            Some(b) if b.is_ascii_uppercase() => {
+                let _ = sock.send_slice(&sniff::http_forbidden(&shown, &audit.why));
+                sock.close();
+            }
+            _ => sock.abort(),
+        }
+        self.push(Event::Audit(audit));
+        if dialed {
+            self.push(Event::Closed { flow: id });
+        }
+    }
+
+    /// A DNS-over-TCP connection: takes whole length-prefixed queries from the guest (at
+    /// most [`MAX_DNS_PER_FLOW`] waiting at once) and closes once the guest is done and
+    /// every answer is sent.
+    fn dns_flow(&mut self, id: FlowId, now_ms: u64) {
+        let mut queries = Vec::new();
+        {
+            let Some(f) = self.flows.get_mut(&id) else { return };
+            let FlowKind::Dns { buf, pending } = &mut f.kind else { return };
+            let sock = self.sockets.get_mut::<tcp::Socket>(f.handle);
+            loop {
+                if *pending + queries.len() >= MAX_DNS_PER_FLOW {
+                    break;
+                }
+                if buf.len() >= 2 {
+                    let len = u16::from_be_bytes([buf[0], buf[1]]) as usize;
+                    if len > dns::MAX_MESSAGE {
+                        sock.abort(); // a message no query needs
+                        return;
+                    }
+                    if buf.len() >= 2 + len {
+                        queries.push(buf[2..2 + len].to_vec());
+                        buf.drain(..2 + len);
+                        continue;
+                    }
+                }
+                let want = 2 + dns::MAX_MESSAGE - buf.len();
+                let mut chunk = vec![0u8; want];
+                match sock.recv_slice(&mut chunk) {
+                    Ok(k) if k > 0 => {
+                        buf.extend_from_slice(&chunk[..k]);
+                        f.last_ms = now_ms;
+                    }
+                    _ => break,
+                }
+            }
+            // The guest sent FIN (not merely: the handshake is not done yet).
+            let guest_done = sock.state() == tcp::State::CloseWait;
+            if guest_done && *pending + queries.len() == 0 && sock.send_queue() == 0 {
+                sock.close();
+            }
+        }
+        for q in queries {
+            self.query(&q, Reply::Tcp(id), now_ms);
+        }
     }
 
     /// Enters a flow's socket in the tables; `inbound` flows (published ports) are connected
@@ -506,13 +734,24 @@ impl Gateway {
         sock: tcp::Socket<'static>,
         key: (SocketAddr, SocketAddr),
         inbound: bool,
+        kind: FlowKind,
         credit: usize,
         now_ms: u64,
     ) -> FlowId {
         let handle = self.sockets.add(sock);
         let id = self.next_id;
         self.next_id += 1;
-        let flow = TcpFlow { handle, key, credit, connected: inbound, guest_done: false, last_ms: now_ms, inbound };
+        let flow = TcpFlow {
+            handle,
+            key,
+            credit,
+            connected: inbound,
+            guest_done: false,
+            last_ms: now_ms,
+            inbound,
+            kind,
+            name: None,
+        };
         self.flows.insert(id, flow);
         self.by_key.insert(key, id);
         id
@@ -532,6 +771,7 @@ impl Gateway {
             action: Action::Allow,
             group: self.classifier.classify(guest.ip()),
             why: format!("published port to guest port {guest_port}"),
+            rule: None,
         };
         if self.flows.len() >= MAX_FLOWS {
             (audit.action, audit.why) = (Action::Deny, format!("the {MAX_FLOWS}-flow table is full"));
@@ -554,7 +794,7 @@ impl Gateway {
             return None;
         }
         self.push(Event::Audit(audit));
-        Some(self.add_flow(sock, (guest, local), true, credit, now_ms))
+        Some(self.add_flow(sock, (guest, local), true, FlowKind::Relay, credit, now_ms))
     }
 
     /// The host connection of `flow` is up; the shell can take `credit` bytes towards it.
@@ -616,6 +856,7 @@ impl Gateway {
                         action: Action::Deny,
                         group: self.classifier.classify(ip),
                         why: "removed from a DNS answer".into(),
+                        rule: None,
                     };
                     self.push(Event::Audit(audit));
                 }
@@ -623,8 +864,30 @@ impl Gateway {
             }
             None => p.query.servfail(),
         };
-        let meta = udp::UdpMetadata { endpoint: p.guest, local_address: Some(p.local), meta: Default::default() };
-        let _ = self.sockets.get_mut::<udp::Socket>(self.dns).send_slice(&bytes, meta);
+        self.send_dns(p.reply, &bytes);
+    }
+
+    /// Sends a DNS answer where its query came from. A TCP connection whose send buffer has
+    /// no room for it (the guest does not read) loses it, as a UDP one would.
+    fn send_dns(&mut self, reply: Reply, bytes: &[u8]) {
+        match reply {
+            Reply::Udp { guest, local } => {
+                let m = udp::UdpMetadata { endpoint: guest, local_address: Some(local), meta: Default::default() };
+                let _ = self.sockets.get_mut::<udp::Socket>(self.dns).send_slice(bytes, m);
+            }
+            Reply::Tcp(id) => {
+                let Some(f) = self.flows.get_mut(&id) else { return };
+                if let FlowKind::Dns { pending, .. } = &mut f.kind {
+                    *pending = pending.saturating_sub(1);
+                }
+                let sock = self.sockets.get_mut::<tcp::Socket>(f.handle);
+                let Ok(len) = u16::try_from(bytes.len()) else { return };
+                if sock.send_capacity() - sock.send_queue() >= 2 + bytes.len() {
+                    let _ = sock.send_slice(&len.to_be_bytes());
+                    let _ = sock.send_slice(bytes);
+                }
+            }
+        }
     }
 
     /// Runs the stack: frames in, frames out, socket work, events.
@@ -636,36 +899,61 @@ impl Gateway {
         let mut buf = vec![0u8; FLOW_BUFFER];
         let ids: Vec<FlowId> = self.flows.keys().copied().collect();
         for id in ids {
+            match self.flows[&id].kind {
+                FlowKind::Sniff { .. } => self.sniff_flow(id, now_ms),
+                FlowKind::Dns { .. } => self.dns_flow(id, now_ms),
+                FlowKind::Relay | FlowKind::Denied { .. } => {}
+            }
             let f = self.flows.get_mut(&id).expect("listed");
             let sock = self.sockets.get_mut::<tcp::Socket>(f.handle);
             let mut out = Vec::new();
-            if f.connected && f.credit > 0 && sock.can_recv() {
-                let n = sock.recv_slice(&mut buf[..f.credit.min(FLOW_BUFFER)]).unwrap_or(0);
-                if n > 0 {
-                    f.credit -= n;
-                    f.last_ms = now_ms;
-                    out.push(Event::Data { flow: id, bytes: buf[..n].to_vec() });
+            match f.kind {
+                FlowKind::Relay => {
+                    if f.connected && f.credit > 0 && sock.can_recv() {
+                        let n = sock.recv_slice(&mut buf[..f.credit.min(FLOW_BUFFER)]).unwrap_or(0);
+                        if n > 0 {
+                            f.credit -= n;
+                            f.last_ms = now_ms;
+                            out.push(Event::Data { flow: id, bytes: buf[..n].to_vec() });
+                        }
+                    }
+                    if f.connected
+                        && !f.guest_done
+                        && !sock.may_recv()
+                        && sock.recv_queue() == 0
+                        && sock.state() != tcp::State::Listen
+                        && sock.state() != tcp::State::SynReceived
+                        && sock.state() != tcp::State::SynSent
+                    {
+                        f.guest_done = true;
+                        out.push(Event::GuestDone { flow: id });
+                    }
                 }
-            }
-            if f.connected
-                && !f.guest_done
-                && !sock.may_recv()
-                && sock.recv_queue() == 0
-                && sock.state() != tcp::State::Listen
-                && sock.state() != tcp::State::SynReceived
-                && sock.state() != tcp::State::SynSent
-            {
-                f.guest_done = true;
-                out.push(Event::GuestDone { flow: id });
+                FlowKind::Denied { until_ms } => {
+                    // What the guest still sends is dropped; it has its denial.
+                    while sock.recv_slice(&mut buf).unwrap_or(0) > 0 {}
+                    if now_ms >= until_ms {
+                        sock.abort();
+                    }
+                }
+                FlowKind::Sniff { .. } | FlowKind::Dns { .. } => {}
             }
             if now_ms.saturating_sub(f.last_ms) > IDLE_TIMEOUT_MS {
                 sock.abort();
             }
-            if matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait) {
-                gone.push(id);
-            }
             for ev in out {
                 self.push(ev);
+            }
+        }
+        // What the socket work produced (ACKs, data, FINs, RSTs).
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        // A socket is gone once closed and its RST (if it was reset) is sent: smoltcp forgets
+        // the remote end only after sending it.
+        for (id, f) in &self.flows {
+            let sock = self.sockets.get::<tcp::Socket>(f.handle);
+            let closed = sock.state() == tcp::State::Closed && sock.remote_endpoint().is_none();
+            if closed || sock.state() == tcp::State::TimeWait {
+                gone.push(*id);
             }
         }
         for id in gone {
@@ -675,8 +963,6 @@ impl Gateway {
                 self.push(Event::Closed { flow: id });
             }
         }
-        // What the socket work produced (ACKs, data, FINs, RSTs).
-        self.iface.poll(now, &mut self.dev, &mut self.sockets);
     }
 
     fn serve_dns(&mut self, now_ms: u64) {
@@ -685,38 +971,58 @@ impl Gateway {
             let Ok((data, meta)) = sock.recv() else { break };
             let (data, guest, local) = (data.to_vec(), meta.endpoint, meta.local_address);
             let Some(local) = local else { continue };
-            match dns::on_query(&self.policy, &data) {
-                Step::Answer { bytes, why } => {
-                    let m = udp::UdpMetadata { endpoint: guest, local_address: Some(local), meta: Default::default() };
-                    let _ = self.sockets.get_mut::<udp::Socket>(self.dns).send_slice(&bytes, m);
-                    let audit = Audit {
-                        at_ms: now_ms,
-                        proto: Proto::Udp,
-                        dest: SocketAddr::new(local.into(), DNS_PORT),
-                        names: vec![],
-                        action: Action::Deny,
-                        group: self.classifier.classify(local.into()),
-                        why,
-                    };
-                    self.push(Event::Audit(audit));
-                }
-                Step::Resolve(q) => {
-                    if self.lookups.len() >= MAX_DNS_PENDING {
-                        let m =
-                            udp::UdpMetadata { endpoint: guest, local_address: Some(local), meta: Default::default() };
-                        let _ = self.sockets.get_mut::<udp::Socket>(self.dns).send_slice(&q.servfail(), m);
-                        continue;
+            self.query(&data, Reply::Udp { guest, local }, now_ms);
+        }
+    }
+
+    /// One DNS query from the guest: answered at once (a denial, a malformed query) or
+    /// looked up upstream, at most [`MAX_DNS_PENDING`] at a time (SERVFAIL past that).
+    fn query(&mut self, data: &[u8], reply: Reply, now_ms: u64) {
+        let dest = match reply {
+            Reply::Udp { local, .. } => SocketAddr::new(local.into(), DNS_PORT),
+            Reply::Tcp(id) => {
+                self.flows.get(&id).map_or(SocketAddr::new(self.cfg.gateway_v4.into(), DNS_PORT), |f| f.key.1)
+            }
+        };
+        match dns::on_query(&self.policy, data) {
+            Step::Answer { bytes, why } => {
+                if let Reply::Tcp(id) = reply {
+                    if let Some(FlowKind::Dns { pending, .. }) = self.flows.get_mut(&id).map(|f| &mut f.kind) {
+                        *pending += 1; // send_dns takes it back
                     }
-                    let lookup = self.next_id;
-                    self.next_id += 1;
-                    self.rng ^= self.rng << 13;
-                    self.rng ^= self.rng >> 7;
-                    self.rng ^= self.rng << 17;
-                    let upstream_id = self.rng as u16;
-                    let bytes = q.upstream(upstream_id);
-                    self.lookups.insert(lookup, PendingLookup { query: q, upstream_id, guest, local });
-                    self.push(Event::Resolve { lookup, upstream_id, bytes });
                 }
+                self.send_dns(reply, &bytes);
+                let audit = Audit {
+                    at_ms: now_ms,
+                    proto: if matches!(reply, Reply::Tcp(_)) { Proto::Tcp } else { Proto::Udp },
+                    dest,
+                    names: vec![],
+                    action: Action::Deny,
+                    group: self.classifier.classify(dest.ip()),
+                    why,
+                    rule: None,
+                };
+                self.push(Event::Audit(audit));
+            }
+            Step::Resolve(q) => {
+                if let Reply::Tcp(id) = reply {
+                    if let Some(FlowKind::Dns { pending, .. }) = self.flows.get_mut(&id).map(|f| &mut f.kind) {
+                        *pending += 1;
+                    }
+                }
+                if self.lookups.len() >= MAX_DNS_PENDING {
+                    self.send_dns(reply, &q.servfail());
+                    return;
+                }
+                let lookup = self.next_id;
+                self.next_id += 1;
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                let upstream_id = self.rng as u16;
+                let bytes = q.upstream(upstream_id);
+                self.lookups.insert(lookup, PendingLookup { query: q, upstream_id, reply });
+                self.push(Event::Resolve { lookup, upstream_id, bytes });
             }
         }
     }
@@ -750,6 +1056,7 @@ mod audit_tests {
             action: Action::Deny,
             group: Group::Private,
             why: "rule 1 `deny private`\n(injected)".into(),
+            rule: Some(0),
         };
         let line = a.json_line("web", "2026-12-02T08:00:00.000Z");
         assert!(!line.contains('\n'), "{line}");

@@ -159,6 +159,7 @@ async fn the_audit_stream_stops_at_its_cap_and_says_so() {
         action: Action::Deny,
         group: crate::classify::Group::Private,
         why: "the default (deny)".into(),
+        rule: None,
     };
     for _ in 0..100 {
         log.record(&a);

@@ -5,6 +5,7 @@ use crate::dns::response_for;
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
+use smoltcp::iface::SocketHandle;
 
 use crate::test_guest::Guest;
 
@@ -121,52 +122,217 @@ fn denied_destinations_are_reset_at_once_and_never_dialed() {
     assert_eq!(n.gw.flow_count(), 0);
 }
 
-#[test]
-fn dns_to_any_address_is_answered_by_the_gateway_and_pins_what_it_kept() {
-    let mut n = Net::new(Policy::parse("allow tcp/api.example.com:443\ndefault deny\n").unwrap());
+/// The guest asks `resolver` (UDP) for `name`; upstream answers `ips` (TTL 60). Returns
+/// the answer the guest got.
+fn resolve(n: &mut Net, name: &str, ips: &[[u8; 4]], resolver: IpEndpoint) -> Message {
     let meta = || vec![udp::PacketMetadata::EMPTY; 4];
     let mut s =
         udp::Socket::new(udp::PacketBuffer::new(meta(), vec![0; 4096]), udp::PacketBuffer::new(meta(), vec![0; 4096]));
-    s.bind(5353).unwrap();
+    let port = 5300 + n.guest.sockets.iter().count() as u16;
+    s.bind(port).unwrap();
     let h = n.guest.sockets.add(s);
     let mut q = Message::new();
     q.set_id(0x4242).set_message_type(MessageType::Query).set_op_code(OpCode::Query).set_recursion_desired(true);
-    q.add_query(Query::query(Name::from_ascii("api.example.com.").unwrap(), RecordType::A));
-    let resolver = IpEndpoint::new(IpAddress::v4(8, 8, 8, 8), 53); // a guest-chosen resolver address
+    q.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
     n.guest.sockets.get_mut::<udp::Socket>(h).send_slice(&q.to_vec().unwrap(), resolver).unwrap();
+    let before = n.events.len();
     n.run(5);
-    let (lookup, upstream_id, bytes) = n
-        .events
+    let (lookup, bytes) = n.events[before..]
         .iter()
         .find_map(|e| match e {
-            Event::Resolve { lookup, upstream_id, bytes } => Some((*lookup, *upstream_id, bytes.clone())),
+            Event::Resolve { lookup, upstream_id, bytes } => {
+                assert_eq!(Message::from_vec(bytes).unwrap().id(), *upstream_id);
+                Some((*lookup, bytes.clone()))
+            }
             _ => None,
         })
         .expect("a lookup upstream");
-    let a = |ip: [u8; 4]| {
-        Record::from_rdata(Name::from_ascii("api.example.com.").unwrap(), 60, RData::A(A::from(Ipv4Addr::from(ip))))
-    };
-    let reply = response_for(&bytes, ResponseCode::NoError, vec![a([93, 184, 216, 34]), a([10, 1, 2, 3])]);
-    assert_eq!(Message::from_vec(&reply).unwrap().id(), upstream_id);
+    let records = ips
+        .iter()
+        .map(|ip| Record::from_rdata(Name::from_ascii(name).unwrap(), 60, RData::A(A::from(Ipv4Addr::from(*ip)))))
+        .collect();
+    let reply = response_for(&bytes, ResponseCode::NoError, records);
     n.gw.dns_reply(lookup, Some(&reply), n.now);
     n.run(3);
     let (data, meta) = n.guest.sockets.get_mut::<udp::Socket>(h).recv().map(|(d, m)| (d.to_vec(), m)).unwrap();
     assert_eq!(meta.endpoint, resolver, "the answer comes from the address the guest asked");
-    let m = Message::from_vec(&data).unwrap();
+    Message::from_vec(&data).unwrap()
+}
+
+fn send(n: &mut Net, h: SocketHandle, bytes: &[u8]) {
+    n.guest.sockets.get_mut::<tcp::Socket>(h).send_slice(bytes).unwrap();
+}
+
+fn received(n: &mut Net, h: SocketHandle) -> Vec<u8> {
+    let mut got = vec![0u8; 65536];
+    let k = n.guest.sockets.get_mut::<tcp::Socket>(h).recv_slice(&mut got).unwrap_or(0);
+    got.truncate(k);
+    got
+}
+
+#[test]
+fn dns_to_any_address_is_answered_by_the_gateway_and_pins_what_it_kept() {
+    let mut n = Net::new(Policy::parse("allow tcp/api.example.com:443\ndefault deny\n").unwrap());
+    let resolver = IpEndpoint::new(IpAddress::v4(8, 8, 8, 8), 53); // a guest-chosen resolver address
+    let m = resolve(&mut n, "api.example.com.", &[[93, 184, 216, 34], [10, 1, 2, 3]], resolver);
     assert_eq!((m.id(), m.answers().len()), (0x4242, 1), "the private answer is gone");
     assert!(n
         .audits()
         .iter()
         .any(|a| a.dest.ip() == "10.1.2.3".parse::<IpAddr>().unwrap() && a.action == Action::Deny));
-    // The domain rule now opens the pinned address, on its port only.
-    let _allowed = n.guest.connect(IpAddress::v4(93, 184, 216, 34), 443, 42000);
+    // The domain rule now opens the pinned address, on its port only, once the flow names
+    // the server.
+    let allowed = n.guest.connect(IpAddress::v4(93, 184, 216, 34), 443, 42000);
     let wrong_port = n.guest.connect(IpAddress::v4(93, 184, 216, 34), 80, 42001);
     let unresolved = n.guest.connect(IpAddress::v4(93, 184, 216, 35), 443, 42002);
     n.run(5);
-    let dialed: Vec<SocketAddr> = n.dials().into_iter().map(|d| d.1).collect();
-    assert_eq!(dialed, vec!["93.184.216.34:443".parse::<SocketAddr>().unwrap()]);
+    assert!(n.dials().is_empty(), "nothing is dialed before the server is named");
     assert_eq!(n.guest.sockets.get::<tcp::Socket>(wrong_port).state(), tcp::State::Closed);
     assert_eq!(n.guest.sockets.get::<tcp::Socket>(unresolved).state(), tcp::State::Closed);
+    let hello = crate::sniff::tests::hello(&["api.example.com"], Some(30));
+    send(&mut n, allowed, &hello);
+    n.run(5);
+    let dialed: Vec<SocketAddr> = n.dials().into_iter().map(|d| d.1).collect();
+    assert_eq!(dialed, vec!["93.184.216.34:443".parse::<SocketAddr>().unwrap()]);
+    let (flow, _) = n.dials()[0];
+    n.gw.host_connected(flow, 1 << 20);
+    n.run(3);
+    assert_eq!(n.sent(flow), hello, "the ClientHello goes to the host whole, after the check");
+    let a = n.audits().into_iter().rev().find(|a| a.dest.port() == 443 && a.action == Action::Allow).unwrap().clone();
+    assert_eq!((a.names.as_slice(), a.rule), (&["api.example.com".to_string()][..], Some(0)));
+}
+
+#[test]
+fn a_flow_a_domain_rule_allows_must_name_an_allowed_server_it_resolved() {
+    let mut n = Net::new(Policy::parse("allow tcp/api.example.com:443,80\ndefault deny\n").unwrap());
+    let resolver = IpEndpoint::new(IpAddress::v4(192, 168, 127, 1), 53);
+    resolve(&mut n, "api.example.com.", &[[93, 184, 216, 34]], resolver);
+    let ip = IpAddress::v4(93, 184, 216, 34);
+    let cases: [(&str, Vec<u8>, u16); 5] = [
+        ("fronted SNI", crate::sniff::tests::hello(&["other.example"], None), 443),
+        ("no SNI", crate::sniff::tests::hello(&[], None), 443),
+        ("two SNIs", crate::sniff::tests::hello(&["api.example.com", "other.example"], None), 443),
+        ("fronted Host", b"GET / HTTP/1.1\r\nHost: other.example\r\n\r\n".to_vec(), 80),
+        ("no Host", b"GET / HTTP/1.0\r\n\r\n".to_vec(), 80),
+    ];
+    let mut socks = vec![];
+    for (i, (_, bytes, port)) in cases.iter().enumerate() {
+        let h = n.guest.connect(ip, *port, 44000 + i as u16);
+        n.run(3);
+        send(&mut n, h, bytes);
+        socks.push(h);
+    }
+    n.run(10);
+    assert!(n.dials().is_empty(), "no denied flow got a host socket: {:?}", n.dials());
+    for (i, (what, _, port)) in cases.iter().enumerate() {
+        let got = received(&mut n, socks[i]);
+        if *port == 443 {
+            assert_eq!(got, crate::sniff::tls_access_denied(), "{what}: a TLS alert");
+        } else {
+            let text = String::from_utf8(got).unwrap();
+            assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{what}: {text}");
+            assert!(text.contains("the sandbox's network policy denies"), "{what}: {text}");
+        }
+        assert!(!n.guest.sockets.get::<tcp::Socket>(socks[i]).may_recv(), "{what}: the gateway closed");
+    }
+    let denials: Vec<&Audit> = n.audits().into_iter().filter(|a| a.action == Action::Deny).collect();
+    assert_eq!(denials.len(), 5, "{denials:?}");
+    assert!(denials[0].why.contains("other.example was not resolved to 93.184.216.34"), "{}", denials[0].why);
+    assert!(denials[1].why.contains("without a server name"), "{}", denials[1].why);
+    assert!(denials[4].why.contains("without a Host header"), "{}", denials[4].why);
+    // A name that is allowed and resolved here passes by HTTP Host too.
+    let ok = n.guest.connect(ip, 80, 44100);
+    n.run(3);
+    send(&mut n, ok, b"GET / HTTP/1.1\r\nHost: API.example.com:80\r\n\r\n");
+    n.run(3);
+    assert_eq!(n.dials().len(), 1);
+    n.run(600); // past the linger: the denied flows are gone
+    assert_eq!(n.gw.flow_count(), 1);
+}
+
+#[test]
+fn a_silent_flow_is_dialed_after_the_wait_and_its_first_bytes_still_checked() {
+    let mut n = Net::new(Policy::parse("allow tcp/api.example.com\ndefault deny\n").unwrap());
+    resolve(&mut n, "api.example.com.", &[[93, 184, 216, 34]], IpEndpoint::new(IpAddress::v4(1, 1, 1, 1), 53));
+    let ip = IpAddress::v4(93, 184, 216, 34);
+    let ssh = n.guest.connect(ip, 22, 45000);
+    let fronted = n.guest.connect(ip, 443, 45001);
+    n.run((SNIFF_WAIT_MS / 10) as usize - 10);
+    assert!(n.dials().is_empty());
+    n.run(20);
+    assert_eq!(n.dials().len(), 2, "the server may speak first: both are dialed");
+    let (a, b) = (n.dials()[0].0, n.dials()[1].0);
+    n.gw.host_connected(a, 1 << 16);
+    n.gw.host_connected(b, 1 << 16);
+    assert_eq!(n.gw.host_data(a, b"SSH-2.0-host\r\n", n.now), 14);
+    n.run(3);
+    assert_eq!(received(&mut n, ssh), b"SSH-2.0-host\r\n");
+    send(&mut n, ssh, b"SSH-2.0-guest\r\n");
+    send(&mut n, fronted, &crate::sniff::tests::hello(&["other.example"], None));
+    n.run(5);
+    assert_eq!(n.sent(a), b"SSH-2.0-guest\r\n", "not TLS or HTTP: the pinned address is what the rule allows");
+    assert!(n.sent(b).is_empty(), "the fronted ClientHello never reached the host");
+    assert!(n.events.contains(&Event::Closed { flow: b }), "its host socket is dropped");
+    assert_eq!(received(&mut n, fronted), crate::sniff::tls_access_denied());
+}
+
+#[test]
+fn dns_over_tcp_to_any_address_is_answered_here_and_never_dialed() {
+    let mut n = Net::new(Policy::default());
+    let h = n.guest.connect(IpAddress::v4(9, 9, 9, 9), 53, 46000);
+    n.run(3);
+    let mut q = Message::new();
+    q.set_id(7).set_message_type(MessageType::Query).set_op_code(OpCode::Query).set_recursion_desired(true);
+    q.add_query(Query::query(Name::from_ascii("a.example.").unwrap(), RecordType::A));
+    let q = q.to_vec().unwrap();
+    // Two queries in one write, the second split across writes.
+    let mut wire = Vec::new();
+    for _ in 0..2 {
+        wire.extend_from_slice(&(q.len() as u16).to_be_bytes());
+        wire.extend_from_slice(&q);
+    }
+    send(&mut n, h, &wire[..wire.len() - 5]);
+    n.run(3);
+    send(&mut n, h, &wire[wire.len() - 5..]);
+    n.run(3);
+    assert!(n.dials().is_empty(), "DNS over TCP is not relayed");
+    let lookups: Vec<(u64, Vec<u8>)> = n
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Resolve { lookup, bytes, .. } => Some((*lookup, bytes.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lookups.len(), 2);
+    let a = |ip: [u8; 4]| {
+        Record::from_rdata(Name::from_ascii("a.example.").unwrap(), 60, RData::A(A::from(Ipv4Addr::from(ip))))
+    };
+    n.gw.dns_reply(
+        lookups[0].0,
+        Some(&response_for(&lookups[0].1, ResponseCode::NoError, vec![a([93, 184, 216, 1]), a([127, 0, 0, 1])])),
+        n.now,
+    );
+    n.gw.dns_reply(lookups[1].0, None, n.now);
+    n.run(3);
+    let got = received(&mut n, h);
+    assert!(got.len() > 2, "{:?} {:?}", n.guest.sockets.get::<tcp::Socket>(h).state(), n.events);
+    let len = u16::from_be_bytes([got[0], got[1]]) as usize;
+    let first = Message::from_vec(&got[2..2 + len]).unwrap();
+    assert_eq!((first.id(), first.answers().len()), (7, 1), "filtered like UDP");
+    let rest = &got[2 + len..];
+    let second = Message::from_vec(&rest[2..]).unwrap();
+    assert_eq!(second.response_code(), ResponseCode::ServFail);
+    // The guest closes; so does the gateway.
+    n.guest.sockets.get_mut::<tcp::Socket>(h).close();
+    n.run(10);
+    assert!(!n.guest.sockets.get::<tcp::Socket>(h).may_recv());
+    // A length no query needs resets the connection.
+    let big = n.guest.connect(IpAddress::v4(9, 9, 9, 9), 53, 46001);
+    n.run(3);
+    send(&mut n, big, &[0xff, 0xff, 0]);
+    n.run(3);
+    assert_eq!(n.guest.sockets.get::<tcp::Socket>(big).state(), tcp::State::Closed);
 }
 
 /// A raw SYN from the guest's address.
