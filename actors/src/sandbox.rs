@@ -200,6 +200,13 @@ impl SandboxBuilder {
         let net = match self.network.clone() {
             None => None,
             Some(n) => {
+                if n.publish.len() > msb_schema::net::MAX_PUBLISHED {
+                    return Err(Error::Config(format!(
+                        "{} published ports: at most {} per sandbox",
+                        n.publish.len(),
+                        msb_schema::net::MAX_PUBLISHED
+                    )));
+                }
                 let mut listeners = Vec::new();
                 for (host, guest) in &n.publish {
                     let l = std::net::TcpListener::bind(host)
@@ -228,6 +235,7 @@ impl SandboxBuilder {
                 return Err(Error::Spawn("the sandbox supervisor did not hand out its agent".into()));
             }
         };
+        let published = std::sync::Mutex::new(published);
         let sb = Sandbox { sup: sup.clone(), link: AgentLink { agent, sup }, created: clock, published };
         let ready = tokio::time::timeout(self.boot_timeout, sb.sup.call(SupMsg::WaitReady, None)).await;
         match ready {
@@ -312,14 +320,42 @@ pub struct Sandbox {
     sup: ActorRef<SupMsg>,
     link: AgentLink,
     created: Instant,
-    published: Vec<(std::net::SocketAddr, u16)>,
+    /// Changed only by [`Sandbox::publish`] / [`Sandbox::unpublish`], after the gateway did.
+    published: std::sync::Mutex<Vec<(std::net::SocketAddr, u16)>>,
 }
 
 impl Sandbox {
     /// The published ports: the host address each is bound to (with the port picked for a
     /// port 0) and the guest port it leads to.
-    pub fn published(&self) -> &[(std::net::SocketAddr, u16)] {
-        &self.published
+    pub fn published(&self) -> Vec<(std::net::SocketAddr, u16)> {
+        self.published.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    /// Publishes guest port `guest` on `host` (port 0: a free one) while the sandbox runs;
+    /// returns the address bound. Refused if the address is taken, past
+    /// [`msb_schema::net::MAX_PUBLISHED`] ports, or without a network.
+    pub async fn publish(&self, host: std::net::SocketAddr, guest: u16) -> Result<std::net::SocketAddr> {
+        let listener = std::net::TcpListener::bind(host)
+            .map_err(|e| Error::Config(format!("publishing {host} (to guest port {guest}): {e}")))?;
+        let bound = listener.local_addr().map_err(|e| Error::Config(e.to_string()))?;
+        self.call(|reply| SupMsg::Net(NetControl::Publish { listener, guest, reply }), LIFECYCLE_CALL_TIMEOUT)
+            .await?
+            .map_err(Error::Config)?;
+        if let Ok(mut p) = self.published.lock() {
+            p.push((bound, guest));
+        }
+        Ok(bound)
+    }
+
+    /// Closes the published ports leading to guest port `guest`; returns the host addresses
+    /// closed (none: nothing led there). Connections made through them stay up.
+    pub async fn unpublish(&self, guest: u16) -> Result<Vec<std::net::SocketAddr>> {
+        let closed =
+            self.call(|reply| SupMsg::Net(NetControl::Unpublish { guest, reply }), LIFECYCLE_CALL_TIMEOUT).await?;
+        if let Ok(mut p) = self.published.lock() {
+            p.retain(|(_, g)| *g != guest);
+        }
+        Ok(closed)
     }
 
     pub fn builder() -> SandboxBuilder {

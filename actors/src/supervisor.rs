@@ -324,6 +324,10 @@ impl Actor for SandboxSupervisor {
                         drop(reply.send(Err("this sandbox has no network (--net none)".into())))
                     }
                     NetControl::Policy(reply) => drop(reply.send(String::new())),
+                    NetControl::Publish { reply, .. } => {
+                        drop(reply.send(Err("this sandbox has no network (--net none)".into())))
+                    }
+                    NetControl::Unpublish { reply, .. } => drop(reply.send(Vec::new())),
                 },
             },
         }

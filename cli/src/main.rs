@@ -83,8 +83,28 @@ enum Cmd {
         #[arg(long)]
         net: bool,
     },
-    /// The published ports of a running sandbox: `GUEST/tcp -> HOST_ADDR:PORT` per line.
-    Port { name: String },
+    /// The published ports of a running sandbox: `GUEST/tcp -> HOST_ADDR:PORT` per line;
+    /// with --add/--rm, changes them (live, and for later starts).
+    Port {
+        name: String,
+        /// Publish another port: `[ADDR:]HOST:GUEST` or `GUEST`, as `-p`. Repeatable.
+        #[arg(long, value_name = "[ADDR:]HOST:GUEST", value_parser = Publish::parse)]
+        add: Vec<Publish>,
+        /// Close the published ports leading to this guest port. Repeatable.
+        #[arg(long = "rm", value_name = "GUEST")]
+        remove: Vec<u16>,
+    },
+    /// Show a sandbox's egress policy, or replace it with --allow/--deny/--policy (as at
+    /// `create`) or --reset (the default): live in a running sandbox, closing the flows the
+    /// new policy denies, and for its later starts.
+    Policy {
+        name: String,
+        #[command(flatten)]
+        rules: RuleArgs,
+        /// Back to the default policy (the public internet only).
+        #[arg(long, conflicts_with_all = ["allow", "deny", "policy"])]
+        reset: bool,
+    },
     /// Copy files or directories between the host and a running sandbox: `msb cp SRC
     /// NAME:DST` or `msb cp NAME:SRC DST` (as docker cp).
     Cp { src: String, dst: String },
@@ -170,19 +190,8 @@ struct NetArgs {
     /// `none` (no network device at all).
     #[arg(long, value_parser = ["public", "none"], default_value = "public")]
     net: String,
-    /// Allow a destination, before the defaults: `[out/][tcp/|udp/]TARGET[:PORTS]`, TARGET an
-    /// address, a CIDR (`203.0.113.0/24`, `[2001:db8::/32]`), a group (`private`, `loopback`,
-    /// `host`, …), a domain (`api.example.com`) or `*.example.com`; PORTS `443`, `8000-8100`
-    /// or a comma list. Repeatable; the first matching rule wins.
-    #[arg(long = "allow", value_name = "RULE")]
-    allow: Vec<String>,
-    /// Deny a destination (same syntax as --allow), before the defaults. Repeatable.
-    #[arg(long = "deny", value_name = "RULE")]
-    deny: Vec<String>,
-    /// A policy file: one `allow RULE` / `deny RULE` per line, `default allow|deny`, `#`
-    /// comments. It replaces the default policy; --allow/--deny rules go before its rules.
-    #[arg(long, value_name = "FILE")]
-    policy: Option<PathBuf>,
+    #[command(flatten)]
+    rules: RuleArgs,
     /// The resolver the gateway asks for the guest (default: the host's first nameserver).
     #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_resolver)]
     dns: Option<std::net::SocketAddr>,
@@ -192,24 +201,35 @@ struct NetArgs {
     publish: Vec<Publish>,
 }
 
-fn parse_resolver(s: &str) -> Result<std::net::SocketAddr, String> {
-    s.parse::<std::net::SocketAddr>()
-        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
-        .map_err(|_| format!("{s:?} is not an address such as 192.0.2.53 or [2001:db8::53]:5353"))
+/// The egress policy's flags, for `create`/`run` and `msb policy`.
+#[derive(clap::Args, Clone, Default)]
+struct RuleArgs {
+    /// Allow a destination, before the defaults: `[out/][tcp/|udp/]TARGET[:PORTS]`, TARGET an
+    /// address, a CIDR (`203.0.113.0/24`, `[2001:db8::/32]`), a group (`private`, `loopback`,
+    /// `host`, …), a domain (`api.example.com`) or `*.example.com`; PORTS `443`, `8000-8100`
+    /// or a comma list; `api.corp@private` lets a name resolve into a non-public group.
+    /// Repeatable; the first matching rule wins.
+    #[arg(long = "allow", value_name = "RULE")]
+    allow: Vec<String>,
+    /// Deny a destination (same syntax as --allow), before the defaults. Repeatable.
+    #[arg(long = "deny", value_name = "RULE")]
+    deny: Vec<String>,
+    /// A policy file: one `allow RULE` / `deny RULE` per line, `default allow|deny`, `#`
+    /// comments. It replaces the default policy; --allow/--deny rules go before its rules.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
 }
 
-impl NetArgs {
-    /// The recorded network settings; the rules and the file are parsed here, so a bad one
-    /// is refused before anything is created.
-    fn settings(&self) -> Result<NetSettings, Error> {
+impl RuleArgs {
+    fn is_empty(&self) -> bool {
+        self.allow.is_empty() && self.deny.is_empty() && self.policy.is_none()
+    }
+
+    /// The policy these flags make, checked (`None`: no flags, the default policy): --deny
+    /// then --allow rules, then the file's rules and default, or `allow public` and default
+    /// deny without a file.
+    fn policy(&self) -> Result<Option<msb_actors::net::Policy>, Error> {
         use msb_actors::net::{Action, Policy, Rule};
-        let none = self.net == "none";
-        let custom = !self.allow.is_empty() || !self.deny.is_empty() || self.policy.is_some();
-        if none && (custom || self.dns.is_some() || !self.publish.is_empty()) {
-            return Err(Error::Config(
-                "--net none has no network: drop --allow, --deny, --policy, --dns and -p".into(),
-            ));
-        }
         let mut rules = Vec::new();
         for (action, list) in [(Action::Deny, &self.deny), (Action::Allow, &self.allow)] {
             for r in list {
@@ -226,10 +246,30 @@ impl NetArgs {
                 rules.extend(file.rules().iter().cloned());
                 Some(Policy::new(rules, file.default_action()))
             }
-            None if custom => Some(Policy::with_rules(rules)),
+            None if !self.is_empty() => Some(Policy::with_rules(rules)),
             None => None,
         };
-        let policy = policy.transpose().map_err(|e| Error::Config(format!("the network policy: {e}")))?;
+        policy.transpose().map_err(|e| Error::Config(format!("the network policy: {e}")))
+    }
+}
+
+fn parse_resolver(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse::<std::net::SocketAddr>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+        .map_err(|_| format!("{s:?} is not an address such as 192.0.2.53 or [2001:db8::53]:5353"))
+}
+
+impl NetArgs {
+    /// The recorded network settings; the rules and the file are parsed here, so a bad one
+    /// is refused before anything is created.
+    fn settings(&self) -> Result<NetSettings, Error> {
+        let none = self.net == "none";
+        if none && (!self.rules.is_empty() || self.dns.is_some() || !self.publish.is_empty()) {
+            return Err(Error::Config(
+                "--net none has no network: drop --allow, --deny, --policy, --dns and -p".into(),
+            ));
+        }
+        let policy = self.rules.policy()?;
         Ok(NetSettings { none, policy: policy.map(|p| p.to_string()), dns: self.dns, publish: self.publish.clone() })
     }
 }
@@ -493,11 +533,13 @@ fn main() -> ExitCode {
         }),
         Cmd::Ls { format } => msb.list().map(|l| print_list(&msb, &l, format)),
         Cmd::Inspect { name, format } => rt.block_on(inspect(&msb, &name, format)),
-        Cmd::Port { name } => ports(&msb, &name).map(|ports| {
+        Cmd::Port { name, add, remove } if add.is_empty() && remove.is_empty() => ports(&msb, &name).map(|ports| {
             for (host, guest) in ports {
                 println!("{guest}/tcp -> {host}");
             }
         }),
+        Cmd::Port { name, add, remove } => rt.block_on(change_ports(&msb, &name, &add, &remove)),
+        Cmd::Policy { name, rules, reset } => rt.block_on(policy(&msb, &name, &rules, reset)),
         Cmd::Logs { name, follow, tail, net: false } => {
             rt.block_on(async { logs::logs(&msb.get(&name)?, follow, tail).await })
         }
@@ -512,6 +554,38 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `msb policy`: prints the policy in force (live if running, else as recorded), or sets it.
+async fn policy(msb: &Msb, name: &str, rules: &RuleArgs, reset: bool) -> msb_control_plane::Result<()> {
+    let sb = msb.get(name)?;
+    if !reset && rules.is_empty() {
+        let rec = sb.record()?;
+        if rec.config.net.none {
+            println!("# {name} has no network (--net none)");
+            return Ok(());
+        }
+        let text = if rec.status == msb_control_plane::Status::Running {
+            sb.live_policy().await?
+        } else {
+            let p = match rec.config.net.policy.as_deref() {
+                Some(t) => {
+                    msb_actors::net::Policy::parse(t).map_err(|e| Error::Config(format!("the recorded policy: {e}")))?
+                }
+                None => msb_actors::net::Policy::default(),
+            };
+            p.to_string()
+        };
+        print!("{text}");
+        return Ok(());
+    }
+    let policy = if reset { None } else { rules.policy()?.map(|p| p.to_string()) };
+    let live = sb.set_policy(policy).await?;
+    println!(
+        "{name}: policy {}",
+        if live { "changed, live and for later starts" } else { "recorded for its next start" }
+    );
+    Ok(())
 }
 
 async fn stop(msb: &Msb, a: &StopArgs) -> msb_control_plane::Result<String> {
@@ -623,6 +697,25 @@ fn print_list(msb: &Msb, list: &[Record], format: Format) {
 }
 
 /// The published ports of a running sandbox, as its process bound them.
+/// `msb port NAME --add/--rm`: each change in order; prints the ports published after them.
+async fn change_ports(msb: &Msb, name: &str, add: &[Publish], remove: &[u16]) -> msb_control_plane::Result<()> {
+    let sb = msb.get(name)?;
+    let mut now = Vec::new();
+    for guest in remove {
+        now = sb.unpublish(*guest).await?;
+    }
+    for p in add {
+        now = sb.publish(*p).await?;
+    }
+    if sb.record()?.status != Status::Running {
+        println!("{name} is not running: the change applies at its next start");
+    }
+    for p in now {
+        println!("{}/tcp -> {}", p.guest, p.host);
+    }
+    Ok(())
+}
+
 fn ports(msb: &Msb, name: &str) -> msb_control_plane::Result<Vec<(std::net::SocketAddr, u16)>> {
     let sb = msb.get(name)?;
     if sb.record()?.status != Status::Running {

@@ -462,6 +462,105 @@ impl NamedSandbox {
         }
     }
 
+    /// The egress policy in force in the running sandbox, as policy-file text (empty: it has
+    /// no network).
+    pub async fn live_policy(&self) -> Result<String> {
+        let (rd, mut wr) = self.connect().await?.into_split();
+        wire::send(&mut wr, &ClientMsg::Policy).await?;
+        match Reader::new(rd).next::<ServerMsg>().await? {
+            Some(ServerMsg::Policy(p)) => Ok(p),
+            other => Err(Error::Wire(format!("unexpected answer to a policy query: {other:?}"))),
+        }
+    }
+
+    /// Replaces the sandbox's egress policy (policy-file text; `None`: the default): in the
+    /// running sandbox first, closing the flows it now denies, then in its record, so later
+    /// starts use it too. A sandbox that is starting is refused (try again once it runs);
+    /// one with `--net none` has no policy to change. Returns whether it was changed live.
+    pub async fn set_policy(&self, policy: Option<String>) -> Result<bool> {
+        let rec = self.record()?;
+        if rec.config.net.none {
+            return Err(Error::Config(format!("{} has no network (--net none): it has no policy", self.name)));
+        }
+        let live = match rec.status {
+            Status::Starting => {
+                return Err(Error::Config(format!("{} is starting: change its policy once it runs", self.name)))
+            }
+            s if s.is_live() => {
+                let (rd, mut wr) = self.connect().await?.into_split();
+                wire::send(&mut wr, &ClientMsg::SetPolicy { policy: policy.clone() }).await?;
+                match Reader::new(rd).next::<ServerMsg>().await? {
+                    Some(ServerMsg::Policy(_)) => true,
+                    Some(ServerMsg::Refused(why)) => return Err(Error::Config(format!("the new policy: {why}"))),
+                    other => return Err(Error::Wire(format!("unexpected answer to a policy change: {other:?}"))),
+                }
+            }
+            _ => false,
+        };
+        let mut config = rec.config;
+        config.net.policy = policy;
+        self.msb.reconciled_store()?.set_config(self.name(), &config)?;
+        Ok(live)
+    }
+
+    /// Publishes a port: on the running sandbox at once (a taken address is refused), and in
+    /// its record for later starts. Returns the ports published now (empty when it is not
+    /// running: the port opens at its next start).
+    pub async fn publish(&self, p: wire::Publish) -> Result<Vec<wire::Publish>> {
+        self.change_ports(ClientMsg::Publish(p), |ports| {
+            if ports.len() >= msb_schema::net::MAX_PUBLISHED {
+                return Err(format!("at most {} published ports per sandbox", msb_schema::net::MAX_PUBLISHED));
+            }
+            ports.push(p);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Closes the published ports leading to guest port `guest`, live and in the record.
+    /// Connections made through them stay up.
+    pub async fn unpublish(&self, guest: u16) -> Result<Vec<wire::Publish>> {
+        self.change_ports(ClientMsg::Unpublish { guest }, |ports| {
+            let before = ports.len();
+            ports.retain(|p| p.guest != guest);
+            if ports.len() == before {
+                return Err(format!("no published port leads to guest port {guest}"));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn change_ports(
+        &self,
+        live: ClientMsg,
+        record: impl FnOnce(&mut Vec<wire::Publish>) -> std::result::Result<(), String>,
+    ) -> Result<Vec<wire::Publish>> {
+        let rec = self.record()?;
+        if rec.config.net.none {
+            return Err(Error::Config(format!("{} has no network (--net none): it has no ports", self.name)));
+        }
+        let mut config = rec.config;
+        record(&mut config.net.publish).map_err(Error::Config)?;
+        let now = match rec.status {
+            Status::Starting => {
+                return Err(Error::Config(format!("{} is starting: change its ports once it runs", self.name)))
+            }
+            s if s.is_live() => {
+                let (rd, mut wr) = self.connect().await?.into_split();
+                wire::send(&mut wr, &live).await?;
+                match Reader::new(rd).next::<ServerMsg>().await? {
+                    Some(ServerMsg::Ports(p)) => p,
+                    Some(ServerMsg::Refused(why)) => return Err(Error::Config(why)),
+                    other => return Err(Error::Wire(format!("unexpected answer to a port change: {other:?}"))),
+                }
+            }
+            _ => Vec::new(),
+        };
+        self.msb.reconciled_store()?.set_config(self.name(), &config)?;
+        Ok(now)
+    }
+
     /// Deletes it and its files; `force` kills it first if it is running.
     pub async fn remove(&self, force: bool) -> Result<()> {
         match self.record() {

@@ -355,6 +355,22 @@ impl Store {
         })
     }
 
+    /// Replaces how a sandbox is built (its next start uses it). A running sandbox's process
+    /// keeps what it started with unless it was changed live too.
+    pub fn set_config(&self, name: &str, config: &SandboxConfig) -> Result<()> {
+        let text = serde_json::to_string(config).map_err(|e| StoreError::Corrupt(name.to_string(), e.to_string()))?;
+        let changed = self.write(|tx| {
+            tx.execute(
+                "UPDATE sandboxes SET config = ?2, updated_ms = ?3 WHERE name = ?1",
+                params![name, text, now_ms() as i64],
+            )
+        })?;
+        if changed == 0 {
+            return Err(StoreError::NotFound(name.to_string()));
+        }
+        Ok(())
+    }
+
     /// The sandbox process of a `starting` sandbox exists (recorded by the client that spawned
     /// it, so that a process that dies while booting is detected).
     pub fn set_process(&self, name: &str, p: ProcessId) -> Result<()> {

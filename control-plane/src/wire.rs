@@ -40,6 +40,22 @@ pub enum ClientMsg {
         graceful_ms: Option<u64>,
     },
     Info,
+    /// Replaces the egress policy of the running sandbox (policy-file text; `None`: the
+    /// default policy); flows the new policy denies are closed. Answered with [`ServerMsg::Policy`] (the policy now in
+    /// force) or [`ServerMsg::Refused`] (why not; the old policy stays).
+    SetPolicy {
+        policy: Option<String>,
+    },
+    /// The egress policy in force. Answered with [`ServerMsg::Policy`].
+    Policy,
+    /// Publishes a port on the running sandbox. Answered with [`ServerMsg::Ports`] (every
+    /// published port now) or [`ServerMsg::Refused`].
+    Publish(Publish),
+    /// Closes the published ports leading to this guest port. Answered with
+    /// [`ServerMsg::Ports`] (those still published) or [`ServerMsg::Refused`] (none led there).
+    Unpublish {
+        guest: u16,
+    },
     /// An attached sandbox becomes detached: it no longer stops when its owner goes away.
     /// Answered with [`ServerMsg::Released`].
     Release,
@@ -60,6 +76,10 @@ pub enum ServerMsg {
     },
     Info(Info),
     Released,
+    /// The egress policy in force, as policy-file text (empty: the sandbox has no network).
+    Policy(String),
+    /// The published ports, with the host ports picked.
+    Ports(Vec<Publish>),
     /// The request was not served (connection limit, a connection that did not start with a
     /// request); the text says why.
     Refused(String),

@@ -28,7 +28,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use msb_schema::net::{GuestFrames, NetControl, ToNet, NET_FRAME_WINDOW};
+use msb_schema::net::{GuestFrames, NetControl, ToNet, MAX_PUBLISHED, NET_FRAME_WINDOW};
 use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -223,8 +223,8 @@ pub struct GatewayState {
     timer_gen: u64,
     /// Guest frames the core's queue refused (counted; the guest's TCP retransmits).
     pub refused: u64,
-    /// The published ports' accept loops.
-    listeners: Vec<AbortHandle>,
+    /// The published ports' accept loops: host address, guest port.
+    listeners: Vec<(SocketAddr, u16, AbortHandle)>,
 }
 
 impl GatewayState {
@@ -441,6 +441,31 @@ pub fn host_addresses() -> Vec<IpAddr> {
         .collect()
 }
 
+/// Accepts host clients of a published port (bound already) for guest port `guest_port`.
+fn accept_loop(
+    me: &ActorRef<GatewayMsg>,
+    l: std::net::TcpListener,
+    guest_port: u16,
+) -> std::io::Result<(SocketAddr, u16, AbortHandle)> {
+    let host = l.local_addr()?;
+    l.set_nonblocking(true)?;
+    let l = tokio::net::TcpListener::from_std(l)?;
+    let me = me.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = l.accept().await else {
+                // Out of fds or the like: back off instead of spinning.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            if me.cast(GatewayMsg::Inbound { guest_port, stream }).is_err() {
+                return;
+            }
+        }
+    });
+    Ok((host, guest_port, task.abort_handle()))
+}
+
 impl Actor for NetGateway {
     type Msg = GatewayMsg;
     type State = GatewayState;
@@ -451,24 +476,7 @@ impl Actor for NetGateway {
         let core = Gateway::new(a.net, a.policy, classifier, a.seed, 0);
         let mut listeners = Vec::new();
         for (l, guest_port) in a.published {
-            l.set_nonblocking(true)?;
-            let l = tokio::net::TcpListener::from_std(l)?;
-            let me = me.clone();
-            listeners.push(
-                tokio::spawn(async move {
-                    loop {
-                        let Ok((stream, _)) = l.accept().await else {
-                            // Out of fds or the like: back off instead of spinning.
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        };
-                        if me.cast(GatewayMsg::Inbound { guest_port, stream }).is_err() {
-                            return;
-                        }
-                    }
-                })
-                .abort_handle(),
-            );
+            listeners.push(accept_loop(&me, l, guest_port)?);
         }
         Ok(GatewayState {
             me,
@@ -487,7 +495,7 @@ impl Actor for NetGateway {
     }
 
     async fn post_stop(&self, _: ActorRef<GatewayMsg>, st: &mut GatewayState) -> Result<(), ActorProcessingErr> {
-        for l in &st.listeners {
+        for (_, _, l) in &st.listeners {
             l.abort();
         }
         st.flows.clear();
@@ -529,6 +537,26 @@ impl Actor for NetGateway {
                 Err(e) => drop(reply.send(Err(e.to_string()))),
             },
             GatewayMsg::Control(NetControl::Policy(reply)) => drop(reply.send(st.core.policy().to_string())),
+            GatewayMsg::Control(NetControl::Publish { listener, guest, reply }) => {
+                let r = if st.listeners.len() >= MAX_PUBLISHED {
+                    Err(format!("at most {MAX_PUBLISHED} published ports per sandbox"))
+                } else {
+                    accept_loop(&st.me, listener, guest).map(|l| st.listeners.push(l)).map_err(|e| e.to_string())
+                };
+                let _ = reply.send(r);
+            }
+            GatewayMsg::Control(NetControl::Unpublish { guest, reply }) => {
+                let mut closed = Vec::new();
+                st.listeners.retain(|(host, g, task)| {
+                    if *g != guest {
+                        return true;
+                    }
+                    task.abort();
+                    closed.push(*host);
+                    false
+                });
+                let _ = reply.send(closed);
+            }
             GatewayMsg::Tick(generation) => {
                 if st.timer.is_some_and(|(g, _)| g == generation) {
                     st.timer = None;

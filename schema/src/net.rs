@@ -15,6 +15,8 @@ use ractor::RpcReplyPort;
 
 /// Most frames in flight each way between the virtio-net shell and the gateway.
 pub const NET_FRAME_WINDOW: usize = 256;
+/// Most published ports per sandbox.
+pub const MAX_PUBLISHED: usize = 64;
 /// Smallest and largest Ethernet frame (no FCS; MTU 1500).
 pub const MIN_FRAME: usize = 14;
 pub const MAX_FRAME: usize = 1514;
@@ -44,4 +46,10 @@ pub enum NetControl {
     SetPolicy { policy: String, reply: RpcReplyPort<Result<(), String>> },
     /// The policy in force, as policy-file text.
     Policy(RpcReplyPort<String>),
+    /// Publishes a port: host clients of `listener` (bound already, by the caller) reach
+    /// the guest's `guest` port. Refused past [`MAX_PUBLISHED`] ports.
+    Publish { listener: std::net::TcpListener, guest: u16, reply: RpcReplyPort<Result<(), String>> },
+    /// Closes the published ports leading to guest port `guest` (connections already made
+    /// through them stay); answered with the host addresses closed.
+    Unpublish { guest: u16, reply: RpcReplyPort<Vec<std::net::SocketAddr>> },
 }

@@ -88,9 +88,12 @@ fn dns_server(sock: UdpSocket, host: std::net::Ipv4Addr) -> Arc<AtomicUsize> {
                 ("private.test", _) => vec!["10.0.0.1".parse().unwrap()],
                 ("mixed.test", _) => vec!["10.1.2.3".parse().unwrap(), host, "127.0.0.1".parse().unwrap()],
                 ("rebind.test", _) => vec!["127.0.0.1".parse().unwrap()],
+                // Two names of one address, as on a CDN.
+                ("web.test" | "other.test", _) => vec![host],
                 _ => vec![],
             };
-            let known = ["allowed.test", "private.test", "mixed.test", "rebind.test"].contains(&name.as_str());
+            let known = ["allowed.test", "private.test", "mixed.test", "rebind.test", "web.test", "other.test"]
+                .contains(&name.as_str());
             let mut r = Message::new();
             r.set_id(q.id());
             r.set_message_type(MessageType::Response);
@@ -351,8 +354,163 @@ fn a_published_port_reaches_a_guest_server_on_loopback_only() {
     assert_eq!(v["ports"].as_array().map(|a| a.len()), Some(2), "{v}");
     let ls = ok(&["ls"]);
     assert!(ls.contains(&format!("{web}->8000")), "{ls}");
+    // Ports added and removed on the running sandbox.
+    let added = ok(&["port", name, "--add", "127.0.0.1:0:8000"]);
+    let second: Vec<std::net::SocketAddr> =
+        added.lines().filter_map(|l| l.strip_prefix("8000/tcp -> ")?.parse().ok()).filter(|a| *a != web).collect();
+    assert_eq!(second.len(), 1, "{added}");
+    let again = http_get(second[0]).unwrap();
+    assert!(again.starts_with("HTTP/1.0 200"), "the live port serves: {again}");
+    let removed = ok(&["port", name, "--rm", "8000"]);
+    assert!(!removed.contains("8000/tcp") && removed.contains("8001/tcp"), "{removed}");
+    assert!(http_get(web).is_err() && http_get(second[0]).is_err(), "both 8000 ports are closed");
+    assert_ne!(code(&msb(&["port", name, "--rm", "8000"])), 0, "nothing leads there any more");
+    let listed = ok(&["port", name]);
+    assert_eq!(listed.trim(), format!("8001/tcp -> {}", ports["8001/tcp"]), "{listed}");
     ok(&["stop", name]);
     assert_ne!(code(&msb(&["port", name])), 0, "a stopped sandbox has no ports");
     assert!(http_get(web).is_err(), "the port is closed with the sandbox");
+    let _ = msb(&["rm", "--force", name]);
+}
+
+#[test]
+fn a_domain_rule_binds_the_flow_to_the_name_it_resolved_by_sni_and_host() {
+    let net = TestNet::new(2);
+    let (web, hosts) = http_server(net.tcp(80));
+    let tls = counting(net.tcp(443));
+    dns_server(net.udp(53), net.host);
+    let name = "e2e-net-names";
+    // The test host is `reserved`: the rule names that group for its names.
+    start_sandbox(name, &["--allow", "tcp/web.test@reserved:80,443", "--dns", &net.host.to_string()]);
+    let h = net.host;
+    let script = format!(
+        r#"
+t() {{ r=$(curl -s -g --max-time 8 -o /tmp/body -w '%{{http_code}} %{{time_total}}' "$@" 2>/tmp/err); echo "$? $r"; }}
+echo "plain $(t http://web.test/)"
+echo "fronted-host $(t -H 'Host: other.test' http://web.test/)"
+cat /tmp/body; echo
+echo "tls $(t -k https://web.test/)"
+echo "fronted-sni $(t -k --resolve other.test:443:{h} https://other.test/)"
+cat /tmp/err; echo
+echo "unresolved $(t -k --resolve web.test:443:203.0.113.9 https://web.test/)"
+"#
+    );
+    let (_, out, err) = exec(name, &script);
+    let line = |k: &str| -> Vec<String> {
+        let l = out.lines().find(|l| l.starts_with(&format!("{k} "))).unwrap_or_else(|| panic!("{k}: {out} {err}"));
+        l.split_whitespace().skip(1).map(String::from).collect()
+    };
+    assert_eq!(line("plain")[..2], ["0", "200"], "{out}");
+    // Another name in Host at the allowed name's address: a 403 naming what denied it.
+    assert_eq!(line("fronted-host")[..2], ["0", "403"], "{out}");
+    assert!(out.contains("the sandbox's network policy denies other.test"), "{out}");
+    assert!(line("fronted-host")[2].parse::<f64>().unwrap() < 1.0, "{out}");
+    // TLS with the allowed name reaches the test host (which is no TLS server: the handshake
+    // fails there, after the gateway dialed it).
+    assert_eq!(line("tls")[1], "000", "{out}");
+    // Another name in SNI: a TLS access_denied alert from the gateway, at once.
+    let fronted = line("fronted-sni");
+    assert_eq!(fronted[0], "35", "curl's TLS error: {out}");
+    assert!(out.to_lowercase().contains("access denied"), "the alert names access_denied: {out}");
+    assert!(fronted[2].parse::<f64>().unwrap() < 1.0, "{out}");
+    // An address this sandbox never resolved, with an allowed SNI: refused at the SYN.
+    assert_eq!(line("unresolved")[0], "7", "{out}");
+    assert_eq!(web.load(Ordering::SeqCst), 1, "only the plain request reached port 80");
+    assert_eq!(hosts.lock().unwrap().clone(), ["web.test"]);
+    assert_eq!(tls.load(Ordering::SeqCst), 1, "only the allowed SNI got a host socket");
+
+    // DNS over TCP, to a resolver address the guest picked, is answered by the gateway.
+    let py = r#"
+import socket, struct
+q = struct.pack(">HHHHHH", 0x7463, 0x0100, 1, 0, 0, 0) + b"\x03web\x04test\x00" + struct.pack(">HH", 1, 1)
+s = socket.create_connection(("192.0.2.53", 53), timeout=5)
+s.sendall(struct.pack(">H", len(q)) + q)
+n = struct.unpack(">H", s.recv(2))[0]
+a = b""
+while len(a) < n:
+    a += s.recv(n - len(a))
+print(struct.unpack(">H", a[:2])[0] == 0x7463, a[3] & 15, socket.inet_ntoa(a[-4:]))
+"#;
+    let o = msb(&["exec", name, "--", "python3", "-c", py]);
+    let got = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(got.trim(), format!("True 0 {h}"), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let audit = ok(&["logs", "--net", name]);
+    let records: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let named = |n: &str, action: &str, port: u16| {
+        records.iter().any(|r| r["names"][0] == n && r["action"] == action && r["port"] == port)
+    };
+    assert!(named("web.test", "allow", 80) && named("web.test", "allow", 443), "{audit}");
+    assert!(named("other.test", "deny", 80) && named("other.test", "deny", 443), "{audit}");
+    assert!(
+        records
+            .iter()
+            .any(|r| r["names"][0] == "other.test" && r["why"].as_str().unwrap().contains("was not resolved")),
+        "{audit}"
+    );
+    let _ = msb(&["rm", "--force", name]);
+}
+
+#[test]
+fn a_policy_tightened_live_closes_a_running_flow_and_stays_for_later_starts() {
+    let net = TestNet::new(3);
+    let l = net.tcp(80);
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let a = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for mut s in l.incoming().flatten() {
+            a.fetch_add(1, Ordering::SeqCst);
+            let _ = s.write_all(b"hello\n");
+            held.push(s); // kept open: the flow stays up until someone closes it
+        }
+    });
+    let name = "e2e-net-live";
+    let rule = format!("tcp/{}:80", net.host);
+    start_sandbox(name, &["--allow", &rule]);
+    let shown = ok(&["policy", name]);
+    assert!(shown.contains(&format!("allow {rule}")) && shown.contains("default deny"), "{shown}");
+
+    let py = format!(
+        r#"
+import socket, time
+s = socket.create_connection(("{}", 80), timeout=60)
+print("got", s.recv(6).decode().strip(), flush=True)
+t = time.time()
+try:
+    print("eof", s.recv(10))
+except Exception as e:
+    print("error", type(e).__name__)
+print("after", round(time.time() - t, 1))
+"#,
+        net.host
+    );
+    let n = name.to_string();
+    let running = std::thread::spawn(move || exec(&n, &py));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while accepted.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the guest's flow never reached the test host");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    // A bad policy is refused and changes nothing.
+    let bad = msb(&["policy", name, "--allow", "300.1.1.1"]);
+    assert_ne!(code(&bad), 0);
+    assert!(ok(&["policy", name]).contains(&rule), "the old policy stays");
+    let changed = ok(&["policy", name, "--reset"]);
+    assert!(changed.contains("live"), "{changed}");
+    let (_, out, err) = running.join().unwrap();
+    assert!(out.contains("got hello"), "{out} {err}");
+    assert!(out.contains("error ConnectionResetError"), "the running flow was reset: {out} {err}");
+    let after: f64 = out.lines().find_map(|l| l.strip_prefix("after ")).unwrap().trim().parse().unwrap();
+    assert!(after < 30.0, "closed when the policy changed, not by a timeout: {out}");
+    let (_, out, _) = exec(name, &curl_script(&[format!("http://{}/", net.host)]));
+    assert!(out.contains(" 7 000 "), "a new flow is refused: {out}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // Kept for later starts.
+    ok(&["stop", name]);
+    crate::cli::start(name);
+    let shown = ok(&["policy", name]);
+    assert!(!shown.contains(&rule) && shown.contains("allow public"), "{shown}");
     let _ = msb(&["rm", "--force", name]);
 }

@@ -56,6 +56,8 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 
 struct Ctx {
     name: String,
+    /// Where the published ports are written for `msb port`, `ls` and `inspect`.
+    ports_file: std::path::PathBuf,
     sb: Sandbox,
     log: ExecLog,
     sessions: AtomicU64,
@@ -84,9 +86,8 @@ pub async fn run(launch: Launch, mut announce: impl Write) -> Result<(), Error> 
             return Err(Error::Boot(e));
         }
     };
-    let ports: Vec<wire::Publish> = sb.published().iter().map(|&(host, guest)| wire::Publish { host, guest }).collect();
     let ports_file = paths::ports_path(&launch.home, &launch.name);
-    std::fs::write(&ports_file, serde_json::to_vec(&ports).unwrap_or_default()).map_err(io("writing", &ports_file))?;
+    write_ports(&ports_file, &sb)?;
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).map_err(io("binding", &sock))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(io("securing", &sock))?;
@@ -103,6 +104,7 @@ pub async fn run(launch: Launch, mut announce: impl Write) -> Result<(), Error> 
     let (stop_tx, mut stop_rx) = mpsc::channel(16);
     let ctx = Arc::new(Ctx {
         name: launch.name.to_string(),
+        ports_file,
         sb,
         log,
         sessions: 0.into(),
@@ -272,6 +274,15 @@ fn owner_watch(
     })
 }
 
+/// Writes the sandbox's published ports (whole, then renamed into place) and returns them.
+fn write_ports(file: &Path, sb: &Sandbox) -> Result<Vec<wire::Publish>, Error> {
+    let ports: Vec<wire::Publish> = sb.published().iter().map(|&(host, guest)| wire::Publish { host, guest }).collect();
+    let tmp = file.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&ports).unwrap_or_default()).map_err(io("writing", &tmp))?;
+    std::fs::rename(&tmp, file).map_err(io("writing", file))?;
+    Ok(ports)
+}
+
 async fn serve_conn(stream: tokio::net::UnixStream, ctx: Arc<Ctx>) {
     let (rd, mut wr) = stream.into_split();
     let mut reader = Reader::new(rd);
@@ -314,10 +325,63 @@ async fn serve_conn(stream: tokio::net::UnixStream, ctx: Arc<Ctx>) {
             };
             let _ = wire::send(&mut wr, &ServerMsg::Info(info)).await;
         }
+        ClientMsg::SetPolicy { policy } => {
+            let parsed = match policy.as_deref() {
+                None => Ok(msb_actors::net::Policy::default()),
+                Some(text) => msb_actors::net::Policy::parse(text),
+            };
+            let answer = match parsed {
+                Err(e) => ServerMsg::Refused(format!("not a policy: {e}")),
+                Ok(p) => match ctx.sb.set_policy(&p).await {
+                    Ok(()) => {
+                        tracing::info!("the network policy was changed live");
+                        ServerMsg::Policy(p.to_string())
+                    }
+                    Err(e) => ServerMsg::Refused(e.to_string()),
+                },
+            };
+            let _ = wire::send(&mut wr, &answer).await;
+        }
+        ClientMsg::Publish(p) => {
+            let answer = match ctx.sb.publish(p.host, p.guest).await {
+                Ok(bound) => {
+                    tracing::info!(%bound, guest = p.guest, "a port was published live");
+                    ports_answer(&ctx)
+                }
+                Err(e) => ServerMsg::Refused(e.to_string()),
+            };
+            let _ = wire::send(&mut wr, &answer).await;
+        }
+        ClientMsg::Unpublish { guest } => {
+            let answer = match ctx.sb.unpublish(guest).await {
+                Ok(closed) if closed.is_empty() => {
+                    ServerMsg::Refused(format!("no published port leads to guest port {guest}"))
+                }
+                Ok(_) => ports_answer(&ctx),
+                Err(e) => ServerMsg::Refused(e.to_string()),
+            };
+            let _ = wire::send(&mut wr, &answer).await;
+        }
+        ClientMsg::Policy => {
+            let answer = match ctx.sb.policy().await {
+                Ok(p) => ServerMsg::Policy(p),
+                Err(e) => ServerMsg::Refused(e.to_string()),
+            };
+            let _ = wire::send(&mut wr, &answer).await;
+        }
         other => {
-            let msg = format!("a connection must start with Exec, Stop, Release or Info, not {other:?}");
+            let msg =
+                format!("a connection must start with Exec, Stop, Release, Info, SetPolicy or Policy, not {other:?}");
             let _ = wire::send(&mut wr, &ServerMsg::Refused(msg)).await;
         }
+    }
+}
+
+/// The published ports, after a change: written for the other commands, and answered.
+fn ports_answer(ctx: &Ctx) -> ServerMsg {
+    match write_ports(&ctx.ports_file, &ctx.sb) {
+        Ok(ports) => ServerMsg::Ports(ports),
+        Err(e) => ServerMsg::Refused(format!("the ports changed but could not be recorded: {e}")),
     }
 }
 

@@ -204,3 +204,40 @@ async fn a_published_port_carries_a_host_client_into_the_guest_whatever_the_egre
     let back = tokio::time::timeout(Duration::from_secs(5), reader).await.unwrap().unwrap().unwrap();
     assert_eq!(back, b"pong", "the guest's answer and its close reach the client");
 }
+
+#[tokio::test]
+async fn ports_published_and_closed_live_open_and_close_their_listeners() {
+    let mut rig = Rig::new(Policy::default(), None).await;
+    let mut s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 4096]), tcp::SocketBuffer::new(vec![0; 4096]));
+    s.listen(9000).unwrap();
+    let h = rig.guest.sockets.add(s);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = l.local_addr().unwrap();
+    let r = ractor::call!(rig.gw, |reply| GatewayMsg::Control(NetControl::Publish { listener: l, guest: 9000, reply }));
+    assert_eq!(r.unwrap(), Ok(()));
+    let _client = TcpStream::connect(at).await.unwrap();
+    for _ in 0..50 {
+        rig.run(20).await;
+        if rig.guest.sockets.get::<tcp::Socket>(h).may_send() {
+            break;
+        }
+    }
+    assert!(rig.guest.sockets.get::<tcp::Socket>(h).may_send(), "the live port reaches the guest");
+    let closed = ractor::call!(rig.gw, |reply| GatewayMsg::Control(NetControl::Unpublish { guest: 9000, reply }));
+    assert_eq!(closed.unwrap(), vec![at]);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(TcpStream::connect(at).await.is_err(), "the listener is gone");
+    let closed = ractor::call!(rig.gw, |reply| GatewayMsg::Control(NetControl::Unpublish { guest: 9000, reply }));
+    assert!(closed.unwrap().is_empty());
+    // Past the cap, refused.
+    for i in 0..=MAX_PUBLISHED {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let r = ractor::call!(rig.gw, |reply| GatewayMsg::Control(NetControl::Publish {
+            listener: l,
+            guest: 1000 + i as u16,
+            reply
+        }))
+        .unwrap();
+        assert_eq!(r.is_ok(), i < MAX_PUBLISHED, "port {i}: {r:?}");
+    }
+}

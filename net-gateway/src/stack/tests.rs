@@ -261,7 +261,8 @@ fn a_silent_flow_is_dialed_after_the_wait_and_its_first_bytes_still_checked() {
     assert!(n.dials().is_empty());
     n.run(20);
     assert_eq!(n.dials().len(), 2, "the server may speak first: both are dialed");
-    let (a, b) = (n.dials()[0].0, n.dials()[1].0);
+    let flow_to = |port: u16| n.dials().into_iter().find(|d| d.1.port() == port).unwrap().0;
+    let (a, b) = (flow_to(22), flow_to(443));
     n.gw.host_connected(a, 1 << 16);
     n.gw.host_connected(b, 1 << 16);
     assert_eq!(n.gw.host_data(a, b"SSH-2.0-host\r\n", n.now), 14);
