@@ -18,6 +18,8 @@
 //! - The audit stream is one JSON line per decision, appended to a file of at most
 //!   [`AUDIT_CAP`] bytes; past it records are counted as dropped, and the count is written
 //!   once as a last record.
+//! - A UDP flow's task holds one host socket connected to the flow's destination; at most
+//!   [`UDP_QUEUE`] datagrams wait each way (more are dropped, as a congested link would).
 //! - Upstream DNS is asked with the core's own query (a fresh id, one question); an answer
 //!   is taken only from the resolver's address, and a lookup that gets none within
 //!   [`DNS_TIMEOUT`] is answered SERVFAIL.
@@ -49,6 +51,11 @@ pub const DNS_TIMEOUT: Duration = Duration::from_secs(5);
 pub const AUDIT_CAP: u64 = 16 * 1024 * 1024;
 /// Largest DNS message taken from upstream.
 const DNS_MAX: usize = 4096;
+/// Datagrams queued per UDP flow each way (past it they are dropped, as a network would).
+pub const UDP_QUEUE: usize = 64;
+/// Largest datagram read from a host UDP socket (more than one frame can carry is dropped
+/// by the core anyway).
+const UDP_MAX: usize = 2048;
 
 /// What the gateway is started with.
 #[derive(Debug)]
@@ -105,6 +112,12 @@ pub enum GatewayMsg {
         lookup: u64,
         answer: Option<Vec<u8>>,
     },
+    /// A datagram a UDP flow's host socket received; `permit` is held until it is framed.
+    UdpData {
+        flow: FlowId,
+        bytes: Vec<u8>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    },
     /// A host client connected to a published port leading to `guest_port`.
     Inbound {
         guest_port: u16,
@@ -148,8 +161,15 @@ enum ToHost {
     Shutdown,
 }
 
+/// How a flow's task is fed: a TCP stream's bytes (bounded by the core's credit) or a UDP
+/// flow's datagrams (at most [`UDP_QUEUE`] waiting).
+enum FlowTx {
+    Tcp(mpsc::UnboundedSender<ToHost>),
+    Udp(mpsc::Sender<Vec<u8>>),
+}
+
 struct HostFlow {
-    tx: mpsc::UnboundedSender<ToHost>,
+    tx: FlowTx,
     task: AbortHandle,
     /// Host bytes the guest's socket has not taken yet (from `at`), and whom to tell.
     parked: Option<(Vec<u8>, usize, oneshot::Sender<()>)>,
@@ -294,13 +314,23 @@ impl GatewayState {
         match ev {
             Event::Dial { flow, addr } => self.start_flow(flow, HostEnd::Dial(addr)),
             Event::Data { flow, bytes } => {
-                if let Some(f) = self.flows.get(&flow) {
-                    let _ = f.tx.send(ToHost::Data(bytes));
+                if let Some(FlowTx::Tcp(tx)) = self.flows.get(&flow).map(|f| &f.tx) {
+                    let _ = tx.send(ToHost::Data(bytes));
                 }
             }
             Event::GuestDone { flow } => {
-                if let Some(f) = self.flows.get(&flow) {
-                    let _ = f.tx.send(ToHost::Shutdown);
+                if let Some(FlowTx::Tcp(tx)) = self.flows.get(&flow).map(|f| &f.tx) {
+                    let _ = tx.send(ToHost::Shutdown);
+                }
+            }
+            Event::UdpOpen { flow, addr } => {
+                let (tx, rx) = mpsc::channel(UDP_QUEUE);
+                let task = tokio::spawn(udp_task(flow, addr, self.me.clone(), rx)).abort_handle();
+                self.flows.insert(flow, HostFlow { tx: FlowTx::Udp(tx), task, parked: None, done: false });
+            }
+            Event::UdpSend { flow, bytes } => {
+                if let Some(FlowTx::Udp(tx)) = self.flows.get(&flow).map(|f| &f.tx) {
+                    let _ = tx.try_send(bytes); // full: dropped, as a congested link would
                 }
             }
             Event::Closed { flow } => drop(self.flows.remove(&flow)),
@@ -329,7 +359,7 @@ impl GatewayState {
     fn start_flow(&mut self, flow: FlowId, end: HostEnd) {
         let (tx, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(flow_task(flow, end, self.me.clone(), rx)).abort_handle();
-        self.flows.insert(flow, HostFlow { tx, task, parked: None, done: false });
+        self.flows.insert(flow, HostFlow { tx: FlowTx::Tcp(tx), task, parked: None, done: false });
     }
 }
 
@@ -391,6 +421,49 @@ async fn flow_task(flow: FlowId, end: HostEnd, me: ActorRef<GatewayMsg>, mut rx:
                     return;
                 }
             },
+        }
+    }
+}
+
+/// One UDP flow's host side: a socket connected to `addr`; datagrams out as the guest sent
+/// them, datagrams in at most [`UDP_QUEUE`] ahead of the actor (the kernel's socket buffer
+/// drops the rest).
+async fn udp_task(flow: FlowId, addr: SocketAddr, me: ActorRef<GatewayMsg>, mut rx: mpsc::Receiver<Vec<u8>>) {
+    let local: SocketAddr = match addr {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let sock = match UdpSocket::bind(local).await {
+        Ok(s) if s.connect(addr).await.is_ok() => s,
+        _ => {
+            let _ = me.cast(GatewayMsg::Failed { flow });
+            return;
+        }
+    };
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(UDP_QUEUE));
+    let mut permit = None;
+    let mut buf = vec![0u8; UDP_MAX];
+    loop {
+        tokio::select! {
+            d = rx.recv() => match d {
+                // A send error (ICMP unreachable from an earlier datagram, say) is the
+                // guest's to retry; the flow stays.
+                Some(d) => { let _ = sock.send(&d).await; }
+                None => return,
+            },
+            p = permits.clone().acquire_owned(), if permit.is_none() => match p {
+                Ok(p) => permit = Some(p),
+                Err(_) => return,
+            },
+            r = sock.recv(&mut buf), if permit.is_some() => {
+                // An error (ECONNREFUSED after an ICMP unreachable) is consumed; reading goes on.
+                if let Ok(n) = r {
+                    let p = permit.take().expect("guarded by is_some");
+                    if me.cast(GatewayMsg::UdpData { flow, bytes: buf[..n].to_vec(), permit: p }).is_err() {
+                        return;
+                    }
+                }
+            }
         }
     }
 }
@@ -572,6 +645,10 @@ impl Actor for NetGateway {
             GatewayMsg::Failed { flow } => {
                 st.core.host_failed(flow);
                 st.flows.remove(&flow);
+            }
+            GatewayMsg::UdpData { flow, bytes, permit } => {
+                st.core.udp_reply(flow, &bytes, now);
+                drop(permit);
             }
             GatewayMsg::HostData { flow, bytes, taken } => {
                 let took = st.core.host_data(flow, &bytes, now);

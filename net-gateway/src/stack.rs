@@ -17,6 +17,12 @@
 //! first) gets its host end opened, and its first bytes are still checked before they go.
 //! TCP to port 53 of any address is DNS over TCP, answered here like UDP, never dialed.
 //!
+//! Other UDP is relayed per flow (guest address and port, destination): the first datagram
+//! of a flow is decided like a SYN, an allowed one gets [`Event::UdpOpen`] and its datagrams
+//! [`Event::UdpSend`]; host datagrams come back through [`Gateway::udp_reply`] as frames
+//! from the destination. A denied datagram goes to smoltcp, which answers ICMP unreachable.
+//! At most [`MAX_UDP_FLOWS`], sharing the new-flow rate with TCP, closed after
+//! [`UDP_IDLE_MS`] without a datagram.
 //! Invariants (the shell relies on them): nothing here does I/O; time comes in as
 //! milliseconds; queues are bounded — frames each way ([`MAX_FRAMES`]), TCP flows
 //! ([`MAX_FLOWS`], new ones at most [`SYN_BURST`] then [`SYN_PER_SEC`] a second), DNS
@@ -34,7 +40,7 @@ use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant;
 use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint,
-    IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket,
+    IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpPacket, UdpPacket, UdpRepr,
 };
 
 use crate::classify::{Classifier, Group};
@@ -63,6 +69,10 @@ pub const FLOW_BUFFER: usize = 64 * 1024;
 pub const SNIFF_WAIT_MS: u64 = 1000;
 /// How long a flow denied after sniffing may take to read its denial and close.
 pub const DENIED_LINGER_MS: u64 = 5000;
+/// Most UDP flows (guest address and port, destination) at once.
+pub const MAX_UDP_FLOWS: usize = 256;
+/// A UDP flow with no datagram either way this long is closed.
+pub const UDP_IDLE_MS: u64 = 60 * 1000;
 /// Most DNS-over-TCP queries one connection may have waiting for upstream.
 pub const MAX_DNS_PER_FLOW: usize = 8;
 const DNS_PORT: u16 = 53;
@@ -156,6 +166,17 @@ pub enum Event {
     /// `flow` is gone (reset, closed both ways, idle): drop its host socket.
     Closed {
         flow: FlowId,
+    },
+    /// Open a host UDP socket for `flow`, connected to `addr` (the policy allowed it);
+    /// datagrams from there go to [`Gateway::udp_reply`].
+    UdpOpen {
+        flow: FlowId,
+        addr: SocketAddr,
+    },
+    /// A datagram the guest sent on UDP `flow`, for its host socket.
+    UdpSend {
+        flow: FlowId,
+        bytes: Vec<u8>,
     },
     /// Send `bytes` to the upstream resolver; its answer goes to [`Gateway::dns_reply`].
     Resolve {
@@ -266,6 +287,12 @@ struct PendingLookup {
     reply: Reply,
 }
 
+struct UdpFlow {
+    /// Guest address and port, destination.
+    key: (SocketAddr, SocketAddr),
+    last_ms: u64,
+}
+
 /// A SYN a guest frame carries, parsed.
 struct Syn {
     src: SocketAddr,
@@ -283,6 +310,8 @@ pub struct Gateway {
     pins: Pins,
     flows: HashMap<FlowId, TcpFlow>,
     by_key: HashMap<(SocketAddr, SocketAddr), FlowId>,
+    udp: HashMap<FlowId, UdpFlow>,
+    udp_by_key: HashMap<(SocketAddr, SocketAddr), FlowId>,
     dns: SocketHandle,
     lookups: HashMap<u64, PendingLookup>,
     events: VecDeque<Event>,
@@ -331,6 +360,8 @@ impl Gateway {
             pins: Pins::default(),
             flows: HashMap::new(),
             by_key: HashMap::new(),
+            udp: HashMap::new(),
+            udp_by_key: HashMap::new(),
             dns,
             lookups: HashMap::new(),
             events: VecDeque::new(),
@@ -365,6 +396,22 @@ impl Gateway {
             .collect();
         for id in denied {
             self.reset(id);
+        }
+        let denied: Vec<FlowId> = self
+            .udp
+            .iter()
+            .filter(|(_, f)| self.decide(Proto::Udp, f.key.1, now_ms).0 == Action::Deny)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in denied {
+            self.close_udp(id);
+        }
+    }
+
+    fn close_udp(&mut self, id: FlowId) {
+        if let Some(f) = self.udp.remove(&id) {
+            self.udp_by_key.remove(&f.key);
+            self.push(Event::Closed { flow: id });
         }
     }
 
@@ -418,7 +465,8 @@ impl Gateway {
             })
             .min()
             .map(|at| at.saturating_sub(now_ms).max(1));
-        let floor = (!self.flows.is_empty()).then_some(deadline.unwrap_or(1000).min(1000));
+        let live = !self.flows.is_empty() || !self.udp.is_empty();
+        let floor = live.then_some(deadline.unwrap_or(1000).min(1000));
         match (stack, floor) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -502,6 +550,12 @@ impl Gateway {
                 return true;
             }
             Inspect::Syn(syn) => self.on_syn(syn, now_ms),
+            Inspect::Udp { src, dst, payload } => {
+                if self.on_udp(src, dst, payload, now_ms) {
+                    return true; // relayed: smoltcp never sees it
+                }
+                // Denied: smoltcp, with no socket for it, answers ICMP port unreachable.
+            }
             Inspect::Other => {}
         }
         self.dev.rx.push_back(frame);
@@ -527,6 +581,17 @@ impl Gateway {
         let nd = matches!(src, IpAddr::V6(a) if a.is_unspecified() || (a.segments()[0] & 0xffc0) == 0xfe80);
         if !ours && !nd {
             return Inspect::Spoofed;
+        }
+        if proto == IpProtocol::Udp {
+            let Ok(udp) = UdpPacket::new_checked(payload) else { return Inspect::Other };
+            if udp.dst_port() == DNS_PORT {
+                return Inspect::Other; // the gateway's own DNS socket answers it
+            }
+            return Inspect::Udp {
+                src: SocketAddr::new(src, udp.src_port()),
+                dst: SocketAddr::new(dst, udp.dst_port()),
+                payload: udp.payload().to_vec(),
+            };
         }
         if proto != IpProtocol::Tcp {
             return Inspect::Other;
@@ -558,15 +623,9 @@ impl Gateway {
         }
         // Rate and table bounds come after the policy: a denied SYN costs no token.
         if action == Action::Allow {
-            let elapsed = now_ms.saturating_sub(self.syn_refill_ms);
-            let refill = (elapsed * u64::from(SYN_PER_SEC) / 1000) as u32;
-            if refill > 0 {
-                self.syn_tokens = (self.syn_tokens + refill).min(SYN_BURST);
-                self.syn_refill_ms = now_ms;
-            }
             if self.flows.len() >= MAX_FLOWS {
                 (action, audit.rule, audit.why) = (Action::Deny, None, format!("the {MAX_FLOWS}-flow table is full"));
-            } else if self.syn_tokens == 0 {
+            } else if !self.take_token(now_ms) {
                 (action, audit.rule, audit.why) =
                     (Action::Deny, None, format!("more than {SYN_PER_SEC} new connections a second"));
             }
@@ -581,7 +640,6 @@ impl Gateway {
         if action == Action::Deny {
             return; // no socket: smoltcp answers the SYN with RST
         }
-        self.syn_tokens -= 1;
         let mut sock = flow_socket();
         let local = IpListenEndpoint { addr: Some(syn.dst.ip().into()), port: syn.dst.port() };
         if sock.listen(local).is_err() {
@@ -598,6 +656,123 @@ impl Gateway {
         if matches!(self.flows[&id].kind, FlowKind::Relay) {
             self.push(Event::Dial { flow: id, addr: syn.dst });
         }
+    }
+
+    /// A guest datagram not for DNS: relayed on its flow, or a new flow if the policy allows
+    /// it (and the table and the new-flow rate have room). Returns false when denied.
+    fn on_udp(&mut self, src: SocketAddr, dst: SocketAddr, payload: Vec<u8>, now_ms: u64) -> bool {
+        if let Some(&id) = self.udp_by_key.get(&(src, dst)) {
+            if let Some(f) = self.udp.get_mut(&id) {
+                f.last_ms = now_ms;
+            }
+            self.push(Event::UdpSend { flow: id, bytes: payload });
+            return true;
+        }
+        let gateway = dst.ip() == IpAddr::V4(self.cfg.gateway_v4) || dst.ip() == IpAddr::V6(self.cfg.gateway_v6);
+        let (mut action, mut audit) = self.decide(Proto::Udp, dst, now_ms);
+        if gateway {
+            (action, audit.rule, audit.why) = (Action::Deny, None, "the gateway's own address".into());
+        }
+        if action == Action::Allow {
+            if self.udp.len() >= MAX_UDP_FLOWS {
+                (action, audit.rule, audit.why) =
+                    (Action::Deny, None, format!("the {MAX_UDP_FLOWS}-flow UDP table is full"));
+            } else if !self.take_token(now_ms) {
+                (action, audit.rule, audit.why) =
+                    (Action::Deny, None, format!("more than {SYN_PER_SEC} new connections a second"));
+            }
+        }
+        audit.action = action;
+        self.push(Event::Audit(audit));
+        if action == Action::Deny {
+            return false;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.udp.insert(id, UdpFlow { key: (src, dst), last_ms: now_ms });
+        self.udp_by_key.insert((src, dst), id);
+        self.push(Event::UdpOpen { flow: id, addr: dst });
+        self.push(Event::UdpSend { flow: id, bytes: payload });
+        true
+    }
+
+    /// One token of the new-flow rate (TCP and UDP share it), if there is one.
+    fn take_token(&mut self, now_ms: u64) -> bool {
+        let elapsed = now_ms.saturating_sub(self.syn_refill_ms);
+        let refill = (elapsed * u64::from(SYN_PER_SEC) / 1000) as u32;
+        if refill > 0 {
+            self.syn_tokens = (self.syn_tokens + refill).min(SYN_BURST);
+            self.syn_refill_ms = now_ms;
+        }
+        if self.syn_tokens == 0 {
+            return false;
+        }
+        self.syn_tokens -= 1;
+        true
+    }
+
+    /// A datagram from the host for UDP `flow`: framed to the guest from the flow's
+    /// destination. Dropped (false) when the flow is gone, the frame queue is full, or it
+    /// does not fit one frame (no fragments are made).
+    pub fn udp_reply(&mut self, flow: FlowId, payload: &[u8], now_ms: u64) -> bool {
+        use smoltcp::phy::ChecksumCapabilities;
+        use smoltcp::wire::EthernetRepr;
+        let Some(f) = self.udp.get_mut(&flow) else { return false };
+        f.last_ms = now_ms;
+        let (guest, remote) = f.key;
+        if self.dev.tx.len() >= MAX_FRAMES {
+            return false;
+        }
+        let udp = UdpRepr { src_port: remote.port(), dst_port: guest.port() };
+        let udp_len = 8 + payload.len();
+        let (ethertype, ip_len) = match remote {
+            SocketAddr::V4(_) => (EthernetProtocol::Ipv4, 20),
+            SocketAddr::V6(_) => (EthernetProtocol::Ipv6, 40),
+        };
+        if ip_len + udp_len > 1500 {
+            return false;
+        }
+        let eth = EthernetRepr {
+            src_addr: EthernetAddress(self.cfg.gateway_mac),
+            dst_addr: EthernetAddress(self.cfg.guest_mac),
+            ethertype,
+        };
+        let mut buf = vec![0u8; 14 + ip_len + udp_len];
+        let mut frame = EthernetFrame::new_unchecked(&mut buf[..]);
+        eth.emit(&mut frame);
+        let caps = ChecksumCapabilities::default();
+        let (src, dst): (IpAddress, IpAddress) = (remote.ip().into(), guest.ip().into());
+        let ip_payload = match (remote.ip(), guest.ip()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let ip = Ipv4Repr {
+                    src_addr: s,
+                    dst_addr: d,
+                    next_header: IpProtocol::Udp,
+                    payload_len: udp_len,
+                    hop_limit: 64,
+                };
+                let mut p = Ipv4Packet::new_unchecked(frame.payload_mut());
+                ip.emit(&mut p, &caps);
+                &mut buf[14 + 20..]
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let ip = Ipv6Repr {
+                    src_addr: s,
+                    dst_addr: d,
+                    next_header: IpProtocol::Udp,
+                    payload_len: udp_len,
+                    hop_limit: 64,
+                };
+                let mut p = Ipv6Packet::new_unchecked(frame.payload_mut());
+                ip.emit(&mut p);
+                &mut buf[14 + 40..]
+            }
+            _ => return false,
+        };
+        let mut p = UdpPacket::new_unchecked(ip_payload);
+        udp.emit(&mut p, &src, &dst, payload.len(), |b| b.copy_from_slice(payload), &caps);
+        self.dev.tx.push_back(buf);
+        true
     }
 
     /// A flow waiting for its first bytes: decides it by the server they name, once they
@@ -812,9 +987,11 @@ impl Gateway {
         }
     }
 
-    /// The host connection failed or was refused: the guest's connection is reset.
+    /// The host connection failed or was refused: the guest's connection is reset (a UDP
+    /// flow is closed).
     pub fn host_failed(&mut self, flow: FlowId) {
         self.reset(flow);
+        self.close_udp(flow);
     }
 
     /// Bytes from the host for `flow`; returns how many the guest's socket took (the shell
@@ -945,6 +1122,15 @@ impl Gateway {
                 self.push(ev);
             }
         }
+        let idle: Vec<FlowId> = self
+            .udp
+            .iter()
+            .filter(|(_, f)| now_ms.saturating_sub(f.last_ms) > UDP_IDLE_MS)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in idle {
+            self.close_udp(id);
+        }
         // What the socket work produced (ACKs, data, FINs, RSTs).
         self.iface.poll(now, &mut self.dev, &mut self.sockets);
         // A socket is gone once closed and its RST (if it was reset) is sent: smoltcp forgets
@@ -1036,6 +1222,7 @@ fn flow_socket() -> tcp::Socket<'static> {
 enum Inspect {
     Spoofed,
     Syn(Syn),
+    Udp { src: SocketAddr, dst: SocketAddr, payload: Vec<u8> },
     Other,
 }
 

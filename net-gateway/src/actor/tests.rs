@@ -241,3 +241,44 @@ async fn ports_published_and_closed_live_open_and_close_their_listeners() {
         assert_eq!(r.is_ok(), i < MAX_PUBLISHED, "port {i}: {r:?}");
     }
 }
+
+#[tokio::test]
+async fn an_allowed_udp_flow_reaches_a_host_socket_and_hears_its_answers() {
+    let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let up = buf[..n].to_ascii_uppercase();
+            let _ = echo.send_to(&up, from).await;
+        }
+    });
+    let policy =
+        Policy::new(vec![Rule::parse(Action::Allow, &format!("udp/127.0.0.1:{port}")).unwrap()], Action::Deny).unwrap();
+    let mut rig = Rig::new(policy, None).await;
+    let meta = || vec![smoltcp::socket::udp::PacketMetadata::EMPTY; 8];
+    let mut s = smoltcp::socket::udp::Socket::new(
+        smoltcp::socket::udp::PacketBuffer::new(meta(), vec![0; 8192]),
+        smoltcp::socket::udp::PacketBuffer::new(meta(), vec![0; 8192]),
+    );
+    s.bind(6000).unwrap();
+    let h = rig.guest.sockets.add(s);
+    let to = smoltcp::wire::IpEndpoint::new(IpAddress::v4(127, 0, 0, 1), port);
+    let mut got = Vec::new();
+    for i in 0..3 {
+        rig.guest
+            .sockets
+            .get_mut::<smoltcp::socket::udp::Socket>(h)
+            .send_slice(format!("ping{i}").as_bytes(), to)
+            .unwrap();
+        for _ in 0..100 {
+            rig.run(10).await;
+            if let Ok((d, m)) = rig.guest.sockets.get_mut::<smoltcp::socket::udp::Socket>(h).recv() {
+                assert_eq!(m.endpoint, to, "the answer comes from the destination");
+                got.push(String::from_utf8(d.to_vec()).unwrap());
+                break;
+            }
+        }
+    }
+    assert_eq!(got, ["PING0", "PING1", "PING2"]);
+}

@@ -457,3 +457,96 @@ fn a_published_port_connects_into_the_guest_and_a_closed_one_is_refused() {
     n.run(5);
     assert!(n.events.contains(&Event::Closed { flow: refused }), "{:?}", n.events);
 }
+
+fn udp_socket(n: &mut Net, port: u16) -> SocketHandle {
+    let meta = || vec![udp::PacketMetadata::EMPTY; 8];
+    let mut s =
+        udp::Socket::new(udp::PacketBuffer::new(meta(), vec![0; 8192]), udp::PacketBuffer::new(meta(), vec![0; 8192]));
+    s.bind(port).unwrap();
+    n.guest.sockets.add(s)
+}
+
+#[test]
+fn udp_is_relayed_per_flow_when_allowed_and_refused_with_icmp_when_not() {
+    let mut n = Net::new(Policy::default());
+    let h = udp_socket(&mut n, 5000);
+    let public = IpEndpoint::new(IpAddress::v4(93, 184, 216, 34), 123);
+    let private = IpEndpoint::new(IpAddress::v4(10, 0, 0, 1), 123);
+    n.guest.sockets.get_mut::<udp::Socket>(h).send_slice(b"one", public).unwrap();
+    n.run(2);
+    n.guest.sockets.get_mut::<udp::Socket>(h).send_slice(b"two", public).unwrap();
+    n.guest.sockets.get_mut::<udp::Socket>(h).send_slice(b"no", private).unwrap();
+    // Frames the gateway sends back, looked at before the guest stack takes them.
+    n.guest.iface.poll(Instant::from_millis(n.now as i64), &mut n.guest.dev, &mut n.guest.sockets);
+    for f in n.guest.dev.tx.drain(..).collect::<Vec<_>>() {
+        assert!(n.gw.guest_frame(f, n.now));
+    }
+    n.gw.poll(n.now);
+    n.events.extend(n.gw.take_events());
+    let back = n.gw.take_frames();
+    let icmp = back.iter().any(|f| {
+        let ip = Ipv4Packet::new_checked(&f[14..]).unwrap();
+        ip.next_header() == IpProtocol::Icmp
+    });
+    let shown: Vec<String> = back
+        .iter()
+        .map(|f| {
+            format!("{:?}", Ipv4Packet::new_checked(&f[14..]).map(|p| (p.src_addr(), p.dst_addr(), p.next_header())))
+        })
+        .collect();
+    assert!(icmp, "the denied datagram is answered ICMP unreachable: {shown:?}");
+    let opened: Vec<(FlowId, SocketAddr)> = n
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::UdpOpen { flow, addr } => Some((*flow, *addr)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(opened.len(), 1, "one flow for the public destination: {:?}", n.events);
+    let (flow, addr) = opened[0];
+    assert_eq!(addr, "93.184.216.34:123".parse().unwrap());
+    let sent: Vec<&[u8]> = n
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::UdpSend { flow: f, bytes } if *f == flow => Some(bytes.as_slice()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent, [&b"one"[..], b"two"]);
+    assert!(n.audits().iter().any(|a| a.proto == Proto::Udp && a.group == Group::Private && a.action == Action::Deny));
+    // The host's answer comes back from the destination.
+    assert!(n.gw.udp_reply(flow, b"pong", n.now));
+    assert!(!n.gw.udp_reply(flow, &[0u8; 1473], n.now), "no fragments: larger than one frame is dropped");
+    n.run(3);
+    let (data, meta) = n.guest.sockets.get_mut::<udp::Socket>(h).recv().map(|(d, m)| (d.to_vec(), m)).unwrap();
+    assert_eq!((data.as_slice(), meta.endpoint), (&b"pong"[..], public));
+    // Idle flows close.
+    n.run((UDP_IDLE_MS / 10) as usize + 200);
+    assert!(n.events.contains(&Event::Closed { flow }), "idle for a minute: closed");
+    assert!(!n.gw.udp_reply(flow, b"late", n.now));
+}
+
+#[test]
+fn udp_flows_are_capped_and_a_tightened_policy_closes_them() {
+    let mut n = Net::new(Policy::default());
+    let h = udp_socket(&mut n, 5001);
+    for i in 0..(MAX_UDP_FLOWS + 20) {
+        let dst = IpEndpoint::new(IpAddress::v4(93, 184, (i >> 8) as u8, i as u8), 9);
+        n.guest.sockets.get_mut::<udp::Socket>(h).send_slice(b"x", dst).unwrap();
+        if i % 4 == 3 {
+            n.run(1);
+        }
+        if i % 64 == 63 {
+            n.run(100); // let the new-flow rate refill
+        }
+    }
+    n.run(2);
+    let opened = n.events.iter().filter(|e| matches!(e, Event::UdpOpen { .. })).count();
+    assert_eq!(opened, MAX_UDP_FLOWS, "the table's cap");
+    assert!(n.audits().iter().any(|a| a.why.contains("UDP table is full")));
+    n.gw.set_policy(Policy::parse("deny 93.184.0.0/16\nallow public\n").unwrap(), n.now);
+    let closed = n.gw.take_events().iter().filter(|e| matches!(e, Event::Closed { .. })).count();
+    assert_eq!(closed, MAX_UDP_FLOWS, "every flow the new policy denies is closed");
+}
