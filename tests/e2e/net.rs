@@ -385,13 +385,14 @@ fn a_domain_rule_binds_the_flow_to_the_name_it_resolved_by_sni_and_host() {
     let h = net.host;
     let script = format!(
         r#"
-t() {{ r=$(curl -s -g --max-time 8 -o /tmp/body -w '%{{http_code}} %{{time_total}}' "$@" 2>/tmp/err); echo "$? $r"; }}
+t() {{ r=$(curl -sS -g --max-time 8 -o /tmp/body -w '%{{http_code}} %{{time_total}}' "$@" 2>/tmp/err); echo "$? $r"; }}
 echo "plain $(t http://web.test/)"
 echo "fronted-host $(t -H 'Host: other.test' http://web.test/)"
 cat /tmp/body; echo
 echo "tls $(t -k https://web.test/)"
+echo "tls-err $(cat /tmp/err)"
 echo "fronted-sni $(t -k --resolve other.test:443:{h} https://other.test/)"
-cat /tmp/err; echo
+echo "fronted-sni-err $(cat /tmp/err)"
 echo "unresolved $(t -k --resolve web.test:443:203.0.113.9 https://web.test/)"
 "#
     );
@@ -411,7 +412,9 @@ echo "unresolved $(t -k --resolve web.test:443:203.0.113.9 https://web.test/)"
     // Another name in SNI: a TLS access_denied alert from the gateway, at once.
     let fronted = line("fronted-sni");
     assert_eq!(fronted[0], "35", "curl's TLS error: {out}");
-    assert!(out.to_lowercase().contains("access denied"), "the alert names access_denied: {out}");
+    let err_of = |k: &str| line(k).join(" ").to_lowercase();
+    assert!(err_of("fronted-sni-err").contains("access denied"), "the alert names access_denied: {out}");
+    assert!(!err_of("tls-err").contains("access denied"), "the allowed name was not denied: {out}");
     assert!(fronted[2].parse::<f64>().unwrap() < 1.0, "{out}");
     // An address this sandbox never resolved, with an allowed SNI: refused at the SYN.
     assert_eq!(line("unresolved")[0], "7", "{out}");
@@ -486,7 +489,10 @@ print("after", round(time.time() - t, 1))
         net.host
     );
     let n = name.to_string();
-    let running = std::thread::spawn(move || exec(&n, &py));
+    let running = std::thread::spawn(move || {
+        let o = msb(&["exec", &n, "--", "python3", "-c", &py]);
+        (code(&o), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while accepted.load(Ordering::SeqCst) == 0 {
         assert!(std::time::Instant::now() < deadline, "the guest's flow never reached the test host");
@@ -512,5 +518,56 @@ print("after", round(time.time() - t, 1))
     crate::cli::start(name);
     let shown = ok(&["policy", name]);
     assert!(!shown.contains(&rule) && shown.contains("allow public"), "{shown}");
+    let _ = msb(&["rm", "--force", name]);
+}
+
+#[test]
+fn udp_to_an_allowed_host_is_relayed_and_a_denied_destination_refused() {
+    let net = TestNet::new(4);
+    let echo = net.udp(7000);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n].to_ascii_uppercase(), from);
+        }
+    });
+    let name = "e2e-net-udp";
+    start_sandbox(name, &["--allow", &format!("udp/{}:7000", net.host)]);
+    let py = format!(
+        r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+s.connect(("{}", 7000))
+for i in range(3):
+    s.send(b"ping%d" % i)
+    print(s.recv(100).decode())
+for dest in ["10.0.0.1", "{}"]:
+    d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); d.settimeout(5)
+    d.connect((dest, 7001))
+    d.send(b"x")
+    try:
+        d.recv(10); print(dest, "answered")
+    except ConnectionRefusedError:
+        print(dest, "refused")
+    except socket.timeout:
+        print(dest, "timeout")
+"#,
+        net.host, net.host
+    );
+    let o = msb(&["exec", name, "--", "python3", "-c", &py]);
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert_eq!(code(&o), 0, "{out} {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..3], ["PING0", "PING1", "PING2"], "{out}");
+    assert!(out.contains("10.0.0.1 refused"), "a private destination is refused at once: {out}");
+    assert!(out.contains(&format!("{} refused", net.host)), "another port of the allowed host too: {out}");
+    let audit = ok(&["logs", "--net", name]);
+    assert!(audit.lines().any(|l| l.contains("\"proto\":\"udp\"") && l.contains("\"allow\"")), "{audit}");
+    assert!(audit.lines().any(|l| l.contains("10.0.0.1") && l.contains("\"deny\"")), "{audit}");
+    let host_dest = format!("\"dest\":\"{}\"", net.host);
+    assert!(
+        audit.lines().any(|l| l.contains(&host_dest) && l.contains("\"port\":7001") && l.contains("\"deny\"")),
+        "the other port was refused by the gateway, not the host: {audit}"
+    );
     let _ = msb(&["rm", "--force", name]);
 }
