@@ -252,6 +252,10 @@ struct TcpFlow {
     /// not apply to it).
     inbound: bool,
     kind: FlowKind,
+    /// The stack has run since the flow's SYN was queued, so its socket has left `Listen`;
+    /// back in `Listen` (smoltcp's answer to a RST in SYN-RECEIVED) it is stale and reaped,
+    /// so it never takes another connection's SYN.
+    armed: bool,
     /// The server name the flow's first bytes named (TLS SNI or HTTP `Host`), once checked:
     /// what a later policy change decides it by.
     name: Option<DomainName>,
@@ -925,6 +929,7 @@ impl Gateway {
             last_ms: now_ms,
             inbound,
             kind,
+            armed: false,
             name: None,
         };
         self.flows.insert(id, flow);
@@ -1071,6 +1076,12 @@ impl Gateway {
     pub fn poll(&mut self, now_ms: u64) {
         let now = Instant::from_millis(now_ms as i64);
         self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        if self.dev.rx.is_empty() {
+            // Every queued frame was processed, every SYN with it.
+            for f in self.flows.values_mut() {
+                f.armed = true;
+            }
+        }
         self.serve_dns(now_ms);
         let mut gone = Vec::new();
         let mut buf = vec![0u8; FLOW_BUFFER];
@@ -1138,7 +1149,8 @@ impl Gateway {
         for (id, f) in &self.flows {
             let sock = self.sockets.get::<tcp::Socket>(f.handle);
             let closed = sock.state() == tcp::State::Closed && sock.remote_endpoint().is_none();
-            if closed || sock.state() == tcp::State::TimeWait {
+            let stale = f.armed && !f.inbound && sock.state() == tcp::State::Listen;
+            if closed || stale || sock.state() == tcp::State::TimeWait {
                 gone.push(*id);
             }
         }

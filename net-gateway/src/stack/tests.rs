@@ -550,3 +550,23 @@ fn udp_flows_are_capped_and_a_tightened_policy_closes_them() {
     let closed = n.gw.take_events().iter().filter(|e| matches!(e, Event::Closed { .. })).count();
     assert_eq!(closed, MAX_UDP_FLOWS, "every flow the new policy denies is closed");
 }
+
+#[test]
+fn a_flow_whose_syn_ack_the_guest_resets_is_reaped_and_takes_no_other_syn() {
+    let cfg = NetConfig::default();
+    let mut n = Net::new(Policy::default());
+    let dst = Ipv4Addr::new(93, 184, 216, 34);
+    // A raw SYN (no guest socket behind it): the guest stack answers the SYN-ACK with RST.
+    assert!(n.gw.guest_frame(syn(&cfg, dst, 30000, 80), n.now));
+    n.run(5);
+    assert!(n.events.iter().any(|e| matches!(e, Event::Closed { .. })), "reaped: {:?}", n.events);
+    assert_eq!(n.gw.flow_count(), 0);
+    // A real connection to the same destination gets its own flow and works.
+    let h = n.guest.connect(IpAddress::v4(93, 184, 216, 34), 80, 30001);
+    n.run(5);
+    let (flow, _) = *n.dials().last().unwrap();
+    n.gw.host_connected(flow, 1 << 16);
+    n.guest.sockets.get_mut::<tcp::Socket>(h).send_slice(b"mine").unwrap();
+    n.run(5);
+    assert_eq!(n.sent(flow), b"mine");
+}
