@@ -570,3 +570,29 @@ fn a_flow_whose_syn_ack_the_guest_resets_is_reaped_and_takes_no_other_syn() {
     n.run(5);
     assert_eq!(n.sent(flow), b"mine");
 }
+
+#[test]
+fn after_a_raw_syn_flood_a_real_connection_still_works_end_to_end() {
+    let cfg = NetConfig::default();
+    let mut n = Net::new(Policy::default());
+    let dst = Ipv4Addr::new(93, 184, 216, 34);
+    for i in 0..3000u32 {
+        assert!(n.gw.guest_frame(syn(&cfg, dst, 20000 + i as u16, 80), n.now) || true);
+        if i % 50 == 49 {
+            n.run(1);
+        }
+    }
+    n.run(300); // three seconds: the rate refills
+    assert_eq!(n.gw.flow_count(), 0, "every flooded flow was reaped");
+    let h = n.guest.connect(IpAddress::v4(93, 184, 216, 34), 80, 40001);
+    n.run(5);
+    let (flow, addr) = *n.dials().last().unwrap();
+    assert_eq!(addr.port(), 80);
+    n.gw.host_connected(flow, 1 << 16);
+    n.guest.sockets.get_mut::<tcp::Socket>(h).send_slice(b"GET").unwrap();
+    n.run(5);
+    assert_eq!(n.sent(flow), b"GET", "the real connection's bytes reach its own flow");
+    n.gw.host_done(flow);
+    n.run(5);
+    assert!(!n.guest.sockets.get::<tcp::Socket>(h).may_recv(), "the host's close reaches the guest");
+}
