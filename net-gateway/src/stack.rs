@@ -256,6 +256,8 @@ struct TcpFlow {
     /// back in `Listen` (smoltcp's answer to a RST in SYN-RECEIVED) it is stale and reaped,
     /// so it never takes another connection's SYN.
     armed: bool,
+    /// The host finished before the guest's handshake did: close once it has.
+    close_pending: bool,
     /// The server name the flow's first bytes named (TLS SNI or HTTP `Host`), once checked:
     /// what a later policy change decides it by.
     name: Option<DomainName>,
@@ -930,6 +932,7 @@ impl Gateway {
             inbound,
             kind,
             armed: false,
+            close_pending: false,
             name: None,
         };
         self.flows.insert(id, flow);
@@ -1010,8 +1013,15 @@ impl Gateway {
 
     /// The host finished sending on `flow`: the guest gets FIN after what was sent.
     pub fn host_done(&mut self, flow: FlowId) {
-        if let Some(f) = self.flows.get(&flow) {
-            self.sockets.get_mut::<tcp::Socket>(f.handle).close();
+        if let Some(f) = self.flows.get_mut(&flow) {
+            let sock = self.sockets.get_mut::<tcp::Socket>(f.handle);
+            if matches!(sock.state(), tcp::State::Listen | tcp::State::SynReceived | tcp::State::SynSent) {
+                // The guest's handshake is not done (a host that closes at once can be
+                // quicker): smoltcp would lose a FIN asked for now, so it waits for it.
+                f.close_pending = true;
+            } else {
+                sock.close();
+            }
         }
     }
 
@@ -1095,6 +1105,10 @@ impl Gateway {
             let f = self.flows.get_mut(&id).expect("listed");
             let sock = self.sockets.get_mut::<tcp::Socket>(f.handle);
             let mut out = Vec::new();
+            if f.close_pending && sock.may_send() {
+                f.close_pending = false;
+                sock.close();
+            }
             match f.kind {
                 FlowKind::Relay => {
                     if f.connected && f.credit > 0 && sock.can_recv() {
@@ -1239,7 +1253,7 @@ enum Inspect {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 #[cfg(test)]
 mod audit_tests {

@@ -282,3 +282,37 @@ async fn an_allowed_udp_flow_reaches_a_host_socket_and_hears_its_answers() {
     }
     assert_eq!(got, ["PING0", "PING1", "PING2"]);
 }
+
+#[tokio::test]
+async fn after_a_raw_syn_flood_a_new_connection_gets_the_hosts_close() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            drop(s); // closes at once, as the e2e test host does
+        }
+    });
+    let policy =
+        Policy::new(vec![Rule::parse(Action::Allow, &format!("tcp/127.0.0.1:{port}")).unwrap()], Action::Deny).unwrap();
+    let mut rig = Rig::new(policy, None).await;
+    let cfg = NetConfig::default();
+    for i in 0..3000u32 {
+        rig.guest.dev.tx.push_back(crate::stack::tests::syn(&cfg, Ipv4Addr::LOCALHOST, 20000 + i as u16, port));
+        if i % 100 == 99 {
+            rig.run(5).await;
+        }
+    }
+    rig.run(3000).await;
+    let h = rig.guest.connect(IpAddress::v4(127, 0, 0, 1), port, 40000);
+    rig.run(300).await;
+    assert!(rig.guest.sockets.get::<tcp::Socket>(h).may_send(), "established");
+    rig.guest.sockets.get_mut::<tcp::Socket>(h).send_slice(b"GET").unwrap();
+    for _ in 0..100 {
+        rig.run(20).await;
+        if !rig.guest.sockets.get::<tcp::Socket>(h).may_recv() {
+            break;
+        }
+    }
+    let s = rig.guest.sockets.get::<tcp::Socket>(h);
+    assert!(!s.may_recv(), "the host's close reached the guest: {:?}", s.state());
+}
