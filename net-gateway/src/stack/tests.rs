@@ -601,7 +601,11 @@ fn after_a_raw_syn_flood_a_real_connection_still_works_end_to_end() {
 fn a_host_that_closes_before_the_guests_handshake_is_done_still_closes_the_guest() {
     let mut n = Net::new(Policy::default());
     let h = n.guest.connect(IpAddress::v4(93, 184, 216, 34), 80, 47000);
-    n.run(1); // the SYN is in, the SYN-ACK is on its way: the guest has not ACKed yet
+    while n.dials().is_empty() {
+        n.run(1); // ARP, then the SYN
+    }
+    // The SYN is in and the SYN-ACK on its way: the guest has not ACKed yet.
+    assert_eq!(n.guest.sockets.get::<tcp::Socket>(h).state(), tcp::State::SynSent);
     let (flow, _) = n.dials()[0];
     n.gw.host_connected(flow, 1 << 16);
     n.gw.host_done(flow);
