@@ -616,7 +616,7 @@ print("secs", round(time.time() - t0, 2))
     assert!(dialed >= 64.0, "the flood's allowed SYNs were dialed: {dialed}");
     assert!(answer < std::time::Duration::from_secs(10), "exec after the flood took {answer:?}");
     // New flows are served again once the rate refills: a request to the test host's web
-    // server (another port of the same host) gets its answer.
+    // server gets its answer.
     std::thread::sleep(std::time::Duration::from_secs(2));
     let url = format!("http://{}:81/", net.host);
     let script = curl_script(std::slice::from_ref(&url)).replace("--max-time 8", "--max-time 20");
@@ -628,6 +628,11 @@ print("secs", round(time.time() - t0, 2))
         panic!("after the flood: {out}\n{dialed} dialed in {secs:.1} s\naudit tail:\n{tail}\nguest:\n{tcp}");
     }
     assert_eq!(served.load(Ordering::SeqCst), 1);
+    // And to the flooded port, whose server closes at once: the close reaches the guest.
+    let url = format!("http://{}/", net.host);
+    let (_, out, _) = exec(name, &curl_script(std::slice::from_ref(&url)));
+    let c = &parse_curl(&out)[&url];
+    assert!(c.exit == 52 || c.exit == 56, "curl exit {} (52: empty reply; 56: reset): {out}", c.exit);
     let audit = ok(&["logs", "--net", name, "--tail", "20000"]);
     assert!(audit.contains("new connections a second"), "the rate's denials are in the audit stream");
     let _ = msb(&["rm", "--force", name]);
