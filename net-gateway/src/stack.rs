@@ -466,6 +466,7 @@ impl Gateway {
             .values()
             .filter_map(|f| match f.kind {
                 FlowKind::Sniff { until_ms, dialed: false } => Some(until_ms),
+                FlowKind::Sniff { until_ms, dialed: true } => Some(until_ms + DENIED_LINGER_MS),
                 FlowKind::Denied { until_ms } => Some(until_ms),
                 _ => None,
             })
@@ -809,7 +810,9 @@ impl Gateway {
                 }
                 return;
             }
-            Sniffed::NeedMore if !ended && !late => return,
+            // Part of a ClientHello or request: the rest gets until the linger is over too.
+            Sniffed::NeedMore if !ended && n > 0 && now_ms < until_ms + DENIED_LINGER_MS => return,
+            Sniffed::NeedMore if !ended && n == 0 && !late => return,
             Sniffed::NeedMore if n > 0 => {
                 (None, "the first bytes stopped short of a whole TLS ClientHello or HTTP request")
             }

@@ -613,3 +613,24 @@ fn a_host_that_closes_before_the_guests_handshake_is_done_still_closes_the_guest
     let s = n.guest.sockets.get::<tcp::Socket>(h);
     assert!(!s.may_recv(), "the host's close reached the guest: {:?}", s.state());
 }
+
+#[test]
+fn a_partial_client_hello_waits_for_its_rest_then_is_denied_if_it_stalls() {
+    let mut n = Net::new(Policy::parse("allow tcp/api.example.com:443\ndefault deny\n").unwrap());
+    resolve(&mut n, "api.example.com.", &[[93, 184, 216, 34]], IpEndpoint::new(IpAddress::v4(1, 1, 1, 1), 53));
+    let ip = IpAddress::v4(93, 184, 216, 34);
+    let hello = crate::sniff::tests::hello(&["api.example.com"], None);
+    let slow = n.guest.connect(ip, 443, 48000);
+    let stalled = n.guest.connect(ip, 443, 48001);
+    n.run(3);
+    send(&mut n, slow, &hello[..20]);
+    send(&mut n, stalled, &hello[..20]);
+    n.run((SNIFF_WAIT_MS / 10) as usize + 50); // past the wait: a slow client's rest may come
+    assert!(n.dials().is_empty());
+    send(&mut n, slow, &hello[20..]);
+    n.run(5);
+    assert_eq!(n.dials().len(), 1, "the slow client's whole ClientHello is allowed");
+    n.run((DENIED_LINGER_MS / 10) as usize);
+    assert_eq!(received(&mut n, stalled), crate::sniff::tls_access_denied(), "the stalled one is denied");
+    assert_eq!(n.dials().len(), 1);
+}
