@@ -15,6 +15,8 @@
 //! dialed and none of its bytes leave; a denial is a TLS `access_denied` alert or an HTTP 403
 //! naming the rule. A guest that sends nothing for [`SNIFF_WAIT_MS`] (its server speaks
 //! first) gets its host end opened, and its first bytes are still checked before they go.
+//! On a plain-HTTP flow so allowed, every later request is framed ([`crate::http1`]) and its
+//! `Host` decided the same way before it goes; a denied one resets the connection.
 //! TCP to port 53 of any address is DNS over TCP, answered here like UDP, never dialed.
 //!
 //! Other UDP is relayed per flow (guest address and port, destination): the first datagram
@@ -45,6 +47,7 @@ use smoltcp::wire::{
 
 use crate::classify::{Classifier, Group};
 use crate::dns::{self, GuestQuery, Pins, Step};
+use crate::http1::{self, Requests};
 use crate::policy::{Action, Direction, DomainName, Flow, Policy, Proto};
 use crate::sniff::{self, Sniffed, MAX_SNIFF};
 
@@ -258,6 +261,9 @@ struct TcpFlow {
     armed: bool,
     /// The host finished before the guest's handshake did: close once it has.
     close_pending: bool,
+    /// A plain-HTTP flow a domain rule allowed by its `Host`: every later request on it is
+    /// framed and decided too (`bool`: the first head, decided already, is yet to come).
+    http: Option<(Requests, bool)>,
     /// The server name the flow's first bytes named (TLS SNI or HTTP `Host`), once checked:
     /// what a later policy change decides it by.
     name: Option<DomainName>,
@@ -836,6 +842,9 @@ impl Gateway {
         let f = self.flows.get_mut(&id).expect("listed");
         if action == Action::Allow {
             f.kind = FlowKind::Relay;
+            if first.first().is_some_and(|b| b.is_ascii_uppercase()) && name.is_some() {
+                f.http = Some((Requests::default(), true));
+            }
             f.name = name;
             self.push(Event::Audit(audit));
             if !dialed {
@@ -863,6 +872,95 @@ impl Gateway {
         if dialed {
             self.push(Event::Closed { flow: id });
         }
+    }
+
+    /// A plain-HTTP flow allowed by its `Host`: forwards what its framer classified, and
+    /// decides each new request head before it goes; one naming a server the policy denies
+    /// there resets the connection (responses may be in flight: a 403 could not be told
+    /// from them).
+    fn http_flow(&mut self, id: FlowId, now_ms: u64) {
+        loop {
+            let Some(f) = self.flows.get_mut(&id) else { return };
+            if !f.connected || f.credit == 0 {
+                return;
+            }
+            let (handle, dst) = (f.handle, f.key.1);
+            let sock = self.sockets.get_mut::<tcp::Socket>(handle);
+            let mut data = vec![0u8; f.credit.min(FLOW_BUFFER)];
+            let k = sock.peek_slice(&mut data).unwrap_or(0);
+            data.truncate(k);
+            let Some((req, _)) = f.http.as_mut() else { return };
+            let (mut at, mut head, mut bad) = (0, None, None);
+            while at < data.len() {
+                match req.step(&data[at..]) {
+                    http1::Step::Forward(n) => at += n,
+                    http1::Step::Head { len, host } => {
+                        head = Some((len, host));
+                        break;
+                    }
+                    http1::Step::NeedMore => break,
+                    http1::Step::Bad(why) => {
+                        bad = Some(why);
+                        break;
+                    }
+                }
+            }
+            if at > 0 {
+                let n = sock.recv_slice(&mut data[..at]).unwrap_or(0);
+                f.credit -= n;
+                f.last_ms = now_ms;
+                self.push(Event::Data { flow: id, bytes: data[..n].to_vec() });
+            }
+            let (decided, audit) = match (head, bad) {
+                (Some((len, Sniffed::Http(name))), _) => {
+                    let (action, mut audit) = self.decide_named(dst, &name, now_ms);
+                    audit.action = action;
+                    if action == Action::Allow {
+                        (Some((len, name, audit)), None)
+                    } else {
+                        (None, Some(audit))
+                    }
+                }
+                (Some(_), _) => self.http_denial(dst, "a later request without one Host", now_ms),
+                (None, Some(why)) => self.http_denial(dst, why, now_ms),
+                (None, None) => return,
+            };
+            let f = self.flows.get_mut(&id).expect("listed");
+            match decided {
+                Some((len, name, a)) => {
+                    let Some((req, first)) = f.http.as_mut() else { return };
+                    req.accept_head(len);
+                    // The first head was audited when the flow was sniffed.
+                    let audit_it = !std::mem::take(first);
+                    f.name = Some(name);
+                    if audit_it {
+                        self.push(Event::Audit(a));
+                    }
+                }
+                None => {
+                    self.sockets.get_mut::<tcp::Socket>(handle).abort();
+                    f.kind = FlowKind::Denied { until_ms: now_ms };
+                    if let Some(a) = audit {
+                        self.push(Event::Audit(a));
+                    }
+                    self.push(Event::Closed { flow: id });
+                    return;
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn http_denial(
+        &self,
+        dst: SocketAddr,
+        why: &str,
+        now_ms: u64,
+    ) -> (Option<(usize, DomainName, Audit)>, Option<Audit>) {
+        let (_, mut audit) = self.decide(Proto::Tcp, dst, now_ms);
+        (audit.action, audit.rule, audit.why) =
+            (Action::Deny, None, format!("{why}, on a flow only a domain rule allows"));
+        (None, Some(audit))
     }
 
     /// A DNS-over-TCP connection: takes whole length-prefixed queries from the guest (at
@@ -936,6 +1034,7 @@ impl Gateway {
             kind,
             armed: false,
             close_pending: false,
+            http: None,
             name: None,
         };
         self.flows.insert(id, flow);
@@ -1103,6 +1202,7 @@ impl Gateway {
             match self.flows[&id].kind {
                 FlowKind::Sniff { .. } => self.sniff_flow(id, now_ms),
                 FlowKind::Dns { .. } => self.dns_flow(id, now_ms),
+                FlowKind::Relay if self.flows[&id].http.is_some() => self.http_flow(id, now_ms),
                 FlowKind::Relay | FlowKind::Denied { .. } => {}
             }
             let f = self.flows.get_mut(&id).expect("listed");
@@ -1114,7 +1214,7 @@ impl Gateway {
             }
             match f.kind {
                 FlowKind::Relay => {
-                    if f.connected && f.credit > 0 && sock.can_recv() {
+                    if f.connected && f.credit > 0 && sock.can_recv() && f.http.is_none() {
                         let n = sock.recv_slice(&mut buf[..f.credit.min(FLOW_BUFFER)]).unwrap_or(0);
                         if n > 0 {
                             f.credit -= n;

@@ -634,3 +634,40 @@ fn a_partial_client_hello_waits_for_its_rest_then_is_denied_if_it_stalls() {
     assert_eq!(received(&mut n, stalled), crate::sniff::tls_access_denied(), "the stalled one is denied");
     assert_eq!(n.dials().len(), 1);
 }
+
+#[test]
+fn every_request_of_a_kept_alive_http_flow_must_name_an_allowed_host() {
+    let mut n = Net::new(Policy::parse("allow tcp/*.example.com:80\ndefault deny\n").unwrap());
+    let r = IpEndpoint::new(IpAddress::v4(1, 1, 1, 1), 53);
+    resolve(&mut n, "a.example.com.", &[[93, 184, 216, 34]], r);
+    resolve(&mut n, "b.example.com.", &[[93, 184, 216, 34]], r);
+    let ip = IpAddress::v4(93, 184, 216, 34);
+    let h = n.guest.connect(ip, 80, 49000);
+    n.run(3);
+    let first = b"POST / HTTP/1.1\r\nHost: a.example.com\r\nContent-Length: 4\r\n\r\nbody";
+    let second = b"GET / HTTP/1.1\r\nHost: b.example.com\r\n\r\n"; // another allowed name, resolved here
+    let fronted = b"GET /x HTTP/1.1\r\nHost: other.example\r\n\r\n";
+    send(&mut n, h, first);
+    n.run(3);
+    let (flow, _) = n.dials()[0];
+    n.gw.host_connected(flow, 1 << 16);
+    n.run(3);
+    send(&mut n, h, second);
+    n.run(3);
+    assert_eq!(n.sent(flow), [&first[..], second].concat(), "allowed requests go through");
+    send(&mut n, h, fronted);
+    n.run(3);
+    assert_eq!(n.sent(flow), [&first[..], second].concat(), "the fronted request never left");
+    assert_eq!(n.guest.sockets.get::<tcp::Socket>(h).state(), tcp::State::Closed, "reset");
+    assert!(n.events.contains(&Event::Closed { flow }));
+    let names: Vec<(String, Action)> =
+        n.audits().iter().filter(|a| a.dest.port() == 80).map(|a| (a.names.join(","), a.action)).collect();
+    assert_eq!(
+        names,
+        [
+            ("a.example.com".to_string(), Action::Allow),
+            ("b.example.com".to_string(), Action::Allow),
+            ("other.example".to_string(), Action::Deny)
+        ]
+    );
+}
