@@ -44,12 +44,19 @@ fn http_server(l: TcpListener) -> (Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
                         Ok(n) => req.extend_from_slice(&buf[..n]),
                     }
                 }
-                let text = String::from_utf8_lossy(&req);
-                if let Some(host) = text.lines().find_map(|l| l.strip_prefix("Host: ")) {
-                    h.lock().unwrap().push(host.trim().to_string());
-                }
                 let reply = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{BODY}", BODY.len());
                 let _ = s.write_all(reply.as_bytes());
+                // Whatever else the client sent on this connection counts too.
+                let _ = s.set_read_timeout(Some(std::time::Duration::from_millis(500)));
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    req.extend_from_slice(&buf[..n]);
+                }
+                let text = String::from_utf8_lossy(&req);
+                let mut h = h.lock().unwrap();
+                h.extend(text.lines().filter_map(|l| l.strip_prefix("Host: ")).map(|v| v.trim().to_string()));
             });
         }
     });
@@ -422,6 +429,26 @@ echo "unresolved $(t -k --resolve web.test:443:203.0.113.9 https://web.test/)"
     assert_eq!(hosts.lock().unwrap().clone(), ["web.test"]);
     assert_eq!(tls.load(Ordering::SeqCst), 1, "only the allowed SNI got a host socket");
 
+    // A second request on the connection naming another host (pipelined here) never
+    // leaves: the connection is reset after the first.
+    let py = format!(
+        r#"
+import socket
+s = socket.create_connection(("web.test", 80), timeout=10)
+s.sendall(b"GET /1 HTTP/1.1\r\nHost: web.test\r\n\r\nGET /2 HTTP/1.1\r\nHost: other.test\r\n\r\n")
+try:
+    while s.recv(4096): pass
+    print("closed")
+except ConnectionResetError:
+    print("reset")
+"#
+    );
+    let o = msb(&["exec", name, "--", "python3", "-c", &py]);
+    let got = String::from_utf8_lossy(&o.stdout);
+    assert!(["closed", "reset"].contains(&got.trim()), "{got} {}", String::from_utf8_lossy(&o.stderr));
+    std::thread::sleep(std::time::Duration::from_secs(1)); // the test host records on close
+    assert_eq!(hosts.lock().unwrap().clone(), ["web.test", "web.test"], "only the first request reached the host");
+
     // DNS over TCP, to a resolver address the guest picked, is answered by the gateway.
     let py = r#"
 import socket, struct
@@ -445,6 +472,8 @@ print(struct.unpack(">H", a[:2])[0] == 0x7463, a[3] & 15, socket.inet_ntoa(a[-4:
     };
     assert!(named("web.test", "allow", 80) && named("web.test", "allow", 443), "{audit}");
     assert!(named("other.test", "deny", 80) && named("other.test", "deny", 443), "{audit}");
+    let fronted_later = records.iter().filter(|r| r["names"][0] == "other.test" && r["port"] == 80).count();
+    assert_eq!(fronted_later, 2, "the fronted Host and the pipelined one: {audit}");
     assert!(
         records
             .iter()
