@@ -8,8 +8,12 @@
 //! IPv4-in-IPv6 spelling of a loopback address, each as a reset within a second and with no
 //! host socket ever opened; an explicit rule lets exactly its address and port through; DNS
 //! to any resolver address is answered by the gateway, with private and rebinding answers
-//! removed (NXDOMAIN when none is left); the audit stream records every decision;
-//! `--net none` has no interface.
+//! removed (NXDOMAIN when none is left), over UDP and TCP; a domain rule opens only flows
+//! whose TLS SNI or HTTP Host (every request's) names a server this sandbox resolved there,
+//! and denies the rest with a TLS alert or a 403; UDP is relayed to an allowed host and
+//! refused elsewhere; a policy changed live closes a running flow; ports are added and
+//! removed live; a raw SYN flood stays within the new-connection rate; the audit stream
+//! records every decision; `--net none` has no interface.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, UdpSocket};
