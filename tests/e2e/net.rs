@@ -435,8 +435,7 @@ echo "unresolved $(t -k --resolve web.test:443:203.0.113.9 https://web.test/)"
 
     // A second request on the connection naming another host (pipelined here) never
     // leaves: the connection is reset after the first.
-    let py = format!(
-        r#"
+    let py = r#"
 import socket
 s = socket.create_connection(("web.test", 80), timeout=10)
 s.sendall(b"GET /1 HTTP/1.1\r\nHost: web.test\r\n\r\nGET /2 HTTP/1.1\r\nHost: other.test\r\n\r\n")
@@ -445,9 +444,8 @@ try:
     print("closed")
 except ConnectionResetError:
     print("reset")
-"#
-    );
-    let o = msb(&["exec", name, "--", "python3", "-c", &py]);
+"#;
+    let o = msb(&["exec", name, "--", "python3", "-c", py]);
     let got = String::from_utf8_lossy(&o.stdout);
     assert!(["closed", "reset"].contains(&got.trim()), "{got} {}", String::from_utf8_lossy(&o.stderr));
     std::thread::sleep(std::time::Duration::from_secs(1)); // the test host records on close
