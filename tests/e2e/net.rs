@@ -449,7 +449,10 @@ except ConnectionResetError:
     let got = String::from_utf8_lossy(&o.stdout);
     assert!(["closed", "reset"].contains(&got.trim()), "{got} {}", String::from_utf8_lossy(&o.stderr));
     std::thread::sleep(std::time::Duration::from_secs(1)); // the test host records on close
-    assert_eq!(hosts.lock().unwrap().clone(), ["web.test", "web.test"], "only the first request reached the host");
+                                                           // (The first request may die with the connection before it was written: what matters
+                                                           // is that the fronted one never arrives.)
+    let seen = hosts.lock().unwrap().clone();
+    assert!(seen.iter().all(|h| h == "web.test") && seen.len() <= 2, "only web.test reached the host: {seen:?}");
 
     // DNS over TCP, to a resolver address the guest picked, is answered by the gateway.
     let py = r#"
