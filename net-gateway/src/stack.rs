@@ -42,7 +42,7 @@ use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant;
 use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint,
-    IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpPacket, UdpPacket, UdpRepr,
+    IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket, UdpRepr,
 };
 
 use crate::classify::{Classifier, Group};
@@ -755,33 +755,11 @@ impl Gateway {
         eth.emit(&mut frame);
         let caps = ChecksumCapabilities::default();
         let (src, dst): (IpAddress, IpAddress) = (remote.ip().into(), guest.ip().into());
-        let ip_payload = match (remote.ip(), guest.ip()) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                let ip = Ipv4Repr {
-                    src_addr: s,
-                    dst_addr: d,
-                    next_header: IpProtocol::Udp,
-                    payload_len: udp_len,
-                    hop_limit: 64,
-                };
-                let mut p = Ipv4Packet::new_unchecked(frame.payload_mut());
-                ip.emit(&mut p, &caps);
-                &mut buf[14 + 20..]
-            }
-            (IpAddr::V6(s), IpAddr::V6(d)) => {
-                let ip = Ipv6Repr {
-                    src_addr: s,
-                    dst_addr: d,
-                    next_header: IpProtocol::Udp,
-                    payload_len: udp_len,
-                    hop_limit: 64,
-                };
-                let mut p = Ipv6Packet::new_unchecked(frame.payload_mut());
-                ip.emit(&mut p);
-                &mut buf[14 + 40..]
-            }
-            _ => return false,
-        };
+        if remote.is_ipv4() != guest.is_ipv4() {
+            return false;
+        }
+        smoltcp::wire::IpRepr::new(src, dst, IpProtocol::Udp, udp_len, 64).emit(frame.payload_mut(), &caps);
+        let ip_payload = &mut buf[14 + ip_len..];
         let mut p = UdpPacket::new_unchecked(ip_payload);
         udp.emit(&mut p, &src, &dst, payload.len(), |b| b.copy_from_slice(payload), &caps);
         self.dev.tx.push_back(buf);
