@@ -17,7 +17,7 @@ demo=1
 
 packages=(build-essential flex bison bc libelf-dev libssl-dev cpio busybox-static linux-source-6.1
   xz-utils binutils python3 qemu-system-x86 seabios e2fsprogs squashfs-tools-ng mmdebstrap
-  docker-registry skopeo apache2-utils openssl)
+  docker-registry skopeo apache2-utils openssl passt)
 missing=()
 for p in "${packages[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -14,3 +14,5 @@ CONFIG_INPUT=y
 CONFIG_SERIO=y
 # The network e2e tests' hosts live in network namespaces of L1 on veth pairs.
 CONFIG_VETH=y
+# The network benchmark's passt isolates itself in a user namespace.
+CONFIG_USER_NS=y

@@ -10,6 +10,9 @@
 //! run builds it) beside the busybox initramfs, 1,000 creates with fsync on the writable root.
 //! Usage: `msb-bench [N]` with MSB_HOME set up (hardware KVM, or inside the rig).
 //!
+//! `msb-bench net` (hardware KVM, or `tests/rig/run-rig.sh bench-net` in the rig): the
+//! network through msb's gateway beside QEMU's slirp and passt (see `net.rs`).
+//!
 //! `msb-bench pull [N]` (on the host, no VM): a cold `msb pull` of the default image from a
 //! loopback `docker-registry` into a fresh MSB_HOME, beside `skopeo copy` of it to an OCI
 //! layout, N times each, alternating.
@@ -20,6 +23,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use msb_actors::Sandbox;
+
+mod net;
 
 const MEMORY_MIB: u64 = 256;
 
@@ -80,6 +85,13 @@ async fn vmm_child() {
 async fn main() {
     if std::env::args().nth(1).as_deref() == Some(VMM_CHILD) {
         return vmm_child().await;
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some(net::CLIENT) => std::process::exit(net::client(&args[1..])),
+        Some(net::VMM_CHILD) => return net::vmm_child(&args[1..]).await,
+        Some("net") => return tokio::task::block_in_place(net::side_by_side),
+        _ => {}
     }
     if std::env::args().nth(1).as_deref() == Some("pull") {
         return pull_side_by_side(std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(3));

@@ -146,8 +146,16 @@ def add_with_libs(c, binaries, made, extra=()):
 
 def add_qemu(c, made):
     """Puts QEMU, its shared libraries and its x86 firmware into L1, for side-by-side
-    benchmarks (`-M microvm` on L1's KVM, booting the same kernel and initramfs)."""
+    benchmarks (`-M microvm` on L1's KVM, booting the same kernel and initramfs), and passt
+    (the network benchmark's third network) when the host has it."""
     qemu = shutil.which("qemu-system-x86_64")
+    passt = shutil.which("passt")
+    if passt:
+        # Debian's passt runs passt.avx2 where the CPU has AVX2 (L1's TCG CPU does).
+        builds = [passt] + [p for p in [passt + ".avx2"] if os.path.exists(p)]
+        add_with_libs(c, builds, made)
+        for b in builds:
+            c.file(f"msb/bin/{os.path.basename(b)}", os.path.realpath(b))
     fws = [os.path.join("/usr/share/qemu", fw)
            for fw in ["bios-microvm.bin", "pvh.bin", "linuxboot_dma.bin", "linuxboot.bin", "qboot.rom", "kvmvapic.bin"]]
     add_with_libs(c, [qemu], made, [f for f in fws if os.path.exists(f)])

@@ -8,6 +8,7 @@
 #                                       in a fresh L1, printed as RIG-RETRY and counted.
 #   tests/rig/run-rig.sh demo           msb run -- uname -a, and a failing command
 #   tests/rig/run-rig.sh bench [N]      the boot benchmark
+#   tests/rig/run-rig.sh bench-net      the network benchmark (msb vs QEMU slirp vs passt)
 #   tests/rig/run-rig.sh run -- CMD...  msb run -- CMD...
 #
 # Needs what scripts/setup.sh builds: $MSB_HOME/rig/bzImage, $MSB_HOME/kernel/vmlinux and the
@@ -55,12 +56,16 @@ msb run msb/debian:12 -- python3 -c "print(6*7)"'
     job="msb-bench ${1:-5}"
     extra="--with-qemu --all-blobs"
     ;;
+  bench-net)
+    job="msb-bench net"
+    extra="--with-qemu"
+    ;;
   run)
     [ "${1:-}" = -- ] && shift
     q=$(printf '%q ' "$@")
     job="msb run -- $q"
     ;;
-  *) echo "run-rig.sh: unknown mode $mode (e2e, demo, bench, run)" >&2; exit 2 ;;
+  *) echo "run-rig.sh: unknown mode $mode (e2e, demo, bench, bench-net, run)" >&2; exit 2 ;;
 esac
 rig() {
   python3 "$root/tests/rig/rig.py" --l1-kernel "$home/rig/bzImage" --guest-kernel "$home/kernel/vmlinux" \

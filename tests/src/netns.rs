@@ -26,7 +26,7 @@ fn interfaces() -> Vec<String> {
 /// at `local` (an address of this machine's own, so of the `host` group).
 pub struct TestNet {
     holder: Child,
-    link: String,
+    pub link: String,
     pub host: Ipv4Addr,
     pub local: Ipv4Addr,
 }
