@@ -50,5 +50,6 @@ pub use sandbox::{BootTimes, ExecControl, ExecHandle, Network, Sandbox, SandboxB
 /// The network gateway's policy vocabulary, for callers that build a [`Network`].
 pub mod net {
     pub use msb_net_gateway::actor::AUDIT_CAP;
+    pub use msb_net_gateway::limit::{parse_rate, LimitError, Limits};
     pub use msb_net_gateway::policy::{Action, Policy, PolicyError, Rule};
 }

@@ -20,6 +20,7 @@ use ractor::{Actor, ActorRef, DerivedActorRef, RpcReplyPort};
 use crate::supervisor::{SandboxSupervisor, SupArgs, SupMsg};
 use crate::{Error, Result};
 use msb_net_gateway::actor::GatewayArgs;
+use msb_net_gateway::limit::Limits;
 use msb_net_gateway::policy::Policy;
 use msb_net_gateway::stack::NetConfig;
 use msb_schema::net::NetControl;
@@ -57,6 +58,9 @@ pub struct Network {
     pub name: String,
     /// Published ports: host address (port 0 picks a free one) → guest TCP port.
     pub publish: Vec<(std::net::SocketAddr, u16)>,
+    /// New flows a second and optional byte rates each way (default: 64 new flows a
+    /// second, burst 128, bytes unlimited).
+    pub limits: Limits,
 }
 
 impl Network {
@@ -207,6 +211,7 @@ impl SandboxBuilder {
                         msb_schema::net::MAX_PUBLISHED
                     )));
                 }
+                n.limits.check().map_err(|e| Error::Config(format!("network limits: {e}")))?;
                 let mut listeners = Vec::new();
                 for (host, guest) in &n.publish {
                     let l = std::net::TcpListener::bind(host)
@@ -222,6 +227,7 @@ impl SandboxBuilder {
                     audit: n.audit,
                     seed: random_seed(),
                     published: listeners,
+                    limits: n.limits,
                 })
             }
         };

@@ -199,6 +199,17 @@ struct NetArgs {
     /// `msb port`). Bound to 127.0.0.1 unless ADDR names another. Repeatable.
     #[arg(short = 'p', long = "publish", value_name = "[ADDR:]HOST:GUEST", value_parser = Publish::parse)]
     publish: Vec<Publish>,
+    /// New connections (TCP and UDP flows) a second the sandbox may open, burst twice that
+    /// (default 64). More are refused as a denial (RST / ICMP) and audited.
+    #[arg(long, value_name = "N")]
+    conn_rate: Option<u32>,
+    /// Limit what the sandbox sends out, all flows together: bytes a second, `500k`, `10M`
+    /// (1000s) or `4MiB` (1024s). TCP slows down; UDP over the limit is dropped.
+    #[arg(long, value_name = "RATE", value_parser = msb_actors::net::parse_rate)]
+    rate_out: Option<u64>,
+    /// Limit what the sandbox receives, all flows together (same units as --rate-out).
+    #[arg(long, value_name = "RATE", value_parser = msb_actors::net::parse_rate)]
+    rate_in: Option<u64>,
 }
 
 /// The egress policy's flags, for `create`/`run` and `msb policy`.
@@ -264,14 +275,35 @@ impl NetArgs {
     /// is refused before anything is created.
     fn settings(&self) -> Result<NetSettings, Error> {
         let none = self.net == "none";
-        if none && (!self.rules.is_empty() || self.dns.is_some() || !self.publish.is_empty()) {
+        let limited = self.conn_rate.is_some() || self.rate_out.is_some() || self.rate_in.is_some();
+        if none && (!self.rules.is_empty() || self.dns.is_some() || !self.publish.is_empty() || limited) {
             return Err(Error::Config(
-                "--net none has no network: drop --allow, --deny, --policy, --dns and -p".into(),
+                "--net none has no network: drop --allow, --deny, --policy, --dns, -p and the rate flags".into(),
             ));
         }
         let policy = self.rules.policy()?;
-        Ok(NetSettings { none, policy: policy.map(|p| p.to_string()), dns: self.dns, publish: self.publish.clone() })
+        let settings = NetSettings {
+            none,
+            policy: policy.map(|p| p.to_string()),
+            dns: self.dns,
+            publish: self.publish.clone(),
+            conn_rate: self.conn_rate,
+            rate_out: self.rate_out,
+            rate_in: self.rate_in,
+        };
+        net_limits(&settings).check().map_err(|e| Error::Config(format!("--conn-rate/--rate-out/--rate-in: {e}")))?;
+        Ok(settings)
     }
+}
+
+/// The gateway's limits a recorded network asks for (its defaults where it names none).
+pub(crate) fn net_limits(n: &NetSettings) -> msb_actors::net::Limits {
+    let mut l = msb_actors::net::Limits::default();
+    if let Some(r) = n.conn_rate {
+        (l.flows_per_sec, l.flow_burst) = (r, r.saturating_mul(2));
+    }
+    (l.egress_bytes_per_sec, l.ingress_bytes_per_sec) = (n.rate_out, n.rate_in);
+    l
 }
 
 /// A size with an optional M or G suffix (MiB by default), in MiB.
@@ -990,10 +1022,23 @@ mod tests {
             &["--net", "bridge"],
             &["--dns", "resolver.example"],
             &["--policy", "/nonexistent/policy"],
+            &["--rate-out", "100"],
+            &["--rate-in", "fast"],
+            &["--conn-rate", "0"],
+            &["--net", "none", "--rate-out", "1M"],
         ] {
             let e = net(bad).expect_err(&format!("{bad:?}"));
             assert!(!e.to_string().is_empty());
         }
+    }
+
+    #[test]
+    fn rate_flags_become_the_gateways_limits() {
+        let s = net(&["--conn-rate", "10", "--rate-out", "2MiB", "--rate-in", "500k"]).unwrap();
+        let l = net_limits(&s);
+        assert_eq!((l.flows_per_sec, l.flow_burst), (10, 20));
+        assert_eq!((l.egress_bytes_per_sec, l.ingress_bytes_per_sec), (Some(2 << 20), Some(500_000)));
+        assert_eq!(net_limits(&net(&[]).unwrap()), msb_actors::net::Limits::default(), "no flags: the defaults");
     }
 
     #[test]

@@ -138,6 +138,15 @@ pub struct NetSettings {
     /// Published TCP ports.
     #[serde(default)]
     pub publish: Vec<Publish>,
+    /// New flows a second the gateway allows (burst: twice that); `None`: its default.
+    #[serde(default)]
+    pub conn_rate: Option<u32>,
+    /// Bytes a second towards the host (all flows together); `None`: unlimited.
+    #[serde(default)]
+    pub rate_out: Option<u64>,
+    /// Bytes a second towards the guest; `None`: unlimited.
+    #[serde(default)]
+    pub rate_in: Option<u64>,
 }
 
 /// One published port: a host address (127.0.0.1 unless the user named another; port 0

@@ -38,6 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 use crate::classify::Classifier;
+use crate::limit::Limits;
 use crate::policy::Policy;
 use crate::stack::{Event, FlowId, Gateway, NetConfig, FLOW_BUFFER};
 
@@ -72,6 +73,8 @@ pub struct GatewayArgs {
     /// Published ports: host listeners (already bound, so a taken port fails the sandbox's
     /// creation, not later) and the guest port each leads to.
     pub published: Vec<(std::net::TcpListener, u16)>,
+    /// New-flow rate and byte rates (checked by the caller with [`Limits::check`]).
+    pub limits: Limits,
 }
 
 /// The gateway's mailbox. Its peers hold refs narrowed to [`GuestFrames`] (the virtio-net
@@ -546,7 +549,8 @@ impl Actor for NetGateway {
 
     async fn pre_start(&self, me: ActorRef<GatewayMsg>, a: GatewayArgs) -> Result<GatewayState, ActorProcessingErr> {
         let classifier = Classifier::new(host_addresses());
-        let core = Gateway::new(a.net, a.policy, classifier, a.seed, 0);
+        let mut core = Gateway::new(a.net, a.policy, classifier, a.seed, 0);
+        core.set_limits(a.limits, 0);
         let mut listeners = Vec::new();
         for (l, guest_port) in a.published {
             listeners.push(accept_loop(&me, l, guest_port)?);

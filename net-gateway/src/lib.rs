@@ -14,6 +14,7 @@ pub mod actor;
 pub mod classify;
 pub mod dns;
 pub mod http1;
+pub mod limit;
 pub mod policy;
 pub mod sniff;
 pub mod stack;

@@ -48,6 +48,7 @@ use smoltcp::wire::{
 use crate::classify::{Classifier, Group};
 use crate::dns::{self, GuestQuery, Pins, Step};
 use crate::http1::{self, Requests};
+use crate::limit::{Bucket, Limits};
 use crate::policy::{Action, Direction, DomainName, Flow, Policy, Proto};
 use crate::sniff::{self, Sniffed, MAX_SNIFF};
 
@@ -328,8 +329,12 @@ pub struct Gateway {
     lookups: HashMap<u64, PendingLookup>,
     events: VecDeque<Event>,
     next_id: u64,
-    syn_tokens: u32,
-    syn_refill_ms: u64,
+    limits: Limits,
+    /// New flows (TCP and UDP share it).
+    new_flows: Bucket,
+    /// Bytes towards the host and towards the guest, where limited.
+    egress: Option<Bucket>,
+    ingress: Option<Bucket>,
     /// Upstream DNS ids come from here (xorshift, seeded per sandbox).
     rng: u64,
     /// The next local port to try for a connection into the guest.
@@ -379,12 +384,27 @@ impl Gateway {
             events: VecDeque::new(),
             next_id: 1,
             next_inbound: *INBOUND_PORTS.start(),
-            syn_tokens: SYN_BURST,
-            syn_refill_ms: now_ms,
+            limits: Limits::default(),
+            new_flows: Bucket::new(u64::from(SYN_PER_SEC), u64::from(SYN_BURST), now_ms),
+            egress: None,
+            ingress: None,
             rng: seed | 1,
             spoofed: 0,
             audits_dropped: 0,
         }
+    }
+
+    /// Sets the sandbox's rate limits (checked with [`Limits::check`] by the caller); the
+    /// buckets start full.
+    pub fn set_limits(&mut self, limits: Limits, now_ms: u64) {
+        self.limits = limits;
+        self.new_flows = Bucket::new(u64::from(limits.flows_per_sec), u64::from(limits.flow_burst), now_ms);
+        self.egress = limits.egress_bytes_per_sec.map(|r| Bucket::bytes(r, now_ms));
+        self.ingress = limits.ingress_bytes_per_sec.map(|r| Bucket::bytes(r, now_ms));
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     pub fn config(&self) -> &NetConfig {
@@ -478,6 +498,12 @@ impl Gateway {
             })
             .min()
             .map(|at| at.saturating_sub(now_ms).max(1));
+        // A byte limit that held data back wakes the gateway when it can send a frame again.
+        let starved = [&self.egress, &self.ingress].into_iter().flatten().filter_map(Bucket::wake_in).min();
+        let deadline = match (deadline, starved) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let live = !self.flows.is_empty() || !self.udp.is_empty();
         let floor = live.then_some(deadline.unwrap_or(1000).min(1000));
         match (stack, floor) {
@@ -640,7 +666,7 @@ impl Gateway {
                 (action, audit.rule, audit.why) = (Action::Deny, None, format!("the {MAX_FLOWS}-flow table is full"));
             } else if !self.take_token(now_ms) {
                 (action, audit.rule, audit.why) =
-                    (Action::Deny, None, format!("more than {SYN_PER_SEC} new connections a second"));
+                    (Action::Deny, None, format!("more than {} new connections a second", self.limits.flows_per_sec));
             }
         }
         audit.action = action;
@@ -678,7 +704,9 @@ impl Gateway {
             if let Some(f) = self.udp.get_mut(&id) {
                 f.last_ms = now_ms;
             }
-            self.push(Event::UdpSend { flow: id, bytes: payload });
+            if self.egress.as_mut().is_none_or(|b| b.try_take(payload.len() as u64, now_ms)) {
+                self.push(Event::UdpSend { flow: id, bytes: payload });
+            }
             return true;
         }
         let gateway = dst.ip() == IpAddr::V4(self.cfg.gateway_v4) || dst.ip() == IpAddr::V6(self.cfg.gateway_v6);
@@ -692,7 +720,7 @@ impl Gateway {
                     (Action::Deny, None, format!("the {MAX_UDP_FLOWS}-flow UDP table is full"));
             } else if !self.take_token(now_ms) {
                 (action, audit.rule, audit.why) =
-                    (Action::Deny, None, format!("more than {SYN_PER_SEC} new connections a second"));
+                    (Action::Deny, None, format!("more than {} new connections a second", self.limits.flows_per_sec));
             }
         }
         audit.action = action;
@@ -705,23 +733,18 @@ impl Gateway {
         self.udp.insert(id, UdpFlow { key: (src, dst), last_ms: now_ms });
         self.udp_by_key.insert((src, dst), id);
         self.push(Event::UdpOpen { flow: id, addr: dst });
-        self.push(Event::UdpSend { flow: id, bytes: payload });
+        if self.egress.as_mut().is_none_or(|b| b.try_take(payload.len() as u64, now_ms)) {
+            self.push(Event::UdpSend { flow: id, bytes: payload });
+        }
         true
     }
 
     /// One token of the new-flow rate (TCP and UDP share it), if there is one.
     fn take_token(&mut self, now_ms: u64) -> bool {
-        let elapsed = now_ms.saturating_sub(self.syn_refill_ms);
-        let refill = (elapsed * u64::from(SYN_PER_SEC) / 1000) as u32;
-        if refill > 0 {
-            self.syn_tokens = (self.syn_tokens + refill).min(SYN_BURST);
-            self.syn_refill_ms = now_ms;
-        }
-        if self.syn_tokens == 0 {
-            return false;
-        }
-        self.syn_tokens -= 1;
-        true
+        let ok = self.new_flows.take_one(now_ms);
+        // A refused flow waits for nothing: no wake-up for it.
+        self.new_flows.settle();
+        ok
     }
 
     /// A datagram from the host for UDP `flow`: framed to the guest from the flow's
@@ -733,7 +756,9 @@ impl Gateway {
         let Some(f) = self.udp.get_mut(&flow) else { return false };
         f.last_ms = now_ms;
         let (guest, remote) = f.key;
-        if self.dev.tx.len() >= MAX_FRAMES {
+        if self.dev.tx.len() >= MAX_FRAMES
+            || !self.ingress.as_mut().is_none_or(|b| b.try_take(payload.len() as u64, now_ms))
+        {
             return false;
         }
         let udp = UdpRepr { src_port: remote.port(), dst_port: guest.port() };
@@ -864,7 +889,12 @@ impl Gateway {
             }
             let (handle, dst) = (f.handle, f.key.1);
             let sock = self.sockets.get_mut::<tcp::Socket>(handle);
-            let mut data = vec![0u8; f.credit.min(FLOW_BUFFER)];
+            let want = f.credit.min(FLOW_BUFFER).min(sock.recv_queue());
+            let room = self.egress.as_mut().map_or(want, |b| b.room(want as u64, now_ms) as usize);
+            if room == 0 {
+                return;
+            }
+            let mut data = vec![0u8; room];
             let k = sock.peek_slice(&mut data).unwrap_or(0);
             data.truncate(k);
             let Some((req, _)) = f.http.as_mut() else { return };
@@ -885,6 +915,9 @@ impl Gateway {
             }
             if at > 0 {
                 let n = sock.recv_slice(&mut data[..at]).unwrap_or(0);
+                if let Some(b) = self.egress.as_mut() {
+                    b.take(n as u64);
+                }
                 f.credit -= n;
                 f.last_ms = now_ms;
                 self.push(Event::Data { flow: id, bytes: data[..n].to_vec() });
@@ -1088,7 +1121,13 @@ impl Gateway {
         let Some(f) = self.flows.get_mut(&flow) else { return 0 };
         f.last_ms = now_ms;
         let sock = self.sockets.get_mut::<tcp::Socket>(f.handle);
-        sock.send_slice(bytes).unwrap_or(0)
+        let want = bytes.len().min(sock.send_capacity() - sock.send_queue());
+        let room = self.ingress.as_mut().map_or(want, |b| b.room(want as u64, now_ms) as usize);
+        let n = sock.send_slice(&bytes[..room]).unwrap_or(0);
+        if let Some(b) = self.ingress.as_mut() {
+            b.take(n as u64);
+        }
+        n
     }
 
     /// The host finished sending on `flow`: the guest gets FIN after what was sent.
@@ -1165,6 +1204,9 @@ impl Gateway {
     /// Runs the stack: frames in, frames out, socket work, events.
     pub fn poll(&mut self, now_ms: u64) {
         let now = Instant::from_millis(now_ms as i64);
+        for b in [&mut self.egress, &mut self.ingress].into_iter().flatten() {
+            b.settle();
+        }
         self.iface.poll(now, &mut self.dev, &mut self.sockets);
         if self.dev.rx.is_empty() {
             // Every queued frame was processed, every SYN with it.
@@ -1193,7 +1235,12 @@ impl Gateway {
             match f.kind {
                 FlowKind::Relay => {
                     if f.connected && f.credit > 0 && sock.can_recv() && f.http.is_none() {
-                        let n = sock.recv_slice(&mut buf[..f.credit.min(FLOW_BUFFER)]).unwrap_or(0);
+                        let want = f.credit.min(FLOW_BUFFER).min(sock.recv_queue());
+                        let room = self.egress.as_mut().map_or(want, |b| b.room(want as u64, now_ms) as usize);
+                        let n = sock.recv_slice(&mut buf[..room]).unwrap_or(0);
+                        if let Some(b) = self.egress.as_mut() {
+                            b.take(n as u64);
+                        }
                         if n > 0 {
                             f.credit -= n;
                             f.last_ms = now_ms;

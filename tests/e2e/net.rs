@@ -12,8 +12,9 @@
 //! whose TLS SNI or HTTP Host (every request's) names a server this sandbox resolved there,
 //! and denies the rest with a TLS alert or a 403; UDP is relayed to an allowed host and
 //! refused elsewhere; a policy changed live closes a running flow; ports are added and
-//! removed live; a raw SYN flood stays within the new-connection rate; the audit stream
-//! records every decision; `--net none` has no interface.
+//! removed live; a raw SYN flood stays within the new-connection rate; byte rates pace a
+//! download and an upload without losing a byte; the audit stream records every decision;
+//! `--net none` has no interface.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, UdpSocket};
@@ -669,5 +670,72 @@ print("secs", round(time.time() - t0, 2))
     assert!(c.exit == 52 || c.exit == 56, "curl exit {} (52: empty reply; 56: reset): {out}", c.exit);
     let audit = ok(&["logs", "--net", name, "--tail", "20000"]);
     assert!(audit.contains("new connections a second"), "the rate's denials are in the audit stream");
+    let _ = msb(&["rm", "--force", name]);
+}
+
+/// 251-byte repeating pattern: a byte lost, doubled or reordered shows.
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+#[test]
+fn byte_rates_pace_a_download_and_an_upload_and_lose_nothing() {
+    const DOWN: usize = 1 << 20;
+    const UP: usize = 512 << 10;
+    let net = TestNet::new(6);
+    // 9000 sends DOWN bytes and closes; 9001 reads to EOF and says how many and whether
+    // they were the pattern.
+    let (down, up) = (net.tcp(9000), net.tcp(9001));
+    std::thread::spawn(move || {
+        for mut s in down.incoming().flatten() {
+            std::thread::spawn(move || drop(s.write_all(&pattern(DOWN))));
+        }
+    });
+    std::thread::spawn(move || {
+        for mut s in up.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let _ = s.read_to_end(&mut got);
+                let verdict = if got == pattern(got.len()) { "ok" } else { "bad" };
+                let _ = s.write_all(format!("{} {verdict}", got.len()).as_bytes());
+            });
+        }
+    });
+    let name = "e2e-net-rates";
+    start_sandbox(
+        name,
+        &["--allow", &format!("tcp/{}:9000,9001", net.host), "--rate-in", "256KiB", "--rate-out", "128KiB"],
+    );
+    let py = format!(
+        r#"
+import socket, time
+H = "{host}"
+blk = bytes(range(251))
+t = time.time(); s = socket.create_connection((H, 9000)); got = bytearray()
+while True:
+    b = s.recv(65536)
+    if not b: break
+    got += b
+want = (blk * ({DOWN} // 251 + 1))[:len(got)]
+print("down", len(got), "ok" if got == want else "bad", round(time.time() - t, 2))
+t = time.time(); s = socket.create_connection((H, 9001))
+s.sendall((blk * ({UP} // 251 + 1))[:{UP}]); s.shutdown(socket.SHUT_WR)
+print("up", s.recv(100).decode(), round(time.time() - t, 2))
+"#,
+        host = net.host
+    );
+    let o = msb(&["exec", name, "--", "python3", "-c", &py]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(code(&o), 0, "{out} {}", String::from_utf8_lossy(&o.stderr));
+    let field = |line: &str, i: usize| -> String {
+        out.lines().find(|l| l.starts_with(line)).and_then(|l| l.split_whitespace().nth(i)).unwrap_or("").to_string()
+    };
+    assert_eq!((field("down", 1), field("down", 2)), (DOWN.to_string(), "ok".into()), "{out}");
+    assert_eq!((field("up", 1), field("up", 2)), (UP.to_string(), "ok".into()), "{out}");
+    // Past each bucket's burst (a quarter second's worth) the rest goes at the rate:
+    // (1 MiB - 64 KiB) at 256 KiB/s and (512 KiB - 32 KiB) at 128 KiB/s are 3.75 s each.
+    let secs = |l: &str| field(l, 3).parse::<f64>().unwrap_or(0.0);
+    assert!(secs("down") >= 3.2, "the download was not held to 256 KiB/s: {out}");
+    assert!(secs("up") >= 3.2, "the upload was not held to 128 KiB/s: {out}");
     let _ = msb(&["rm", "--force", name]);
 }

@@ -60,6 +60,15 @@ class Cpio:
 
 
 INIT = r"""#!/bin/busybox sh
+if [ -e /tmpfs-root ] && [ -z "$RIG_SWITCHED" ]; then
+  # Root on a tmpfs instead of the initramfs (rootfs cannot be pivot_root'ed away from,
+  # which passt's self-sandboxing does).
+  /bin/busybox mkdir /newroot
+  /bin/busybox mount -t tmpfs -o size=95% root /newroot
+  for d in /*; do [ "$d" = /newroot ] || /bin/busybox cp -a "$d" /newroot/; done
+  export RIG_SWITCHED=1
+  exec /bin/busybox switch_root /newroot /init
+fi
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev 2>/dev/null
 mount -t tmpfs tmp /tmp
@@ -107,6 +116,7 @@ def build_initramfs(args, job):
         add_images(c, args.images, made, args.all_blobs)
     if args.with_qemu:
         add_qemu(c, made)
+        c.file("tmpfs-root", b"", 0o644)
     return c.finish()
 
 

@@ -57,7 +57,7 @@ msb run msb/debian:12 -- python3 -c "print(6*7)"'
     extra="--with-qemu --all-blobs"
     ;;
   bench-net)
-    job="msb-bench net"
+    job="$canary"'MSB_BENCH_NET_LIMIT=${MSB_BENCH_NET_LIMIT:-240} msb-bench net'
     extra="--with-qemu"
     ;;
   run)

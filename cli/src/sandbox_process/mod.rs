@@ -223,6 +223,7 @@ async fn boot(launch: &Launch, dir: &Path) -> msb_actors::Result<Sandbox> {
             audit: Some(paths::net_audit_path(&launch.home, &launch.name)),
             name: launch.name.to_string(),
             publish: c.net.publish.iter().map(|p| (p.host, p.guest)).collect(),
+            limits: crate::net_limits(&c.net),
         })
     };
     b.create().await

@@ -49,6 +49,7 @@ impl Rig {
             audit,
             seed: 3,
             published,
+            limits: Limits::default(),
         };
         let (gw, _) = Actor::spawn(None, NetGateway, args).await.unwrap();
         let (tx, from_gw) = mpsc::unbounded_channel();
