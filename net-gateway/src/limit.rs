@@ -181,6 +181,23 @@ impl Bucket {
     }
 }
 
+/// How many of `want` bytes an optional limit lets go now (all of them without one).
+pub fn room(limit: &mut Option<Bucket>, want: usize, now_ms: u64) -> usize {
+    limit.as_mut().map_or(want, |b| b.room(want as u64, now_ms) as usize)
+}
+
+/// Spends `n` bytes of an optional limit.
+pub fn spend(limit: &mut Option<Bucket>, n: usize) {
+    if let Some(b) = limit.as_mut() {
+        b.take(n as u64);
+    }
+}
+
+/// Whether a datagram of `n` bytes passes an optional limit (spending it if so).
+pub fn admit(limit: &mut Option<Bucket>, n: usize, now_ms: u64) -> bool {
+    limit.as_mut().is_none_or(|b| b.try_take(n as u64, now_ms))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

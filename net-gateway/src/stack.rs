@@ -48,7 +48,7 @@ use smoltcp::wire::{
 use crate::classify::{Classifier, Group};
 use crate::dns::{self, GuestQuery, Pins, Step};
 use crate::http1::{self, Requests};
-use crate::limit::{Bucket, Limits};
+use crate::limit::{self, Bucket, Limits};
 use crate::policy::{Action, Direction, DomainName, Flow, Policy, Proto};
 use crate::sniff::{self, Sniffed, MAX_SNIFF};
 
@@ -403,10 +403,6 @@ impl Gateway {
         self.ingress = limits.ingress_bytes_per_sec.map(|r| Bucket::bytes(r, now_ms));
     }
 
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     pub fn config(&self) -> &NetConfig {
         &self.cfg
     }
@@ -704,7 +700,7 @@ impl Gateway {
             if let Some(f) = self.udp.get_mut(&id) {
                 f.last_ms = now_ms;
             }
-            if self.egress.as_mut().is_none_or(|b| b.try_take(payload.len() as u64, now_ms)) {
+            if limit::admit(&mut self.egress, payload.len(), now_ms) {
                 self.push(Event::UdpSend { flow: id, bytes: payload });
             }
             return true;
@@ -733,7 +729,7 @@ impl Gateway {
         self.udp.insert(id, UdpFlow { key: (src, dst), last_ms: now_ms });
         self.udp_by_key.insert((src, dst), id);
         self.push(Event::UdpOpen { flow: id, addr: dst });
-        if self.egress.as_mut().is_none_or(|b| b.try_take(payload.len() as u64, now_ms)) {
+        if limit::admit(&mut self.egress, payload.len(), now_ms) {
             self.push(Event::UdpSend { flow: id, bytes: payload });
         }
         true
@@ -756,9 +752,7 @@ impl Gateway {
         let Some(f) = self.udp.get_mut(&flow) else { return false };
         f.last_ms = now_ms;
         let (guest, remote) = f.key;
-        if self.dev.tx.len() >= MAX_FRAMES
-            || !self.ingress.as_mut().is_none_or(|b| b.try_take(payload.len() as u64, now_ms))
-        {
+        if self.dev.tx.len() >= MAX_FRAMES || !limit::admit(&mut self.ingress, payload.len(), now_ms) {
             return false;
         }
         let udp = UdpRepr { src_port: remote.port(), dst_port: guest.port() };
@@ -890,7 +884,7 @@ impl Gateway {
             let (handle, dst) = (f.handle, f.key.1);
             let sock = self.sockets.get_mut::<tcp::Socket>(handle);
             let want = f.credit.min(FLOW_BUFFER).min(sock.recv_queue());
-            let room = self.egress.as_mut().map_or(want, |b| b.room(want as u64, now_ms) as usize);
+            let room = limit::room(&mut self.egress, want, now_ms);
             if room == 0 {
                 return;
             }
@@ -915,9 +909,7 @@ impl Gateway {
             }
             if at > 0 {
                 let n = sock.recv_slice(&mut data[..at]).unwrap_or(0);
-                if let Some(b) = self.egress.as_mut() {
-                    b.take(n as u64);
-                }
+                limit::spend(&mut self.egress, n);
                 f.credit -= n;
                 f.last_ms = now_ms;
                 self.push(Event::Data { flow: id, bytes: data[..n].to_vec() });
@@ -1122,11 +1114,9 @@ impl Gateway {
         f.last_ms = now_ms;
         let sock = self.sockets.get_mut::<tcp::Socket>(f.handle);
         let want = bytes.len().min(sock.send_capacity() - sock.send_queue());
-        let room = self.ingress.as_mut().map_or(want, |b| b.room(want as u64, now_ms) as usize);
+        let room = limit::room(&mut self.ingress, want, now_ms);
         let n = sock.send_slice(&bytes[..room]).unwrap_or(0);
-        if let Some(b) = self.ingress.as_mut() {
-            b.take(n as u64);
-        }
+        limit::spend(&mut self.ingress, n);
         n
     }
 
@@ -1236,11 +1226,9 @@ impl Gateway {
                 FlowKind::Relay => {
                     if f.connected && f.credit > 0 && sock.can_recv() && f.http.is_none() {
                         let want = f.credit.min(FLOW_BUFFER).min(sock.recv_queue());
-                        let room = self.egress.as_mut().map_or(want, |b| b.room(want as u64, now_ms) as usize);
+                        let room = limit::room(&mut self.egress, want, now_ms);
                         let n = sock.recv_slice(&mut buf[..room]).unwrap_or(0);
-                        if let Some(b) = self.egress.as_mut() {
-                            b.take(n as u64);
-                        }
+                        limit::spend(&mut self.egress, n);
                         if n > 0 {
                             f.credit -= n;
                             f.last_ms = now_ms;

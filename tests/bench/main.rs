@@ -83,20 +83,16 @@ async fn vmm_child() {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    if std::env::args().nth(1).as_deref() == Some(VMM_CHILD) {
-        return vmm_child().await;
-    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        Some(VMM_CHILD) => return vmm_child().await,
         Some(net::CLIENT) => std::process::exit(net::client(&args[1..])),
         Some(net::VMM_CHILD) => return net::vmm_child(&args[1..]).await,
         Some("net") => return tokio::task::block_in_place(net::side_by_side),
+        Some("pull") => return pull_side_by_side(args.get(1).and_then(|a| a.parse().ok()).unwrap_or(3)),
         _ => {}
     }
-    if std::env::args().nth(1).as_deref() == Some("pull") {
-        return pull_side_by_side(std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(3));
-    }
-    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5);
+    let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(5);
     println!("msb-bench: {n} sandboxes, {MEMORY_MIB} MiB, 1 vCPU; KVM: {}", msb_hypervisor::classify().describe());
     let (mut to_init, mut to_ready, mut to_exec, mut rtt, mut outside) = (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..n {
