@@ -52,4 +52,5 @@ pub mod net {
     pub use msb_net_gateway::actor::AUDIT_CAP;
     pub use msb_net_gateway::limit::{parse_rate, LimitError, Limits};
     pub use msb_net_gateway::policy::{Action, Policy, PolicyError, Rule};
+    pub use msb_schema::net::{Port, PortProto};
 }

@@ -23,7 +23,7 @@ use msb_net_gateway::actor::GatewayArgs;
 use msb_net_gateway::limit::Limits;
 use msb_net_gateway::policy::Policy;
 use msb_net_gateway::stack::NetConfig;
-use msb_schema::net::NetControl;
+use msb_schema::net::{NetControl, Port, PortListener, PortProto};
 
 /// Default time for a guest to become ready.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -56,8 +56,8 @@ pub struct Network {
     pub audit: Option<PathBuf>,
     /// The name the audit stream records.
     pub name: String,
-    /// Published ports: host address (port 0 picks a free one) → guest TCP port.
-    pub publish: Vec<(std::net::SocketAddr, u16)>,
+    /// Published ports: protocol, host address (port 0 picks a free one), guest port.
+    pub publish: Vec<Port>,
     /// New flows a second and optional byte rates each way (default: 64 new flows a
     /// second, burst 128, bytes unlimited).
     pub limits: Limits,
@@ -213,11 +213,10 @@ impl SandboxBuilder {
                 }
                 n.limits.check().map_err(|e| Error::Config(format!("network limits: {e}")))?;
                 let mut listeners = Vec::new();
-                for (host, guest) in &n.publish {
-                    let l = std::net::TcpListener::bind(host)
-                        .map_err(|e| Error::Config(format!("publishing {host} (to guest port {guest}): {e}")))?;
-                    published.push((l.local_addr().map_err(|e| Error::Config(e.to_string()))?, *guest));
-                    listeners.push((l, *guest));
+                for p in &n.publish {
+                    let (l, bound) = bind_port(p)?;
+                    published.push(bound);
+                    listeners.push((l, p.guest));
                 }
                 Some(GatewayArgs {
                     sandbox: n.name,
@@ -327,39 +326,51 @@ pub struct Sandbox {
     link: AgentLink,
     created: Instant,
     /// Changed only by [`Sandbox::publish`] / [`Sandbox::unpublish`], after the gateway did.
-    published: std::sync::Mutex<Vec<(std::net::SocketAddr, u16)>>,
+    published: std::sync::Mutex<Vec<Port>>,
+}
+
+/// Binds a published port's host socket; returns it and the port as bound (a port 0
+/// resolved).
+fn bind_port(p: &Port) -> Result<(PortListener, Port)> {
+    let why = |e: std::io::Error| {
+        Error::Config(format!("publishing {}/{} (to guest port {}): {e}", p.host, p.proto, p.guest))
+    };
+    let l = PortListener::bind(p.proto, p.host).map_err(why)?;
+    let host = l.local_addr().map_err(why)?;
+    Ok((l, Port { host, ..*p }))
 }
 
 impl Sandbox {
-    /// The published ports: the host address each is bound to (with the port picked for a
-    /// port 0) and the guest port it leads to.
-    pub fn published(&self) -> Vec<(std::net::SocketAddr, u16)> {
+    /// The published ports: protocol, the host address each is bound to (with the port
+    /// picked for a port 0) and the guest port it leads to.
+    pub fn published(&self) -> Vec<Port> {
         self.published.lock().map(|p| p.clone()).unwrap_or_default()
     }
 
-    /// Publishes guest port `guest` on `host` (port 0: a free one) while the sandbox runs;
-    /// returns the address bound. Refused if the address is taken, past
+    /// Publishes `port` (host port 0: a free one) while the sandbox runs; returns the
+    /// address bound. Refused if the address is taken, past
     /// [`msb_schema::net::MAX_PUBLISHED`] ports, or without a network.
-    pub async fn publish(&self, host: std::net::SocketAddr, guest: u16) -> Result<std::net::SocketAddr> {
-        let listener = std::net::TcpListener::bind(host)
-            .map_err(|e| Error::Config(format!("publishing {host} (to guest port {guest}): {e}")))?;
-        let bound = listener.local_addr().map_err(|e| Error::Config(e.to_string()))?;
+    pub async fn publish(&self, port: Port) -> Result<std::net::SocketAddr> {
+        let (listener, bound) = bind_port(&port)?;
+        let guest = port.guest;
         self.call(|reply| SupMsg::Net(NetControl::Publish { listener, guest, reply }), LIFECYCLE_CALL_TIMEOUT)
             .await?
             .map_err(Error::Config)?;
         if let Ok(mut p) = self.published.lock() {
-            p.push((bound, guest));
+            p.push(bound);
         }
-        Ok(bound)
+        Ok(bound.host)
     }
 
-    /// Closes the published ports leading to guest port `guest`; returns the host addresses
-    /// closed (none: nothing led there). Connections made through them stay up.
-    pub async fn unpublish(&self, guest: u16) -> Result<Vec<std::net::SocketAddr>> {
-        let closed =
-            self.call(|reply| SupMsg::Net(NetControl::Unpublish { guest, reply }), LIFECYCLE_CALL_TIMEOUT).await?;
+    /// Closes the published `proto` ports leading to guest port `guest`; returns the host
+    /// addresses closed (none: nothing led there). TCP connections made through them stay
+    /// up; a UDP port's peers go with it.
+    pub async fn unpublish(&self, proto: PortProto, guest: u16) -> Result<Vec<std::net::SocketAddr>> {
+        let closed = self
+            .call(|reply| SupMsg::Net(NetControl::Unpublish { proto, guest, reply }), LIFECYCLE_CALL_TIMEOUT)
+            .await?;
         if let Ok(mut p) = self.published.lock() {
-            p.retain(|(_, g)| *g != guest);
+            p.retain(|p| (p.proto, p.guest) != (proto, guest));
         }
         Ok(closed)
     }

@@ -24,7 +24,10 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use msb_control_plane::client::SANDBOX_PROCESS_ARG;
 use msb_control_plane::schema::{Rlimit, WinSize};
 use msb_control_plane::store::format_ms;
-use msb_control_plane::{Error, ExecSpec, Msb, NamedSandbox, NetSettings, Publish, Record, SandboxConfig, Status};
+use msb_control_plane::{
+    parse_guest_port, Error, ExecSpec, Msb, NamedSandbox, NetSettings, PortProto, Publish, Record, SandboxConfig,
+    Status,
+};
 
 use attach::Outcome;
 
@@ -83,16 +86,17 @@ enum Cmd {
         #[arg(long)]
         net: bool,
     },
-    /// The published ports of a running sandbox: `GUEST/tcp -> HOST_ADDR:PORT` per line;
-    /// with --add/--rm, changes them (live, and for later starts).
+    /// The published ports of a running sandbox: `GUEST/tcp -> HOST_ADDR:PORT` (or
+    /// `GUEST/udp`) per line; with --add/--rm, changes them (live, and for later starts).
     Port {
         name: String,
         /// Publish another port: `[ADDR:]HOST:GUEST` or `GUEST`, as `-p`. Repeatable.
-        #[arg(long, value_name = "[ADDR:]HOST:GUEST", value_parser = Publish::parse)]
+        #[arg(long, value_name = "[ADDR:]HOST:GUEST[/udp]", value_parser = Publish::parse)]
         add: Vec<Publish>,
-        /// Close the published ports leading to this guest port. Repeatable.
-        #[arg(long = "rm", value_name = "GUEST")]
-        remove: Vec<u16>,
+        /// Close the published ports leading to this guest port (`GUEST/udp`: its UDP
+        /// ones). Repeatable.
+        #[arg(long = "rm", value_name = "GUEST[/udp]", value_parser = parse_guest_port)]
+        remove: Vec<(u16, PortProto)>,
     },
     /// Show a sandbox's egress policy, or replace it with --allow/--deny/--policy (as at
     /// `create`) or --reset (the default): live in a running sandbox, closing the flows the
@@ -195,9 +199,10 @@ struct NetArgs {
     /// The resolver the gateway asks for the guest (default: the host's first nameserver).
     #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_resolver)]
     dns: Option<std::net::SocketAddr>,
-    /// Publish a guest TCP port: `[ADDR:]HOST:GUEST` or `GUEST` (a free host port, shown by
-    /// `msb port`). Bound to 127.0.0.1 unless ADDR names another. Repeatable.
-    #[arg(short = 'p', long = "publish", value_name = "[ADDR:]HOST:GUEST", value_parser = Publish::parse)]
+    /// Publish a guest port: `[ADDR:]HOST:GUEST` or `GUEST` (a free host port, shown by
+    /// `msb port`), TCP unless it ends in `/udp`. Bound to 127.0.0.1 unless ADDR names
+    /// another. Repeatable.
+    #[arg(short = 'p', long = "publish", value_name = "[ADDR:]HOST:GUEST[/udp]", value_parser = Publish::parse)]
     publish: Vec<Publish>,
     /// New connections (TCP and UDP flows) a second the sandbox may open, burst twice that
     /// (default 64). More are refused as a denial (RST / ICMP) and audited.
@@ -566,8 +571,8 @@ fn main() -> ExitCode {
         Cmd::Ls { format } => msb.list().map(|l| print_list(&msb, &l, format)),
         Cmd::Inspect { name, format } => rt.block_on(inspect(&msb, &name, format)),
         Cmd::Port { name, add, remove } if add.is_empty() && remove.is_empty() => ports(&msb, &name).map(|ports| {
-            for (host, guest) in ports {
-                println!("{guest}/tcp -> {host}");
+            for p in ports {
+                println!("{}/{} -> {}", p.guest, p.proto, p.host);
             }
         }),
         Cmd::Port { name, add, remove } => rt.block_on(change_ports(&msb, &name, &add, &remove)),
@@ -684,7 +689,7 @@ fn ports_text(msb: &Msb, r: &Record) -> Vec<String> {
         return Vec::new();
     }
     let bound = msb.get(&r.name).and_then(|sb| bound_ports(&sb)).unwrap_or_default();
-    bound.iter().map(|(h, g)| format!("{h}->{g}")).collect()
+    bound.iter().map(|p| format!("{}->{}/{}", p.host, p.guest, p.proto)).collect()
 }
 
 fn print_list(msb: &Msb, list: &[Record], format: Format) {
@@ -730,11 +735,16 @@ fn print_list(msb: &Msb, list: &[Record], format: Format) {
 
 /// The published ports of a running sandbox, as its process bound them.
 /// `msb port NAME --add/--rm`: each change in order; prints the ports published after them.
-async fn change_ports(msb: &Msb, name: &str, add: &[Publish], remove: &[u16]) -> msb_control_plane::Result<()> {
+async fn change_ports(
+    msb: &Msb,
+    name: &str,
+    add: &[Publish],
+    remove: &[(u16, PortProto)],
+) -> msb_control_plane::Result<()> {
     let sb = msb.get(name)?;
     let mut now = Vec::new();
-    for guest in remove {
-        now = sb.unpublish(*guest).await?;
+    for &(guest, proto) in remove {
+        now = sb.unpublish(proto, guest).await?;
     }
     for p in add {
         now = sb.publish(*p).await?;
@@ -743,12 +753,12 @@ async fn change_ports(msb: &Msb, name: &str, add: &[Publish], remove: &[u16]) ->
         println!("{name} is not running: the change applies at its next start");
     }
     for p in now {
-        println!("{}/tcp -> {}", p.guest, p.host);
+        println!("{}/{} -> {}", p.guest, p.proto, p.host);
     }
     Ok(())
 }
 
-fn ports(msb: &Msb, name: &str) -> msb_control_plane::Result<Vec<(std::net::SocketAddr, u16)>> {
+fn ports(msb: &Msb, name: &str) -> msb_control_plane::Result<Vec<Publish>> {
     let sb = msb.get(name)?;
     if sb.record()?.status != Status::Running {
         return Err(Error::Config(format!("{name} is not running: its ports are bound only while it runs")));
@@ -757,12 +767,10 @@ fn ports(msb: &Msb, name: &str) -> msb_control_plane::Result<Vec<(std::net::Sock
 }
 
 /// What the sandbox process wrote in `ports.json` (the caller knows it is running).
-fn bound_ports(sb: &NamedSandbox) -> msb_control_plane::Result<Vec<(std::net::SocketAddr, u16)>> {
+fn bound_ports(sb: &NamedSandbox) -> msb_control_plane::Result<Vec<Publish>> {
     let path = sb.dir().join("ports.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "[]".into());
-    let list: Vec<Publish> =
-        serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-    Ok(list.into_iter().map(|p| (p.host, p.guest)).collect())
+    serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
 }
 
 async fn inspect(msb: &Msb, name: &str, format: Format) -> msb_control_plane::Result<()> {
@@ -785,7 +793,7 @@ async fn inspect(msb: &Msb, name: &str, format: Format) -> msb_control_plane::Re
     if rec.status == Status::Running {
         v["ports"] = bound_ports(&sb)?
             .into_iter()
-            .map(|(host, guest)| serde_json::json!({"host": host.to_string(), "guest": guest}))
+            .map(|p| serde_json::json!({"host": p.host.to_string(), "guest": p.guest, "proto": p.proto}))
             .collect();
     }
     if let Some(i) = info {

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use msb_schema::exec::OutputCollector;
 use msb_schema::limits::{MAX_BUFFERED_OUTPUT, STDIN_CHUNK};
+use msb_schema::net::PortProto;
 use msb_schema::{ExecError, ExecEvent, ExecOutput, ExecSpec, SandboxName, WinSize};
 use tokio::net::UnixStream;
 
@@ -517,14 +518,14 @@ impl NamedSandbox {
         .await
     }
 
-    /// Closes the published ports leading to guest port `guest`, live and in the record.
-    /// Connections made through them stay up.
-    pub async fn unpublish(&self, guest: u16) -> Result<Vec<wire::Publish>> {
-        self.change_ports(ClientMsg::Unpublish { guest }, |ports| {
+    /// Closes the published `proto` ports leading to guest port `guest`, live and in the
+    /// record. TCP connections made through them stay up; a UDP port's peers go with it.
+    pub async fn unpublish(&self, proto: PortProto, guest: u16) -> Result<Vec<wire::Publish>> {
+        self.change_ports(ClientMsg::Unpublish { guest, proto }, |ports| {
             let before = ports.len();
-            ports.retain(|p| p.guest != guest);
+            ports.retain(|p| (p.proto, p.guest) != (proto, guest));
             if ports.len() == before {
-                return Err(format!("no published port leads to guest port {guest}"));
+                return Err(format!("no published port leads to guest port {guest}/{proto}"));
             }
             Ok(())
         })

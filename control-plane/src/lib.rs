@@ -30,9 +30,10 @@ pub use client::{ExecEvents, ExecInput, Msb, NamedSandbox, Owner, RemoteExec};
 pub use files::{FileError, FileErrorKind, FileInfo, FileKind, FileReader, FileWriter, Files};
 /// The schema crate, for its limits and exec vocabulary.
 pub use msb_schema as schema;
+pub use msb_schema::net::PortProto;
 pub use msb_schema::{ExecError, ExecEvent, ExecOutput, ExecSpec, SandboxName, StopReason};
 pub use store::{Record, Status, StoreError};
-pub use wire::{NetSettings, Publish, SandboxConfig};
+pub use wire::{parse_guest_port, NetSettings, Publish, SandboxConfig};
 
 /// Why a control-plane operation failed.
 #[derive(Debug, thiserror::Error)]

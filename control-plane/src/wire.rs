@@ -16,6 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use msb_protocol::{decode, encode, FrameDecoder, WinSize};
+use msb_schema::net::{Port, PortProto};
 use msb_schema::{ExecEvent, ExecSpec, SandboxName, StopReason};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -51,10 +52,13 @@ pub enum ClientMsg {
     /// Publishes a port on the running sandbox. Answered with [`ServerMsg::Ports`] (every
     /// published port now) or [`ServerMsg::Refused`].
     Publish(Publish),
-    /// Closes the published ports leading to this guest port. Answered with
-    /// [`ServerMsg::Ports`] (those still published) or [`ServerMsg::Refused`] (none led there).
+    /// Closes the published ports of this protocol leading to this guest port. Answered
+    /// with [`ServerMsg::Ports`] (those still published) or [`ServerMsg::Refused`] (none led
+    /// there).
     Unpublish {
         guest: u16,
+        #[serde(default)]
+        proto: PortProto,
     },
     /// An attached sandbox becomes detached: it no longer stops when its owner goes away.
     /// Answered with [`ServerMsg::Released`].
@@ -135,7 +139,7 @@ pub struct NetSettings {
     /// Where the gateway sends DNS queries (default: the host's resolver).
     #[serde(default)]
     pub dns: Option<std::net::SocketAddr>,
-    /// Published TCP ports.
+    /// Published ports (TCP and UDP).
     #[serde(default)]
     pub publish: Vec<Publish>,
     /// New flows a second the gateway allows (burst: twice that); `None`: its default.
@@ -150,24 +154,54 @@ pub struct NetSettings {
 }
 
 /// One published port: a host address (127.0.0.1 unless the user named another; port 0
-/// picks a free one when the sandbox starts) and the guest TCP port it leads to.
+/// picks a free one when the sandbox starts), the guest port it leads to, and the protocol
+/// (TCP when a record predates UDP ports).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Publish {
     pub host: std::net::SocketAddr,
     pub guest: u16,
+    #[serde(default)]
+    pub proto: PortProto,
+}
+
+/// Splits a `/tcp` or `/udp` suffix off `spec` (none: TCP).
+pub fn split_proto(spec: &str) -> std::result::Result<(&str, PortProto), String> {
+    match spec.rsplit_once('/') {
+        Some((b, "tcp")) => Ok((b, PortProto::Tcp)),
+        Some((b, "udp")) => Ok((b, PortProto::Udp)),
+        Some((_, p)) => Err(format!("unknown protocol {p:?} (tcp or udp)")),
+        None => Ok((spec, PortProto::Tcp)),
+    }
+}
+
+/// Parses `GUEST[/tcp|/udp]`, a published port's guest side (as `msb port --rm` takes it).
+pub fn parse_guest_port(spec: &str) -> std::result::Result<(u16, PortProto), String> {
+    let bad = |why: String| format!("{spec:?}: {why}; write GUEST or GUEST/udp, e.g. 8080 or 53/udp");
+    let (port, proto) = split_proto(spec).map_err(bad)?;
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => Ok((p, proto)),
+        _ => Err(bad(format!("{port:?} is not a port 1..=65535"))),
+    }
+}
+
+impl From<Port> for Publish {
+    fn from(p: Port) -> Publish {
+        Publish { host: p.host, guest: p.guest, proto: p.proto }
+    }
+}
+
+impl From<Publish> for Port {
+    fn from(p: Publish) -> Port {
+        Port { host: p.host, guest: p.guest, proto: p.proto }
+    }
 }
 
 impl Publish {
-    /// Parses `[ADDR:]HOST:GUEST[/tcp]` or `GUEST` (docker's `-p`); ADDR defaults to
-    /// 127.0.0.1 (an IPv6 one in brackets), HOST 0 or absent picks a free port.
+    /// Parses `[ADDR:]HOST:GUEST[/tcp|/udp]` or `GUEST[/udp]` (docker's `-p`); ADDR defaults
+    /// to 127.0.0.1 (an IPv6 one in brackets), HOST 0 or absent picks a free port.
     pub fn parse(spec: &str) -> std::result::Result<Publish, String> {
-        let bad = |why: &str| format!("-p {spec:?}: {why}; write [ADDR:]HOST:GUEST or GUEST, e.g. 8080:80");
-        let body = match spec.rsplit_once('/') {
-            Some((b, "tcp")) => b,
-            Some((_, "udp")) => return Err(bad("UDP ports cannot be published yet (TCP only)")),
-            Some((_, p)) => return Err(bad(&format!("unknown protocol {p:?}"))),
-            None => spec,
-        };
+        let bad = |why: &str| format!("-p {spec:?}: {why}; write [ADDR:]HOST:GUEST[/udp] or GUEST, e.g. 8080:80");
+        let (body, proto) = split_proto(spec).map_err(|e| bad(&e))?;
         let port =
             |p: &str, what: &str| p.parse::<u16>().map_err(|_| bad(&format!("{what} port {p:?} is not 0..=65535")));
         let (addr, rest): (std::net::IpAddr, &str) = match body.strip_prefix('[') {
@@ -190,7 +224,7 @@ impl Publish {
         if guest == 0 {
             return Err(bad("the guest port must not be 0"));
         }
-        Ok(Publish { host: (addr, host).into(), guest })
+        Ok(Publish { host: (addr, host).into(), guest, proto })
     }
 }
 
@@ -212,7 +246,8 @@ impl Default for SandboxConfig {
 
 #[cfg(test)]
 mod publish_tests {
-    use super::Publish;
+    use super::{parse_guest_port, Publish};
+    use msb_schema::net::PortProto;
 
     #[test]
     fn published_ports_default_to_loopback_and_refuse_what_cannot_work() {
@@ -222,9 +257,26 @@ mod publish_tests {
         assert_eq!(p("0:80/tcp"), Ok(("127.0.0.1:0".into(), 80)));
         assert_eq!(p("0.0.0.0:8080:80"), Ok(("0.0.0.0:8080".into(), 80)), "only when named");
         assert_eq!(p("[::1]:8080:80"), Ok(("[::1]:8080".into(), 80)));
-        for bad in ["80/udp", "8080:0", "70000:80", "a:b", "localhost:8080:80", "[::1]8080:80", "80/sctp", ""] {
+        for bad in ["8080:0", "70000:80", "a:b", "localhost:8080:80", "[::1]8080:80", "80/sctp", "80/", "/udp", ""] {
             let e = p(bad).unwrap_err();
             assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_udp_suffix_publishes_udp_and_tcp_stays_the_default() {
+        let proto = |s: &str| Publish::parse(s).map(|p| (p.host.to_string(), p.guest, p.proto));
+        assert_eq!(proto("5353:53/udp"), Ok(("127.0.0.1:5353".into(), 53, PortProto::Udp)));
+        assert_eq!(proto("53/udp"), Ok(("127.0.0.1:0".into(), 53, PortProto::Udp)));
+        assert_eq!(proto("[::1]:53:53/udp"), Ok(("[::1]:53".into(), 53, PortProto::Udp)));
+        assert_eq!(proto("8080:80"), Ok(("127.0.0.1:8080".into(), 80, PortProto::Tcp)));
+        // A record written before UDP ports reads as TCP.
+        let old: Publish = serde_json::from_str(r#"{"host":"127.0.0.1:8080","guest":80}"#).unwrap();
+        assert_eq!(old.proto, PortProto::Tcp);
+        assert_eq!(parse_guest_port("53/udp"), Ok((53, PortProto::Udp)));
+        assert_eq!(parse_guest_port("80"), Ok((80, PortProto::Tcp)));
+        for bad in ["0", "0/udp", "x", "80/icmp", "70000"] {
+            assert!(parse_guest_port(bad).unwrap_err().contains(&format!("{bad:?}")), "{bad}");
         }
     }
 }

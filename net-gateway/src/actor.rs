@@ -20,6 +20,10 @@
 //!   once as a last record.
 //! - A UDP flow's task holds one host socket connected to the flow's destination; at most
 //!   [`UDP_QUEUE`] datagrams wait each way (more are dropped, as a congested link would).
+//! - A published UDP port is one host socket; each host peer that sends to it is a UDP flow
+//!   of the core (so the UDP table bounds them, and they idle out like any), whose guest
+//!   datagrams go back to that peer only. At most [`UDP_QUEUE`] datagrams per port wait for
+//!   the actor.
 //! - Upstream DNS is asked with the core's own query (a fresh id, one question); an answer
 //!   is taken only from the resolver's address, and a lookup that gets none within
 //!   [`DNS_TIMEOUT`] is answered SERVFAIL.
@@ -28,9 +32,10 @@ use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use msb_schema::net::{GuestFrames, NetControl, ToNet, MAX_PUBLISHED, NET_FRAME_WINDOW};
+use msb_schema::net::{GuestFrames, NetControl, PortListener, PortProto, ToNet, MAX_PUBLISHED, NET_FRAME_WINDOW};
 use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -72,7 +77,7 @@ pub struct GatewayArgs {
     pub seed: u64,
     /// Published ports: host listeners (already bound, so a taken port fails the sandbox's
     /// creation, not later) and the guest port each leads to.
-    pub published: Vec<(std::net::TcpListener, u16)>,
+    pub published: Vec<(PortListener, u16)>,
     /// New-flow rate and byte rates (checked by the caller with [`Limits::check`]).
     pub limits: Limits,
 }
@@ -126,6 +131,15 @@ pub enum GatewayMsg {
         guest_port: u16,
         stream: TcpStream,
     },
+    /// A datagram from host peer `peer` to the published UDP port `sock` (leading to
+    /// `guest_port`); `permit` is held until it is framed.
+    InboundUdp {
+        guest_port: u16,
+        sock: Arc<UdpSocket>,
+        peer: SocketAddr,
+        bytes: Vec<u8>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    },
 }
 
 impl From<GuestFrames> for GatewayMsg {
@@ -169,11 +183,19 @@ enum ToHost {
 enum FlowTx {
     Tcp(mpsc::UnboundedSender<ToHost>),
     Udp(mpsc::Sender<Vec<u8>>),
+    /// A host peer of a published UDP port: the guest's datagrams go back to `peer` from
+    /// the published socket (whose local address, with `peer`, keys [`GatewayState::peers`]).
+    Peer {
+        sock: Arc<UdpSocket>,
+        peer: SocketAddr,
+        local: SocketAddr,
+    },
 }
 
 struct HostFlow {
     tx: FlowTx,
-    task: AbortHandle,
+    /// The flow's own task, if it has one (a published UDP port's peer has none).
+    task: Option<AbortHandle>,
     /// Host bytes the guest's socket has not taken yet (from `at`), and whom to tell.
     parked: Option<(Vec<u8>, usize, oneshot::Sender<()>)>,
     /// The host finished; tell the core once the parked bytes are in.
@@ -182,7 +204,9 @@ struct HostFlow {
 
 impl Drop for HostFlow {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(t) = &self.task {
+            t.abort();
+        }
     }
 }
 
@@ -246,8 +270,19 @@ pub struct GatewayState {
     timer_gen: u64,
     /// Guest frames the core's queue refused (counted; the guest's TCP retransmits).
     pub refused: u64,
-    /// The published ports' accept loops: host address, guest port.
-    listeners: Vec<(SocketAddr, u16, AbortHandle)>,
+    /// The published ports' accept loops.
+    listeners: Vec<Listening>,
+    /// Host peers of published UDP ports (published socket's address, peer) and their
+    /// flows; an entry lives exactly as long as its flow, so the core's UDP table bounds it.
+    peers: HashMap<(SocketAddr, SocketAddr), FlowId>,
+}
+
+/// A published port's accept (or receive) loop.
+struct Listening {
+    proto: PortProto,
+    host: SocketAddr,
+    guest: u16,
+    task: AbortHandle,
 }
 
 impl GatewayState {
@@ -328,15 +363,20 @@ impl GatewayState {
             }
             Event::UdpOpen { flow, addr } => {
                 let (tx, rx) = mpsc::channel(UDP_QUEUE);
-                let task = tokio::spawn(udp_task(flow, addr, self.me.clone(), rx)).abort_handle();
+                let task = Some(tokio::spawn(udp_task(flow, addr, self.me.clone(), rx)).abort_handle());
                 self.flows.insert(flow, HostFlow { tx: FlowTx::Udp(tx), task, parked: None, done: false });
             }
-            Event::UdpSend { flow, bytes } => {
-                if let Some(FlowTx::Udp(tx)) = self.flows.get(&flow).map(|f| &f.tx) {
-                    let _ = tx.try_send(bytes); // full: dropped, as a congested link would
+            Event::UdpSend { flow, bytes } => match self.flows.get(&flow).map(|f| &f.tx) {
+                // Full: dropped, as a congested link would.
+                Some(FlowTx::Udp(tx)) => drop(tx.try_send(bytes)),
+                Some(FlowTx::Peer { sock, peer, .. }) => drop(sock.try_send_to(&bytes, *peer)),
+                _ => {}
+            },
+            Event::Closed { flow } => {
+                if let Some(FlowTx::Peer { peer, local, .. }) = self.flows.remove(&flow).as_ref().map(|f| &f.tx) {
+                    self.peers.remove(&(*local, *peer));
                 }
             }
-            Event::Closed { flow } => drop(self.flows.remove(&flow)),
             Event::Resolve { lookup, upstream_id, bytes } => {
                 let (me, upstream) = (self.me.clone(), self.upstream);
                 tokio::spawn(async move {
@@ -361,8 +401,25 @@ enum HostEnd {
 impl GatewayState {
     fn start_flow(&mut self, flow: FlowId, end: HostEnd) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(flow_task(flow, end, self.me.clone(), rx)).abort_handle();
+        let task = Some(tokio::spawn(flow_task(flow, end, self.me.clone(), rx)).abort_handle());
         self.flows.insert(flow, HostFlow { tx: FlowTx::Tcp(tx), task, parked: None, done: false });
+    }
+
+    /// A datagram from a host peer of a published UDP port: framed to the guest on the
+    /// peer's flow, which is made on its first datagram (dropped if the table is full).
+    fn inbound_udp(&mut self, guest_port: u16, sock: Arc<UdpSocket>, peer: SocketAddr, bytes: &[u8], now: u64) {
+        let Ok(local) = sock.local_addr() else { return };
+        let flow = match self.peers.get(&(local, peer)) {
+            Some(&flow) => flow,
+            None => {
+                let Some(flow) = self.core.inbound_udp(guest_port, now) else { return };
+                self.peers.insert((local, peer), flow);
+                let tx = FlowTx::Peer { sock, peer, local };
+                self.flows.insert(flow, HostFlow { tx, task: None, parked: None, done: false });
+                flow
+            }
+        };
+        self.core.udp_reply(flow, bytes, now);
     }
 }
 
@@ -517,29 +574,54 @@ pub fn host_addresses() -> Vec<IpAddr> {
         .collect()
 }
 
-/// Accepts host clients of a published port (bound already) for guest port `guest_port`.
-fn accept_loop(
-    me: &ActorRef<GatewayMsg>,
-    l: std::net::TcpListener,
-    guest_port: u16,
-) -> std::io::Result<(SocketAddr, u16, AbortHandle)> {
-    let host = l.local_addr()?;
-    l.set_nonblocking(true)?;
-    let l = tokio::net::TcpListener::from_std(l)?;
+/// Starts the loop of a published port (bound already) for guest port `guest`: accepting
+/// host clients (TCP) or receiving host peers' datagrams (UDP, at most [`UDP_QUEUE`] ahead
+/// of the actor per port; the kernel's socket buffer drops the rest).
+fn listen(me: &ActorRef<GatewayMsg>, l: PortListener, guest: u16) -> std::io::Result<Listening> {
+    let (proto, host) = (l.proto(), l.local_addr()?);
     let me = me.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = l.accept().await else {
-                // Out of fds or the like: back off instead of spinning.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            };
-            if me.cast(GatewayMsg::Inbound { guest_port, stream }).is_err() {
-                return;
-            }
+    let task = match l {
+        PortListener::Tcp(l) => {
+            l.set_nonblocking(true)?;
+            let l = tokio::net::TcpListener::from_std(l)?;
+            tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = l.accept().await else {
+                        // Out of fds or the like: back off instead of spinning.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    };
+                    if me.cast(GatewayMsg::Inbound { guest_port: guest, stream }).is_err() {
+                        return;
+                    }
+                }
+            })
         }
-    });
-    Ok((host, guest_port, task.abort_handle()))
+        PortListener::Udp(u) => {
+            u.set_nonblocking(true)?;
+            let sock = Arc::new(UdpSocket::from_std(u)?);
+            let permits = Arc::new(tokio::sync::Semaphore::new(UDP_QUEUE));
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; UDP_MAX];
+                loop {
+                    let Ok(permit) = permits.clone().acquire_owned().await else { return };
+                    // An error (ECONNREFUSED after an ICMP unreachable) is consumed.
+                    let Ok((n, peer)) = sock.recv_from(&mut buf).await else { continue };
+                    let msg = GatewayMsg::InboundUdp {
+                        guest_port: guest,
+                        sock: sock.clone(),
+                        peer,
+                        bytes: buf[..n].to_vec(),
+                        permit,
+                    };
+                    if me.cast(msg).is_err() {
+                        return;
+                    }
+                }
+            })
+        }
+    };
+    Ok(Listening { proto, host, guest, task: task.abort_handle() })
 }
 
 impl Actor for NetGateway {
@@ -553,7 +635,7 @@ impl Actor for NetGateway {
         core.set_limits(a.limits, 0);
         let mut listeners = Vec::new();
         for (l, guest_port) in a.published {
-            listeners.push(accept_loop(&me, l, guest_port)?);
+            listeners.push(listen(&me, l, guest_port)?);
         }
         Ok(GatewayState {
             me,
@@ -568,12 +650,13 @@ impl Actor for NetGateway {
             timer_gen: 0,
             refused: 0,
             listeners,
+            peers: HashMap::new(),
         })
     }
 
     async fn post_stop(&self, _: ActorRef<GatewayMsg>, st: &mut GatewayState) -> Result<(), ActorProcessingErr> {
-        for (_, _, l) in &st.listeners {
-            l.abort();
+        for l in &st.listeners {
+            l.task.abort();
         }
         st.flows.clear();
         Ok(())
@@ -618,20 +701,31 @@ impl Actor for NetGateway {
                 let r = if st.listeners.len() >= MAX_PUBLISHED {
                     Err(format!("at most {MAX_PUBLISHED} published ports per sandbox"))
                 } else {
-                    accept_loop(&st.me, listener, guest).map(|l| st.listeners.push(l)).map_err(|e| e.to_string())
+                    listen(&st.me, listener, guest).map(|l| st.listeners.push(l)).map_err(|e| e.to_string())
                 };
                 let _ = reply.send(r);
             }
-            GatewayMsg::Control(NetControl::Unpublish { guest, reply }) => {
+            GatewayMsg::Control(NetControl::Unpublish { proto, guest, reply }) => {
                 let mut closed = Vec::new();
-                st.listeners.retain(|(host, g, task)| {
-                    if *g != guest {
+                st.listeners.retain(|l| {
+                    if (l.proto, l.guest) != (proto, guest) {
                         return true;
                     }
-                    task.abort();
-                    closed.push(*host);
+                    l.task.abort();
+                    closed.push(l.host);
                     false
                 });
+                // A UDP port's peers go with it, so its socket closes now and the address
+                // can be published again.
+                let gone: Vec<FlowId> = st
+                    .flows
+                    .iter()
+                    .filter(|(_, f)| matches!(&f.tx, FlowTx::Peer { local, .. } if closed.contains(local)))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for flow in gone {
+                    st.core.host_failed(flow);
+                }
                 let _ = reply.send(closed);
             }
             GatewayMsg::Tick(generation) => {
@@ -672,6 +766,10 @@ impl Actor for NetGateway {
                 if let Some(flow) = st.core.inbound(guest_port, FLOW_BUFFER, now) {
                     st.start_flow(flow, HostEnd::Accepted(stream));
                 }
+            }
+            GatewayMsg::InboundUdp { guest_port, sock, peer, bytes, permit } => {
+                st.inbound_udp(guest_port, sock, peer, &bytes, now);
+                drop(permit);
             }
         }
         st.run();

@@ -294,6 +294,19 @@ enum Reply {
 /// First local port the gateway uses for connections into the guest.
 const INBOUND_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
 
+/// A gateway address and port for an inbound flow that `taken` says no live flow uses
+/// (there are fewer flows than ports, so one is found); `next` is where the search starts.
+fn free_inbound_port(next: &mut u16, gateway: Ipv4Addr, taken: impl Fn(SocketAddr) -> bool) -> SocketAddr {
+    loop {
+        let port = *next;
+        *next = if port == *INBOUND_PORTS.end() { *INBOUND_PORTS.start() } else { port + 1 };
+        let local = SocketAddr::new(IpAddr::V4(gateway), port);
+        if !taken(local) {
+            return local;
+        }
+    }
+}
+
 struct PendingLookup {
     query: GuestQuery,
     upstream_id: u16,
@@ -304,6 +317,8 @@ struct UdpFlow {
     /// Guest address and port, destination.
     key: (SocketAddr, SocketAddr),
     last_ms: u64,
+    /// A host peer of a published port (the egress policy does not apply to it).
+    inbound: bool,
 }
 
 /// A SYN a guest frame carries, parsed.
@@ -428,7 +443,7 @@ impl Gateway {
         let denied: Vec<FlowId> = self
             .udp
             .iter()
-            .filter(|(_, f)| self.decide(Proto::Udp, f.key.1, now_ms).0 == Action::Deny)
+            .filter(|(_, f)| !f.inbound && self.decide(Proto::Udp, f.key.1, now_ms).0 == Action::Deny)
             .map(|(id, _)| *id)
             .collect();
         for id in denied {
@@ -726,7 +741,7 @@ impl Gateway {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.udp.insert(id, UdpFlow { key: (src, dst), last_ms: now_ms });
+        self.udp.insert(id, UdpFlow { key: (src, dst), last_ms: now_ms, inbound: false });
         self.udp_by_key.insert((src, dst), id);
         self.push(Event::UdpOpen { flow: id, addr: dst });
         if limit::admit(&mut self.egress, payload.len(), now_ms) {
@@ -1066,15 +1081,8 @@ impl Gateway {
             self.push(Event::Audit(audit));
             return None;
         }
-        // A local port no live flow uses (there are fewer flows than ports).
-        let local = loop {
-            let port = self.next_inbound;
-            self.next_inbound = if port == *INBOUND_PORTS.end() { *INBOUND_PORTS.start() } else { port + 1 };
-            let local = SocketAddr::new(IpAddr::V4(self.cfg.gateway_v4), port);
-            if !self.by_key.contains_key(&(guest, local)) {
-                break local;
-            }
-        };
+        let local =
+            free_inbound_port(&mut self.next_inbound, self.cfg.gateway_v4, |l| self.by_key.contains_key(&(guest, l)));
         let mut sock = flow_socket();
         let remote = IpEndpoint::new(guest.ip().into(), guest_port);
         let local_ep = IpListenEndpoint { addr: Some(local.ip().into()), port: local.port() };
@@ -1083,6 +1091,39 @@ impl Gateway {
         }
         self.push(Event::Audit(audit));
         Some(self.add_flow(sock, (guest, local), true, FlowKind::Relay, credit, now_ms))
+    }
+
+    /// A new host peer of a published UDP port leading to `guest_port`: a UDP flow whose
+    /// guest side is that port and whose far side is a gateway port of its own, so the
+    /// guest's replies to it find the way back ([`Event::UdpSend`] on the returned flow).
+    /// Its datagrams reach the guest through [`Gateway::udp_reply`]. `None` when the UDP
+    /// table is full (the peer's datagram is dropped).
+    pub fn inbound_udp(&mut self, guest_port: u16, now_ms: u64) -> Option<FlowId> {
+        let guest = SocketAddr::new(IpAddr::V4(self.cfg.guest_v4), guest_port);
+        let mut audit = Audit {
+            at_ms: now_ms,
+            proto: Proto::Udp,
+            dest: guest,
+            names: vec![],
+            action: Action::Allow,
+            group: self.classifier.classify(guest.ip()),
+            why: format!("published port to guest port {guest_port}"),
+            rule: None,
+        };
+        if self.udp.len() >= MAX_UDP_FLOWS {
+            (audit.action, audit.why) = (Action::Deny, format!("the {MAX_UDP_FLOWS}-flow UDP table is full"));
+            self.push(Event::Audit(audit));
+            return None;
+        }
+        let local = free_inbound_port(&mut self.next_inbound, self.cfg.gateway_v4, |l| {
+            self.udp_by_key.contains_key(&(guest, l))
+        });
+        self.push(Event::Audit(audit));
+        let id = self.next_id;
+        self.next_id += 1;
+        self.udp.insert(id, UdpFlow { key: (guest, local), last_ms: now_ms, inbound: true });
+        self.udp_by_key.insert((guest, local), id);
+        Some(id)
     }
 
     /// The host connection of `flow` is up; the shell can take `credit` bytes towards it.

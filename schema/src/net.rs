@@ -47,9 +47,71 @@ pub enum NetControl {
     /// The policy in force, as policy-file text.
     Policy(RpcReplyPort<String>),
     /// Publishes a port: host clients of `listener` (bound already, by the caller) reach
-    /// the guest's `guest` port. Refused past [`MAX_PUBLISHED`] ports.
-    Publish { listener: std::net::TcpListener, guest: u16, reply: RpcReplyPort<Result<(), String>> },
-    /// Closes the published ports leading to guest port `guest` (connections already made
-    /// through them stay); answered with the host addresses closed.
-    Unpublish { guest: u16, reply: RpcReplyPort<Vec<std::net::SocketAddr>> },
+    /// the guest's `guest` port over the listener's protocol. Refused past [`MAX_PUBLISHED`]
+    /// ports.
+    Publish { listener: PortListener, guest: u16, reply: RpcReplyPort<Result<(), String>> },
+    /// Closes the published `proto` ports leading to guest port `guest`; answered with the
+    /// host addresses closed. TCP connections already made through them stay; a UDP port's
+    /// peers go with it (its socket closes, so the address can be bound again).
+    Unpublish { proto: PortProto, guest: u16, reply: RpcReplyPort<Vec<std::net::SocketAddr>> },
+}
+
+/// The protocol of a published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProto {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl std::fmt::Display for PortProto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PortProto::Tcp => "tcp",
+            PortProto::Udp => "udp",
+        })
+    }
+}
+
+/// One published port: its protocol, the host address (port 0: any free one, until bound)
+/// and the guest port it leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Port {
+    pub proto: PortProto,
+    pub host: std::net::SocketAddr,
+    pub guest: u16,
+}
+
+/// A published port's host socket, bound by the caller before the gateway sees it (so a
+/// taken address fails the caller, not the gateway).
+#[derive(Debug)]
+pub enum PortListener {
+    Tcp(std::net::TcpListener),
+    Udp(std::net::UdpSocket),
+}
+
+impl PortListener {
+    /// Binds `proto` on `host`.
+    pub fn bind(proto: PortProto, host: std::net::SocketAddr) -> std::io::Result<PortListener> {
+        Ok(match proto {
+            PortProto::Tcp => PortListener::Tcp(std::net::TcpListener::bind(host)?),
+            PortProto::Udp => PortListener::Udp(std::net::UdpSocket::bind(host)?),
+        })
+    }
+
+    /// The address bound (with the port picked for a port 0).
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        match self {
+            PortListener::Tcp(l) => l.local_addr(),
+            PortListener::Udp(u) => u.local_addr(),
+        }
+    }
+
+    pub fn proto(&self) -> PortProto {
+        match self {
+            PortListener::Tcp(_) => PortProto::Tcp,
+            PortListener::Udp(_) => PortProto::Udp,
+        }
+    }
 }

@@ -386,6 +386,53 @@ fn a_published_port_reaches_a_guest_server_on_loopback_only() {
 }
 
 #[test]
+fn a_published_udp_port_carries_each_host_peers_datagrams_to_a_guest_server_and_back() {
+    let name = "e2e-net-udp-port";
+    let _ = msb(&["rm", "--force", name]);
+    let server = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 7000))\n\
+                  while True:\n    d, a = s.recvfrom(2048)\n    s.sendto(d.upper() + b' ' + str(a[1]).encode(), a)\n";
+    ok(&["run", "-d", "--name", name, "--boot-timeout", "45", "-p", "7000/udp", IMAGE, "--", "python3", "-c", server]);
+    let listed = ok(&["port", name]);
+    let at: std::net::SocketAddr =
+        listed.lines().find_map(|l| l.strip_prefix("7000/udp -> ")?.parse().ok()).unwrap_or_else(|| panic!("{listed}"));
+    assert!(at.ip().is_loopback() && at.port() != 0, "bound to 127.0.0.1 on a picked port: {listed}");
+    let ask = |s: &std::net::UdpSocket, what: &[u8]| -> Option<String> {
+        let mut buf = [0u8; 2048];
+        s.send_to(what, at).ok()?;
+        let (n, from) = s.recv_from(&mut buf).ok()?;
+        assert_eq!(from, at, "the answer comes from the published address");
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    let peer = |_| {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_millis(500))).unwrap();
+        s
+    };
+    let (a, b) = (peer(0), peer(1));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let first = loop {
+        if let Some(answer) = ask(&a, b"hello") {
+            break answer;
+        }
+        assert!(std::time::Instant::now() < deadline, "the guest's UDP server never answered");
+    };
+    let second = ask(&b, b"other").expect("a second peer is answered too");
+    let (w1, p1) = first.split_once(' ').unwrap_or_else(|| panic!("{first}"));
+    let (w2, p2) = second.split_once(' ').unwrap_or_else(|| panic!("{second}"));
+    assert_eq!((w1, w2), ("HELLO", "OTHER"));
+    assert_ne!(p1, p2, "each host peer is its own flow, seen from its own gateway port");
+    assert_eq!(ask(&a, b"again").as_deref(), Some(format!("AGAIN {p1}").as_str()), "the same peer keeps its flow");
+    let ls = ok(&["ls"]);
+    assert!(ls.contains(&format!("{at}->7000/udp")), "{ls}");
+    assert_ne!(code(&msb(&["port", name, "--rm", "7000"])), 0, "no TCP port leads to 7000");
+    let removed = ok(&["port", name, "--rm", "7000/udp"]);
+    assert!(!removed.contains("7000/udp"), "{removed}");
+    assert_eq!(ask(&a, b"late"), None, "a closed UDP port carries nothing");
+    std::net::UdpSocket::bind(at).expect("the closed port's address is free again");
+    let _ = msb(&["rm", "--force", name]);
+}
+
+#[test]
 fn a_domain_rule_binds_the_flow_to_the_name_it_resolved_by_sni_and_host() {
     let net = TestNet::new(2);
     let (web, hosts) = http_server(net.tcp(80));

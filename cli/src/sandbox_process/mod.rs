@@ -222,7 +222,7 @@ async fn boot(launch: &Launch, dir: &Path) -> msb_actors::Result<Sandbox> {
             upstream_dns: c.net.dns,
             audit: Some(paths::net_audit_path(&launch.home, &launch.name)),
             name: launch.name.to_string(),
-            publish: c.net.publish.iter().map(|p| (p.host, p.guest)).collect(),
+            publish: c.net.publish.iter().map(|&p| p.into()).collect(),
             limits: crate::net_limits(&c.net),
         })
     };
@@ -277,7 +277,7 @@ fn owner_watch(
 
 /// Writes the sandbox's published ports (whole, then renamed into place) and returns them.
 fn write_ports(file: &Path, sb: &Sandbox) -> Result<Vec<wire::Publish>, Error> {
-    let ports: Vec<wire::Publish> = sb.published().iter().map(|&(host, guest)| wire::Publish { host, guest }).collect();
+    let ports: Vec<wire::Publish> = sb.published().into_iter().map(wire::Publish::from).collect();
     let tmp = file.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(&ports).unwrap_or_default()).map_err(io("writing", &tmp))?;
     std::fs::rename(&tmp, file).map_err(io("writing", file))?;
@@ -344,19 +344,19 @@ async fn serve_conn(stream: tokio::net::UnixStream, ctx: Arc<Ctx>) {
             let _ = wire::send(&mut wr, &answer).await;
         }
         ClientMsg::Publish(p) => {
-            let answer = match ctx.sb.publish(p.host, p.guest).await {
+            let answer = match ctx.sb.publish(p.into()).await {
                 Ok(bound) => {
-                    tracing::info!(%bound, guest = p.guest, "a port was published live");
+                    tracing::info!(%bound, guest = p.guest, proto = %p.proto, "a port was published live");
                     ports_answer(&ctx)
                 }
                 Err(e) => ServerMsg::Refused(e.to_string()),
             };
             let _ = wire::send(&mut wr, &answer).await;
         }
-        ClientMsg::Unpublish { guest } => {
-            let answer = match ctx.sb.unpublish(guest).await {
+        ClientMsg::Unpublish { guest, proto } => {
+            let answer = match ctx.sb.unpublish(proto, guest).await {
                 Ok(closed) if closed.is_empty() => {
-                    ServerMsg::Refused(format!("no published port leads to guest port {guest}"))
+                    ServerMsg::Refused(format!("no published port leads to guest port {guest}/{proto}"))
                 }
                 Ok(_) => ports_answer(&ctx),
                 Err(e) => ServerMsg::Refused(e.to_string()),

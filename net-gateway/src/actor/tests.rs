@@ -40,7 +40,7 @@ impl Rig {
         Rig::with_ports(policy, audit, Vec::new()).await
     }
 
-    async fn with_ports(policy: Policy, audit: Option<PathBuf>, published: Vec<(std::net::TcpListener, u16)>) -> Rig {
+    async fn with_ports(policy: Policy, audit: Option<PathBuf>, published: Vec<(PortListener, u16)>) -> Rig {
         let args = GatewayArgs {
             sandbox: "t".into(),
             net: NetConfig::default(),
@@ -177,7 +177,7 @@ async fn a_published_port_carries_a_host_client_into_the_guest_whatever_the_egre
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let at = l.local_addr().unwrap();
     let deny_all = Policy::parse("deny any").unwrap();
-    let mut rig = Rig::with_ports(deny_all, None, vec![(l, 8080)]).await;
+    let mut rig = Rig::with_ports(deny_all, None, vec![(PortListener::Tcp(l), 8080)]).await;
     let mut s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 4096]), tcp::SocketBuffer::new(vec![0; 4096]));
     s.listen(8080).unwrap();
     let h = rig.guest.sockets.add(s);
@@ -214,7 +214,11 @@ async fn ports_published_and_closed_live_open_and_close_their_listeners() {
     let h = rig.guest.sockets.add(s);
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let at = l.local_addr().unwrap();
-    let r = ractor::call!(rig.gw, |reply| GatewayMsg::Control(NetControl::Publish { listener: l, guest: 9000, reply }));
+    let r = ractor::call!(rig.gw, |reply| GatewayMsg::Control(NetControl::Publish {
+        listener: PortListener::Tcp(l),
+        guest: 9000,
+        reply
+    }));
     assert_eq!(r.unwrap(), Ok(()));
     let _client = TcpStream::connect(at).await.unwrap();
     for _ in 0..50 {
@@ -224,17 +228,25 @@ async fn ports_published_and_closed_live_open_and_close_their_listeners() {
         }
     }
     assert!(rig.guest.sockets.get::<tcp::Socket>(h).may_send(), "the live port reaches the guest");
-    let closed = ractor::call!(rig.gw, |reply| GatewayMsg::Control(NetControl::Unpublish { guest: 9000, reply }));
+    let closed = ractor::call!(rig.gw, |reply| GatewayMsg::Control(NetControl::Unpublish {
+        proto: PortProto::Tcp,
+        guest: 9000,
+        reply
+    }));
     assert_eq!(closed.unwrap(), vec![at]);
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(TcpStream::connect(at).await.is_err(), "the listener is gone");
-    let closed = ractor::call!(rig.gw, |reply| GatewayMsg::Control(NetControl::Unpublish { guest: 9000, reply }));
+    let closed = ractor::call!(rig.gw, |reply| GatewayMsg::Control(NetControl::Unpublish {
+        proto: PortProto::Tcp,
+        guest: 9000,
+        reply
+    }));
     assert!(closed.unwrap().is_empty());
     // Past the cap, refused.
     for i in 0..=MAX_PUBLISHED {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let r = ractor::call!(rig.gw, |reply| GatewayMsg::Control(NetControl::Publish {
-            listener: l,
+            listener: PortListener::Tcp(l),
             guest: 1000 + i as u16,
             reply
         }))
@@ -316,4 +328,62 @@ async fn after_a_raw_syn_flood_a_new_connection_gets_the_hosts_close() {
     }
     let s = rig.guest.sockets.get::<tcp::Socket>(h);
     assert!(!s.may_recv(), "the host's close reached the guest: {:?}", s.state());
+}
+
+fn guest_udp(rig: &mut Rig, port: u16) -> smoltcp::iface::SocketHandle {
+    let meta = || vec![smoltcp::socket::udp::PacketMetadata::EMPTY; 8];
+    let mut s = smoltcp::socket::udp::Socket::new(
+        smoltcp::socket::udp::PacketBuffer::new(meta(), vec![0; 8192]),
+        smoltcp::socket::udp::PacketBuffer::new(meta(), vec![0; 8192]),
+    );
+    s.bind(port).unwrap();
+    rig.guest.sockets.add(s)
+}
+
+#[tokio::test]
+async fn a_published_udp_port_carries_each_host_peers_datagrams_and_the_guests_answers() {
+    use smoltcp::socket::udp;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let at = sock.local_addr().unwrap();
+    let deny_all = Policy::parse("deny any").unwrap();
+    let mut rig = Rig::with_ports(deny_all, None, vec![(PortListener::Udp(sock), 5353)]).await;
+    let h = guest_udp(&mut rig, 5353);
+    let a = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let b = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    a.send_to(b"from a", at).await.unwrap();
+    b.send_to(b"from b", at).await.unwrap();
+    // The guest answers each datagram, upper-cased, to whoever sent it.
+    let mut seen = Vec::new();
+    for _ in 0..200 {
+        rig.run(10).await;
+        while let Ok((d, m)) = rig.guest.sockets.get_mut::<udp::Socket>(h).recv() {
+            let (d, from) = (d.to_vec(), m.endpoint);
+            seen.push((String::from_utf8(d.clone()).unwrap(), from));
+            rig.guest.sockets.get_mut::<udp::Socket>(h).send_slice(&d.to_ascii_uppercase(), from).unwrap();
+        }
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    let mut texts: Vec<&str> = seen.iter().map(|(t, _)| t.as_str()).collect();
+    texts.sort();
+    assert_eq!(texts, ["from a", "from b"], "both peers' datagrams reached the guest port, deny-all egress or not");
+    assert_ne!(seen[0].1, seen[1].1, "each host peer is its own flow");
+    rig.run(100).await;
+    let mut buf = [0u8; 64];
+    for (peer, want) in [(&a, b"FROM A"), (&b, b"FROM B")] {
+        let (n, from) = tokio::time::timeout(Duration::from_secs(5), peer.recv_from(&mut buf)).await.unwrap().unwrap();
+        assert_eq!((&buf[..n], from), (&want[..], at), "the answer comes back from the published address");
+    }
+    // Closed live: nothing more reaches the guest.
+    let closed = ractor::call!(rig.gw, |reply| GatewayMsg::Control(NetControl::Unpublish {
+        proto: PortProto::Udp,
+        guest: 5353,
+        reply
+    }));
+    assert_eq!(closed.unwrap(), vec![at]);
+    a.send_to(b"late", at).await.unwrap();
+    rig.run(300).await;
+    assert!(rig.guest.sockets.get_mut::<udp::Socket>(h).recv().is_err(), "an unpublished port carries nothing");
+    std::net::UdpSocket::bind(at).expect("the unpublished address is free again");
 }
