@@ -190,6 +190,16 @@ def kicker(sock_path, stop):
         stop.wait(2)
 
 
+def watchdog(proc, last, limit, stop):
+    """Kills QEMU once L1's console has been silent for `limit` seconds: a frozen L1."""
+    while not stop.wait(5):
+        quiet = time.monotonic() - last[0]
+        if quiet > limit:
+            print(f"rig: L1 silent for {quiet:.0f} s (limit {limit} s); killing it", file=sys.stderr, flush=True)
+            proc.kill()
+            return
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--l1-kernel", required=True, help="rig kernel bzImage (KVM + kvm_amd built in)")
@@ -198,6 +208,8 @@ def main():
     p.add_argument("--busybox", default="/bin/busybox")
     p.add_argument("--memory", default="3072")
     p.add_argument("--timeout", type=int, default=1800, help="whole-run limit in seconds")
+    p.add_argument("--silence", type=int, default=0,
+                   help="kill L1 when its console stays silent this many seconds (0: never)")
     p.add_argument("--job", required=True, help="shell script to run inside L1")
     p.add_argument("--with-qemu", action="store_true", help="add QEMU to L1 (benchmarks)")
     p.add_argument("--images", help="the host's image store ($MSB_HOME/images), copied into L1")
@@ -225,10 +237,14 @@ def main():
     threading.Thread(target=kicker, args=(mon, stop), daemon=True).start()
     timer = threading.Timer(args.timeout, proc.kill)
     timer.start()
+    last = [time.monotonic()]
+    if args.silence > 0:
+        threading.Thread(target=watchdog, args=(proc, last, args.silence, stop), daemon=True).start()
     rc = None
     tail = []
     try:
         for raw in proc.stdout:
+            last[0] = time.monotonic()
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             tail = (tail + [line])[-80:]
             if line.startswith("RIG-EXIT "):
@@ -241,7 +257,8 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     if rc is None:
         print(f"rig: L1 ended without a job status after {time.monotonic() - start:.0f} s "
-              f"(QEMU exit {proc.returncode}; whole-run limit {args.timeout} s)", file=sys.stderr)
+              f"(QEMU exit {proc.returncode}; whole-run limit {args.timeout} s, "
+              f"silence limit {args.silence or 'none'} s)", file=sys.stderr)
         sys.exit(124)
     print(f"rig: job exit status {rc} after {time.monotonic() - start:.1f} s", flush=True)
     sys.exit(rc)

@@ -23,7 +23,7 @@ done
 # A canary boot first (e2e and demo): an L1 in which no nested boot comes up (it happens;
 # once one nested boot stalls, every later one in that L1 does too) is replaced by a fresh L1
 # at once, up to three times, instead of failing every boot by its timeout.
-canary='ok=0; for i in 1 2; do msb run --boot-timeout 30 -- true && { ok=1; break; }; done
+canary='ok=0; for i in 1 2; do timeout -s KILL 90 msb run --boot-timeout 30 -- true && { ok=1; break; }; done
 [ "$ok" = 1 ] || { echo "RIG-CANARY: no nested boot comes up in this L1"; exit 3; }
 '
 case $mode in
@@ -31,15 +31,20 @@ case $mode in
     # Each test runs as its own process with a deadline (a test hung in a stalled L1 becomes
     # a failure instead of hanging the run); after a failure the canary checks the L1, and a
     # broken L1 ends the job (RIG-L1-BROKEN) so that the rest runs in a fresh one (below).
+    # An L1 that falls silent for longer than a test's deadline plus two canaries has frozen
+    # (it happens in nested TCG): rig.py kills it and the rest runs in a fresh one.
+    extra="--silence $(( ${RIG_TEST_TIMEOUT:-420} + 240 ))"
     job='msb doctor || true
 '"$canary"'for t in $RIG_TESTS; do
-  timeout '"${RIG_TEST_TIMEOUT:-420}"' msb-e2e --exact "$t" --test-threads=1 >/tmp/t.log 2>&1
+  echo "RIG-TEST-START $t"
+  timeout -k 10 '"${RIG_TEST_TIMEOUT:-420}"' msb-e2e --exact "$t" --test-threads=1 >/tmp/t.log 2>&1
   st=$?
   cat /tmp/t.log
   if grep -q "^test result: ok. 1 passed" /tmp/t.log; then echo "RIG-TEST-PASS $t"
   else
     echo "RIG-TEST-FAIL $t (exit $st)"
-    ok=0; for i in 1 2; do msb run --boot-timeout 30 -- true >/dev/null 2>&1 && { ok=1; break; }; done
+    dmesg | tail -n 15 | sed "s/^/RIG-L1-DMESG: /"
+    ok=0; for i in 1 2; do timeout -s KILL 90 msb run --boot-timeout 30 -- true >/dev/null 2>&1 && { ok=1; break; }; done
     [ "$ok" = 1 ] || { echo "RIG-L1-BROKEN after $t"; exit 3; }
   fi
 done
@@ -89,7 +94,8 @@ list() { "$root/build/static/msb-e2e" --list "$@" ${RIG_E2E_ARGS:-} 2>/dev/null 
 pending=$(comm -23 <(list) <(list --ignored) | tr '\n' ' ')
 [ -n "${pending// /}" ] || { echo "RIG-E2E: no e2e test matches '${RIG_E2E_ARGS:-}'"; exit 1; }
 # Each test gets at most two runs, the second in a fresh L1 (a nested-TCG L1 sometimes goes
-# bad: boots stall, guests triple-fault); tests an L1 never reached do not count as runs.
+# bad: boots stall, guests triple-fault); tests an L1 never reached do not count as runs, one
+# it started and never finished does.
 # Every rerun is printed (RIG-RETRY) and counted in the summary.
 declare -A runs=() passed=() failed=()
 retried=0 in_test=0
@@ -103,7 +109,8 @@ for l1 in 1 2 3 4; do
   next=""
   for t in $pending; do
     if grep -q "RIG-TEST-PASS $t\$" "$log"; then passed[$t]=1
-    elif grep -q "RIG-TEST-FAIL $t " "$log"; then
+    elif grep -q "RIG-TEST-FAIL $t " "$log" || grep -q "RIG-TEST-START $t\$" "$log"; then
+      # failed, or started and never finished (the L1 froze or died under it)
       runs[$t]=$(( ${runs[$t]:-0} + 1 ))
       if [ "${runs[$t]}" -ge 2 ]; then failed[$t]=1; else next="$next $t"; retried=$((retried + 1)); echo "RIG-RETRY: $t failed in this L1; once more in a fresh L1"; fi
     else

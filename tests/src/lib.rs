@@ -46,19 +46,22 @@ pub fn in_rig() -> bool {
 
 /// Whether a failed first attempt of `name` (its panic `payload`) is the rig's known limit —
 /// the nested guest triple-faulted, as the API (`TripleFault`) or the CLI (`triple-faulted`)
-/// says it — and so gets one more run; says so when it does (the rig's report counts it).
-/// Nested SVM under TCG has triple-faulted guests under a sustained agent-channel flood
-/// (README, known rig limit); outside the rig a triple fault fails the test at once, so that
-/// limit cannot hide a VMM bug on hardware KVM.
+/// says it, or the whole sandbox stopped answering (`sandbox stalled`: not even an exec gets
+/// through) — and so gets one more run; says so when it does (the rig's report counts it).
+/// Nested SVM under TCG has triple-faulted and stalled guests under a sustained agent-channel
+/// flood (README, known rig limit); outside the rig either fails the test at once, so that
+/// limit cannot hide a VMM bug on hardware KVM. A command that stalls while its guest still
+/// answers is never rerun.
 fn rerun_in_rig(name: &str, attempt: u32, payload: &(dyn std::any::Any + Send)) -> bool {
     let msg = payload
         .downcast_ref::<String>()
         .cloned()
         .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_default();
-    let again = attempt == 1 && in_rig() && (msg.contains("TripleFault") || msg.contains("triple-faulted"));
+    let known = msg.contains("TripleFault") || msg.contains("triple-faulted") || msg.contains("(sandbox stalled)");
+    let again = attempt == 1 && in_rig() && known;
     if again {
-        eprintln!("E2E-RETRY: {name}: the nested guest triple-faulted (known rig limit); once more");
+        eprintln!("E2E-RETRY: {name}: the nested guest triple-faulted or stalled (known rig limit); once more:\n{msg}");
     }
     again
 }
