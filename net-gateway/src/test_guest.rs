@@ -1,4 +1,5 @@
-//! A guest for tests: a smoltcp interface with the guest's addresses, routed via the gateway.
+//! A guest for tests: a smoltcp interface with the guest's addresses (IPv4 and IPv6), routed
+//! via the gateway.
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
@@ -21,8 +22,10 @@ impl Guest {
         let mut iface = Interface::new(c, &mut dev, Instant::from_millis(0));
         iface.update_ip_addrs(|a| {
             let _ = a.push(IpCidr::new(IpAddress::Ipv4(cfg.guest_v4), cfg.prefix_v4));
+            let _ = a.push(IpCidr::new(IpAddress::Ipv6(cfg.guest_v6), cfg.prefix_v6));
         });
         iface.routes_mut().add_default_ipv4_route(cfg.gateway_v4).unwrap();
+        iface.routes_mut().add_default_ipv6_route(cfg.gateway_v6).unwrap();
         Guest { iface, dev, sockets: SocketSet::new(Vec::new()) }
     }
 
