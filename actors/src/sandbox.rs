@@ -19,10 +19,14 @@ use ractor::{Actor, ActorRef, DerivedActorRef, RpcReplyPort};
 
 use crate::supervisor::{SandboxSupervisor, SupArgs, SupMsg};
 use crate::{Error, Result};
+use msb_devices::virtio::fs::Tag;
+use msb_fs_broker::actor::FsBrokerArgs;
+use msb_fs_broker::MountConfig;
 use msb_net_gateway::actor::GatewayArgs;
 use msb_net_gateway::limit::Limits;
 use msb_net_gateway::policy::Policy;
 use msb_net_gateway::stack::NetConfig;
+pub use msb_schema::fs::{MountSpec, MAX_MOUNTS};
 use msb_schema::net::{NetControl, Port, PortListener, PortProto};
 
 /// Default time for a guest to become ready.
@@ -42,6 +46,7 @@ pub struct SandboxBuilder {
     extra_cmdline: String,
     root: Option<(PathBuf, PathBuf)>,
     network: Option<Network>,
+    mounts: Vec<MountSpec>,
 }
 
 /// A sandbox's network: the egress policy, the resolver the gateway asks, and where its
@@ -91,6 +96,7 @@ impl Default for SandboxBuilder {
             extra_cmdline: String::new(),
             root: None,
             network: Some(Network::default()),
+            mounts: Vec::new(),
         }
     }
 }
@@ -141,6 +147,44 @@ impl SandboxBuilder {
         self.network = None;
         self
     }
+    /// Shares a host directory at `spec.guest` (at most [`MAX_MOUNTS`] per sandbox), served
+    /// by its own filesystem broker confined to it; a read-only one is enforced on the host.
+    /// Files appear owned by root (the default workload user).
+    pub fn mount(mut self, spec: MountSpec) -> Self {
+        self.mounts.push(spec);
+        self
+    }
+
+    /// The kernel command-line entry naming each mount's tag and guest path.
+    fn mounts_cmdline(&self) -> String {
+        let each: Vec<String> = self
+            .mounts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| format!("{}:{}{}", mount_tag(i), m.guest, if m.read_only { ":ro" } else { "" }))
+            .collect();
+        format!("{}{}", msb_protocol::MOUNTS_CMDLINE, each.join(","))
+    }
+
+    /// Checks the mounts: how many, guest paths distinct and valid, host paths directories.
+    fn check_mounts(&self) -> Result<()> {
+        if self.mounts.len() > MAX_MOUNTS {
+            return Err(Error::Config(format!("{} mounts: at most {MAX_MOUNTS} per sandbox", self.mounts.len())));
+        }
+        for (i, m) in self.mounts.iter().enumerate() {
+            msb_schema::fs::check_guest_path(&m.guest).map_err(|e| Error::Config(e.to_string()))?;
+            if self.mounts[..i].iter().any(|o| o.guest == m.guest) {
+                return Err(Error::Config(format!("two mounts at {}", m.guest)));
+            }
+            if !m.host.is_dir() {
+                return Err(Error::Config(format!(
+                    "mount source {} is not a directory (or does not exist); name an existing host directory",
+                    m.host.display()
+                )));
+            }
+        }
+        Ok(())
+    }
     /// Extra kernel command-line arguments (appended).
     pub fn kernel_args(mut self, args: impl Into<String>) -> Self {
         self.extra_cmdline = args.into();
@@ -177,6 +221,10 @@ impl SandboxBuilder {
             }
             None => Vec::new(),
         };
+        self.check_mounts()?;
+        if !self.mounts.is_empty() {
+            extra_cmdline = format!("{} {}", self.mounts_cmdline(), extra_cmdline).trim_end().to_string();
+        }
         let net_cfg = NetConfig::default();
         if self.network.is_some() {
             extra_cmdline = format!("{} {}", Network::cmdline(&net_cfg), extra_cmdline).trim_end().to_string();
@@ -190,6 +238,7 @@ impl SandboxBuilder {
             extra_cmdline,
             disks,
             net: self.network.as_ref().map(|_| net_cfg.guest_mac),
+            mounts: (0..self.mounts.len()).map(|i| Tag::new(&mount_tag(i)).expect("msb-fs-N is a valid tag")).collect(),
         })
     }
 
@@ -230,7 +279,15 @@ impl SandboxBuilder {
                 })
             }
         };
-        let (sup, _) = Actor::spawn(None, SandboxSupervisor, SupArgs { machine, net })
+        let mounts = self
+            .mounts
+            .iter()
+            .map(|m| FsBrokerArgs {
+                root: m.host.clone(),
+                config: MountConfig { read_only: m.read_only, ..MountConfig::default() },
+            })
+            .collect();
+        let (sup, _) = Actor::spawn(None, SandboxSupervisor, SupArgs { machine, net, mounts })
             .await
             .map_err(|e| Error::Spawn(e.to_string()))?;
         let agent = match sup.call(SupMsg::AgentRef, Some(LIFECYCLE_CALL_TIMEOUT)).await {
@@ -261,6 +318,11 @@ impl SandboxBuilder {
             }
         }
     }
+}
+
+/// The virtio-fs tag of a sandbox's `i`th mount.
+fn mount_tag(i: usize) -> String {
+    format!("msb-fs-{i}")
 }
 
 /// A seed for the gateway's TCP sequence numbers and DNS ids (std seeds `RandomState` from

@@ -8,7 +8,9 @@
 //! - one shell per row of the device table: the console shell gets a `GuestBytes` ref to the
 //!   agent client; the rng shell gets nothing; the virtio-net shell gets a `GuestFrames` ref
 //!   to the network gateway, which gets a `ToNet` ref back to it and nothing else; the
-//!   supervisor keeps a `NetControl` ref to the gateway (live policy).
+//!   supervisor keeps a `NetControl` ref to the gateway (live policy); each virtio-fs shell
+//!   gets an `FsRequest` ref to its own mount's broker, which gets an `FsReply` ref back to
+//!   that shell and nothing else.
 //! - one `VcpuActor` per vCPU, reporting its exit to the supervisor.
 //!
 //! Policy (fails closed): any child that fails or stops on its own stops the VM with the
@@ -31,10 +33,12 @@ use msb_schema::{ExecError, StopReason};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::agent::{AgentClient, AgentMsg};
-use crate::devices::{BlkDevice, ConsoleArgs, ConsoleDevice, NetArgs, NetDevice, RngDevice};
+use crate::devices::{BlkDevice, ConsoleArgs, ConsoleDevice, FsArgs, FsDevice, NetArgs, NetDevice, RngDevice};
 use crate::vcpu::{VcpuActor, VcpuArgs, VcpuMsg};
 use crate::BootTimes;
+use msb_fs_broker::actor::{FsBroker, FsBrokerArgs};
 use msb_net_gateway::actor::{GatewayArgs, GatewayMsg, NetGateway};
+use msb_schema::fs::FsBrokerMsg;
 use msb_schema::net::NetControl;
 
 /// The supervisor's mailbox: lifecycle only (exec traffic goes to the agent client).
@@ -73,6 +77,8 @@ pub enum SupMsg {
 pub struct SupArgs {
     pub machine: Machine,
     pub net: Option<GatewayArgs>,
+    /// One broker's arguments per virtio-fs device, in device order.
+    pub mounts: Vec<FsBrokerArgs>,
 }
 
 pub struct SandboxSupervisor;
@@ -170,7 +176,9 @@ async fn wire(
     me: &ActorRef<SupMsg>,
     virtio: Vec<VirtioParts>,
     mut net: Option<GatewayArgs>,
+    mounts: Vec<FsBrokerArgs>,
 ) -> Result<Wired, ActorProcessingErr> {
+    let mut mounts = mounts.into_iter();
     let (agent, _) = Actor::spawn_linked(None, AgentClient, (), me.get_cell()).await?;
     let mut devices = Vec::new();
     let mut control = None;
@@ -200,6 +208,15 @@ async fn wire(
                 devices.push(shell.get_cell());
                 devices.push(gw.get_cell());
             }
+            VirtioParts::Fs(device) => {
+                let args = mounts.next().ok_or("a virtio-fs device without a mount")?;
+                let (broker, _) = Actor::spawn_linked(None, FsBroker, args, me.get_cell()).await?;
+                let args = FsArgs { device, broker: broker.get_derived() };
+                let (shell, _) = Actor::spawn_linked(None, FsDevice, args, me.get_cell()).await?;
+                broker.cast(FsBrokerMsg::Attach(shell.get_derived()))?;
+                devices.push(shell.get_cell());
+                devices.push(broker.get_cell());
+            }
         }
     }
     Ok(Wired { agent, devices, net: control })
@@ -218,7 +235,7 @@ impl Actor for SandboxSupervisor {
 
     async fn pre_start(&self, me: ActorRef<SupMsg>, args: SupArgs) -> Result<SupState, ActorProcessingErr> {
         let m = args.machine;
-        let Wired { agent, devices, net } = wire(&me, m.virtio, args.net).await?;
+        let Wired { agent, devices, net } = wire(&me, m.virtio, args.net, args.mounts).await?;
         // Registered before the guest runs a single instruction (see `SupMsg::WaitReady`).
         let (tx, rx) = ractor::concurrency::oneshot();
         agent.cast(AgentMsg::Request(AgentRequest::WaitReady(tx.into())))?;

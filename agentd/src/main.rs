@@ -77,6 +77,10 @@ fn main() {
         if let Some(net) = &net {
             system::write_resolv_conf(net);
         }
+        if let Err(e) = system::mount_shared_dirs() {
+            log(&format!("fatal: cannot mount a shared directory: {e}"));
+            system::power_off();
+        }
     }
     let result = serve();
     if let Err(e) = &result {

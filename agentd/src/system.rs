@@ -176,6 +176,60 @@ pub fn switch_to_image_root() -> Result<(), String> {
     Ok(())
 }
 
+/// One shared directory from the kernel command line: its virtio-fs tag, where it goes, and
+/// whether it is read-only.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MountBoot {
+    pub tag: String,
+    pub path: String,
+    pub read_only: bool,
+}
+
+/// Parses the `msb.mounts=` entry of `cmdline` ([`msb_protocol::MOUNTS_CMDLINE`]). Entries
+/// that are not `TAG:/ABSOLUTE/PATH[:ro]` with a plain tag and a path without `..` are left
+/// out (the host never writes such; nothing the guest reads here came from the workload).
+pub fn mounts_boot(cmdline: &str) -> Vec<MountBoot> {
+    let Some(v) = cmdline.split_whitespace().find_map(|a| a.strip_prefix(msb_protocol::MOUNTS_CMDLINE)) else {
+        return Vec::new();
+    };
+    v.split(',')
+        .filter_map(|e| {
+            let mut parts = e.split(':');
+            let (tag, path, flag) = (parts.next()?, parts.next()?, parts.next());
+            let tag_ok = !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            let path_ok = path.starts_with('/')
+                && path.len() > 1
+                && !path[1..].split('/').any(|c| c.is_empty() || c == "." || c == "..");
+            let read_only = match flag {
+                None => false,
+                Some("ro") => true,
+                Some(_) => return None,
+            };
+            (tag_ok && path_ok && parts.next().is_none()).then(|| MountBoot {
+                tag: tag.into(),
+                path: path.into(),
+                read_only,
+            })
+        })
+        .collect()
+}
+
+/// Mounts each shared directory at its path in the current root (`nosuid,nodev`, read-only
+/// where asked; the host refuses changes to a read-only one whatever this mount says).
+/// Invariant: a mount that fails stops the boot, like the root: a workload must not run
+/// writing into its own root where it expects the host's directory.
+pub fn mount_shared_dirs() -> Result<(), String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    for m in mounts_boot(&cmdline) {
+        let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        if m.read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        mount_or(&m.tag, &m.path, Some("virtiofs"), flags, None)?;
+    }
+    Ok(())
+}
+
 /// Writes one byte to the boot-timer MMIO page. `busybox devmem` does the mapping, so that
 /// agentd itself needs no `unsafe`; it runs in the background and agentd does not wait.
 fn mark_boot_timer() {
@@ -240,6 +294,20 @@ pub fn power_off() -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mounts_entry_is_parsed_and_odd_entries_left_out() {
+        let line =
+            "quiet msb.mounts=msb-fs-0:/work,msb-fs-1:/data/in:ro,bad tag:/x,t:/a/../b,t:rel,t:/x:rw,t:/y:ro:z x";
+        assert_eq!(
+            mounts_boot(line),
+            vec![
+                MountBoot { tag: "msb-fs-0".into(), path: "/work".into(), read_only: false },
+                MountBoot { tag: "msb-fs-1".into(), path: "/data/in".into(), read_only: true },
+            ]
+        );
+        assert!(mounts_boot("quiet").is_empty());
+    }
 
     #[test]
     fn the_network_entry_is_parsed_or_ignored_whole() {

@@ -183,6 +183,10 @@ struct MachineArgs {
     /// Size of an image sandbox's writable root disk, e.g. 512M or 4G (sparse; default 4G).
     #[arg(long, value_parser = parse_size_mib)]
     root_disk: Option<u64>,
+    /// Share a host directory: `HOST_DIR:GUEST_PATH[:ro]` (`./project:/work`). The guest
+    /// reaches nothing outside it; `:ro` is enforced on the host. Repeatable (at most 4).
+    #[arg(short = 'v', long = "volume", value_name = "HOST_DIR:GUEST_PATH[:ro]")]
+    volumes: Vec<String>,
     #[command(flatten)]
     net: NetArgs,
 }
@@ -324,6 +328,15 @@ fn parse_size_mib(s: &str) -> Result<u64, String> {
 }
 
 impl MachineArgs {
+    /// The `-v` mounts, each checked against the host (exists, a directory, not the home).
+    fn mounts(&self) -> Result<Vec<msb_control_plane::wire::MountSpec>, Error> {
+        if self.volumes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let home = msb_images::msb_home().map_err(|e| Error::Config(e.to_string()))?;
+        self.volumes.iter().map(|v| msb_control_plane::wire::parse_mount(v, &home).map_err(Error::Config)).collect()
+    }
+
     fn config(&self, image: Option<String>) -> Result<SandboxConfig, Error> {
         Ok(SandboxConfig {
             image,
@@ -335,6 +348,7 @@ impl MachineArgs {
             kernel_args: self.kernel_args.clone(),
             boot_timeout_secs: self.boot_timeout,
             net: self.net.settings()?,
+            mounts: self.mounts()?,
         })
     }
 }

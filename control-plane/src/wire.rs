@@ -16,6 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use msb_protocol::{decode, encode, FrameDecoder, WinSize};
+pub use msb_schema::fs::MountSpec;
 use msb_schema::net::{Port, PortProto};
 use msb_schema::{ExecEvent, ExecSpec, SandboxName, StopReason};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -123,6 +124,9 @@ pub struct SandboxConfig {
     /// The sandbox's network.
     #[serde(default)]
     pub net: NetSettings,
+    /// Host directories shared with the sandbox (checked and made absolute when recorded).
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
 }
 
 /// A sandbox's network, as recorded: whether it has one, the egress policy (policy-file
@@ -240,7 +244,39 @@ impl Default for SandboxConfig {
             kernel_args: None,
             boot_timeout_secs: 60,
             net: NetSettings::default(),
+            mounts: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod mount_tests {
+    use super::parse_mount;
+
+    #[test]
+    fn a_mount_names_an_existing_directory_outside_the_home_and_a_clean_guest_path() {
+        let t = tempfile::tempdir().unwrap();
+        let (home, dir) = (t.path().join("home"), t.path().join("project"));
+        std::fs::create_dir_all(home.join("sandboxes")).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(t.path().join("file"), b"").unwrap();
+        let m = parse_mount(&format!("{}:/work", dir.display()), &home).unwrap();
+        assert_eq!((m.host, m.guest.as_str(), m.read_only), (std::fs::canonicalize(&dir).unwrap(), "/work", false));
+        assert!(parse_mount(&format!("{}:/work:ro", dir.display()), &home).unwrap().read_only);
+        let refused = |spec: String, why: &str| {
+            let e = parse_mount(&spec, &home).unwrap_err();
+            assert!(e.contains(why), "{spec}: {e}");
+        };
+        refused(format!("{}/missing:/work", t.path().display()), "No such file");
+        refused(format!("{}/file:/work", t.path().display()), "not a directory");
+        refused(format!("{}:/work", home.display()), "msb home");
+        refused(format!("{}/sandboxes:/work", home.display()), "msb home");
+        refused(format!("{}:/work", t.path().display()), "msb home");
+        refused(format!("{}:work", dir.display()), "guest path");
+        refused(format!("{}:/a/../b", dir.display()), "guest path");
+        refused(format!("{}:/", dir.display()), "guest path");
+        refused("project:/work".into(), "not a path");
+        refused("/nowhere".into(), "HOST_DIR:GUEST_PATH");
     }
 }
 
@@ -281,6 +317,41 @@ mod publish_tests {
     }
 }
 
+/// Parses `-v HOST:GUEST[:ro]`: HOST an existing directory (made absolute, symlinks
+/// resolved once, here), never the msb home, inside it, or above it (a sandbox must not
+/// reach other sandboxes' disks or the state store); GUEST an absolute, normalized path.
+pub fn parse_mount(s: &str, home: &Path) -> std::result::Result<MountSpec, String> {
+    let bad = |why: String| format!("-v {s:?}: {why}");
+    let (rest, read_only) = match s.strip_suffix(":ro") {
+        Some(r) => (r, true),
+        None => (s.strip_suffix(":rw").unwrap_or(s), false),
+    };
+    let Some((host, guest)) = rest.rsplit_once(':') else {
+        return Err(bad("want HOST_DIR:GUEST_PATH[:ro], e.g. ./project:/work or /data:/data:ro".into()));
+    };
+    if host.is_empty() {
+        return Err(bad("the host directory is empty".into()));
+    }
+    if !host.contains('/') && !host.starts_with('.') {
+        return Err(bad(format!(
+            "{host:?} is not a path; name a host directory with a `/` in it (./{host} for one here)"
+        )));
+    }
+    let abs = std::fs::canonicalize(host).map_err(|e| bad(format!("host directory {host}: {e}")))?;
+    if !abs.is_dir() {
+        return Err(bad(format!("{} is not a directory", abs.display())));
+    }
+    let home = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_path_buf());
+    if abs.starts_with(&home) || home.starts_with(&abs) {
+        return Err(bad(format!(
+            "{} is, holds or lies inside the msb home {}: sharing it would hand the sandbox other sandboxes' disks",
+            abs.display(),
+            home.display()
+        )));
+    }
+    MountSpec::new(&abs, guest, read_only).map_err(|e| bad(e.to_string()))
+}
+
 /// Writable root disk size when none is given (sparse: 4 GiB of room, not of host disk).
 pub const DEFAULT_ROOT_DISK_MIB: u64 = 4096;
 pub const MIN_ROOT_DISK_MIB: u64 = 64;
@@ -302,6 +373,16 @@ impl SandboxConfig {
                 return Err(Error::Config(format!(
                     "a root disk of {mib} MiB is outside {MIN_ROOT_DISK_MIB}..={MAX_ROOT_DISK_MIB} MiB"
                 )));
+            }
+        }
+        let max = msb_schema::fs::MAX_MOUNTS;
+        if self.mounts.len() > max {
+            return Err(Error::Config(format!("{} mounts: a sandbox has at most {max}", self.mounts.len())));
+        }
+        for (i, m) in self.mounts.iter().enumerate() {
+            msb_schema::fs::check_guest_path(&m.guest).map_err(|e| Error::Config(e.to_string()))?;
+            if self.mounts[..i].iter().any(|o| o.guest == m.guest) {
+                return Err(Error::Config(format!("two mounts at {}: give each its own guest path", m.guest)));
             }
         }
         Ok(msb_schema::limits::check_size(self.cpus, self.memory_mib)?)

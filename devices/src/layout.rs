@@ -23,6 +23,9 @@ pub enum VirtioKind {
     Blk(u8),
     /// Present only when the sandbox has a network ([`crate::MachineSpec::net`]).
     Net,
+    /// The sandbox's `n`th shared directory (present only when it has that many, see
+    /// [`crate::machine::MachineSpec::mounts`]).
+    Fs(u8),
 }
 
 /// One virtio device's place in the machine.
@@ -42,10 +45,16 @@ pub const VIRTIO_DEVICES: &[VirtioSlot] = &[
     VirtioSlot { kind: VirtioKind::Blk(0), slot: 2, irq: 10 },
     VirtioSlot { kind: VirtioKind::Blk(1), slot: 3, irq: 11 },
     VirtioSlot { kind: VirtioKind::Net, slot: 4, irq: 9 },
+    VirtioSlot { kind: VirtioKind::Fs(0), slot: 5, irq: 13 },
+    VirtioSlot { kind: VirtioKind::Fs(1), slot: 6, irq: 14 },
+    VirtioSlot { kind: VirtioKind::Fs(2), slot: 7, irq: 15 },
+    VirtioSlot { kind: VirtioKind::Fs(3), slot: 8, irq: 7 },
 ];
 
 /// Most disks a sandbox has (the `Blk` rows of the table).
 pub const MAX_DISKS: usize = 2;
+/// Most shared directories a sandbox has (the `Fs` rows of the table).
+pub const MAX_FS: usize = 4;
 
 /// Most virtio slots the MMIO window holds.
 pub const MAX_SLOTS: u64 = 32;
@@ -80,6 +89,13 @@ mod tests {
             assert!(![0, 1, 2, 4, 8, 12].contains(&d.irq) && d.irq < 24, "{d:?} collides with a legacy IRQ");
             assert!(d.base() > msb_protocol::BOOT_TIMER_ADDR);
         }
+    }
+
+    #[test]
+    fn the_table_has_a_row_for_every_disk_and_shared_directory() {
+        let count = |f: fn(&VirtioKind) -> bool| VIRTIO_DEVICES.iter().filter(|d| f(&d.kind)).count();
+        assert_eq!(count(|k| matches!(k, VirtioKind::Blk(_))), MAX_DISKS);
+        assert_eq!(count(|k| matches!(k, VirtioKind::Fs(_))), MAX_FS);
     }
 
     #[test]

@@ -17,10 +17,11 @@ use crate::boot_timer::BootTimer;
 use crate::bus::BusError;
 use crate::console_log::{ConsoleLog, ConsoleReports, DEFAULT_FILE_CAP};
 use crate::i8042::{I8042, I8042_BASE, I8042_LEN};
-use crate::layout::{VirtioKind, VirtioSlot, MAX_DISKS, VIRTIO_DEVICES};
+use crate::layout::{VirtioKind, VirtioSlot, MAX_DISKS, MAX_FS, VIRTIO_DEVICES};
 use crate::serial::{SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::virtio::blk::Blk;
 use crate::virtio::console::Console;
+use crate::virtio::fs::{Fs, Tag};
 use crate::virtio::mmio::{MmioSlot, NOTIFY_OFFSET};
 use crate::virtio::net::Net;
 use crate::virtio::rng::Rng;
@@ -40,6 +41,8 @@ pub enum MachineError {
     Bus(#[from] BusError),
     #[error("a sandbox has at most {MAX_DISKS} disks, not {0}")]
     TooManyDisks(usize),
+    #[error("a sandbox has at most {MAX_FS} shared directories, not {0}")]
+    TooManyMounts(usize),
     #[error("opening disk {}", .path.display())]
     Disk {
         path: PathBuf,
@@ -71,6 +74,9 @@ pub struct MachineSpec {
     /// The guest's MAC address when it has a network device; `None`: no network device at
     /// all (`--net none`).
     pub net: Option<[u8; 6]>,
+    /// The tags of the sandbox's shared directories, in order (at most [`MAX_FS`]); one
+    /// virtio-fs device each.
+    pub mounts: Vec<Tag>,
 }
 
 /// One disk: a host file, and whether the guest may write it.
@@ -93,6 +99,7 @@ pub enum VirtioParts {
     Rng(Virtio<Rng>),
     Blk(Virtio<Blk>),
     Net(Virtio<Net>),
+    Fs(Virtio<Fs>),
 }
 
 /// A built, not yet running, VM.
@@ -130,6 +137,9 @@ impl Machine {
         if spec.disks.len() > MAX_DISKS {
             return Err(MachineError::TooManyDisks(spec.disks.len()));
         }
+        if spec.mounts.len() > MAX_FS {
+            return Err(MachineError::TooManyMounts(spec.mounts.len()));
+        }
         let vm = Vm::new(VmConfig { vcpus: spec.vcpus, memory_mib: spec.memory_mib })?;
         let mut bus = Bus::new();
 
@@ -160,6 +170,10 @@ impl Machine {
                 VirtioKind::Net => {
                     let Some(mac) = spec.net else { continue };
                     VirtioParts::Net(virtio(&vm, &mut bus, at, Net::new(mac))?)
+                }
+                VirtioKind::Fs(n) => {
+                    let Some(tag) = spec.mounts.get(usize::from(n)) else { continue };
+                    VirtioParts::Fs(virtio(&vm, &mut bus, at, Fs::new(tag.clone()))?)
                 }
             });
             cmdline.push(' ');

@@ -63,6 +63,11 @@ pub const ROOT_CMDLINE: &str = "msb.root=overlay";
 /// default routes and `/etc/resolv.conf` (the gateway answers DNS) from it; without it the
 /// sandbox has no network device.
 pub const NET_CMDLINE: &str = "msb.net=";
+/// The kernel command-line entry that lists the sandbox's shared directories:
+/// `msb.mounts=TAG:GUEST_PATH[:ro],…`. agentd mounts each virtio-fs tag at its path inside
+/// the sandbox's root (`nosuid,nodev`; read-only when `:ro`, though the host enforces that
+/// itself).
+pub const MOUNTS_CMDLINE: &str = "msb.mounts=";
 /// virtio-blk serial of an image's read-only root filesystem.
 pub const IMAGE_DISK_SERIAL: &str = "msb-image";
 /// virtio-blk serial of a sandbox's writable disk.

@@ -7,6 +7,8 @@
 //! - [`agent`]: what the virtio-console shell and the agent client may send each other
 //!   ([`agent::GuestBytes`], [`agent::ToConsole`]) and the exec traffic a `Sandbox` handle
 //!   may send the agent client ([`agent::AgentRequest`]).
+//! - [`fs`]: FUSE requests between a virtio-fs shell and its mount's broker, and
+//!   [`fs::MountSpec`].
 //! - [`ids`]: validated names ([`SandboxName`]).
 //! - [`limits`]: every bound on traffic between components, in one file.
 //! - [`net`]: frames between the virtio-net shell and the gateway, and the gateway's controls.
@@ -20,6 +22,7 @@
 
 pub mod agent;
 pub mod exec;
+pub mod fs;
 pub mod ids;
 pub mod limits;
 pub mod net;

@@ -4,6 +4,7 @@
 mod cli;
 mod flow;
 mod images;
+mod mounts;
 mod net;
 
 use std::time::Duration;

@@ -37,6 +37,7 @@ case $mode in
     job='msb doctor || true
 '"$canary"'for t in $RIG_TESTS; do
   echo "RIG-TEST-START $t"
+  echo "RIG-L1-MEM: $(grep -E "^(MemAvailable|Shmem):" /proc/meminfo | tr -s " " | tr "\n" " ")sandboxes: $(ls "$MSB_HOME/sandboxes" 2>/dev/null | wc -l)"
   timeout -k 10 '"${RIG_TEST_TIMEOUT:-420}"' msb-e2e --exact "$t" --test-threads=1 >/tmp/t.log 2>&1
   st=$?
   cat /tmp/t.log
@@ -91,7 +92,19 @@ if [ "$mode" = demo ]; then
 fi
 # e2e: the tests to run, listed on this host (listing needs no KVM), ignored ones left out.
 list() { "$root/build/static/msb-e2e" --list "$@" ${RIG_E2E_ARGS:-} 2>/dev/null | sed -n 's/: test$//p' | sort; }
-pending=$(comm -23 <(list) <(list --ignored) | tr '\n' ' ')
+# Tests the rig does not run, each with its reason, printed (never skipped silently); they
+# run where /dev/kvm is hardware (scripts/test.sh runs the whole suite there). RIG_ALL=1
+# runs them in the rig too.
+declare -A rig_limit=(
+  [images::images_msb_cp_round_trips_100_mib]="a 100 MiB agent-channel flood triple-faults or stalls the nested guest in most rig runs (2026-12-03: every attempt in two CI runs); the 8 MiB copy runs here"
+)
+excluded=""
+if [ -z "${RIG_ALL:-}" ]; then
+  for t in "${!rig_limit[@]}"; do
+    if list | grep -qx "$t"; then echo "RIG-E2E: not run in the rig: $t (${rig_limit[$t]})"; excluded="$excluded$t"$'\n'; fi
+  done
+fi
+pending=$(comm -23 <(list) <({ list --ignored; printf '%s' "$excluded"; } | sort) | tr '\n' ' ')
 [ -n "${pending// /}" ] || { echo "RIG-E2E: no e2e test matches '${RIG_E2E_ARGS:-}'"; exit 1; }
 # Each test gets at most two runs, the second in a fresh L1 (a nested-TCG L1 sometimes goes
 # bad: boots stall, guests triple-fault); tests an L1 never reached do not count as runs, one

@@ -12,12 +12,14 @@
 
 pub mod blk;
 pub mod console;
+pub mod fs;
 pub mod net;
 pub mod rng;
 pub mod watch;
 
 pub use blk::{BlkDevice, BlkMsg};
 pub use console::{ConsoleArgs, ConsoleDevice, ConsoleMsg};
+pub use fs::{FsArgs, FsDevice, FsMsg};
 pub use net::{NetArgs, NetDevice, NetMsg};
 pub use rng::{RngDevice, RngMsg};
 

@@ -205,6 +205,9 @@ async fn boot(launch: &Launch, dir: &Path) -> msb_actors::Result<Sandbox> {
     if let Some(a) = &c.kernel_args {
         b = b.kernel_args(a.clone());
     }
+    for m in &c.mounts {
+        b = b.mount(m.clone());
+    }
     if let Some(image) = c.image_ref() {
         let (base, writable) = image_root(&launch.home, dir, image, c.image_id.as_deref(), c.root_disk_mib)?;
         b = b.root(base, writable);

@@ -3,6 +3,7 @@
 
 pub mod blk;
 pub mod console;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;

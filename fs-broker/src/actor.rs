@@ -1,0 +1,82 @@
+//! The FsBroker actor: one per mount. It takes [`FsRequest`]s from its virtio-fs shell and
+//! answers each with one [`FsReply`], and holds no ref but that shell's (narrowed to
+//! `FsReply`). Requests are served in arrival order by the [`Broker`] core; the filesystem
+//! calls run off the async workers.
+//!
+//! Invariant: a reply never exceeds its request's room: a longer one becomes an `ERANGE`
+//! error reply (or nothing, when not even a reply header fits).
+
+use std::path::PathBuf;
+
+use msb_schema::fs::{FsBrokerMsg, FsReply, FsRequest};
+use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef};
+
+use crate::broker::{Broker, MountConfig};
+use crate::fuse;
+
+pub struct FsBroker;
+
+/// What a broker is started with: its directory and how it presents it.
+pub struct FsBrokerArgs {
+    pub root: PathBuf,
+    pub config: MountConfig,
+}
+
+pub struct FsBrokerState {
+    core: Broker,
+    shell: Option<DerivedActorRef<FsReply>>,
+}
+
+/// Serves one request; the reply fits the request's room.
+pub fn answer(core: &mut Broker, req: &FsRequest) -> Vec<u8> {
+    let reply = core.handle(&req.bytes).unwrap_or_default();
+    if reply.len() <= req.room as usize {
+        return reply;
+    }
+    match fuse::header(&req.bytes) {
+        Some(h) if req.room as usize >= fuse::OUT_HEADER => fuse::error_reply(h.unique, fuse::ERANGE),
+        _ => Vec::new(),
+    }
+}
+
+fn off_worker<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+impl Actor for FsBroker {
+    type Msg = FsBrokerMsg;
+    type State = FsBrokerState;
+    type Arguments = FsBrokerArgs;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<FsBrokerMsg>,
+        args: FsBrokerArgs,
+    ) -> Result<FsBrokerState, ActorProcessingErr> {
+        let core =
+            Broker::new(&args.root, args.config).map_err(|e| format!("mount of {}: {e}", args.root.display()))?;
+        Ok(FsBrokerState { core, shell: None })
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<FsBrokerMsg>,
+        msg: FsBrokerMsg,
+        st: &mut FsBrokerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            FsBrokerMsg::Attach(shell) => st.shell = Some(shell),
+            FsBrokerMsg::Request(req) => {
+                let Some(shell) = &st.shell else {
+                    return Err("virtio-fs request before the device shell was attached".into());
+                };
+                let bytes = off_worker(|| answer(&mut st.core, &req));
+                shell.send_message(FsReply { id: req.id, bytes }).map_err(|_| "virtio-fs shell is gone")?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,173 @@
+//! Shared host directories (`-v`), from inside a real guest as root: every escape a hostile
+//! workload can try fails, read-only holds on the host, and the host tree outside the mount
+//! is unchanged (hashed before and after).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use crate::cli::{code, msb};
+
+/// Every entry below `dir`: path → (kind, mode, bytes or link target).
+fn tree(dir: &Path) -> BTreeMap<String, (String, u32, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let (kind, data) = if m.file_type().is_symlink() {
+                ("link", std::fs::read_link(&p).unwrap().into_os_string().into_encoded_bytes())
+            } else if m.is_dir() {
+                stack.push(p.clone());
+                ("dir", Vec::new())
+            } else {
+                ("file", std::fs::read(&p).unwrap())
+            };
+            out.insert(p.display().to_string(), (kind.to_string(), m.mode(), data));
+        }
+    }
+    out
+}
+
+/// The layout: `base/outside/secret` (never reachable), `base/mnt` (shared read-write at
+/// /work, with links pointing out), `base/ro` (shared read-only at /ro).
+fn layout() -> tempfile::TempDir {
+    let base = tempfile::tempdir().unwrap();
+    let b = base.path();
+    for d in ["outside", "mnt/d", "ro"] {
+        std::fs::create_dir_all(b.join(d)).unwrap();
+    }
+    std::fs::write(b.join("outside/secret"), "HOST-SECRET\n").unwrap();
+    std::fs::write(b.join("outside/f"), "HOST-SECRET\n").unwrap();
+    std::fs::write(b.join("mnt/file"), "shared\n").unwrap();
+    std::fs::write(b.join("mnt/d/f"), "inside\n").unwrap();
+    std::fs::write(b.join("ro/file"), "read-only\n").unwrap();
+    std::os::unix::fs::symlink(b.join("outside/secret"), b.join("mnt/abs")).unwrap();
+    std::os::unix::fs::symlink("../outside/secret", b.join("mnt/rel")).unwrap();
+    std::os::unix::fs::symlink("/", b.join("mnt/root")).unwrap();
+    base
+}
+
+/// The escapes, as one guest script: each line prints what it got, so the test can check
+/// that no host secret ever appeared and that each refusal happened.
+const ESCAPES: &str = r#"
+cat /work/file
+cat /work/../outside/secret 2>&1 | head -c 200; echo "dotdot=$?"
+cat /work/abs 2>&1 | head -c 200; echo
+cat /work/rel 2>&1 | head -c 200; echo
+readlink /work/abs /work/rel /work/root
+ls /work/root/ | head -c 400; echo
+cat /work/root/outside/secret 2>&1 | head -c 200; echo
+mknod /work/null c 1 3 && echo mknod=made || echo mknod=refused
+mknod /work/fifo p && echo fifo=made || echo fifo=refused
+cp /bin/busybox /work/tool && chmod 4755 /work/tool && echo suid=made || echo suid=refused
+ln /etc/passwd /work/hard 2>/dev/null && echo hardlink-in=made || echo hardlink-in=refused
+ln /work/file /work/file2 && echo hardlink-within=made
+echo new > /work/new && echo write=ok
+echo x > /ro/file 2>/dev/null && echo ro-write=made || echo ro-write=refused
+mount -o remount,rw /ro 2>/dev/null; echo remount=$?
+echo x > /ro/file 2>/dev/null && echo ro-write-after-remount=made || echo ro-write-after-remount=refused
+echo x > /ro/new 2>/dev/null && echo ro-create=made || echo ro-create=refused
+rm -f /ro/file 2>/dev/null; cat /ro/file
+stat -c owner=%u:%g /work/file
+for i in $(seq 1 200); do cat /work/d/f 2>/dev/null; done | sort | uniq -c | sed 's/^ */walk /'
+echo done
+"#;
+
+#[test]
+fn mounts_no_escape_from_a_shared_directory_and_read_only_holds_on_the_host() {
+    let base = layout();
+    let b = base.path().to_path_buf();
+    let before_outside = tree(&b.join("outside"));
+    let before_ro = tree(&b.join("ro"));
+    // While the guest walks /work/d, the host swaps it for a symlink out and back.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let (stop, mnt) = (stop.clone(), b.join("mnt"));
+        std::thread::spawn(move || {
+            let mut flips = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = std::fs::rename(mnt.join("d"), mnt.join("d.real"));
+                let _ = std::os::unix::fs::symlink("../outside", mnt.join("d"));
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                let _ = std::fs::remove_file(mnt.join("d"));
+                let _ = std::fs::rename(mnt.join("d.real"), mnt.join("d"));
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                flips += 1;
+            }
+            flips
+        })
+    };
+    let out = msb(&[
+        "run",
+        "--boot-timeout",
+        "60",
+        "--net",
+        "none",
+        "-v",
+        &format!("{}:/work", b.join("mnt").display()),
+        "-v",
+        &format!("{}:/ro:ro", b.join("ro").display()),
+        "--",
+        ESCAPES,
+    ]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let flips = flipper.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success() && text.contains("done"), "{text}\n{err}");
+    assert!(!text.contains("HOST-SECRET"), "a host secret reached the guest:\n{text}");
+    assert!(text.starts_with("shared\n"), "{text}");
+    for want in [
+        "mknod=refused",
+        "fifo=refused",
+        "suid=refused",
+        "hardlink-in=refused",
+        "hardlink-within=made",
+        "write=ok",
+        "ro-write=refused",
+        "ro-write-after-remount=refused",
+        "ro-create=refused",
+        "owner=0:0",
+    ] {
+        assert!(text.lines().any(|l| l == want), "missing {want:?}:\n{text}");
+    }
+    // Symlinks are the guest's data: readlink shows the host's targets as text.
+    assert!(text.contains(&b.join("outside/secret").display().to_string()) && text.contains("../outside/secret"));
+    assert!(text.contains("read-only\n"), "the read-only file survived rm: {text}");
+    // The walk saw only the directory's own file (or nothing mid-swap), never the outside.
+    assert!(text.lines().any(|l| l.starts_with("walk ") && l.ends_with(" inside")), "{text}");
+    assert!(flips > 0);
+    // The host: nothing outside changed, the read-only tree is as it was, the writes landed
+    // where they were meant to, and no special or setuid file appeared.
+    assert_eq!(tree(&b.join("outside")), before_outside, "the host tree outside the mount changed");
+    assert_eq!(tree(&b.join("ro")), before_ro, "the read-only mount changed on the host");
+    assert_eq!(std::fs::read(b.join("mnt/new")).unwrap(), b"new\n");
+    assert!(!b.join("mnt/null").exists() && !b.join("mnt/fifo").exists() && !b.join("mnt/hard").exists());
+    if let Ok(m) = std::fs::metadata(b.join("mnt/tool")) {
+        assert_eq!(m.permissions().mode() & 0o7000, 0, "a setuid bit reached the host");
+    }
+    assert_eq!(
+        std::fs::metadata(b.join("mnt/file2")).unwrap().ino(),
+        std::fs::metadata(b.join("mnt/file")).unwrap().ino()
+    );
+}
+
+#[test]
+fn mounts_a_missing_file_or_home_path_is_refused_with_a_clear_message() {
+    let t = tempfile::tempdir().unwrap();
+    std::fs::write(t.path().join("file"), b"").unwrap();
+    let home = msb_images::msb_home().unwrap();
+    for (spec, why) in [
+        (format!("{}/missing:/work", t.path().display()), "No such file"),
+        (format!("{}/file:/work", t.path().display()), "not a directory"),
+        (format!("{}:/work", home.display()), "msb home"),
+        (format!("{}:work", t.path().display()), "guest path"),
+    ] {
+        let o = msb(&["run", "--net", "none", "-v", &spec, "--", "true"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_ne!(code(&o), 0, "{spec}");
+        assert!(err.contains(why), "{spec}: {err}");
+    }
+}
