@@ -143,12 +143,36 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ImageCmd,
     },
+    /// Named volumes: directories that outlive sandboxes (`-v NAME:/path`).
+    Volume {
+        #[command(subcommand)]
+        cmd: VolumeCmd,
+    },
     /// Report what this host can run: the kind of /dev/kvm, permissions, kernel, agent.
     Doctor,
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
     #[command(name = SANDBOX_PROCESS_ARG, hide = true)]
     SandboxProcess,
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create a named volume: a directory in the msb home that sandboxes mount with
+    /// `-v NAME:/path` and that outlives them.
+    Create { name: String },
+    /// List volumes and the sandboxes that mount them.
+    Ls {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Show a volume: its directory and the sandboxes that mount it.
+    Inspect { name: String },
+    /// Remove volumes and their files (refused while a sandbox mounts one).
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -556,6 +580,7 @@ fn main() -> ExitCode {
         Cmd::Images { format } => images::list(&msb, matches!(format, Format::Json)),
         Cmd::Rmi { reference } => images::remove(&msb, &reference),
         Cmd::Image { cmd: ImageCmd::Prune } => images::prune(&msb),
+        Cmd::Volume { cmd } => volume(&msb, cmd),
         Cmd::Start { name } => rt.block_on(async {
             let sb = msb.get(&name)?;
             sb.start_detached().await?;
@@ -678,6 +703,39 @@ fn status_line(r: &Record) -> String {
             format!("{s} ({})", run.exit_reason.as_deref().unwrap_or_default())
         }
         (s, _) => s.to_string(),
+    }
+}
+
+/// `msb volume …`.
+fn volume(msb: &Msb, cmd: VolumeCmd) -> msb_control_plane::Result<()> {
+    use msb_control_plane::volumes;
+    match cmd {
+        VolumeCmd::Create { name } => volumes::create(msb, &name).map(|v| println!("{}", v.name)),
+        VolumeCmd::Ls { format: Format::Json } => {
+            volumes::list(msb).map(|l| println!("{}", serde_json::to_string_pretty(&l).unwrap_or_default()))
+        }
+        VolumeCmd::Ls { format: Format::Table } => volumes::list(msb).map(|l| {
+            println!("{:<24} USED BY", "NAME");
+            for v in l {
+                println!("{:<24} {}", v.name, v.used_by.join(","));
+            }
+        }),
+        VolumeCmd::Inspect { name } => {
+            volumes::inspect(msb, &name).map(|v| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()))
+        }
+        VolumeCmd::Rm { names } => {
+            let mut first_err = None;
+            for n in names {
+                match volumes::remove(msb, &n) {
+                    Ok(()) => println!("{n}"),
+                    Err(e) => {
+                        eprintln!("msb: {}", report::message(&e));
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            first_err.map_or(Ok(()), Err)
+        }
     }
 }
 

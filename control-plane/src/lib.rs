@@ -24,6 +24,7 @@ pub mod client;
 pub mod files;
 pub mod process;
 pub mod store;
+pub mod volumes;
 pub mod wire;
 
 pub use client::{ExecEvents, ExecInput, Msb, NamedSandbox, Owner, RemoteExec};

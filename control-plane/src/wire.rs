@@ -275,7 +275,12 @@ mod mount_tests {
         refused(format!("{}:work", dir.display()), "guest path");
         refused(format!("{}:/a/../b", dir.display()), "guest path");
         refused(format!("{}:/", dir.display()), "guest path");
-        refused("project:/work".into(), "not a path");
+        refused("project:/work".into(), "no volume named project");
+        std::fs::create_dir_all(home.join("volumes/project")).unwrap();
+        let v = parse_mount("project:/work:ro", &home).unwrap();
+        assert_eq!((v.volume.as_deref(), v.read_only), (Some("project"), true));
+        assert_eq!(v.host, home.join("volumes/project"));
+        refused("../x:/work".into(), "No such file");
         refused("/nowhere".into(), "HOST_DIR:GUEST_PATH");
     }
 }
@@ -319,7 +324,8 @@ mod publish_tests {
 
 /// Parses `-v HOST:GUEST[:ro]`: HOST an existing directory (made absolute, symlinks
 /// resolved once, here), never the msb home, inside it, or above it (a sandbox must not
-/// reach other sandboxes' disks or the state store); GUEST an absolute, normalized path.
+/// reach other sandboxes' disks or the state store), or the name of a volume
+/// ([`crate::volumes`]); GUEST an absolute, normalized path.
 pub fn parse_mount(s: &str, home: &Path) -> std::result::Result<MountSpec, String> {
     let bad = |why: String| format!("-v {s:?}: {why}");
     let (rest, read_only) = match s.strip_suffix(":ro") {
@@ -333,9 +339,11 @@ pub fn parse_mount(s: &str, home: &Path) -> std::result::Result<MountSpec, Strin
         return Err(bad("the host directory is empty".into()));
     }
     if !host.contains('/') && !host.starts_with('.') {
-        return Err(bad(format!(
-            "{host:?} is not a path; name a host directory with a `/` in it (./{host} for one here)"
-        )));
+        let dir = crate::volumes::path_of(home, host)
+            .map_err(|e| bad(format!("{e} (or, for a host directory here, write ./{host})")))?;
+        let mut m = MountSpec::new(&dir, guest, read_only).map_err(|e| bad(e.to_string()))?;
+        m.volume = Some(host.to_string());
+        return Ok(m);
     }
     let abs = std::fs::canonicalize(host).map_err(|e| bad(format!("host directory {host}: {e}")))?;
     if !abs.is_dir() {

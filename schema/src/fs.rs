@@ -81,6 +81,9 @@ pub struct MountSpec {
     pub guest: String,
     /// The host refuses every change.
     pub read_only: bool,
+    /// The named volume this directory is (`None`: a host directory the user named).
+    #[serde(default)]
+    pub volume: Option<String>,
 }
 
 impl MountSpec {
@@ -89,7 +92,7 @@ impl MountSpec {
             return Err(MountError::HostNotAbsolute(host.to_path_buf()));
         }
         check_guest_path(guest)?;
-        Ok(MountSpec { host: host.to_path_buf(), guest: guest.to_string(), read_only })
+        Ok(MountSpec { host: host.to_path_buf(), guest: guest.to_string(), read_only, volume: None })
     }
 }
 

@@ -174,3 +174,34 @@ fn mounts_a_missing_file_or_home_path_is_refused_with_a_clear_message() {
         assert!(err.contains(why), "{spec}: {err}");
     }
 }
+
+#[test]
+fn mounts_a_named_volume_outlives_its_sandbox_is_shared_by_the_next_and_rm_waits_for_its_users() {
+    let (vol, user) = ("e2e-vol", "e2e-vol-user");
+    let _ = msb(&["rm", "--force", user]);
+    let _ = msb(&["volume", "rm", vol]);
+    let created = msb(&["volume", "create", vol]);
+    assert_eq!(code(&created), 0, "{}", String::from_utf8_lossy(&created.stderr));
+    let spec = format!("{vol}:/data");
+    let w = msb(&["run", "--net", "none", "-v", &spec, "--", "sh", "-c", "echo kept > /data/f"]);
+    assert_eq!(code(&w), 0, "{}", String::from_utf8_lossy(&w.stderr));
+    let r = msb(&["run", "--net", "none", "-v", &format!("{spec}:ro"), "--", "cat", "/data/f"]);
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "kept\n", "{}", String::from_utf8_lossy(&r.stderr));
+    // A recorded sandbox that mounts it keeps it; its removal frees it.
+    let c = msb(&["create", "--name", user, "--net", "none", "-v", &spec]);
+    assert_eq!(code(&c), 0, "{}", String::from_utf8_lossy(&c.stderr));
+    let inspect = String::from_utf8_lossy(&msb(&["volume", "inspect", vol]).stdout).into_owned();
+    assert!(inspect.contains(user), "{inspect}");
+    let refused = msb(&["volume", "rm", vol]);
+    assert_ne!(code(&refused), 0);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains(user), "{}", String::from_utf8_lossy(&refused.stderr));
+    assert_eq!(code(&msb(&["rm", user])), 0);
+    assert_eq!(code(&msb(&["volume", "rm", vol])), 0);
+    assert!(!msb_images::msb_home().unwrap().join("volumes").join(vol).exists());
+    let gone = msb(&["run", "--net", "none", "-v", &spec, "--", "true"]);
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("msb volume create"),
+        "{}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
+}
