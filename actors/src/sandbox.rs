@@ -279,12 +279,14 @@ impl SandboxBuilder {
                 })
             }
         };
+        let (max_inodes, max_handles) =
+            if self.mounts.is_empty() { (0, 0) } else { msb_fs_broker::fd_budget(self.mounts.len()) };
         let mounts = self
             .mounts
             .iter()
             .map(|m| FsBrokerArgs {
                 root: m.host.clone(),
-                config: MountConfig { read_only: m.read_only, ..MountConfig::default() },
+                config: MountConfig { read_only: m.read_only, max_inodes, max_handles, ..MountConfig::default() },
             })
             .collect();
         let (sup, _) = Actor::spawn(None, SandboxSupervisor, SupArgs { machine, net, mounts })

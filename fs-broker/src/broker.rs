@@ -19,8 +19,10 @@
 //!   sockets on the host, or sets an xattr outside the `user.` namespace (`security.capability`
 //!   would hand a host binary capabilities); ownership on the host never changes: every file
 //!   appears owned by the mount's configured owner, and a chown to anyone else is `EPERM`.
-//! - Tables are bounded: at most [`MAX_INODES`] inodes and [`MAX_HANDLES`] open handles
-//!   (`ENFILE` past either); each reply is at most [`fuse::MAX_READ`] bytes of data.
+//! - Tables are bounded: at most the mount's `max_inodes` inodes and `max_handles` open
+//!   handles, themselves at most [`MAX_INODES`] and [`MAX_HANDLES`] (`ENFILE` past either,
+//!   never a descriptor past the process's limit: [`fd_budget`] sizes them); each reply is
+//!   at most [`fuse::MAX_READ`] bytes of data.
 //! - Every operation is denied (`ENOSYS`) unless it is handled below.
 
 use std::collections::HashMap;
@@ -55,12 +57,48 @@ pub struct MountConfig {
     pub gid: u32,
     /// How long the guest may cache names and attributes (0: ask every time).
     pub cache: Duration,
+    /// Most inodes and open handles held at once (each is a host file descriptor; at most
+    /// [`MAX_INODES`] and [`MAX_HANDLES`]; see [`fd_budget`] for sizing them).
+    pub max_inodes: usize,
+    pub max_handles: usize,
 }
 
 impl Default for MountConfig {
     fn default() -> Self {
-        MountConfig { read_only: false, uid: 0, gid: 0, cache: Duration::from_secs(1) }
+        MountConfig {
+            read_only: false,
+            uid: 0,
+            gid: 0,
+            cache: Duration::from_secs(1),
+            max_inodes: MAX_INODES,
+            max_handles: MAX_HANDLES,
+        }
     }
+}
+
+/// Descriptors kept back for everything else a sandbox process opens.
+const FD_RESERVE: u64 = 1024;
+
+/// Raises this process's open-file limit as far as it may go (every inode a guest knows is
+/// one descriptor) and splits what is left after [`FD_RESERVE`] between `mounts` mounts:
+/// `(max_inodes, max_handles)` for each, at most [`MAX_INODES`] and [`MAX_HANDLES`].
+pub fn fd_budget(mounts: usize) -> (usize, usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let target = (MAX_INODES + MAX_HANDLES) as u64 * 4 + FD_RESERVE;
+    let l = getrlimit(Resource::Nofile);
+    if l.maximum.is_some_and(|h| h < target) {
+        // Root may raise the hard limit; others keep theirs.
+        let _ = setrlimit(Resource::Nofile, Rlimit { current: Some(target), maximum: Some(target) });
+    }
+    let l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum || (l.current.is_some() && l.maximum.is_none()) {
+        let _ = setrlimit(Resource::Nofile, Rlimit { current: l.maximum, maximum: l.maximum });
+    }
+    let soft = getrlimit(Resource::Nofile).current.unwrap_or(target);
+    let each = (soft.saturating_sub(FD_RESERVE) / mounts.max(1) as u64) as usize;
+    let handles = (each / 8).clamp(16, MAX_HANDLES);
+    let inodes = each.saturating_sub(handles).clamp(64, MAX_INODES);
+    (inodes, handles)
 }
 
 /// Why a broker could not start.
@@ -505,7 +543,7 @@ impl Broker {
             i.lookups += 1;
             return Ok(n);
         }
-        if self.inodes.len() >= MAX_INODES {
+        if self.inodes.len() >= self.cfg.max_inodes.min(MAX_INODES) {
             return Err(fuse::ENFILE);
         }
         let n = self.next_node;
@@ -546,7 +584,7 @@ impl Broker {
     }
 
     fn add_handle(&mut self, h: Handle) -> Res<u64> {
-        if self.handles.len() >= MAX_HANDLES {
+        if self.handles.len() >= self.cfg.max_handles.min(MAX_HANDLES) {
             return Err(fuse::ENFILE);
         }
         let fh = self.next_fh;

@@ -10,4 +10,4 @@ pub mod actor;
 pub mod broker;
 pub mod fuse;
 
-pub use broker::{Broker, BrokerError, MountConfig};
+pub use broker::{fd_budget, Broker, BrokerError, MountConfig};

@@ -526,3 +526,35 @@ fn init_grants_only_what_the_kernel_offered_and_bounds_writes() {
     let (_, p) = t.call(op::INIT, 0, &a);
     assert_eq!(u32_at(&p, 12), 0, "nothing the kernel did not offer");
 }
+
+#[test]
+fn the_inode_and_handle_tables_stop_at_their_caps_and_forgetting_frees_room() {
+    let mut t = T::new(MountConfig { max_inodes: 8, max_handles: 2, ..MountConfig::default() });
+    for i in 0..20 {
+        fs::write(t.path(&format!("mnt/f{i}")), b"x").unwrap();
+    }
+    let mut held = Vec::new();
+    for i in 0..7 {
+        held.push(t.lookup(ROOT, &format!("f{i}")).unwrap());
+    }
+    assert_eq!(t.b.inode_count(), 8, "the root and seven files");
+    assert_eq!(t.lookup(ROOT, "f7"), Err(fuse::ENFILE), "the table is full");
+    assert_eq!(t.lookup(ROOT, "f0"), Ok(held[0]), "a node already held is still found");
+    let (a, b) = (t.open(held[1], 0).unwrap(), t.open(held[2], 0).unwrap());
+    assert_eq!(t.open(held[3], 0), Err(fuse::ENFILE), "two handles at most");
+    t.release(a);
+    t.release(b);
+    t.forget(held[4], 1);
+    assert!(t.lookup(ROOT, "f7").is_ok(), "a forgotten node made room");
+}
+
+#[test]
+fn the_descriptor_budget_fits_the_process_limit() {
+    let (inodes, handles) = fd_budget(2);
+    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX);
+    assert!(
+        (inodes + handles) as u64 * 2 <= soft.saturating_sub(FD_RESERVE).max(160),
+        "{inodes}+{handles} x2 vs {soft}"
+    );
+    assert!(inodes <= MAX_INODES && handles <= MAX_HANDLES && inodes >= 64 && handles >= 16);
+}
