@@ -13,6 +13,9 @@
 //! `msb-bench net` (hardware KVM, or `tests/rig/run-rig.sh bench-net` in the rig): the
 //! network through msb's gateway beside QEMU's slirp and passt (see `net.rs`).
 //!
+//! `msb-bench fs` (hardware KVM, or `tests/rig/run-rig.sh bench-fs`): filesystem workloads
+//! through a shared directory beside the sandbox's writable root (see `fs.rs`).
+//!
 //! `msb-bench pull [N]` (on the host, no VM): a cold `msb pull` of the default image from a
 //! loopback `docker-registry` into a fresh MSB_HOME, beside `skopeo copy` of it to an OCI
 //! layout, N times each, alternating.
@@ -24,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use msb_actors::Sandbox;
 
+mod fs;
 mod net;
 
 const MEMORY_MIB: u64 = 256;
@@ -89,6 +93,7 @@ async fn main() {
         Some(net::CLIENT) => std::process::exit(net::client(&args[1..])),
         Some(net::VMM_CHILD) => return net::vmm_child(&args[1..]).await,
         Some("net") => return tokio::task::block_in_place(net::side_by_side),
+        Some("fs") => return tokio::task::block_in_place(fs::side_by_side),
         Some("pull") => return pull_side_by_side(args.get(1).and_then(|a| a.parse().ok()).unwrap_or(3)),
         _ => {}
     }

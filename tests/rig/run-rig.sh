@@ -9,6 +9,7 @@
 #   tests/rig/run-rig.sh demo           msb run -- uname -a, and a failing command
 #   tests/rig/run-rig.sh bench [N]      the boot benchmark
 #   tests/rig/run-rig.sh bench-net      the network benchmark (msb vs QEMU slirp vs passt)
+#   tests/rig/run-rig.sh bench-fs       the shared-directory benchmark (virtio-fs vs the root)
 #   tests/rig/run-rig.sh run -- CMD...  msb run -- CMD...
 #
 # Needs what scripts/setup.sh builds: $MSB_HOME/rig/bzImage, $MSB_HOME/kernel/vmlinux and the
@@ -66,12 +67,15 @@ msb run msb/debian:12 -- python3 -c "print(6*7)"'
     job="$canary"'MSB_BENCH_NET_LIMIT=${MSB_BENCH_NET_LIMIT:-240} msb-bench net'
     extra="--with-qemu"
     ;;
+  bench-fs)
+    job="$canary"'msb-bench fs'
+    ;;
   run)
     [ "${1:-}" = -- ] && shift
     q=$(printf '%q ' "$@")
     job="msb run -- $q"
     ;;
-  *) echo "run-rig.sh: unknown mode $mode (e2e, demo, bench, bench-net, run)" >&2; exit 2 ;;
+  *) echo "run-rig.sh: unknown mode $mode (e2e, demo, bench, bench-net, bench-fs, run)" >&2; exit 2 ;;
 esac
 rig() {
   python3 "$root/tests/rig/rig.py" --l1-kernel "$home/rig/bzImage" --guest-kernel "$home/kernel/vmlinux" \
