@@ -276,8 +276,7 @@ fn images_msb_cp_round_trips_a_file_and_a_directory_both_ways() {
 
 /// The 100 MiB round trip. In the rig a long host-to-guest flood triple-faults or
 /// stalls the nested guest in most runs (README, known rig limit), so `run-rig.sh` leaves it
-/// out and says so; it runs where `/dev/kvm` is hardware (`RIG_ALL=1` runs it in the rig,
-/// where a triple-faulted or stalled first attempt runs once more, printed as E2E-RETRY).
+/// out and says so; it runs where `/dev/kvm` is hardware (`RIG_ALL=1` runs it in the rig).
 #[test]
 fn images_msb_cp_round_trips_100_mib() {
     msb_tests::rig_flood_blocking("msb cp 100 MiB", || cp_round_trip("e2e-cp-big", 100));

@@ -71,7 +71,9 @@ echo x > /ro/file 2>/dev/null && echo ro-write-after-remount=made || echo ro-wri
 echo x > /ro/new 2>/dev/null && echo ro-create=made || echo ro-create=refused
 rm -f /ro/file 2>/dev/null; cat /ro/file
 stat -c owner=%u:%g /work/file
-for i in $(seq 1 200); do cat /work/d/f 2>/dev/null; done | sort | uniq -c | sed 's/^ */walk /'
+: > /work/walking
+end=$(( $(date +%s) + 6 ))
+while [ $(date +%s) -lt $end ]; do cat /work/d/f 2>/dev/null; done | sort | uniq -c | sed 's/^ */walk /'
 echo done
 "#;
 
@@ -81,13 +83,18 @@ fn mounts_no_escape_from_a_shared_directory_and_read_only_holds_on_the_host() {
     let b = base.path().to_path_buf();
     let before_outside = tree(&b.join("outside"));
     let before_ro = tree(&b.join("ro"));
-    // While the guest walks /work/d, the host swaps it for a symlink out and back.
+    // Once the guest walks /work/d (it says so with /work/walking), the host swaps it for a
+    // symlink out and back for 1.5 s, then leaves the directory; the guest walks for 6 s.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flipper = {
         let (stop, mnt) = (stop.clone(), b.join("mnt"));
         std::thread::spawn(move || {
             let mut flips = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !mnt.join("walking").exists() && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < until {
                 let _ = std::fs::rename(mnt.join("d"), mnt.join("d.real"));
                 let _ = std::os::unix::fs::symlink("../outside", mnt.join("d"));
                 std::thread::sleep(std::time::Duration::from_millis(2));
@@ -139,9 +146,10 @@ fn mounts_no_escape_from_a_shared_directory_and_read_only_holds_on_the_host() {
     let abs_target = b.join("outside/secret").display().to_string();
     assert!(text.lines().any(|l| l == abs_target) && text.lines().any(|l| l == "../outside/secret"), "{text}");
     assert!(text.contains("read-only\n"), "the read-only file survived rm: {text}");
-    // The walk saw only the directory's own file (or nothing mid-swap), never the outside.
+    // The walk saw only the directory's own file (or nothing mid-swap), never the outside,
+    // and the directory again once the swapping stopped.
     assert!(text.lines().any(|l| l.starts_with("walk ") && l.ends_with(" inside")), "{text}");
-    assert!(flips > 0);
+    assert!(flips > 0, "the host never swapped the directory while the guest walked it");
     // The host: nothing outside changed, the read-only tree is as it was, the writes landed
     // where they were meant to, and no special or setuid file appeared.
     assert_eq!(tree(&b.join("outside")), before_outside, "the host tree outside the mount changed");

@@ -654,8 +654,8 @@ for dest in ["10.0.0.1", "{}"]:
     let _ = msb(&["rm", "--force", name]);
 }
 
-/// A flood: in the rig only, a first attempt whose nested guest triple-faulted runs once
-/// more (the rig's known limit, printed as E2E-RETRY; see `msb_tests::rig_flood_blocking`).
+/// A flood: in the rig, a nested triple fault is reported as the rig's known limit and the
+/// rig reruns the test in a fresh L1 (see `msb_tests::rig_flood_blocking`).
 #[test]
 fn a_syn_flood_stays_within_the_new_connection_rate_and_the_sandbox_answers() {
     msb_tests::rig_flood_blocking("SYN flood", syn_flood);
