@@ -77,7 +77,7 @@ impl Default for MountConfig {
 }
 
 /// Descriptors kept back for everything else a sandbox process opens.
-const FD_RESERVE: u64 = 1024;
+pub const FD_RESERVE: u64 = 1024;
 
 /// Raises this process's open-file limit as far as it may go (every inode a guest knows is
 /// one descriptor) and splits what is left after [`FD_RESERVE`] between `mounts` mounts:
