@@ -44,16 +44,27 @@ pub fn side_by_side() {
     };
     let dir = tempfile::tempdir().expect("a temporary directory");
     let mount = format!("{}:/work", dir.path().display());
-    let out = Command::new(&bin)
+    let child = Command::new(&bin)
         .args(["run", IMAGE, "--net", "none", "--boot-timeout", "120", "-v", &mount, "--", "sh", "-c", SCRIPT])
-        .output();
-    let out = match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
-        Ok(o) => return println!("filesystem comparison failed: {}", String::from_utf8_lossy(&o.stderr)),
+        .stdout(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
         Err(e) => return println!("filesystem comparison not run: {e}"),
     };
+    // Each figure is printed as the guest reports it, so a slow run still shows what it did.
+    let mut lines = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok) {
+            println!("  {line}");
+            lines.push(line);
+        }
+    }
+    if !child.wait().is_ok_and(|st| st.success()) {
+        println!("filesystem comparison: the guest script failed (figures above are what it reported)");
+    }
     let mut figures: BTreeMap<String, (Option<f64>, Option<f64>)> = BTreeMap::new();
-    for line in out.lines() {
+    for line in &lines {
         let mut w = line.split_whitespace();
         let (Some(where_), Some(what), Some(ms)) = (w.next(), w.next(), w.next().and_then(|m| m.parse::<f64>().ok()))
         else {
