@@ -42,7 +42,7 @@ case $mode in
     job='msb doctor || true
 '"$canary"'for t in $RIG_TESTS; do
   echo "RIG-TEST-START $t"
-  echo "RIG-L1-MEM: $(grep -E "^(MemAvailable|Shmem):" /proc/meminfo | tr -s " " | tr "\n" " ")sandboxes: $(ls "$MSB_HOME/sandboxes" 2>/dev/null | wc -l)"
+  echo "RIG-L1-MEM: $(grep -E "^(MemAvailable|Shmem):" /proc/meminfo | tr -s " " | tr "\n" " ")sandboxes: $(ls "$MSB_HOME/sandboxes" 2>/dev/null | wc -l) load: $(cat /proc/loadavg) msb processes: $(ps | grep -c "[m]sb ")"
   timeout -k 10 '"${RIG_TEST_TIMEOUT:-420}"' msb-e2e --exact "$t" --test-threads=1 >/tmp/t.log 2>&1
   st=$?
   cat /tmp/t.log
@@ -50,6 +50,7 @@ case $mode in
   else
     echo "RIG-TEST-FAIL $t (exit $st)"
     dmesg | tail -n 15 | sed "s/^/RIG-L1-DMESG: /"
+    top -b -n 1 2>/dev/null | head -n 14 | sed "s/^/RIG-L1-TOP: /"
     if grep -q -e "triple-faulted" -e "TripleFault" /tmp/t.log; then echo "RIG-L1-DAMAGED after $t"; exit 3; fi
     ok=0; for i in 1 2; do timeout -s KILL 90 msb run --boot-timeout 30 -- true >/dev/null 2>&1 && { ok=1; break; }; done
     [ "$ok" = 1 ] || { echo "RIG-L1-BROKEN after $t"; exit 3; }
