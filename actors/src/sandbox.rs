@@ -168,14 +168,8 @@ impl SandboxBuilder {
 
     /// Checks the mounts: how many, guest paths distinct and valid, host paths directories.
     fn check_mounts(&self) -> Result<()> {
-        if self.mounts.len() > MAX_MOUNTS {
-            return Err(Error::Config(format!("{} mounts: at most {MAX_MOUNTS} per sandbox", self.mounts.len())));
-        }
-        for (i, m) in self.mounts.iter().enumerate() {
-            msb_schema::fs::check_guest_path(&m.guest).map_err(|e| Error::Config(e.to_string()))?;
-            if self.mounts[..i].iter().any(|o| o.guest == m.guest) {
-                return Err(Error::Config(format!("two mounts at {}", m.guest)));
-            }
+        msb_schema::fs::check_mounts(&self.mounts).map_err(|e| Error::Config(e.to_string()))?;
+        for m in &self.mounts {
             if !m.host.is_dir() {
                 return Err(Error::Config(format!(
                     "mount source {} is not a directory (or does not exist); name an existing host directory",

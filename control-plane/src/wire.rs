@@ -383,16 +383,7 @@ impl SandboxConfig {
                 )));
             }
         }
-        let max = msb_schema::fs::MAX_MOUNTS;
-        if self.mounts.len() > max {
-            return Err(Error::Config(format!("{} mounts: a sandbox has at most {max}", self.mounts.len())));
-        }
-        for (i, m) in self.mounts.iter().enumerate() {
-            msb_schema::fs::check_guest_path(&m.guest).map_err(|e| Error::Config(e.to_string()))?;
-            if self.mounts[..i].iter().any(|o| o.guest == m.guest) {
-                return Err(Error::Config(format!("two mounts at {}: give each its own guest path", m.guest)));
-            }
-        }
+        msb_schema::fs::check_mounts(&self.mounts).map_err(|e| Error::Config(e.to_string()))?;
         Ok(msb_schema::limits::check_size(self.cpus, self.memory_mib)?)
     }
 }

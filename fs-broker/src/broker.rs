@@ -415,22 +415,11 @@ impl Broker {
                 Ok(Vec::new())
             }
             R::Create { name, flags, mode, umask } => {
-                let acc = match flags & 3 {
-                    0 => OFlags::RDONLY,
-                    1 => OFlags::WRONLY,
-                    _ => OFlags::RDWR,
-                };
-                let mut extra = acc;
+                let mut o = open_flags(flags);
                 if flags & OFlags::EXCL.bits() != 0 {
-                    extra |= OFlags::EXCL;
+                    o |= OFlags::EXCL;
                 }
-                if flags & OFlags::TRUNC.bits() != 0 {
-                    extra |= OFlags::TRUNC;
-                }
-                if flags & OFlags::APPEND.bits() != 0 {
-                    extra |= OFlags::APPEND;
-                }
-                let fd = self.create_file(node, &name, extra, mode, umask)?;
+                let fd = self.create_file(node, &name, o, mode, umask)?;
                 let n = self.lookup(node, &name)?;
                 let fh = match self.add_handle(Handle::File { fd, node: n }) {
                     Ok(fh) => fh,
@@ -603,20 +592,13 @@ impl Broker {
             Kind::Symlink => return Err(fuse::ELOOP),
             Kind::Other => return Err(fuse::EACCES),
         }
-        let mut o = match flags & 3 {
-            0 => OFlags::RDONLY,
-            1 => OFlags::WRONLY,
-            _ => OFlags::RDWR,
-        };
-        let writes = flags & 3 != 0 || flags & OFlags::TRUNC.bits() != 0;
+        let mut o = open_flags(flags);
+        let writes = flags & 3 != 0 || o.contains(OFlags::TRUNC);
         if writes && self.cfg.read_only {
             return Err(fuse::EROFS);
         }
-        if flags & OFlags::APPEND.bits() != 0 {
-            o |= OFlags::APPEND;
-        }
-        if flags & OFlags::TRUNC.bits() != 0 && flags & 3 != 0 {
-            o |= OFlags::TRUNC;
+        if flags & 3 == 0 {
+            o.remove(OFlags::TRUNC); // an existing file opened read-only is not truncated
         }
         let fd =
             rfs::openat(&self.proc_fd, fd_name(&i.fd).as_str(), o | OFlags::CLOEXEC | OFlags::NOCTTY, Mode::empty())
@@ -735,6 +717,22 @@ impl Broker {
         }
         Ok(o.0)
     }
+}
+
+/// The host flags for the guest's open flags: the access mode, `O_APPEND` and `O_TRUNC`
+/// (nothing else of what the guest sends: no `O_PATH`, `O_DIRECTORY`, `O_NOFOLLOW` games).
+fn open_flags(flags: u32) -> OFlags {
+    let mut o = match flags & 3 {
+        0 => OFlags::RDONLY,
+        1 => OFlags::WRONLY,
+        _ => OFlags::RDWR,
+    };
+    for f in [OFlags::APPEND, OFlags::TRUNC] {
+        if flags & f.bits() != 0 {
+            o |= f;
+        }
+    }
+    o
 }
 
 /// The guest may set and remove only `user.` xattrs (not `security.`, `trusted.` or

@@ -68,6 +68,10 @@ impl TryFrom<FsBrokerMsg> for FsRequest {
 pub enum MountError {
     #[error("the mount's host path {0} is not absolute")]
     HostNotAbsolute(PathBuf),
+    #[error("{0} mounts: a sandbox has at most {MAX_MOUNTS}")]
+    TooMany(usize),
+    #[error("two mounts at {0}: give each its own guest path")]
+    SameGuestPath(String),
     #[error("the guest path {0:?} must be absolute, normalized (no `.`, `..` or `//`), at most {MAX_GUEST_PATH} bytes, not `/`, and without `,`, `:` or whitespace")]
     GuestPath(String),
 }
@@ -94,6 +98,20 @@ impl MountSpec {
         check_guest_path(guest)?;
         Ok(MountSpec { host: host.to_path_buf(), guest: guest.to_string(), read_only, volume: None })
     }
+}
+
+/// Checks a sandbox's mounts: at most [`MAX_MOUNTS`], each guest path valid and its own.
+pub fn check_mounts(mounts: &[MountSpec]) -> Result<(), MountError> {
+    if mounts.len() > MAX_MOUNTS {
+        return Err(MountError::TooMany(mounts.len()));
+    }
+    for (i, m) in mounts.iter().enumerate() {
+        check_guest_path(&m.guest)?;
+        if mounts[..i].iter().any(|o| o.guest == m.guest) {
+            return Err(MountError::SameGuestPath(m.guest.clone()));
+        }
+    }
+    Ok(())
 }
 
 /// A guest mount path: absolute, normalized, not the root, and safe to carry on the kernel
@@ -126,6 +144,10 @@ mod tests {
         }
         assert!(check_guest_path(&format!("/{}", "a".repeat(MAX_GUEST_PATH))).is_err());
         assert!(MountSpec::new(Path::new("relative"), "/work", false).is_err());
+        let m = |g: &str| MountSpec::new(Path::new("/tmp"), g, false).unwrap();
+        assert_eq!(check_mounts(&[m("/a"), m("/b")]), Ok(()));
+        assert_eq!(check_mounts(&[m("/a"), m("/a")]), Err(MountError::SameGuestPath("/a".into())));
+        assert_eq!(check_mounts(&vec![m("/a"); MAX_MOUNTS + 1]), Err(MountError::TooMany(MAX_MOUNTS + 1)));
         assert!(MountSpec::new(Path::new("/tmp"), "/work", true).unwrap().read_only);
     }
 }

@@ -61,9 +61,10 @@ impl FsState {
     /// Takes what the guest offered (within the in-flight cap) and sends it to the broker.
     fn pump(&mut self) -> Result<(), ActorProcessingErr> {
         let transport = &self.transport;
-        let taken =
-            super::off_worker(|| lock(transport).service(|dev, queues, mem| dev.take(queues, mem).map(|t| (t, false))));
-        let Some((reqs, more)) = taken.map_err(|failed| format!("virtio-fs: {failed}"))? else {
+        let taken = super::off_worker(|| {
+            lock(transport).service(|dev, queues, mem| dev.take(queues, mem).map(|t| ((t, dev.in_flight()), false)))
+        });
+        let Some(((reqs, more), in_flight)) = taken.map_err(|failed| format!("virtio-fs: {failed}"))? else {
             return Ok(());
         };
         for r in reqs {
@@ -74,7 +75,9 @@ impl FsState {
                 .send_message(FsRequest { id, bytes: r.bytes, room: r.room })
                 .map_err(|_| "the filesystem broker is gone")?;
         }
-        let room = lock(transport).device().in_flight() < msb_devices::virtio::fs::MAX_IN_FLIGHT;
+        // More is left and the cap has room: the round stopped at its work bound, so go on
+        // (at the cap, the next reply does).
+        let room = in_flight < msb_devices::virtio::fs::MAX_IN_FLIGHT;
         if more && room && self.watchers.claim(1) {
             let _ = self.me.send_message(FsMsg::Notify(1));
         }
