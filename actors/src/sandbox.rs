@@ -280,7 +280,14 @@ impl SandboxBuilder {
             .iter()
             .map(|m| FsBrokerArgs {
                 root: m.host.clone(),
-                config: MountConfig { read_only: m.read_only, max_inodes, max_handles, ..MountConfig::default() },
+                config: MountConfig {
+                    read_only: m.read_only,
+                    uid: m.owner.map_or(0, |o| o.uid),
+                    gid: m.owner.map_or(0, |o| o.gid),
+                    max_inodes,
+                    max_handles,
+                    ..MountConfig::default()
+                },
             })
             .collect();
         let (sup, _) = Actor::spawn(None, SandboxSupervisor, SupArgs { machine, net, mounts })

@@ -207,9 +207,11 @@ struct MachineArgs {
     /// Size of an image sandbox's writable root disk, e.g. 512M or 4G (sparse; default 4G).
     #[arg(long, value_parser = parse_size_mib)]
     root_disk: Option<u64>,
-    /// Share a host directory: `HOST_DIR:GUEST_PATH[:ro]` (`./project:/work`). The guest
-    /// reaches nothing outside it; `:ro` is enforced on the host. Repeatable (at most 4).
-    #[arg(short = 'v', long = "volume", value_name = "HOST_DIR:GUEST_PATH[:ro]")]
+    /// Share a host directory: `HOST_DIR:GUEST_PATH[:OPTIONS]` (`./project:/work`), or a
+    /// named volume (`NAME:/path`). The guest reaches nothing outside it. OPTIONS, comma
+    /// separated: `ro` (enforced on the host), `uid=N[,gid=N]` (the owner files appear to have
+    /// in the guest; default root, or `run -u UID[:GID]`'s). Repeatable (at most 4).
+    #[arg(short = 'v', long = "volume", value_name = "HOST_DIR:GUEST_PATH[:ro][,uid=N,gid=N]")]
     volumes: Vec<String>,
     #[command(flatten)]
     net: NetArgs,
@@ -461,6 +463,25 @@ impl CommandArgs {
             rlimits,
         })
     }
+}
+
+/// `msb run`'s mounts without an owner of their own get the command's user when it is
+/// numeric (`-u UID[:GID]`, or the image's USER), so what the workload makes and is given
+/// in a shared directory is its own; otherwise they stay root's (a user name is resolved in
+/// the guest, which the host does not ask).
+fn owned_by(
+    mut mounts: Vec<msb_control_plane::wire::MountSpec>,
+    user: Option<&str>,
+) -> Vec<msb_control_plane::wire::MountSpec> {
+    let id = |s: &str| s.parse::<u32>().ok();
+    let owner = user.and_then(|u| match u.split_once(':') {
+        None => id(u).map(|uid| msb_control_plane::wire::Owner { uid, gid: uid }),
+        Some((u, g)) => Some(msb_control_plane::wire::Owner { uid: id(u)?, gid: id(g)? }),
+    });
+    for m in mounts.iter_mut().filter(|m| m.owner.is_none()) {
+        m.owner = owner;
+    }
+    mounts
 }
 
 /// Longest `--env-file` msb reads.
@@ -956,7 +977,7 @@ async fn run(msb: &Msb, mut a: RunArgs) -> ExitCode {
         return finish(Outcome::Failed(e));
     }
     let config = match a.machine.config(image) {
-        Ok(c) => SandboxConfig { image_id, ..c },
+        Ok(c) => SandboxConfig { image_id, mounts: owned_by(c.mounts, a.cmd.user.as_deref()), ..c },
         Err(e) => return finish(Outcome::Failed(e)),
     };
     let created = match (&a.name, a.detach) {
@@ -1066,6 +1087,19 @@ fn doctor() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_gives_mounts_without_an_owner_the_numeric_user() {
+        use msb_control_plane::wire::{MountSpec, Owner};
+        let m = |owner| MountSpec { owner, ..MountSpec::new(std::path::Path::new("/tmp"), "/work", false).unwrap() };
+        let own = |uid, gid| Some(Owner { uid, gid });
+        let got = |user| owned_by(vec![m(None), m(own(7, 8))], user).iter().map(|m| m.owner).collect::<Vec<_>>();
+        assert_eq!(got(Some("1000")), vec![own(1000, 1000), own(7, 8)]);
+        assert_eq!(got(Some("1000:50")), vec![own(1000, 50), own(7, 8)]);
+        for named in [None, Some("root"), Some("app"), Some("app:1"), Some("1:staff"), Some("-1")] {
+            assert_eq!(got(named), vec![None, own(7, 8)], "{named:?}");
+        }
+    }
 
     fn net(args: &[&str]) -> Result<NetSettings, Error> {
         #[derive(Parser)]

@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use msb_protocol::{decode, encode, FrameDecoder, WinSize};
-pub use msb_schema::fs::MountSpec;
+pub use msb_schema::fs::{MountSpec, Owner};
 use msb_schema::net::{Port, PortProto};
 use msb_schema::{ExecEvent, ExecSpec, SandboxName, StopReason};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -282,6 +282,28 @@ mod mount_tests {
         assert_eq!(v.host, home.join("volumes/project"));
         refused("../x:/work".into(), "No such file");
         refused("/nowhere".into(), "HOST_DIR:GUEST_PATH");
+        refused(format!("{}:ro", dir.display()), "guest path \"ro\" must be absolute");
+        // Options: ro/rw and the owner files appear to have.
+        let o = |spec: &str| parse_mount(&format!("{}:{spec}", dir.display()), &home);
+        let owned = o("/work:uid=1000").unwrap();
+        assert_eq!((owned.owner, owned.read_only), (Some(msb_schema::fs::Owner { uid: 1000, gid: 1000 }), false));
+        let both = o("/work:ro,uid=1000,gid=50").unwrap();
+        assert_eq!((both.owner, both.read_only), (Some(msb_schema::fs::Owner { uid: 1000, gid: 50 }), true));
+        assert!(!o("/work:rw").unwrap().read_only);
+        assert_eq!(o("/work").unwrap().owner, None, "root unless told");
+        assert!(parse_mount("project:/work:uid=7", &home).unwrap().owner.is_some_and(|w| w.uid == 7));
+        for (spec, why) in [
+            ("/work:gid=5", "needs a uid"),
+            ("/work:uid=-1", "not a number"),
+            ("/work:uid=4294967296", "not a number"),
+            ("/work:uid=", "not a number"),
+            ("/work:exec", "unknown mount option"),
+            ("/work:ro,suid", "unknown mount option"),
+            ("/work:ro:rw", "guest path"),
+        ] {
+            let e = o(spec).unwrap_err();
+            assert!(e.contains(why), "{spec}: {e}");
+        }
     }
 }
 
@@ -322,42 +344,71 @@ mod publish_tests {
     }
 }
 
-/// Parses `-v HOST:GUEST[:ro]`: HOST an existing directory (made absolute, symlinks
+/// Parses `-v HOST:GUEST[:OPTIONS]`: HOST an existing directory (made absolute, symlinks
 /// resolved once, here), never the msb home, inside it, or above it (a sandbox must not
 /// reach other sandboxes' disks or the state store), or the name of a volume
-/// ([`crate::volumes`]); GUEST an absolute, normalized path.
+/// ([`crate::volumes`]); GUEST an absolute, normalized path; OPTIONS a comma list of `ro`,
+/// `rw` (the default), `uid=N` and `gid=N` (the owner files appear to have in the guest;
+/// a `gid` without a `uid` is refused, and `uid=N` alone means `N:N`).
 pub fn parse_mount(s: &str, home: &Path) -> std::result::Result<MountSpec, String> {
     let bad = |why: String| format!("-v {s:?}: {why}");
-    let (rest, read_only) = match s.strip_suffix(":ro") {
-        Some(r) => (r, true),
-        None => (s.strip_suffix(":rw").unwrap_or(s), false),
+    let usage =
+        "want HOST_DIR:GUEST_PATH[:ro|rw][,uid=N[,gid=N]], e.g. ./project:/work, /data:/data:ro or ./p:/work:uid=1000";
+    let Some((front, last)) = s.rsplit_once(':') else {
+        return Err(bad(usage.into()));
+    };
+    // A guest path is absolute, and options never start with `/`: the last field is one or
+    // the other (with no field before it to be the guest path, it is a guest path gone
+    // wrong, and said so).
+    let (rest, options) = if last.starts_with('/') || !front.contains(':') { (s, "") } else { (front, last) };
+    let (mut read_only, mut uid, mut gid) = (false, None, None);
+    for opt in options.split(',').filter(|o| !o.is_empty()) {
+        let id = |v: &str, what: &str| {
+            v.parse::<u32>().map_err(|_| bad(format!("{what}={v:?} is not a number from 0 to {}", u32::MAX)))
+        };
+        match opt.split_once('=') {
+            None if opt == "ro" => read_only = true,
+            None if opt == "rw" => read_only = false,
+            Some(("uid", v)) => uid = Some(id(v, "uid")?),
+            Some(("gid", v)) => gid = Some(id(v, "gid")?),
+            _ => return Err(bad(format!("unknown mount option {opt:?}; {usage}"))),
+        }
+    }
+    let owner = match (uid, gid) {
+        (None, None) => None,
+        (Some(uid), gid) => Some(msb_schema::fs::Owner { uid, gid: gid.unwrap_or(uid) }),
+        (None, Some(_)) => return Err(bad("gid= needs a uid= beside it".into())),
     };
     let Some((host, guest)) = rest.rsplit_once(':') else {
-        return Err(bad("want HOST_DIR:GUEST_PATH[:ro], e.g. ./project:/work or /data:/data:ro".into()));
+        return Err(bad(usage.into()));
     };
     if host.is_empty() {
         return Err(bad("the host directory is empty".into()));
     }
-    if !host.contains('/') && !host.starts_with('.') {
+    msb_schema::fs::check_guest_path(guest).map_err(|e| bad(e.to_string()))?;
+    let mut m = if !host.contains('/') && !host.starts_with('.') {
         let dir = crate::volumes::path_of(home, host)
             .map_err(|e| bad(format!("{e} (or, for a host directory here, write ./{host})")))?;
         let mut m = MountSpec::new(&dir, guest, read_only).map_err(|e| bad(e.to_string()))?;
         m.volume = Some(host.to_string());
-        return Ok(m);
-    }
-    let abs = std::fs::canonicalize(host).map_err(|e| bad(format!("host directory {host}: {e}")))?;
-    if !abs.is_dir() {
-        return Err(bad(format!("{} is not a directory", abs.display())));
-    }
-    let home = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_path_buf());
-    if abs.starts_with(&home) || home.starts_with(&abs) {
-        return Err(bad(format!(
-            "{} is, holds or lies inside the msb home {}: sharing it would hand the sandbox other sandboxes' disks",
-            abs.display(),
-            home.display()
-        )));
-    }
-    MountSpec::new(&abs, guest, read_only).map_err(|e| bad(e.to_string()))
+        m
+    } else {
+        let abs = std::fs::canonicalize(host).map_err(|e| bad(format!("host directory {host}: {e}")))?;
+        if !abs.is_dir() {
+            return Err(bad(format!("{} is not a directory", abs.display())));
+        }
+        let home = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_path_buf());
+        if abs.starts_with(&home) || home.starts_with(&abs) {
+            return Err(bad(format!(
+                "{} is, holds or lies inside the msb home {}: sharing it would hand the sandbox other sandboxes' disks",
+                abs.display(),
+                home.display()
+            )));
+        }
+        MountSpec::new(&abs, guest, read_only).map_err(|e| bad(e.to_string()))?
+    };
+    m.owner = owner;
+    Ok(m)
 }
 
 /// Writable root disk size when none is given (sparse: 4 GiB of room, not of host disk).

@@ -88,6 +88,23 @@ pub struct MountSpec {
     /// The named volume this directory is (`None`: a host directory the user named).
     #[serde(default)]
     pub volume: Option<String>,
+    /// The owner every file appears to have in the guest (`None`: root, the default
+    /// workload user). Host ownership never changes whatever it is.
+    #[serde(default)]
+    pub owner: Option<Owner>,
+}
+
+/// A guest uid and gid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.uid, self.gid)
+    }
 }
 
 impl MountSpec {
@@ -96,7 +113,7 @@ impl MountSpec {
             return Err(MountError::HostNotAbsolute(host.to_path_buf()));
         }
         check_guest_path(guest)?;
-        Ok(MountSpec { host: host.to_path_buf(), guest: guest.to_string(), read_only, volume: None })
+        Ok(MountSpec { host: host.to_path_buf(), guest: guest.to_string(), read_only, volume: None, owner: None })
     }
 }
 

@@ -213,3 +213,40 @@ fn mounts_a_named_volume_outlives_its_sandbox_is_shared_by_the_next_and_rm_waits
         String::from_utf8_lossy(&gone.stderr)
     );
 }
+
+#[test]
+fn mounts_files_appear_with_the_configured_owner_and_a_dropped_user_works_in_its_own() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("p");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(dir.join("f"), b"host\n").unwrap();
+    let host_uid = std::fs::metadata(dir.join("f")).unwrap().uid();
+    let out = |args: &[&str]| {
+        let o = msb(args);
+        (code(&o), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    // uid=/gid= set the owner root sees; a chown to it passes, to anyone else is refused.
+    let owned = format!("{}:/work:uid=1000,gid=1001", dir.display());
+    let script = "stat -c owner=%u:%g /work/f /work; chown 1000:1001 /work/f && echo chown-owner=ok; \
+                  chown 0:0 /work/f 2>/dev/null || echo chown-root=refused";
+    let (c, so, se) = out(&["run", "--net", "none", "-v", &owned, "--", "sh", "-c", script]);
+    assert_eq!(c, 0, "{se}");
+    assert_eq!(so, "owner=1000:1001\nowner=1000:1001\nchown-owner=ok\nchown-root=refused\n", "{se}");
+    // `run -u UID` makes the mount that user's: it reads and writes in a 0700 directory.
+    let plain = format!("{}:/work", dir.display());
+    let script = "id -u; stat -c owner=%u /work/f; cat /work/f; echo guest > /work/new && echo wrote";
+    let (c, so, se) = out(&["run", "--net", "none", "-u", "1000", "-v", &plain, "--", "sh", "-c", script]);
+    assert_eq!(c, 0, "{se}");
+    assert_eq!(so, "1000\nowner=1000\nhost\nwrote\n", "{se}");
+    // An explicit owner wins over -u: root's 0700 directory is closed to user 1000.
+    let rooted = format!("{}:/work:uid=0", dir.display());
+    let (c, so, _) =
+        out(&["run", "--net", "none", "-u", "1000", "-v", &rooted, "--", "sh", "-c", "cat /work/f || echo denied"]);
+    assert_eq!((c, so.as_str()), (0, "denied\n"));
+    // On the host nothing changed owner: the new file is the broker's, like every other.
+    assert_eq!(std::fs::read(dir.join("new")).unwrap(), b"guest\n");
+    for f in ["f", "new"] {
+        assert_eq!(std::fs::metadata(dir.join(f)).unwrap().uid(), host_uid, "{f}");
+    }
+}

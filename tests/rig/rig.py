@@ -156,9 +156,14 @@ def add_with_libs(c, binaries, made, extra=()):
 
 def add_qemu(c, made):
     """Puts QEMU, its shared libraries and its x86 firmware into L1, for side-by-side
-    benchmarks (`-M microvm` on L1's KVM, booting the same kernel and initramfs), and passt
-    (the network benchmark's third network) when the host has it."""
+    benchmarks (`-M microvm` on L1's KVM, booting the same kernel and initramfs), passt
+    (the network benchmark's third network) and Debian's virtiofsd (the shared-directory
+    benchmark's peer, shipped in qemu-system-common) when the host has them."""
     qemu = shutil.which("qemu-system-x86_64")
+    vfsd = shutil.which("virtiofsd") or next(
+        (p for p in ["/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd"] if os.path.exists(p)), None)
+    if vfsd:
+        add_with_libs(c, [vfsd], made)
     passt = shutil.which("passt")
     if passt:
         # Debian's passt runs passt.avx2 where the CPU has AVX2 (L1's TCG CPU does).

@@ -10,7 +10,7 @@
 #   tests/rig/run-rig.sh demo           msb run -- uname -a, and a failing command
 #   tests/rig/run-rig.sh bench [N]      the boot benchmark
 #   tests/rig/run-rig.sh bench-net      the network benchmark (msb vs QEMU slirp vs passt)
-#   tests/rig/run-rig.sh bench-fs       the shared-directory benchmark (virtio-fs vs the root)
+#   tests/rig/run-rig.sh bench-fs       the shared-directory benchmark (msb vs virtiofsd vs the root)
 #   tests/rig/run-rig.sh run -- CMD...  msb run -- CMD...
 #
 # Needs what scripts/setup.sh builds: $MSB_HOME/rig/bzImage, $MSB_HOME/kernel/vmlinux and the
@@ -74,7 +74,8 @@ msb run msb/debian:12 -- python3 -c "print(6*7)"'
     extra="--with-qemu"
     ;;
   bench-fs)
-    job="$canary"'msb-bench fs'
+    job="$canary"'MSB_BENCH_FS='"${MSB_BENCH_FS:-msb,virtiofsd}"' msb-bench fs'
+    extra="--with-qemu"
     ;;
   run)
     [ "${1:-}" = -- ] && shift

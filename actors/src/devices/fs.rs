@@ -3,6 +3,10 @@
 //! send it), and writes each [`FsReply`] back. At most the core's `MAX_IN_FLIGHT` requests
 //! are out; past that the core takes no chains, which pushes back on the guest. A reply for
 //! a request the shell no longer knows (after a driver reset) is dropped.
+//!
+//! Its servicing rounds run inline on the async worker: a round copies at most the in-flight
+//! cap's requests out of guest memory and touches no host file (the broker, on its own
+//! thread, does), so it never blocks.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -61,9 +65,8 @@ impl FsState {
     /// Takes what the guest offered (within the in-flight cap) and sends it to the broker.
     fn pump(&mut self) -> Result<(), ActorProcessingErr> {
         let transport = &self.transport;
-        let taken = super::off_worker(|| {
-            lock(transport).service(|dev, queues, mem| dev.take(queues, mem).map(|t| ((t, dev.in_flight()), false)))
-        });
+        let taken =
+            lock(transport).service(|dev, queues, mem| dev.take(queues, mem).map(|t| ((t, dev.in_flight()), false)));
         let Some(((reqs, more), in_flight)) = taken.map_err(|failed| format!("virtio-fs: {failed}"))? else {
             return Ok(());
         };
@@ -107,11 +110,8 @@ impl Actor for FsDevice {
             FsMsg::Reply(r) => {
                 if let Some(token) = st.out.remove(&r.id) {
                     let transport = &st.transport;
-                    let done = super::off_worker(|| {
-                        lock(transport).service(|dev, queues, mem| {
-                            dev.complete(queues, mem, token, &r.bytes).map(|used| ((), used))
-                        })
-                    });
+                    let done = lock(transport)
+                        .service(|dev, queues, mem| dev.complete(queues, mem, token, &r.bytes).map(|used| ((), used)));
                     done.map_err(|failed| format!("virtio-fs: {failed}"))?;
                 }
             }
