@@ -230,7 +230,7 @@ fn run_virtiofsd(rows: &mut BTreeMap<String, Row>) {
         }
     });
     let limit =
-        Duration::from_secs(std::env::var("MSB_BENCH_FS_LIMIT").ok().and_then(|v| v.parse().ok()).unwrap_or(900));
+        Duration::from_secs(std::env::var("MSB_BENCH_FS_LIMIT").ok().and_then(|v| v.parse().ok()).unwrap_or(1800));
     loop {
         match rx.recv_timeout(limit.saturating_sub(start.elapsed())) {
             Ok(line) if line.trim() == DONE => break,
