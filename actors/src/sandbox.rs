@@ -278,16 +278,19 @@ impl SandboxBuilder {
         let mounts = self
             .mounts
             .iter()
-            .map(|m| FsBrokerArgs {
-                root: m.host.clone(),
-                config: MountConfig {
-                    read_only: m.read_only,
-                    uid: m.owner.map_or(0, |o| o.uid),
-                    gid: m.owner.map_or(0, |o| o.gid),
-                    max_inodes,
-                    max_handles,
-                    ..MountConfig::default()
-                },
+            .map(|m| {
+                let owner = m.owner.unwrap_or_default();
+                FsBrokerArgs {
+                    root: m.host.clone(),
+                    config: MountConfig {
+                        read_only: m.read_only,
+                        uid: owner.uid,
+                        gid: owner.gid,
+                        max_inodes,
+                        max_handles,
+                        ..MountConfig::default()
+                    },
+                }
             })
             .collect();
         let (sup, _) = Actor::spawn(None, SandboxSupervisor, SupArgs { machine, net, mounts })

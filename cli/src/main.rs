@@ -24,6 +24,7 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use msb_control_plane::client::SANDBOX_PROCESS_ARG;
 use msb_control_plane::schema::{Rlimit, WinSize};
 use msb_control_plane::store::format_ms;
+use msb_control_plane::wire::{FileOwner, MountSpec};
 use msb_control_plane::{
     parse_guest_port, Error, ExecSpec, Msb, NamedSandbox, NetSettings, PortProto, Publish, Record, SandboxConfig,
     Status,
@@ -355,7 +356,7 @@ fn parse_size_mib(s: &str) -> Result<u64, String> {
 
 impl MachineArgs {
     /// The `-v` mounts, each checked against the host (exists, a directory, not the home).
-    fn mounts(&self) -> Result<Vec<msb_control_plane::wire::MountSpec>, Error> {
+    fn mounts(&self) -> Result<Vec<MountSpec>, Error> {
         if self.volumes.is_empty() {
             return Ok(Vec::new());
         }
@@ -469,14 +470,12 @@ impl CommandArgs {
 /// numeric (`-u UID[:GID]`, or the image's USER), so what the workload makes and is given
 /// in a shared directory is its own; otherwise they stay root's (a user name is resolved in
 /// the guest, which the host does not ask).
-fn owned_by(
-    mut mounts: Vec<msb_control_plane::wire::MountSpec>,
-    user: Option<&str>,
-) -> Vec<msb_control_plane::wire::MountSpec> {
-    let id = |s: &str| s.parse::<u32>().ok();
-    let owner = user.and_then(|u| match u.split_once(':') {
-        None => id(u).map(|uid| msb_control_plane::wire::Owner { uid, gid: uid }),
-        Some((u, g)) => Some(msb_control_plane::wire::Owner { uid: id(u)?, gid: id(g)? }),
+fn owned_by(mut mounts: Vec<MountSpec>, user: Option<&str>) -> Vec<MountSpec> {
+    use msb_protocol::{Ident, UserSpec};
+    let owner = user.and_then(|u| UserSpec::parse(u).ok()).and_then(|spec| match spec {
+        UserSpec { user: Ident::Id(uid), group: None } => Some(FileOwner { uid, gid: uid }),
+        UserSpec { user: Ident::Id(uid), group: Some(Ident::Id(gid)) } => Some(FileOwner { uid, gid }),
+        _ => None,
     });
     for m in mounts.iter_mut().filter(|m| m.owner.is_none()) {
         m.owner = owner;
@@ -1090,9 +1089,8 @@ mod tests {
 
     #[test]
     fn run_gives_mounts_without_an_owner_the_numeric_user() {
-        use msb_control_plane::wire::{MountSpec, Owner};
         let m = |owner| MountSpec { owner, ..MountSpec::new(std::path::Path::new("/tmp"), "/work", false).unwrap() };
-        let own = |uid, gid| Some(Owner { uid, gid });
+        let own = |uid, gid| Some(FileOwner { uid, gid });
         let got = |user| owned_by(vec![m(None), m(own(7, 8))], user).iter().map(|m| m.owner).collect::<Vec<_>>();
         assert_eq!(got(Some("1000")), vec![own(1000, 1000), own(7, 8)]);
         assert_eq!(got(Some("1000:50")), vec![own(1000, 50), own(7, 8)]);

@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use msb_protocol::{decode, encode, FrameDecoder, WinSize};
-pub use msb_schema::fs::{MountSpec, Owner};
+pub use msb_schema::fs::{FileOwner, MountSpec};
 use msb_schema::net::{Port, PortProto};
 use msb_schema::{ExecEvent, ExecSpec, SandboxName, StopReason};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -251,7 +251,7 @@ impl Default for SandboxConfig {
 
 #[cfg(test)]
 mod mount_tests {
-    use super::parse_mount;
+    use super::{parse_mount, FileOwner};
 
     #[test]
     fn a_mount_names_an_existing_directory_outside_the_home_and_a_clean_guest_path() {
@@ -286,9 +286,9 @@ mod mount_tests {
         // Options: ro/rw and the owner files appear to have.
         let o = |spec: &str| parse_mount(&format!("{}:{spec}", dir.display()), &home);
         let owned = o("/work:uid=1000").unwrap();
-        assert_eq!((owned.owner, owned.read_only), (Some(msb_schema::fs::Owner { uid: 1000, gid: 1000 }), false));
+        assert_eq!((owned.owner, owned.read_only), (Some(FileOwner { uid: 1000, gid: 1000 }), false));
         let both = o("/work:ro,uid=1000,gid=50").unwrap();
-        assert_eq!((both.owner, both.read_only), (Some(msb_schema::fs::Owner { uid: 1000, gid: 50 }), true));
+        assert_eq!((both.owner, both.read_only), (Some(FileOwner { uid: 1000, gid: 50 }), true));
         assert!(!o("/work:rw").unwrap().read_only);
         assert_eq!(o("/work").unwrap().owner, None, "root unless told");
         assert!(parse_mount("project:/work:uid=7", &home).unwrap().owner.is_some_and(|w| w.uid == 7));
@@ -376,7 +376,7 @@ pub fn parse_mount(s: &str, home: &Path) -> std::result::Result<MountSpec, Strin
     }
     let owner = match (uid, gid) {
         (None, None) => None,
-        (Some(uid), gid) => Some(msb_schema::fs::Owner { uid, gid: gid.unwrap_or(uid) }),
+        (Some(uid), gid) => Some(FileOwner { uid, gid: gid.unwrap_or(uid) }),
         (None, Some(_)) => return Err(bad("gid= needs a uid= beside it".into())),
     };
     let Some((host, guest)) = rest.rsplit_once(':') else {

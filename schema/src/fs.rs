@@ -91,20 +91,14 @@ pub struct MountSpec {
     /// The owner every file appears to have in the guest (`None`: root, the default
     /// workload user). Host ownership never changes whatever it is.
     #[serde(default)]
-    pub owner: Option<Owner>,
+    pub owner: Option<FileOwner>,
 }
 
-/// A guest uid and gid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Owner {
+/// The guest uid and gid files of a mount appear to have (default: root's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileOwner {
     pub uid: u32,
     pub gid: u32,
-}
-
-impl std::fmt::Display for Owner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.uid, self.gid)
-    }
 }
 
 impl MountSpec {

@@ -76,7 +76,8 @@ msb run msb/debian:12 -- python3 -c "print(6*7)"'
   bench-fs)
     # virtiofsd's half alone takes up to 30 min in the rig (its rm -rf of the tree, most).
     job="$canary"'MSB_BENCH_FS='"${MSB_BENCH_FS:-msb,virtiofsd}"' msb-bench fs'
-    extra="--with-qemu --timeout ${RIG_TIMEOUT:-3600}"
+    extra="--with-qemu"
+    RIG_TIMEOUT=${RIG_TIMEOUT:-3600}
     ;;
   run)
     [ "${1:-}" = -- ] && shift

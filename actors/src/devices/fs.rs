@@ -5,8 +5,8 @@
 //! a request the shell no longer knows (after a driver reset) is dropped.
 //!
 //! Its servicing rounds run inline on the async worker: a round copies at most the in-flight
-//! cap's requests out of guest memory and touches no host file (the broker, on its own
-//! thread, does), so it never blocks.
+//! cap's requests out of guest memory and touches no host file (the broker does), so it
+//! never blocks.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
