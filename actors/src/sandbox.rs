@@ -288,6 +288,7 @@ impl SandboxBuilder {
                         gid: owner.gid,
                         max_inodes,
                         max_handles,
+                        identity: m.identity.map(|i| (i.dev, i.ino)),
                         ..MountConfig::default()
                     },
                 }

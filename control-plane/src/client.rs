@@ -95,8 +95,9 @@ impl Msb {
         self.create_named(SandboxName::new(name)?, config, ephemeral)
     }
 
-    fn create_named(&self, name: SandboxName, config: SandboxConfig, ephemeral: bool) -> Result<NamedSandbox> {
+    fn create_named(&self, name: SandboxName, mut config: SandboxConfig, ephemeral: bool) -> Result<NamedSandbox> {
         config.validate()?;
+        config.check_host_mounts(&self.home)?;
         let sock = paths::socket_path(&self.home, &name);
         if sock.as_os_str().len() > paths::MAX_SOCKET_PATH {
             return Err(Error::Config(format!(

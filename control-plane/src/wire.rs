@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use msb_protocol::{decode, encode, FrameDecoder, WinSize};
-pub use msb_schema::fs::{FileOwner, MountSpec};
+pub use msb_schema::fs::{FileOwner, HostIdentity, MountSpec};
 use msb_schema::net::{Port, PortProto};
 use msb_schema::{ExecEvent, ExecSpec, SandboxName, StopReason};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -251,7 +251,38 @@ impl Default for SandboxConfig {
 
 #[cfg(test)]
 mod mount_tests {
-    use super::{parse_mount, FileOwner};
+    use super::{check_host_mount, parse_mount, FileOwner, MountSpec, SandboxConfig};
+
+    /// FS2/FS14: a recorded mount is checked again at start and by the SDK: a host path
+    /// swapped for a symlink or another directory, a non-canonical path and one inside the
+    /// msb home are refused, whoever built the spec.
+    #[test]
+    fn a_recorded_mount_is_checked_again_by_identity_and_against_the_home() {
+        let t = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(t.path()).unwrap();
+        let (home, dir) = (base.join("home"), base.join("project"));
+        std::fs::create_dir_all(home.join("sandboxes")).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        let m = parse_mount(&format!("{}:/work", dir.display()), &home).unwrap();
+        assert!(m.identity.is_some(), "recorded at create");
+        assert_eq!(check_host_mount(m.clone(), &home).unwrap(), m, "the same directory starts");
+        std::fs::rename(&dir, base.join("project.old")).unwrap();
+        std::os::unix::fs::symlink(base.join("home"), &dir).unwrap();
+        let e = check_host_mount(m.clone(), &home).unwrap_err();
+        assert!(e.contains("not a canonical path"), "{e}");
+        std::fs::remove_file(&dir).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        let e = check_host_mount(m.clone(), &home).unwrap_err();
+        assert!(e.contains("another directory than the one recorded"), "{e}");
+        // The SDK's own specs: the home, a non-canonical path.
+        let mut c = SandboxConfig { mounts: vec![MountSpec::new(&home, "/h", true).unwrap()], ..Default::default() };
+        assert!(c.check_host_mounts(&home).unwrap_err().to_string().contains("msb home"));
+        c.mounts = vec![MountSpec::new(&base.join("project/../project"), "/p", true).unwrap()];
+        assert!(c.check_host_mounts(&home).unwrap_err().to_string().contains("canonical"));
+        c.mounts = vec![MountSpec::new(&dir, "/p", true).unwrap()];
+        c.check_host_mounts(&home).unwrap();
+        assert!(c.mounts[0].identity.is_some(), "the SDK's spec gets its identity");
+    }
 
     #[test]
     fn a_mount_names_an_existing_directory_outside_the_home_and_a_clean_guest_path() {
@@ -386,9 +417,10 @@ pub fn parse_mount(s: &str, home: &Path) -> std::result::Result<MountSpec, Strin
         return Err(bad("the host directory is empty".into()));
     }
     msb_schema::fs::check_guest_path(guest).map_err(|e| bad(e.to_string()))?;
-    let mut m = if !host.contains('/') && !host.starts_with('.') {
+    let m = if !host.contains('/') && !host.starts_with('.') {
         let dir = crate::volumes::path_of(home, host)
             .map_err(|e| bad(format!("{e} (or, for a host directory here, write ./{host})")))?;
+        let dir = std::fs::canonicalize(&dir).map_err(|e| bad(format!("volume {host}: {e}")))?;
         let mut m = MountSpec::new(&dir, guest, read_only).map_err(|e| bad(e.to_string()))?;
         m.volume = Some(host.to_string());
         m
@@ -397,17 +429,56 @@ pub fn parse_mount(s: &str, home: &Path) -> std::result::Result<MountSpec, Strin
         if !abs.is_dir() {
             return Err(bad(format!("{} is not a directory", abs.display())));
         }
-        let home = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_path_buf());
-        if abs.starts_with(&home) || home.starts_with(&abs) {
-            return Err(bad(format!(
-                "{} is, holds or lies inside the msb home {}: sharing it would hand the sandbox other sandboxes' disks",
-                abs.display(),
-                home.display()
-            )));
-        }
         MountSpec::new(&abs, guest, read_only).map_err(|e| bad(e.to_string()))?
     };
+    let mut m = check_host_mount(m, home).map_err(&bad)?;
     m.owner = owner;
+    Ok(m)
+}
+
+/// Checks a mount's host side and records its identity where it has none yet: the path is
+/// absolute and canonical (no symlink in it: every start opens it without following one),
+/// a directory, and neither is, holds nor lies inside the msb `home` (only a named volume,
+/// at its own place under `home`, may). Run when a sandbox is recorded (CLI and SDK alike)
+/// and again at every start, so a path swapped since is refused.
+pub fn check_host_mount(mut m: MountSpec, home: &Path) -> std::result::Result<MountSpec, String> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = m.host.display().to_string();
+    let canon = std::fs::canonicalize(&m.host).map_err(|e| format!("host directory {shown}: {e}"))?;
+    if canon != m.host {
+        return Err(format!(
+            "host directory {shown} is not a canonical path (it resolves to {}): a symlink in it may be swapped later; name the directory itself",
+            canon.display()
+        ));
+    }
+    let md = std::fs::symlink_metadata(&canon).map_err(|e| format!("host directory {shown}: {e}"))?;
+    if !md.is_dir() {
+        return Err(format!("{shown} is not a directory"));
+    }
+    let home = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_path_buf());
+    match &m.volume {
+        Some(v) if canon != crate::volumes::volumes_dir(&home).join(v) => {
+            return Err(format!("volume {v} is recorded at {shown}, which is not its place in the msb home"));
+        }
+        Some(_) => {}
+        None if canon.starts_with(&home) || home.starts_with(&canon) => {
+            return Err(format!(
+                "{shown} is, holds or lies inside the msb home {}: sharing it would hand the sandbox other sandboxes' disks",
+                home.display()
+            ));
+        }
+        None => {}
+    }
+    let id = HostIdentity { dev: md.dev(), ino: md.ino() };
+    match m.identity {
+        None => m.identity = Some(id),
+        Some(want) if want != id => {
+            return Err(format!(
+                "host directory {shown} is another directory than the one recorded when the sandbox was created: it was moved or replaced; move it back, or recreate the sandbox to share what is there now"
+            ))
+        }
+        Some(_) => {}
+    }
     Ok(m)
 }
 
@@ -436,6 +507,15 @@ impl SandboxConfig {
         }
         msb_schema::fs::check_mounts(&self.mounts).map_err(|e| Error::Config(e.to_string()))?;
         Ok(msb_schema::limits::check_size(self.cpus, self.memory_mib)?)
+    }
+
+    /// Checks every mount's host side against `home` ([`check_host_mount`]), recording the
+    /// identities of those that have none.
+    pub fn check_host_mounts(&mut self, home: &Path) -> Result<()> {
+        for m in &mut self.mounts {
+            *m = check_host_mount(m.clone(), home).map_err(|e| Error::Config(format!("mount at {}: {e}", m.guest)))?;
+        }
+        Ok(())
     }
 }
 

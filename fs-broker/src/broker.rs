@@ -61,6 +61,9 @@ pub struct MountConfig {
     /// [`MAX_INODES`] and [`MAX_HANDLES`]; see [`fd_budget`] for sizing them).
     pub max_inodes: usize,
     pub max_handles: usize,
+    /// The root directory's `(st_dev, st_ino)` when the mount was recorded: a root that is
+    /// another directory now is refused ([`BrokerError::Changed`]).
+    pub identity: Option<(u64, u64)>,
 }
 
 impl Default for MountConfig {
@@ -72,6 +75,7 @@ impl Default for MountConfig {
             cache: Duration::from_secs(1),
             max_inodes: MAX_INODES,
             max_handles: MAX_HANDLES,
+            identity: None,
         }
     }
 }
@@ -106,12 +110,45 @@ pub fn fd_budget(mounts: usize) -> (usize, usize) {
 pub enum BrokerError {
     #[error("cannot open the mount's directory: {0}")]
     Root(#[source] std::io::Error),
-    #[error("the mount's source is not a directory")]
-    NotADirectory,
     #[error("cannot open this process's /proc/self/fd (procfs is needed to reopen files): {0}")]
     Proc(#[source] std::io::Error),
     #[error("/proc/self/fd is not procfs")]
     NotProc,
+    #[error("the mount's host path {path} is not a real directory now ({why}): it was replaced since the sandbox was created; move it back, or recreate the sandbox to share what is there now")]
+    NotReal { path: String, why: String },
+    #[error("the mount's host path {path} is another directory than the one recorded when the sandbox was created (device/inode {want:?}, now {got:?}): it was moved or replaced; move it back, or recreate the sandbox to share what is there now")]
+    Changed { path: String, want: (u64, u64), got: (u64, u64) },
+}
+
+/// Opens the absolute directory `root` as an `O_PATH` descriptor one component at a time,
+/// following no symlink in any component (the recorded path is canonical, so a symlink in
+/// it now means something was swapped in).
+fn open_root(root: &Path) -> Result<OwnedFd, BrokerError> {
+    use std::path::Component;
+    let shown = root.display().to_string();
+    let not_real = |why: String| BrokerError::NotReal { path: shown.clone(), why };
+    if !root.is_absolute() {
+        return Err(not_real("it is not absolute".into()));
+    }
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut fd = rfs::open("/", flags, Mode::empty()).map_err(|e| BrokerError::Root(e.into()))?;
+    let mut at = std::path::PathBuf::from("/");
+    for c in root.components() {
+        match c {
+            Component::RootDir => {}
+            Component::Normal(name) => {
+                at.push(name);
+                fd = rfs::openat(&fd, name, flags, Mode::empty()).map_err(|e| match e {
+                    Errno::NOTDIR | Errno::LOOP => {
+                        not_real(format!("{} is a symlink or not a directory", at.display()))
+                    }
+                    e => BrokerError::Root(e.into()),
+                })?;
+            }
+            _ => return Err(not_real("it has `.` or `..` components".into())),
+        }
+    }
+    Ok(fd)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +183,22 @@ pub struct Broker {
     next_fh: u64,
     /// Whether this kernel has `openat2` (cleared on the first `ENOSYS`).
     openat2: std::cell::Cell<bool>,
+    /// This process's umask, applied to the guest's chmod as to its creations.
+    umask: u32,
+}
+
+/// Longest xattr name list the kernel returns (`XATTR_LIST_MAX`).
+const XATTR_LIST_MAX: usize = 65_536;
+
+/// This process's umask, read without changing it (`Umask:` in `/proc/self/status`); 022
+/// where the kernel does not say.
+fn process_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Umask:")).and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
 }
 
 type Res<T> = Result<T, i32>;
@@ -168,16 +221,15 @@ fn key_of(st: &rfs::Stat) -> (u64, u64) {
 }
 
 impl Broker {
-    /// A broker for the directory at `root` (the user's choice, resolved once, here).
+    /// A broker for the directory at `root` (absolute and canonical: the user's choice,
+    /// resolved when the mount was recorded), opened without following any symlink and
+    /// checked against the recorded identity.
     pub fn new(root: &Path, cfg: MountConfig) -> Result<Broker, BrokerError> {
-        let fd = rfs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| {
-            if e == Errno::NOTDIR {
-                BrokerError::NotADirectory
-            } else {
-                BrokerError::Root(e.into())
-            }
-        })?;
+        let fd = open_root(root)?;
         let st = rfs::fstat(&fd).map_err(|e| BrokerError::Root(e.into()))?;
+        if let Some(want) = cfg.identity.filter(|w| *w != key_of(&st)) {
+            return Err(BrokerError::Changed { path: root.display().to_string(), want, got: key_of(&st) });
+        }
         let proc_fd = rfs::open("/proc/self/fd", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
             .map_err(|e| BrokerError::Proc(e.into()))?;
         let fs = rfs::fstatfs(&proc_fd).map_err(|e| BrokerError::Proc(e.into()))?;
@@ -194,6 +246,7 @@ impl Broker {
             next_node: ROOT + 1,
             next_fh: 1,
             openat2: std::cell::Cell::new(true),
+            umask: process_umask(),
         };
         b.by_key.insert(key_of(&st), ROOT);
         b.inodes.insert(ROOT, Inode { fd, key: key_of(&st), kind: Kind::Dir, lookups: 1 });
@@ -415,12 +468,24 @@ impl Broker {
                 Ok(Vec::new())
             }
             R::Create { name, flags, mode, umask } => {
-                let mut o = open_flags(flags);
-                if flags & OFlags::EXCL.bits() != 0 {
-                    o |= OFlags::EXCL;
-                }
-                let fd = self.create_file(node, &name, o, mode, umask)?;
-                let n = self.lookup(node, &name)?;
+                // The creating open always carries O_EXCL, so it never opens what is already
+                // there (a host FIFO would block the broker, a device would be opened). An
+                // existing name without the guest's O_EXCL is looked up and opened as OPEN
+                // does, which opens regular files only (virtiofsd's CVE-2020-35517 fix).
+                let (fd, n) = match self.create_file(node, &name, open_flags(flags) | OFlags::EXCL, mode, umask) {
+                    Ok(fd) => (fd, self.lookup(node, &name)?),
+                    Err(fuse::EEXIST) if flags & OFlags::EXCL.bits() == 0 => {
+                        let n = self.lookup(node, &name)?;
+                        match self.reopen(n, flags) {
+                            Ok(fd) => (fd, n),
+                            Err(e) => {
+                                self.forget(n, 1);
+                                return Err(e);
+                            }
+                        }
+                    }
+                    Err(e) => return Err(e),
+                };
                 let fh = match self.add_handle(Handle::File { fd, node: n }) {
                     Ok(fh) => fh,
                     Err(e) => {
@@ -434,7 +499,9 @@ impl Broker {
             }
             R::GetXattr { name, size } => {
                 let path = self.xattr_path(node)?;
-                let name = xattr_name(&name)?;
+                // Only `user.` xattrs are the guest's to read: ACLs name host users and
+                // groups, `security.` carries host labels and capabilities.
+                let name = user_xattr(&name).map_err(|_| fuse::ENODATA)?;
                 if size == 0 {
                     let n = rfs::getxattr_query(path.as_str(), name).map_err(errno)?;
                     return Ok(Out::default().u32(n as u32).u32(0).0.clone());
@@ -446,14 +513,21 @@ impl Broker {
             }
             R::ListXattr { size } => {
                 let path = self.xattr_path(node)?;
-                if size == 0 {
-                    let n = rfs::listxattr_query(path.as_str()).map_err(errno)?;
-                    return Ok(Out::default().u32(n as u32).u32(0).0.clone());
+                // The host's whole list (at most XATTR_LIST_MAX), then only its `user.` names.
+                let mut all = vec![0u8; XATTR_LIST_MAX];
+                let n = rfs::listxattr(path.as_str(), &mut all[..]).map_err(errno)?;
+                let mut list = Vec::new();
+                for name in all[..n].split(|&b| b == 0).filter(|x| x.starts_with(b"user.")) {
+                    list.extend_from_slice(name);
+                    list.push(0);
                 }
-                let mut buf = vec![0u8; size as usize];
-                let n = rfs::listxattr(path.as_str(), &mut buf[..]).map_err(errno)?;
-                buf.truncate(n);
-                Ok(buf)
+                if size == 0 {
+                    return Ok(Out::default().u32(list.len() as u32).u32(0).0.clone());
+                }
+                if list.len() > size as usize {
+                    return Err(fuse::ERANGE);
+                }
+                Ok(list)
             }
             R::SetXattr { name, value, flags } => {
                 let path = self.xattr_path(node)?;
@@ -504,7 +578,10 @@ impl Broker {
     /// Opens `name` beneath the directory `parent` as an `O_PATH` descriptor of the entry
     /// itself (a symlink is opened, not followed).
     fn open_beneath(&self, parent: &OwnedFd, name: &[u8], flags: OFlags, mode: Mode) -> Res<OwnedFd> {
-        let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mut flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        if !flags.contains(OFlags::PATH) {
+            flags |= OFlags::NOCTTY;
+        }
         if self.openat2.get() {
             let how = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
             match rfs::openat2(parent, name, flags, mode, how) {
@@ -610,8 +687,8 @@ impl Broker {
         Ok(fd)
     }
 
-    /// Creates (or, without `O_EXCL`, opens) regular file `name` beneath `parent`, never
-    /// through a symlink, with no setuid/setgid/sticky bits.
+    /// Creates regular file `name` beneath `parent` (callers pass `O_EXCL`: nothing that
+    /// exists is opened here), never through a symlink, with no setuid/setgid/sticky bits.
     fn create_file(&self, parent: u64, name: &Name, flags: OFlags, mode: u32, umask: u32) -> Res<OwnedFd> {
         let mode = Mode::from_bits_truncate(mode & 0o777 & !umask);
         let fd = self.open_beneath(&self.dir(parent)?.fd, name.as_bytes(), flags | OFlags::CREATE, mode)?;
@@ -635,7 +712,10 @@ impl Broker {
             if !plain {
                 return Err(fuse::EOPNOTSUPP);
             }
-            rfs::chmodat(&self.proc_fd, proc_name.as_str(), Mode::from_bits_truncate(mode & 0o777), AtFlags::empty())
+            // Masked as a creation is (the process umask): a guest cannot make shared files
+            // writable by the host's other users.
+            let mode = mode & 0o777 & !self.umask;
+            rfs::chmodat(&self.proc_fd, proc_name.as_str(), Mode::from_bits_truncate(mode), AtFlags::empty())
                 .map_err(errno)?;
         }
         // Ownership on the host never changes; only a no-op chown to the mount's owner passes.

@@ -92,6 +92,18 @@ pub struct MountSpec {
     /// workload user). Host ownership never changes whatever it is.
     #[serde(default)]
     pub owner: Option<FileOwner>,
+    /// The host directory's identity when the sandbox was created: every start opens `host`
+    /// without following symlinks and refuses a directory that is not this one (`None`:
+    /// recorded before identities were, checked for symlinks only).
+    #[serde(default)]
+    pub identity: Option<HostIdentity>,
+}
+
+/// A host directory's `(st_dev, st_ino)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostIdentity {
+    pub dev: u64,
+    pub ino: u64,
 }
 
 /// The guest uid and gid files of a mount appear to have (default: root's).
@@ -107,7 +119,14 @@ impl MountSpec {
             return Err(MountError::HostNotAbsolute(host.to_path_buf()));
         }
         check_guest_path(guest)?;
-        Ok(MountSpec { host: host.to_path_buf(), guest: guest.to_string(), read_only, volume: None, owner: None })
+        Ok(MountSpec {
+            host: host.to_path_buf(),
+            guest: guest.to_string(),
+            read_only,
+            volume: None,
+            owner: None,
+            identity: None,
+        })
     }
 }
 

@@ -205,8 +205,12 @@ async fn boot(launch: &Launch, dir: &Path) -> msb_actors::Result<Sandbox> {
     if let Some(a) = &c.kernel_args {
         b = b.kernel_args(a.clone());
     }
+    // The host side of every mount is checked again: a path swapped for a symlink or another
+    // directory since the sandbox was recorded, or one now inside the msb home, is refused.
     for m in &c.mounts {
-        b = b.mount(m.clone());
+        let m = msb_control_plane::wire::check_host_mount(m.clone(), &launch.home)
+            .map_err(|e| msb_actors::Error::Config(format!("mount at {}: {e}", m.guest)))?;
+        b = b.mount(m);
     }
     if let Some(image) = c.image_ref() {
         let (base, writable) = image_root(&launch.home, dir, image, c.image_id.as_deref(), c.root_disk_mib)?;

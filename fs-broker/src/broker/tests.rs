@@ -558,3 +558,132 @@ fn the_descriptor_budget_fits_the_process_limit() {
     );
     assert!(inodes <= MAX_INODES && handles <= MAX_HANDLES && inodes >= 64 && handles >= 16);
 }
+
+// ---- regressions of the 2026-12 review (FS2, FS5, FS12, FS13) ----
+
+/// FS5: CREATE of an existing host FIFO without the guest's O_EXCL never opens it (an
+/// `O_RDONLY` open of a FIFO would block the broker until a writer came): it answers at once
+/// with the refusal OPEN gives a non-regular file; an existing regular file is opened.
+#[test]
+fn create_never_opens_an_existing_fifo() {
+    let mut t = T::rw();
+    let fifo = t.path("mnt/pipe");
+    rustix::fs::mknodat(rustix::fs::CWD, &fifo, FileType::Fifo, Mode::from_bits_truncate(0o644), 0).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let th = std::thread::spawn(move || {
+        let r = t.create(ROOT, "pipe", 0, 0o644);
+        let r2 = t.create(ROOT, "file", 0, 0o644).map(|_| ());
+        let r3 = t.create(ROOT, "file", OFlags::EXCL.bits(), 0o644).map(|_| ());
+        tx.send((r, r2, r3)).unwrap();
+        t
+    });
+    let got = rx.recv_timeout(std::time::Duration::from_secs(5));
+    if got.is_err() {
+        // Unblock the broker so the test ends; the finding is back.
+        let _w = std::fs::OpenOptions::new().write(true).open(&fifo);
+    }
+    let t = th.join().unwrap();
+    let (r, r2, r3) = got.expect("CREATE of an existing FIFO blocked the broker");
+    assert_eq!(r.map(|_| ()), Err(fuse::EACCES), "a FIFO is never opened");
+    assert_eq!(r2, Ok(()), "an existing regular file without O_EXCL is opened");
+    assert_eq!(r3, Err(fuse::EEXIST), "with the guest's O_EXCL it is EEXIST");
+    assert_eq!(fs::read(t.path("mnt/file")).unwrap(), b"hello", "opened without O_TRUNC: unchanged");
+}
+
+/// FS2: a guest with a read-write mount of a directory above another mount's host path
+/// swaps that path for a symlink; the next start of the second mount refuses it (its path
+/// is opened without following symlinks), and a directory put back by another name (a
+/// different inode) is refused by the recorded identity.
+#[test]
+fn a_swapped_mount_root_is_refused_at_the_next_start() {
+    let base = tempfile::tempdir().unwrap();
+    let base_path = fs::canonicalize(base.path()).unwrap();
+    fs::create_dir_all(base_path.join("proj/sub")).unwrap();
+    fs::create_dir(base_path.join("outside")).unwrap();
+    fs::write(base_path.join("outside/secret"), b"host secret").unwrap();
+    let recorded = base_path.join("proj/sub");
+    let id = key_of(&rfs::stat(&recorded).unwrap());
+    let cfg = MountConfig { identity: Some(id), ..MountConfig::default() };
+    assert!(Broker::new(&recorded, cfg.clone()).is_ok(), "the recorded directory starts");
+    // The guest, through a mount of proj: RENAME sub -> sub.old, SYMLINK sub -> outside.
+    let mut a = T {
+        base: tempfile::tempdir().unwrap(),
+        b: Broker::new(&base_path.join("proj"), MountConfig::default()).unwrap(),
+        unique: 0,
+    };
+    let mut args = ROOT.to_le_bytes().to_vec();
+    args.extend_from_slice(b"sub\0sub.old\0");
+    assert_eq!(a.call(op::RENAME, ROOT, &args).0, 0);
+    let mut args = b"sub\0".to_vec();
+    args.extend_from_slice(base_path.join("outside").to_str().unwrap().as_bytes());
+    args.push(0);
+    assert_eq!(a.call(op::SYMLINK, ROOT, &args).0, 0);
+    match Broker::new(&recorded, cfg.clone()) {
+        Err(BrokerError::NotReal { .. }) => {}
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("the mount started on the symlink's target"),
+    }
+    // Even without an identity, no symlink is followed.
+    assert!(Broker::new(&recorded, MountConfig::default()).is_err());
+    // A real directory of the same name, but not the recorded one.
+    fs::remove_file(&recorded).unwrap();
+    fs::create_dir(&recorded).unwrap();
+    match Broker::new(&recorded, cfg.clone()) {
+        Err(e @ BrokerError::Changed { .. }) => assert!(e.to_string().contains("recreate the sandbox"), "{e}"),
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("another directory started as the recorded mount"),
+    }
+    // The original moved back: it starts again.
+    fs::remove_dir(&recorded).unwrap();
+    fs::rename(base_path.join("proj/sub.old"), &recorded).unwrap();
+    assert!(Broker::new(&recorded, cfg).is_ok());
+}
+
+/// FS12: only `user.` xattrs are read or listed; ACLs and `security.` stay on the host.
+#[test]
+fn only_user_xattrs_are_read_or_listed() {
+    let mut t = T::rw();
+    let n = t.lookup(ROOT, "file").unwrap();
+    let p = t.path("mnt/file");
+    if rustix::fs::setxattr(&p, "user.note", b"v", rustix::fs::XattrFlags::empty()).is_err() {
+        eprintln!("this filesystem has no user xattrs: skipping");
+        return;
+    }
+    // A trusted./security. xattr needs privilege to set; where the test may, it sets one.
+    let privileged = rustix::fs::setxattr(&p, "trusted.host", b"label", rustix::fs::XattrFlags::empty()).is_ok();
+    let list = |t: &mut T, size: u32| {
+        let mut a = size.to_le_bytes().to_vec();
+        a.extend_from_slice(&[0; 4]);
+        t.call(op::LISTXATTR, n, &a)
+    };
+    let (e, p0) = list(&mut t, 0);
+    assert_eq!((e, u32_at(&p0, 0)), (0, b"user.note\0".len() as u32), "the size counts user. names only");
+    let (e, names) = list(&mut t, 4096);
+    assert_eq!((e, names.as_slice()), (0, &b"user.note\0"[..]));
+    assert_eq!(list(&mut t, 3).0, fuse::ERANGE);
+    let get = |t: &mut T, name: &str| {
+        let mut a = 64u32.to_le_bytes().to_vec();
+        a.extend_from_slice(&[0; 4]);
+        a.extend_from_slice(&cstr(name));
+        t.call(op::GETXATTR, n, &a)
+    };
+    assert_eq!(get(&mut t, "user.note"), (0, b"v".to_vec()));
+    for name in ["trusted.host", "system.posix_acl_access", "security.selinux"] {
+        assert_eq!(get(&mut t, name).0, fuse::ENODATA, "{name} (set on the host: {privileged})");
+    }
+}
+
+/// FS13: a guest chmod is masked by the process umask, as a creation is: a shared file
+/// never becomes writable by the host's other users.
+#[test]
+fn a_guest_chmod_is_masked_like_a_creation() {
+    let mut t = T::rw();
+    let n = t.lookup(ROOT, "file").unwrap();
+    let mask = process_umask();
+    assert_eq!(t.setattr(n, fuse::fattr::MODE, 0o777, 0, 0), 0);
+    let mode = fs::metadata(t.path("mnt/file")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o777 & !mask, "chmod 0777 under umask {mask:03o}");
+    if mask & 0o002 != 0 {
+        assert_eq!(mode & 0o002, 0, "world-writable");
+    }
+}
