@@ -18,6 +18,7 @@ pub mod oci;
 pub mod registry;
 pub mod rootfs;
 pub mod store;
+pub mod tarstream;
 
 pub use artifacts::{agentd, busybox, kernel, Artifact};
 pub use home::{ensure_private, msb_home};

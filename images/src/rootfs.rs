@@ -19,10 +19,18 @@
 //! directory, the same path twice in one layer, hardlinks whose target escapes or is not a
 //! regular file of the same layer, unknown entry types. Device nodes are dropped (not
 //! materialized, counted). Bounds: [`MAX_ENTRIES`] entries and [`MAX_UNPACKED_BYTES`] of
-//! decompressed data over all layers, [`MAX_PATH`] bytes per name. Each layer's decompressed
-//! stream must hash to its diff_id.
+//! decompressed data over all layers, [`MAX_PATH`] bytes and [`MAX_DEPTH`] components per
+//! name. Each layer's decompressed stream must hash to its diff_id.
+//!
+//! Memory, whatever the layers: names and PAX headers are bounded before they are read
+//! ([`crate::tarstream`]); every path is interned once as (parent id, component), so an entry
+//! costs time and memory linear in its name's length, and the table holds at most
+//! [`MAX_PATHS`] paths and [`MAX_NAME_BYTES`] of components (about 300 MiB at the very
+//! worst; a 2,000-entry layer of 500-component names peaks at +132 MiB, a Debian image at a
+//! few MiB). The merged stream is written with fresh headers: only the checked name and the
+//! type, mode, owner, time and size every reader agrees on pass.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -79,16 +87,66 @@ impl<R: Read> Read for Counted<R> {
 }
 
 /// Opens a layer blob, decompressing gzip or zstd by their magic bytes (plain tar otherwise).
+/// Every frame of a multi-frame zstd blob (RFC 8878 §3.1, as `pzstd` writes) is decoded;
+/// skippable frames are skipped; bytes after the last frame that are no frame are refused.
 fn open_layer(path: &Path) -> std::io::Result<Box<dyn Read>> {
     let mut r = BufReader::with_capacity(256 * 1024, std::fs::File::open(path)?);
     let head = r.fill_buf()?;
     Ok(if head.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::read::MultiGzDecoder::new(r))
-    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(ruzstd::decoding::StreamingDecoder::new(r).map_err(std::io::Error::other)?)
+    } else if head.starts_with(&ZSTD_MAGIC) {
+        Box::new(ZstdFrames { frame: None, rest: Some(r) })
     } else {
         Box::new(r)
     })
+}
+
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+type Blob = BufReader<std::fs::File>;
+
+/// Decodes zstd frames one after another until the blob ends.
+struct ZstdFrames {
+    frame: Option<ruzstd::decoding::StreamingDecoder<Blob, ruzstd::decoding::FrameDecoder>>,
+    rest: Option<Blob>,
+}
+
+impl Read for ZstdFrames {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if let Some(f) = &mut self.frame {
+                let n = f.read(buf)?;
+                if n > 0 || buf.is_empty() {
+                    return Ok(n);
+                }
+                self.rest = self.frame.take().map(|f| f.into_inner());
+            }
+            let Some(mut r) = self.rest.take() else { return Ok(0) };
+            let head = r.fill_buf()?;
+            if head.is_empty() {
+                return Ok(0);
+            }
+            if head.len() < 4 {
+                return Err(std::io::Error::other("trailing bytes after the last zstd frame"));
+            }
+            let magic = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+            if head.starts_with(&ZSTD_MAGIC) {
+                self.frame = Some(ruzstd::decoding::StreamingDecoder::new(r).map_err(std::io::Error::other)?);
+            } else if (0x184D_2A50..=0x184D_2A5F).contains(&magic) {
+                // A skippable frame: magic, a 4-byte length, that many bytes.
+                let mut h = [0u8; 8];
+                r.read_exact(&mut h)?;
+                let len = u64::from(u32::from_le_bytes([h[4], h[5], h[6], h[7]]));
+                let skipped = std::io::copy(&mut (&mut r).take(len), &mut std::io::sink())?;
+                if skipped != len {
+                    return Err(std::io::Error::other("a skippable zstd frame is cut short"));
+                }
+                self.rest = Some(r);
+            } else {
+                return Err(std::io::Error::other("bytes after the last zstd frame are not a zstd frame"));
+            }
+        }
+    }
 }
 
 /// Checks an entry name: relative, no `..`, no NUL, at most [`MAX_PATH`] bytes. Returns it
@@ -115,45 +173,87 @@ pub fn normalize(raw: &[u8]) -> std::result::Result<String, String> {
     Ok(parts.join("/"))
 }
 
-/// The strict ancestors of `path`, nearest last ("a/b/c" → "a", "a/b").
-fn ancestors(path: &str) -> impl Iterator<Item = &str> {
-    path.match_indices('/').map(move |(i, _)| &path[..i])
+/// Most components in an entry name of an image (deeper names are refused).
+pub const MAX_DEPTH: usize = 512;
+/// Most distinct paths (and path prefixes) the merge keeps track of over all layers.
+pub const MAX_PATHS: usize = 2 * MAX_ENTRIES as usize;
+/// Most bytes of name components the merge keeps over all layers.
+pub const MAX_NAME_BYTES: usize = 128 << 20;
+
+/// Every path the merge has seen, interned: id 0 is the root, and each other path is its
+/// parent's id and its last component. An entry costs time and memory linear in the length
+/// of its name, and the whole table stays under [`MAX_PATHS`] ids and [`MAX_NAME_BYTES`].
+struct Paths {
+    ids: HashMap<(u32, Box<str>), u32>,
+    name_bytes: usize,
+}
+
+impl Paths {
+    fn new() -> Paths {
+        Paths { ids: HashMap::new(), name_bytes: 0 }
+    }
+
+    /// The ids of the root, each ancestor of `path` and `path` itself ("" is the root alone).
+    fn chain(&mut self, path: &str) -> std::result::Result<Vec<u32>, String> {
+        let mut chain = vec![0u32];
+        if path.is_empty() {
+            return Ok(chain);
+        }
+        for c in path.split('/') {
+            if chain.len() > MAX_DEPTH {
+                return Err(format!("the name has more than {MAX_DEPTH} components"));
+            }
+            let parent = *chain.last().expect("the root");
+            let next = self.ids.len() as u32 + 1;
+            let id = match self.ids.get(&(parent, Box::from(c))) {
+                Some(&id) => id,
+                None => {
+                    if self.ids.len() >= MAX_PATHS || self.name_bytes + c.len() > MAX_NAME_BYTES {
+                        return Err(format!(
+                            "the image names more than {MAX_PATHS} paths or {MAX_NAME_BYTES} bytes of names"
+                        ));
+                    }
+                    self.name_bytes += c.len();
+                    self.ids.insert((parent, Box::from(c)), next);
+                    next
+                }
+            };
+            chain.push(id);
+        }
+        Ok(chain)
+    }
+
+    /// The id of `path` if the merge has seen it.
+    fn find(&self, path: &str) -> Option<u32> {
+        let mut id = 0u32;
+        for c in path.split('/').filter(|c| !c.is_empty()) {
+            id = *self.ids.get(&(id, Box::from(c)))?;
+        }
+        Some(id)
+    }
 }
 
 #[derive(Default)]
 struct Merged {
     /// Paths emitted (by an upper layer): lower layers' entries there are hidden.
-    seen: HashSet<String>,
+    seen: HashSet<u32>,
     /// Paths upper layers made directories (ancestors of their entries).
-    dirs: HashSet<String>,
+    dirs: HashSet<u32>,
     /// Whiteouts: the path and everything below it are hidden in lower layers.
-    gone: HashSet<String>,
-    /// Opaque directories and upper non-directories: what is below is hidden.
-    covered: HashSet<String>,
+    gone: HashSet<u32>,
+    /// Opaque directories (the root included) and upper non-directories: what is below is
+    /// hidden.
+    covered: HashSet<u32>,
     stats: MergeStats,
     max_entries: u64,
 }
 
 impl Merged {
-    fn hidden(&self, path: &str) -> bool {
-        self.gone.contains(path) || ancestors(path).any(|a| self.gone.contains(a) || self.covered.contains(a))
+    /// Whether upper layers hid `chain`'s path (its last id) from lower ones.
+    fn hidden(&self, chain: &[u32]) -> bool {
+        let (path, ancestors) = chain.split_last().expect("a chain has the root");
+        self.gone.contains(path) || ancestors.iter().any(|a| self.gone.contains(a) || self.covered.contains(a))
     }
-}
-
-/// The pax records worth keeping: extended attributes (file capabilities among them).
-fn xattrs<R: Read>(e: &mut tar::Entry<'_, R>) -> std::io::Result<Vec<(String, Vec<u8>)>> {
-    let mut out = Vec::new();
-    if let Some(exts) = e.pax_extensions()? {
-        for ext in exts {
-            let ext = ext?;
-            if let Ok(key) = ext.key() {
-                if key.starts_with("SCHILY.xattr.") {
-                    out.push((key.to_string(), ext.value_bytes().to_vec()));
-                }
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// Merges `layers` (bottom first, as in a manifest) into one tar stream on `out`.
@@ -164,6 +264,7 @@ pub fn merge<W: Write>(layers: &[Layer], out: W) -> Result<MergeStats> {
 /// [`merge`] with other bounds (tests use small ones).
 pub fn merge_within<W: Write>(layers: &[Layer], out: W, max_entries: u64, max_bytes: u64) -> Result<MergeStats> {
     let mut m = Merged { max_entries, ..Merged::default() };
+    let mut paths = Paths::new();
     let mut b = tar::Builder::new(out);
     b.mode(tar::HeaderMode::Complete);
     for (index, layer) in layers.iter().enumerate().rev() {
@@ -171,7 +272,7 @@ pub fn merge_within<W: Write>(layers: &[Layer], out: W, max_entries: u64, max_by
         let reader = open_layer(&layer.blob).map_err(|e| fail_layer(format!("cannot open: {e}")))?;
         let mut counted =
             Counted { inner: reader, hash: Sha256::new(), total: 0, before: m.stats.bytes, max: max_bytes };
-        merge_layer(&mut m, &mut b, index, layer, &mut counted)?;
+        merge_layer(&mut m, &mut paths, &mut b, index, layer, &mut counted)?;
         // The tar's trailing blocks and padding count towards the diff_id too.
         std::io::copy(&mut counted, &mut std::io::sink()).map_err(|e| fail_layer(format!("reading: {e}")))?;
         let got = Digest::from_hasher(counted.hash);
@@ -189,6 +290,7 @@ pub fn merge_within<W: Write>(layers: &[Layer], out: W, max_entries: u64, max_by
 
 fn merge_layer<W: Write, R: Read>(
     m: &mut Merged,
+    paths: &mut Paths,
     b: &mut tar::Builder<W>,
     index: usize,
     layer: &Layer,
@@ -202,93 +304,110 @@ fn merge_layer<W: Write, R: Read>(
     };
     let mut ar = tar::Archive::new(input);
     let (mut names, mut nondirs, mut parents, mut regulars) =
-        (HashSet::new(), HashSet::new(), HashSet::<String>::new(), HashSet::new());
+        (HashSet::new(), HashSet::new(), HashSet::<u32>::new(), HashSet::new());
     let (mut gone, mut covered) = (Vec::new(), Vec::new());
-    for entry in ar.entries().map_err(|e| err(None, format!("not a tar archive: {e}")))? {
-        let mut e = entry.map_err(|e| err(None, format!("unreadable entry: {e}")))?;
+    let mut members = crate::tarstream::Members::new(&mut ar).map_err(|e| err(None, format!("not a tar archive: {e}")))?;
+    loop {
+        let (meta, mut e) = match members.next_member() {
+            Ok(Some(x)) => x,
+            Ok(None) => break,
+            Err(e) => return Err(err(None, format!("unreadable entry: {e}"))),
+        };
         m.stats.entries += 1;
         if m.stats.entries > m.max_entries {
             return Err(err(None, format!("the image has more than {} entries", m.max_entries)));
         }
-        let raw = e.path_bytes().into_owned();
-        let shown = String::from_utf8_lossy(&raw).chars().take(200).collect::<String>();
-        let path = normalize(&raw).map_err(|why| err(Some(&shown), why))?;
-        let kind = e.header().entry_type();
+        let shown = String::from_utf8_lossy(&meta.path).chars().take(200).collect::<String>();
+        let path = normalize(&meta.path).map_err(|why| err(Some(&shown), why))?;
+        let kind = meta.kind;
         if path.is_empty() {
             continue; // the root directory: the squashfs root stays root:root 0755
         }
         let (dir, name) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
         if let Some(target) = name.strip_prefix(".wh.") {
             if target == ".wh..opq" {
-                covered.push(dir.to_string());
+                covered.push(*paths.chain(dir).map_err(|why| err(Some(&shown), why))?.last().expect("root"));
             } else if target.is_empty() || target == "." || target == ".." {
                 return Err(err(Some(&shown), "a whiteout without a name".into()));
             } else {
-                gone.push(if dir.is_empty() { target.to_string() } else { format!("{dir}/{target}") });
+                let hidden = if dir.is_empty() { target.to_string() } else { format!("{dir}/{target}") };
+                gone.push(*paths.chain(&hidden).map_err(|why| err(Some(&shown), why))?.last().expect("root"));
             }
             continue;
         }
-        if let Some(a) = ancestors(&path).find(|a| nondirs.contains(*a)) {
-            return Err(err(Some(&shown), format!("it lies below {a}, which this layer made a non-directory")));
+        let chain = paths.chain(&path).map_err(|why| err(Some(&shown), why))?;
+        let (&id, ancestors) = chain.split_last().expect("a chain has the root");
+        if ancestors.iter().any(|a| nondirs.contains(a)) {
+            return Err(err(Some(&shown), "it lies below a path this layer made a non-directory".into()));
         }
-        if !names.insert(path.clone()) {
+        if !names.insert(id) {
             return Err(err(Some(&shown), "the layer holds this path twice".into()));
         }
         let is_dir = kind == tar::EntryType::Directory;
-        if !is_dir && parents.contains(&path) {
+        if !is_dir && parents.contains(&id) {
             return Err(err(Some(&shown), "the layer already used this path as a directory".into()));
         }
-        for a in ancestors(&path) {
-            parents.insert(a.to_string());
+        // Nearest first: once one is known, all above it are too (each entry costs O(new)).
+        for a in ancestors.iter().rev() {
+            if !parents.insert(*a) {
+                break;
+            }
         }
         if !is_dir {
-            nondirs.insert(path.clone());
+            nondirs.insert(id);
         }
-        if m.hidden(&path) || m.seen.contains(&path) || (!is_dir && m.dirs.contains(&path)) {
+        if m.hidden(&chain) || m.seen.contains(&id) || (!is_dir && m.dirs.contains(&id)) {
             continue; // an upper layer decided this path
         }
-        let mut header = e.header().clone();
+        // A fresh header: only what was checked (the name) and what every reader agrees on
+        // (type, mode, owner, time, size: PAX values first) reach the merged stream.
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(meta.mode);
+        header.set_uid(meta.uid);
+        header.set_gid(meta.gid);
+        header.set_mtime(meta.mtime);
         header.set_size(0);
-        let xattrs = xattrs(&mut e).map_err(|e| err(Some(&shown), format!("bad pax header: {e}")))?;
         let emit = |b: &mut tar::Builder<W>| -> std::io::Result<()> {
-            if !xattrs.is_empty() {
-                b.append_pax_extensions(xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+            if !meta.xattrs.is_empty() {
+                b.append_pax_extensions(meta.xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
             }
             Ok(())
         };
         let io = |e: std::io::Error| err(Some(&shown), format!("{e}"));
         match kind {
             tar::EntryType::Directory | tar::EntryType::Fifo => {
+                header.set_entry_type(kind);
                 emit(b).map_err(io)?;
                 b.append_data(&mut header, &path, std::io::empty()).map_err(io)?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 header.set_entry_type(tar::EntryType::Regular);
-                header.set_size(e.size());
+                header.set_size(meta.size);
                 emit(b).map_err(io)?;
-                b.append_data(&mut header, &path, &mut e).map_err(io)?;
-                regulars.insert(path.clone());
+                b.append_data(&mut header, &path, crate::tarstream::Exact::new(&mut e, meta.size)).map_err(io)?;
+                regulars.insert(id);
             }
             tar::EntryType::Symlink => {
-                let target = e.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
+                let target = &meta.link;
                 if target.is_empty() || target.len() > MAX_PATH || target.contains(&0) {
                     return Err(err(Some(&shown), "a symlink with an empty, overlong or NUL target".into()));
                 }
-                let target = std::str::from_utf8(&target)
+                let target = std::str::from_utf8(target)
                     .map_err(|_| err(Some(&shown), "the symlink target is not UTF-8".into()))?
                     .to_string();
+                header.set_entry_type(tar::EntryType::Symlink);
                 emit(b).map_err(io)?;
                 b.append_link(&mut header, &path, &target).map_err(io)?;
             }
             tar::EntryType::Link => {
-                let target = e.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
-                let target = normalize(&target).map_err(|why| err(Some(&shown), format!("hardlink target: {why}")))?;
-                if !regulars.contains(&target) {
+                let target = normalize(&meta.link).map_err(|why| err(Some(&shown), format!("hardlink target: {why}")))?;
+                if !paths.find(&target).is_some_and(|t| regulars.contains(&t)) {
                     return Err(err(
                         Some(&shown),
                         format!("a hardlink to {target}, which is not a regular file of this layer"),
                     ));
                 }
+                header.set_entry_type(tar::EntryType::Link);
                 emit(b).map_err(io)?;
                 b.append_link(&mut header, &path, &target).map_err(io)?;
             }
@@ -298,7 +417,7 @@ fn merge_layer<W: Write, R: Read>(
             }
             other => return Err(err(Some(&shown), format!("unsupported entry type {other:?}"))),
         }
-        m.seen.insert(path);
+        m.seen.insert(id);
     }
     // What this layer decided applies to the layers below it.
     m.gone.extend(gone);
@@ -636,8 +755,171 @@ mod tests {
     }
 
     #[test]
-    fn ancestors_are_strict_prefixes() {
-        assert_eq!(ancestors("a/b/c").collect::<Vec<_>>(), vec!["a", "a/b"]);
-        assert_eq!(ancestors("a").count(), 0);
+    fn paths_are_interned_by_component_and_bounded_in_depth() {
+        let mut p = Paths::new();
+        let a = p.chain("a/b/c").unwrap();
+        assert_eq!(a.len(), 4, "the root, a, a/b, a/b/c");
+        assert_eq!(p.chain("a/b").unwrap(), a[..3].to_vec(), "a prefix keeps its ids");
+        assert_eq!(p.find("a/b/c"), Some(a[3]));
+        assert_eq!(p.find("a/x"), None);
+        assert_eq!(p.chain("").unwrap(), vec![0]);
+        assert!(p.chain(&"d/".repeat(MAX_DEPTH + 1)).unwrap_err().contains("components"));
+    }
+
+    fn status_kb(key: &str) -> u64 {
+        let s = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = s.lines().find(|l| l.starts_with(key)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    fn names_of(out: &[u8]) -> Vec<String> {
+        let mut ar = tar::Archive::new(out);
+        ar.entries().unwrap().map(|e| String::from_utf8(e.unwrap().path_bytes().into_owned()).unwrap()).collect()
+    }
+
+    /// A zstd frame of raw and RLE blocks (Window_Log 17, so 128 KiB blocks): a few bytes of
+    /// blob for each 128 KiB of output.
+    fn zstd_blocks(blocks: &[(bool, &[u8], usize)]) -> Vec<u8> {
+        let mut out = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x38];
+        for (i, &(rle, data, n)) in blocks.iter().enumerate() {
+            let last = u32::from(i + 1 == blocks.len());
+            let (kind, size) = if rle { (1u32, n as u32) } else { (0u32, data.len() as u32) };
+            let h = last | (kind << 1) | (size << 3);
+            out.extend_from_slice(&h.to_le_bytes()[..3]);
+            out.extend_from_slice(if rle { &data[..1] } else { data });
+        }
+        out
+    }
+
+    /// FS3 (review): deep distinct names cost memory and time linear in their length, and
+    /// names deeper than MAX_DEPTH are refused: 48 entries of 2,040 components (a 1.2 KB
+    /// gzip layer that took +198 MiB and 4.3 s before) are refused at once in little memory.
+    #[test]
+    fn deep_names_cost_linear_memory_and_are_bounded_in_depth() {
+        let dir = tempfile::tempdir().unwrap();
+        let build = |depth: usize, n: usize| {
+            let deep = "a/".repeat(depth);
+            let mut b = tar::Builder::new(Vec::new());
+            for i in 0..n {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(0);
+                h.set_mode(0o644);
+                b.append_data(&mut h, format!("{i:04}/{deep}f"), &[][..]).unwrap();
+            }
+            let tar = b.into_inner().unwrap();
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            e.write_all(&tar).unwrap();
+            (e.finish().unwrap(), tar)
+        };
+        let (gz, tar) = build(2040, 48);
+        let p = dir.path().join("deep");
+        std::fs::write(&p, &gz).unwrap();
+        let lay = Layer { blob: p, digest: Digest::of(&gz), diff_id: Digest::of(&tar) };
+        let e = merge(&[lay], std::io::sink()).unwrap_err().to_string();
+        assert!(e.contains("components"), "{e}");
+        // Within the depth bound: 2,000 entries of 500 components merge in bounded memory.
+        let (gz, tar) = build(500, 2000);
+        let p = dir.path().join("deep2");
+        std::fs::write(&p, &gz).unwrap();
+        let lay = Layer { blob: p, digest: Digest::of(&gz), diff_id: Digest::of(&tar) };
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        let before = status_kb("VmRSS:");
+        let t0 = std::time::Instant::now();
+        let stats = merge(&[lay], std::io::sink()).unwrap();
+        let grew = status_kb("VmHWM:").saturating_sub(before);
+        eprintln!("deep names: {} entries, gzip {} B, {:?}, peak RSS +{} MiB", stats.entries, gz.len(), t0.elapsed(), grew / 1024);
+        assert_eq!(stats.entries, 2000);
+        assert!(grew < 200 * 1024, "a {}-byte layer made the merge hold {} MiB", gz.len(), grew / 1024);
+    }
+
+    /// FS3 (review): a GNU long name is refused from its header, before it is read: a ~9 KB
+    /// zstd layer naming one 256 MiB long name (it took +768 MiB before) costs nothing.
+    #[test]
+    fn a_long_name_is_refused_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let n: usize = 256 << 20;
+        let mut l = tar::Header::new_gnu();
+        l.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+        l.set_entry_type(tar::EntryType::GNULongName);
+        l.set_size(n as u64);
+        l.set_mode(0o644);
+        l.set_cksum();
+        let mut blocks: Vec<(bool, &[u8], usize)> = vec![(false, l.as_bytes(), 0)];
+        for _ in 0..n / (128 << 10) {
+            blocks.push((true, b"a", 128 << 10));
+        }
+        blocks.push((true, &[0u8], 1024));
+        let blob = zstd_blocks(&blocks);
+        let p = dir.path().join("longname");
+        std::fs::write(&p, &blob).unwrap();
+        let lay = Layer { blob: p, digest: Digest::of(&blob), diff_id: Digest::of(b"unknown") };
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        let before = status_kb("VmRSS:");
+        let e = merge(&[lay], std::io::sink()).unwrap_err().to_string();
+        let grew = status_kb("VmHWM:").saturating_sub(before);
+        assert!(e.contains("long name of 268435456 bytes"), "{e}");
+        assert!(grew < 16 * 1024, "a {}-byte layer made the merge hold {} MiB before refusing it", blob.len(), grew / 1024);
+    }
+
+    /// FS8 (review): a ustar `prefix` is part of the checked name, and the merged stream
+    /// names exactly what was checked (a fresh header, never the input's name fields).
+    #[test]
+    fn the_merged_stream_names_what_was_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.as_ustar_mut().unwrap().prefix[..3].copy_from_slice(b"etc");
+        h.as_ustar_mut().unwrap().name[..6].copy_from_slice(b"passwd");
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_cksum();
+        let mut tar = h.as_bytes().to_vec();
+        tar.extend_from_slice(b"x");
+        tar.resize(1024, 0);
+        tar.extend_from_slice(&[0u8; 1024]);
+        let p = dir.path().join("prefix");
+        std::fs::write(&p, &tar).unwrap();
+        let lay = Layer { blob: p, digest: Digest::of(&tar), diff_id: Digest::of(&tar) };
+        let mut out = Vec::new();
+        merge(&[lay], &mut out).unwrap();
+        assert_eq!(names_of(&out), vec!["etc/passwd"]);
+    }
+
+    /// FS9 (review): `.wh..wh..opq` at the top of a layer hides every lower layer.
+    #[test]
+    fn an_opaque_marker_at_the_layer_root_hides_the_lower_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let lower = layer(dir.path(), 0, &[f("old", b"lower"), d("etc"), f("etc/x", b"")], false);
+        let upper = layer(dir.path(), 1, &[f(".wh..wh..opq", b""), f("new", b"upper")], false);
+        let mut out = Vec::new();
+        merge(&[lower, upper], &mut out).unwrap();
+        assert_eq!(names_of(&out), vec!["new"]);
+    }
+
+    /// FS10 (review): every frame of a multi-frame zstd layer is read (skippable frames
+    /// skipped), and bytes after the last frame that are no frame are refused.
+    #[test]
+    fn a_multi_frame_zstd_layer_is_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tar = Vec::new();
+        raw(&mut tar, "a", tar::EntryType::Regular, "", b"first", 0o644);
+        let cut = tar.len();
+        raw(&mut tar, "b", tar::EntryType::Regular, "", b"second", 0o644);
+        tar.extend_from_slice(&[0u8; 1024]);
+        let z = |b: &[u8]| ruzstd::encoding::compress_to_vec(b, ruzstd::encoding::CompressionLevel::Fastest);
+        let mut blob = z(&tar[..cut]);
+        blob.extend_from_slice(&[0x50, 0x2a, 0x4d, 0x18, 3, 0, 0, 0, 1, 2, 3]); // skippable
+        blob.extend(z(&tar[cut..]));
+        let p = dir.path().join("frames");
+        std::fs::write(&p, &blob).unwrap();
+        let lay = Layer { blob: p.clone(), digest: Digest::of(&blob), diff_id: Digest::of(&tar) };
+        let mut out = Vec::new();
+        merge(&[lay.clone()], &mut out).unwrap();
+        assert_eq!(names_of(&out), vec!["a", "b"]);
+        blob.extend_from_slice(b"junk");
+        std::fs::write(&p, &blob).unwrap();
+        let e = merge(&[lay], std::io::sink()).unwrap_err().to_string();
+        assert!(e.contains("not a zstd frame"), "{e}");
     }
 }

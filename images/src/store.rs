@@ -275,15 +275,20 @@ impl Store {
     ) -> Result<()> {
         let mut ar = tar::Archive::new(reader);
         let bad = |e: std::io::Error| Error::Image(format!("the archive is not a readable tar: {e}"));
-        for (i, entry) in ar.entries().map_err(bad)?.enumerate() {
-            if i as u64 >= MAX_ARCHIVE_ENTRIES {
+        // Bounded reading of names and PAX headers (crate::tarstream); every member's data
+        // is read exactly, so a cut archive says so.
+        let mut members = crate::tarstream::Members::new(&mut ar).map_err(bad)?;
+        let mut i = 0u64;
+        while let Some((meta, e)) = members.next_member().map_err(bad)? {
+            i += 1;
+            if i > MAX_ARCHIVE_ENTRIES {
                 return Err(Error::Image(format!("the archive has more than {MAX_ARCHIVE_ENTRIES} entries")));
             }
-            let mut e = entry.map_err(bad)?;
-            if e.header().entry_type() != tar::EntryType::Regular {
+            if meta.kind != tar::EntryType::Regular {
                 continue;
             }
-            let Ok(name) = rootfs::normalize(&e.path_bytes()) else { continue };
+            let mut e = crate::tarstream::Exact::new(e, meta.size);
+            let Ok(name) = rootfs::normalize(&meta.path) else { continue };
             if matches!(name.as_str(), "index.json" | "manifest.json" | "oci-layout" | "repositories") {
                 let mut b = Vec::new();
                 (&mut e).take(MAX_DOCUMENT + 1).read_to_end(&mut b).map_err(bad)?;
