@@ -11,11 +11,16 @@
 //! into [`FileInfo`] (checked kinds, numbers, hex-coded names without `/`, NUL, `.` or `..`)
 //! with a bound on line length and count; a failure's exit status becomes a
 //! [`FileErrorKind`]; its stderr is kept to [`MAX_STDERR`] bytes. A copy out of a guest is
-//! extracted only below the destination the user named ([`extract`]): absolute names, `..`,
-//! NUL, entries outside the archive's one top entry, entries below a symlink or other
-//! non-directory (nothing is written through a link) and hardlinks are refused, naming the
-//! entry; device nodes and FIFOs are skipped; modes lose setuid/setgid/sticky bits; at most
-//! [`MAX_COPY_ENTRIES`] entries.
+//! extracted only below the destination the user named ([`extract`]): the host derives the
+//! top entry's name from the path the user asked for ([`copy_top_name`]) and refuses any
+//! other; absolute names, `..`, NUL, entries below a symlink or other non-directory and
+//! hardlinks are refused, naming the entry; every entry is created from directory
+//! descriptors held from the destination down, one component at a time without following
+//! links, so a directory a guest swaps for a symlink mid-copy (in a shared mount) is refused,
+//! not written through; device nodes and FIFOs are skipped; modes lose setuid/setgid/sticky
+//! bits; at most [`MAX_COPY_ENTRIES`] entries and [`MAX_COPY_BYTES`] of data; names and PAX
+//! headers are bounded before they are read. A copy in is packed the same way ([`pack`]):
+//! from descriptors, never through a link swapped in while it runs.
 //!
 //! A write goes to a new file beside its target and is renamed onto it only once all of it
 //! is synced, so a failed or abandoned write never leaves half a file at the path: its bytes
@@ -24,8 +29,12 @@
 //! [`FileReader`] or an unfinished [`FileWriter`] kills its command in the guest.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
+use rustix::io::Errno;
 
 use msb_schema::{ExecEvent, ExecSpec};
 
@@ -40,6 +49,8 @@ pub const MAX_LIST: usize = 100_000;
 pub const MAX_LINE: usize = 9 * 1024;
 /// Most entries one copy out of a guest may create.
 pub const MAX_COPY_ENTRIES: u64 = 1_000_000;
+/// Most bytes of file data one copy out of a guest may write on the host.
+pub const MAX_COPY_BYTES: u64 = 16 << 30;
 /// Most stderr kept from the guest side, for the error message.
 pub const MAX_STDERR: usize = 16 * 1024;
 const CHUNK: usize = 64 * 1024;
@@ -492,7 +503,7 @@ impl Files<'_> {
     /// existing directory), as `docker cp`.
     pub async fn copy_in(&self, from: &Path, to: &str) -> Result<()> {
         let to = guest_path(to)?;
-        let md = std::fs::symlink_metadata(from).map_err(|e| Error::Config(format!("{}: {e}", from.display())))?;
+        std::fs::symlink_metadata(from).map_err(|e| Error::Config(format!("{}: {e}", from.display())))?;
         let (events, mut input) = self.file_command(&["untar", to], true).await?.split();
         // The tar is built on a blocking thread and handed over in chunks.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
@@ -501,11 +512,7 @@ impl Files<'_> {
         let top = from.file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("root"));
         let packer = tokio::task::spawn_blocking(move || {
             let w = ChunkWriter { tx: tx.clone(), buf: Vec::with_capacity(CHUNK) };
-            let mut b = tar::Builder::new(w);
-            b.follow_symlinks(false);
-            let r = if md.is_dir() { b.append_dir_all(&top, &from) } else { b.append_path_with_name(&from, &top) };
-            let r = r.and_then(|_| b.into_inner()).and_then(|mut w| w.flush());
-            if let Err(e) = r {
+            if let Err(e) = pack(&from, &top, w) {
                 let _ = tx.blocking_send(Err(e));
             }
         });
@@ -545,7 +552,10 @@ impl Files<'_> {
         let mut ex = self.file_command(&["tar", from], false).await?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
         let dest = to.to_path_buf();
-        let extractor = tokio::task::spawn_blocking(move || extract(ChunkReader { rx, cur: Vec::new(), at: 0 }, &dest));
+        let top = copy_top_name(from);
+        let extractor = tokio::task::spawn_blocking(move || {
+            extract(ChunkReader { rx, cur: Vec::new(), at: 0 }, &dest, &top, MAX_COPY_BYTES)
+        });
         let mut stderr = Vec::new();
         let end = loop {
             match ex.next().await {
@@ -624,82 +634,226 @@ fn entry_parts(raw: &[u8]) -> std::result::Result<Vec<String>, String> {
     Ok(name.split('/').map(String::from).collect())
 }
 
-/// Extracts a tar from the guest below `dest` (see the module docs for what is refused).
-pub fn extract(input: impl Read, dest: &Path) -> std::result::Result<(), String> {
+/// The name the guest's side gives a copy's top entry for the guest path `from` (agentd
+/// names it the same way): its last component, or `root`. The host derives it itself and
+/// takes no other from the guest.
+pub fn copy_top_name(from: &str) -> String {
+    Path::new(from).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into())
+}
+
+/// Opens directory `name` beneath the directory `parent`: one component, never through a
+/// symlink (`O_NOFOLLOW`), so a directory swapped for a link while a copy runs is refused,
+/// not followed.
+fn open_dir_beneath(parent: &OwnedFd, name: &str) -> std::io::Result<OwnedFd> {
+    Ok(rfs::openat(
+        parent,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// Extracts a tar from the guest below `dest` (see the module docs for what is refused),
+/// taking only the top entry named `top` (what the user asked for: [`copy_top_name`]).
+///
+/// Every entry is created relative to directory descriptors held from `dest` down, one
+/// component at a time with `O_NOFOLLOW`: nothing is written through a symlink, even one
+/// swapped in while the copy runs. At most [`MAX_COPY_ENTRIES`] entries and `max_bytes` of
+/// file data.
+pub fn extract(input: impl Read, dest: &Path, top: &str, max_bytes: u64) -> std::result::Result<(), String> {
     let into_dir = dest.is_dir();
     let root = if into_dir { dest.to_path_buf() } else { dest.parent().map(Path::to_path_buf).unwrap_or_default() };
     let root = if root.as_os_str().is_empty() { PathBuf::from(".") } else { root };
+    let root_fd = rfs::open(&root, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| format!("opening the destination {}: {e}", root.display()))?;
+    let final_top = if into_dir {
+        top.to_string()
+    } else {
+        dest.file_name().map(|n| n.to_string_lossy().into_owned()).ok_or("the destination has no name")?
+    };
     let mut ar = tar::Archive::new(input);
-    let mut top: Option<String> = None;
-    let mut count = 0u64;
-    for entry in ar.entries().map_err(|e| format!("reading the copy: {e}"))? {
-        let mut e = entry.map_err(|e| format!("reading the copy: {e}"))?;
+    let mut members = msb_images::tarstream::Members::new(&mut ar).map_err(|e| format!("reading the copy: {e}"))?;
+    let (mut count, mut bytes, mut any) = (0u64, 0u64, false);
+    loop {
+        let (meta, e) = match members.next_member() {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => return Err(format!("reading the copy: {e}")),
+        };
         count += 1;
         if count > MAX_COPY_ENTRIES {
             return Err(format!("the copy has more than {MAX_COPY_ENTRIES} entries"));
         }
-        let raw = e.path_bytes().into_owned();
-        let shown = String::from_utf8_lossy(&raw).chars().take(200).collect::<String>();
+        let shown = String::from_utf8_lossy(&meta.path).chars().take(200).collect::<String>();
         let refuse = |why: &str| format!("refusing entry {shown:?} from the sandbox: {why}");
-        let mut parts = entry_parts(&raw).map_err(|w| refuse(&w))?;
-        if top.get_or_insert_with(|| parts[0].clone()) != &parts[0] {
-            return Err(refuse("it is outside the copy's top entry"));
+        let mut parts = entry_parts(&meta.path).map_err(|w| refuse(&w))?;
+        if parts[0] != top {
+            return Err(refuse(&format!("the copy's top entry must be {top:?}, what was asked for")));
         }
-        if !into_dir {
-            // The top entry takes the destination's own name.
-            parts[0] =
-                dest.file_name().map(|n| n.to_string_lossy().into_owned()).ok_or_else(|| refuse("bad destination"))?;
-        }
-        // Every ancestor below `root` must be a real directory (never a link).
+        any = true;
+        parts[0] = final_top.clone();
+        // Every ancestor below `root` must be a real directory: opened one component at a
+        // time, never through a link.
+        let mut parent = root_fd.try_clone().map_err(|e| refuse(&e.to_string()))?;
         let mut at = root.clone();
         for p in &parts[..parts.len() - 1] {
             at.push(p);
-            match std::fs::symlink_metadata(&at) {
-                Ok(md) if md.is_dir() => {}
-                Ok(_) => return Err(refuse(&format!("{} is not a directory", at.display()))),
-                Err(_) => return Err(refuse(&format!("its directory {} did not come first", at.display()))),
-            }
+            parent = open_dir_beneath(&parent, p).map_err(|e| {
+                if e.raw_os_error() == Some(Errno::NOENT.raw_os_error()) {
+                    refuse(&format!("its directory {} did not come first", at.display()))
+                } else {
+                    refuse(&format!("{} is not a directory", at.display()))
+                }
+            })?;
         }
-        let target = at.join(parts.last().expect("non-empty"));
-        let mode = e.header().mode().unwrap_or(0o644) & 0o777;
-        let io = |err: std::io::Error| refuse(&format!("{}: {err}", target.display()));
-        match e.header().entry_type() {
-            tar::EntryType::Directory => match std::fs::symlink_metadata(&target) {
-                Ok(md) if md.is_dir() => {}
-                Ok(_) => return Err(refuse("a directory would replace a file or link")),
-                Err(_) => std::fs::DirBuilder::new().mode(mode | 0o700).create(&target).map_err(io)?,
+        let name = parts.last().expect("non-empty").as_str();
+        let target = at.join(name);
+        let mode = Mode::from_bits_truncate(meta.mode & 0o777);
+        let io = |err: Errno| refuse(&format!("{}: {err}", target.display()));
+        let existing =
+            rfs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW).ok().map(|st| FileType::from_raw_mode(st.st_mode));
+        match meta.kind {
+            tar::EntryType::Directory => match existing {
+                Some(FileType::Directory) => {}
+                Some(_) => return Err(refuse("a directory would replace a file or link")),
+                None => rfs::mkdirat(&parent, name, mode | Mode::RWXU).map_err(io)?,
             },
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                if std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_symlink()) {
-                    std::fs::remove_file(&target).map_err(io)?;
+                bytes = bytes.saturating_add(meta.size);
+                if bytes > max_bytes {
+                    return Err(refuse(&format!("the copy holds more than {max_bytes} bytes of files")));
                 }
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(mode)
-                    .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-                    .open(&target)
-                    .map_err(io)?;
-                std::io::copy(&mut e, &mut f).map_err(io)?;
+                match existing {
+                    Some(FileType::Symlink) => rfs::unlinkat(&parent, name, AtFlags::empty()).map_err(io)?,
+                    Some(FileType::RegularFile) | None => {}
+                    Some(_) => return Err(refuse("a file would replace a directory or a special file")),
+                }
+                // O_NONBLOCK: a FIFO swapped in is refused (ENXIO), never waited on.
+                let fd = rfs::openat(
+                    &parent,
+                    name,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::TRUNC
+                        | OFlags::NOFOLLOW
+                        | OFlags::NOCTTY
+                        | OFlags::NONBLOCK
+                        | OFlags::CLOEXEC,
+                    mode,
+                )
+                .map_err(io)?;
+                if FileType::from_raw_mode(rfs::fstat(&fd).map_err(io)?.st_mode) != FileType::RegularFile {
+                    return Err(refuse("it is not a regular file on the host"));
+                }
+                let mut f = std::fs::File::from(fd);
+                std::io::copy(&mut msb_images::tarstream::Exact::new(e, meta.size), &mut f)
+                    .map_err(|err| refuse(&format!("{}: {err}", target.display())))?;
             }
             tar::EntryType::Symlink => {
-                let link = e.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default();
+                let link = &meta.link;
                 if link.is_empty() || link.contains(&0) {
                     return Err(refuse("a symlink with an empty or NUL target"));
                 }
-                let _ = std::fs::remove_file(&target);
-                std::os::unix::fs::symlink(std::ffi::OsStr::new(&String::from_utf8_lossy(&link).into_owned()), &target)
-                    .map_err(io)?;
+                match existing {
+                    Some(FileType::Directory) => return Err(refuse("a link would replace a directory")),
+                    Some(_) => rfs::unlinkat(&parent, name, AtFlags::empty()).map_err(io)?,
+                    None => {}
+                }
+                rfs::symlinkat(link.as_slice(), &parent, name).map_err(io)?;
             }
             tar::EntryType::Link => return Err(refuse("hardlinks are not copied out of a sandbox")),
             _ => continue, // device nodes, FIFOs, others: skipped
         }
     }
-    if top.is_none() {
+    if !any {
         return Err("the sandbox sent an empty copy".into());
     }
     Ok(())
+}
+
+/// Packs the host file or directory `from` as `top` into `b` for a copy in, walking by
+/// descriptor: each directory is opened beneath its parent with `O_NOFOLLOW`, each file with
+/// `O_NOFOLLOW | O_NONBLOCK` and described by `fstat` of what was opened, so a directory
+/// swapped for a symlink while the copy runs (a source a guest shares read-write) is never
+/// read through. Symlinks are packed as links; FIFOs, sockets and devices are skipped. A file
+/// that changes size while it is read fails the copy.
+pub fn pack(from: &Path, top: &Path, out: impl Write) -> std::io::Result<()> {
+    let mut b = tar::Builder::new(out);
+    let cwd = rfs::open(".", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    pack_entry(&mut b, &cwd, from.as_os_str(), top)?;
+    b.into_inner()?.flush()
+}
+
+fn header_of(st: &rfs::Stat, kind: tar::EntryType, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(st.st_mode & 0o7777);
+    h.set_uid(u64::from(st.st_uid));
+    h.set_gid(u64::from(st.st_gid));
+    h.set_mtime(st.st_mtime.max(0) as u64);
+    h.set_size(size);
+    h
+}
+
+fn pack_entry<W: Write>(
+    b: &mut tar::Builder<W>,
+    parent: &OwnedFd,
+    name: &std::ffi::OsStr,
+    arc: &Path,
+) -> std::io::Result<()> {
+    let st = rfs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    let same = |o: &rfs::Stat| o.st_dev == st.st_dev && o.st_ino == st.st_ino;
+    let changed = || std::io::Error::other(format!("{} changed while it was copied", arc.display()));
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::Symlink => {
+            let target = rfs::readlinkat(parent, name, Vec::new())?;
+            let mut h = header_of(&st, tar::EntryType::Symlink, 0);
+            b.append_link(&mut h, arc, std::ffi::OsStr::from_bytes(target.as_bytes()))
+        }
+        FileType::Directory => {
+            let fd = rfs::openat(
+                parent,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            let st2 = rfs::fstat(&fd)?;
+            if !same(&st2) {
+                return Err(changed());
+            }
+            let mut h = header_of(&st2, tar::EntryType::Directory, 0);
+            b.append_data(&mut h, arc, std::io::empty())?;
+            let mut names = Vec::new();
+            for e in rfs::Dir::read_from(&fd)? {
+                let e = e?;
+                let n = e.file_name().to_bytes();
+                if n != b"." && n != b".." {
+                    names.push(std::ffi::OsStr::from_bytes(n).to_os_string());
+                }
+            }
+            names.sort();
+            for n in names {
+                pack_entry(b, &fd, &n, &arc.join(&n))?;
+            }
+            Ok(())
+        }
+        FileType::RegularFile => {
+            let fd = rfs::openat(
+                parent,
+                name,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            let st2 = rfs::fstat(&fd)?;
+            if !same(&st2) || FileType::from_raw_mode(st2.st_mode) != FileType::RegularFile {
+                return Err(changed());
+            }
+            let size = st2.st_size.max(0) as u64;
+            let mut h = header_of(&st2, tar::EntryType::Regular, size);
+            b.append_data(&mut h, arc, msb_images::tarstream::Exact::new(std::fs::File::from(fd), size))
+        }
+        _ => Ok(()), // FIFOs, sockets, device nodes: not copied
+    }
 }
 
 #[cfg(test)]
@@ -734,14 +888,14 @@ mod tests {
     fn a_copy_out_lands_below_the_destination_without_setuid() {
         let dir = tempfile::tempdir().unwrap();
         let t = tar_of(&[("top", D, "", b""), ("top/a", F, "", b"data"), ("top/l", S, "/etc/passwd", b"")]);
-        extract(&t[..], dir.path()).unwrap();
+        extract(&t[..], dir.path(), "top", MAX_COPY_BYTES).unwrap();
         assert_eq!(std::fs::read(dir.path().join("top/a")).unwrap(), b"data");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("top/a")).unwrap().permissions().mode();
         assert_eq!(mode & 0o7000, 0, "no setuid on the host");
         assert_eq!(std::fs::read_link(dir.path().join("top/l")).unwrap(), Path::new("/etc/passwd"));
         // A destination that does not exist takes the top entry's place.
-        extract(&t[..], &dir.path().join("renamed")).unwrap();
+        extract(&t[..], &dir.path().join("renamed"), "top", MAX_COPY_BYTES).unwrap();
         assert_eq!(std::fs::read(dir.path().join("renamed/a")).unwrap(), b"data");
     }
 
@@ -752,7 +906,7 @@ mod tests {
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (tar_of(&[("/abs", F, "", b"x")]), "absolute"),
             (tar_of(&[("top/../../victim", F, "", b"x")]), "`..`"),
-            (tar_of(&[("top", D, "", b""), ("other", F, "", b"x")]), "outside the copy's top entry"),
+            (tar_of(&[("top", D, "", b""), ("other", F, "", b"x")]), "top entry must be \"top\""),
             (
                 tar_of(&[
                     ("top", D, "", b""),
@@ -766,10 +920,150 @@ mod tests {
         ];
         for (t, why) in cases {
             let dest = tempfile::tempdir().unwrap();
-            let e = extract(&t[..], dest.path()).unwrap_err();
+            let e = extract(&t[..], dest.path(), "top", MAX_COPY_BYTES).unwrap_err();
             assert!(e.contains(why), "{why}: {e}");
             assert!(!victim.exists(), "{why}: wrote outside the destination");
         }
+    }
+
+    /// FS1 (review): `msb cp dev:/build/out.tar ~`: a guest answering with `.ssh/...`
+    /// instead of `out.tar` writes nothing; the host names the top entry itself.
+    #[test]
+    fn the_guest_cannot_name_the_top_entry_of_a_copy_out() {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::create_dir(home.path().join(".ssh")).unwrap();
+        std::fs::write(home.path().join(".ssh/authorized_keys"), b"ssh-ed25519 AAAA user@laptop\n").unwrap();
+        let t = tar_of(&[(".ssh", D, "", b""), (".ssh/authorized_keys", F, "", b"ssh-ed25519 EVIL attacker\n")]);
+        let top = copy_top_name("/build/out.tar");
+        assert_eq!(top, "out.tar");
+        let e = extract(&t[..], home.path(), &top, MAX_COPY_BYTES).unwrap_err();
+        assert!(e.contains("top entry must be \"out.tar\""), "{e}");
+        let keys = std::fs::read_to_string(home.path().join(".ssh/authorized_keys")).unwrap();
+        assert!(!keys.contains("EVIL"), "the guest chose what `msb cp` wrote");
+        assert_eq!(copy_top_name("/"), "root");
+        assert_eq!(copy_top_name("/a/b/"), "b");
+        // The same refusal always reads the same (finding 17).
+        let again = extract(&t[..], home.path(), &top, MAX_COPY_BYTES).unwrap_err();
+        assert_eq!(e, again);
+    }
+
+    /// FS7: a copy out stops at its byte bound, naming it.
+    #[test]
+    fn a_copy_out_stops_at_its_byte_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tar_of(&[("top", D, "", b""), ("top/a", F, "", &[1; 600]), ("top/b", F, "", &[2; 600])]);
+        let e = extract(&t[..], dir.path(), "top", 1000).unwrap_err();
+        assert!(e.contains("more than 1000 bytes"), "{e}");
+        assert!(!dir.path().join("top/b").exists());
+    }
+
+    fn swapper(top: PathBuf) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>) {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let th = std::thread::spawn(move || {
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    top.join("d"),
+                    rustix::fs::CWD,
+                    top.join("link"),
+                    rustix::fs::RenameFlags::EXCHANGE,
+                );
+            }
+        });
+        (stop, th)
+    }
+
+    /// FS4 (review): a directory swapped for a symlink while the extractor runs (a guest
+    /// flipping them with RENAME_EXCHANGE in a shared mount) is never written through
+    /// (60 of 200 escaped before).
+    #[test]
+    fn a_swapped_ancestor_is_never_followed_by_the_extractor() {
+        let base = tempfile::tempdir().unwrap();
+        let dest = base.path().join("shared");
+        let outside = base.path().join("outside");
+        std::fs::create_dir_all(dest.join("top/d")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, dest.join("top/link")).unwrap();
+        let (stop, th) = swapper(dest.join("top"));
+        let mut escaped = 0;
+        for i in 0..200 {
+            let name = format!("top/d/f{i}");
+            let t = tar_of(&[("top", D, "", b""), (name.as_str(), F, "", b"written by the guest")]);
+            let _ = extract(&t[..], &dest, "top", MAX_COPY_BYTES);
+            if outside.join(format!("f{i}")).exists() {
+                escaped += 1;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        th.join().unwrap();
+        assert_eq!(escaped, 0, "the extractor wrote through a swapped symlink");
+    }
+
+    /// FS4 (review): a copy in whose source directory a guest swaps for a symlink while it
+    /// is packed never packs what the link names (23 of 300 leaked before).
+    #[test]
+    fn a_copy_in_never_packs_through_a_swapped_directory() {
+        use std::io::Read as _;
+        let base = tempfile::tempdir().unwrap();
+        let src = base.path().join("shared");
+        let outside = base.path().join("outside");
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        std::fs::write(src.join("d/f"), b"inside").unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("f"), b"host secret").unwrap();
+        std::os::unix::fs::symlink(&outside, src.join("link")).unwrap();
+        let (stop, th) = swapper(src.clone());
+        let (mut leaked, mut packed) = (0, 0);
+        for _ in 0..300 {
+            let mut t = Vec::new();
+            if pack(&src, Path::new("shared"), &mut t).is_err() {
+                continue;
+            }
+            packed += 1;
+            let mut ar = tar::Archive::new(&t[..]);
+            for e in ar.entries().unwrap() {
+                let mut e = e.unwrap();
+                let mut d = Vec::new();
+                e.read_to_end(&mut d).unwrap();
+                if d == b"host secret" {
+                    leaked += 1;
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        th.join().unwrap();
+        assert!(packed > 0, "some copies complete");
+        assert_eq!(leaked, 0, "a copy in packed a file from outside the source");
+    }
+
+    #[test]
+    fn a_copy_in_packs_files_dirs_and_links_with_their_modes() {
+        use std::io::Read as _;
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        let src = base.path().join("p");
+        std::fs::create_dir_all(src.join("sub")).unwrap();
+        std::fs::write(src.join("sub/x"), b"data").unwrap();
+        std::fs::set_permissions(src.join("sub/x"), std::fs::Permissions::from_mode(0o750)).unwrap();
+        std::os::unix::fs::symlink("sub/x", src.join("l")).unwrap();
+        let mut t = Vec::new();
+        pack(&src, Path::new("p"), &mut t).unwrap();
+        let mut ar = tar::Archive::new(&t[..]);
+        let mut seen = Vec::new();
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            let (name, kind, mode) =
+                (e.path().unwrap().display().to_string(), e.header().entry_type(), e.header().mode().unwrap());
+            let mut d = String::new();
+            e.read_to_string(&mut d).unwrap();
+            let link = e.link_name().unwrap().map(|l| l.display().to_string()).unwrap_or_default();
+            seen.push(format!("{name} {kind:?} {mode:o} {d}{link}"));
+        }
+        assert_eq!(
+            seen,
+            vec!["p Directory 755 ", "p/l Symlink 777 sub/x", "p/sub Directory 755 ", "p/sub/x Regular 750 data"]
+        );
     }
 
     #[test]

@@ -306,7 +306,8 @@ fn merge_layer<W: Write, R: Read>(
     let (mut names, mut nondirs, mut parents, mut regulars) =
         (HashSet::new(), HashSet::new(), HashSet::<u32>::new(), HashSet::new());
     let (mut gone, mut covered) = (Vec::new(), Vec::new());
-    let mut members = crate::tarstream::Members::new(&mut ar).map_err(|e| err(None, format!("not a tar archive: {e}")))?;
+    let mut members =
+        crate::tarstream::Members::new(&mut ar).map_err(|e| err(None, format!("not a tar archive: {e}")))?;
     loop {
         let (meta, mut e) = match members.next_member() {
             Ok(Some(x)) => x,
@@ -400,7 +401,8 @@ fn merge_layer<W: Write, R: Read>(
                 b.append_link(&mut header, &path, &target).map_err(io)?;
             }
             tar::EntryType::Link => {
-                let target = normalize(&meta.link).map_err(|why| err(Some(&shown), format!("hardlink target: {why}")))?;
+                let target =
+                    normalize(&meta.link).map_err(|why| err(Some(&shown), format!("hardlink target: {why}")))?;
                 if !paths.find(&target).is_some_and(|t| regulars.contains(&t)) {
                     return Err(err(
                         Some(&shown),
@@ -828,7 +830,13 @@ mod tests {
         let t0 = std::time::Instant::now();
         let stats = merge(&[lay], std::io::sink()).unwrap();
         let grew = status_kb("VmHWM:").saturating_sub(before);
-        eprintln!("deep names: {} entries, gzip {} B, {:?}, peak RSS +{} MiB", stats.entries, gz.len(), t0.elapsed(), grew / 1024);
+        eprintln!(
+            "deep names: {} entries, gzip {} B, {:?}, peak RSS +{} MiB",
+            stats.entries,
+            gz.len(),
+            t0.elapsed(),
+            grew / 1024
+        );
         assert_eq!(stats.entries, 2000);
         assert!(grew < 200 * 1024, "a {}-byte layer made the merge hold {} MiB", gz.len(), grew / 1024);
     }
@@ -859,7 +867,12 @@ mod tests {
         let e = merge(&[lay], std::io::sink()).unwrap_err().to_string();
         let grew = status_kb("VmHWM:").saturating_sub(before);
         assert!(e.contains("long name of 268435456 bytes"), "{e}");
-        assert!(grew < 16 * 1024, "a {}-byte layer made the merge hold {} MiB before refusing it", blob.len(), grew / 1024);
+        assert!(
+            grew < 16 * 1024,
+            "a {}-byte layer made the merge hold {} MiB before refusing it",
+            blob.len(),
+            grew / 1024
+        );
     }
 
     /// FS8 (review): a ustar `prefix` is part of the checked name, and the merged stream
@@ -915,7 +928,7 @@ mod tests {
         std::fs::write(&p, &blob).unwrap();
         let lay = Layer { blob: p.clone(), digest: Digest::of(&blob), diff_id: Digest::of(&tar) };
         let mut out = Vec::new();
-        merge(&[lay.clone()], &mut out).unwrap();
+        merge(std::slice::from_ref(&lay), &mut out).unwrap();
         assert_eq!(names_of(&out), vec!["a", "b"]);
         blob.extend_from_slice(b"junk");
         std::fs::write(&p, &blob).unwrap();

@@ -202,7 +202,11 @@ impl<R: Read> Read for Exact<R> {
         if n == 0 && want > 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("the archive is truncated: it ends after {} of this member's {} bytes", self.size - self.left, self.size),
+                format!(
+                    "the archive is truncated: it ends after {} of this member's {} bytes",
+                    self.size - self.left,
+                    self.size
+                ),
             ));
         }
         self.left -= n as u64;
@@ -270,7 +274,11 @@ mod tests {
     fn long_names_and_pax_records_are_applied_and_bounded_before_reading() {
         let mut t = Vec::new();
         let long = "d/".repeat(100) + "f";
-        member(&mut t, &header(tar::EntryType::GNULongName, b"././@LongLink", long.len() as u64 + 1), &[long.as_bytes(), b"\0"].concat());
+        member(
+            &mut t,
+            &header(tar::EntryType::GNULongName, b"././@LongLink", long.len() as u64 + 1),
+            &[long.as_bytes(), b"\0"].concat(),
+        );
         member(&mut t, &header(tar::EntryType::Regular, b"short", 2), b"hi");
         let pax = rec("path", "from/pax.txt") + &rec("uid", "123456789") + &rec("SCHILY.xattr.user.a", "bc");
         let pax = pax.as_bytes();
