@@ -127,14 +127,14 @@ pub const V4: &[(u32, u8, Group)] = &[
     (v4(192, 168, 0, 0), 16, Group::Private),
     (v4(100, 64, 0, 0), 10, Group::Private), // CGNAT, RFC 6598
     (v4(224, 0, 0, 0), 4, Group::Multicast),
-    (v4(0, 0, 0, 0), 8, Group::Reserved),       // "this network", 0.0.0.0 included
-    (v4(192, 0, 0, 0), 24, Group::Reserved),    // IETF protocol assignments
-    (v4(192, 0, 2, 0), 24, Group::Reserved),    // TEST-NET-1
-    (v4(192, 88, 99, 0), 24, Group::Reserved),  // 6to4 relay anycast (deprecated)
-    (v4(198, 18, 0, 0), 15, Group::Reserved),   // benchmarking
+    (v4(0, 0, 0, 0), 8, Group::Reserved), // "this network" (0.0.0.0 itself: see classify)
+    (v4(192, 0, 0, 0), 24, Group::Reserved), // IETF protocol assignments
+    (v4(192, 0, 2, 0), 24, Group::Reserved), // TEST-NET-1
+    (v4(192, 88, 99, 0), 24, Group::Reserved), // 6to4 relay anycast (deprecated)
+    (v4(198, 18, 0, 0), 15, Group::Reserved), // benchmarking
     (v4(198, 51, 100, 0), 24, Group::Reserved), // TEST-NET-2
-    (v4(203, 0, 113, 0), 24, Group::Reserved),  // TEST-NET-3
-    (v4(240, 0, 0, 0), 4, Group::Reserved),     // class E and 255.255.255.255
+    (v4(203, 0, 113, 0), 24, Group::Reserved), // TEST-NET-3
+    (v4(240, 0, 0, 0), 4, Group::Reserved), // class E and 255.255.255.255
 ];
 
 const fn v6(s: [u16; 8]) -> u128 {
@@ -154,7 +154,7 @@ pub const V6: &[(u128, u8, Group)] = &[
     (v6([0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x123]), 128, Group::Metadata), // AWS time sync over IPv6
     (v6([0xfd20, 0xce, 0, 0, 0, 0, 0, 0x254]), 128, Group::Metadata),  // GCP metadata over IPv6
     (1, 128, Group::Loopback),
-    (0, 128, Group::Reserved), // unspecified
+    (0, 128, Group::Reserved), // unspecified (as a destination: see classify)
     (v6([0xfe80, 0, 0, 0, 0, 0, 0, 0]), 10, Group::LinkLocal),
     (v6([0xfc00, 0, 0, 0, 0, 0, 0, 0]), 7, Group::Private),
     (v6([0xfec0, 0, 0, 0, 0, 0, 0, 0]), 10, Group::Private), // site-local (deprecated)
@@ -235,6 +235,16 @@ impl Classifier {
     }
 
     pub fn classify(&self, ip: IpAddr) -> Group {
+        // connect() or sendto() to 0.0.0.0 reaches 127.0.0.1 on Linux, and :: reaches ::1:
+        // as destinations they are what they reach (an embedded candidate of 0.0.0.0 in an
+        // IPv6 form stays reserved, as the table says).
+        let unspecified = match ip {
+            IpAddr::V4(a) => a.is_unspecified(),
+            IpAddr::V6(a) => a.is_unspecified() || a.to_ipv4_mapped().is_some_and(|v| v.is_unspecified()),
+        };
+        if unspecified {
+            return Group::Loopback;
+        }
         match ip {
             IpAddr::V4(a) => self.classify_v4(a),
             IpAddr::V6(a) => {
@@ -281,7 +291,7 @@ mod tests {
     #[test]
     fn ipv4_range_edges() {
         for (ip, g) in [
-            ("0.0.0.0", Reserved),
+            ("0.0.0.0", Loopback),
             ("0.255.255.255", Reserved),
             ("1.0.0.0", Public),
             ("9.255.255.255", Public),
@@ -357,7 +367,7 @@ mod tests {
     #[test]
     fn ipv6_ranges() {
         for (ip, g) in [
-            ("::", Reserved),
+            ("::", Loopback),
             ("::1", Loopback),
             ("::2", Reserved), // compatible 0.0.0.2
             ("fe80::", LinkLocal),

@@ -9,9 +9,18 @@
 //!   decision; a message over [`MAX_MESSAGE`] bytes, not a standard query, or without exactly
 //!   one IN question is answered FORMERR (or NXDOMAIN for a name that is not a domain name),
 //!   never forwarded.
-//! - A name a domain rule denies gets NXDOMAIN without any upstream lookup. An answer whose
-//!   A/AAAA addresses are all removed gets NXDOMAIN, not REFUSED (which makes glibc retry and
-//!   hang).
+//! - A name a domain rule denies gets NXDOMAIN without any upstream lookup, and so does a
+//!   name no rule could open: when the policy's only allow rules are domain rules, only the
+//!   names they match are resolved upstream (DNS is no tunnel out of an allowlist). Reverse
+//!   lookups of addresses that are not `public` (RFC 6303's locally served zones and the
+//!   like: private, loopback, link-local, unique-local) are answered NXDOMAIN here. An
+//!   answer whose A/AAAA addresses are all removed gets NXDOMAIN, not REFUSED (which makes
+//!   glibc retry and hang).
+//! - Only the record types the policy needs are asked for ([`allowed_type`]): A, AAAA and
+//!   CNAME under a policy of domain rules, the common public types (MX, TXT, SRV, PTR, NS,
+//!   SOA, CAA) besides when an address rule opens the internet; any other type is answered
+//!   here with no records (NODATA), never asked upstream, and an answer carries no record
+//!   of another type than the question's but the CNAME chain.
 //! - Only the question, CNAME chain and kept A/AAAA records reach the guest: authority and
 //!   additional sections are dropped (glue addresses are not decided on), and SVCB/HTTPS
 //!   records are dropped (their address hints would bypass this filter).
@@ -95,7 +104,71 @@ pub fn on_query(policy: &Policy, bytes: &[u8]) -> Step {
     if let Some((Action::Deny, i)) = policy.decide_name(&name) {
         return nx(format!("{name} is denied by {}", policy.describe(Some(i))));
     }
+    if let Some(ip) = reverse_address(&name) {
+        let group = Classifier::default().classify(ip);
+        if group != crate::classify::Group::Public {
+            return nx(format!("a reverse lookup of a {group} address is answered here"));
+        }
+    }
+    if !policy.may_resolve(&name) {
+        return nx(format!("no allow rule could open {name}, so it is not looked up"));
+    }
+    if !allowed_type(policy, q.query_type()) {
+        let mut m = Message::error_msg(id, OpCode::Query, ResponseCode::NoError);
+        m.add_query(q.clone());
+        m.set_recursion_desired(rd).set_recursion_available(true);
+        return Step::Answer {
+            bytes: m.to_vec().unwrap_or_default(),
+            why: format!("{} records of {name} are not asked for under this policy", q.query_type()),
+        };
+    }
     Step::Resolve(GuestQuery { id, name, qtype: q.query_type(), recursion_desired: rd, query: q.clone() })
+}
+
+/// Whether the guest may ask for records of type `t` under `policy` (see the module docs).
+pub fn allowed_type(policy: &Policy, t: RecordType) -> bool {
+    match t {
+        RecordType::A | RecordType::AAAA | RecordType::CNAME => true,
+        RecordType::MX
+        | RecordType::TXT
+        | RecordType::SRV
+        | RecordType::PTR
+        | RecordType::NS
+        | RecordType::SOA
+        | RecordType::CAA => policy.resolves_broadly(),
+        _ => false,
+    }
+}
+
+/// The address (or, for a partial name, the start of the network) a reverse-lookup name
+/// stands for: `5.0.0.10.in-addr.arpa` is 10.0.0.5, `10.in-addr.arpa` 10.0.0.0, and nibble
+/// names under `ip6.arpa` likewise. `None` for other names and malformed ones.
+fn reverse_address(name: &DomainName) -> Option<IpAddr> {
+    let n = name.as_str();
+    if let Some(rest) = n.strip_suffix("in-addr.arpa") {
+        let labels: Vec<&str> = rest.trim_end_matches('.').split('.').filter(|l| !l.is_empty()).collect();
+        if labels.len() > 4 {
+            return None;
+        }
+        let mut octets = [0u8; 4];
+        for (i, l) in labels.iter().rev().enumerate() {
+            octets[i] = l.parse().ok()?;
+        }
+        return Some(IpAddr::from(octets));
+    }
+    if let Some(rest) = n.strip_suffix("ip6.arpa") {
+        let labels: Vec<&str> = rest.trim_end_matches('.').split('.').filter(|l| !l.is_empty()).collect();
+        if labels.len() > 32 {
+            return None;
+        }
+        let mut v = 0u128;
+        for (i, l) in labels.iter().rev().enumerate() {
+            let d = u128::from_str_radix(l, 16).ok().filter(|_| l.len() == 1)?;
+            v |= d << (124 - 4 * i);
+        }
+        return Some(IpAddr::from(v.to_be_bytes()));
+    }
+    None
 }
 
 impl GuestQuery {
@@ -156,7 +229,10 @@ pub fn answer(
             RData::AAAA(a) => Some(IpAddr::V6(a.0)),
             RData::CNAME(_) => None,
             RData::SVCB(_) | RData::HTTPS(_) => continue,
-            _ => None,
+            // Other records only as the answer to a question for their type that the policy
+            // lets the guest ask.
+            _ if r.record_type() == q.qtype && allowed_type(policy, q.qtype) => None,
+            _ => continue,
         };
         if let Some(ip) = addr {
             if !policy.address_allowed(classifier, ip, &names) {

@@ -10,9 +10,14 @@
 //! Invariants: nothing is forwarded that the framer has not classified; a head is forwarded
 //! only after [`Requests::accept_head`]; framing a request could read two ways (both
 //! `Content-Length` and `Transfer-Encoding`, two different lengths, an encoding other than
-//! chunked, a malformed chunk) is refused ([`Step::Bad`]) rather than guessed, since the
-//! server might read it the other way (request smuggling). After a `CONNECT` or an `Upgrade`
-//! request the stream is the server's to interpret and is forwarded as it is.
+//! chunked, `Transfer-Encoding` in HTTP/1.0, a malformed chunk, a bare CR or LF or another
+//! control byte in a head, a chunk-size line or trailers, a folded header line) is refused
+//! ([`Step::Bad`]) rather than guessed, since a server might read it the other way (request
+//! smuggling). `CONNECT` is refused, and so is an `Upgrade` other than `websocket` (h2c would
+//! hide later requests' authorities); a websocket `Upgrade` is taken only as the first
+//! request of a connection the server has not yet spoken on, and the stream becomes opaque
+//! only once the server's first bytes are a `101` ([`Requests::response`]): until then the
+//! guest's later bytes wait, and without a `101` they are framed as requests again.
 
 use crate::sniff::{sniff, Sniffed, MAX_SNIFF};
 
@@ -50,7 +55,10 @@ enum State {
     ChunkEnd,
     /// After the last chunk: trailer lines up to an empty one.
     Trailers,
-    /// Forwarded as it is.
+    /// An `Upgrade` request went: the guest's bytes wait until the server's first bytes
+    /// say whether it switched.
+    AwaitSwitch,
+    /// Forwarded as it is (the server switched protocols).
     Opaque,
 }
 
@@ -59,7 +67,8 @@ enum Body {
     None,
     Length(u64),
     Chunked,
-    Opaque,
+    /// A websocket `Upgrade` request (no body).
+    Upgrade,
 }
 
 /// One flow's request framer.
@@ -68,11 +77,20 @@ pub struct Requests {
     state: State,
     /// The framing of the head handed out last, until it is accepted.
     pending: Option<Body>,
+    /// Heads accepted so far.
+    heads: u64,
+    /// The server's bytes seen so far (only the first [`STATUS_LINE`] are kept).
+    response: Vec<u8>,
+    /// Whether the server has sent anything yet.
+    server_spoke: bool,
 }
+
+/// How much of the server's first bytes decides whether it switched: `HTTP/1.1 101`.
+const STATUS_LINE: usize = 12;
 
 impl Default for Requests {
     fn default() -> Self {
-        Requests { state: State::Head, pending: None }
+        Requests { state: State::Head, pending: None, heads: 0, response: Vec::new(), server_spoke: false }
     }
 }
 
@@ -100,6 +118,9 @@ impl Requests {
                     Ok(b) => b,
                     Err(why) => return Step::Bad(why),
                 };
+                if body == Body::Upgrade && (self.heads > 0 || self.server_spoke) {
+                    return Step::Bad("an Upgrade after other requests or server bytes on one connection");
+                }
                 self.pending = Some(body);
                 Step::Head { len, host: sniff(trim_leading_lines(head)) }
             }
@@ -108,7 +129,7 @@ impl Requests {
                     Body::None | Body::Length(0) => State::Head,
                     Body::Length(n) => State::Body(n),
                     Body::Chunked => State::ChunkSize,
-                    Body::Opaque => State::Opaque,
+                    Body::Upgrade => State::AwaitSwitch,
                 };
                 Step::Forward(len)
             }
@@ -126,6 +147,9 @@ impl Requests {
                     };
                 };
                 let line = &data[..eol];
+                if line.iter().any(|b| b.is_ascii_control() && *b != b'\t') {
+                    return Step::Bad("a bare CR or LF or a control byte in a chunk-size line");
+                }
                 let hex = line.split(|b| *b == b';').next().unwrap_or_default();
                 let hex = std::str::from_utf8(hex).unwrap_or("").trim_end_matches([' ', '\t']);
                 if hex.is_empty() || hex.len() > 15 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -155,6 +179,7 @@ impl Requests {
                     return Step::Forward(2);
                 }
                 match data.windows(4).position(|w| w == b"\r\n\r\n") {
+                    Some(end) if bare_line_ends(&data[..end + 4]) => Step::Bad("a bare CR or LF in trailers"),
                     Some(end) if end + 4 <= MAX_LINE * 8 => {
                         self.state = State::Head;
                         Step::Forward(end + 4)
@@ -164,7 +189,31 @@ impl Requests {
                     None => Step::NeedMore,
                 }
             }
+            State::AwaitSwitch => Step::NeedMore,
             State::Opaque => Step::Forward(data.len()),
+        }
+    }
+
+    /// Whether the next step frames or forwards a head (which goes whole, whatever a byte
+    /// bucket's burst).
+    pub fn at_head(&self) -> bool {
+        matches!(self.state, State::Head | State::Accepted { .. })
+    }
+
+    /// The server's bytes on this connection, as they go to the guest: after a websocket
+    /// `Upgrade`, its first [`STATUS_LINE`] bytes decide whether the stream is the server's
+    /// (`HTTP/1.1 101`) or requests again.
+    pub fn response(&mut self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        self.server_spoke = true;
+        if self.response.len() < STATUS_LINE {
+            let take = (STATUS_LINE - self.response.len()).min(data.len());
+            self.response.extend_from_slice(&data[..take]);
+        }
+        if self.state == State::AwaitSwitch && self.response.len() >= STATUS_LINE {
+            self.state = if self.response == b"HTTP/1.1 101" { State::Opaque } else { State::Head };
         }
     }
 
@@ -172,6 +221,7 @@ impl Requests {
     pub fn accept_head(&mut self, len: usize) {
         if let Some(then) = self.pending.take() {
             self.state = State::Accepted { len, then };
+            self.heads += 1;
         }
     }
 }
@@ -184,13 +234,35 @@ fn trim_leading_lines(mut head: &[u8]) -> &[u8] {
     head
 }
 
+/// Whether `b` holds a CR not followed by LF, or an LF not preceded by CR.
+fn bare_line_ends(b: &[u8]) -> bool {
+    b.iter()
+        .enumerate()
+        .any(|(i, &c)| (c == b'\r' && b.get(i + 1) != Some(&b'\n')) || (c == b'\n' && (i == 0 || b[i - 1] != b'\r')))
+}
+
 /// How the body after `head` is framed, or why it cannot be told safely.
 fn framing(head: &[u8]) -> Result<Body, &'static str> {
-    let text = std::str::from_utf8(trim_leading_lines(head)).map_err(|_| "a request head that is not text")?;
+    let head = trim_leading_lines(head);
+    if bare_line_ends(head) {
+        return Err("a bare CR or LF in a request head");
+    }
+    if head.iter().any(|b| b.is_ascii_control() && !matches!(b, b'\r' | b'\n' | b'\t')) {
+        return Err("a control byte in a request head");
+    }
+    let text = std::str::from_utf8(head).map_err(|_| "a request head that is not text")?;
     let mut lines = text.split("\r\n");
-    let method = lines.next().unwrap_or("").split(' ').next().unwrap_or("");
+    let request = lines.next().unwrap_or("");
+    let method = request.split(' ').next().unwrap_or("");
+    if method == "CONNECT" {
+        return Err("CONNECT on a flow decided by name");
+    }
+    let http10 = request.ends_with(" HTTP/1.0");
     let (mut length, mut chunked, mut upgrade) = (None::<u64>, false, false);
     for l in lines.filter(|l| !l.is_empty()) {
+        if l.starts_with([' ', '\t']) {
+            return Err("a folded header line");
+        }
         let Some((k, v)) = l.split_once(':') else { return Err("a header line without a colon") };
         if k.ends_with([' ', '\t']) {
             return Err("whitespace before a header's colon");
@@ -209,14 +281,22 @@ fn framing(head: &[u8]) -> Result<Body, &'static str> {
             if !v.eq_ignore_ascii_case("chunked") || chunked {
                 return Err("a Transfer-Encoding other than one chunked");
             }
+            if http10 {
+                return Err("Transfer-Encoding in an HTTP/1.0 request");
+            }
             chunked = true;
         } else if k.eq_ignore_ascii_case("upgrade") {
+            if !v.eq_ignore_ascii_case("websocket") || upgrade {
+                return Err("an Upgrade other than one websocket (h2c and others would hide later requests)");
+            }
             upgrade = true;
         }
     }
     match (length, chunked) {
         (Some(_), true) => Err("both Content-Length and Transfer-Encoding"),
-        _ if method == "CONNECT" || upgrade => Ok(Body::Opaque),
+        (Some(n), false) if upgrade && n > 0 => Err("an Upgrade request with a body"),
+        (_, true) if upgrade => Err("an Upgrade request with a body"),
+        _ if upgrade => Ok(Body::Upgrade),
         (_, true) => Ok(Body::Chunked),
         (Some(n), false) => Ok(Body::Length(n)),
         (None, false) => Ok(Body::None),
@@ -297,9 +377,17 @@ POST /c HTTP/1.1\r\nHost: c.example\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r
     }
 
     #[test]
-    fn after_an_upgrade_the_stream_is_the_servers() {
-        let wire = b"GET /ws HTTP/1.1\r\nHost: a.example\r\nUpgrade: websocket\r\n\r\n\x81\x05hello GET / HTTP/1.1\r\nHost: b\r\n\r\n";
-        let (hosts, fwd) = frame(wire, 8).unwrap();
-        assert_eq!((hosts, fwd), (vec![host("a.example")], wire.len()));
+    fn after_an_upgrade_the_stream_is_the_servers_once_it_switched() {
+        let ws = b"GET /ws HTTP/1.1\r\nHost: a.example\r\nUpgrade: websocket\r\n\r\n";
+        let wire = [&ws[..], b"\x81\x05hello GET / HTTP/1.1\r\nHost: b\r\n\r\n"].concat();
+        // Until the server answers, nothing after the upgrade request goes.
+        let (hosts, fwd) = frame(&wire, 8).unwrap();
+        assert_eq!((hosts, fwd), (vec![host("a.example")], ws.len()));
+        let mut r = Requests::default();
+        let Step::Head { len, .. } = r.step(&wire) else { panic!() };
+        r.accept_head(len);
+        assert_eq!(r.step(&wire), Step::Forward(len));
+        r.response(b"HTTP/1.1 101 Switching Protocols\r\n\r\n");
+        assert_eq!(r.step(&wire[len..]), Step::Forward(wire.len() - len));
     }
 }

@@ -16,6 +16,8 @@ pub mod dns;
 pub mod http1;
 pub mod limit;
 pub mod policy;
+#[cfg(test)]
+mod review_tests;
 pub mod sniff;
 pub mod stack;
 #[cfg(test)]

@@ -1,8 +1,10 @@
 //! The network policy: an ordered rule list, first match wins, then a default action.
 //!
 //! A rule is written `[in/|out/][tcp/|udp/]TARGET[:PORTS]` after `allow` or `deny`:
-//! - direction: `out/` (egress, the default) or `in/` (ingress through a published port);
-//! - protocol: `tcp/` or `udp/` (default: both);
+//! - direction: `out/` (egress, the default; `in/` is refused: published ports are not
+//!   filtered by peer, only bound to an address);
+//! - protocol: `tcp/` or `udp/` (default: both, except that a domain target without one
+//!   covers TCP only: UDP such as QUIC names its server in no way the gateway reads);
 //! - TARGET: `any`; a group (`public`, `private`, `loopback`, `link-local`, `metadata`,
 //!   `host`, `multicast`, `reserved`, see [`Group`]); an IPv4 address or CIDR; an IPv6
 //!   address or CIDR in brackets (`[2001:db8::/32]`); an exact domain (`api.example.com`) or
@@ -197,9 +199,12 @@ impl Rule {
             return Err(bad(&format!("longer than {MAX_RULE_LEN} bytes")));
         }
         let mut rest = text.trim();
-        let mut direction = Direction::Egress;
-        if let Some(r) = rest.strip_prefix("in/") {
-            (direction, rest) = (Direction::Ingress, r);
+        let direction = Direction::Egress;
+        if rest.starts_with("in/") {
+            // Published ports are reached from the address they are bound to (127.0.0.1 by
+            // default) and filtered by nothing else: a rule that looked like a filter would
+            // promise what is not enforced.
+            return Err(bad("in/ rules are not supported: a published port is reachable from wherever it is bound (-p 127.0.0.1:HOST:GUEST, the default, keeps it on this machine)"));
         } else if let Some(r) = rest.strip_prefix("out/") {
             rest = r;
         }
@@ -253,20 +258,33 @@ impl Rule {
     }
 
     fn matches(&self, f: &Flow<'_>, group: Group) -> bool {
-        if self.direction != f.direction || self.proto.is_some_and(|p| p != f.proto) {
+        self.covers(f.direction, f.proto, f.port) && self.target_matches(f.addr, f.names, group)
+    }
+
+    /// Whether the rule's direction, protocol and ports cover a flow. A domain rule without
+    /// a protocol covers TCP only: a UDP flow (QUIC) names its server in no way the gateway
+    /// reads, so UDP to a name needs `udp/` written out.
+    fn covers(&self, direction: Direction, proto: Proto, port: u16) -> bool {
+        if self.direction != direction || self.proto.is_some_and(|p| p != proto) {
             return false;
         }
-        if !self.ports.is_empty() && !self.ports.iter().any(|r| (r.lo..=r.hi).contains(&f.port)) {
+        if self.proto.is_none() && self.is_domain() && proto == Proto::Udp {
             return false;
         }
-        self.target_matches(f.addr, f.names, group)
+        self.ports.is_empty() || self.ports.iter().any(|r| (r.lo..=r.hi).contains(&port))
     }
 
     fn target_matches(&self, addr: IpAddr, names: &[DomainName], group: Group) -> bool {
         match &self.target {
             Target::Any => true,
             Target::Group(g) => *g == group,
-            Target::Net(n) => n.contains(&canonical(addr)) || n.contains(&addr),
+            // The address, and every IPv4 address an IPv6 one carries (mapped, NAT64, 6to4,
+            // Teredo): the forms the classifier sees through are covered by the same rule.
+            Target::Net(n) => {
+                n.contains(&canonical(addr))
+                    || n.contains(&addr)
+                    || matches!(addr, IpAddr::V6(a) if crate::classify::embedded_v4(a).iter().any(|v| n.contains(&IpAddr::V4(*v))))
+            }
             // A name opens only a public address unless its rule names the group: a rebinding
             // answer (a public name that resolves to 127.0.0.1) stays denied unless an address
             // rule allows that address or the rule says `@loopback`.
@@ -527,6 +545,52 @@ impl Policy {
         self.default == Action::Allow
     }
 
+    /// The first domain *deny* rule ahead of rule `before` (`None`: the default, so every
+    /// rule) that covers an egress `proto` flow to `port` naming `name`, whether or not the
+    /// sandbox resolved it: a name a flow claims can only make it stricter. An allow domain
+    /// rule for the name ahead of it ends the search.
+    pub fn denies_name(&self, proto: Proto, port: u16, name: &DomainName, before: Option<usize>) -> Option<usize> {
+        let limit = before.unwrap_or(self.rules.len()).min(self.rules.len());
+        for (i, r) in self.rules[..limit].iter().enumerate() {
+            if !r.is_domain() || !r.covers(Direction::Egress, proto, port) || !r.matches_name(name) {
+                continue;
+            }
+            return (r.action == Action::Deny).then_some(i);
+        }
+        None
+    }
+
+    /// Whether any domain deny rule ahead of rule `before` covers an egress `proto` flow to
+    /// `port` (so the names such a flow sends are worth reading).
+    pub fn has_name_denials(&self, proto: Proto, port: u16, before: Option<usize>) -> bool {
+        let limit = before.unwrap_or(self.rules.len()).min(self.rules.len());
+        self.rules[..limit]
+            .iter()
+            .any(|r| r.action == Action::Deny && r.is_domain() && r.covers(Direction::Egress, proto, port))
+    }
+
+    /// Whether an allow rule that is not a domain rule (an address, CIDR, group or `any`), or
+    /// a default of allow, may open egress flows: then any name may lead somewhere allowed
+    /// and is resolved (the answer's addresses are still decided one by one).
+    pub fn resolves_broadly(&self) -> bool {
+        self.default == Action::Allow
+            || self
+                .rules
+                .iter()
+                .any(|r| r.action == Action::Allow && r.direction == Direction::Egress && !r.is_domain())
+    }
+
+    /// Whether a lookup of `name` may go upstream: some allow rule could open a flow it
+    /// resolves to (an address rule, or a domain rule matching it ahead of any domain rule
+    /// denying it). Under an allowlist of domain rules, no other name leaves the sandbox.
+    pub fn may_resolve(&self, name: &DomainName) -> bool {
+        match self.decide_name(name) {
+            Some((Action::Deny, _)) => false,
+            Some((Action::Allow, _)) => true,
+            None => self.resolves_broadly(),
+        }
+    }
+
     /// Decides a DNS lookup by name alone: the first domain rule matching `name`, if any.
     /// `None`: no domain rule names it, so its answers are decided address by address.
     pub fn decide_name(&self, name: &DomainName) -> Option<(Action, usize)> {
@@ -578,7 +642,6 @@ mod tests {
             ("203.0.113.9", "allow 203.0.113.9"),
             ("udp/[2001:db8::/32]:53", "allow udp/[2001:db8::/32]:53"),
             ("[2001:DB8::1]", "allow [2001:db8::1]"),
-            ("in/tcp/any:8000-8100,9000", "allow in/tcp/any:8000-8100,9000"),
             ("out/*.Example.COM.", "allow *.example.com"),
             ("metadata", "allow metadata"),
             ("link-local:80", "allow link-local:80"),
@@ -699,7 +762,8 @@ mod tests {
         assert_eq!(p.decide(&c, &out(Proto::Tcp, "93.184.216.34", 443, &[])).action, Action::Deny, "never resolved");
         assert_eq!(p.decide(&c, &out(Proto::Tcp, "93.184.216.34", 80, &pinned)).action, Action::Deny, "port");
         let below = names(&["a.b.cdn.example.net"]);
-        assert_eq!(p.decide(&c, &out(Proto::Udp, "93.184.216.34", 53, &below)).action, Action::Allow);
+        assert_eq!(p.decide(&c, &out(Proto::Tcp, "93.184.216.34", 53, &below)).action, Action::Allow);
+        assert_eq!(p.decide(&c, &out(Proto::Udp, "93.184.216.34", 53, &below)).action, Action::Deny, "TCP unless udp/");
         let apex = names(&["cdn.example.net"]);
         assert_eq!(p.decide(&c, &out(Proto::Tcp, "93.184.216.34", 443, &apex)).action, Action::Deny, "not the apex");
         let rebound = p.decide(&c, &out(Proto::Tcp, "127.0.0.1", 443, &pinned));
@@ -729,19 +793,26 @@ mod tests {
     }
 
     #[test]
-    fn ingress_rules_are_apart_from_egress_ones() {
-        let p = Policy::new(vec![rule("deny in/tcp/any:22"), rule("allow in/any")], Action::Deny).unwrap();
+    fn ingress_rules_are_refused_and_name_rules_cover_tcp_unless_told() {
+        for r in ["in/tcp/any:22", "in/any"] {
+            let e = Rule::parse(Action::Deny, r).unwrap_err().to_string();
+            assert!(e.contains("in/ rules are not supported"), "{e}");
+        }
+        // N6: a domain rule without a protocol opens TCP only; `udp/` opens UDP.
         let c = Classifier::default();
-        let inbound = |port| Flow {
-            direction: Direction::Ingress,
-            proto: Proto::Tcp,
-            addr: "127.0.0.1".parse().unwrap(),
-            port,
-            names: &[],
-        };
-        assert_eq!(p.decide(&c, &inbound(22)).action, Action::Deny);
-        assert_eq!(p.decide(&c, &inbound(8080)).action, Action::Allow);
-        assert_eq!(p.decide(&c, &out(Proto::Tcp, "8.8.8.8", 22, &[])).action, Action::Deny, "egress: the default");
+        let api = names(&["api.example.com"]);
+        let p = Policy::new(vec![rule("allow api.example.com")], Action::Deny).unwrap();
+        assert_eq!(p.decide(&c, &out(Proto::Tcp, "93.184.216.34", 443, &api)).action, Action::Allow);
+        assert_eq!(p.decide(&c, &out(Proto::Udp, "93.184.216.34", 443, &api)).action, Action::Deny, "QUIC");
+        let p = Policy::new(vec![rule("allow udp/api.example.com:443")], Action::Deny).unwrap();
+        assert_eq!(p.decide(&c, &out(Proto::Udp, "93.184.216.34", 443, &api)).action, Action::Allow);
+        // N8: a claimed name meets the domain deny rules ahead of what allowed the flow.
+        let p = Policy::with_rules(vec![rule("deny *.evil.example"), rule("allow tcp/ok.evil.example")]).unwrap();
+        let www = DomainName::parse("www.evil.example").unwrap();
+        assert_eq!(p.denies_name(Proto::Tcp, 443, &www, Some(2)), Some(0));
+        assert_eq!(p.denies_name(Proto::Tcp, 443, &www, Some(0)), None, "nothing ahead of rule 1");
+        assert!(p.has_name_denials(Proto::Tcp, 443, None));
+        assert!(!p.has_name_denials(Proto::Tcp, 443, Some(0)));
     }
 
     #[test]

@@ -3,16 +3,25 @@
 //! denials a program can read for each (a TLS `access_denied` alert, an HTTP 403 naming the
 //! rule).
 //!
-//! Invariants: the parsers look at most [`MAX_SNIFF`] bytes, never allocate from a length the
-//! guest wrote without checking it against what is there, and answer [`Sniffed::NeedMore`]
-//! until they can decide; a name comes back as a checked [`DomainName`] or not at all. A
-//! ClientHello with several server names, or a request with several `Host` headers, is
-//! [`Sniffed::Ambiguous`] (denied by the caller: which one would the server use?).
+//! Invariants: the parsers look at most [`MAX_HELLO`] bytes of a TLS flow and [`MAX_SNIFF`]
+//! of an HTTP one, never allocate from a length the guest wrote without checking it against
+//! what is there, and answer [`Sniffed::NeedMore`] until they can decide; a name comes back
+//! as a checked [`DomainName`] or not at all. A ClientHello with several server names, or a
+//! request with several `Host` headers, or an absolute-form target (any scheme) naming
+//! another authority, is [`Sniffed::Ambiguous`] (denied by the caller: which one would the
+//! server use?). A ClientHello that carries an encrypted one (ECH, or the older ESNI) is
+//! [`Sniffed::Encrypted`]: the server it names is not the one its outer SNI says. Anything
+//! else — bytes that are not a canonical request line or ClientHello, a ClientHello past
+//! [`MAX_HELLO`] — is [`Sniffed::Other`]: the caller must treat it as unnamed, never as
+//! named by what it could not read.
 
 use crate::policy::DomainName;
 
-/// Most bytes read from a flow before deciding.
+/// Most bytes of an HTTP request head read from a flow before deciding.
 pub const MAX_SNIFF: usize = 16 * 1024;
+/// Most bytes of a TLS ClientHello (its records) read before deciding: Go's bound for a
+/// handshake message, four times BoringSSL's; larger ones are [`Sniffed::Other`].
+pub const MAX_HELLO: usize = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sniffed {
@@ -28,17 +37,18 @@ pub enum Sniffed {
     NeedMore,
     /// Two names, or a name that is not a domain name.
     Ambiguous,
-    /// Neither TLS nor HTTP/1 (or past [`MAX_SNIFF`] without an answer).
+    /// A ClientHello carrying an encrypted one (ECH `0xfe0d`, ESNI `0xffce`).
+    Encrypted,
+    /// Neither TLS nor HTTP/1 (or past [`MAX_HELLO`] / [`MAX_SNIFF`] without an answer).
     Other,
 }
 
 /// Decides what the first bytes of a flow are.
 pub fn sniff(data: &[u8]) -> Sniffed {
-    let data = &data[..data.len().min(MAX_SNIFF)];
     match data.first() {
         None => Sniffed::NeedMore,
-        Some(0x16) => tls(data),
-        Some(b) if b.is_ascii_uppercase() => http(data),
+        Some(0x16) => tls(&data[..data.len().min(MAX_HELLO)]),
+        Some(b) if b.is_ascii_uppercase() => http(&data[..data.len().min(MAX_SNIFF)]),
         Some(_) => Sniffed::Other,
     }
 }
@@ -80,18 +90,28 @@ fn tls(data: &[u8]) -> Sniffed {
         if len == 0 || len > 16 * 1024 + 256 {
             return Sniffed::Other;
         }
+        // Records carry 5 bytes of header per 16 KiB: a hello that cannot fit the bound with
+        // its headers is refused as soon as its declared length is in, not waited for.
+        let too_big = |hs: &[u8]| {
+            let want = 4 + ((hs[1] as usize) << 16 | (hs[2] as usize) << 8 | hs[3] as usize);
+            (want + 5 * want.div_ceil(16 * 1024) > MAX_HELLO, want)
+        };
         let Some(body) = c.take(len) else {
-            return if data.len() >= MAX_SNIFF { Sniffed::Other } else { Sniffed::NeedMore };
+            let partial = [&hs[..], &data[c.at..]].concat();
+            if data.len() >= MAX_HELLO || (partial.len() >= 4 && too_big(&partial).0) {
+                return Sniffed::Other;
+            }
+            return Sniffed::NeedMore;
         };
         hs.extend_from_slice(body);
         if hs.len() >= 4 {
-            let want = 4 + ((hs[1] as usize) << 16 | (hs[2] as usize) << 8 | hs[3] as usize);
+            let (big, want) = too_big(&hs);
+            if big {
+                return Sniffed::Other;
+            }
             if hs.len() >= want {
                 hs.truncate(want);
                 break;
-            }
-            if want > MAX_SNIFF {
-                return Sniffed::Other;
             }
         }
     }
@@ -122,6 +142,9 @@ fn client_hello(hs: &[u8]) -> Option<Sniffed> {
         let kind = e.u16()?;
         let len = e.u16()?;
         let body = e.take(len)?;
+        if kind == 0xfe0d || kind == 0xffce {
+            return Some(Sniffed::Encrypted);
+        }
         if kind != 0 {
             continue; // not server_name
         }
@@ -211,12 +234,15 @@ fn http(data: &[u8]) -> Sniffed {
         (None, _) => return Sniffed::HttpNoHost,
         (Some(_), Some(_)) => return Sniffed::Ambiguous,
     };
-    // An absolute-form target must name the same host.
-    if let Some(rest) = target.strip_prefix("http://") {
-        let authority = rest.split('/').next().unwrap_or("");
-        if !authority.eq_ignore_ascii_case(host) {
+    // An absolute-form target (any scheme: servers route by its authority, RFC 9112 3.2.2)
+    // must name the same host, and carry no userinfo.
+    if let Some((scheme, rest)) = target.split_once("://") {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        if scheme.is_empty() || authority.contains('@') || !authority.eq_ignore_ascii_case(host) {
             return Sniffed::Ambiguous;
         }
+    } else if !target.starts_with('/') && target != "*" {
+        return Sniffed::Ambiguous; // an authority-form (CONNECT) or other target
     }
     let name = strip_port(host);
     DomainName::parse(name).map_or(Sniffed::Ambiguous, Sniffed::Http)
@@ -337,6 +363,42 @@ pub(crate) mod tests {
         assert_eq!(sniff(b"\x00\x01binary"), Sniffed::Other);
         let long = vec![b'G'; MAX_SNIFF + 10];
         assert_eq!(sniff(&long), Sniffed::Other, "undecided within the bound");
+    }
+
+    #[test]
+    fn absolute_form_targets_of_any_scheme_must_agree_with_host() {
+        for req in [
+            &b"GET HTTP://other.example/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n"[..],
+            b"GET https://other.example/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+            b"GET hTtP://other.example/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+            b"GET http://api.example.com@other.example/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+            b"CONNECT other.example:443 HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+        ] {
+            assert_eq!(sniff(req), Sniffed::Ambiguous, "{}", String::from_utf8_lossy(req));
+        }
+        assert_eq!(
+            sniff(b"GET HTTP://API.example.com/x HTTP/1.1\r\nHost: api.example.com\r\n\r\n"),
+            Sniffed::Http(name("api.example.com"))
+        );
+        assert_eq!(sniff(b"OPTIONS * HTTP/1.1\r\nHost: a.example\r\n\r\n"), Sniffed::Http(name("a.example")));
+    }
+
+    /// The review's ClientHellos: one carrying ECH is not decided by its outer name; one
+    /// larger than what servers accept, or than [`MAX_HELLO`], is never a name.
+    #[test]
+    fn encrypted_and_oversized_client_hellos_are_not_names() {
+        let ech =
+            crate::review_tests::hello_with("api.example.com", &[(0xfe0d, vec![0, 0, 1, 0, 1, 7, 0, 0, 0, 0])], 16384);
+        assert_eq!(sniff(&ech), Sniffed::Encrypted);
+        let esni = crate::review_tests::hello_with("api.example.com", &[(0xffce, vec![0; 8])], 16384);
+        assert_eq!(sniff(&esni), Sniffed::Encrypted);
+        // 20,000 bytes of padding: within MAX_HELLO, so it is read whole and named.
+        let big = crate::review_tests::hello_with("other.example", &[(21, vec![0; 20_000])], 16384);
+        assert_eq!(sniff(&big), Sniffed::Tls(name("other.example")));
+        let huge =
+            crate::review_tests::hello_with("other.example", &[(21, vec![0; 40_000]), (22, vec![0; 40_000])], 16384);
+        assert_eq!(sniff(&huge[..MAX_HELLO.min(huge.len())]), Sniffed::Other, "past the bound");
+        assert_eq!(sniff(&huge[..100]), Sniffed::Other, "refused from its declared length");
     }
 
     #[test]

@@ -13,8 +13,14 @@
 //! name (TLS SNI, HTTP `Host`, see [`crate::sniff`]): the name must be one this sandbox
 //! resolved to the flow's address, and the policy must allow it there. Until then nothing is
 //! dialed and none of its bytes leave; a denial is a TLS `access_denied` alert or an HTTP 403
-//! naming the rule. A guest that sends nothing for [`SNIFF_WAIT_MS`] (its server speaks
-//! first) gets its host end opened, and its first bytes are still checked before they go.
+//! naming the rule. Such a flow fails closed: first bytes that name no server the gateway
+//! can read (not a whole ClientHello or canonical HTTP/1 request, an encrypted ClientHello,
+//! one past [`sniff::MAX_HELLO`], nothing within [`NAME_WAIT_MS`]) are denied, never decided
+//! by the address alone; a server-speaks-first protocol cannot be allowed by name.
+//! When the policy has domain *deny* rules ahead of the rule that allows a flow to port 80
+//! or 443, its first bytes are read too, and a server they name that such a rule denies is
+//! denied (whether or not this sandbox resolved it): best effort, since a flow that names
+//! nothing within [`SNIFF_WAIT_MS`] is then decided by its address.
 //! On a plain-HTTP flow so allowed, every later request is framed ([`crate::http1`]) and its
 //! `Host` decided the same way before it goes; a denied one resets the connection.
 //! TCP to port 53 of any address is DNS over TCP, answered here like UDP, never dialed.
@@ -50,7 +56,7 @@ use crate::dns::{self, GuestQuery, Pins, Step};
 use crate::http1::{self, Requests};
 use crate::limit::{self, Bucket, Limits};
 use crate::policy::{Action, Direction, DomainName, Flow, Policy, Proto};
-use crate::sniff::{self, Sniffed, MAX_SNIFF};
+use crate::sniff::{self, Sniffed};
 
 /// Most frames queued each way.
 pub const MAX_FRAMES: usize = 256;
@@ -71,6 +77,8 @@ pub const FLOW_BUFFER: usize = 64 * 1024;
 /// ClientHello or HTTP request to check) before its host end is opened anyway, for protocols
 /// whose server speaks first. The guest's bytes still wait to be checked.
 pub const SNIFF_WAIT_MS: u64 = 1000;
+/// How long a flow only a domain rule allows may take to name its server.
+pub const NAME_WAIT_MS: u64 = 10_000;
 /// How long a flow denied after sniffing may take to read its denial and close.
 pub const DENIED_LINGER_MS: u64 = 5000;
 /// Most UDP flows (guest address and port, destination) at once.
@@ -273,15 +281,26 @@ struct TcpFlow {
 enum FlowKind {
     /// Bytes move both ways.
     Relay,
-    /// Allowed by a domain rule: the guest's bytes wait until its first ones name a server
-    /// (TLS SNI, HTTP `Host`) the policy allows at this address. `dialed`: the host end was
-    /// opened already (the guest sent nothing within [`SNIFF_WAIT_MS`]).
-    Sniff { until_ms: u64, dialed: bool },
+    /// The guest's bytes wait until its first ones name a server (TLS SNI, HTTP `Host`):
+    /// `mode` says what the name decides. `seen`: how many bytes were queued at the last
+    /// look (the flow is looked at again only when more came or its time is up).
+    Sniff { until_ms: u64, seen: usize, mode: SniffMode },
     /// Denied after sniffing: the denial (TLS alert, HTTP 403) is on its way and the socket
     /// closes; nothing is relayed, and it is reset at `until_ms`.
     Denied { until_ms: u64 },
     /// DNS over TCP, answered here: the bytes of a partial message, lookups in flight.
     Dns { buf: Vec<u8>, pending: usize },
+}
+
+/// What a sniffed flow's first bytes decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SniffMode {
+    /// Only a domain rule allows the flow: the name must be read and allowed, or it is
+    /// denied (by [`NAME_WAIT_MS`] at the latest).
+    ByName,
+    /// An address rule allows it, but domain deny rules come first: a name they deny is
+    /// denied; a flow that names nothing within [`SNIFF_WAIT_MS`] goes by its address.
+    DenyCheck,
 }
 
 /// Where a DNS answer goes.
@@ -502,8 +521,7 @@ impl Gateway {
             .flows
             .values()
             .filter_map(|f| match f.kind {
-                FlowKind::Sniff { until_ms, dialed: false } => Some(until_ms),
-                FlowKind::Sniff { until_ms, dialed: true } => Some(until_ms + DENIED_LINGER_MS),
+                FlowKind::Sniff { until_ms, .. } => Some(until_ms),
                 FlowKind::Denied { until_ms } => Some(until_ms),
                 _ => None,
             })
@@ -558,10 +576,18 @@ impl Gateway {
     fn decide_named(&self, dst: SocketAddr, name: &DomainName, now_ms: u64) -> (Action, Audit) {
         let pinned = self.pins.is_pinned(name, dst.ip(), now_ms);
         let names = if pinned { vec![name.clone()] } else { Vec::new() };
-        let (action, mut audit) = self.decide_names(Proto::Tcp, dst, names, now_ms);
+        let (mut action, mut audit) = self.decide_names(Proto::Tcp, dst, names, now_ms);
         audit.names = vec![name.to_string()];
         if !pinned {
             audit.why = format!("{name} was not resolved to {} by this sandbox; {}", dst.ip(), audit.why);
+        }
+        // A name the guest sends can only make a flow stricter: a domain deny rule ahead of
+        // what allowed it holds whether or not this sandbox resolved the name.
+        if action == Action::Allow {
+            if let Some(i) = self.policy.denies_name(Proto::Tcp, dst.port(), name, audit.rule) {
+                (action, audit.action, audit.rule) = (Action::Deny, Action::Deny, Some(i));
+                audit.why = format!("{name} is denied by {}", self.policy.describe(Some(i)));
+            }
         }
         (action, audit)
     }
@@ -682,9 +708,14 @@ impl Gateway {
         }
         audit.action = action;
         // A flow a domain rule allows is decided for good, and audited, once its first bytes
-        // named the server.
+        // named the server; so is one on 80/443 that domain deny rules ahead may still deny.
         let by_name = !dns && audit.rule.is_some_and(|i| self.policy.rules()[i].is_domain());
-        if action == Action::Deny || !by_name {
+        let deny_check = !dns
+            && !by_name
+            && action == Action::Allow
+            && matches!(syn.dst.port(), 80 | 443)
+            && self.policy.has_name_denials(Proto::Tcp, syn.dst.port(), audit.rule);
+        if action == Action::Deny || !(by_name || deny_check) {
             self.push(Event::Audit(audit));
         }
         if action == Action::Deny {
@@ -698,7 +729,9 @@ impl Gateway {
         let kind = if dns {
             FlowKind::Dns { buf: Vec::new(), pending: 0 }
         } else if by_name {
-            FlowKind::Sniff { until_ms: now_ms + SNIFF_WAIT_MS, dialed: false }
+            FlowKind::Sniff { until_ms: now_ms + NAME_WAIT_MS, seen: 0, mode: SniffMode::ByName }
+        } else if deny_check {
+            FlowKind::Sniff { until_ms: now_ms + SNIFF_WAIT_MS, seen: 0, mode: SniffMode::DenyCheck }
         } else {
             FlowKind::Relay
         };
@@ -801,10 +834,10 @@ impl Gateway {
     }
 
     /// A flow waiting for its first bytes: decides it by the server they name, once they
-    /// name one (or cannot), and dials or denies.
+    /// name one (or cannot), and dials or denies (see the module docs).
     fn sniff_flow(&mut self, id: FlowId, now_ms: u64) {
         let Some(f) = self.flows.get(&id) else { return };
-        let FlowKind::Sniff { until_ms, dialed } = f.kind else { return };
+        let FlowKind::Sniff { until_ms, seen, mode } = f.kind else { return };
         let (handle, dst) = (f.handle, f.key.1);
         let sock = self.sockets.get_mut::<tcp::Socket>(handle);
         if matches!(sock.state(), tcp::State::Listen | tcp::State::SynReceived) {
@@ -813,40 +846,54 @@ impl Gateway {
             }
             return;
         }
-        let mut first = vec![0u8; MAX_SNIFF];
-        let n = sock.peek_slice(&mut first).unwrap_or(0);
-        first.truncate(n);
+        let queued = sock.recv_queue();
         let ended = !sock.may_recv();
         let late = now_ms >= until_ms;
-        let (name, what) = match sniff::sniff(&first) {
-            Sniffed::NeedMore if n == 0 && !ended => {
-                if late && !dialed {
-                    // A protocol whose server speaks first: open the host end; the guest's
-                    // bytes, when they come, are still checked before they are sent.
-                    self.flows.get_mut(&id).expect("listed").kind = FlowKind::Sniff { until_ms, dialed: true };
-                    self.push(Event::Dial { flow: id, addr: dst });
-                }
-                return;
-            }
+        // Looked at again only when new bytes came, the guest closed, or time is up.
+        if queued == seen && !ended && !late {
+            return;
+        }
+        let mut first = vec![0u8; queued.min(sniff::MAX_HELLO)];
+        let n = sock.peek_slice(&mut first).unwrap_or(0);
+        first.truncate(n);
+        let verdict = sniff::sniff(&first);
+        let wait = match verdict {
             // Part of a ClientHello or request: the rest gets until the linger is over too.
-            Sniffed::NeedMore if !ended && n > 0 && now_ms < until_ms + DENIED_LINGER_MS => return,
-            Sniffed::NeedMore if !ended && n == 0 && !late => return,
+            Sniffed::NeedMore if n > 0 => !ended && now_ms < until_ms + DENIED_LINGER_MS,
+            Sniffed::NeedMore => !ended && !late,
+            _ => false,
+        };
+        if wait {
+            if let Some(f) = self.flows.get_mut(&id) {
+                f.kind = FlowKind::Sniff { until_ms, seen: queued, mode };
+            }
+            return;
+        }
+        // Unnamed bytes on a flow an address rule allows go by that address, as before any
+        // sniffing (deny rules by name are best effort), unless they stopped short or named
+        // two servers; on a flow only a domain rule allows they are denied.
+        let unnamed_ok = mode == SniffMode::DenyCheck
+            && !(matches!(verdict, Sniffed::NeedMore) && n > 0)
+            && verdict != Sniffed::Ambiguous;
+        let (name, what) = match verdict {
+            Sniffed::Tls(name) | Sniffed::Http(name) => (Some(name), ""),
             Sniffed::NeedMore if n > 0 => {
                 (None, "the first bytes stopped short of a whole TLS ClientHello or HTTP request")
             }
-            Sniffed::NeedMore | Sniffed::Other => (None, ""),
-            Sniffed::Tls(name) | Sniffed::Http(name) => (Some(name), ""),
+            Sniffed::NeedMore => (None, "no bytes naming a server came in time (a protocol whose server speaks first cannot be allowed by name)"),
+            Sniffed::Other => (None, "the first bytes are neither a TLS ClientHello nor a canonical HTTP/1 request, so the server's name cannot be read"),
+            Sniffed::Encrypted => (None, "an encrypted ClientHello (ECH): the server it names cannot be read"),
             Sniffed::TlsNoName => (None, "a TLS ClientHello without a server name"),
             Sniffed::HttpNoHost => (None, "an HTTP request without a Host header"),
-            Sniffed::Ambiguous => (None, "two server names, or one that is not a domain name"),
+            Sniffed::Ambiguous => (None, "two server names, one that is not a domain name, or a request target naming another"),
         };
         let (action, mut audit) = match &name {
             Some(name) => self.decide_named(dst, name, now_ms),
-            None if what.is_empty() => self.decide(Proto::Tcp, dst, now_ms),
+            None if unnamed_ok => self.decide(Proto::Tcp, dst, now_ms),
             None => {
                 let (_, mut audit) = self.decide(Proto::Tcp, dst, now_ms);
                 (audit.action, audit.rule, audit.why) =
-                    (Action::Deny, None, format!("{what}, for a flow only a domain rule allows"));
+                    (Action::Deny, None, format!("{what}, for a flow only a domain rule allows or a name rule checks"));
                 (Action::Deny, audit)
             }
         };
@@ -859,9 +906,7 @@ impl Gateway {
             }
             f.name = name;
             self.push(Event::Audit(audit));
-            if !dialed {
-                self.push(Event::Dial { flow: id, addr: dst });
-            }
+            self.push(Event::Dial { flow: id, addr: dst });
             return;
         }
         // A denial the guest's program can read: TLS gets an alert, HTTP a 403 naming what
@@ -881,9 +926,6 @@ impl Gateway {
             _ => sock.abort(),
         }
         self.push(Event::Audit(audit));
-        if dialed {
-            self.push(Event::Closed { flow: id });
-        }
     }
 
     /// A plain-HTTP flow allowed by its `Host`: forwards what its framer classified, and
@@ -903,13 +945,20 @@ impl Gateway {
             if room == 0 {
                 return;
             }
-            let mut data = vec![0u8; room];
+            // A head is framed whole even past the byte bucket's burst (else a head larger
+            // than the burst would never be seen whole): it goes in one piece, the rest of
+            // the stream no faster than the bucket allows.
+            let mut data = vec![0u8; want];
             let k = sock.peek_slice(&mut data).unwrap_or(0);
             data.truncate(k);
             let Some((req, _)) = f.http.as_mut() else { return };
             let (mut at, mut head, mut bad) = (0, None, None);
-            while at < data.len() {
-                match req.step(&data[at..]) {
+            loop {
+                let end = if req.at_head() { data.len() } else { room.max(at).min(data.len()) };
+                if at >= end {
+                    break;
+                }
+                match req.step(&data[at..end]) {
                     http1::Step::Forward(n) => at += n,
                     http1::Step::Head { len, host } => {
                         head = Some((len, host));
@@ -1158,6 +1207,9 @@ impl Gateway {
         let room = limit::room(&mut self.ingress, want, now_ms);
         let n = sock.send_slice(&bytes[..room]).unwrap_or(0);
         limit::spend(&mut self.ingress, n);
+        if let Some((req, _)) = f.http.as_mut() {
+            req.response(&bytes[..n]); // a websocket Upgrade waits on the server's status
+        }
         n
     }
 

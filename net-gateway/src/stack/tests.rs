@@ -251,30 +251,21 @@ fn a_flow_a_domain_rule_allows_must_name_an_allowed_server_it_resolved() {
 }
 
 #[test]
-fn a_silent_flow_is_dialed_after_the_wait_and_its_first_bytes_still_checked() {
+fn a_flow_only_a_domain_rule_allows_is_never_dialed_before_it_names_its_server() {
     let mut n = Net::new(Policy::parse("allow tcp/api.example.com\ndefault deny\n").unwrap());
     resolve(&mut n, "api.example.com.", &[[93, 184, 216, 34]], IpEndpoint::new(IpAddress::v4(1, 1, 1, 1), 53));
     let ip = IpAddress::v4(93, 184, 216, 34);
-    let ssh = n.guest.connect(ip, 22, 45000);
+    let silent = n.guest.connect(ip, 22, 45000);
     let fronted = n.guest.connect(ip, 443, 45001);
-    n.run((SNIFF_WAIT_MS / 10) as usize - 10);
-    assert!(n.dials().is_empty());
-    n.run(20);
-    assert_eq!(n.dials().len(), 2, "the server may speak first: both are dialed");
-    let flow_to = |port: u16| n.dials().into_iter().find(|d| d.1.port() == port).unwrap().0;
-    let (a, b) = (flow_to(22), flow_to(443));
-    n.gw.host_connected(a, 1 << 16);
-    n.gw.host_connected(b, 1 << 16);
-    assert_eq!(n.gw.host_data(a, b"SSH-2.0-host\r\n", n.now), 14);
-    n.run(3);
-    assert_eq!(received(&mut n, ssh), b"SSH-2.0-host\r\n");
-    send(&mut n, ssh, b"SSH-2.0-guest\r\n");
+    n.run((SNIFF_WAIT_MS / 10) as usize + 10);
+    assert!(n.dials().is_empty(), "a server that speaks first is no name: nothing is dialed");
     send(&mut n, fronted, &crate::sniff::tests::hello(&["other.example"], None));
     n.run(5);
-    assert_eq!(n.sent(a), b"SSH-2.0-guest\r\n", "not TLS or HTTP: the pinned address is what the rule allows");
-    assert!(n.sent(b).is_empty(), "the fronted ClientHello never reached the host");
-    assert!(n.events.contains(&Event::Closed { flow: b }), "its host socket is dropped");
     assert_eq!(received(&mut n, fronted), crate::sniff::tls_access_denied());
+    n.run((NAME_WAIT_MS / 10) as usize);
+    assert!(n.dials().is_empty(), "the silent flow was never dialed");
+    let s = n.guest.sockets.get::<tcp::Socket>(silent);
+    assert!(!s.is_active() || !s.may_send(), "the silent flow is ended: {:?}", s.state());
 }
 
 #[test]
@@ -625,7 +616,7 @@ fn a_partial_client_hello_waits_for_its_rest_then_is_denied_if_it_stalls() {
     n.run(3);
     send(&mut n, slow, &hello[..20]);
     send(&mut n, stalled, &hello[..20]);
-    n.run((SNIFF_WAIT_MS / 10) as usize + 50); // past the wait: a slow client's rest may come
+    n.run((NAME_WAIT_MS / 10) as usize + 50); // past the wait: a slow client's rest may come
     assert!(n.dials().is_empty());
     send(&mut n, slow, &hello[20..]);
     n.run(5);
@@ -724,4 +715,170 @@ fn the_new_flow_rate_is_the_sandboxs_own() {
     }
     // Two seconds: the burst of 5 plus 10 a second.
     assert!((20..=26).contains(&dials), "{dials} dials");
+}
+
+// ---- regressions of the 2026-12 review (net findings N1, N4, N6, N8, N15) ----
+
+/// Connects from `port` to `ip:dport`, sends `bytes`, lets the gateway decide; if it dialed,
+/// the host side connects and what reached the host is returned.
+fn review_try(n: &mut Net, ip: IpAddress, dport: u16, port: u16, bytes: &[u8]) -> Option<Vec<u8>> {
+    let before: Vec<FlowId> = n.dials().iter().map(|d| d.0).collect();
+    let h = n.guest.connect(ip, dport, port);
+    n.run(3);
+    send(n, h, bytes);
+    n.run(20);
+    let new: Vec<FlowId> = n.dials().iter().map(|d| d.0).filter(|f| !before.contains(f)).collect();
+    let flow = *new.first()?;
+    n.gw.host_connected(flow, 1 << 16);
+    n.run(20);
+    Some(n.sent(flow))
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// N1: on a flow only a domain rule allows, first bytes the sniffer cannot read as a named
+/// server are denied, never decided by the pinned address: a ClientHello past what is read,
+/// a leading CRLF, two spaces in the request line, the HTTP/2 preface. A 20 KB ClientHello
+/// (within what servers take) is read whole and decided by its name.
+#[test]
+fn first_bytes_the_sniffer_cannot_read_never_pass_a_domain_only_flow() {
+    let mut n = Net::new(Policy::parse("allow tcp/api.example.com:80,443\ndefault deny\n").unwrap());
+    resolve(&mut n, "api.example.com.", &[[93, 184, 216, 34]], IpEndpoint::new(IpAddress::v4(1, 1, 1, 1), 53));
+    let ip = IpAddress::v4(93, 184, 216, 34);
+    let hello = crate::review_tests::hello_with;
+    let cases: Vec<(&str, u16, Vec<u8>)> = vec![
+        (
+            "a ClientHello for other.example padded past 16 KiB",
+            443,
+            hello("other.example", &[(21, vec![0; 20_000])], 16384),
+        ),
+        (
+            "a ClientHello for other.example of 16,382 bytes",
+            443,
+            hello("other.example", &[(21, vec![0; 16_382 - 69])], 16384),
+        ),
+        (
+            "a ClientHello past 64 KiB",
+            443,
+            hello("api.example.com", &[(21, vec![0; 40_000]), (22, vec![0; 40_000])], 16384),
+        ),
+        (
+            "an encrypted ClientHello under an allowed outer name",
+            443,
+            hello("api.example.com", &[(0xfe0d, vec![0; 10])], 16384),
+        ),
+        ("a leading CRLF", 80, b"\r\nGET / HTTP/1.1\r\nHost: other.example\r\n\r\n".to_vec()),
+        ("two spaces after the method", 80, b"GET  / HTTP/1.1\r\nHost: other.example\r\n\r\n".to_vec()),
+        ("the HTTP/2 prior-knowledge preface", 80, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec()),
+        (
+            "an https:// absolute-form target",
+            80,
+            b"GET https://other.example/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n".to_vec(),
+        ),
+    ];
+    let mut leaked = vec![];
+    for (i, (what, port, bytes)) in cases.iter().enumerate() {
+        if let Some(sent) = review_try(&mut n, ip, *port, 47000 + i as u16, bytes) {
+            leaked.push(format!("{what}: dialed, {} of {} bytes reached the host", sent.len(), bytes.len()));
+        }
+    }
+    assert!(leaked.is_empty(), "{leaked:#?}");
+    // The allowed name in a large ClientHello goes.
+    let big = hello("api.example.com", &[(21, vec![0; 20_000])], 16384);
+    let sent =
+        review_try(&mut n, ip, 443, 47100, &big).expect("a 20 KB ClientHello naming the allowed server is dialed");
+    assert_eq!(sent.len(), big.len());
+}
+
+/// N4a: after an `Upgrade` the server ignored, the next request is still checked.
+#[test]
+fn an_upgrade_the_server_ignored_does_not_end_the_per_request_check() {
+    let mut n = Net::new(Policy::parse("allow tcp/api.example.com:80\ndefault deny\n").unwrap());
+    resolve(&mut n, "api.example.com.", &[[93, 184, 216, 34]], IpEndpoint::new(IpAddress::v4(1, 1, 1, 1), 53));
+    let h = n.guest.connect(IpAddress::v4(93, 184, 216, 34), 80, 48000);
+    n.run(3);
+    send(&mut n, h, b"GET / HTTP/1.1\r\nHost: api.example.com\r\nUpgrade: websocket\r\n\r\n");
+    n.run(5);
+    let (flow, _) = n.dials()[0];
+    n.gw.host_connected(flow, 1 << 16);
+    n.run(3);
+    n.gw.host_data(flow, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", n.now);
+    n.run(3);
+    send(&mut n, h, b"GET /x HTTP/1.1\r\nHost: other.example\r\n\r\n");
+    n.run(5);
+    assert!(!contains(&n.sent(flow), b"other.example"), "the fronted request reached the host");
+    assert!(contains(&n.sent(flow), b"Upgrade: websocket"), "the upgrade request itself went");
+}
+
+/// N4c: a chunk-size line ended by a bare LF cannot smuggle a request past the framer.
+#[test]
+fn a_chunk_extension_ending_in_a_bare_lf_smuggles_nothing() {
+    let mut n = Net::new(Policy::parse("allow tcp/api.example.com:80\ndefault deny\n").unwrap());
+    resolve(&mut n, "api.example.com.", &[[93, 184, 216, 34]], IpEndpoint::new(IpAddress::v4(1, 1, 1, 1), 53));
+    let smuggled = b"0\r\n\r\nGET /x HTTP/1.1\r\nHost: other.example\r\n\r\n";
+    let mut wire = b"POST / HTTP/1.1\r\nHost: api.example.com\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    wire.extend(format!("{:x};x\n", smuggled.len()).bytes());
+    wire.extend(vec![b'A'; smuggled.len()]);
+    wire.extend(b"\r\n");
+    wire.extend(smuggled);
+    wire.extend(b"\r\n0\r\n\r\n");
+    let sent = review_try(&mut n, IpAddress::v4(93, 184, 216, 34), 80, 48100, &wire).unwrap_or_default();
+    assert!(!contains(&sent, b"Host: other.example"), "smuggled past the framer: {}", String::from_utf8_lossy(&sent));
+}
+
+/// N6: `allow api.example.com` (no protocol) opens no UDP to the pinned address.
+#[test]
+fn a_domain_rule_without_udp_opens_no_udp() {
+    let mut n = Net::new(Policy::parse("allow api.example.com\ndefault deny\n").unwrap());
+    resolve(&mut n, "api.example.com.", &[[93, 184, 216, 34]], IpEndpoint::new(IpAddress::v4(1, 1, 1, 1), 53));
+    let h = udp_socket(&mut n, 5100);
+    let dst = IpEndpoint::new(IpAddress::v4(93, 184, 216, 34), 443);
+    n.guest.sockets.get_mut::<udp::Socket>(h).send_slice(b"QUIC Initial naming other.example", dst).unwrap();
+    n.run(3);
+    let opened = n.events.iter().filter(|e| matches!(e, Event::UdpOpen { .. })).count();
+    assert_eq!(opened, 0, "a UDP flow was opened with no name check");
+}
+
+/// N8: `--deny '*.evil.example'` before the default `allow public` holds against a flow that
+/// names the denied server through an alias this sandbox resolved, on TLS and plain HTTP;
+/// a flow naming another server still goes.
+#[test]
+fn a_domain_deny_rule_holds_against_a_flow_naming_that_domain() {
+    let mut n = Net::new(
+        Policy::with_rules(vec![crate::policy::Rule::parse(Action::Deny, "*.evil.example").unwrap()]).unwrap(),
+    );
+    resolve(&mut n, "alias.attacker.example.", &[[93, 184, 216, 34]], IpEndpoint::new(IpAddress::v4(1, 1, 1, 1), 53));
+    let ip = IpAddress::v4(93, 184, 216, 34);
+    let hello = crate::sniff::tests::hello(&["www.evil.example"], None);
+    assert_eq!(review_try(&mut n, ip, 443, 48200, &hello), None, "a ClientHello naming www.evil.example was dialed");
+    let get = b"GET / HTTP/1.1\r\nHost: www.evil.example\r\n\r\n";
+    assert_eq!(review_try(&mut n, ip, 80, 48201, get), None, "a request naming www.evil.example was dialed");
+    let fine = crate::sniff::tests::hello(&["alias.attacker.example"], None);
+    assert_eq!(review_try(&mut n, ip, 443, 48202, &fine).map(|s| s.len()), Some(fine.len()));
+    // A later request on an allowed plain-HTTP flow naming the denied server is reset.
+    let first =
+        b"GET / HTTP/1.1\r\nHost: alias.attacker.example\r\n\r\nGET / HTTP/1.1\r\nHost: www.evil.example\r\n\r\n";
+    let sent = review_try(&mut n, ip, 80, 48203, first).unwrap();
+    assert!(!contains(&sent, b"www.evil.example"), "{}", String::from_utf8_lossy(&sent));
+}
+
+/// N15: a request head larger than the egress bucket's burst is framed whole and goes,
+/// instead of stalling the flow for good.
+#[test]
+fn a_head_larger_than_the_rate_burst_still_goes() {
+    let mut n = Net::new(Policy::parse("allow tcp/api.example.com:80\ndefault deny\n").unwrap());
+    let now = n.now;
+    n.gw.set_limits(Limits { egress_bytes_per_sec: Some(4000), ..Limits::default() }, now);
+    resolve(&mut n, "api.example.com.", &[[93, 184, 216, 34]], IpEndpoint::new(IpAddress::v4(1, 1, 1, 1), 53));
+    let head = format!("GET / HTTP/1.1\r\nHost: api.example.com\r\nX-Big: {}\r\n\r\n", "x".repeat(3000));
+    let h = n.guest.connect(IpAddress::v4(93, 184, 216, 34), 80, 48300);
+    n.run(3);
+    send(&mut n, h, head.as_bytes());
+    n.run(50);
+    let (flow, _) = n.dials()[0];
+    n.gw.host_connected(flow, 1 << 16);
+    n.run(300);
+    assert_eq!(n.sent(flow).len(), head.len(), "the whole head reached the host");
 }
