@@ -85,6 +85,12 @@ pub const DENIED_LINGER_MS: u64 = 5000;
 pub const MAX_UDP_FLOWS: usize = 256;
 /// A UDP flow with no datagram either way this long is closed.
 pub const UDP_IDLE_MS: u64 = 60 * 1000;
+/// Upstream DNS lookups a sandbox may start per second, sustained, and at once.
+pub const DNS_PER_SEC: u64 = 50;
+pub const DNS_BURST: u64 = 100;
+/// Datagrams the guest may send a published UDP port's peer for each datagram the peer sent
+/// (a NAT's response window): the guest cannot keep writing to a peer that went silent.
+pub const UDP_PEER_WINDOW: u32 = 64;
 /// Most DNS-over-TCP queries one connection may have waiting for upstream.
 pub const MAX_DNS_PER_FLOW: usize = 8;
 const DNS_PORT: u16 = 53;
@@ -330,6 +336,8 @@ struct PendingLookup {
     query: GuestQuery,
     upstream_id: u16,
     reply: Reply,
+    /// Where the guest sent the query (for the audit record).
+    dest: SocketAddr,
 }
 
 struct UdpFlow {
@@ -338,6 +346,8 @@ struct UdpFlow {
     last_ms: u64,
     /// A host peer of a published port (the egress policy does not apply to it).
     inbound: bool,
+    /// For a peer: guest datagrams left before the peer sends again ([`UDP_PEER_WINDOW`]).
+    window: u32,
 }
 
 /// A SYN a guest frame carries, parsed.
@@ -366,6 +376,8 @@ pub struct Gateway {
     limits: Limits,
     /// New flows (TCP and UDP share it).
     new_flows: Bucket,
+    /// Upstream DNS lookups ([`DNS_PER_SEC`], burst [`DNS_BURST`]).
+    lookups_rate: Bucket,
     /// Bytes towards the host and towards the guest, where limited.
     egress: Option<Bucket>,
     ingress: Option<Bucket>,
@@ -420,6 +432,7 @@ impl Gateway {
             next_inbound: *INBOUND_PORTS.start(),
             limits: Limits::default(),
             new_flows: Bucket::new(u64::from(SYN_PER_SEC), u64::from(SYN_BURST), now_ms),
+            lookups_rate: Bucket::new(DNS_PER_SEC, DNS_BURST, now_ms),
             egress: None,
             ingress: None,
             rng: seed | 1,
@@ -653,9 +666,16 @@ impl Gateway {
             _ => return Inspect::Other,
         };
         let ours = src == IpAddr::V4(self.cfg.guest_v4) || src == IpAddr::V6(self.cfg.guest_v6);
-        // Link-local and unspecified sources are what IPv6 neighbour discovery uses.
-        let nd = matches!(src, IpAddr::V6(a) if a.is_unspecified() || (a.segments()[0] & 0xffc0) == 0xfe80);
+        // Link-local and unspecified sources are what IPv6 neighbour discovery uses: allowed
+        // for ICMPv6 only.
+        let nd = matches!(src, IpAddr::V6(a) if a.is_unspecified() || (a.segments()[0] & 0xffc0) == 0xfe80)
+            && proto == IpProtocol::Icmpv6;
         if !ours && !nd {
+            return Inspect::Spoofed;
+        }
+        // An IPv6 extension header first (Hop-by-Hop, routing, fragments, …) would let
+        // smoltcp reach a TCP or UDP header this check never saw: such packets are dropped.
+        if src.is_ipv6() && !matches!(proto, IpProtocol::Tcp | IpProtocol::Udp | IpProtocol::Icmpv6) {
             return Inspect::Spoofed;
         }
         if proto == IpProtocol::Udp {
@@ -746,7 +766,16 @@ impl Gateway {
     fn on_udp(&mut self, src: SocketAddr, dst: SocketAddr, payload: Vec<u8>, now_ms: u64) -> bool {
         if let Some(&id) = self.udp_by_key.get(&(src, dst)) {
             if let Some(f) = self.udp.get_mut(&id) {
-                f.last_ms = now_ms;
+                if f.inbound {
+                    // A published port's peer: only its own datagrams keep the flow, and the
+                    // guest may answer each with a bounded number.
+                    if f.window == 0 {
+                        return true; // dropped, as a NAT past its window would
+                    }
+                    f.window -= 1;
+                } else {
+                    f.last_ms = now_ms;
+                }
             }
             if limit::admit(&mut self.egress, payload.len(), now_ms) {
                 self.push(Event::UdpSend { flow: id, bytes: payload });
@@ -774,7 +803,7 @@ impl Gateway {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.udp.insert(id, UdpFlow { key: (src, dst), last_ms: now_ms, inbound: false });
+        self.udp.insert(id, UdpFlow { key: (src, dst), last_ms: now_ms, inbound: false, window: 0 });
         self.udp_by_key.insert((src, dst), id);
         self.push(Event::UdpOpen { flow: id, addr: dst });
         if limit::admit(&mut self.egress, payload.len(), now_ms) {
@@ -799,6 +828,9 @@ impl Gateway {
         use smoltcp::wire::EthernetRepr;
         let Some(f) = self.udp.get_mut(&flow) else { return false };
         f.last_ms = now_ms;
+        if f.inbound {
+            f.window = UDP_PEER_WINDOW;
+        }
         let (guest, remote) = f.key;
         if self.dev.tx.len() >= MAX_FRAMES || !limit::admit(&mut self.ingress, payload.len(), now_ms) {
             return false;
@@ -1170,7 +1202,7 @@ impl Gateway {
         self.push(Event::Audit(audit));
         let id = self.next_id;
         self.next_id += 1;
-        self.udp.insert(id, UdpFlow { key: (guest, local), last_ms: now_ms, inbound: true });
+        self.udp.insert(id, UdpFlow { key: (guest, local), last_ms: now_ms, inbound: true, window: 0 });
         self.udp_by_key.insert((guest, local), id);
         Some(id)
     }
@@ -1241,6 +1273,25 @@ impl Gateway {
             Some(a) => {
                 let (bytes, f) =
                     dns::answer(&p.query, a, p.upstream_id, &self.policy, &self.classifier, &mut self.pins, now_ms);
+                // Every lookup is audited, allowed ones included (the stream aggregates
+                // repeats, see the actor).
+                let audit = Audit {
+                    at_ms: now_ms,
+                    proto: Proto::Udp,
+                    dest: p.dest,
+                    names: vec![p.query.name.to_string()],
+                    action: Action::Allow,
+                    group: self.classifier.classify(p.dest.ip()),
+                    why: format!(
+                        "DNS {} lookup: {}, {} address(es) kept, {} removed",
+                        p.query.qtype,
+                        f.code,
+                        f.kept.len(),
+                        f.removed.len()
+                    ),
+                    rule: None,
+                };
+                self.push(Event::Audit(audit));
                 for ip in f.removed {
                     let audit = Audit {
                         at_ms: now_ms,
@@ -1435,6 +1486,23 @@ impl Gateway {
                     self.send_dns(reply, &q.servfail());
                     return;
                 }
+                let ok = self.lookups_rate.take_one(now_ms);
+                self.lookups_rate.settle();
+                if !ok {
+                    self.send_dns(reply, &q.servfail());
+                    let audit = Audit {
+                        at_ms: now_ms,
+                        proto: if matches!(reply, Reply::Tcp(_)) { Proto::Tcp } else { Proto::Udp },
+                        dest,
+                        names: vec![q.name.to_string()],
+                        action: Action::Deny,
+                        group: self.classifier.classify(dest.ip()),
+                        why: format!("more than {DNS_PER_SEC} DNS lookups a second"),
+                        rule: None,
+                    };
+                    self.push(Event::Audit(audit));
+                    return;
+                }
                 let lookup = self.next_id;
                 self.next_id += 1;
                 self.rng ^= self.rng << 13;
@@ -1442,7 +1510,7 @@ impl Gateway {
                 self.rng ^= self.rng << 17;
                 let upstream_id = self.rng as u16;
                 let bytes = q.upstream(upstream_id);
-                self.lookups.insert(lookup, PendingLookup { query: q, upstream_id, reply });
+                self.lookups.insert(lookup, PendingLookup { query: q, upstream_id, reply, dest });
                 self.push(Event::Resolve { lookup, upstream_id, bytes });
             }
         }

@@ -882,3 +882,105 @@ fn a_head_larger_than_the_rate_burst_still_goes() {
     n.run(300);
     assert_eq!(n.sent(flow).len(), head.len(), "the whole head reached the host");
 }
+
+/// N14: a published UDP port's peer flow lives on the peer's datagrams, not the guest's:
+/// the guest writing to a silent peer neither keeps it open nor sends past its window.
+#[test]
+fn a_published_udp_peer_flow_idles_out_when_the_peer_is_silent() {
+    let mut n = Net::new(Policy::default());
+    let h = udp_socket(&mut n, 5353);
+    let flow = n.gw.inbound_udp(5353, n.now).unwrap();
+    assert!(n.gw.udp_reply(flow, b"one query", n.now));
+    n.run(3);
+    let (_, meta) = n.guest.sockets.get_mut::<udp::Socket>(h).recv().map(|(d, m)| (d.to_vec(), m)).unwrap();
+    for _ in 0..6 {
+        n.guest.sockets.get_mut::<udp::Socket>(h).send_slice(b"to the host peer", meta.endpoint).unwrap();
+        n.run(3000);
+    }
+    assert!(n.events.contains(&Event::Closed { flow }), "the silent peer's flow is closed");
+    // The window: at most UDP_PEER_WINDOW guest datagrams per peer datagram.
+    let flow = n.gw.inbound_udp(5353, n.now).unwrap();
+    assert!(n.gw.udp_reply(flow, b"again", n.now));
+    n.run(3);
+    let (_, meta) = n.guest.sockets.get_mut::<udp::Socket>(h).recv().map(|(d, m)| (d.to_vec(), m)).unwrap();
+    let before = n.events.len();
+    for _ in 0..(UDP_PEER_WINDOW + 20) {
+        n.guest.sockets.get_mut::<udp::Socket>(h).send_slice(b"x", meta.endpoint).unwrap();
+        n.run(1);
+    }
+    let sends = n.events[before..].iter().filter(|e| matches!(e, Event::UdpSend { flow: f, .. } if *f == flow)).count();
+    assert_eq!(sends, UDP_PEER_WINDOW as usize);
+}
+
+/// N16: a TCP SYN from a link-local IPv6 source, or behind an IPv6 extension header, never
+/// reaches smoltcp.
+#[test]
+fn link_local_sources_and_extension_headers_are_dropped_for_tcp_and_udp() {
+    let cfg = NetConfig::default();
+    let mut gw = Gateway::new(cfg, Policy::default(), Classifier::default(), 1, 0);
+    // An IPv6 SYN: Ethernet, IPv6 (next header TCP), TCP.
+    let v6_syn = |src: std::net::Ipv6Addr, next: u8| {
+        let mut f = vec![0u8; 14 + 40 + 20];
+        f[12..14].copy_from_slice(&[0x86, 0xdd]);
+        f[14] = 0x60;
+        f[14 + 4..14 + 6].copy_from_slice(&20u16.to_be_bytes());
+        f[14 + 6] = next;
+        f[14 + 7] = 64;
+        f[14 + 8..14 + 24].copy_from_slice(&src.octets());
+        f[14 + 24..14 + 40].copy_from_slice(&"2606:4700::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        let t = 14 + 40;
+        f[t..t + 2].copy_from_slice(&1000u16.to_be_bytes());
+        f[t + 2..t + 4].copy_from_slice(&443u16.to_be_bytes());
+        f[t + 12] = 5 << 4;
+        f[t + 13] = 0x02; // SYN
+        f
+    };
+    assert!(gw.guest_frame(v6_syn("fe80::1".parse().unwrap(), 6), 0));
+    assert!(gw.guest_frame(v6_syn(cfg.guest_v6, 0), 0)); // Hop-by-Hop first
+    gw.poll(10);
+    assert_eq!(gw.spoofed, 2);
+    assert!(gw.take_events().is_empty(), "no decision, no dial");
+}
+
+/// N11: DNS lookups are rate-limited per sandbox; past the burst, SERVFAIL without a lookup.
+#[test]
+fn dns_lookups_are_rate_limited() {
+    let mut n = Net::new(Policy::default());
+    let meta = || vec![udp::PacketMetadata::EMPTY; 256];
+    let mut s = udp::Socket::new(
+        udp::PacketBuffer::new(meta(), vec![0; 65536]),
+        udp::PacketBuffer::new(meta(), vec![0; 65536]),
+    );
+    s.bind(5400).unwrap();
+    let h = n.guest.sockets.add(s);
+    let resolver = IpEndpoint::new(IpAddress::v4(1, 1, 1, 1), 53);
+    for i in 0..(DNS_BURST + 50) {
+        let mut q = Message::new();
+        q.set_id(i as u16).set_message_type(MessageType::Query).set_op_code(OpCode::Query).set_recursion_desired(true);
+        q.add_query(Query::query(Name::from_ascii(format!("n{i}.example.com.")).unwrap(), RecordType::A));
+        n.guest.sockets.get_mut::<udp::Socket>(h).send_slice(&q.to_vec().unwrap(), resolver).unwrap();
+        if i % 32 == 31 {
+            n.run(1);
+            // Answer what went upstream so the in-flight bound is not what stops them.
+            let pending: Vec<(u64, Vec<u8>)> = n
+                .events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Resolve { lookup, bytes, .. } => Some((*lookup, bytes.clone())),
+                    _ => None,
+                })
+                .collect();
+            for (lookup, bytes) in pending {
+                let reply = response_for(&bytes, ResponseCode::NoError, vec![]);
+                n.gw.dns_reply(lookup, Some(&reply), n.now);
+            }
+        }
+    }
+    n.run(3);
+    let lookups = n.events.iter().filter(|e| matches!(e, Event::Resolve { .. })).count() as u64;
+    assert!(lookups <= DNS_BURST + 2, "{lookups} lookups went upstream at once");
+    let limited = n.audits().iter().filter(|a| a.why.contains("DNS lookups a second")).count();
+    assert!(limited > 0, "the refusals are audited");
+    let audited = n.audits().iter().filter(|a| a.why.starts_with("DNS A lookup")).count();
+    assert!(audited > 0, "allowed lookups are audited too");
+}
