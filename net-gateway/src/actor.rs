@@ -16,8 +16,10 @@
 //!   reads again. Frames towards the guest go only against the shell's credit
 //!   ([`NET_FRAME_WINDOW`]); the core's own queue bounds the rest.
 //! - The audit stream is one JSON line per decision, appended to a file of at most
-//!   [`AUDIT_CAP`] bytes; past it records are counted as dropped, and the count is written
-//!   once as a last record.
+//!   [`AUDIT_CAP`] bytes, rotated (one old generation, `NAME.1`) rather than silenced past
+//!   it; a denial repeated within a second is written once and then as one record with a
+//!   `repeated` count, so a flood of free denials cannot push out the rest; audits the core
+//!   dropped are written as a count.
 //! - A UDP flow's task holds one host socket connected to the flow's destination; at most
 //!   [`UDP_QUEUE`] datagrams wait each way (more are dropped, as a congested link would).
 //! - A published UDP port is one host socket; each host peer that sends to it is a UDP flow
@@ -96,6 +98,15 @@ pub enum GatewayMsg {
         flow: FlowId,
         peer: SocketAddr,
     },
+    /// A UDP flow's host socket is connected, to `peer` (as the kernel reports it): `go`
+    /// says whether a datagram may go.
+    UdpConnected {
+        flow: FlowId,
+        peer: SocketAddr,
+        go: oneshot::Sender<bool>,
+    },
+    /// The host's addresses changed (netlink said so).
+    HostChanged,
     /// A flow's host connection failed to open, or broke.
     Failed {
         flow: FlowId,
@@ -210,17 +221,42 @@ impl Drop for HostFlow {
     }
 }
 
-/// The audit stream's file, bounded.
+/// The audit stream's file, bounded and never silenced: denials repeated within one second
+/// (same protocol, destination address, rule and reason) are written once, then once more
+/// with a `repeated` count when the second is over; at [`AUDIT_CAP`] bytes the file is
+/// rotated to `NAME.1` (one old generation kept), so the newest records are always there.
 struct AuditLog {
     sandbox: String,
+    path: Option<PathBuf>,
     file: Option<std::fs::File>,
     written: u64,
-    dropped: u64,
+    /// The second (on the core's clock) being aggregated, and its repeated denials.
+    second: u64,
+    repeats: HashMap<(&'static str, IpAddr, Option<usize>, String), (u64, crate::stack::Audit)>,
+    /// Audits the core dropped for a full event queue, as last reported.
+    core_dropped: u64,
 }
+
+/// Most distinct denials aggregated per second (past it, records are written one by one).
+const MAX_REPEAT_KEYS: usize = 1024;
 
 impl AuditLog {
     fn open(sandbox: String, path: Option<&PathBuf>) -> Self {
-        let file = path.and_then(|p| {
+        let mut log = AuditLog {
+            sandbox,
+            path: path.cloned(),
+            file: None,
+            written: 0,
+            second: 0,
+            repeats: HashMap::new(),
+            core_dropped: 0,
+        };
+        log.reopen();
+        log
+    }
+
+    fn reopen(&mut self) {
+        self.file = self.path.as_ref().and_then(|p| {
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -228,27 +264,70 @@ impl AuditLog {
                 .map_err(|e| tracing::warn!(path = %p.display(), "cannot open the network audit stream: {e}"))
                 .ok()
         });
-        let written = file.as_ref().and_then(|f| f.metadata().ok()).map_or(0, |m| m.len());
-        AuditLog { sandbox, file, written, dropped: 0 }
+        self.written = self.file.as_ref().and_then(|f| f.metadata().ok()).map_or(0, |m| m.len());
+    }
+
+    fn write(&mut self, line: &str) {
+        if self.written + line.len() as u64 > AUDIT_CAP {
+            if let Some(p) = &self.path {
+                let mut old = p.clone().into_os_string();
+                old.push(".1");
+                let _ = std::fs::rename(p, old);
+            }
+            self.reopen();
+        }
+        let Some(f) = &mut self.file else { return };
+        if f.write_all(line.as_bytes()).is_ok() {
+            self.written += line.len() as u64;
+        }
     }
 
     fn record(&mut self, audit: &crate::stack::Audit) {
         tracing::debug!(action = audit.action.name(), dest = %audit.dest, why = %audit.why, "network decision");
-        let Some(f) = &mut self.file else { return };
-        let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-        let line = audit.json_line(&self.sandbox, &time) + "\n";
-        // Room is kept for the one record that says how many were dropped.
-        if self.written + line.len() as u64 + 256 > AUDIT_CAP {
-            if self.dropped == 0 {
-                let note = serde_json::json!({"sandbox": self.sandbox, "audit": "full", "cap_bytes": AUDIT_CAP});
-                let _ = writeln!(f, "{note}");
-                self.written += 256;
-            }
-            self.dropped += 1;
+        if self.file.is_none() {
             return;
         }
-        if f.write_all(line.as_bytes()).is_ok() {
-            self.written += line.len() as u64;
+        self.tick(audit.at_ms);
+        if audit.action == crate::policy::Action::Deny {
+            let key = (audit.proto.name(), audit.dest.ip(), audit.rule, audit.why.clone());
+            if let Some((n, _)) = self.repeats.get_mut(&key) {
+                *n += 1;
+                return;
+            }
+            if self.repeats.len() < MAX_REPEAT_KEYS {
+                self.repeats.insert(key, (0, audit.clone()));
+            }
+        }
+        let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        let line = audit.json_line(&self.sandbox, &time) + "\n";
+        self.write(&line);
+    }
+
+    /// Time passed to `now_ms` (the core's clock): the last second's repeats are written.
+    fn tick(&mut self, now_ms: u64) {
+        let second = now_ms / 1000;
+        if second == self.second {
+            return;
+        }
+        self.second = second;
+        let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        for (_, (n, a)) in std::mem::take(&mut self.repeats) {
+            if n == 0 {
+                continue;
+            }
+            let mut v: serde_json::Value = serde_json::from_str(&a.json_line(&self.sandbox, &time)).unwrap_or_default();
+            v["repeated"] = serde_json::json!(n);
+            self.write(&format!("{v}\n"));
+        }
+    }
+
+    /// The core's count of audits it dropped (a full event queue): written when it grows.
+    fn core_dropped(&mut self, n: u64) {
+        if n > self.core_dropped && self.file.is_some() {
+            let note =
+                serde_json::json!({"sandbox": self.sandbox, "audit": "dropped", "records": n - self.core_dropped});
+            self.write(&format!("{note}\n"));
+            self.core_dropped = n;
         }
     }
 }
@@ -275,6 +354,8 @@ pub struct GatewayState {
     /// Host peers of published UDP ports (published socket's address, peer) and their
     /// flows; an entry lives exactly as long as its flow, so the core's UDP table bounds it.
     peers: HashMap<(SocketAddr, SocketAddr), FlowId>,
+    /// Set to stop the thread that watches the host's addresses ([`watch_host`]).
+    host_watch: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A published port's accept (or receive) loop.
@@ -299,6 +380,8 @@ impl GatewayState {
         for ev in self.core.take_events() {
             self.on_event(ev);
         }
+        self.audit.tick(now);
+        self.audit.core_dropped(self.core.audits_dropped);
         self.flush();
         let Some(delay) = self.core.poll_delay(now) else { return };
         let due = now + delay.max(1);
@@ -500,6 +583,13 @@ async fn udp_task(flow: FlowId, addr: SocketAddr, me: ActorRef<GatewayMsg>, mut 
             return;
         }
     };
+    // The dial point: the address the kernel connected to is decided again before a
+    // datagram goes (0.0.0.0 reads back as 127.0.0.1).
+    let Ok(peer) = sock.peer_addr() else { return };
+    let (go, verdict) = oneshot::channel();
+    if me.cast(GatewayMsg::UdpConnected { flow, peer, go }).is_err() || verdict.await != Ok(true) {
+        return;
+    }
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(UDP_QUEUE));
     let mut permit = None;
     let mut buf = vec![0u8; UDP_MAX];
@@ -560,18 +650,72 @@ pub fn host_resolver() -> Option<SocketAddr> {
     })
 }
 
-/// Every address of the host's own interfaces (the `host` group).
-pub fn host_addresses() -> Vec<IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
-    addrs
-        .filter_map(|a| {
-            let sa = a.address?;
-            if let Some(v4) = sa.as_sockaddr_in() {
-                return Some(IpAddr::V4(v4.ip()));
+/// The classifier for the host as it is now: every address of its interfaces (`host`) and
+/// the networks its other-than-loopback interfaces are on (`host-lan`; prefixes shorter than
+/// /8 or, for IPv6, /32 are ignored: no LAN is that wide).
+pub fn host_view() -> Classifier {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Classifier::default() };
+    let (mut host, mut lans) = (Vec::new(), Vec::new());
+    for a in addrs {
+        let Some(sa) = a.address else { continue };
+        let (ip, prefix) = if let Some(v4) = sa.as_sockaddr_in() {
+            let p = a.netmask.and_then(|m| m.as_sockaddr_in().map(|m| u32::from(m.ip()).count_ones() as u8));
+            (IpAddr::V4(v4.ip()), p.filter(|p| *p >= 8))
+        } else if let Some(v6) = sa.as_sockaddr_in6() {
+            let p = a.netmask.and_then(|m| m.as_sockaddr_in6().map(|m| u128::from(m.ip()).count_ones() as u8));
+            (IpAddr::V6(v6.ip()), p.filter(|p| *p >= 32))
+        } else {
+            continue;
+        };
+        host.push(ip);
+        if a.flags.contains(nix::net::if_::InterfaceFlags::IFF_LOOPBACK) {
+            continue;
+        }
+        if let Some(net) = prefix.and_then(|p| ipnet::IpNet::new(ip, p).ok()) {
+            lans.push(net);
+        }
+    }
+    Classifier::with_lans(host, lans)
+}
+
+/// Watches the host's addresses (rtnetlink `RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR`) on a
+/// thread of its own: any change tells the actor, which reads [`host_view`] again. The
+/// thread looks at `stop` at least once a second. Without netlink (a kernel or sandbox
+/// that refuses it) the dial point's fresh look is what remains.
+fn watch_host(me: ActorRef<GatewayMsg>, stop: Arc<std::sync::atomic::AtomicBool>) {
+    use nix::sys::socket::{
+        bind, recv, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = match socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkRoute) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!("no netlink: the host's addresses are read again at each dial only: {e}");
+            return;
+        }
+    };
+    if bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0x10 | 0x100)).is_err()
+        || setsockopt(&fd, sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(1, 0)).is_err()
+    {
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("msb-net-hostwatch".into()).spawn(move || {
+        let mut buf = vec![0u8; 16 * 1024];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            // The content does not matter, only that something changed.
+            if recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).is_ok_and(|n| n > 0) {
+                // Changes come in bursts (an address and its routes): let them settle.
+                std::thread::sleep(Duration::from_millis(50));
+                while recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).is_ok_and(|n| n > 0) {}
+                if me.cast(GatewayMsg::HostChanged).is_err() {
+                    return;
+                }
             }
-            sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-        })
-        .collect()
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot watch the host's addresses: {e}");
+    }
 }
 
 /// Starts the loop of a published port (bound already) for guest port `guest`: accepting
@@ -630,13 +774,14 @@ impl Actor for NetGateway {
     type Arguments = GatewayArgs;
 
     async fn pre_start(&self, me: ActorRef<GatewayMsg>, a: GatewayArgs) -> Result<GatewayState, ActorProcessingErr> {
-        let classifier = Classifier::new(host_addresses());
-        let mut core = Gateway::new(a.net, a.policy, classifier, a.seed, 0);
+        let mut core = Gateway::new(a.net, a.policy, host_view(), a.seed, 0);
         core.set_limits(a.limits, 0);
         let mut listeners = Vec::new();
         for (l, guest_port) in a.published {
             listeners.push(listen(&me, l, guest_port)?);
         }
+        let host_watch = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        watch_host(me.clone(), host_watch.clone());
         Ok(GatewayState {
             me,
             core,
@@ -651,6 +796,7 @@ impl Actor for NetGateway {
             refused: 0,
             listeners,
             peers: HashMap::new(),
+            host_watch,
         })
     }
 
@@ -658,6 +804,7 @@ impl Actor for NetGateway {
         for l in &st.listeners {
             l.task.abort();
         }
+        st.host_watch.store(true, std::sync::atomic::Ordering::Relaxed);
         st.flows.clear();
         Ok(())
     }
@@ -733,7 +880,10 @@ impl Actor for NetGateway {
                     st.timer = None;
                 }
             }
+            GatewayMsg::HostChanged => st.core.set_classifier(host_view(), now),
             GatewayMsg::Connected { flow, peer } => {
+                // The host as it is now: an address it took since the last look is `host`.
+                st.core.set_classifier(host_view(), now);
                 if st.core.dial_point(flow, peer, now) {
                     st.core.host_connected(flow, FLOW_BUFFER);
                 } else {
@@ -743,6 +893,14 @@ impl Actor for NetGateway {
             GatewayMsg::Failed { flow } => {
                 st.core.host_failed(flow);
                 st.flows.remove(&flow);
+            }
+            GatewayMsg::UdpConnected { flow, peer, go } => {
+                st.core.set_classifier(host_view(), now);
+                let ok = st.core.udp_dial_point(flow, peer, now);
+                let _ = go.send(ok);
+                if !ok {
+                    st.flows.remove(&flow);
+                }
             }
             GatewayMsg::UdpData { flow, bytes, permit } => {
                 st.core.udp_reply(flow, &bytes, now);

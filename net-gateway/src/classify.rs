@@ -15,8 +15,11 @@
 //!   /64, /96), 6to4 `2002::/16`, and Teredo `2001::/32` (server and client). Where a form
 //!   carries several candidates, the strictest group among them wins ([`Group::strictest`]).
 //! - `metadata` and `loopback` are decided first; then the host's own addresses (every
-//!   address of its interfaces, given at construction) are `host`, whatever range they are
-//!   in; then the rest of the table.
+//!   address of its interfaces, given at construction and replaced whenever they change,
+//!   see the actor) are `host`, whatever range they are in; then the rest of the table; and
+//!   an address the table calls `public` that lies in a network one of the host's
+//!   interfaces is on (its LAN, IPv4 or IPv6) is `host-lan`.
+//! - As a destination, `0.0.0.0` and `::` are `loopback` (Linux delivers them there).
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -36,6 +39,9 @@ pub enum Group {
     Metadata,
     /// An address of one of the host's own interfaces.
     Host,
+    /// A neighbour of the host: a public address inside a network one of the host's
+    /// interfaces is on (a public IPv4 LAN, the host's IPv6 /64).
+    HostLan,
     /// 224/4, ff00::/8.
     Multicast,
     /// The rest of the IANA special-purpose registries: 0/8, 192.0.0/24, the documentation
@@ -44,13 +50,14 @@ pub enum Group {
 }
 
 impl Group {
-    pub const ALL: [Group; 8] = [
+    pub const ALL: [Group; 9] = [
         Group::Public,
         Group::Private,
         Group::Loopback,
         Group::LinkLocal,
         Group::Metadata,
         Group::Host,
+        Group::HostLan,
         Group::Multicast,
         Group::Reserved,
     ];
@@ -64,6 +71,7 @@ impl Group {
             Group::LinkLocal => "link-local",
             Group::Metadata => "metadata",
             Group::Host => "host",
+            Group::HostLan => "host-lan",
             Group::Multicast => "multicast",
             Group::Reserved => "reserved",
         }
@@ -81,6 +89,7 @@ impl Group {
             Group::Reserved => 1,
             Group::Multicast => 2,
             Group::Private => 3,
+            Group::HostLan => 3,
             Group::LinkLocal => 4,
             Group::Loopback => 5,
             Group::Host => 6,
@@ -222,16 +231,23 @@ pub fn embedded_v4(ip: Ipv6Addr) -> Vec<Ipv4Addr> {
     out
 }
 
-/// The classifier: the tables plus the host's own addresses.
-#[derive(Debug, Clone, Default)]
+/// The classifier: the tables plus the host's own addresses and networks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Classifier {
     host: HashSet<IpAddr>,
+    lans: Vec<ipnet::IpNet>,
 }
 
 impl Classifier {
     /// `host`: every address of the host's own interfaces.
     pub fn new(host: impl IntoIterator<Item = IpAddr>) -> Self {
-        Classifier { host: host.into_iter().map(canonical).collect() }
+        Classifier { host: host.into_iter().map(canonical).collect(), lans: Vec::new() }
+    }
+
+    /// `host` as for [`Classifier::new`], and `lans`: the networks the host's interfaces
+    /// are on (their public neighbours are `host-lan`).
+    pub fn with_lans(host: impl IntoIterator<Item = IpAddr>, lans: impl IntoIterator<Item = ipnet::IpNet>) -> Self {
+        Classifier { lans: lans.into_iter().map(|n| n.trunc()).collect(), ..Classifier::new(host) }
     }
 
     pub fn classify(&self, ip: IpAddr) -> Group {
@@ -255,6 +271,7 @@ impl Classifier {
                 match table_v6(a) {
                     g @ (Group::Metadata | Group::Loopback) => g,
                     _ if self.host.contains(&IpAddr::V6(a)) => Group::Host,
+                    Group::Public if self.on_lan(IpAddr::V6(a)) => Group::HostLan,
                     g => g,
                 }
             }
@@ -265,8 +282,13 @@ impl Classifier {
         match table_v4(a) {
             g @ (Group::Metadata | Group::Loopback) => g,
             _ if self.host.contains(&IpAddr::V4(a)) => Group::Host,
+            Group::Public if self.on_lan(IpAddr::V4(a)) => Group::HostLan,
             g => g,
         }
+    }
+
+    fn on_lan(&self, ip: IpAddr) -> bool {
+        self.lans.iter().any(|n| n.contains(&ip))
     }
 }
 

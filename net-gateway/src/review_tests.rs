@@ -242,3 +242,49 @@ fn the_unspecified_addresses_are_loopback() {
 fn name(s: &str) -> DomainName {
     DomainName::parse(s).unwrap()
 }
+
+/// N3: the host's neighbours on its own networks are `host-lan` (public addresses only: a
+/// private LAN stays `private`), and the host's own addresses are `host`.
+#[test]
+fn the_hosts_lans_are_their_own_group() {
+    use crate::classify::Group;
+    let c = Classifier::with_lans(
+        ["2606:4700:1::5".parse::<IpAddr>().unwrap(), "192.168.1.7".parse().unwrap(), "198.18.0.1".parse().unwrap()],
+        ["2606:4700:1::5/64".parse().unwrap(), "192.168.1.7/24".parse().unwrap(), "93.184.216.1/24".parse().unwrap()],
+    );
+    let g = |s: &str| c.classify(s.parse::<IpAddr>().unwrap());
+    assert_eq!(g("2606:4700:1::5"), Group::Host);
+    assert_eq!(g("2606:4700:1::1"), Group::HostLan, "the router of the host's /64");
+    assert_eq!(g("2606:4700:2::1"), Group::Public);
+    assert_eq!(g("192.168.1.1"), Group::Private);
+    assert_eq!(g("93.184.216.34"), Group::HostLan, "a public IPv4 LAN");
+    assert_eq!(g("::ffff:93.184.216.34"), Group::HostLan);
+    assert_eq!(Group::parse("host-lan"), Some(Group::HostLan));
+    // The default policy denies it.
+    let f = Flow {
+        direction: Direction::Egress,
+        proto: Proto::Tcp,
+        addr: "2606:4700:1::1".parse().unwrap(),
+        port: 80,
+        names: &[],
+    };
+    assert_eq!(Policy::default().decide(&c, &f).action, Action::Deny);
+}
+
+/// N3: the live host view names every address of this machine's interfaces `host` (or
+/// what the table puts first: loopback, link-local).
+#[test]
+fn the_host_view_knows_this_machines_addresses() {
+    use crate::classify::Group;
+    let c = crate::actor::host_view();
+    for a in nix::ifaddrs::getifaddrs().unwrap() {
+        let Some(sa) = a.address else { continue };
+        let ip = match (sa.as_sockaddr_in(), sa.as_sockaddr_in6()) {
+            (Some(v4), _) => IpAddr::V4(v4.ip()),
+            (_, Some(v6)) => IpAddr::V6(v6.ip()),
+            _ => continue,
+        };
+        let g = c.classify(ip);
+        assert!(matches!(g, Group::Host | Group::Loopback | Group::LinkLocal | Group::Metadata), "{ip} is {g}");
+    }
+}

@@ -458,6 +458,37 @@ impl Gateway {
         &self.policy
     }
 
+    /// Replaces the classifier (the host's addresses and networks changed); flows it now
+    /// denies are reset, as for a policy change.
+    pub fn set_classifier(&mut self, classifier: Classifier, now_ms: u64) {
+        if classifier == self.classifier {
+            return;
+        }
+        self.classifier = classifier;
+        self.set_policy(self.policy.clone(), now_ms);
+    }
+
+    pub fn classifier(&self) -> &Classifier {
+        &self.classifier
+    }
+
+    /// The dial point of UDP `flow`: its host socket is connected to `peer` (what the kernel
+    /// reports, so 0.0.0.0 shows as 127.0.0.1). Decided again as for TCP; a denied flow is
+    /// closed and false returned (the shell drops its socket before a datagram goes).
+    pub fn udp_dial_point(&mut self, flow: FlowId, peer: SocketAddr, now_ms: u64) -> bool {
+        let Some(f) = self.udp.get(&flow) else { return false };
+        let dialed = f.key.1;
+        let (action, mut audit) = self.decide(Proto::Udp, peer, now_ms);
+        if action == Action::Allow && peer == dialed {
+            return true;
+        }
+        audit.action = Action::Deny;
+        audit.why = format!("the dial point: connected to {peer} for {dialed} ({})", audit.why);
+        self.push(Event::Audit(audit));
+        self.close_udp(flow);
+        false
+    }
+
     /// Replaces the policy; flows it now denies are reset.
     pub fn set_policy(&mut self, policy: Policy, now_ms: u64) {
         self.policy = policy;

@@ -148,30 +148,43 @@ async fn an_allowed_flow_reaches_a_host_socket_and_a_denied_one_is_reset_without
     assert!(rx.await.unwrap().is_err(), "a bad policy is refused");
 }
 
+/// N10: a flood of free denials cannot blind the stream: repeats within a second are one
+/// record plus a count, a full file rotates (newest records kept), and an allowed flow after
+/// the flood is still recorded.
 #[tokio::test]
-async fn the_audit_stream_stops_at_its_cap_and_says_so() {
+async fn the_audit_stream_aggregates_repeats_and_rotates_instead_of_going_silent() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("net.jsonl");
     std::fs::write(&path, vec![b'x'; (AUDIT_CAP - 300) as usize]).unwrap();
     let mut log = AuditLog::open("t".into(), Some(&path));
-    let a = crate::stack::Audit {
-        at_ms: 1,
+    let deny = |at_ms: u64, port: u16| crate::stack::Audit {
+        at_ms,
         proto: crate::policy::Proto::Tcp,
-        dest: "10.0.0.1:80".parse().unwrap(),
+        dest: std::net::SocketAddr::new("10.0.0.1".parse().unwrap(), port),
         names: vec![],
         action: Action::Deny,
         group: crate::classify::Group::Private,
         why: "the default (deny)".into(),
         rule: None,
     };
-    for _ in 0..100 {
-        log.record(&a);
+    // 100,000 denials in one second, to every port of one address.
+    for i in 0..100_000u64 {
+        log.record(&deny(1000 + i % 1000, (i % 65535) as u16));
     }
-    let len = std::fs::metadata(&path).unwrap().len();
-    assert!(len <= AUDIT_CAP, "{len}");
-    assert_eq!(log.dropped, 100);
+    let allowed = crate::stack::Audit { action: Action::Allow, why: "rule 1 `allow public`".into(), ..deny(2500, 443) };
+    log.record(&allowed);
+    log.tick(3000);
     let text = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(text.matches("\"audit\":\"full\"").count(), 1, "the cap is recorded once");
+    assert!(text.len() < 4096, "the flood took {} bytes", text.len());
+    assert!(!text.contains("xxx"), "the full file was rotated away");
+    let rotated = std::path::PathBuf::from(format!("{}.1", path.display()));
+    assert!(rotated.exists(), "one old generation kept");
+    assert!(text.contains("\"repeated\":99999"), "{text}");
+    assert!(text.contains("allow public"), "an allowed flow after the flood is recorded: {text}");
+    log.core_dropped(7);
+    log.core_dropped(7);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.matches("\"audit\":\"dropped\"").count(), 1);
 }
 
 #[tokio::test]

@@ -984,3 +984,34 @@ fn dns_lookups_are_rate_limited() {
     let audited = n.audits().iter().filter(|a| a.why.starts_with("DNS A lookup")).count();
     assert!(audited > 0, "allowed lookups are audited too");
 }
+
+/// N3: when the host takes an address a live flow goes to, the flow is reset; N12: a UDP
+/// flow whose socket the kernel connected elsewhere (0.0.0.0 reads back as 127.0.0.1) is
+/// closed at its dial point before a datagram goes.
+#[test]
+fn a_new_host_address_resets_its_flows_and_udp_has_a_dial_point() {
+    let mut n = Net::new(Policy::default());
+    let h = n.guest.connect(IpAddress::v4(93, 184, 216, 34), 80, 43100);
+    n.run(5);
+    let (flow, _) = n.dials()[0];
+    n.gw.host_connected(flow, 1 << 16);
+    n.run(5);
+    assert!(n.guest.sockets.get::<tcp::Socket>(h).may_send());
+    let now = n.now;
+    n.gw.set_classifier(Classifier::new(["93.184.216.34".parse::<IpAddr>().unwrap()]), now);
+    n.run(5);
+    assert!(!n.guest.sockets.get::<tcp::Socket>(h).is_active(), "the flow to the host's new address was reset");
+    // UDP: allowed to a public address, but the kernel connected it to loopback.
+    let u = udp_socket(&mut n, 5600);
+    let dst = IpEndpoint::new(IpAddress::v4(1, 1, 1, 1), 5000);
+    n.guest.sockets.get_mut::<udp::Socket>(u).send_slice(b"x", dst).unwrap();
+    n.run(3);
+    let flow = n.events.iter().find_map(|e| match e {
+        Event::UdpOpen { flow, .. } => Some(*flow),
+        _ => None,
+    });
+    let flow = flow.expect("a UDP flow");
+    let now = n.now;
+    assert!(!n.gw.udp_dial_point(flow, "127.0.0.1:5000".parse().unwrap(), now));
+    assert!(n.events.contains(&Event::Closed { flow }) || n.gw.take_events().contains(&Event::Closed { flow }));
+}
