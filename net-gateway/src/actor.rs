@@ -232,10 +232,14 @@ struct AuditLog {
     written: u64,
     /// The second (on the core's clock) being aggregated, and its repeated denials.
     second: u64,
-    repeats: HashMap<(&'static str, IpAddr, Option<usize>, String), (u64, crate::stack::Audit)>,
+    repeats: HashMap<RepeatKey, (u64, crate::stack::Audit)>,
     /// Audits the core dropped for a full event queue, as last reported.
     core_dropped: u64,
 }
+
+/// What makes two denials "the same" for aggregation: protocol, destination address, rule,
+/// reason.
+type RepeatKey = (&'static str, IpAddr, Option<usize>, String);
 
 /// Most distinct denials aggregated per second (past it, records are written one by one).
 const MAX_REPEAT_KEYS: usize = 1024;
