@@ -6,8 +6,9 @@
 //! guest is parsed before smoltcp sees it: a source that is not the guest's address is
 //! dropped (no spoofing); a TCP SYN to a new destination is decided by [`Policy::decide`]
 //! with the names this sandbox resolved to that address ([`Pins`]), and only an allowed one
-//! gets a socket and a [`Event::Dial`]; a denied one gets no socket, so smoltcp answers RST
-//! at once. Every decision is an [`Event::Audit`].
+//! gets a socket, and a [`Event::Dial`] once the guest's handshake is done (a SYN alone opens
+//! no host connection); a denied one gets no socket, so smoltcp answers RST at once. Every
+//! decision is an [`Event::Audit`].
 //!
 //! A flow that only a domain rule allows is decided for good by the server its first bytes
 //! name (TLS SNI, HTTP `Host`, see [`crate::sniff`]): the name must be one this sandbox
@@ -287,6 +288,9 @@ struct TcpFlow {
 enum FlowKind {
     /// Bytes move both ways.
     Relay,
+    /// Allowed by its address: dialed once the guest's handshake is done (a SYN alone opens
+    /// no host connection); reset at `until_ms` if it never is.
+    Handshake { until_ms: u64 },
     /// The guest's bytes wait until its first ones name a server (TLS SNI, HTTP `Host`):
     /// `mode` says what the name decides. `seen`: how many bytes were queued at the last
     /// look (the flow is looked at again only when more came or its time is up).
@@ -565,7 +569,7 @@ impl Gateway {
             .flows
             .values()
             .filter_map(|f| match f.kind {
-                FlowKind::Sniff { until_ms, .. } => Some(until_ms),
+                FlowKind::Sniff { until_ms, .. } | FlowKind::Handshake { until_ms } => Some(until_ms),
                 FlowKind::Denied { until_ms } => Some(until_ms),
                 _ => None,
             })
@@ -784,12 +788,9 @@ impl Gateway {
         } else if deny_check {
             FlowKind::Sniff { until_ms: now_ms + SNIFF_WAIT_MS, seen: 0, mode: SniffMode::DenyCheck }
         } else {
-            FlowKind::Relay
+            FlowKind::Handshake { until_ms: now_ms + SNIFF_WAIT_MS + DENIED_LINGER_MS }
         };
-        let id = self.add_flow(sock, (syn.src, syn.dst), false, kind, 0, now_ms);
-        if matches!(self.flows[&id].kind, FlowKind::Relay) {
-            self.push(Event::Dial { flow: id, addr: syn.dst });
-        }
+        self.add_flow(sock, (syn.src, syn.dst), false, kind, 0, now_ms);
     }
 
     /// A guest datagram not for DNS: relayed on its flow, or a new flow if the policy allows
@@ -1386,6 +1387,19 @@ impl Gateway {
         for id in ids {
             match self.flows[&id].kind {
                 FlowKind::Sniff { .. } => self.sniff_flow(id, now_ms),
+                FlowKind::Handshake { until_ms } => {
+                    let f = self.flows.get_mut(&id).expect("listed");
+                    let sock = self.sockets.get_mut::<tcp::Socket>(f.handle);
+                    if matches!(sock.state(), tcp::State::Listen | tcp::State::SynReceived) {
+                        if now_ms >= until_ms {
+                            sock.abort(); // the handshake never finished: nothing was dialed
+                        }
+                    } else {
+                        f.kind = FlowKind::Relay;
+                        let addr = f.key.1;
+                        self.push(Event::Dial { flow: id, addr });
+                    }
+                }
                 FlowKind::Dns { .. } => self.dns_flow(id, now_ms),
                 FlowKind::Relay if self.flows[&id].http.is_some() => self.http_flow(id, now_ms),
                 FlowKind::Relay | FlowKind::Denied { .. } => {}
@@ -1429,7 +1443,7 @@ impl Gateway {
                         sock.abort();
                     }
                 }
-                FlowKind::Sniff { .. } | FlowKind::Dns { .. } => {}
+                FlowKind::Sniff { .. } | FlowKind::Handshake { .. } | FlowKind::Dns { .. } => {}
             }
             if now_ms.saturating_sub(f.last_ms) > IDLE_TIMEOUT_MS {
                 sock.abort();
