@@ -34,7 +34,7 @@ pub fn load(msb: &Msb, input: &Path, tag: Option<&str>) -> Result<()> {
 pub fn pull(msb: &Msb, reference: &str, ca_cert: Option<std::path::PathBuf>, insecure: bool) -> Result<()> {
     use std::io::IsTerminal;
     let store = store(msb)?;
-    let opts = msb_images::registry::PullOptions { ca_cert, insecure };
+    let opts = msb_images::registry::PullOptions { ca_cert, insecure, stall: None };
     let rec = if std::io::stderr().is_terminal() {
         let mut bars = Bars::default();
         msb_images::registry::pull(&store, reference, &opts, &mut |ev| bars.show(ev))

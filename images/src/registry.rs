@@ -33,7 +33,18 @@ pub struct PullOptions {
     pub ca_cert: Option<PathBuf>,
     /// Allow plain HTTP to this registry (always allowed for loopback).
     pub insecure: bool,
+    /// How long a pull waits without progress (no byte at all, or less than
+    /// [`MIN_PROGRESS`] bytes over this long) before it gives up; `None`: [`STALL`].
+    pub stall: Option<Duration>,
 }
+
+/// How long a pull waits for the registry without progress, by default.
+pub const STALL: Duration = Duration::from_secs(30);
+/// Fewer bytes than this over a stall period is no progress (a registry that trickles).
+pub const MIN_PROGRESS: u64 = 16 * 1024;
+/// Most bytes one pull downloads, all blobs together (a registry cannot fill the disk with
+/// 128 layers of 16 GiB each).
+pub const MAX_PULL_BYTES: u64 = 32 << 30;
 
 /// A parsed image reference: registry host, repository, tag or digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,9 +85,14 @@ impl Reference {
         crate::store::normalize_reference(s)
     }
 
+    /// Whether the registry is this machine: `localhost`, or a literal loopback address
+    /// (parsed, never a name that merely starts with `127.`).
     fn is_loopback(&self) -> bool {
-        let host = self.registry.rsplit_once(':').map_or(self.registry.as_str(), |(h, _)| h);
-        matches!(host, "localhost" | "127.0.0.1" | "[::1]") || host.starts_with("127.")
+        let host = match self.registry.strip_prefix('[') {
+            Some(rest) => rest.split_once(']').map_or(rest, |(h, _)| h),
+            None => self.registry.rsplit_once(':').map_or(self.registry.as_str(), |(h, _)| h),
+        };
+        host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
     }
 
     fn api_host(&self) -> &str {
@@ -253,6 +269,30 @@ impl Session {
             let realm = params
                 .get("realm")
                 .ok_or_else(|| Error::Image(format!("{url}: a Bearer challenge without a realm")))?;
+            // The realm is the registry's to name, but not anywhere: HTTPS (plain HTTP only
+            // for a plain loopback registry), and the user's credentials go only to a realm
+            // on the registry's own site (its host's last two labels: auth.docker.io for
+            // registry-1.docker.io).
+            let uri: ureq::http::Uri = realm
+                .parse()
+                .map_err(|_| Error::Image(format!("{url}: a Bearer realm {realm:?} that is not a URL")))?;
+            let plain_ok = self.base.starts_with("http://");
+            match uri.scheme_str() {
+                Some("https") => {}
+                Some("http") if plain_ok => {}
+                _ => {
+                    return Err(Error::Image(format!(
+                        "{url}: the registry names a token service {realm:?} that is not HTTPS; refusing to send a request there"
+                    )))
+                }
+            }
+            let site = |h: &str| {
+                let labels: Vec<&str> = h.trim_end_matches('.').rsplit('.').take(2).collect();
+                labels.join(".")
+            };
+            let registry_host =
+                self.base.split("://").nth(1).unwrap_or("").split(['/', ':']).next().unwrap_or("").to_string();
+            let same_site = uri.host().is_some_and(|h| site(h) == site(&registry_host));
             let mut token_url = format!("{realm}?");
             for k in ["service", "scope"] {
                 if let Some(v) = params.get(k) {
@@ -260,7 +300,7 @@ impl Session {
                 }
             }
             let mut req = self.agent.get(token_url.trim_end_matches(['&', '?']));
-            if let Some(b) = &self.basic {
+            if let Some(b) = self.basic.as_ref().filter(|_| same_site) {
                 req = req.header("Authorization", format!("Basic {b}"));
             }
             let resp = req.call().map_err(|e| Error::Image(format!("token service {realm}: {e}")))?;
@@ -337,13 +377,46 @@ struct Counting<R, F> {
     inner: R,
     done: u64,
     report: F,
+    /// What is read, for errors ("blob sha256:…").
+    what: String,
+    stall: Duration,
+    /// Bytes at the start of the current stall window, and when it started.
+    window: (u64, std::time::Instant),
+    /// Most bytes this reader may still return (what is left of [`MAX_PULL_BYTES`]).
+    limit: u64,
 }
 
 impl<R: Read, F: FnMut(u64)> Read for Counting<R, F> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
+        let n = self.inner.read(buf).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("{}: waiting for data from the registry after {} bytes: {e}", self.what, self.done),
+            )
+        })?;
         self.done += n as u64;
+        if self.done > self.limit {
+            return Err(std::io::Error::other(format!(
+                "{}: the image is larger than {MAX_PULL_BYTES} bytes of downloads",
+                self.what
+            )));
+        }
         (self.report)(self.done);
+        let (at_start, since) = self.window;
+        if since.elapsed() >= self.stall {
+            if self.done - at_start < MIN_PROGRESS && n > 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "{}: the registry sent {} bytes in {} s (less than {MIN_PROGRESS}): giving up on a stalled download",
+                        self.what,
+                        self.done - at_start,
+                        self.stall.as_secs()
+                    ),
+                ));
+            }
+            self.window = (self.done, std::time::Instant::now());
+        }
         Ok(n)
     }
 }
@@ -369,6 +442,9 @@ pub fn pull(
         .https_only(!plain_ok)
         .timeout_connect(Some(Duration::from_secs(15)))
         .timeout_recv_response(Some(Duration::from_secs(60)))
+        // A registry that accepts and then sends nothing: no read waits longer than this.
+        .timeout_per_read(Some(opts.stall.unwrap_or(STALL)))
+        .timeout_per_write(Some(opts.stall.unwrap_or(STALL)))
         .max_redirects(5)
         .build()
         .into();
@@ -401,6 +477,7 @@ pub fn pull(
     store.put_document(&top, &top_digest)?;
     let session = std::cell::RefCell::new(s);
     let progress = std::cell::RefCell::new(progress);
+    let pulled = std::cell::Cell::new(0u64);
     let fetch = |st: &Store, d: &Digest| -> Result<()> {
         if st.has_blob(d) {
             return Ok(());
@@ -418,9 +495,22 @@ pub fn pull(
         drop(s);
         let size = resp.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
         (progress.borrow_mut())(PullEvent::Started { digest: d, size });
-        let report = |done| (progress.borrow_mut())(PullEvent::Progress { digest: d, done });
-        let reader = Counting { inner: resp.into_body().into_reader(), done: 0, report };
+        let last = std::cell::Cell::new(0u64);
+        let report = |done| {
+            last.set(done);
+            (progress.borrow_mut())(PullEvent::Progress { digest: d, done })
+        };
+        let reader = Counting {
+            inner: resp.into_body().into_reader(),
+            done: 0,
+            report,
+            what: format!("blob {d}"),
+            stall: opts.stall.unwrap_or(STALL),
+            window: (0, std::time::Instant::now()),
+            limit: MAX_PULL_BYTES.saturating_sub(pulled.get()),
+        };
         st.put_verified(reader, d)?;
+        pulled.set(pulled.get() + last.get());
         (progress.borrow_mut())(PullEvent::Finished { digest: d });
         Ok(())
     };
@@ -430,6 +520,99 @@ pub fn pull(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Finding 14: a reference is checked against the distribution grammar before anything
+    /// is sent, with a reason; FS11: loopback is a parsed address, not a name prefix.
+    #[test]
+    fn references_are_checked_against_the_distribution_grammar() {
+        for good in [
+            "python",
+            "python:3.12-slim",
+            "msb/debian:12",
+            "ghcr.io/org/app_name:v1.0",
+            "localhost:5000/a/b",
+            "registry.example.com:443/a--b/c__d.e:TAG_1",
+            "[::1]:5000/x/y:z",
+            "127.0.0.1:5000/team/app",
+        ] {
+            assert!(Reference::parse(good).is_ok(), "{good}: {:?}", Reference::parse(good).err());
+        }
+        for (bad, why) in [
+            ("Python", "capital letters"),
+            ("ghcr.io/Org/app", "capital letters"),
+            ("a//b", "malformed repository path component"),
+            ("a_/b", "malformed repository path component"),
+            ("a___b", "malformed repository path component"),
+            ("a:.tag", "malformed tag"),
+            ("a:-tag", "malformed tag"),
+            ("ghcr.io/a@sha256:abc", "malformed digest"),
+            ("exa_mple.com/a/b", "malformed registry host"),
+            ("-host.com/a", "must start with a letter or digit"),
+            ("host.com:99999999/a", "malformed registry host"),
+        ] {
+            let e = Reference::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let long = format!("a:{}", "t".repeat(129));
+        assert!(Reference::parse(&long).is_err());
+        for (host, lo) in [
+            ("127.0.0.1:5000", true),
+            ("[::1]:5000", true),
+            ("localhost", true),
+            ("127.example.com", false),
+            ("127.0.0.1.nip.io", false),
+        ] {
+            let r = Reference { registry: host.into(), repository: "a".into(), reference: "latest".into() };
+            assert_eq!(r.is_loopback(), lo, "{host}");
+        }
+    }
+
+    /// Finding 15: a registry that accepts and then says nothing is given up on after the
+    /// stall time, with an error that says what it waited for.
+    #[test]
+    fn a_silent_registry_is_given_up_on() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let held = std::thread::spawn(move || {
+            let mut keep = Vec::new();
+            for s in l.incoming().take(2).flatten() {
+                keep.push(s); // accepted, never answered
+            }
+            std::thread::sleep(Duration::from_secs(10));
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let opts = PullOptions { stall: Some(Duration::from_secs(1)), ..PullOptions::default() };
+        let t0 = std::time::Instant::now();
+        let e = pull(&store, &format!("127.0.0.1:{port}/a/b"), &opts, &mut |_| {}).unwrap_err().to_string();
+        assert!(t0.elapsed() < Duration::from_secs(8), "took {:?}", t0.elapsed());
+        assert!(e.contains(&format!("127.0.0.1:{port}")) && e.to_lowercase().contains("timeout"), "{e}");
+        drop(held);
+    }
+
+    /// Finding 15: a trickle (a byte now and then) is no progress either.
+    #[test]
+    fn a_trickling_download_is_given_up_on() {
+        struct Trickle;
+        impl Read for Trickle {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                std::thread::sleep(Duration::from_millis(20));
+                buf[0] = 0;
+                Ok(1)
+            }
+        }
+        let mut r = Counting {
+            inner: Trickle,
+            done: 0,
+            report: |_| {},
+            what: "blob sha256:abc".into(),
+            stall: Duration::from_millis(300),
+            window: (0, std::time::Instant::now()),
+            limit: u64::MAX,
+        };
+        let e = std::io::copy(&mut r, &mut std::io::sink()).unwrap_err().to_string();
+        assert!(e.starts_with("blob sha256:abc: the registry sent") && e.contains("stalled"), "{e}");
+    }
 
     #[test]
     fn references_follow_dockers_rules() {

@@ -65,14 +65,127 @@ pub fn normalize_reference(r: &str) -> Result<String> {
     if r.is_empty() || r.len() > MAX_REFERENCE {
         return Err(bad(&format!("is not 1..={MAX_REFERENCE} characters")));
     }
-    if !r.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b)) {
+    if !r.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/:@[]".contains(&b)) {
         return Err(bad("has characters other than letters, digits and . _ - / : @"));
     }
     if r.starts_with(['.', '-', '/', ':']) {
         return Err(bad("must start with a letter or digit"));
     }
+    check_grammar(r).map_err(|why| {
+        bad(&format!("{why} (references are [HOST[:PORT]/]path/name[:TAG][@sha256:HEX], e.g. ghcr.io/org/app:1.2)"))
+    })?;
     let last = r.rsplit('/').next().unwrap_or(r);
     Ok(if last.contains(':') || r.contains('@') { r.to_string() } else { format!("{r}:latest") })
+}
+
+/// Checks a reference against the distribution grammar (docker/distribution `reference`):
+/// an optional registry host (a domain, an IPv4 address or a bracketed IPv6 one, with an
+/// optional port), lowercase path components (alphanumeric runs joined by `.`, `_`, `__` or
+/// dashes), an optional tag (`[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`) and an optional digest
+/// (`ALGORITHM:HEX`, at least 32 hex digits). The reason comes back in words.
+fn check_grammar(r: &str) -> std::result::Result<(), String> {
+    let (name_tag, digest) = match r.split_once('@') {
+        Some((a, d)) => (a, Some(d)),
+        None => (r, None),
+    };
+    if let Some(d) = digest {
+        let (alg, hex) = d.split_once(':').ok_or("has a digest that is not ALGORITHM:HEX")?;
+        let alg_ok = !alg.is_empty()
+            && alg
+                .split(['+', '.', '_', '-'])
+                .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+        if !alg_ok || hex.len() < 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("has a malformed digest {d:?}"));
+        }
+    }
+    let (name, tag) = match name_tag.rsplit_once(':') {
+        Some((n, t)) if !t.contains('/') && !t.contains(']') => (n, Some(t)),
+        _ => (name_tag, None),
+    };
+    if let Some(t) = tag {
+        let first_ok = t.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if t.len() > 128 || !first_ok || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) {
+            return Err(format!(
+                "has a malformed tag {t:?} (1 to 128 of letters, digits, _ . -, not starting with . or -)"
+            ));
+        }
+    }
+    if name.len() > 255 {
+        return Err("has a name longer than 255 characters".into());
+    }
+    let mut parts: Vec<&str> = name.split('/').collect();
+    if parts.len() > 1 && (parts[0].contains(['.', ':', '[']) || parts[0] == "localhost") {
+        let host = parts.remove(0);
+        check_host(host)?;
+    }
+    for p in parts {
+        check_path_component(p)?;
+    }
+    Ok(())
+}
+
+fn check_host(host: &str) -> std::result::Result<(), String> {
+    let bad = || format!("has a malformed registry host {host:?}");
+    let (h, port) = if let Some(rest) = host.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']').ok_or_else(bad)?;
+        v6.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?;
+        (None, after.strip_prefix(':'))
+    } else {
+        match host.split_once(':') {
+            Some((h, p)) => (Some(h), Some(p)),
+            None => (Some(host), None),
+        }
+    };
+    if let Some(p) = port {
+        if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+    }
+    if let Some(h) = h {
+        let ok = h.split('.').all(|c| {
+            !c.is_empty()
+                && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !c.starts_with('-')
+                && !c.ends_with('-')
+        });
+        if !ok {
+            return Err(bad());
+        }
+    }
+    Ok(())
+}
+
+fn check_path_component(c: &str) -> std::result::Result<(), String> {
+    if c.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(format!(
+            "has a repository path component {c:?} with capital letters: repository names are lowercase ({:?})",
+            c.to_ascii_lowercase()
+        ));
+    }
+    let bad = || {
+        format!("has a malformed repository path component {c:?} (lowercase letters and digits, joined by one . or _, two _, or dashes)")
+    };
+    let b = c.as_bytes();
+    let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+    if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
+        return Err(bad());
+    }
+    let mut i = 0;
+    while i < b.len() {
+        if alnum(b[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && !alnum(b[i]) {
+            i += 1;
+        }
+        let sep = &c[start..i];
+        if !(sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|x| x == b'-')) {
+            return Err(bad());
+        }
+    }
+    Ok(())
 }
 
 pub struct Store {
