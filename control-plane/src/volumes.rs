@@ -25,7 +25,7 @@ pub fn volumes_dir(home: &Path) -> PathBuf {
 
 /// The directory of volume `name`, which must exist.
 pub fn path_of(home: &Path, name: &str) -> std::result::Result<PathBuf, String> {
-    let n = SandboxName::new(name).map_err(|e| format!("volume name {name:?}: {e}"))?;
+    let n = SandboxName::named(name, "volume").map_err(|e| e.to_string())?;
     let p = volumes_dir(home).join(n.as_str());
     if !p.is_dir() {
         return Err(format!("no volume named {name}: create it with `msb volume create {name}`"));
@@ -35,7 +35,7 @@ pub fn path_of(home: &Path, name: &str) -> std::result::Result<PathBuf, String> 
 
 /// Creates volume `name` (refused if it exists).
 pub fn create(msb: &Msb, name: &str) -> Result<Volume> {
-    let n = SandboxName::new(name)?;
+    let n = SandboxName::named(name, "volume")?;
     let dir = volumes_dir(msb.home());
     std::fs::create_dir_all(&dir).map_err(|e| Error::Config(format!("creating {}: {e}", dir.display())))?;
     let p = dir.join(n.as_str());
@@ -101,8 +101,9 @@ mod tests {
         assert!(v.path.is_dir() && v.path.starts_with(t.path().join("volumes")));
         std::fs::write(v.path.join("kept"), b"x").unwrap();
         assert!(create(&msb, "cache").unwrap_err().to_string().contains("exists already"));
-        for bad in ["../x", "a/b", "", "."] {
-            assert!(create(&msb, bad).is_err(), "{bad:?}");
+        for bad in ["../x", "a/b", "", ".", ".."] {
+            let e = create(&msb, bad).unwrap_err().to_string();
+            assert!(e.contains("invalid volume name"), "{bad:?}: the message speaks of a volume: {e}");
         }
         let mut m = MountSpec::new(&v.path, "/cache", false).unwrap();
         m.volume = Some("cache".into());

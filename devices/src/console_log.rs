@@ -1,6 +1,9 @@
 //! Where the guest's serial console goes: a per-sandbox log file with a size cap, plus a
 //! small in-memory tail for error messages. Never holds more than [`TAIL_BYTES`] +
-//! [`MAX_LINE`] bytes in memory, whatever the guest prints.
+//! [`MAX_LINE`] bytes in memory, whatever the guest prints. The file takes at most
+//! [`FILE_RATE`] bytes a second after a burst of [`FILE_BURST`]: a guest printing without
+//! pause costs the host no more than that in writes, and what is over it is dropped and
+//! counted (a line in the file says how much, once output fits again).
 //!
 //! It also watches complete lines for the kernel's own shutdown messages, so that a guest
 //! that halts (which on x86 without ACPI never exits to the VMM) or panics is reported as
@@ -19,6 +22,10 @@ pub const TAIL_BYTES: usize = 16 * 1024;
 pub const MAX_LINE: usize = 512;
 /// Default cap of the log file.
 pub const DEFAULT_FILE_CAP: u64 = 8 * 1024 * 1024;
+/// Console bytes a second the file takes, sustained.
+pub const FILE_RATE: u64 = 64 * 1024;
+/// Console bytes the file takes at once after a quiet spell (a boot's worth).
+pub const FILE_BURST: u64 = 1024 * 1024;
 
 /// What the guest said about itself on its console.
 #[derive(Debug, Default)]
@@ -51,6 +58,12 @@ pub struct ConsoleLog {
     /// Prefix each line in the file with the host's wall-clock time (RFC 3339, UTC).
     timestamps: bool,
     at_line_start: bool,
+    /// The file's byte bucket: tokens, when it was last filled.
+    tokens: u64,
+    filled: std::time::Instant,
+    /// Bytes dropped by the rate since the last note in the file, and in all.
+    dropped_pending: u64,
+    dropped: u64,
 }
 
 impl ConsoleLog {
@@ -65,7 +78,28 @@ impl ConsoleLog {
             halt_pending: false,
             timestamps: false,
             at_line_start: true,
+            tokens: FILE_BURST,
+            filled: std::time::Instant::now(),
+            dropped_pending: 0,
+            dropped: 0,
         })
+    }
+
+    /// Console bytes the rate kept out of the file so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// How many of `n` bytes the file may take now.
+    fn admit(&mut self, n: usize) -> usize {
+        let ms = self.filled.elapsed().as_millis() as u64;
+        if ms > 0 {
+            self.tokens = (self.tokens + ms * FILE_RATE / 1000).min(FILE_BURST);
+            self.filled = std::time::Instant::now();
+        }
+        let k = (n as u64).min(self.tokens);
+        self.tokens -= k;
+        k as usize
     }
 
     /// Prefixes every line in the file with the time it started arriving
@@ -142,7 +176,21 @@ impl Write for ConsoleLog {
         for &b in buf {
             self.push(b);
         }
-        self.write_file(buf);
+        if self.file.is_some() {
+            let k = self.admit(buf.len());
+            if k > 0 && self.dropped_pending > 0 {
+                let note = format!(
+                    "\n[msb: {} bytes of console output dropped: over {FILE_RATE} bytes a second]\n",
+                    self.dropped_pending
+                );
+                self.write_capped(note.as_bytes());
+                self.dropped_pending = 0;
+            }
+            self.write_file(&buf[..k]);
+            let lost = (buf.len() - k) as u64;
+            self.dropped_pending += lost;
+            self.dropped += lost;
+        }
         Ok(buf.len())
     }
 
@@ -172,6 +220,29 @@ mod tests {
         assert!(String::from_utf8_lossy(&content).contains("size cap"));
         assert_eq!(log.tail().len(), TAIL_BYTES);
         assert!(log.tail().ends_with("last line\n"));
+    }
+
+    /// Finding 16: a guest printing without pause is held to the file's rate: what is over
+    /// it is dropped, counted, and said in the file once output fits again.
+    #[test]
+    fn a_console_flood_is_rate_limited_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("console.log");
+        let mut log = ConsoleLog::new(Some(&p), 64 << 20).unwrap();
+        let t0 = std::time::Instant::now();
+        for _ in 0..(4 << 20) / 4096 {
+            log.write_all(&[b'x'; 4096]).unwrap();
+        }
+        let elapsed_ms = t0.elapsed().as_millis() as u64;
+        let allowed = FILE_BURST + (elapsed_ms + 1) * FILE_RATE / 1000;
+        assert!(log.dropped() >= (4 << 20) - allowed, "dropped {}", log.dropped());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        log.write_all(b"after the flood\n").unwrap();
+        let content = std::fs::read_to_string(&p).unwrap();
+        assert!(content.len() as u64 <= allowed + 4096, "the file took {} bytes", content.len());
+        assert!(content.contains("bytes of console output dropped"), "the drop is said");
+        assert!(content.ends_with("after the flood\n"));
+        assert!(log.tail().ends_with("after the flood\n"), "the tail sees everything");
     }
 
     #[test]

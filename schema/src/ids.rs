@@ -8,8 +8,10 @@ pub const MAX_NAME: usize = 63;
 
 /// Why a name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid sandbox name {name:?}: {why}")]
+#[error("invalid {what} name {name:?}: {why}")]
 pub struct NameError {
+    /// What the name is of, as the user typed it (`sandbox`, `volume`).
+    pub what: &'static str,
     pub name: String,
     pub why: String,
 }
@@ -22,6 +24,12 @@ pub struct SandboxName(String);
 impl SandboxName {
     /// Checks `name`.
     pub fn new(name: &str) -> Result<Self, NameError> {
+        Self::named(name, "sandbox")
+    }
+
+    /// Checks `name`, a name of `what` (a volume's name follows the same rule, and an
+    /// error speaks of what the user named).
+    pub fn named(name: &str, what: &'static str) -> Result<Self, NameError> {
         let why = if name.is_empty() {
             Some("it is empty".to_string())
         } else if name.len() > MAX_NAME {
@@ -33,7 +41,7 @@ impl SandboxName {
             bad.map(|c| format!("{c:?} is not allowed; use letters, digits, '_', '.' and '-'"))
         };
         match why {
-            Some(why) => Err(NameError { name: name.to_string(), why }),
+            Some(why) => Err(NameError { what, name: name.to_string(), why }),
             None => Ok(SandboxName(name.to_string())),
         }
     }
