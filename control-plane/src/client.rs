@@ -5,7 +5,9 @@
 //! Bounds: [`NamedSandbox::exec`] keeps at most
 //! [`MAX_BUFFERED_OUTPUT`] output bytes, as the
 //! in-process API does; every wait on a sandbox process is bounded ([`STOP_ANSWER_GRACE`],
-//! [`KILL_ANSWER_GRACE`], the boot timeout plus a margin).
+//! [`KILL_ANSWER_GRACE`], the boot timeout plus a margin, [`ANSWER_TIMEOUT`] for connecting,
+//! every question and the start of an exec), and an expired wait says what it waited for.
+//! Only an exec's own run time is the command's (bounded by its `timeout` if it has one).
 
 use std::io::{BufRead, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -29,16 +31,24 @@ use crate::{Error, Result};
 #[derive(Debug, Clone)]
 pub struct Msb {
     home: PathBuf,
+    /// How long to wait for a sandbox process's answer ([`ANSWER_TIMEOUT`] unless set).
+    answer_timeout: Duration,
 }
 
 impl Msb {
     /// `$MSB_HOME`, default `~/.msb` (an error when neither is set).
     pub fn from_env() -> Result<Self> {
-        Ok(Msb { home: msb_images::msb_home().map_err(StoreError::Home)? })
+        Ok(Msb::at(msb_images::msb_home().map_err(StoreError::Home)?))
     }
 
     pub fn at(home: impl Into<PathBuf>) -> Self {
-        Msb { home: home.into() }
+        Msb { home: home.into(), answer_timeout: ANSWER_TIMEOUT }
+    }
+
+    /// Waits at most `d` for a sandbox process to accept, answer or start an exec.
+    pub fn answer_timeout(mut self, d: Duration) -> Self {
+        self.answer_timeout = d;
+        self
     }
 
     pub fn home(&self) -> &Path {
@@ -314,7 +324,16 @@ impl NamedSandbox {
     /// consulted (and reconciled) only to explain a failure, not on every exec.
     async fn connect(&self) -> Result<UnixStream> {
         let sock = paths::socket_path(&self.msb.home, &self.name);
-        let err = match UnixStream::connect(&sock).await {
+        let connected = tokio::time::timeout(self.msb.answer_timeout, UnixStream::connect(&sock)).await.map_err(|_| {
+            Error::Wire(format!(
+                "the sandbox process of {} did not accept a connection on {} within {:.0}s; it may be stuck (`msb stop --force {}` ends it)",
+                self.name,
+                sock.display(),
+                self.msb.answer_timeout.as_secs_f32(),
+                self.name
+            ))
+        })?;
+        let err = match connected {
             Ok(s) => {
                 check_peer(&s)?;
                 return Ok(s);
@@ -333,15 +352,36 @@ impl NamedSandbox {
         Err(Error::Wire(format!("connecting to {}: {err}", sock.display())))
     }
 
+    /// Sends `msg` and waits at most [`ANSWER_TIMEOUT`] for the first answer, saying `what`
+    /// it waited for if none comes.
+    async fn ask(
+        &self,
+        msg: &ClientMsg,
+        what: &str,
+    ) -> Result<(Option<ServerMsg>, Reader<tokio::net::unix::OwnedReadHalf>, tokio::net::unix::OwnedWriteHalf)> {
+        let (rd, mut wr) = self.connect().await?.into_split();
+        let late = || {
+            Error::Wire(format!(
+                "the sandbox process of {} did not answer {what} within {:.0}s; it may be stuck (`msb stop --force {}` ends it)",
+                self.name,
+                self.msb.answer_timeout.as_secs_f32(),
+                self.name
+            ))
+        };
+        tokio::time::timeout(self.msb.answer_timeout, wire::send(&mut wr, msg)).await.map_err(|_| late())??;
+        let mut reader = Reader::new(rd);
+        let answer =
+            tokio::time::timeout(self.msb.answer_timeout, reader.next::<ServerMsg>()).await.map_err(|_| late())??;
+        Ok((answer, reader, wr))
+    }
+
     /// Starts a streaming exec. With `stdin`, input stays open for [`RemoteExec::write_stdin`].
     pub async fn exec_stream(&self, spec: ExecSpec, stdin: bool) -> Result<RemoteExec> {
-        let (rd, mut wr) = self.connect().await?.into_split();
         let mut spec = spec;
         let initial = spec.stdin.take();
         let keep_stdin = stdin || initial.is_some();
-        wire::send(&mut wr, &ClientMsg::Exec { spec, keep_stdin }).await?;
-        let mut reader = Reader::new(rd);
-        let id = match reader.next::<ServerMsg>().await? {
+        let (answer, reader, wr) = self.ask(&ClientMsg::Exec { spec, keep_stdin }, "the start of a command").await?;
+        let id = match answer {
             Some(ServerMsg::Started { id }) => id,
             Some(ServerMsg::Event(ExecEvent::Failed(e))) => return Err(e.into()),
             Some(ServerMsg::Refused(why)) => return Err(ExecError::Refused(why).into()),
@@ -456,9 +496,7 @@ impl NamedSandbox {
 
     /// What the sandbox process says about itself.
     pub async fn info(&self) -> Result<Info> {
-        let (rd, mut wr) = self.connect().await?.into_split();
-        wire::send(&mut wr, &ClientMsg::Info).await?;
-        match Reader::new(rd).next::<ServerMsg>().await? {
+        match self.ask(&ClientMsg::Info, "a request for its state").await?.0 {
             Some(ServerMsg::Info(i)) => Ok(i),
             other => Err(Error::Wire(format!("unexpected answer to info: {other:?}"))),
         }
@@ -467,9 +505,7 @@ impl NamedSandbox {
     /// The egress policy in force in the running sandbox, as policy-file text (empty: it has
     /// no network).
     pub async fn live_policy(&self) -> Result<String> {
-        let (rd, mut wr) = self.connect().await?.into_split();
-        wire::send(&mut wr, &ClientMsg::Policy).await?;
-        match Reader::new(rd).next::<ServerMsg>().await? {
+        match self.ask(&ClientMsg::Policy, "a request for its policy").await?.0 {
             Some(ServerMsg::Policy(p)) => Ok(p),
             other => Err(Error::Wire(format!("unexpected answer to a policy query: {other:?}"))),
         }
@@ -489,9 +525,7 @@ impl NamedSandbox {
                 return Err(Error::Config(format!("{} is starting: change its policy once it runs", self.name)))
             }
             s if s.is_live() => {
-                let (rd, mut wr) = self.connect().await?.into_split();
-                wire::send(&mut wr, &ClientMsg::SetPolicy { policy: policy.clone() }).await?;
-                match Reader::new(rd).next::<ServerMsg>().await? {
+                match self.ask(&ClientMsg::SetPolicy { policy: policy.clone() }, "a policy change").await?.0 {
                     Some(ServerMsg::Policy(_)) => true,
                     Some(ServerMsg::Refused(why)) => return Err(Error::Config(format!("the new policy: {why}"))),
                     other => return Err(Error::Wire(format!("unexpected answer to a policy change: {other:?}"))),
@@ -548,15 +582,11 @@ impl NamedSandbox {
             Status::Starting => {
                 return Err(Error::Config(format!("{} is starting: change its ports once it runs", self.name)))
             }
-            s if s.is_live() => {
-                let (rd, mut wr) = self.connect().await?.into_split();
-                wire::send(&mut wr, &live).await?;
-                match Reader::new(rd).next::<ServerMsg>().await? {
-                    Some(ServerMsg::Ports(p)) => p,
-                    Some(ServerMsg::Refused(why)) => return Err(Error::Config(why)),
-                    other => return Err(Error::Wire(format!("unexpected answer to a port change: {other:?}"))),
-                }
-            }
+            s if s.is_live() => match self.ask(&live, "a port change").await?.0 {
+                Some(ServerMsg::Ports(p)) => p,
+                Some(ServerMsg::Refused(why)) => return Err(Error::Config(why)),
+                other => return Err(Error::Wire(format!("unexpected answer to a port change: {other:?}"))),
+            },
             _ => Vec::new(),
         };
         self.msb.reconciled_store()?.set_config(self.name(), &config)?;
@@ -688,6 +718,10 @@ impl RemoteExec {
     }
 }
 
+/// How long a client waits for a sandbox process to accept a connection, answer a question
+/// (info, policy, ports) or start an exec.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long past the graceful timeout a client waits for a sandbox process to report a stop.
 pub const STOP_ANSWER_GRACE: Duration = Duration::from_secs(30);
 /// How long a client waits for a sandbox process to report a kill.
@@ -748,6 +782,35 @@ mod tests {
         });
         assert_eq!(sb.stop(Duration::MAX).await.unwrap(), "shut down on request");
         assert_eq!(server.await.unwrap(), Some(ClientMsg::Stop { graceful_ms: Some(u64::MAX) }));
+    }
+
+    /// A sandbox process that accepts and never answers leaves no command waiting for ever:
+    /// each question gives up after the answer timeout and says what it waited for.
+    #[tokio::test]
+    async fn a_sandbox_process_that_never_answers_is_given_up_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let msb = Msb::at(dir.path()).answer_timeout(Duration::from_millis(300));
+        let sb = msb.create("mute", SandboxConfig::default()).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.claim_start("mute").unwrap();
+        store.mark_running("mute", ProcessId::current().unwrap()).unwrap();
+        std::fs::create_dir_all(sb.dir()).unwrap();
+        let listener = tokio::net::UnixListener::bind(paths::socket_path(dir.path(), &sb.name)).unwrap();
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((c, _)) = listener.accept().await {
+                held.push(c); // accepted, never answered
+            }
+        });
+        let t0 = std::time::Instant::now();
+        let e = sb.info().await.unwrap_err().to_string();
+        assert!(e.contains("did not answer a request for its state"), "{e}");
+        let e = sb.exec(ExecSpec::command(["echo", "hi"])).await.unwrap_err().to_string();
+        assert!(e.contains("did not answer the start of a command"), "{e}");
+        let e = sb.live_policy().await.unwrap_err().to_string();
+        assert!(e.contains("did not answer a request for its policy") && e.contains("msb stop --force mute"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        server.abort();
     }
 
     #[test]

@@ -49,6 +49,11 @@ pub const MAX_LIST: usize = 100_000;
 pub const MAX_LINE: usize = 9 * 1024;
 /// Most entries one copy out of a guest may create.
 pub const MAX_COPY_ENTRIES: u64 = 1_000_000;
+/// How long a copy waits for the sandbox to send (out) or take (in) a byte before it gives
+/// up: a guest that stalls leaves no `msb cp` waiting for ever.
+pub const COPY_STALL: std::time::Duration = std::time::Duration::from_secs(120);
+/// How long a copy in waits, once all is sent, for the guest to finish writing it.
+pub const COPY_FINISH: std::time::Duration = std::time::Duration::from_secs(600);
 /// Most bytes of file data one copy out of a guest may write on the host.
 pub const MAX_COPY_BYTES: u64 = 16 << 30;
 /// Most stderr kept from the guest side, for the error message.
@@ -386,7 +391,12 @@ impl Files<'_> {
     /// Runs a file command that says nothing on success.
     async fn file_op(&self, op: &'static str, shown: &str, args: &[&str]) -> Result<()> {
         let (mut events, _input) = self.file_command(args, false).await?.split();
-        let (end, stderr) = to_end(&mut events).await;
+        let (end, stderr) = tokio::time::timeout(COPY_FINISH, to_end(&mut events)).await.map_err(|_| {
+            Error::Wire(format!(
+                "{op} {shown}: the sandbox did not finish within {}s; it may be stuck",
+                COPY_FINISH.as_secs()
+            ))
+        })?;
         outcome(op, shown, end, &stderr)
     }
 
@@ -396,7 +406,17 @@ impl Files<'_> {
         let (mut line, mut stderr, mut found) = (Vec::new(), Vec::new(), Vec::new());
         let hostile = |why: String| Error::Wire(format!("{op} {path}: the sandbox sent a bad entry: {why}"));
         let end = loop {
-            match ex.next().await {
+            let next = match tokio::time::timeout(COPY_STALL, ex.next()).await {
+                Ok(n) => n,
+                Err(_) => {
+                    let _ = ex.signal(9).await;
+                    return Err(Error::Wire(format!(
+                        "{op} {path}: the sandbox sent nothing for {}s; it may be stuck",
+                        COPY_STALL.as_secs()
+                    )));
+                }
+            };
+            match next {
                 Some(ExecEvent::Stdout(d)) => {
                     for &b in &d {
                         if b != b'\n' {
@@ -522,11 +542,17 @@ impl Files<'_> {
             match chunk {
                 // A refused write means the guest side stopped reading (it failed): its exit
                 // status and stderr say why.
-                Ok(data) => {
-                    if input.write_stdin(&data).await.is_err() {
+                Ok(data) => match tokio::time::timeout(COPY_STALL, input.write_stdin(&data)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        sent = Err(Error::Wire(format!(
+                            "copying into {to}: the sandbox took nothing for {}s; it may be stuck",
+                            COPY_STALL.as_secs()
+                        )));
                         break;
                     }
-                }
+                },
                 Err(e) => {
                     sent = Err(Error::Config(format!("reading {shown}: {e}")));
                     break;
@@ -539,7 +565,16 @@ impl Files<'_> {
         } else {
             let _ = input.signal(9).await;
         }
-        let (end, stderr) = drain.await.map_err(|e| Error::Wire(format!("reading the copy's events: {e}")))?;
+        let (end, stderr) = match tokio::time::timeout(COPY_FINISH, drain).await {
+            Ok(r) => r.map_err(|e| Error::Wire(format!("reading the copy's events: {e}")))?,
+            Err(_) => {
+                sent?;
+                return Err(Error::Wire(format!(
+                    "copying into {to}: the sandbox did not finish writing within {}s of the last byte",
+                    COPY_FINISH.as_secs()
+                )));
+            }
+        };
         sent?;
         let _ = packer.await;
         outcome("copying into", to, end, &stderr)
@@ -558,7 +593,19 @@ impl Files<'_> {
         });
         let mut stderr = Vec::new();
         let end = loop {
-            match ex.next().await {
+            let next = match tokio::time::timeout(COPY_STALL, ex.next()).await {
+                Ok(n) => n,
+                Err(_) => {
+                    let _ = ex.signal(9).await;
+                    drop(tx);
+                    let _ = extractor.await;
+                    return Err(Error::Wire(format!(
+                        "copying {from}: the sandbox sent nothing for {}s; it may be stuck",
+                        COPY_STALL.as_secs()
+                    )));
+                }
+            };
+            match next {
                 Some(ExecEvent::Stdout(d)) => {
                     let tx = tx.clone();
                     // A full channel means the extractor is behind: wait for it off the runtime.
