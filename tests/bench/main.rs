@@ -16,6 +16,10 @@
 //! `msb-bench fs` (hardware KVM, or `tests/rig/run-rig.sh bench-fs`): filesystem workloads
 //! through a shared directory beside the sandbox's writable root (see `fs.rs`).
 //!
+//! `msb-bench boots [N]` (`tests/rig/run-rig.sh bench-boots` in the rig): N boots of msb and
+//! of QEMU `-M microvm` (same kernel and initramfs), alternating in one L1, timed to init and
+//! counted where they never get there: whether lost boots are the rig's or msb's.
+//!
 //! `msb-bench pull [N]` (on the host, no VM): a cold `msb pull` of the default image from a
 //! loopback `docker-registry` into a fresh MSB_HOME, beside `skopeo copy` of it to an OCI
 //! layout, N times each, alternating.
@@ -95,6 +99,7 @@ async fn main() {
         Some("net") => return tokio::task::block_in_place(net::side_by_side),
         Some("fs") => return tokio::task::block_in_place(fs::side_by_side),
         Some("pull") => return pull_side_by_side(args.get(1).and_then(|a| a.parse().ok()).unwrap_or(3)),
+        Some("boots") => return side_by_side(args.get(1).and_then(|a| a.parse().ok()).unwrap_or(20)),
         _ => {}
     }
     let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(5);
@@ -512,13 +517,19 @@ fn side_by_side(n: usize) {
         Err(e) => return println!("comparison not run: {e}"),
     };
     let (mut ours, mut theirs, mut ours_rss, mut theirs_rss) = (vec![], vec![], vec![], vec![]);
+    // Boots that never reached init within 60 s, each VMM's own (alternating in one L1, so a
+    // bad L1 hits both alike: a difference is the VMM's).
+    let (mut ours_lost, mut theirs_lost) = (0usize, 0usize);
     for _ in 0..n {
         // The VMM process: what a sandbox process runs, here on its own (this binary again).
         let mut c = Command::new(std::env::current_exe().unwrap());
         c.arg(VMM_CHILD);
-        if let Some((t, rss)) = time_to_marker(&mut c, "msb-agentd: init", false) {
-            ours.push(ms(t));
-            ours_rss.push(rss as f64 / 1024.0);
+        match time_to_marker(&mut c, "msb-agentd: init", false) {
+            Some((t, rss)) => {
+                ours.push(ms(t));
+                ours_rss.push(rss as f64 / 1024.0);
+            }
+            None => ours_lost += 1,
         }
         let mut q = Command::new(&qemu);
         q.args(["-M", "microvm,x-option-roms=off,rtc=off", "-enable-kvm", "-cpu", "host", "-smp", "1"])
@@ -528,11 +539,16 @@ fn side_by_side(n: usize) {
             .arg("-initrd")
             .arg(&initramfs)
             .args(["-append", "console=ttyS0 reboot=k panic=-1 quiet"]);
-        if let Some((t, rss)) = time_to_marker(&mut q, "msb-agentd: init", true) {
-            theirs.push(ms(t));
-            theirs_rss.push(rss as f64 / 1024.0);
+        match time_to_marker(&mut q, "msb-agentd: init", true) {
+            Some((t, rss)) => {
+                theirs.push(ms(t));
+                theirs_rss.push(rss as f64 / 1024.0);
+            }
+            None => theirs_lost += 1,
         }
     }
+    println!("msb: {ours_lost} of {n} boots never reached init within 60 s");
+    println!("qemu microvm: {theirs_lost} of {n} boots never reached init within 60 s");
     let p50 = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v.get(v.len() / 2).copied()
