@@ -64,6 +64,9 @@ pub struct MountConfig {
     /// The root directory's `(st_dev, st_ino)` when the mount was recorded: a root that is
     /// another directory now is refused ([`BrokerError::Changed`]).
     pub identity: Option<(u64, u64)>,
+    /// Host filesystem bytes the guest never takes (`None`: [`RESERVE_MAX`] or
+    /// [`RESERVE_PERCENT`] of the filesystem, whichever is less).
+    pub reserve: Option<u64>,
 }
 
 impl Default for MountConfig {
@@ -76,6 +79,7 @@ impl Default for MountConfig {
             max_inodes: MAX_INODES,
             max_handles: MAX_HANDLES,
             identity: None,
+            reserve: None,
         }
     }
 }
@@ -185,7 +189,15 @@ pub struct Broker {
     openat2: std::cell::Cell<bool>,
     /// This process's umask, applied to the guest's chmod as to its creations.
     umask: u32,
+    /// The last look at the host filesystem's free space: when, and whether it was under
+    /// the reserve.
+    space: std::cell::Cell<(Option<std::time::Instant>, bool)>,
 }
+
+/// The host filesystem space a mount's guest never takes: [`RESERVE_MAX`] or
+/// [`RESERVE_PERCENT`] of the filesystem, whichever is less.
+pub const RESERVE_MAX: u64 = 2 << 30;
+pub const RESERVE_PERCENT: u64 = 5;
 
 /// Longest xattr name list the kernel returns (`XATTR_LIST_MAX`).
 const XATTR_LIST_MAX: usize = 65_536;
@@ -247,6 +259,7 @@ impl Broker {
             next_fh: 1,
             openat2: std::cell::Cell::new(true),
             umask: process_umask(),
+            space: std::cell::Cell::new((None, false)),
         };
         b.by_key.insert(key_of(&st), ROOT);
         b.inodes.insert(ROOT, Inode { fd, key: key_of(&st), kind: Kind::Dir, lookups: 1 });
@@ -327,6 +340,22 @@ impl Broker {
                 | R::SetXattr { .. }
                 | R::RemoveXattr { .. }
         );
+        // Guest writes stop short of filling the host's filesystem (it may hold the msb
+        // home, the state store, other sandboxes' disks): ENOSPC once what is left falls under
+        // the reserve.
+        let grows = matches!(
+            req,
+            R::Symlink { .. }
+                | R::Mknod { .. }
+                | R::Mkdir { .. }
+                | R::Link { .. }
+                | R::Write { .. }
+                | R::Create { .. }
+                | R::SetXattr { .. }
+        ) || matches!(&req, R::SetAttr(a) if a.size.is_some());
+        if grows && !ro && self.host_full() {
+            return Err(fuse::ENOSPC);
+        }
         if ro && mutating {
             return Err(fuse::EROFS);
         }
@@ -565,6 +594,25 @@ impl Broker {
 
     fn inode(&self, node: u64) -> Res<&Inode> {
         self.inodes.get(&node).ok_or(fuse::ENOENT)
+    }
+
+    /// Whether the host filesystem of the mount has less free space than the reserve
+    /// (looked at most once a second).
+    fn host_full(&self) -> bool {
+        let (at, full) = self.space.get();
+        if at.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return full;
+        }
+        let full = match self.inodes.get(&ROOT).map(|i| rfs::fstatvfs(&i.fd)) {
+            Some(Ok(st)) => {
+                let total = st.f_blocks.saturating_mul(st.f_frsize);
+                let free = st.f_bavail.saturating_mul(st.f_frsize);
+                free < self.cfg.reserve.unwrap_or(RESERVE_MAX.min(total / 100 * RESERVE_PERCENT))
+            }
+            _ => false,
+        };
+        self.space.set((Some(std::time::Instant::now()), full));
+        full
     }
 
     fn dir(&self, node: u64) -> Res<&Inode> {

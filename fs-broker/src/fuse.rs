@@ -131,6 +131,7 @@ pub const ENOTDIR: i32 = 20;
 pub const EISDIR: i32 = 21;
 pub const EINVAL: i32 = 22;
 pub const ENFILE: i32 = 23;
+pub const ENOSPC: i32 = 28;
 pub const EROFS: i32 = 30;
 pub const ERANGE: i32 = 34;
 pub const ENAMETOOLONG: i32 = 36;

@@ -687,3 +687,19 @@ fn a_guest_chmod_is_masked_like_a_creation() {
         assert_eq!(mode & 0o002, 0, "world-writable");
     }
 }
+
+/// FS7: guest writes stop (ENOSPC) before they take the host filesystem's reserve; reads,
+/// removals and renames still work.
+#[test]
+fn writes_stop_at_the_host_filesystems_reserve() {
+    let mut t = T::new(MountConfig { reserve: Some(u64::MAX), ..MountConfig::default() });
+    assert_eq!(t.create(ROOT, "new", 1, 0o644).map(|_| ()), Err(fuse::ENOSPC));
+    assert_eq!(t.mkdir(ROOT, "d", 0o755).map(|_| ()), Err(fuse::ENOSPC));
+    let n = t.lookup(ROOT, "file").unwrap();
+    let fh = t.open(n, 2).unwrap();
+    assert_eq!(t.write(fh, 0, b"more"), Err(fuse::ENOSPC));
+    assert_eq!(t.read(fh, 0, 5).unwrap(), b"hello", "reads still work");
+    assert_eq!(t.call(op::UNLINK, ROOT, &cstr("file")).0, 0, "removing frees space: allowed");
+    let mut t = T::new(MountConfig { reserve: Some(0), ..MountConfig::default() });
+    assert!(t.create(ROOT, "new", 1, 0o644).is_ok());
+}
