@@ -122,7 +122,9 @@ pub struct FileError {
     pub op: &'static str,
     pub path: String,
     pub kind: FileErrorKind,
-    /// The guest's own words (bounded).
+    /// The guest's own words (at most [`MAX_STDERR`] bytes of its stderr): hostile text,
+    /// which may hold terminal escapes; escape it before printing it to a terminal (the CLI
+    /// does).
     pub reason: String,
 }
 
