@@ -733,20 +733,6 @@ fn images_a_load_killed_midway_leaves_no_image() {
     assert_eq!(json(&ok(home.path(), &["images", "--format", "json"]))[0]["reference"], "killed:latest");
 }
 
-/// A zstd frame of raw and RLE blocks (Window_Log 17, so 128 KiB blocks): a few bytes of
-/// blob for each 128 KiB of output.
-fn zstd_blocks(blocks: &[(bool, &[u8], usize)]) -> Vec<u8> {
-    let mut out = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x38];
-    for (i, &(rle, data, n)) in blocks.iter().enumerate() {
-        let last = u32::from(i + 1 == blocks.len());
-        let (kind, size) = if rle { (1u32, n as u32) } else { (0u32, data.len() as u32) };
-        let h = last | (kind << 1) | (size << 3);
-        out.extend_from_slice(&h.to_le_bytes()[..3]);
-        out.extend_from_slice(if rle { &data[..1] } else { data });
-    }
-    out
-}
-
 /// Finding FS3 (review): `msb load` of a hostile image whose one layer (a ~9 KB zstd blob)
 /// names a 256 MiB long name, and of one whose entries are thousands of components deep, is
 /// refused with the reason while the process stays small (it peaked at +768 MiB before).
@@ -754,19 +740,7 @@ fn zstd_blocks(blocks: &[(bool, &[u8], usize)]) -> Vec<u8> {
 fn images_a_hostile_image_that_would_need_gigabytes_to_merge_is_refused_in_bounded_memory() {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
-    let n: usize = 256 << 20;
-    let mut l = tar::Header::new_gnu();
-    l.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
-    l.set_entry_type(tar::EntryType::GNULongName);
-    l.set_size(n as u64);
-    l.set_mode(0o644);
-    l.set_cksum();
-    let mut blocks: Vec<(bool, &[u8], usize)> = vec![(false, l.as_bytes(), 0)];
-    for _ in 0..n / (128 << 10) {
-        blocks.push((true, b"a", 128 << 10));
-    }
-    blocks.push((true, &[0u8], 1024));
-    let long = zstd_blocks(&blocks);
+    let long = msb_images::testkit::zstd_long_name(256 << 20);
     let deep = {
         let mut b = tar::Builder::new(Vec::new());
         let path = format!("{}f", "a/".repeat(2040));

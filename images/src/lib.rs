@@ -19,6 +19,8 @@ pub mod registry;
 pub mod rootfs;
 pub mod store;
 pub mod tarstream;
+#[doc(hidden)]
+pub mod testkit;
 
 pub use artifacts::{agentd, busybox, kernel, Artifact};
 pub use home::{ensure_private, msb_home};

@@ -779,20 +779,6 @@ mod tests {
         ar.entries().unwrap().map(|e| String::from_utf8(e.unwrap().path_bytes().into_owned()).unwrap()).collect()
     }
 
-    /// A zstd frame of raw and RLE blocks (Window_Log 17, so 128 KiB blocks): a few bytes of
-    /// blob for each 128 KiB of output.
-    fn zstd_blocks(blocks: &[(bool, &[u8], usize)]) -> Vec<u8> {
-        let mut out = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x38];
-        for (i, &(rle, data, n)) in blocks.iter().enumerate() {
-            let last = u32::from(i + 1 == blocks.len());
-            let (kind, size) = if rle { (1u32, n as u32) } else { (0u32, data.len() as u32) };
-            let h = last | (kind << 1) | (size << 3);
-            out.extend_from_slice(&h.to_le_bytes()[..3]);
-            out.extend_from_slice(if rle { &data[..1] } else { data });
-        }
-        out
-    }
-
     /// FS3 (review): deep distinct names cost memory and time linear in their length, and
     /// names deeper than MAX_DEPTH are refused: 48 entries of 2,040 components (a 1.2 KB
     /// gzip layer that took +198 MiB and 4.3 s before) are refused at once in little memory.
@@ -846,19 +832,7 @@ mod tests {
     #[test]
     fn a_long_name_is_refused_before_it_is_read() {
         let dir = tempfile::tempdir().unwrap();
-        let n: usize = 256 << 20;
-        let mut l = tar::Header::new_gnu();
-        l.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
-        l.set_entry_type(tar::EntryType::GNULongName);
-        l.set_size(n as u64);
-        l.set_mode(0o644);
-        l.set_cksum();
-        let mut blocks: Vec<(bool, &[u8], usize)> = vec![(false, l.as_bytes(), 0)];
-        for _ in 0..n / (128 << 10) {
-            blocks.push((true, b"a", 128 << 10));
-        }
-        blocks.push((true, &[0u8], 1024));
-        let blob = zstd_blocks(&blocks);
+        let blob = crate::testkit::zstd_long_name(256 << 20);
         let p = dir.path().join("longname");
         std::fs::write(&p, &blob).unwrap();
         let lay = Layer { blob: p, digest: Digest::of(&blob), diff_id: Digest::of(b"unknown") };

@@ -69,8 +69,9 @@ fn frame(data: &[u8]) -> Result<Vec<Sniffed>, &'static str> {
 
 /// N4c: nginx ends a chunk-size line at a bare LF, so the filler would be its chunk and
 /// the smuggled request a request: the framer refuses the line.
-#[test]
-fn a_bare_lf_in_a_chunk_extension_is_refused() {
+/// A chunked POST for api.example.com whose chunk-size line ends in a bare LF: nginx reads
+/// the filler as the chunk and then a request for other.example.
+pub(crate) fn bare_lf_smuggle() -> Vec<u8> {
     let smuggled = b"0\r\n\r\nGET /x HTTP/1.1\r\nHost: other.example\r\n\r\n";
     let mut wire = b"POST / HTTP/1.1\r\nHost: api.example.com\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
     wire.extend(format!("{:x};x\n", smuggled.len()).bytes());
@@ -78,7 +79,12 @@ fn a_bare_lf_in_a_chunk_extension_is_refused() {
     wire.extend(b"\r\n");
     wire.extend(smuggled);
     wire.extend(b"\r\n0\r\n\r\n");
-    let r = frame(&wire);
+    wire
+}
+
+#[test]
+fn a_bare_lf_in_a_chunk_extension_is_refused() {
+    let r = frame(&bare_lf_smuggle());
     assert!(r.is_err(), "framed as one request for api.example.com only: {r:?}");
 }
 

@@ -481,15 +481,23 @@ impl Gateway {
     /// closed and false returned (the shell drops its socket before a datagram goes).
     pub fn udp_dial_point(&mut self, flow: FlowId, peer: SocketAddr, now_ms: u64) -> bool {
         let Some(f) = self.udp.get(&flow) else { return false };
-        let dialed = f.key.1;
-        let (action, mut audit) = self.decide(Proto::Udp, peer, now_ms);
+        let ok = self.dial_decision(Proto::Udp, f.key.1, peer, now_ms);
+        if !ok {
+            self.close_udp(flow);
+        }
+        ok
+    }
+
+    /// Whether a host socket dialed for `dialed` and connected to `peer` may carry the flow
+    /// (decided again, with the names this sandbox resolved to `peer`); a denial is audited.
+    fn dial_decision(&mut self, proto: Proto, dialed: SocketAddr, peer: SocketAddr, now_ms: u64) -> bool {
+        let (action, mut audit) = self.decide(proto, peer, now_ms);
         if action == Action::Allow && peer == dialed {
             return true;
         }
         audit.action = Action::Deny;
         audit.why = format!("the dial point: connected to {peer} for {dialed} ({})", audit.why);
         self.push(Event::Audit(audit));
-        self.close_udp(flow);
         false
     }
 
@@ -594,16 +602,11 @@ impl Gateway {
     /// resets the guest's connection and returns false (the shell drops the host socket).
     pub fn dial_point(&mut self, flow: FlowId, peer: SocketAddr, now_ms: u64) -> bool {
         let Some(f) = self.flows.get(&flow) else { return false };
-        let dialed = f.key.1;
-        let (action, mut audit) = self.decide(Proto::Tcp, peer, now_ms);
-        if action == Action::Allow && peer == dialed {
-            return true;
+        let ok = self.dial_decision(Proto::Tcp, f.key.1, peer, now_ms);
+        if !ok {
+            self.reset(flow);
         }
-        audit.action = Action::Deny;
-        audit.why = format!("the dial point: connected to {peer} for {dialed} ({})", audit.why);
-        self.push(Event::Audit(audit));
-        self.reset(flow);
-        false
+        ok
     }
 
     fn decide(&self, proto: Proto, dst: SocketAddr, now_ms: u64) -> (Action, Audit) {

@@ -820,13 +820,7 @@ fn an_upgrade_the_server_ignored_does_not_end_the_per_request_check() {
 fn a_chunk_extension_ending_in_a_bare_lf_smuggles_nothing() {
     let mut n = Net::new(Policy::parse("allow tcp/api.example.com:80\ndefault deny\n").unwrap());
     resolve(&mut n, "api.example.com.", &[[93, 184, 216, 34]], IpEndpoint::new(IpAddress::v4(1, 1, 1, 1), 53));
-    let smuggled = b"0\r\n\r\nGET /x HTTP/1.1\r\nHost: other.example\r\n\r\n";
-    let mut wire = b"POST / HTTP/1.1\r\nHost: api.example.com\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
-    wire.extend(format!("{:x};x\n", smuggled.len()).bytes());
-    wire.extend(vec![b'A'; smuggled.len()]);
-    wire.extend(b"\r\n");
-    wire.extend(smuggled);
-    wire.extend(b"\r\n0\r\n\r\n");
+    let wire = crate::review_tests::bare_lf_smuggle();
     let sent = review_try(&mut n, IpAddress::v4(93, 184, 216, 34), 80, 48100, &wire).unwrap_or_default();
     assert!(!contains(&sent, b"Host: other.example"), "smuggled past the framer: {}", String::from_utf8_lossy(&sent));
 }
