@@ -201,7 +201,7 @@ impl Requests {
     }
 
     /// The server's bytes on this connection, as they go to the guest: after a websocket
-    /// `Upgrade`, its first [`STATUS_LINE`] bytes decide whether the stream is the server's
+    /// `Upgrade`, its first 12 bytes decide whether the stream is the server's
     /// (`HTTP/1.1 101`) or requests again.
     pub fn response(&mut self, data: &[u8]) {
         if data.is_empty() {
