@@ -231,6 +231,13 @@ pub fn embedded_v4(ip: Ipv6Addr) -> Vec<Ipv4Addr> {
     out
 }
 
+/// The IPv4 address an ISATAP interface ID under a global (2000::/3) prefix names.
+fn isatap_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = ip.segments();
+    (s[0] >> 13 == 1 && s[4] & 0xfdff == 0 && s[5] == 0x5efe)
+        .then(|| Ipv4Addr::from((u128::from(ip) as u32).to_be_bytes()))
+}
+
 /// The classifier: the tables plus the host's own addresses and networks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Classifier {
@@ -268,11 +275,18 @@ impl Classifier {
                 if !carried.is_empty() {
                     return carried.into_iter().map(|v| self.classify_v4(v)).fold(Group::Public, Group::strictest);
                 }
-                match table_v6(a) {
+                let g = match table_v6(a) {
                     g @ (Group::Metadata | Group::Loopback) => g,
                     _ if self.host.contains(&IpAddr::V6(a)) => Group::Host,
                     Group::Public if self.on_lan(IpAddr::V6(a)) => Group::HostLan,
                     g => g,
+                };
+                // An ISATAP interface ID (`…:0:5efe:a.b.c.d`, `…:200:5efe:a.b.c.d`) under a
+                // global prefix reaches that IPv4 address on a host with an ISATAP tunnel:
+                // the stricter of the two decides.
+                match isatap_v4(a) {
+                    Some(v4) => g.strictest(self.classify_v4(v4)),
+                    None => g,
                 }
             }
         }

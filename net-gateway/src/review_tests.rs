@@ -294,3 +294,16 @@ fn the_host_view_knows_this_machines_addresses() {
         assert!(matches!(g, Group::Host | Group::Loopback | Group::LinkLocal | Group::Metadata), "{ip} is {g}");
     }
 }
+
+/// N17: an ISATAP interface ID under a global prefix is classified by the IPv4 address it
+/// names too (the stricter wins).
+#[test]
+fn isatap_interface_ids_are_classified_by_the_ipv4_they_name() {
+    use crate::classify::Group;
+    let c = Classifier::default();
+    let g = |s: &str| c.classify(s.parse::<IpAddr>().unwrap());
+    assert_eq!(g("2606:4700:1:2:0:5efe:10.0.0.1"), Group::Private);
+    assert_eq!(g("2606:4700:1:2:200:5efe:127.0.0.1"), Group::Loopback);
+    assert_eq!(g("2606:4700:1:2:0:5efe:93.184.216.34"), Group::Public);
+    assert_eq!(g("fe80::5efe:93.184.216.34"), Group::LinkLocal, "a link-local prefix stays link-local");
+}
