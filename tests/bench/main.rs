@@ -20,6 +20,10 @@
 //! of QEMU `-M microvm` (same kernel and initramfs), alternating in one L1, timed to init and
 //! counted where they never get there: whether lost boots are the rig's or msb's.
 //!
+//! `msb-bench floods [N] [MiB]` (`run-rig.sh bench-floods`): the same virtio-console flood
+//! through msb's agent channel and through QEMU microvm's virtio-serial, alternating in one
+//! L1, each run counted ok, stalled or died (see `floods.rs`).
+//!
 //! `msb-bench pull [N]` (on the host, no VM): a cold `msb pull` of the default image from a
 //! loopback `docker-registry` into a fresh MSB_HOME, beside `skopeo copy` of it to an OCI
 //! layout, N times each, alternating.
@@ -31,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use msb_actors::Sandbox;
 
+mod floods;
 mod fs;
 mod net;
 
@@ -100,6 +105,10 @@ async fn main() {
         Some("fs") => return tokio::task::block_in_place(fs::side_by_side),
         Some("pull") => return pull_side_by_side(args.get(1).and_then(|a| a.parse().ok()).unwrap_or(3)),
         Some("boots") => return side_by_side(args.get(1).and_then(|a| a.parse().ok()).unwrap_or(20)),
+        Some("floods") => {
+            let n = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(5);
+            return floods::side_by_side(n, args.get(2).and_then(|a| a.parse().ok()).unwrap_or(100)).await;
+        }
         _ => {}
     }
     let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(5);

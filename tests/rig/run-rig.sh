@@ -10,6 +10,7 @@
 #   tests/rig/run-rig.sh demo           msb run -- uname -a, and a failing command
 #   tests/rig/run-rig.sh bench [N]      the boot benchmark
 #   tests/rig/run-rig.sh bench-boots [N] N boots of msb and QEMU microvm alternating, lost ones counted
+#   tests/rig/run-rig.sh bench-floods [N] [MiB]  a virtio-console flood, msb vs QEMU microvm, N runs each
 #   tests/rig/run-rig.sh bench-net      the network benchmark (msb vs QEMU slirp vs passt)
 #   tests/rig/run-rig.sh bench-fs       the shared-directory benchmark (msb vs virtiofsd vs the root)
 #   tests/rig/run-rig.sh run -- CMD...  msb run -- CMD...
@@ -74,6 +75,11 @@ msb run msb/debian:12 -- python3 -c "print(6*7)"'
     job="msb-bench boots ${1:-20}"
     extra="--with-qemu"
     ;;
+  bench-floods)
+    job="msb-bench floods ${1:-5} ${2:-100}"
+    extra="--with-qemu"
+    RIG_TIMEOUT=${RIG_TIMEOUT:-3600}
+    ;;
   bench-net)
     job="$canary"'MSB_BENCH_NET_LIMIT=${MSB_BENCH_NET_LIMIT:-240} msb-bench net'
     extra="--with-qemu"
@@ -89,7 +95,7 @@ msb run msb/debian:12 -- python3 -c "print(6*7)"'
     q=$(printf '%q ' "$@")
     job="msb run -- $q"
     ;;
-  *) echo "run-rig.sh: unknown mode $mode (e2e, demo, bench, bench-boots, bench-net, bench-fs, run)" >&2; exit 2 ;;
+  *) echo "run-rig.sh: unknown mode $mode (e2e, demo, bench, bench-boots, bench-floods, bench-net, bench-fs, run)" >&2; exit 2 ;;
 esac
 rig() {
   python3 "$root/tests/rig/rig.py" --l1-kernel "$home/rig/bzImage" --guest-kernel "$home/kernel/vmlinux" \
