@@ -92,7 +92,9 @@ fn qemu_flood(qemu: &Path, kernel: &Path, init: &Path, dir: &Path, i: usize, byt
     };
     let blocks = bytes / 65536;
     let child = Command::new(qemu)
-        .args(["-M", "microvm,x-option-roms=off,rtc=off", "-enable-kvm", "-cpu", "host", "-smp", "1"])
+        // acpi=off: QEMU names the virtio-mmio devices on the command line (the guest
+        // kernel has no ACPI).
+        .args(["-M", "microvm,x-option-roms=off,rtc=off,acpi=off", "-enable-kvm", "-cpu", "host", "-smp", "1"])
         .args(["-m", &MEMORY_MIB.to_string(), "-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-no-reboot", "-serial", "stdio", "-kernel"])
         .arg(kernel)
