@@ -13,6 +13,9 @@
 //! The host side times everything (first byte to last EOF; first accept to last close).
 //! Memory: the network side's host RSS, idle and under load, as the difference to the same
 //! VMM booted without a network (guest RAM's mapping left out), plus passt's own process.
+//! With `MSB_BENCH_NET_SYNFLOOD=N`, each guest then sends N raw SYNs that never complete
+//! and makes 20 short connections after them: how many host connections the SYNs opened and
+//! whether the network still carries new ones, for each network side by side.
 //! Prints figures and msb's ratios to each peer; passes or fails nothing.
 
 use std::io::{BufRead, Read, Write};
@@ -35,6 +38,12 @@ pub const VMM_CHILD: &str = "--net-vmm-child";
 const BULK1_PORT: u16 = 5001;
 const BULK4_PORT: u16 = 5004;
 const CONNS_PORT: u16 = 5002;
+/// Where a SYN flood goes (a sink that counts what the network dialed), and the short
+/// connections after it (the network still carries new ones).
+const SYN_PORT: u16 = 5005;
+const AFTER_PORT: u16 = 5006;
+/// Short connections made after a SYN flood.
+const AFTER_CONNS: u32 = 20;
 const READY: &str = "BENCH-READY";
 const PHASE_DONE: &str = "BENCH-PHASE-DONE";
 const DONE: &str = "BENCH-DONE";
@@ -45,22 +54,34 @@ struct Load {
     /// MiB sent by the single flow; the four flows send a quarter each.
     mib: u64,
     conns: u32,
+    /// Raw SYNs the guest sends (`MSB_BENCH_NET_SYNFLOOD`, default none), then
+    /// [`AFTER_CONNS`] short connections.
+    synflood: u32,
 }
 
 impl Load {
     fn from_env() -> Load {
         let get = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
-        Load { mib: get("MSB_BENCH_NET_MIB", 32).max(4), conns: get("MSB_BENCH_NET_CONNS", 200).max(1) as u32 }
+        Load {
+            mib: get("MSB_BENCH_NET_MIB", 32).max(4),
+            conns: get("MSB_BENCH_NET_CONNS", 200).max(1) as u32,
+            synflood: get("MSB_BENCH_NET_SYNFLOOD", 0) as u32,
+        }
     }
 
     /// The guest's command lines, one per phase, in order.
     fn phases(&self, host: std::net::Ipv4Addr) -> Vec<Vec<String>> {
         let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
-        vec![
+        let mut v = vec![
             s(&["bulk", &format!("{host}:{BULK1_PORT}"), "1", &self.mib.to_string()]),
             s(&["bulk", &format!("{host}:{BULK4_PORT}"), "4", &(self.mib / 4).to_string()]),
             s(&["conns", &format!("{host}:{CONNS_PORT}"), &self.conns.to_string()]),
-        ]
+        ];
+        if self.synflood > 0 {
+            v.push(s(&["synflood", &format!("{host}:{SYN_PORT}"), &self.synflood.to_string()]));
+            v.push(s(&["conns", &format!("{host}:{AFTER_PORT}"), &AFTER_CONNS.to_string()]));
+        }
+        v
     }
 }
 
@@ -93,6 +114,7 @@ pub fn client(args: &[String]) -> i32 {
                 }
                 Ok(())
             }
+            Some("synflood") => synflood(addr, num(2)?),
             Some("conns") => {
                 for _ in 0..num(2)? {
                     let mut s = TcpStream::connect(addr)?;
@@ -112,6 +134,64 @@ pub fn client(args: &[String]) -> i32 {
             1
         }
     }
+}
+
+/// `synflood ADDR N`: N TCP SYNs from a raw socket (root in the guest), each from its own
+/// port; the guest kernel resets the SYN-ACKs, so no handshake completes. Waits out a full
+/// transmit queue (ENOBUFS) and gives up after 150 s; says how far it got.
+fn synflood(addr: SocketAddr, n: u64) -> std::io::Result<()> {
+    use rustix::net::{socket, AddressFamily, SendFlags, SocketType};
+    let SocketAddr::V4(dst) = addr else { return Err(std::io::ErrorKind::InvalidInput.into()) };
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    probe.connect(addr)?;
+    let std::net::IpAddr::V4(src) = probe.local_addr()?.ip() else {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    };
+    let fd = socket(AddressFamily::INET, SocketType::RAW, Some(rustix::net::ipproto::TCP))?;
+    let csum = |b: &[u8]| {
+        let mut v: u32 = b.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+        while v >> 16 != 0 {
+            v = (v & 0xffff) + (v >> 16);
+        }
+        !(v as u16)
+    };
+    let (t0, mut sent, mut busy) = (Instant::now(), 0u64, 0u64);
+    let mut seq: u32 = 0x1234_5678;
+    'flood: for i in 0..n {
+        seq = seq.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        let mut h = [0u8; 20];
+        h[0..2].copy_from_slice(&(20000 + (i % 40000) as u16).to_be_bytes());
+        h[2..4].copy_from_slice(&dst.port().to_be_bytes());
+        h[4..8].copy_from_slice(&seq.to_be_bytes());
+        h[12] = 5 << 4;
+        h[13] = 0x02; // SYN
+        h[14..16].copy_from_slice(&1024u16.to_be_bytes());
+        let mut pseudo = Vec::with_capacity(32);
+        pseudo.extend_from_slice(&src.octets());
+        pseudo.extend_from_slice(&dst.ip().octets());
+        pseudo.extend_from_slice(&[0, 6, 0, 20]);
+        pseudo.extend_from_slice(&h);
+        h[16..18].copy_from_slice(&csum(&pseudo).to_be_bytes());
+        loop {
+            if t0.elapsed() > Duration::from_secs(150) {
+                break 'flood;
+            }
+            match rustix::net::sendto(&fd, &h, SendFlags::empty(), &std::net::SocketAddrV4::new(*dst.ip(), 0)) {
+                Ok(_) => break,
+                Err(rustix::io::Errno::NOBUFS) => {
+                    busy += 1;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        sent += 1;
+    }
+    println!(
+        "net-client synflood: sent {sent} of {n} SYNs in {:.1} s (transmit queue full {busy} times)",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// The msb side as its own process (so that its RSS is one sandbox's): boots a sandbox with
@@ -143,7 +223,11 @@ pub async fn vmm_child(args: &[String]) {
             let mut argv = vec![CLIENT.to_string()];
             argv.extend(phase);
             match sb.exec("/bin/msb-bench", argv).await {
-                Ok(o) if o.success() => {}
+                Ok(o) if o.success() => {
+                    for l in String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.starts_with("net-client")) {
+                        println!("{l}");
+                    }
+                }
                 o => println!("net bench: guest phase failed: {o:?}"),
             }
             println!("{PHASE_DONE}");
@@ -219,6 +303,9 @@ struct Figures {
     load_kib: Option<u64>,
     /// A helper process's RSS (passt), idle and peak.
     helper_kib: Option<(u64, u64)>,
+    /// With a SYN flood: host connections the flood's SYNs opened, and the short
+    /// connections that completed after it.
+    flood: Option<(usize, usize)>,
 }
 
 fn throughput(conns: &[Conn], flows: usize) -> Option<f64> {
@@ -426,6 +513,8 @@ pub fn side_by_side() {
         Sink::start(net.tcp(BULK1_PORT), false),
         Sink::start(net.tcp(BULK4_PORT), false),
         Sink::start(net.tcp(CONNS_PORT), true),
+        Sink::start(net.tcp(SYN_PORT), false),
+        Sink::start(net.tcp(AFTER_PORT), true),
     ];
     let dir = tempfile::tempdir().expect("a temporary directory");
     let init = match initramfs(dir.path(), load, net.host) {
@@ -444,6 +533,11 @@ pub fn side_by_side() {
         f.bulk1_mibs = throughput(&got[0], 1);
         f.bulk4_mibs = throughput(&got[1], 4);
         f.conns_per_s = rate(&got[2], load.conns);
+        if load.synflood > 0 {
+            // The SYN sink's connections end when the VMM goes; wait a moment for them.
+            std::thread::sleep(Duration::from_millis(500));
+            f.flood = Some((got[3].len() + sinks[3].take().len(), got[4].len()));
+        }
         f
     };
     // MSB_BENCH_NET_VARIANTS=msb,slirp,passt (the default) picks which networks run.
@@ -492,6 +586,14 @@ pub fn side_by_side() {
         }
     }
     report(&runs);
+    if load.synflood > 0 {
+        println!("--- SYN flood: {} raw SYNs from the guest, then {AFTER_CONNS} short connections ---", load.synflood);
+        for (name, f) in &runs {
+            if let Some((dialed, after)) = f.flood {
+                println!("{name:<18} host connections the SYNs opened {dialed:>6}; after the flood {after} of {AFTER_CONNS} connected");
+            }
+        }
+    }
 }
 
 fn report(runs: &[(&str, Figures)]) {

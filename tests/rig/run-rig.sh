@@ -11,7 +11,8 @@
 #   tests/rig/run-rig.sh bench [N]      the boot benchmark
 #   tests/rig/run-rig.sh bench-boots [N] N boots of msb and QEMU microvm alternating, lost ones counted
 #   tests/rig/run-rig.sh bench-floods [N] [MiB]  a virtio-console flood, msb vs QEMU microvm, N runs each
-#   tests/rig/run-rig.sh bench-net      the network benchmark (msb vs QEMU slirp vs passt)
+#   tests/rig/run-rig.sh bench-net      the network benchmark (msb vs QEMU slirp vs passt;
+#                                       MSB_BENCH_NET_SYNFLOOD=N adds a raw SYN flood to each)
 #   tests/rig/run-rig.sh bench-fs       the shared-directory benchmark (msb vs virtiofsd vs the root)
 #   tests/rig/run-rig.sh run -- CMD...  msb run -- CMD...
 #
@@ -81,7 +82,7 @@ msb run msb/debian:12 -- python3 -c "print(6*7)"'
     RIG_TIMEOUT=${RIG_TIMEOUT:-3600}
     ;;
   bench-net)
-    job="$canary"'MSB_BENCH_NET_LIMIT=${MSB_BENCH_NET_LIMIT:-240} msb-bench net'
+    job="$canary""MSB_BENCH_NET_SYNFLOOD=${MSB_BENCH_NET_SYNFLOOD:-0} "'MSB_BENCH_NET_LIMIT=${MSB_BENCH_NET_LIMIT:-240} msb-bench net'
     extra="--with-qemu"
     ;;
   bench-fs)
