@@ -44,7 +44,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
-use crate::classify::Classifier;
+use crate::classify::{Classifier, Extras};
 use crate::limit::Limits;
 use crate::policy::Policy;
 use crate::stack::{Event, FlowId, Gateway, NetConfig, FLOW_BUFFER};
@@ -654,7 +654,8 @@ pub fn host_resolver() -> Option<SocketAddr> {
     })
 }
 
-/// The classifier for the host as it is now: every address of its interfaces (`host`) and
+/// The classifier for the host as it is now: the operator's [`Extras`] (from the
+/// environment), every address of its interfaces (`host`) and
 /// the networks its other-than-loopback interfaces are on (`host-lan`; prefixes shorter than
 /// /8 or, for IPv6, /32 are ignored: no LAN is that wide).
 pub fn host_view() -> Classifier {
@@ -679,7 +680,9 @@ pub fn host_view() -> Classifier {
             lans.push(net);
         }
     }
-    Classifier::with_lans(host, lans)
+    // Checked when the gateway starts (a bad list fails the start): here it parses.
+    let extras = Extras::from_env().unwrap_or_default();
+    Classifier::with_lans(host, lans).with_extras(extras)
 }
 
 /// Watches the host's addresses (rtnetlink `RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR`) on a
@@ -778,6 +781,8 @@ impl Actor for NetGateway {
     type Arguments = GatewayArgs;
 
     async fn pre_start(&self, me: ActorRef<GatewayMsg>, a: GatewayArgs) -> Result<GatewayState, ActorProcessingErr> {
+        // The operator's extra addresses: a malformed list fails the start, saying which.
+        Extras::from_env()?;
         let mut core = Gateway::new(a.net, a.policy, host_view(), a.seed, 0);
         core.set_limits(a.limits, 0);
         let mut listeners = Vec::new();

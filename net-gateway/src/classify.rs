@@ -243,18 +243,70 @@ fn isatap_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
 pub struct Classifier {
     host: HashSet<IpAddr>,
     lans: Vec<ipnet::IpNet>,
+    /// What the operator added ([`Extras`]).
+    extras: Extras,
+}
+
+/// What an operator tells the classifier beyond its tables (see [`Extras::from_env`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extras {
+    /// Networks that are the host too (a 1:1-NAT public address on no interface).
+    pub host: Vec<ipnet::IpNet>,
+    /// Networks that are metadata endpoints (public-address ones the table lacks).
+    pub metadata: Vec<ipnet::IpNet>,
+    /// NAT64 network-specific /96 prefixes: an address in one is classified by the IPv4
+    /// address in its last 32 bits (the strictest of that and the table).
+    pub nat64: Vec<ipnet::Ipv6Net>,
+}
+
+impl Extras {
+    /// Reads `MSB_HOST_ADDRS`, `MSB_METADATA_ADDRS` and `MSB_NAT64_PREFIXES` ([`Extras::parse`]).
+    pub fn from_env() -> Result<Extras, String> {
+        let v = |k: &str| std::env::var(k).unwrap_or_default();
+        Extras::parse(&v("MSB_HOST_ADDRS"), &v("MSB_METADATA_ADDRS"), &v("MSB_NAT64_PREFIXES"))
+    }
+
+    /// Comma lists of addresses or CIDRs (NAT64 prefixes must be /96); a malformed entry is
+    /// an error naming its variable and itself.
+    pub fn parse(host: &str, metadata: &str, nat64: &str) -> Result<Extras, String> {
+        let list = |k: &str, v: &str| -> Result<Vec<ipnet::IpNet>, String> {
+            v.split(',')
+                .map(str::trim)
+                .filter(|x| !x.is_empty())
+                .map(|x| {
+                    x.parse::<ipnet::IpNet>()
+                        .or_else(|_| x.parse::<IpAddr>().map(ipnet::IpNet::from))
+                        .map(|n| n.trunc())
+                        .map_err(|_| format!("{k}: {x:?} is not an address or CIDR"))
+                })
+                .collect()
+        };
+        let nat64 = list("MSB_NAT64_PREFIXES", nat64)?
+            .into_iter()
+            .map(|n| match n {
+                ipnet::IpNet::V6(n) if n.prefix_len() == 96 => Ok(n),
+                n => Err(format!("MSB_NAT64_PREFIXES: {n} is not an IPv6 /96")),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Extras { host: list("MSB_HOST_ADDRS", host)?, metadata: list("MSB_METADATA_ADDRS", metadata)?, nat64 })
+    }
 }
 
 impl Classifier {
     /// `host`: every address of the host's own interfaces.
     pub fn new(host: impl IntoIterator<Item = IpAddr>) -> Self {
-        Classifier { host: host.into_iter().map(canonical).collect(), lans: Vec::new() }
+        Classifier { host: host.into_iter().map(canonical).collect(), lans: Vec::new(), extras: Extras::default() }
     }
 
     /// `host` as for [`Classifier::new`], and `lans`: the networks the host's interfaces
     /// are on (their public neighbours are `host-lan`).
     pub fn with_lans(host: impl IntoIterator<Item = IpAddr>, lans: impl IntoIterator<Item = ipnet::IpNet>) -> Self {
         Classifier { lans: lans.into_iter().map(|n| n.trunc()).collect(), ..Classifier::new(host) }
+    }
+
+    /// This classifier with the operator's `extras`.
+    pub fn with_extras(self, extras: Extras) -> Self {
+        Classifier { extras, ..self }
     }
 
     pub fn classify(&self, ip: IpAddr) -> Group {
@@ -267,6 +319,19 @@ impl Classifier {
         };
         if unspecified {
             return Group::Loopback;
+        }
+        let canon = canonical(ip);
+        if self.extras.metadata.iter().any(|n| n.contains(&canon)) {
+            return Group::Metadata;
+        }
+        if self.extras.host.iter().any(|n| n.contains(&canon)) {
+            return Group::Host;
+        }
+        if let IpAddr::V6(a) = ip {
+            if self.extras.nat64.iter().any(|n| n.contains(&a)) {
+                let v4 = Ipv4Addr::from((u128::from(a) as u32).to_be_bytes());
+                return self.classify_v4(v4).strictest(table_v6(a));
+            }
         }
         match ip {
             IpAddr::V4(a) => self.classify_v4(a),
@@ -293,6 +358,13 @@ impl Classifier {
     }
 
     fn classify_v4(&self, a: Ipv4Addr) -> Group {
+        let ip = IpAddr::V4(a);
+        if self.extras.metadata.iter().any(|n| n.contains(&ip)) {
+            return Group::Metadata;
+        }
+        if self.extras.host.iter().any(|n| n.contains(&ip)) {
+            return Group::Host;
+        }
         match table_v4(a) {
             g @ (Group::Metadata | Group::Loopback) => g,
             _ if self.host.contains(&IpAddr::V4(a)) => Group::Host,

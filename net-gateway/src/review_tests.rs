@@ -307,3 +307,28 @@ fn isatap_interface_ids_are_classified_by_the_ipv4_they_name() {
     assert_eq!(g("2606:4700:1:2:0:5efe:93.184.216.34"), Group::Public);
     assert_eq!(g("fe80::5efe:93.184.216.34"), Group::LinkLocal, "a link-local prefix stays link-local");
 }
+
+/// N3/N13/N17: the operator's extras: a NAT address on no interface is `host`, a public
+/// metadata endpoint is `metadata`, and a NAT64 network-specific /96 is decoded like the
+/// well-known prefix (both for groups and, through embedded forms, nowhere looser).
+#[test]
+fn the_operators_extra_addresses_are_classified() {
+    use crate::classify::{Extras, Group};
+    let extras = Extras {
+        host: vec!["203.0.113.7/32".parse().unwrap()],
+        metadata: vec!["147.75.0.0/16".parse().unwrap()],
+        nat64: vec!["2001:db8:64::/96".parse().unwrap()],
+    };
+    let c = Classifier::default().with_extras(extras);
+    let g = |s: &str| c.classify(s.parse::<IpAddr>().unwrap());
+    assert_eq!(g("203.0.113.7"), Group::Host);
+    assert_eq!(g("::ffff:203.0.113.7"), Group::Host);
+    assert_eq!(g("147.75.1.2"), Group::Metadata);
+    assert_eq!(g("2001:db8:64::a9fe:a9fe"), Group::Metadata, "NSP::169.254.169.254");
+    assert_eq!(g("2001:db8:64::10.0.0.5"), Group::Private);
+    assert_eq!(g("2001:db8:64::93.184.216.34"), Group::Reserved, "the prefix's own range (documentation) is stricter");
+    assert!(Extras::parse("", "", "2001:db8::/64").unwrap_err().contains("not an IPv6 /96"));
+    assert!(Extras::parse("nonsense", "", "").unwrap_err().contains("MSB_HOST_ADDRS"));
+    let e = Extras::parse(" 203.0.113.7 ,10.0.0.0/8", "169.254.170.2", "64:ff9b:1:2::/96").unwrap();
+    assert_eq!((e.host.len(), e.metadata.len(), e.nat64.len()), (2, 1, 1));
+}
