@@ -222,7 +222,7 @@ impl Drop for HostFlow {
 }
 
 /// The audit stream's file, bounded and never silenced: denials repeated within one second
-/// (same protocol, destination address, rule and reason) are written once, then once more
+/// (same protocol, destination address and port, names, rule and reason) are written once, then once more
 /// with a `repeated` count when the second is over; at [`AUDIT_CAP`] bytes the file is
 /// rotated to `NAME.1` (one old generation kept), so the newest records are always there.
 struct AuditLog {
@@ -237,9 +237,9 @@ struct AuditLog {
     core_dropped: u64,
 }
 
-/// What makes two denials "the same" for aggregation: protocol, destination address, rule,
-/// reason.
-type RepeatKey = (&'static str, IpAddr, Option<usize>, String);
+/// What makes two denials "the same" for aggregation: protocol, destination address and
+/// port, names, rule, reason.
+type RepeatKey = (&'static str, SocketAddr, Vec<String>, Option<usize>, String);
 
 /// Most distinct denials aggregated per second (past it, records are written one by one).
 const MAX_REPEAT_KEYS: usize = 1024;
@@ -293,7 +293,7 @@ impl AuditLog {
         }
         self.tick(audit.at_ms);
         if audit.action == crate::policy::Action::Deny {
-            let key = (audit.proto.name(), audit.dest.ip(), audit.rule, audit.why.clone());
+            let key = (audit.proto.name(), audit.dest, audit.names.clone(), audit.rule, audit.why.clone());
             if let Some((n, _)) = self.repeats.get_mut(&key) {
                 *n += 1;
                 return;

@@ -167,10 +167,12 @@ async fn the_audit_stream_aggregates_repeats_and_rotates_instead_of_going_silent
         why: "the default (deny)".into(),
         rule: None,
     };
-    // 100,000 denials in one second, to every port of one address.
+    // 100,000 denials in one second to one port of one address, and one to another port
+    // (its own record: a denial of another port is not a repeat).
     for i in 0..100_000u64 {
-        log.record(&deny(1000 + i % 1000, (i % 65535) as u16));
+        log.record(&deny(1000 + i % 1000, 80));
     }
+    log.record(&deny(1999, 443));
     let allowed = crate::stack::Audit { action: Action::Allow, why: "rule 1 `allow public`".into(), ..deny(2500, 443) };
     log.record(&allowed);
     log.tick(3000);
@@ -180,6 +182,7 @@ async fn the_audit_stream_aggregates_repeats_and_rotates_instead_of_going_silent
     let rotated = std::path::PathBuf::from(format!("{}.1", path.display()));
     assert!(rotated.exists(), "one old generation kept");
     assert!(text.contains("\"repeated\":99999"), "{text}");
+    assert!(text.contains("\"port\":443"), "the other port's denial is its own record: {text}");
     assert!(text.contains("allow public"), "an allowed flow after the flood is recorded: {text}");
     log.core_dropped(7);
     log.core_dropped(7);
