@@ -296,7 +296,11 @@ impl RuleArgs {
             None if !self.is_empty() => Some(Policy::with_rules(rules)),
             None => None,
         };
-        policy.transpose().map_err(|e| Error::Config(format!("the network policy: {e}")))
+        let policy = policy.transpose().map_err(|e| Error::Config(format!("the network policy: {e}")))?;
+        for w in policy.iter().flat_map(|p| p.rules().iter().filter_map(|r| r.warning())) {
+            eprintln!("msb: warning: {w}");
+        }
+        Ok(policy)
     }
 }
 

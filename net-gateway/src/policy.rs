@@ -297,6 +297,44 @@ impl Rule {
         group == Group::Public || self.name_groups.contains(&group)
     }
 
+    /// Why an allow rule may open more than its writer meant, if it may: a wildcard over a
+    /// zone whose names point wherever their owner likes (names that embed an address, or
+    /// shared hosting where anyone gets a name). Worth a warning, not a refusal.
+    pub fn warning(&self) -> Option<String> {
+        /// Zones where anyone can make a name point anywhere, or host anything.
+        const OPEN_ZONES: &[&str] = &[
+            "amazonaws.com",
+            "s3.amazonaws.com",
+            "cloudfront.net",
+            "nip.io",
+            "sslip.io",
+            "xip.io",
+            "traefik.me",
+            "github.io",
+            "githubusercontent.com",
+            "workers.dev",
+            "pages.dev",
+            "vercel.app",
+            "netlify.app",
+            "herokuapp.com",
+            "azurewebsites.net",
+            "blob.core.windows.net",
+            "appspot.com",
+            "web.app",
+            "firebaseapp.com",
+            "ngrok.io",
+            "ngrok-free.app",
+        ];
+        let Target::Below(d) = &self.target else { return None };
+        if self.action != Action::Allow {
+            return None;
+        }
+        let zone = OPEN_ZONES.iter().find(|z| d.as_str() == **z || d.as_str().ends_with(&format!(".{z}")))?;
+        Some(format!(
+            "`{self}` allows every name under {zone}, where anyone can make a name point at any address or host anything; name the hosts you mean instead"
+        ))
+    }
+
     /// Whether this rule names domains (so a flow it allows must also name one of them in its
     /// TLS server name or HTTP `Host`).
     pub fn is_domain(&self) -> bool {
@@ -790,6 +828,16 @@ mod tests {
         assert!(p.address_allowed(&c, ip("93.184.216.34"), &api));
         assert!(!p.address_allowed(&c, ip("93.184.216.34"), &[]));
         assert!(!p.address_allowed(&c, ip("192.168.1.1"), &api), "rebinding to a private address");
+    }
+
+    #[test]
+    fn wildcards_over_open_zones_are_warned_about() {
+        assert!(rule("allow *.amazonaws.com").warning().unwrap().contains("under amazonaws.com"));
+        assert!(rule("allow tcp/*.nip.io:443").warning().is_some());
+        assert!(rule("allow *.eu-west-1.compute.amazonaws.com").warning().is_some());
+        assert!(rule("allow api.example.com").warning().is_none(), "an exact name");
+        assert!(rule("allow *.example.com").warning().is_none());
+        assert!(rule("deny *.nip.io").warning().is_none(), "a denial opens nothing");
     }
 
     #[test]
