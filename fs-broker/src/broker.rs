@@ -325,34 +325,22 @@ impl Broker {
     fn serve(&mut self, node: u64, req: Request) -> Res<Vec<u8>> {
         use Request as R;
         let ro = self.cfg.read_only;
-        let mutating = matches!(
-            req,
-            R::SetAttr(_)
-                | R::Symlink { .. }
-                | R::Mknod { .. }
-                | R::Mkdir { .. }
-                | R::Unlink { .. }
-                | R::Rmdir { .. }
-                | R::Rename { .. }
-                | R::Link { .. }
-                | R::Write { .. }
-                | R::Create { .. }
-                | R::SetXattr { .. }
-                | R::RemoveXattr { .. }
-        );
+        // One classification: what changes the host tree, and of that what may take space.
+        let (mutating, grows) = match &req {
+            R::SetAttr(a) => (true, a.size.is_some()),
+            R::Symlink { .. }
+            | R::Mknod { .. }
+            | R::Mkdir { .. }
+            | R::Link { .. }
+            | R::Write { .. }
+            | R::Create { .. }
+            | R::SetXattr { .. } => (true, true),
+            R::Unlink { .. } | R::Rmdir { .. } | R::Rename { .. } | R::RemoveXattr { .. } => (true, false),
+            _ => (false, false),
+        };
         // Guest writes stop short of filling the host's filesystem (it may hold the msb
         // home, the state store, other sandboxes' disks): ENOSPC once what is left falls under
         // the reserve.
-        let grows = matches!(
-            req,
-            R::Symlink { .. }
-                | R::Mknod { .. }
-                | R::Mkdir { .. }
-                | R::Link { .. }
-                | R::Write { .. }
-                | R::Create { .. }
-                | R::SetXattr { .. }
-        ) || matches!(&req, R::SetAttr(a) if a.size.is_some());
         if grows && !ro && self.host_full() {
             return Err(fuse::ENOSPC);
         }

@@ -290,9 +290,11 @@ impl Session {
                 let labels: Vec<&str> = h.trim_end_matches('.').rsplit('.').take(2).collect();
                 labels.join(".")
             };
-            let registry_host =
-                self.base.split("://").nth(1).unwrap_or("").split(['/', ':']).next().unwrap_or("").to_string();
-            let same_site = uri.host().is_some_and(|h| site(h) == site(&registry_host));
+            let base: Option<ureq::http::Uri> = self.base.parse().ok();
+            let same_site = match (uri.host(), base.as_ref().and_then(|b| b.host())) {
+                (Some(realm_host), Some(registry_host)) => site(realm_host) == site(registry_host),
+                _ => false,
+            };
             let mut token_url = format!("{realm}?");
             for k in ["service", "scope"] {
                 if let Some(v) = params.get(k) {
@@ -495,11 +497,7 @@ pub fn pull(
         drop(s);
         let size = resp.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
         (progress.borrow_mut())(PullEvent::Started { digest: d, size });
-        let last = std::cell::Cell::new(0u64);
-        let report = |done| {
-            last.set(done);
-            (progress.borrow_mut())(PullEvent::Progress { digest: d, done })
-        };
+        let report = |done| (progress.borrow_mut())(PullEvent::Progress { digest: d, done });
         let reader = Counting {
             inner: resp.into_body().into_reader(),
             done: 0,
@@ -509,8 +507,7 @@ pub fn pull(
             window: (0, std::time::Instant::now()),
             limit: MAX_PULL_BYTES.saturating_sub(pulled.get()),
         };
-        st.put_verified(reader, d)?;
-        pulled.set(pulled.get() + last.get());
+        pulled.set(pulled.get() + st.put_verified(reader, d)?);
         (progress.borrow_mut())(PullEvent::Finished { digest: d });
         Ok(())
     };

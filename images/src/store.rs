@@ -302,9 +302,9 @@ impl Store {
         self.put_blob(bytes, Some(d), &format!("document {d}")).map(|_| ())
     }
 
-    /// Streams a blob that must hash to `d` into the store.
-    pub fn put_verified(&self, r: impl Read, d: &Digest) -> Result<()> {
-        self.put_blob(r, Some(d), &format!("blob {d}")).map(|_| ())
+    /// Streams a blob that must hash to `d` into the store; returns how many bytes it read.
+    pub fn put_verified(&self, r: impl Read, d: &Digest) -> Result<u64> {
+        self.put_blob(r, Some(d), &format!("blob {d}")).map(|(_, n)| n)
     }
 
     /// Names `reference` the image whose top document (an index or a manifest) is the stored
