@@ -146,6 +146,23 @@ fn files_spec(args: &[&str]) -> ExecSpec {
     ExecSpec { argv, user: Some("root".into()), ..Default::default() }
 }
 
+/// A command's next event, waiting at most [`COPY_STALL`]; `None` when none came, after the
+/// command is killed (a stalled guest leaves no caller waiting for ever).
+async fn next_or_kill(ex: &mut RemoteExec) -> Option<Option<ExecEvent>> {
+    match tokio::time::timeout(COPY_STALL, ex.next()).await {
+        Ok(n) => Some(n),
+        Err(_) => {
+            let _ = ex.signal(9).await;
+            None
+        }
+    }
+}
+
+/// What `what` says when its sandbox sent nothing for [`COPY_STALL`].
+fn stalled(what: &str) -> Error {
+    Error::Wire(format!("{what}: the sandbox sent nothing for {}s; it may be stuck", COPY_STALL.as_secs()))
+}
+
 fn keep(buf: &mut Vec<u8>, d: &[u8]) {
     let room = MAX_STDERR.saturating_sub(buf.len());
     buf.extend_from_slice(&d[..d.len().min(room)]);
@@ -408,15 +425,8 @@ impl Files<'_> {
         let (mut line, mut stderr, mut found) = (Vec::new(), Vec::new(), Vec::new());
         let hostile = |why: String| Error::Wire(format!("{op} {path}: the sandbox sent a bad entry: {why}"));
         let end = loop {
-            let next = match tokio::time::timeout(COPY_STALL, ex.next()).await {
-                Ok(n) => n,
-                Err(_) => {
-                    let _ = ex.signal(9).await;
-                    return Err(Error::Wire(format!(
-                        "{op} {path}: the sandbox sent nothing for {}s; it may be stuck",
-                        COPY_STALL.as_secs()
-                    )));
-                }
+            let Some(next) = next_or_kill(&mut ex).await else {
+                return Err(stalled(&format!("{op} {path}")));
             };
             match next {
                 Some(ExecEvent::Stdout(d)) => {
@@ -595,17 +605,10 @@ impl Files<'_> {
         });
         let mut stderr = Vec::new();
         let end = loop {
-            let next = match tokio::time::timeout(COPY_STALL, ex.next()).await {
-                Ok(n) => n,
-                Err(_) => {
-                    let _ = ex.signal(9).await;
-                    drop(tx);
-                    let _ = extractor.await;
-                    return Err(Error::Wire(format!(
-                        "copying {from}: the sandbox sent nothing for {}s; it may be stuck",
-                        COPY_STALL.as_secs()
-                    )));
-                }
+            let Some(next) = next_or_kill(&mut ex).await else {
+                drop(tx);
+                let _ = extractor.await;
+                return Err(stalled(&format!("copying {from}")));
             };
             match next {
                 Some(ExecEvent::Stdout(d)) => {
@@ -693,7 +696,7 @@ pub fn copy_top_name(from: &str) -> String {
 /// Opens directory `name` beneath the directory `parent`: one component, never through a
 /// symlink (`O_NOFOLLOW`), so a directory swapped for a link while a copy runs is refused,
 /// not followed.
-fn open_dir_beneath(parent: &OwnedFd, name: &str) -> std::io::Result<OwnedFd> {
+fn open_dir_beneath(parent: &OwnedFd, name: impl rustix::path::Arg) -> std::io::Result<OwnedFd> {
     Ok(rfs::openat(
         parent,
         name,
@@ -860,12 +863,7 @@ fn pack_entry<W: Write>(
             b.append_link(&mut h, arc, std::ffi::OsStr::from_bytes(target.as_bytes()))
         }
         FileType::Directory => {
-            let fd = rfs::openat(
-                parent,
-                name,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )?;
+            let fd = open_dir_beneath(parent, name)?;
             let st2 = rfs::fstat(&fd)?;
             if !same(&st2) {
                 return Err(changed());
