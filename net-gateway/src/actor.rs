@@ -222,9 +222,9 @@ impl Drop for HostFlow {
 }
 
 /// The audit stream's file, bounded and never silenced: denials repeated within one second
-/// (same protocol, destination address and port, names, rule and reason) are written once, then once more
-/// with a `repeated` count when the second is over; at [`AUDIT_CAP`] bytes the file is
-/// rotated to `NAME.1` (one old generation kept), so the newest records are always there.
+/// (same protocol, destination address and port, names, rule and reason) are written once,
+/// then once more with a `repeated` count when the second is over; at [`AUDIT_CAP`] bytes the
+/// file is rotated to `NAME.1` (one old generation kept), so the newest records are there.
 struct AuditLog {
     sandbox: String,
     path: Option<PathBuf>,

@@ -320,6 +320,16 @@ enum Reply {
     Tcp(FlowId),
 }
 
+impl Reply {
+    /// The protocol the query came over.
+    fn proto(self) -> Proto {
+        match self {
+            Reply::Udp { .. } => Proto::Udp,
+            Reply::Tcp(_) => Proto::Tcp,
+        }
+    }
+}
+
 /// First local port the gateway uses for connections into the guest.
 const INBOUND_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
 
@@ -469,11 +479,7 @@ impl Gateway {
             return;
         }
         self.classifier = classifier;
-        self.set_policy(self.policy.clone(), now_ms);
-    }
-
-    pub fn classifier(&self) -> &Classifier {
-        &self.classifier
+        self.redecide(now_ms);
     }
 
     /// The dial point of UDP `flow`: its host socket is connected to `peer` (what the kernel
@@ -504,6 +510,12 @@ impl Gateway {
     /// Replaces the policy; flows it now denies are reset.
     pub fn set_policy(&mut self, policy: Policy, now_ms: u64) {
         self.policy = policy;
+        self.redecide(now_ms);
+    }
+
+    /// Decides every live outbound flow again (the policy or the classifier changed); those
+    /// now denied are reset (TCP) or closed (UDP).
+    fn redecide(&mut self, now_ms: u64) {
         let denied: Vec<FlowId> = self
             .flows
             .iter()
@@ -759,7 +771,7 @@ impl Gateway {
         if action == Action::Allow {
             if self.flows.len() >= MAX_FLOWS {
                 (action, audit.rule, audit.why) = (Action::Deny, None, format!("the {MAX_FLOWS}-flow table is full"));
-            } else if !self.take_token(now_ms) {
+            } else if !take_token(&mut self.new_flows, now_ms) {
                 (action, audit.rule, audit.why) =
                     (Action::Deny, None, format!("more than {} new connections a second", self.limits.flows_per_sec));
             }
@@ -826,7 +838,7 @@ impl Gateway {
             if self.udp.len() >= MAX_UDP_FLOWS {
                 (action, audit.rule, audit.why) =
                     (Action::Deny, None, format!("the {MAX_UDP_FLOWS}-flow UDP table is full"));
-            } else if !self.take_token(now_ms) {
+            } else if !take_token(&mut self.new_flows, now_ms) {
                 (action, audit.rule, audit.why) =
                     (Action::Deny, None, format!("more than {} new connections a second", self.limits.flows_per_sec));
             }
@@ -847,12 +859,20 @@ impl Gateway {
         true
     }
 
-    /// One token of the new-flow rate (TCP and UDP share it), if there is one.
-    fn take_token(&mut self, now_ms: u64) -> bool {
-        let ok = self.new_flows.take_one(now_ms);
-        // A refused flow waits for nothing: no wake-up for it.
-        self.new_flows.settle();
-        ok
+    /// An audit record of a DNS decision: for `name` (if the query had a checked one), asked
+    /// of `dest` (or, for a removed answer, that address).
+    fn dns_audit(
+        &mut self,
+        now_ms: u64,
+        proto: Proto,
+        dest: SocketAddr,
+        name: Option<&DomainName>,
+        action: Action,
+        why: String,
+    ) {
+        let group = self.classifier.classify(dest.ip());
+        let names = name.map(|n| vec![n.to_string()]).unwrap_or_default();
+        self.push(Event::Audit(Audit { at_ms: now_ms, proto, dest, names, action, group, why, rule: None }));
     }
 
     /// A datagram from the host for UDP `flow`: framed to the guest from the flow's
@@ -1310,35 +1330,18 @@ impl Gateway {
                     dns::answer(&p.query, a, p.upstream_id, &self.policy, &self.classifier, &mut self.pins, now_ms);
                 // Every lookup is audited, allowed ones included (the stream aggregates
                 // repeats, see the actor).
-                let audit = Audit {
-                    at_ms: now_ms,
-                    proto: Proto::Udp,
-                    dest: p.dest,
-                    names: vec![p.query.name.to_string()],
-                    action: Action::Allow,
-                    group: self.classifier.classify(p.dest.ip()),
-                    why: format!(
-                        "DNS {} lookup: {}, {} address(es) kept, {} removed",
-                        p.query.qtype,
-                        f.code,
-                        f.kept.len(),
-                        f.removed.len()
-                    ),
-                    rule: None,
-                };
-                self.push(Event::Audit(audit));
+                let name = Some(&p.query.name);
+                let why = format!(
+                    "DNS {} lookup: {}, {} address(es) kept, {} removed",
+                    p.query.qtype,
+                    f.code,
+                    f.kept.len(),
+                    f.removed.len()
+                );
+                self.dns_audit(now_ms, Proto::Udp, p.dest, name, Action::Allow, why);
                 for ip in f.removed {
-                    let audit = Audit {
-                        at_ms: now_ms,
-                        proto: Proto::Udp,
-                        dest: SocketAddr::new(ip, 0),
-                        names: vec![p.query.name.to_string()],
-                        action: Action::Deny,
-                        group: self.classifier.classify(ip),
-                        why: "removed from a DNS answer".into(),
-                        rule: None,
-                    };
-                    self.push(Event::Audit(audit));
+                    let dest = SocketAddr::new(ip, 0);
+                    self.dns_audit(now_ms, Proto::Udp, dest, name, Action::Deny, "removed from a DNS answer".into());
                 }
                 bytes
             }
@@ -1512,17 +1515,7 @@ impl Gateway {
                     }
                 }
                 self.send_dns(reply, &bytes);
-                let audit = Audit {
-                    at_ms: now_ms,
-                    proto: if matches!(reply, Reply::Tcp(_)) { Proto::Tcp } else { Proto::Udp },
-                    dest,
-                    names: vec![],
-                    action: Action::Deny,
-                    group: self.classifier.classify(dest.ip()),
-                    why,
-                    rule: None,
-                };
-                self.push(Event::Audit(audit));
+                self.dns_audit(now_ms, reply.proto(), dest, None, Action::Deny, why);
             }
             Step::Resolve(q) => {
                 if let Reply::Tcp(id) = reply {
@@ -1534,21 +1527,10 @@ impl Gateway {
                     self.send_dns(reply, &q.servfail());
                     return;
                 }
-                let ok = self.lookups_rate.take_one(now_ms);
-                self.lookups_rate.settle();
-                if !ok {
+                if !take_token(&mut self.lookups_rate, now_ms) {
                     self.send_dns(reply, &q.servfail());
-                    let audit = Audit {
-                        at_ms: now_ms,
-                        proto: if matches!(reply, Reply::Tcp(_)) { Proto::Tcp } else { Proto::Udp },
-                        dest,
-                        names: vec![q.name.to_string()],
-                        action: Action::Deny,
-                        group: self.classifier.classify(dest.ip()),
-                        why: format!("more than {DNS_PER_SEC} DNS lookups a second"),
-                        rule: None,
-                    };
-                    self.push(Event::Audit(audit));
+                    let why = format!("more than {DNS_PER_SEC} DNS lookups a second");
+                    self.dns_audit(now_ms, reply.proto(), dest, Some(&q.name), Action::Deny, why);
                     return;
                 }
                 let lookup = self.next_id;
@@ -1563,6 +1545,14 @@ impl Gateway {
             }
         }
     }
+}
+
+/// One token of a rate (the new-flow rate TCP and UDP share, the DNS lookup rate), if there
+/// is one. A refusal waits for nothing: it leaves no wake-up behind.
+fn take_token(bucket: &mut Bucket, now_ms: u64) -> bool {
+    let ok = bucket.take_one(now_ms);
+    bucket.settle();
+    ok
 }
 
 /// A TCP socket with a flow's buffers ([`FLOW_BUFFER`] each way).
