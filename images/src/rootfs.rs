@@ -105,9 +105,13 @@ const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 type Blob = BufReader<std::fs::File>;
 
+/// A frame's decoder: the magic read ahead of it, then the blob.
+type Frame =
+    ruzstd::decoding::StreamingDecoder<std::io::Chain<std::io::Cursor<[u8; 4]>, Blob>, ruzstd::decoding::FrameDecoder>;
+
 /// Decodes zstd frames one after another until the blob ends.
 struct ZstdFrames {
-    frame: Option<ruzstd::decoding::StreamingDecoder<Blob, ruzstd::decoding::FrameDecoder>>,
+    frame: Option<Frame>,
     rest: Option<Blob>,
 }
 
@@ -119,24 +123,23 @@ impl Read for ZstdFrames {
                 if n > 0 || buf.is_empty() {
                     return Ok(n);
                 }
-                self.rest = self.frame.take().map(|f| f.into_inner());
+                self.rest = self.frame.take().map(|f| f.into_inner().into_inner().1);
             }
             let Some(mut r) = self.rest.take() else { return Ok(0) };
-            let head = r.fill_buf()?;
-            if head.is_empty() {
+            if r.fill_buf()?.is_empty() {
                 return Ok(0);
             }
-            if head.len() < 4 {
-                return Err(std::io::Error::other("trailing bytes after the last zstd frame"));
-            }
-            let magic = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-            if head.starts_with(&ZSTD_MAGIC) {
-                self.frame = Some(ruzstd::decoding::StreamingDecoder::new(r).map_err(std::io::Error::other)?);
-            } else if (0x184D_2A50..=0x184D_2A5F).contains(&magic) {
+            // The next frame's magic, read whole (a buffer may end inside it).
+            let mut magic = [0u8; 4];
+            r.read_exact(&mut magic).map_err(|_| std::io::Error::other("trailing bytes after the last zstd frame"))?;
+            if magic == ZSTD_MAGIC {
+                let again = std::io::Cursor::new(magic).chain(r);
+                self.frame = Some(ruzstd::decoding::StreamingDecoder::new(again).map_err(std::io::Error::other)?);
+            } else if (0x184D_2A50..=0x184D_2A5F).contains(&u32::from_le_bytes(magic)) {
                 // A skippable frame: magic, a 4-byte length, that many bytes.
-                let mut h = [0u8; 8];
-                r.read_exact(&mut h)?;
-                let len = u64::from(u32::from_le_bytes([h[4], h[5], h[6], h[7]]));
+                let mut len = [0u8; 4];
+                r.read_exact(&mut len)?;
+                let len = u64::from(u32::from_le_bytes(len));
                 let skipped = std::io::copy(&mut (&mut r).take(len), &mut std::io::sink())?;
                 if skipped != len {
                     return Err(std::io::Error::other("a skippable zstd frame is cut short"));
@@ -882,6 +885,29 @@ mod tests {
         let mut out = Vec::new();
         merge(&[lower, upper], &mut out).unwrap();
         assert_eq!(names_of(&out), vec!["new"]);
+    }
+
+    /// A frame boundary that falls inside the last bytes of the reader's buffer (256 KiB)
+    /// is read like any other: the next magic is read whole, not peeked.
+    #[test]
+    fn a_zstd_frame_ending_where_the_buffer_does_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tar = Vec::new();
+        raw(&mut tar, "big", tar::EntryType::Regular, "", &vec![7u8; 300_000], 0o644);
+        tar.extend_from_slice(&[0u8; 1024]);
+        // Frame 1: header (6) + two raw blocks (3 + 131,072 and 3 + 131,058): 262,142 bytes,
+        // two short of the buffer's end; frame 2 the rest.
+        let (a, rest) = tar.split_at(131_072);
+        let (b, rest) = rest.split_at(131_058);
+        let mut blob = crate::testkit::zstd_blocks(&[(false, a, 0), (false, b, 0)]);
+        assert_eq!(blob.len(), 262_142);
+        blob.extend(crate::testkit::zstd_blocks(&[(false, rest, 0)]));
+        let p = dir.path().join("edge");
+        std::fs::write(&p, &blob).unwrap();
+        let lay = Layer { blob: p, digest: Digest::of(&blob), diff_id: Digest::of(&tar) };
+        let mut out = Vec::new();
+        merge(std::slice::from_ref(&lay), &mut out).unwrap();
+        assert_eq!(names_of(&out), vec!["big"]);
     }
 
     /// FS10 (review): every frame of a multi-frame zstd layer is read (skippable frames
