@@ -828,13 +828,38 @@ pub fn extract(input: impl Read, dest: &Path, top: &str, max_bytes: u64) -> std:
 /// `O_NOFOLLOW | O_NONBLOCK` and described by `fstat` of what was opened, so a directory
 /// swapped for a symlink while the copy runs (a source a guest shares read-write) is never
 /// read through. Symlinks are packed as links; FIFOs, sockets and devices are skipped. A file
-/// that changes size while it is read fails the copy.
+/// that changes size while it is read fails the copy. At most [`MAX_COPY_ENTRIES`] entries
+/// and [`MAX_PACK_DEPTH`] levels of directories (a guest may shape a shared tree); the walk
+/// keeps its own stack (one open directory a level), so no tree can exhaust the thread's.
 pub fn pack(from: &Path, top: &Path, out: impl Write) -> std::io::Result<()> {
     let mut b = tar::Builder::new(out);
     let cwd = rfs::open(".", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
-    pack_entry(&mut b, &cwd, from.as_os_str(), top)?;
+    let mut count = 0u64;
+    let mut stack: Vec<Walking> = pack_entry(&mut b, &cwd, from.as_os_str(), top, &mut count)?.into_iter().collect();
+    while let Some((dir, arc, names)) = stack.last_mut() {
+        let Some(name) = names.next() else {
+            stack.pop();
+            continue;
+        };
+        let child = arc.join(&name);
+        if let Some(sub) = pack_entry(&mut b, dir, &name, &child, &mut count)? {
+            if stack.len() >= MAX_PACK_DEPTH {
+                return Err(std::io::Error::other(format!(
+                    "{} is more than {MAX_PACK_DEPTH} directories deep",
+                    child.display()
+                )));
+            }
+            stack.push(sub);
+        }
+    }
     b.into_inner()?.flush()
 }
+
+/// Deepest directory a copy into a sandbox descends into.
+pub const MAX_PACK_DEPTH: usize = 256;
+
+/// A directory being packed: its descriptor, its name in the archive, the names left.
+type Walking = (OwnedFd, PathBuf, std::vec::IntoIter<std::ffi::OsString>);
 
 fn header_of(st: &rfs::Stat, kind: tar::EntryType, size: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
@@ -847,12 +872,18 @@ fn header_of(st: &rfs::Stat, kind: tar::EntryType, size: u64) -> tar::Header {
     h
 }
 
+/// Packs entry `name` of `parent` as `arc`; a directory comes back to be walked.
 fn pack_entry<W: Write>(
     b: &mut tar::Builder<W>,
     parent: &OwnedFd,
     name: &std::ffi::OsStr,
     arc: &Path,
-) -> std::io::Result<()> {
+    count: &mut u64,
+) -> std::io::Result<Option<Walking>> {
+    *count += 1;
+    if *count > MAX_COPY_ENTRIES {
+        return Err(std::io::Error::other(format!("the copy has more than {MAX_COPY_ENTRIES} entries")));
+    }
     let st = rfs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
     let same = |o: &rfs::Stat| o.st_dev == st.st_dev && o.st_ino == st.st_ino;
     let changed = || std::io::Error::other(format!("{} changed while it was copied", arc.display()));
@@ -860,7 +891,8 @@ fn pack_entry<W: Write>(
         FileType::Symlink => {
             let target = rfs::readlinkat(parent, name, Vec::new())?;
             let mut h = header_of(&st, tar::EntryType::Symlink, 0);
-            b.append_link(&mut h, arc, std::ffi::OsStr::from_bytes(target.as_bytes()))
+            b.append_link(&mut h, arc, std::ffi::OsStr::from_bytes(target.as_bytes()))?;
+            Ok(None)
         }
         FileType::Directory => {
             let fd = open_dir_beneath(parent, name)?;
@@ -879,10 +911,7 @@ fn pack_entry<W: Write>(
                 }
             }
             names.sort();
-            for n in names {
-                pack_entry(b, &fd, &n, &arc.join(&n))?;
-            }
-            Ok(())
+            Ok(Some((fd, arc.to_path_buf(), names.into_iter())))
         }
         FileType::RegularFile => {
             let fd = rfs::openat(
@@ -897,9 +926,10 @@ fn pack_entry<W: Write>(
             }
             let size = st2.st_size.max(0) as u64;
             let mut h = header_of(&st2, tar::EntryType::Regular, size);
-            b.append_data(&mut h, arc, msb_images::tarstream::Exact::new(std::fs::File::from(fd), size))
+            b.append_data(&mut h, arc, msb_images::tarstream::Exact::new(std::fs::File::from(fd), size))?;
+            Ok(None)
         }
-        _ => Ok(()), // FIFOs, sockets, device nodes: not copied
+        _ => Ok(None), // FIFOs, sockets, device nodes: not copied
     }
 }
 
@@ -1082,6 +1112,23 @@ mod tests {
         th.join().unwrap();
         assert!(packed > 0, "some copies complete");
         assert_eq!(leaked, 0, "a copy in packed a file from outside the source");
+    }
+
+    /// A source tree deeper than MAX_PACK_DEPTH (a guest may build one in a shared
+    /// directory) is refused with the reason, not followed until the stack runs out.
+    #[test]
+    fn a_copy_in_refuses_a_tree_deeper_than_its_bound() {
+        let base = tempfile::tempdir().unwrap();
+        let top = base.path().join("p");
+        // Made relative to a held directory, one level at a time (paths this long would
+        // pass PATH_MAX).
+        let mut d = rfs::open(base.path(), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        for name in std::iter::once("p").chain(std::iter::repeat_n("d", MAX_PACK_DEPTH + 1)) {
+            rfs::mkdirat(&d, name, Mode::RWXU).unwrap();
+            d = open_dir_beneath(&d, name).unwrap();
+        }
+        let e = pack(&top, Path::new("p"), std::io::sink()).unwrap_err().to_string();
+        assert!(e.contains("directories deep"), "{e}");
     }
 
     #[test]
