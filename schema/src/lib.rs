@@ -12,6 +12,8 @@
 //! - [`ids`]: validated names ([`SandboxName`]).
 //! - [`limits`]: every bound on traffic between components, in one file.
 //! - [`net`]: frames between the virtio-net shell and the gateway, and the gateway's controls.
+//! - [`secret`]: secrets without their values, the vault's questions and answers, and the
+//!   response mask.
 //!
 //! Invariants: this crate does no I/O and holds no state; payload types that need checking
 //! are constructed only through a validating constructor; every enum that crosses a
@@ -26,6 +28,7 @@ pub mod fs;
 pub mod ids;
 pub mod limits;
 pub mod net;
+pub mod secret;
 
 pub use exec::{ExecError, ExecEvent, ExecOutput, ExecSpec, StopReason};
 pub use ids::{NameError, SandboxName};
