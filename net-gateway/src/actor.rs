@@ -82,6 +82,21 @@ pub struct GatewayArgs {
     pub published: Vec<(PortListener, u16)>,
     /// New-flow rate and byte rates (checked by the caller with [`Limits::check`]).
     pub limits: Limits,
+    /// TLS interception for the secrets' hosts, when the sandbox has secrets.
+    pub secrets: Option<SecretsArgs>,
+}
+
+/// What the gateway needs for secrets: the hosts they may go to and the interceptor (its CA,
+/// upstream trust and the vault ref).
+pub struct SecretsArgs {
+    pub hosts: Vec<msb_schema::secret::SecretHost>,
+    pub interceptor: Arc<crate::tls::Interceptor>,
+}
+
+impl std::fmt::Debug for SecretsArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretsArgs({} hosts)", self.hosts.len())
+    }
 }
 
 /// The gateway's mailbox. Its peers hold refs narrowed to [`GuestFrames`] (the virtio-net
@@ -107,6 +122,11 @@ pub enum GatewayMsg {
     },
     /// The host's addresses changed (netlink said so).
     HostChanged,
+    /// What happened on an intercepted flow (for the audit stream).
+    Tls {
+        flow: FlowId,
+        report: crate::tls::TlsReport,
+    },
     /// A flow's host connection failed to open, or broke.
     Failed {
         flow: FlowId,
@@ -307,6 +327,33 @@ impl AuditLog {
         self.write(&line);
     }
 
+    /// One record of what happened on an intercepted flow (never a value or a path).
+    fn record_tls(&mut self, flow: FlowId, r: &crate::tls::TlsReport) {
+        use crate::tls::TlsReport as R;
+        let v = match r {
+            R::UpstreamFailed { sni, why } => serde_json::json!({"event": "upstream-failed", "sni": sni, "why": why}),
+            R::Substituted { sni, secrets } => {
+                serde_json::json!({"event": "substituted", "sni": sni, "headers": secrets})
+            }
+            R::Violation { sni, secret, location, why, action } => serde_json::json!({
+                "event": "placeholder-misplaced", "sni": sni, "secret": secret, "location": location, "why": why, "action": action,
+            }),
+            R::Refused { sni, why } => serde_json::json!({"event": "refused", "sni": sni, "why": why}),
+            R::Stop { sni, secret } => serde_json::json!({"event": "stop", "sni": sni, "secret": secret}),
+        };
+        tracing::debug!(flow, record = %v, "secret interception");
+        if self.file.is_none() {
+            return;
+        }
+        let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        let mut v = v;
+        v["time"] = serde_json::json!(time);
+        v["sandbox"] = serde_json::json!(self.sandbox);
+        v["proto"] = serde_json::json!("tls");
+        v["flow"] = serde_json::json!(flow);
+        self.write(&format!("{v}\n"));
+    }
+
     /// Time passed to `now_ms` (the core's clock): the last second's repeats are written.
     fn tick(&mut self, now_ms: u64) {
         let second = now_ms / 1000;
@@ -355,6 +402,8 @@ pub struct GatewayState {
     pub refused: u64,
     /// The published ports' accept loops.
     listeners: Vec<Listening>,
+    /// TLS interception for secret hosts.
+    interceptor: Option<Arc<crate::tls::Interceptor>>,
     /// Host peers of published UDP ports (published socket's address, peer) and their
     /// flows; an entry lives exactly as long as its flow, so the core's UDP table bounds it.
     peers: HashMap<(SocketAddr, SocketAddr), FlowId>,
@@ -438,6 +487,13 @@ impl GatewayState {
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Dial { flow, addr } => self.start_flow(flow, HostEnd::Dial(addr)),
+            Event::Intercept { flow, addr, name, pinned } => match &self.interceptor {
+                Some(tls) => {
+                    let tls = tls.clone();
+                    self.start_flow(flow, HostEnd::Intercept { addr, name, pinned, tls });
+                }
+                None => self.start_flow(flow, HostEnd::Dial(addr)),
+            },
             Event::Data { flow, bytes } => {
                 if let Some(FlowTx::Tcp(tx)) = self.flows.get(&flow).map(|f| &f.tx) {
                     let _ = tx.send(ToHost::Data(bytes));
@@ -482,6 +538,13 @@ impl GatewayState {
 /// A flow's host end: an address to dial, or a client a published port accepted.
 enum HostEnd {
     Dial(SocketAddr),
+    /// Dial, then terminate TLS for `name` on both sides ([`crate::tls`]).
+    Intercept {
+        addr: SocketAddr,
+        name: String,
+        pinned: bool,
+        tls: Arc<crate::tls::Interceptor>,
+    },
     Accepted(TcpStream),
 }
 
@@ -512,27 +575,56 @@ impl GatewayState {
 
 /// One flow's host side: connect (or take the accepted client), then copy both ways under
 /// the actor's credit.
-async fn flow_task(flow: FlowId, end: HostEnd, me: ActorRef<GatewayMsg>, mut rx: mpsc::UnboundedReceiver<ToHost>) {
-    let stream = match end {
-        HostEnd::Accepted(s) => s,
-        HostEnd::Dial(addr) => {
-            let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => s,
-                _ => {
-                    let _ = me.cast(GatewayMsg::Failed { flow });
-                    return;
-                }
-            };
-            let Ok(peer) = stream.peer_addr() else {
-                let _ = me.cast(GatewayMsg::Failed { flow });
-                return;
-            };
-            let _ = me.cast(GatewayMsg::Connected { flow, peer });
-            stream
+async fn flow_task(flow: FlowId, end: HostEnd, me: ActorRef<GatewayMsg>, rx: mpsc::UnboundedReceiver<ToHost>) {
+    let (addr, intercept) = match end {
+        HostEnd::Accepted(s) => {
+            let _ = s.set_nodelay(true);
+            let (rd, wr) = s.into_split();
+            return relay(flow, rd, wr, me, rx).await;
+        }
+        HostEnd::Dial(addr) => (addr, None),
+        HostEnd::Intercept { addr, name, pinned, tls } => (addr, Some((name, pinned, tls))),
+    };
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            let _ = me.cast(GatewayMsg::Failed { flow });
+            return;
         }
     };
+    let Ok(peer) = stream.peer_addr() else {
+        let _ = me.cast(GatewayMsg::Failed { flow });
+        return;
+    };
+    let _ = me.cast(GatewayMsg::Connected { flow, peer });
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+    match intercept {
+        None => {
+            let (rd, wr) = stream.into_split();
+            relay(flow, rd, wr, me, rx).await
+        }
+        Some((name, pinned, tls)) => {
+            // The guest's bytes reach the interceptor through a pipe (the same credit
+            // as any flow's), and the interceptor owns the host socket.
+            let (ours, theirs) = tokio::io::duplex(FLOW_BUFFER);
+            let (rd, wr) = tokio::io::split(ours);
+            let reporter = me.clone();
+            let report = move |report| {
+                let _ = reporter.cast(GatewayMsg::Tls { flow, report });
+            };
+            tokio::join!(relay(flow, rd, wr, me, rx), tls.run(theirs, stream, name, pinned, report));
+        }
+    }
+}
+
+/// Moves one TCP flow's bytes between the core's messages and a host stream.
+async fn relay(
+    flow: FlowId,
+    mut rd: impl tokio::io::AsyncRead + Unpin,
+    mut wr: impl tokio::io::AsyncWrite + Unpin,
+    me: ActorRef<GatewayMsg>,
+    mut rx: mpsc::UnboundedReceiver<ToHost>,
+) {
     let mut buf = vec![0u8; HOST_CHUNK];
     let mut reading = true;
     let mut waiting: Option<oneshot::Receiver<()>> = None;
@@ -785,6 +877,10 @@ impl Actor for NetGateway {
         Extras::from_env()?;
         let mut core = Gateway::new(a.net, a.policy, host_view(), a.seed, 0);
         core.set_limits(a.limits, 0);
+        let interceptor = a.secrets.map(|s| {
+            core.set_secret_hosts(s.hosts);
+            s.interceptor
+        });
         let mut listeners = Vec::new();
         for (l, guest_port) in a.published {
             listeners.push(listen(&me, l, guest_port)?);
@@ -804,6 +900,7 @@ impl Actor for NetGateway {
             timer_gen: 0,
             refused: 0,
             listeners,
+            interceptor,
             peers: HashMap::new(),
             host_watch,
         })
@@ -897,6 +994,16 @@ impl Actor for NetGateway {
                     st.core.host_connected(flow, FLOW_BUFFER);
                 } else {
                     st.flows.remove(&flow);
+                }
+            }
+            GatewayMsg::Tls { flow, report } => {
+                let stop = matches!(report, crate::tls::TlsReport::Stop { .. });
+                st.audit.record_tls(flow, &report);
+                if stop {
+                    // The supervisor takes the VM down when the gateway stops.
+                    st.me.stop(Some(format!(
+                        "a secret's placeholder went where on-violation=stop forbids ({report:?})"
+                    )));
                 }
             }
             GatewayMsg::Failed { flow } => {

@@ -22,3 +22,4 @@ pub mod sniff;
 pub mod stack;
 #[cfg(test)]
 mod test_guest;
+pub mod tls;

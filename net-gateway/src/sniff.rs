@@ -78,17 +78,26 @@ impl<'a> Cur<'a> {
 }
 
 fn tls(data: &[u8]) -> Sniffed {
+    match join_hello(data) {
+        Ok(hs) => client_hello(&hs).unwrap_or(Sniffed::Other),
+        Err(s) => s,
+    }
+}
+
+/// The first handshake message, joined from the records it spans, or what the bytes are
+/// instead.
+fn join_hello(data: &[u8]) -> Result<Vec<u8>, Sniffed> {
     // The handshake may span records: join the fragments of the first handshake message.
     let mut hs = Vec::new();
     let mut c = Cur { b: data, at: 0 };
     loop {
-        let Some(hdr) = c.take(5) else { return Sniffed::NeedMore };
+        let Some(hdr) = c.take(5) else { return Err(Sniffed::NeedMore) };
         if hdr[0] != 0x16 || hdr[1] != 3 {
-            return Sniffed::Other;
+            return Err(Sniffed::Other);
         }
         let len = u16::from_be_bytes([hdr[3], hdr[4]]) as usize;
         if len == 0 || len > 16 * 1024 + 256 {
-            return Sniffed::Other;
+            return Err(Sniffed::Other);
         }
         // Records carry 5 bytes of header per 16 KiB: a hello that cannot fit the bound with
         // its headers is refused as soon as its declared length is in, not waited for.
@@ -99,15 +108,15 @@ fn tls(data: &[u8]) -> Sniffed {
         let Some(body) = c.take(len) else {
             let partial = [&hs[..], &data[c.at..]].concat();
             if data.len() >= MAX_HELLO || (partial.len() >= 4 && too_big(&partial).0) {
-                return Sniffed::Other;
+                return Err(Sniffed::Other);
             }
-            return Sniffed::NeedMore;
+            return Err(Sniffed::NeedMore);
         };
         hs.extend_from_slice(body);
         if hs.len() >= 4 {
             let (big, want) = too_big(&hs);
             if big {
-                return Sniffed::Other;
+                return Err(Sniffed::Other);
             }
             if hs.len() >= want {
                 hs.truncate(want);
@@ -115,7 +124,7 @@ fn tls(data: &[u8]) -> Sniffed {
             }
         }
     }
-    client_hello(&hs).unwrap_or(Sniffed::Other)
+    Ok(hs)
 }
 
 fn client_hello(hs: &[u8]) -> Option<Sniffed> {
@@ -173,6 +182,47 @@ fn client_hello(hs: &[u8]) -> Option<Sniffed> {
         });
     }
     Some(found.unwrap_or(Sniffed::TlsNoName))
+}
+
+/// The ALPN protocols a whole ClientHello offers (`None`: not a whole ClientHello, or a
+/// malformed ALPN extension).
+pub fn client_alpn(data: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let hs = join_hello(data).ok()?;
+    let mut c = Cur { b: &hs, at: 0 };
+    if c.u8()? != 1 {
+        return None;
+    }
+    let len = c.u24()?;
+    let mut c = Cur { b: c.take(len)?, at: 0 };
+    c.take(2 + 32)?;
+    let sid = c.u8()?;
+    c.take(sid)?;
+    let suites = c.u16()?;
+    c.take(suites)?;
+    let comp = c.u8()?;
+    c.take(comp)?;
+    if c.at == c.b.len() {
+        return Some(Vec::new());
+    }
+    let ext_len = c.u16()?;
+    let mut e = Cur { b: c.take(ext_len)?, at: 0 };
+    let mut out = Vec::new();
+    while e.at < e.b.len() {
+        let kind = e.u16()?;
+        let len = e.u16()?;
+        let body = e.take(len)?;
+        if kind != 16 {
+            continue; // not application_layer_protocol_negotiation
+        }
+        let mut a = Cur { b: body, at: 0 };
+        let list = a.u16()?;
+        let mut l = Cur { b: a.take(list)?, at: 0 };
+        while l.at < l.b.len() {
+            let n = l.u8()?;
+            out.push(l.take(n)?.to_vec());
+        }
+    }
+    Some(out)
 }
 
 /// Whether `line` (the bytes so far of a first line) can still become an HTTP/1 request

@@ -58,6 +58,7 @@ use crate::http1::{self, Requests};
 use crate::limit::{self, Bucket, Limits};
 use crate::policy::{Action, Direction, DomainName, Flow, Policy, Proto};
 use crate::sniff::{self, Sniffed};
+use msb_schema::secret::SecretHost;
 
 /// Most frames queued each way.
 pub const MAX_FRAMES: usize = 256;
@@ -172,6 +173,15 @@ pub enum Event {
     Dial {
         flow: FlowId,
         addr: SocketAddr,
+    },
+    /// Like [`Event::Dial`], but the flow is TLS to `name`, one of the secrets' hosts: once
+    /// connected (and checked at the dial point), the shell terminates TLS on both sides
+    /// ([`crate::tls`]). `pinned`: `addr` was resolved for `name` by this sandbox.
+    Intercept {
+        flow: FlowId,
+        addr: SocketAddr,
+        name: String,
+        pinned: bool,
     },
     /// Bytes the guest sent on `flow`, for the host socket.
     Data {
@@ -399,6 +409,8 @@ pub struct Gateway {
     rng: u64,
     /// The next local port to try for a connection into the guest.
     next_inbound: u16,
+    /// The hosts secrets may go to: TLS flows to them are intercepted.
+    secret_hosts: Vec<SecretHost>,
     /// Frames dropped for a spoofed source, audits dropped for a full event queue.
     pub spoofed: u64,
     pub audits_dropped: u64,
@@ -450,9 +462,27 @@ impl Gateway {
             egress: None,
             ingress: None,
             rng: seed | 1,
+            secret_hosts: Vec::new(),
             spoofed: 0,
             audits_dropped: 0,
         }
+    }
+
+    /// The hosts the sandbox's secrets may go to (from the next flow on): TLS flows whose
+    /// server name is one of them, to an address resolved for it, are intercepted.
+    pub fn set_secret_hosts(&mut self, hosts: Vec<SecretHost>) {
+        self.secret_hosts = hosts;
+    }
+
+    fn is_secret_host(&self, name: &DomainName) -> bool {
+        let n = name.to_string();
+        let n = n.strip_suffix('.').unwrap_or(&n).to_ascii_lowercase();
+        self.secret_hosts.iter().any(|h| h.matches(&n))
+    }
+
+    /// Whether `ip` was resolved for a secret's host.
+    fn secret_pinned(&self, ip: IpAddr, now_ms: u64) -> bool {
+        !self.secret_hosts.is_empty() && self.pins.names_for(ip, now_ms).iter().any(|n| self.is_secret_host(n))
     }
 
     /// Sets the sandbox's rate limits (checked with [`Limits::check`] by the caller); the
@@ -780,11 +810,14 @@ impl Gateway {
         // A flow a domain rule allows is decided for good, and audited, once its first bytes
         // named the server; so is one on 80/443 that domain deny rules ahead may still deny.
         let by_name = !dns && audit.rule.is_some_and(|i| self.policy.rules()[i].is_domain());
+        // A flow to an address resolved for a secret's host is looked at too: its name
+        // decides whether it is intercepted.
         let deny_check = !dns
             && !by_name
             && action == Action::Allow
-            && matches!(syn.dst.port(), 80 | 443)
-            && self.policy.has_name_denials(Proto::Tcp, syn.dst.port(), audit.rule);
+            && ((matches!(syn.dst.port(), 80 | 443)
+                && self.policy.has_name_denials(Proto::Tcp, syn.dst.port(), audit.rule))
+                || self.secret_pinned(syn.dst.ip(), now_ms));
         if action == Action::Deny || !(by_name || deny_check) {
             self.push(Event::Audit(audit));
         }
@@ -833,6 +866,14 @@ impl Gateway {
         let (mut action, mut audit) = self.decide(Proto::Udp, dst, now_ms);
         if gateway {
             (action, audit.rule, audit.why) = (Action::Deny, None, "the gateway's own address".into());
+        } else if action == Action::Allow && dst.port() == 443 && self.secret_pinned(dst.ip(), now_ms) {
+            // HTTP/3 would carry a placeholder past interception: refused, so clients fall
+            // back to TCP.
+            (action, audit.rule, audit.why) = (
+                Action::Deny,
+                None,
+                "QUIC to a secret's host is refused, so the client falls back to TLS over TCP".into(),
+            );
         }
         if action == Action::Allow {
             if self.udp.len() >= MAX_UDP_FLOWS {
@@ -991,9 +1032,21 @@ impl Gateway {
             if first.first().is_some_and(|b| b.is_ascii_uppercase()) && name.is_some() {
                 f.http = Some((Requests::default(), true));
             }
+            // TLS to a secret's host, with a protocol the gateway can read inside, is
+            // intercepted; everything else is relayed as it is.
+            let intercept = match &name {
+                Some(n) if first.first() == Some(&0x16) && self.is_secret_host(n) => sniff::client_alpn(&first)
+                    .filter(|a| a.is_empty() || a.iter().any(|p| p == b"h2" || p == b"http/1.1"))
+                    .map(|_| (n.to_string(), self.pins.is_pinned(n, dst.ip(), now_ms))),
+                _ => None,
+            };
+            let f = self.flows.get_mut(&id).expect("listed");
             f.name = name;
             self.push(Event::Audit(audit));
-            self.push(Event::Dial { flow: id, addr: dst });
+            match intercept {
+                Some((name, pinned)) => self.push(Event::Intercept { flow: id, addr: dst, name, pinned }),
+                None => self.push(Event::Dial { flow: id, addr: dst }),
+            }
             return;
         }
         // A denial the guest's program can read: TLS gets an alert, HTTP a 403 naming what

@@ -593,6 +593,11 @@ impl ResponseMask {
         ResponseMask { patterns, held: Zeroizing::new(Vec::new()) }
     }
 
+    /// A mask with the same patterns and nothing held.
+    pub fn same_patterns(&self) -> ResponseMask {
+        ResponseMask { patterns: self.patterns.clone(), held: Zeroizing::new(Vec::new()) }
+    }
+
     /// Whether it looks for anything.
     pub fn is_empty(&self) -> bool {
         self.patterns.is_empty()

@@ -52,6 +52,7 @@ impl Rig {
             seed: 3,
             published,
             limits: Limits::default(),
+            secrets: None,
         };
         let (gw, _) = Actor::spawn(None, NetGateway, args).await.unwrap();
         let (tx, from_gw) = mpsc::unbounded_channel();

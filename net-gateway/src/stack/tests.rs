@@ -1012,3 +1012,88 @@ fn a_new_host_address_resets_its_flows_and_udp_has_a_dial_point() {
     assert!(!n.gw.udp_dial_point(flow, "127.0.0.1:5000".parse().unwrap(), now));
     assert!(n.events.contains(&Event::Closed { flow }) || n.gw.take_events().contains(&Event::Closed { flow }));
 }
+
+// ---- secrets: which flows are intercepted ----
+
+fn alpn_ext(protos: &[&[u8]]) -> (u16, Vec<u8>) {
+    let mut list = Vec::new();
+    for p in protos {
+        list.push(p.len() as u8);
+        list.extend_from_slice(p);
+    }
+    let mut body = (list.len() as u16).to_be_bytes().to_vec();
+    body.extend(list);
+    (16, body)
+}
+
+fn intercepts(n: &Net) -> Vec<(FlowId, SocketAddr, String, bool)> {
+    n.events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Intercept { flow, addr, name, pinned } => Some((*flow, *addr, name.clone(), *pinned)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Only TLS to a secret's host, at an address resolved for it, offering HTTP or no ALPN, is
+/// intercepted; another name at that address, an unresolved address with the secret's
+/// name, and a non-HTTP ALPN are relayed as they are; QUIC to the secret's host is refused.
+#[test]
+fn only_tls_to_a_secret_host_at_its_resolved_address_is_intercepted() {
+    let mut n = Net::new(Policy::default());
+    n.gw.set_secret_hosts(vec![SecretHost::parse("api.example.com").unwrap()]);
+    resolve(&mut n, "api.example.com.", &[[93, 184, 216, 34]], IpEndpoint::new(IpAddress::v4(1, 1, 1, 1), 53));
+    let ip = IpAddress::v4(93, 184, 216, 34);
+    let hello = crate::review_tests::hello_with;
+    let cases: Vec<(&str, IpAddress, Vec<u8>, bool)> = vec![
+        (
+            "the secret's host, h2 and http/1.1",
+            ip,
+            hello("api.example.com", &[alpn_ext(&[b"h2", b"http/1.1"])], 16384),
+            true,
+        ),
+        ("the secret's host, no ALPN", ip, hello("API.example.com", &[], 16384), true),
+        ("the secret's host, only imap", ip, hello("api.example.com", &[alpn_ext(&[b"imap"])], 16384), false),
+        ("another name at that address", ip, hello("other.example", &[], 16384), false),
+        (
+            "the secret's name at an unresolved address",
+            IpAddress::v4(93, 184, 216, 99),
+            hello("api.example.com", &[], 16384),
+            false,
+        ),
+        ("plain HTTP to the secret's host", ip, b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n".to_vec(), false),
+    ];
+    for (i, (what, dst, bytes, want)) in cases.into_iter().enumerate() {
+        let before = (n.dials().len(), intercepts(&n).len());
+        let h = n.guest.connect(dst, if bytes[0] == 0x16 { 443 } else { 80 }, 46000 + i as u16);
+        n.run(3);
+        send(&mut n, h, &bytes);
+        n.run((SNIFF_WAIT_MS / 10) as usize + 5);
+        let after = (n.dials().len(), intercepts(&n).len());
+        if want {
+            assert_eq!(after, (before.0, before.1 + 1), "{what}");
+            let (_, addr, name, pinned) = intercepts(&n).pop().unwrap();
+            assert_eq!(
+                (addr.ip(), name.as_str(), pinned),
+                ("93.184.216.34".parse().unwrap(), "api.example.com", true),
+                "{what}"
+            );
+        } else {
+            assert_eq!(after, (before.0 + 1, before.1), "{what}: relayed untouched");
+        }
+    }
+    // QUIC to the secret host's address is refused; UDP/443 elsewhere is not.
+    let u = udp_socket(&mut n, 5443);
+    n.guest.sockets.get_mut::<udp::Socket>(u).send_slice(b"quic", IpEndpoint::new(ip, 443)).unwrap();
+    n.guest
+        .sockets
+        .get_mut::<udp::Socket>(u)
+        .send_slice(b"quic", IpEndpoint::new(IpAddress::v4(93, 184, 216, 99), 443))
+        .unwrap();
+    n.run(3);
+    let opened: Vec<SocketAddr> =
+        n.events.iter().filter_map(|e| if let Event::UdpOpen { addr, .. } = e { Some(*addr) } else { None }).collect();
+    assert_eq!(opened, vec!["93.184.216.99:443".parse::<SocketAddr>().unwrap()]);
+    assert!(n.audits().iter().any(|a| a.why.contains("QUIC to a secret's host is refused")));
+}
