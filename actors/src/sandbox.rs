@@ -17,17 +17,22 @@ use msb_schema::{ExecError, ExecEvent, ExecOutput, ExecSpec, StopReason, WinSize
 use ractor::concurrency::MpscUnboundedReceiver;
 use ractor::{Actor, ActorRef, DerivedActorRef, RpcReplyPort};
 
+use crate::supervisor::VaultHandle;
 use crate::supervisor::{SandboxSupervisor, SupArgs, SupMsg};
 use crate::{Error, Result};
 use msb_devices::virtio::fs::Tag;
 use msb_fs_broker::actor::FsBrokerArgs;
 use msb_fs_broker::MountConfig;
 use msb_net_gateway::actor::GatewayArgs;
+use msb_net_gateway::actor::SecretsArgs;
 use msb_net_gateway::limit::Limits;
 use msb_net_gateway::policy::Policy;
 use msb_net_gateway::stack::NetConfig;
+use msb_net_gateway::tls::Interceptor;
 pub use msb_schema::fs::{MountSpec, MAX_MOUNTS};
 use msb_schema::net::{NetControl, Port, PortListener, PortProto};
+use msb_schema::secret::{SecretHost, SecretInfo, SecretName, SecretSpec, SecretValue, VaultControl};
+use msb_secret_vault::{SecretVault, Vault, VaultArgs};
 
 /// Default time for a guest to become ready.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -35,7 +40,7 @@ pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builds a sandbox. Defaults: 1 vCPU, 256 MiB, kernel and agent from `MSB_HOME`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SandboxBuilder {
     cpus: u8,
     memory_mib: u64,
@@ -47,6 +52,10 @@ pub struct SandboxBuilder {
     root: Option<(PathBuf, PathBuf)>,
     network: Option<Network>,
     mounts: Vec<MountSpec>,
+    /// Secrets with their values (moved into the vault by `create`).
+    secrets: Vec<(SecretSpec, SecretValue)>,
+    /// Extra CA certificates (PEM files) upstreams of secret hosts are verified against.
+    upstream_ca: Vec<PathBuf>,
 }
 
 /// A sandbox's network: the egress policy, the resolver the gateway asks, and where its
@@ -97,6 +106,8 @@ impl Default for SandboxBuilder {
             root: None,
             network: Some(Network::default()),
             mounts: Vec::new(),
+            secrets: Vec::new(),
+            upstream_ca: Vec::new(),
         }
     }
 }
@@ -152,6 +163,21 @@ impl SandboxBuilder {
     /// Files appear owned by root (the default workload user).
     pub fn mount(mut self, spec: MountSpec) -> Self {
         self.mounts.push(spec);
+        self
+    }
+
+    /// A secret: the guest sees `spec.placeholder` as the environment variable
+    /// `spec.name` of every command; the gateway puts `value` in its place only in requests
+    /// over TLS to `spec.hosts` (see `research/secrets.md`). At most
+    /// [`MAX_SECRETS`](msb_schema::secret::MAX_SECRETS); needs a network.
+    pub fn secret(mut self, spec: SecretSpec, value: SecretValue) -> Self {
+        self.secrets.push((spec, value));
+        self
+    }
+    /// A PEM file of CA certificates that upstreams of secret hosts may also be verified
+    /// against (private endpoints, tests); the host's roots are always used.
+    pub fn tls_upstream_ca(mut self, pem: impl Into<PathBuf>) -> Self {
+        self.upstream_ca.push(pem.into());
         self
     }
 
@@ -237,9 +263,23 @@ impl SandboxBuilder {
     }
 
     /// Boots the sandbox and waits until its agent is ready.
-    pub async fn create(self) -> Result<Sandbox> {
+    pub async fn create(mut self) -> Result<Sandbox> {
         let clock = Instant::now();
         let spec = self.spec()?;
+        let secrets = std::mem::take(&mut self.secrets);
+        let secret_env: Vec<(String, String)> =
+            secrets.iter().map(|(s, _)| (s.name.to_string(), s.placeholder.to_string())).collect();
+        let (vault, interception) = match (secrets.is_empty(), &self.network) {
+            (true, _) => (None, None),
+            (false, None) => {
+                return Err(Error::Config("secrets need a network (they are substituted by its gateway)".into()))
+            }
+            (false, Some(n)) => {
+                let (v, i) = start_vault(&n.name, secrets, &self.upstream_ca).await?;
+                (Some(v), Some(i))
+            }
+        };
+        let ca_pem = interception.as_ref().map(|(i, _)| i.ca_pem().to_string());
         let machine = tokio::task::spawn_blocking(move || Machine::build(&spec, clock))
             .await
             .map_err(|e| Error::Spawn(format!("VM setup task: {e}")))??;
@@ -270,6 +310,7 @@ impl SandboxBuilder {
                     seed: random_seed(),
                     published: listeners,
                     limits: n.limits,
+                    secrets: interception.map(|(interceptor, hosts)| SecretsArgs { hosts, interceptor }),
                 })
             }
         };
@@ -294,7 +335,7 @@ impl SandboxBuilder {
                 }
             })
             .collect();
-        let (sup, _) = Actor::spawn(None, SandboxSupervisor, SupArgs { machine, net, mounts })
+        let (sup, _) = Actor::spawn(None, SandboxSupervisor, SupArgs { machine, net, mounts, vault })
             .await
             .map_err(|e| Error::Spawn(e.to_string()))?;
         let agent = match sup.call(SupMsg::AgentRef, Some(LIFECYCLE_CALL_TIMEOUT)).await {
@@ -305,10 +346,26 @@ impl SandboxBuilder {
             }
         };
         let published = std::sync::Mutex::new(published);
-        let sb = Sandbox { sup: sup.clone(), link: AgentLink { agent, sup }, created: clock, published };
+        let mut sb = Sandbox {
+            sup: sup.clone(),
+            link: AgentLink { agent, sup },
+            created: clock,
+            published,
+            default_env: secret_env,
+            ca_pem: ca_pem.clone(),
+        };
         let ready = tokio::time::timeout(self.boot_timeout, sb.sup.call(SupMsg::WaitReady, None)).await;
         match ready {
-            Ok(Ok(ractor::rpc::CallResult::Success(Ok(_agent)))) => Ok(sb),
+            Ok(Ok(ractor::rpc::CallResult::Success(Ok(_agent)))) => match ca_pem {
+                None => Ok(sb),
+                Some(pem) => match sb.install_ca(&pem).await {
+                    Ok(()) => Ok(sb),
+                    Err(e) => {
+                        let _ = sb.kill().await;
+                        Err(e)
+                    }
+                },
+            },
             Ok(Ok(ractor::rpc::CallResult::Success(Err(e)))) => {
                 let _ = sb.kill().await;
                 Err(e.into())
@@ -325,6 +382,49 @@ impl SandboxBuilder {
             }
         }
     }
+}
+
+/// Starts the vault with `secrets` and makes the gateway's interceptor (the sandbox's CA,
+/// upstream trust: the host's roots plus `upstream_ca`); returns the vault for the
+/// supervisor, and the interceptor with the hosts for the gateway.
+async fn start_vault(
+    label: &str,
+    secrets: Vec<(SecretSpec, SecretValue)>,
+    upstream_ca: &[PathBuf],
+) -> Result<(VaultHandle, (std::sync::Arc<Interceptor>, Vec<msb_schema::secret::SecretHost>))> {
+    let vault = Vault::new(secrets).map_err(|e| Error::Config(e.to_string()))?;
+    let hosts = vault.hosts();
+    let mut roots = msb_net_gateway::tls::host_roots();
+    for f in upstream_ca {
+        let certs = msb_net_gateway::tls::load_pem_certs(f)
+            .map_err(|e| Error::Config(format!("--tls-upstream-ca {}: {e}", f.display())))?;
+        roots.extend(certs);
+    }
+    let (actor, _) =
+        Actor::spawn(None, SecretVault, VaultArgs { vault }).await.map_err(|e| Error::Spawn(e.to_string()))?;
+    let interceptor = match Interceptor::new(label, roots, actor.get_derived()) {
+        Ok(i) => std::sync::Arc::new(i),
+        Err(e) => {
+            actor.stop(None);
+            return Err(Error::Config(format!("secrets: {e}")));
+        }
+    };
+    let handle = VaultHandle { cell: actor.get_cell(), control: actor.get_derived() };
+    Ok((handle, (interceptor, hosts)))
+}
+
+/// The guest paths agentd's `--msb-ca` mode puts the CA in, and the variables that point
+/// programs at them.
+fn ca_env(bundle: &str) -> Vec<(String, String)> {
+    let bare = "/usr/local/share/ca-certificates/msb-sandbox.crt";
+    let mut env: Vec<(String, String)> =
+        ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO", "AWS_CA_BUNDLE"]
+            .iter()
+            .map(|k| (k.to_string(), bundle.to_string()))
+            .collect();
+    env.push(("NODE_EXTRA_CA_CERTS".into(), bare.into()));
+    env.push(("DENO_CERT".into(), bare.into()));
+    env
 }
 
 /// The virtio-fs tag of a sandbox's `i`th mount.
@@ -396,6 +496,11 @@ pub struct Sandbox {
     created: Instant,
     /// Changed only by [`Sandbox::publish`] / [`Sandbox::unpublish`], after the gateway did.
     published: std::sync::Mutex<Vec<Port>>,
+    /// Environment every command gets unless it sets the variable itself: each secret's
+    /// placeholder, and where the sandbox's CA is.
+    default_env: Vec<(String, String)>,
+    /// The sandbox's interception CA (PEM), when it has secrets.
+    ca_pem: Option<String>,
 }
 
 /// Binds a published port's host socket; returns it and the port as bound (a port 0
@@ -478,14 +583,16 @@ impl Sandbox {
 
     /// Runs a command described in full (user, timeout, stdin, …) and collects its output
     /// (at most [`MAX_BUFFERED_OUTPUT`] bytes).
-    pub async fn exec_spec(&self, spec: ExecSpec) -> std::result::Result<ExecOutput, ExecError> {
+    pub async fn exec_spec(&self, mut spec: ExecSpec) -> std::result::Result<ExecOutput, ExecError> {
+        self.with_defaults(&mut spec);
         self.link.ask(|reply| AgentRequest::Exec { spec, reply }).await
     }
 
     /// Starts a command and returns a handle that streams its output as it arrives and takes
     /// stdin and signals while it runs. `spec.stdin` is written first; stdin stays open until
     /// [`ExecHandle::close_stdin`].
-    pub async fn exec_stream(&self, spec: ExecSpec) -> std::result::Result<ExecHandle, ExecError> {
+    pub async fn exec_stream(&self, mut spec: ExecSpec) -> std::result::Result<ExecHandle, ExecError> {
+        self.with_defaults(&mut spec);
         let (events, rx) = ractor::concurrency::mpsc_unbounded();
         let id = self.link.ask(|reply| AgentRequest::ExecStream { spec, events, reply }).await?;
         Ok(ExecHandle { id, rx, control: ExecControl { id, link: self.link.clone() }, done: false })
@@ -541,6 +648,80 @@ impl Sandbox {
         self.call(|reply| SupMsg::Net(NetControl::SetPolicy { policy: text, reply }), LIFECYCLE_CALL_TIMEOUT)
             .await?
             .map_err(Error::Config)
+    }
+
+    /// Adds the sandbox's default environment to `spec` (its own variables win).
+    fn with_defaults(&self, spec: &mut ExecSpec) {
+        for (k, v) in &self.default_env {
+            if !spec.env.iter().any(|(n, _)| n == k) {
+                spec.env.push((k.clone(), v.clone()));
+            }
+        }
+    }
+
+    /// Puts the sandbox's CA into the guest's trust store (agentd's `--msb-ca` mode,
+    /// replacing the CA of an earlier start) and points every command at it.
+    async fn install_ca(&mut self, pem: &str) -> Result<()> {
+        let spec = ExecSpec {
+            argv: vec!["/proc/self/exe".into(), "--msb-ca".into()],
+            stdin: Some(pem.as_bytes().to_vec()),
+            timeout: Some(Duration::from_secs(30)),
+            ..Default::default()
+        };
+        let out = self.link.ask(|reply| AgentRequest::Exec { spec, reply }).await?;
+        let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status != msb_schema::ExitStatus::Code(0) || !stdout.starts_with('/') {
+            return Err(Error::Config(format!(
+                "installing the sandbox's CA in the guest failed ({:?}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        self.default_env.extend(ca_env(&stdout));
+        Ok(())
+    }
+
+    /// The sandbox's interception CA (PEM), when it has secrets.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
+    }
+
+    /// The secrets as they stand (names, hosts, placeholders; never values).
+    pub async fn secrets(&self) -> Result<Vec<SecretInfo>> {
+        self.call(|reply| SupMsg::Vault(VaultControl::Describe(reply)), LIFECYCLE_CALL_TIMEOUT).await
+    }
+
+    /// A new value for secret `name`, used from the next request (kept-alive connections
+    /// included); the old value is wiped.
+    pub async fn rotate_secret(&self, name: &SecretName, value: SecretValue) -> Result<()> {
+        let name = name.clone();
+        self.call(|reply| SupMsg::Vault(VaultControl::Rotate { name, value, reply }), LIFECYCLE_CALL_TIMEOUT)
+            .await?
+            .map_err(Error::Config)
+    }
+
+    /// New hosts for secret `name`, from the next request on.
+    pub async fn set_secret_hosts(&self, name: &SecretName, hosts: Vec<SecretHost>) -> Result<()> {
+        let name = name.clone();
+        self.call(|reply| SupMsg::Vault(VaultControl::SetHosts { name, hosts, reply }), LIFECYCLE_CALL_TIMEOUT)
+            .await?
+            .map_err(Error::Config)?;
+        self.sync_secret_hosts().await
+    }
+
+    /// Forgets secret `name`: its placeholder goes out unchanged from the next request.
+    pub async fn remove_secret(&self, name: &SecretName) -> Result<()> {
+        let name = name.clone();
+        self.call(|reply| SupMsg::Vault(VaultControl::Remove { name, reply }), LIFECYCLE_CALL_TIMEOUT)
+            .await?
+            .map_err(Error::Config)?;
+        self.sync_secret_hosts().await
+    }
+
+    /// Tells the gateway the hosts the vault's secrets now go to.
+    async fn sync_secret_hosts(&self) -> Result<()> {
+        let hosts: Vec<SecretHost> = self.secrets().await?.into_iter().flat_map(|s| s.hosts).collect();
+        self.call(|reply| SupMsg::Net(NetControl::SecretHosts { hosts, reply }), LIFECYCLE_CALL_TIMEOUT).await
     }
 
     /// The egress policy in force, as policy-file text (empty without a network).

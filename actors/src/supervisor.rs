@@ -29,6 +29,7 @@ use msb_devices::Machine;
 use msb_hypervisor::VcpuStop;
 use msb_schema::agent::AgentRequest;
 use msb_schema::limits::LIFECYCLE_CALL_TIMEOUT;
+use msb_schema::secret::VaultControl;
 use msb_schema::{ExecError, StopReason};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent};
 
@@ -70,6 +71,8 @@ pub enum SupMsg {
     Kill,
     /// For the network gateway (answered `Err` when the sandbox has no network).
     Net(NetControl),
+    /// For the secret vault (answered `Err` when the sandbox has no secrets).
+    Vault(VaultControl),
 }
 
 /// What the supervisor is started with: the built VM, and the gateway's arguments when the
@@ -79,6 +82,16 @@ pub struct SupArgs {
     pub net: Option<GatewayArgs>,
     /// One broker's arguments per virtio-fs device, in device order.
     pub mounts: Vec<FsBrokerArgs>,
+    /// The secret vault, already running (the gateway's interceptor holds its query ref):
+    /// linked here, stopped with the VM.
+    pub vault: Option<VaultHandle>,
+}
+
+/// A running secret vault as the supervisor holds it: the cell (to link and stop) and the
+/// ref narrowed to control.
+pub struct VaultHandle {
+    pub cell: ActorCell,
+    pub control: DerivedActorRef<VaultControl>,
 }
 
 pub struct SandboxSupervisor;
@@ -88,6 +101,7 @@ struct Running {
     agent: ActorRef<AgentMsg>,
     devices: Vec<ActorCell>,
     net: Option<DerivedActorRef<NetControl>>,
+    vault: Option<DerivedActorRef<VaultControl>>,
     // Keeps the VM (fds, memory) alive until the vCPUs are stopped.
     vm: msb_hypervisor::Vm,
 }
@@ -235,7 +249,12 @@ impl Actor for SandboxSupervisor {
 
     async fn pre_start(&self, me: ActorRef<SupMsg>, args: SupArgs) -> Result<SupState, ActorProcessingErr> {
         let m = args.machine;
-        let Wired { agent, devices, net } = wire(&me, m.virtio, args.net, args.mounts).await?;
+        let Wired { agent, mut devices, net } = wire(&me, m.virtio, args.net, args.mounts).await?;
+        let vault = args.vault.map(|v| {
+            v.cell.link(me.get_cell());
+            devices.push(v.cell);
+            v.control
+        });
         // Registered before the guest runs a single instruction (see `SupMsg::WaitReady`).
         let (tx, rx) = ractor::concurrency::oneshot();
         agent.cast(AgentMsg::Request(AgentRequest::WaitReady(tx.into())))?;
@@ -257,7 +276,7 @@ impl Actor for SandboxSupervisor {
         tracing::debug!(cmdline = %m.cmdline, "sandbox VM started");
         Ok(SupState {
             requests: agent.get_derived(),
-            running: Some(Running { runners, agent, devices, net, vm: m.vm }),
+            running: Some(Running { runners, agent, devices, net, vault, vm: m.vm }),
             serial: m.serial,
             reports: m.reports,
             boot_timer: m.boot_timer,
@@ -334,6 +353,18 @@ impl Actor for SandboxSupervisor {
                 st.finish(StopReason::Killed).await;
                 me.stop(None);
             }
+            SupMsg::Vault(c) => match st.running.as_ref().and_then(|r| r.vault.as_ref()) {
+                Some(v) => drop(v.send_message(c)),
+                None => {
+                    let none = "this sandbox has no secrets".to_string();
+                    match c {
+                        VaultControl::Rotate { reply, .. }
+                        | VaultControl::SetHosts { reply, .. }
+                        | VaultControl::Remove { reply, .. } => drop(reply.send(Err(none))),
+                        VaultControl::Describe(reply) => drop(reply.send(Vec::new())),
+                    }
+                }
+            },
             SupMsg::Net(c) => match st.running.as_ref().and_then(|r| r.net.as_ref()) {
                 Some(gw) => drop(gw.send_message(c)),
                 None => match c {
@@ -345,6 +376,7 @@ impl Actor for SandboxSupervisor {
                         drop(reply.send(Err("this sandbox has no network (--net none)".into())))
                     }
                     NetControl::Unpublish { reply, .. } => drop(reply.send(Vec::new())),
+                    NetControl::SecretHosts { reply, .. } => drop(reply.send(())),
                 },
             },
         }
@@ -362,8 +394,9 @@ impl Actor for SandboxSupervisor {
                 tracing::warn!(actor = ?who.get_id(), "sandbox component failed: {err}");
                 st.finish(StopReason::DeviceFailure(err.to_string())).await;
             }
-            SupervisionEvent::ActorTerminated(..) if st.stopped.is_none() => {
-                st.finish(StopReason::DeviceFailure("a sandbox component stopped unexpectedly".into())).await;
+            SupervisionEvent::ActorTerminated(_, _, reason) if st.stopped.is_none() => {
+                let why = reason.unwrap_or_else(|| "a sandbox component stopped unexpectedly".into());
+                st.finish(StopReason::DeviceFailure(why)).await;
             }
             _ => {}
         }

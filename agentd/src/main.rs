@@ -14,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+mod ca;
 mod exec;
 mod files;
 mod helper;
@@ -60,6 +61,9 @@ fn main() {
     }
     if args.first().map(String::as_str) == Some(files::FLAG) {
         files::main(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some(ca::FLAG) {
+        ca::main(&args[1..]);
     }
     let pid1 = std::process::id() == 1;
     if pid1 {

@@ -144,6 +144,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ImageCmd,
     },
+    /// A sandbox's secrets (`--secret`): rotate, re-scope, remove, list; a running sandbox
+    /// uses the change from its next request, kept-alive connections included.
+    Secret {
+        #[command(subcommand)]
+        cmd: SecretCmd,
+    },
     /// Named volumes: directories that outlive sandboxes (`-v NAME:/path`).
     Volume {
         #[command(subcommand)]
@@ -155,6 +161,30 @@ enum Cmd {
     Completions { shell: clap_complete::Shell },
     #[command(name = SANDBOX_PROCESS_ARG, hide = true)]
     SandboxProcess,
+}
+
+#[derive(Subcommand)]
+enum SecretCmd {
+    /// A new value for a secret, from `--from env:VAR|file:PATH` (also recorded as where
+    /// later starts read it) or, without it, from stdin (used by the running sandbox only;
+    /// later starts read the recorded source).
+    Set {
+        sandbox: String,
+        name: String,
+        #[arg(long, value_name = "env:VAR|file:PATH")]
+        from: Option<String>,
+    },
+    /// The hosts a secret may go to, replacing its list.
+    Hosts {
+        sandbox: String,
+        name: String,
+        #[arg(required = true)]
+        hosts: Vec<String>,
+    },
+    /// Remove a secret: its placeholder goes out unchanged from the next request.
+    Rm { sandbox: String, name: String },
+    /// The secrets of a sandbox (names, hosts, placeholders; never values).
+    Ls { sandbox: String },
 }
 
 #[derive(Subcommand)]
@@ -246,6 +276,19 @@ struct NetArgs {
     /// Limit what the sandbox receives, all flows together (same units as --rate-out).
     #[arg(long, value_name = "RATE", value_parser = msb_actors::net::parse_rate)]
     rate_in: Option<u64>,
+    /// A secret the sandbox uses but never holds: `NAME@HOST[,HOST…]` takes the value from
+    /// msb's own environment variable NAME; the guest's commands see NAME set to a
+    /// placeholder, which the gateway replaces with the value only in requests over TLS to
+    /// those hosts (`*.example.com`: any name below). Long form:
+    /// `name=NAME,host=H[,host=H…][,env=VAR|file=PATH][,headers=H1+H2|all|none][,query]
+    /// [,placeholder=P][,on-violation=forward|block|stop]`. Inline values are refused.
+    /// Repeatable.
+    #[arg(long = "secret", value_name = "NAME@HOST[,HOST…]")]
+    secrets: Vec<String>,
+    /// A PEM file of CA certificates that secret hosts' servers may also be verified against
+    /// (private endpoints; the host's roots are always used). Repeatable.
+    #[arg(long, value_name = "FILE")]
+    tls_upstream_ca: Vec<PathBuf>,
 }
 
 /// The egress policy's flags, for `create`/`run` and `msb policy`.
@@ -321,8 +364,23 @@ impl NetArgs {
                 "--net none has no network: drop --allow, --deny, --policy, --dns, -p and the rate flags".into(),
             ));
         }
+        if none && (!self.secrets.is_empty() || !self.tls_upstream_ca.is_empty()) {
+            return Err(Error::Config(
+                "--net none has no network, so no secrets: drop --secret and --tls-upstream-ca".into(),
+            ));
+        }
+        let mut cas = Vec::new();
+        for f in &self.tls_upstream_ca {
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| Error::Config(format!("--tls-upstream-ca {}: {e}", f.display())))?;
+            if !text.contains("-----BEGIN CERTIFICATE-----") {
+                return Err(Error::Config(format!("--tls-upstream-ca {}: no PEM certificate in it", f.display())));
+            }
+            cas.push(std::path::absolute(f).unwrap_or_else(|_| f.clone()));
+        }
         let policy = self.rules.policy()?;
         let settings = NetSettings {
+            tls_upstream_ca: cas,
             none,
             policy: policy.map(|p| p.to_string()),
             dns: self.dns,
@@ -380,6 +438,12 @@ impl MachineArgs {
             boot_timeout_secs: self.boot_timeout,
             net: self.net.settings()?,
             mounts: self.mounts()?,
+            secrets: self
+                .net
+                .secrets
+                .iter()
+                .map(|s| msb_control_plane::secrets::parse_secret(s))
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -605,6 +669,7 @@ fn main() -> ExitCode {
         Cmd::Rmi { reference } => images::remove(&msb, &reference),
         Cmd::Image { cmd: ImageCmd::Prune } => images::prune(&msb),
         Cmd::Volume { cmd } => volume(&msb, cmd),
+        Cmd::Secret { cmd } => rt.block_on(secret(&msb, cmd)),
         Cmd::Start { name } => rt.block_on(async {
             let sb = msb.get(&name)?;
             sb.start_detached().await?;
@@ -711,7 +776,15 @@ async fn sandbox_process() -> ExitCode {
             return ExitCode::from(125);
         }
     };
-    match sandbox_process::run(launch, std::io::stdout()).await {
+    // The secrets' values follow on the same pipe (never argv or the environment).
+    let secrets = match msb_control_plane::secrets::read_frame(&mut std::io::stdin().lock()) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("msb sandbox process: {e}");
+            return ExitCode::from(125);
+        }
+    };
+    match sandbox_process::run(launch, secrets, std::io::stdout()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("msb sandbox process: {}", report::chain(&e));
@@ -727,6 +800,98 @@ fn status_line(r: &Record) -> String {
             format!("{s} ({})", run.exit_reason.as_deref().unwrap_or_default())
         }
         (s, _) => s.to_string(),
+    }
+}
+
+/// `msb secret …`.
+async fn secret(msb: &Msb, cmd: SecretCmd) -> msb_control_plane::Result<()> {
+    use msb_control_plane::schema::secret::{SecretHost, SecretName, SecretSource, SecretValue};
+    let name_of = |n: &str| SecretName::new(n).map_err(|e| Error::Config(e.to_string()));
+    let said = |live: bool, what: &str| {
+        if live {
+            println!("{what}: in use from the next request");
+        } else {
+            println!("{what}: recorded for the next start");
+        }
+    };
+    match cmd {
+        SecretCmd::Set { sandbox, name, from } => {
+            let sb = msb.get(&sandbox)?;
+            let name = name_of(&name)?;
+            let (value, source) = match from.as_deref() {
+                Some(f) => {
+                    let source = match f.split_once(':') {
+                        Some(("env", v)) if !v.is_empty() => SecretSource::Env(v.to_string()),
+                        Some(("file", p)) if !p.is_empty() => {
+                            SecretSource::File(std::path::absolute(p).unwrap_or_else(|_| p.into()))
+                        }
+                        _ => return Err(Error::Config(format!("--from {f:?}: use env:VAR or file:PATH"))),
+                    };
+                    let spec = msb_control_plane::schema::secret::SecretSpec {
+                        name: name.clone(),
+                        placeholder: msb_control_plane::secrets::random_placeholder()?,
+                        hosts: Vec::new(),
+                        scope: Default::default(),
+                        on_violation: Default::default(),
+                        source: source.clone(),
+                    };
+                    (msb_control_plane::secrets::resolve(&spec, &mut Vec::new())?, Some(source))
+                }
+                None => {
+                    use std::io::Read;
+                    let mut v = Vec::new();
+                    std::io::stdin()
+                        .take(msb_control_plane::schema::secret::MAX_SECRET_VALUE as u64 + 2)
+                        .read_to_end(&mut v)
+                        .map_err(|e| Error::Config(format!("reading the value from stdin: {e}")))?;
+                    let v = SecretValue::from_file_bytes(name.as_str(), v).map_err(|e| Error::Config(e.to_string()))?;
+                    (v, None)
+                }
+            };
+            let live = sb.secret_set(&name, value, source).await?;
+            if !live && from.is_none() {
+                return Err(Error::Config(format!(
+                    "{sandbox} is not running, and a value from stdin is not stored: use --from env:VAR|file:PATH"
+                )));
+            }
+            said(live, &format!("secret {name} of {sandbox}"));
+            Ok(())
+        }
+        SecretCmd::Hosts { sandbox, name, hosts } => {
+            let sb = msb.get(&sandbox)?;
+            let hosts = hosts
+                .iter()
+                .map(|h| SecretHost::parse(h))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Error::Config(e.to_string()))?;
+            let live = sb.secret_hosts(&name_of(&name)?, hosts).await?;
+            said(live, &format!("the hosts of secret {name} of {sandbox}"));
+            Ok(())
+        }
+        SecretCmd::Rm { sandbox, name } => {
+            let live = msb.get(&sandbox)?.secret_rm(&name_of(&name)?).await?;
+            said(live, &format!("removing secret {name} of {sandbox}"));
+            Ok(())
+        }
+        SecretCmd::Ls { sandbox } => {
+            let sb = msb.get(&sandbox)?;
+            let rec = sb.record()?;
+            let live = if rec.status.is_live() { Some(sb.secrets().await?) } else { None };
+            println!("{:<24} {:<34} {:<8} HOSTS", "NAME", "PLACEHOLDER", "LOCKED");
+            for s in &rec.config.secrets {
+                let locked = match &live {
+                    Some(l) => match l.iter().find(|i| i.name == s.name) {
+                        Some(i) if i.locked => "yes",
+                        Some(_) => "no",
+                        None => "removed",
+                    },
+                    None => "-",
+                };
+                let hosts: Vec<String> = s.hosts.iter().map(|h| h.to_string()).collect();
+                println!("{:<24} {:<34} {:<8} {}", s.name, s.placeholder, locked, hosts.join(","));
+            }
+            Ok(())
+        }
     }
 }
 

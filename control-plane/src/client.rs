@@ -20,6 +20,7 @@ use std::time::Duration;
 use msb_schema::exec::OutputCollector;
 use msb_schema::limits::{MAX_BUFFERED_OUTPUT, STDIN_CHUNK};
 use msb_schema::net::PortProto;
+use msb_schema::secret::{SecretName, SecretValue};
 use msb_schema::{ExecError, ExecEvent, ExecOutput, ExecSpec, SandboxName, WinSize};
 use tokio::net::UnixStream;
 
@@ -220,7 +221,13 @@ impl NamedSandbox {
 
     /// Starts it in a sandbox process that outlives this process.
     pub async fn start_detached(&self) -> Result<()> {
-        let owner = self.start(true).await?;
+        self.start_detached_with(Vec::new()).await
+    }
+
+    /// Like [`NamedSandbox::start_detached`], with values for secrets whose source is
+    /// [`SecretSource::Given`](msb_schema::secret::SecretSource) (or that override theirs).
+    pub async fn start_detached_with(&self, values: Vec<(SecretName, SecretValue)>) -> Result<()> {
+        let owner = self.start(true, values).await?;
         // Reaped when it ends, so that a long-lived client does not collect zombies.
         std::thread::spawn(move || owner.wait());
         Ok(())
@@ -229,10 +236,22 @@ impl NamedSandbox {
     /// Starts it in a sandbox process that stops the sandbox when the returned [`Owner`] is
     /// dropped or this process exits.
     pub async fn start_attached(&self) -> Result<Owner> {
-        self.start(false).await
+        self.start(false, Vec::new()).await
     }
 
-    async fn start(&self, detached: bool) -> Result<Owner> {
+    /// Like [`NamedSandbox::start_attached`], with values for secrets (see
+    /// [`NamedSandbox::start_detached_with`]).
+    pub async fn start_attached_with(&self, values: Vec<(SecretName, SecretValue)>) -> Result<Owner> {
+        self.start(false, values).await
+    }
+
+    async fn start(&self, detached: bool, mut given: Vec<(SecretName, SecretValue)>) -> Result<Owner> {
+        // Every value is read before anything starts: a missing one fails here, naming it.
+        let rec = self.record()?;
+        let mut values = Vec::new();
+        for spec in &rec.config.secrets {
+            values.push((spec.name.clone(), crate::secrets::resolve(spec, &mut given)?));
+        }
         let store = self.msb.reconciled_store()?;
         let rec = store.claim_start(self.name())?;
         let config = rec.config.clone();
@@ -243,7 +262,8 @@ impl NamedSandbox {
             detached,
             ephemeral: rec.ephemeral,
         };
-        let spawned = self.spawn(&launch);
+        let spawned = self.spawn(&launch, &values);
+        drop(values); // wiped
         let (mut child, stdin, stdout) = match spawned {
             Ok(v) => v,
             Err(e) => {
@@ -293,7 +313,11 @@ impl NamedSandbox {
         self.dir().join("vmm.log")
     }
 
-    fn spawn(&self, launch: &Launch) -> Result<(Child, ChildStdin, std::process::ChildStdout)> {
+    fn spawn(
+        &self,
+        launch: &Launch,
+        values: &[(SecretName, SecretValue)],
+    ) -> Result<(Child, ChildStdin, std::process::ChildStdout)> {
         let dir = self.dir();
         private_dir(&dir).map_err(|e| Error::Spawn(format!("creating {}: {e}", dir.display())))?;
         let log = std::fs::OpenOptions::new()
@@ -304,8 +328,28 @@ impl NamedSandbox {
             .open(self.vmm_log())
             .map_err(|e| Error::Spawn(format!("opening {}: {e}", self.vmm_log().display())))?;
         let bin = msb_binary(&self.msb.home)?;
+        // A cleared environment: only what the sandbox process reads passes, so a secret's
+        // source variable never stays in its /proc/PID/environ.
+        let sources: Vec<&str> = launch
+            .config
+            .secrets
+            .iter()
+            .filter_map(|s| match &s.source {
+                msb_schema::secret::SecretSource::Env(v) => Some(v.as_str()),
+                _ => None,
+            })
+            .collect();
+        let kept = std::env::vars_os().filter(|(k, _)| {
+            let k = k.to_string_lossy();
+            let ours = k.starts_with("MSB_")
+                || k.starts_with("SSL_CERT_")
+                || matches!(&*k, "PATH" | "HOME" | "RUST_LOG" | "TMPDIR" | "USER" | "LANG");
+            ours && !sources.contains(&&*k)
+        });
         let mut child = Command::new(&bin)
             .arg(SANDBOX_PROCESS_ARG)
+            .env_clear()
+            .envs(kept)
             .env("MSB_HOME", &self.msb.home)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -317,6 +361,8 @@ impl NamedSandbox {
         let stdout = child.stdout.take().expect("piped");
         let json = serde_json::to_string(launch).map_err(|e| Error::Config(e.to_string()))?;
         writeln!(stdin, "{json}").map_err(|e| Error::Spawn(format!("configuring the sandbox process: {e}")))?;
+        crate::secrets::write_frame(&mut stdin, values)
+            .map_err(|e| Error::Spawn(format!("handing the sandbox process its secrets: {e}")))?;
         Ok((child, stdin, stdout))
     }
 
@@ -535,6 +581,82 @@ impl NamedSandbox {
         };
         let mut config = rec.config;
         config.net.policy = policy;
+        self.msb.reconciled_store()?.set_config(self.name(), &config)?;
+        Ok(live)
+    }
+
+    /// The secrets of the running sandbox as its vault holds them (names, hosts,
+    /// placeholders, whether locked; never values).
+    pub async fn secrets(&self) -> Result<Vec<msb_schema::secret::SecretInfo>> {
+        self.secret_op(wire::SecretOp::List).await
+    }
+
+    async fn secret_op(&self, op: wire::SecretOp) -> Result<Vec<msb_schema::secret::SecretInfo>> {
+        match self.ask(&ClientMsg::Secret(op), "a secret change").await?.0 {
+            Some(ServerMsg::Secrets(list)) => Ok(list),
+            Some(ServerMsg::Refused(why)) => Err(Error::Config(why)),
+            other => Err(Error::Wire(format!("unexpected answer to a secret change: {other:?}"))),
+        }
+    }
+
+    fn spec_index(config: &SandboxConfig, name: &SecretName) -> Result<usize> {
+        config
+            .secrets
+            .iter()
+            .position(|s| s.name == *name)
+            .ok_or_else(|| Error::Config(format!("no secret named {name} in this sandbox (`msb inspect` lists them)")))
+    }
+
+    /// A new value for secret `name`: used by the running sandbox from its next request
+    /// (kept-alive connections included). With `source`, the record reads the value from
+    /// there at later starts (else from where it did).
+    pub async fn secret_set(
+        &self,
+        name: &SecretName,
+        value: SecretValue,
+        source: Option<msb_schema::secret::SecretSource>,
+    ) -> Result<bool> {
+        let rec = self.record()?;
+        let i = Self::spec_index(&rec.config, name)?;
+        let live = rec.status.is_live();
+        if live {
+            let op = wire::SecretOp::Set { name: name.clone(), value: wire::WireValue(value.expose().to_vec()) };
+            self.secret_op(op).await?;
+        }
+        if let Some(src) = source {
+            let mut config = rec.config;
+            config.secrets[i].source = src;
+            self.msb.reconciled_store()?.set_config(self.name(), &config)?;
+        }
+        Ok(live)
+    }
+
+    /// New hosts for secret `name`: live from the next request, and recorded.
+    pub async fn secret_hosts(&self, name: &SecretName, hosts: Vec<msb_schema::secret::SecretHost>) -> Result<bool> {
+        let rec = self.record()?;
+        let i = Self::spec_index(&rec.config, name)?;
+        let mut config = rec.config.clone();
+        config.secrets[i].hosts = hosts.clone();
+        config.secrets[i].check().map_err(|e| Error::Config(e.to_string()))?;
+        let live = rec.status.is_live();
+        if live {
+            self.secret_op(wire::SecretOp::Hosts { name: name.clone(), hosts }).await?;
+        }
+        self.msb.reconciled_store()?.set_config(self.name(), &config)?;
+        Ok(live)
+    }
+
+    /// Removes secret `name`: live from the next request (its placeholder then goes out
+    /// unchanged), and from the record.
+    pub async fn secret_rm(&self, name: &SecretName) -> Result<bool> {
+        let rec = self.record()?;
+        let i = Self::spec_index(&rec.config, name)?;
+        let live = rec.status.is_live();
+        if live {
+            self.secret_op(wire::SecretOp::Remove { name: name.clone() }).await?;
+        }
+        let mut config = rec.config;
+        config.secrets.remove(i);
         self.msb.reconciled_store()?.set_config(self.name(), &config)?;
         Ok(live)
     }

@@ -23,6 +23,7 @@
 pub mod client;
 pub mod files;
 pub mod process;
+pub mod secrets;
 pub mod store;
 pub mod volumes;
 pub mod wire;

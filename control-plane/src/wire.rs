@@ -64,6 +64,38 @@ pub enum ClientMsg {
     /// An attached sandbox becomes detached: it no longer stops when its owner goes away.
     /// Answered with [`ServerMsg::Released`].
     Release,
+    /// Changes a secret of the running sandbox from its next request on. Answered with
+    /// [`ServerMsg::Secrets`] (the secrets now, without values) or [`ServerMsg::Refused`].
+    Secret(SecretOp),
+}
+
+/// A live change to a secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SecretOp {
+    /// A new value.
+    Set { name: msb_schema::secret::SecretName, value: WireValue },
+    /// New hosts.
+    Hosts { name: msb_schema::secret::SecretName, hosts: Vec<msb_schema::secret::SecretHost> },
+    /// Forget it.
+    Remove { name: msb_schema::secret::SecretName },
+    /// Only answer with the secrets as they stand.
+    List,
+}
+
+/// A secret's value on the control socket (a user-only Unix socket): never in `Debug`.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireValue(pub Vec<u8>);
+
+impl std::fmt::Debug for WireValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} bytes, redacted>", self.0.len())
+    }
+}
+
+impl Drop for WireValue {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
 }
 
 /// From the sandbox process.
@@ -85,6 +117,8 @@ pub enum ServerMsg {
     Policy(String),
     /// The published ports, with the host ports picked.
     Ports(Vec<Publish>),
+    /// The sandbox's secrets (never their values).
+    Secrets(Vec<msb_schema::secret::SecretInfo>),
     /// The request was not served (connection limit, a connection that did not start with a
     /// request); the text says why.
     Refused(String),
@@ -127,6 +161,10 @@ pub struct SandboxConfig {
     /// Host directories shared with the sandbox (checked and made absolute when recorded).
     #[serde(default)]
     pub mounts: Vec<MountSpec>,
+    /// Secrets: names, placeholders, hosts and where each value comes from at start (never
+    /// the values).
+    #[serde(default)]
+    pub secrets: Vec<msb_schema::secret::SecretSpec>,
 }
 
 /// A sandbox's network, as recorded: whether it has one, the egress policy (policy-file
@@ -155,6 +193,9 @@ pub struct NetSettings {
     /// Bytes a second towards the guest; `None`: unlimited.
     #[serde(default)]
     pub rate_in: Option<u64>,
+    /// PEM files of extra CAs that upstreams of secret hosts may be verified against.
+    #[serde(default)]
+    pub tls_upstream_ca: Vec<PathBuf>,
 }
 
 /// One published port: a host address (127.0.0.1 unless the user named another; port 0
@@ -245,6 +286,7 @@ impl Default for SandboxConfig {
             boot_timeout_secs: 60,
             net: NetSettings::default(),
             mounts: Vec::new(),
+            secrets: Vec::new(),
         }
     }
 }
@@ -506,6 +548,10 @@ impl SandboxConfig {
             }
         }
         msb_schema::fs::check_mounts(&self.mounts).map_err(|e| Error::Config(e.to_string()))?;
+        msb_schema::secret::check_secrets(&self.secrets).map_err(|e| Error::Config(e.to_string()))?;
+        if !self.secrets.is_empty() && self.net.none {
+            return Err(Error::Config("secrets need a network: drop --net none or the --secret flags".into()));
+        }
         Ok(msb_schema::limits::check_size(self.cpus, self.memory_mib)?)
     }
 

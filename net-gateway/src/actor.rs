@@ -958,6 +958,10 @@ impl Actor for NetGateway {
                 };
                 let _ = reply.send(r);
             }
+            GatewayMsg::Control(NetControl::SecretHosts { hosts, reply }) => {
+                st.core.set_secret_hosts(hosts);
+                let _ = reply.send(());
+            }
             GatewayMsg::Control(NetControl::Unpublish { proto, guest, reply }) => {
                 let mut closed = Vec::new();
                 st.listeners.retain(|l| {

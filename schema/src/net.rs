@@ -54,6 +54,9 @@ pub enum NetControl {
     /// host addresses closed. TCP connections already made through them stay; a UDP port's
     /// peers go with it (its socket closes, so the address can be bound again).
     Unpublish { proto: PortProto, guest: u16, reply: RpcReplyPort<Vec<std::net::SocketAddr>> },
+    /// The hosts the sandbox's secrets may go to now (TLS flows to them are intercepted
+    /// from the next flow on).
+    SecretHosts { hosts: Vec<crate::secret::SecretHost>, reply: RpcReplyPort<()> },
 }
 
 /// The protocol of a published port.

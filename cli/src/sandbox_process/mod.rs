@@ -68,14 +68,23 @@ struct Ctx {
 
 /// Runs the sandbox process for `launch` until the sandbox stops. `announce` gets the
 /// readiness line.
-pub async fn run(launch: Launch, mut announce: impl Write) -> Result<(), Error> {
+pub async fn run(
+    launch: Launch,
+    secrets: Vec<(msb_control_plane::schema::secret::SecretName, msb_control_plane::schema::secret::SecretValue)>,
+    mut announce: impl Write,
+) -> Result<(), Error> {
+    // No core dumps: guest memory and secret values must not land in a core file.
+    let _ = rustix::process::setrlimit(
+        rustix::process::Resource::Core,
+        rustix::process::Rlimit { current: Some(0), maximum: Some(0) },
+    );
     let store = Store::open(&launch.home)?;
     let dir = paths::sandbox_dir(&launch.home, &launch.name);
     msb_control_plane::client::private_dir(&dir).map_err(io("creating", &dir))?;
     let sock = paths::socket_path(&launch.home, &launch.name);
     let me = ProcessId::current()
         .ok_or_else(|| io("reading", Path::new("/proc/self/stat"))(std::io::Error::other("unparsable")))?;
-    let sb = match boot(&launch, &dir).await {
+    let sb = match boot(&launch, &dir, secrets).await {
         Ok(sb) => sb,
         Err(e) => {
             let why = report::with_remedy(&e, report::boot_remedy(&e));
@@ -192,7 +201,11 @@ fn finish_ephemeral(store: &Store, launch: &Launch, dir: &Path) {
     }
 }
 
-async fn boot(launch: &Launch, dir: &Path) -> msb_actors::Result<Sandbox> {
+async fn boot(
+    launch: &Launch,
+    dir: &Path,
+    mut secrets: Vec<(msb_control_plane::schema::secret::SecretName, msb_control_plane::schema::secret::SecretValue)>,
+) -> msb_actors::Result<Sandbox> {
     let c = &launch.config;
     let mut b = Sandbox::builder()
         .cpus(c.cpus)
@@ -215,6 +228,15 @@ async fn boot(launch: &Launch, dir: &Path) -> msb_actors::Result<Sandbox> {
     if let Some(image) = c.image_ref() {
         let (base, writable) = image_root(&launch.home, dir, image, c.image_id.as_deref(), c.root_disk_mib)?;
         b = b.root(base, writable);
+    }
+    for spec in &c.secrets {
+        let i = secrets.iter().position(|(n, _)| *n == spec.name).ok_or_else(|| {
+            msb_actors::Error::Config(format!("secret {}: its value was not handed over at start", spec.name))
+        })?;
+        b = b.secret(spec.clone(), secrets.swap_remove(i).1);
+    }
+    for f in &c.net.tls_upstream_ca {
+        b = b.tls_upstream_ca(f);
     }
     b = if c.net.none {
         b.no_network()
@@ -374,6 +396,30 @@ async fn serve_conn(stream: tokio::net::UnixStream, ctx: Arc<Ctx>) {
             let answer = match ctx.sb.policy().await {
                 Ok(p) => ServerMsg::Policy(p),
                 Err(e) => ServerMsg::Refused(e.to_string()),
+            };
+            let _ = wire::send(&mut wr, &answer).await;
+        }
+        ClientMsg::Secret(op) => {
+            use msb_control_plane::wire::SecretOp;
+            let done = match op {
+                SecretOp::Set { name, value } => {
+                    match msb_control_plane::schema::secret::SecretValue::new(name.as_str(), value.0.clone()) {
+                        Ok(v) => ctx.sb.rotate_secret(&name, v).await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                SecretOp::Hosts { name, hosts } => {
+                    ctx.sb.set_secret_hosts(&name, hosts).await.map_err(|e| e.to_string())
+                }
+                SecretOp::Remove { name } => ctx.sb.remove_secret(&name).await.map_err(|e| e.to_string()),
+                SecretOp::List => Ok(()),
+            };
+            let answer = match done {
+                Ok(()) => match ctx.sb.secrets().await {
+                    Ok(list) => ServerMsg::Secrets(list),
+                    Err(e) => ServerMsg::Refused(e.to_string()),
+                },
+                Err(e) => ServerMsg::Refused(e),
             };
             let _ = wire::send(&mut wr, &answer).await;
         }
