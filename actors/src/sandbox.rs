@@ -394,7 +394,7 @@ async fn start_vault(
 ) -> Result<(VaultHandle, (std::sync::Arc<Interceptor>, Vec<msb_schema::secret::SecretHost>))> {
     let vault = Vault::new(secrets).map_err(|e| Error::Config(e.to_string()))?;
     let hosts = vault.hosts();
-    let mut roots = msb_net_gateway::tls::host_roots();
+    let mut roots = Vec::new();
     for f in upstream_ca {
         let certs = msb_net_gateway::tls::load_pem_certs(f)
             .map_err(|e| Error::Config(format!("--tls-upstream-ca {}: {e}", f.display())))?;

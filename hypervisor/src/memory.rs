@@ -109,7 +109,18 @@ pub fn ram_ranges(mib: u64) -> Result<Vec<(GuestAddress, usize)>> {
 
 /// Creates guest memory of `mib` MiB (a limit: nothing is touched here).
 pub fn create(mib: u64) -> Result<GuestMemoryMmap> {
-    GuestMemoryMmap::from_ranges(&ram_ranges(mib)?).map_err(|e| Error::Memory(e.to_string()))
+    let mem = GuestMemoryMmap::from_ranges(&ram_ranges(mib)?).map_err(|e| Error::Memory(e.to_string()))?;
+    // Where the guest's RAM is in this process (for leak scans of guest memory from the host,
+    // through /proc/PID/mem): host address and length of each region.
+    {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+        for r in mem.iter() {
+            if let Ok(host) = r.get_host_address(MemoryRegionAddress(0)) {
+                tracing::info!(guest = r.start_addr().0, host = host as usize, len = r.len(), "guest memory region");
+            }
+        }
+    }
+    Ok(mem)
 }
 
 /// End of RAM below the hole (exclusive).

@@ -151,7 +151,8 @@ pub fn load_pem_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'stat
     Ok(certs)
 }
 
-/// The host's trust anchors: `SSL_CERT_FILE` if set, else the first system bundle found.
+/// The host's trust anchors: `SSL_CERT_FILE` if set, else the first system bundle found
+/// (empty when the host has none).
 pub fn host_roots() -> Vec<CertificateDer<'static>> {
     let env = std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from);
     let candidates = env.into_iter().chain(
@@ -195,17 +196,22 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 impl Interceptor {
-    /// An interceptor whose upstreams are verified against `roots` (the host's and the
-    /// operator's extra CAs).
+    /// An interceptor whose upstreams are verified against the host's roots ([`host_roots`],
+    /// or Mozilla's set compiled into msb where the host has none) and `extra` (the
+    /// operator's CAs for private endpoints).
     pub fn new(
         label: &str,
-        roots: Vec<CertificateDer<'static>>,
+        extra: Vec<CertificateDer<'static>>,
         vault: DerivedActorRef<VaultQuery>,
     ) -> Result<Interceptor, TlsError> {
         let mut store = RootCertStore::empty();
-        let (added, _) = store.add_parsable_certificates(roots);
-        if added == 0 {
-            return Err(TlsError::NoRoots("the host's CA bundle and --tls-upstream-ca".into()));
+        let (host, _) = store.add_parsable_certificates(host_roots());
+        if host == 0 {
+            store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        }
+        let (added, _) = store.add_parsable_certificates(extra.clone());
+        if added < extra.len() {
+            return Err(TlsError::NoRoots("a --tls-upstream-ca file (a certificate in it does not parse)".into()));
         }
         let client = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?

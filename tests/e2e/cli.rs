@@ -11,7 +11,7 @@ use msb_control_plane::wire::paths;
 use msb_control_plane::{Msb, SandboxName};
 
 /// The `msb` binary beside this test binary (or `$MSB_BIN`).
-fn msb_bin() -> PathBuf {
+pub(crate) fn msb_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("MSB_BIN") {
         return PathBuf::from(p);
     }

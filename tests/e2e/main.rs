@@ -6,6 +6,7 @@ mod flow;
 mod images;
 mod mounts;
 mod net;
+mod secrets;
 
 use std::time::Duration;
 

@@ -83,7 +83,7 @@ fn counting(l: TcpListener) -> Arc<AtomicUsize> {
 
 /// A DNS server with fixed A records: the test host, a private address, a mix, and a
 /// rebinding answer (loopback).
-fn dns_server(sock: UdpSocket, host: std::net::Ipv4Addr) -> Arc<AtomicUsize> {
+pub(crate) fn dns_server(sock: UdpSocket, host: std::net::Ipv4Addr) -> Arc<AtomicUsize> {
     let asked = Arc::new(AtomicUsize::new(0));
     let a = asked.clone();
     std::thread::spawn(move || {
@@ -102,10 +102,21 @@ fn dns_server(sock: UdpSocket, host: std::net::Ipv4Addr) -> Arc<AtomicUsize> {
                 ("rebind.test", _) => vec!["127.0.0.1".parse().unwrap()],
                 // Two names of one address, as on a CDN.
                 ("web.test" | "other.test", _) => vec![host],
+                // The secrets tests' TLS host.
+                ("api.test" | "wrong.test", _) => vec![host],
                 _ => vec![],
             };
-            let known = ["allowed.test", "private.test", "mixed.test", "rebind.test", "web.test", "other.test"]
-                .contains(&name.as_str());
+            let known = [
+                "allowed.test",
+                "private.test",
+                "mixed.test",
+                "rebind.test",
+                "web.test",
+                "other.test",
+                "api.test",
+                "wrong.test",
+            ]
+            .contains(&name.as_str());
             let mut r = Message::new();
             r.set_id(q.id());
             r.set_message_type(MessageType::Response);

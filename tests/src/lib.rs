@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod netns;
+pub mod tls_host;
 
 use std::time::Duration;
 
