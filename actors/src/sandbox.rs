@@ -269,6 +269,8 @@ impl SandboxBuilder {
         let secrets = std::mem::take(&mut self.secrets);
         let secret_env: Vec<(String, String)> =
             secrets.iter().map(|(s, _)| (s.name.to_string(), s.placeholder.to_string())).collect();
+        let placeholders: Vec<_> =
+            secrets.iter().map(|(s, _)| (s.name.clone(), s.placeholder.clone(), s.on_violation)).collect();
         let (vault, interception) = match (secrets.is_empty(), &self.network) {
             (true, _) => (None, None),
             (false, None) => {
@@ -310,7 +312,11 @@ impl SandboxBuilder {
                     seed: random_seed(),
                     published: listeners,
                     limits: n.limits,
-                    secrets: interception.map(|(interceptor, hosts)| SecretsArgs { hosts, interceptor }),
+                    secrets: interception.map(|(interceptor, hosts)| SecretsArgs {
+                        hosts,
+                        interceptor,
+                        placeholders: placeholders.clone(),
+                    }),
                 })
             }
         };
@@ -720,8 +726,11 @@ impl Sandbox {
 
     /// Tells the gateway the hosts the vault's secrets now go to.
     async fn sync_secret_hosts(&self) -> Result<()> {
-        let hosts: Vec<SecretHost> = self.secrets().await?.into_iter().flat_map(|s| s.hosts).collect();
-        self.call(|reply| SupMsg::Net(NetControl::SecretHosts { hosts, reply }), LIFECYCLE_CALL_TIMEOUT).await
+        let secrets = self.secrets().await?;
+        let placeholders = secrets.iter().map(|s| (s.name.clone(), s.placeholder.clone(), s.on_violation)).collect();
+        let hosts: Vec<SecretHost> = secrets.into_iter().flat_map(|s| s.hosts).collect();
+        self.call(|reply| SupMsg::Net(NetControl::SecretHosts { hosts, placeholders, reply }), LIFECYCLE_CALL_TIMEOUT)
+            .await
     }
 
     /// The egress policy in force, as policy-file text (empty without a network).

@@ -90,6 +90,9 @@ pub struct GatewayArgs {
 /// upstream trust and the vault ref).
 pub struct SecretsArgs {
     pub hosts: Vec<msb_schema::secret::SecretHost>,
+    /// Each secret's name, placeholder and what a misplaced placeholder does.
+    pub placeholders:
+        Vec<(msb_schema::secret::SecretName, msb_schema::secret::Placeholder, msb_schema::secret::OnViolation)>,
     pub interceptor: Arc<crate::tls::Interceptor>,
 }
 
@@ -383,6 +386,19 @@ impl AuditLog {
     }
 }
 
+/// The placeholders as the core watches for them.
+fn watched(
+    p: Vec<(msb_schema::secret::SecretName, msb_schema::secret::Placeholder, msb_schema::secret::OnViolation)>,
+) -> Vec<crate::placeholders::Watched> {
+    p.into_iter()
+        .map(|(n, ph, on)| crate::placeholders::Watched {
+            secret: n.to_string(),
+            placeholder: ph.to_string(),
+            on_violation: on,
+        })
+        .collect()
+}
+
 pub struct NetGateway;
 
 pub struct GatewayState {
@@ -531,6 +547,7 @@ impl GatewayState {
                 });
             }
             Event::Audit(a) => self.audit.record(&a),
+            Event::Stop { why } => self.me.stop(Some(why)),
         }
     }
 }
@@ -879,6 +896,7 @@ impl Actor for NetGateway {
         core.set_limits(a.limits, 0);
         let interceptor = a.secrets.map(|s| {
             core.set_secret_hosts(s.hosts);
+            core.set_placeholders(watched(s.placeholders));
             s.interceptor
         });
         let mut listeners = Vec::new();
@@ -958,8 +976,9 @@ impl Actor for NetGateway {
                 };
                 let _ = reply.send(r);
             }
-            GatewayMsg::Control(NetControl::SecretHosts { hosts, reply }) => {
+            GatewayMsg::Control(NetControl::SecretHosts { hosts, placeholders, reply }) => {
                 st.core.set_secret_hosts(hosts);
+                st.core.set_placeholders(watched(placeholders));
                 let _ = reply.send(());
             }
             GatewayMsg::Control(NetControl::Unpublish { proto, guest, reply }) => {

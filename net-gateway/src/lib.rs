@@ -15,6 +15,7 @@ pub mod classify;
 pub mod dns;
 pub mod http1;
 pub mod limit;
+pub mod placeholders;
 pub mod policy;
 #[cfg(test)]
 mod review_tests;

@@ -56,9 +56,10 @@ use crate::classify::{Classifier, Group};
 use crate::dns::{self, GuestQuery, Pins, Step};
 use crate::http1::{self, Requests};
 use crate::limit::{self, Bucket, Limits};
+use crate::placeholders::{Watch, Watched};
 use crate::policy::{Action, Direction, DomainName, Flow, Policy, Proto};
 use crate::sniff::{self, Sniffed};
-use msb_schema::secret::SecretHost;
+use msb_schema::secret::{OnViolation, SecretHost};
 
 /// Most frames queued each way.
 pub const MAX_FRAMES: usize = 256;
@@ -214,6 +215,10 @@ pub enum Event {
         bytes: Vec<u8>,
     },
     Audit(Audit),
+    /// A placeholder went where its secret says `on-violation=stop`: stop the sandbox.
+    Stop {
+        why: String,
+    },
 }
 
 /// The frame queues smoltcp reads and writes.
@@ -293,6 +298,8 @@ struct TcpFlow {
     /// The server name the flow's first bytes named (TLS SNI or HTTP `Host`), once checked:
     /// what a later policy change decides it by.
     name: Option<DomainName>,
+    /// The end of what the flow sent last, for placeholders split across writes.
+    tail: Vec<u8>,
 }
 
 enum FlowKind {
@@ -411,6 +418,8 @@ pub struct Gateway {
     next_inbound: u16,
     /// The hosts secrets may go to: TLS flows to them are intercepted.
     secret_hosts: Vec<SecretHost>,
+    /// The secrets' placeholders, looked for in what leaves in the clear.
+    watch: Watch,
     /// Frames dropped for a spoofed source, audits dropped for a full event queue.
     pub spoofed: u64,
     pub audits_dropped: u64,
@@ -463,6 +472,7 @@ impl Gateway {
             ingress: None,
             rng: seed | 1,
             secret_hosts: Vec::new(),
+            watch: Watch::default(),
             spoofed: 0,
             audits_dropped: 0,
         }
@@ -472,6 +482,49 @@ impl Gateway {
     /// server name is one of them, to an address resolved for it, are intercepted.
     pub fn set_secret_hosts(&mut self, hosts: Vec<SecretHost>) {
         self.secret_hosts = hosts;
+    }
+
+    /// The placeholders to look for in what leaves in the clear (see [`crate::placeholders`]).
+    pub fn set_placeholders(&mut self, watched: Vec<Watched>) {
+        self.watch = Watch::new(watched);
+    }
+
+    /// A placeholder seen in the clear on a flow to `dest`: one audit record, and a stop
+    /// when its secret says so. Returns whether the bytes must not go (block or stop).
+    fn placeholder_seen(
+        &mut self,
+        proto: Proto,
+        dest: SocketAddr,
+        names: Vec<String>,
+        w: Watched,
+        now_ms: u64,
+    ) -> bool {
+        let refuse = w.on_violation != OnViolation::Forward;
+        let what = match w.on_violation {
+            OnViolation::Forward => "forwarded unchanged",
+            OnViolation::Block => "refused (on-violation=block): the flow is reset",
+            OnViolation::Stop => "refused (on-violation=stop): the sandbox stops",
+        };
+        let why = format!(
+            "the placeholder of secret {} went in the clear (not a TLS request to one of its hosts, so not substituted): {what}",
+            w.secret
+        );
+        let group = self.classifier.classify(dest.ip());
+        let action = if refuse { Action::Deny } else { Action::Allow };
+        self.push(Event::Audit(Audit {
+            at_ms: now_ms,
+            proto,
+            dest,
+            names,
+            action,
+            group,
+            why: why.clone(),
+            rule: None,
+        }));
+        if w.on_violation == OnViolation::Stop {
+            self.push(Event::Stop { why });
+        }
+        refuse
     }
 
     fn is_secret_host(&self, name: &DomainName) -> bool {
@@ -857,6 +910,11 @@ impl Gateway {
                     f.last_ms = now_ms;
                 }
             }
+            if let Some(w) = self.watch.find(&payload).cloned() {
+                if self.placeholder_seen(Proto::Udp, dst, Vec::new(), w, now_ms) {
+                    return true; // dropped
+                }
+            }
             if limit::admit(&mut self.egress, payload.len(), now_ms) {
                 self.push(Event::UdpSend { flow: id, bytes: payload });
             }
@@ -894,6 +952,11 @@ impl Gateway {
         self.udp.insert(id, UdpFlow { key: (src, dst), last_ms: now_ms, inbound: false, window: 0 });
         self.udp_by_key.insert((src, dst), id);
         self.push(Event::UdpOpen { flow: id, addr: dst });
+        if let Some(w) = self.watch.find(&payload).cloned() {
+            if self.placeholder_seen(Proto::Udp, dst, Vec::new(), w, now_ms) {
+                return true;
+            }
+        }
         if limit::admit(&mut self.egress, payload.len(), now_ms) {
             self.push(Event::UdpSend { flow: id, bytes: payload });
         }
@@ -1116,6 +1179,17 @@ impl Gateway {
                 limit::spend(&mut self.egress, n);
                 f.credit -= n;
                 f.last_ms = now_ms;
+                let hit = self.watch.scan(&mut f.tail, &data[..n]).cloned();
+                let names: Vec<String> = f.name.iter().map(|n| n.to_string()).collect();
+                if let Some(w) = hit {
+                    if self.placeholder_seen(Proto::Tcp, dst, names, w, now_ms) {
+                        let f = self.flows.get_mut(&id).expect("listed");
+                        self.sockets.get_mut::<tcp::Socket>(handle).abort();
+                        f.kind = FlowKind::Denied { until_ms: now_ms };
+                        self.push(Event::Closed { flow: id });
+                        return;
+                    }
+                }
                 self.push(Event::Data { flow: id, bytes: data[..n].to_vec() });
             }
             let (decided, audit) = match (head, bad) {
@@ -1243,6 +1317,7 @@ impl Gateway {
             close_pending: false,
             http: None,
             name: None,
+            tail: Vec::new(),
         };
         self.flows.insert(id, flow);
         self.by_key.insert(key, id);
@@ -1442,6 +1517,7 @@ impl Gateway {
         self.serve_dns(now_ms);
         let mut gone = Vec::new();
         let mut buf = vec![0u8; FLOW_BUFFER];
+        let mut seen: Vec<(SocketAddr, Vec<String>, Watched)> = Vec::new();
         let ids: Vec<FlowId> = self.flows.keys().copied().collect();
         for id in ids {
             match self.flows[&id].kind {
@@ -1480,7 +1556,17 @@ impl Gateway {
                         if n > 0 {
                             f.credit -= n;
                             f.last_ms = now_ms;
-                            out.push(Event::Data { flow: id, bytes: buf[..n].to_vec() });
+                            let hit = self.watch.scan(&mut f.tail, &buf[..n]).cloned();
+                            let go = hit.as_ref().is_none_or(|w| w.on_violation == OnViolation::Forward);
+                            if let Some(w) = hit {
+                                seen.push((f.key.1, f.name.iter().map(|n| n.to_string()).collect(), w));
+                            }
+                            if go {
+                                out.push(Event::Data { flow: id, bytes: buf[..n].to_vec() });
+                            } else {
+                                sock.abort();
+                                f.kind = FlowKind::Denied { until_ms: now_ms };
+                            }
                         }
                     }
                     if f.connected
@@ -1509,6 +1595,9 @@ impl Gateway {
             }
             for ev in out {
                 self.push(ev);
+            }
+            for (dest, names, w) in seen.drain(..) {
+                self.placeholder_seen(Proto::Tcp, dest, names, w, now_ms);
             }
         }
         let idle: Vec<FlowId> = self
@@ -1560,6 +1649,11 @@ impl Gateway {
                 self.flows.get(&id).map_or(SocketAddr::new(self.cfg.gateway_v4.into(), DNS_PORT), |f| f.key.1)
             }
         };
+        if let Some(w) = self.watch.find(data).cloned() {
+            // A placeholder as a DNS label: meaningless there, but said.
+            let w = Watched { on_violation: OnViolation::Forward, ..w };
+            self.placeholder_seen(reply.proto(), dest, Vec::new(), w, now_ms);
+        }
         match dns::on_query(&self.policy, data) {
             Step::Answer { bytes, why } => {
                 if let Reply::Tcp(id) = reply {

@@ -55,8 +55,13 @@ pub enum NetControl {
     /// peers go with it (its socket closes, so the address can be bound again).
     Unpublish { proto: PortProto, guest: u16, reply: RpcReplyPort<Vec<std::net::SocketAddr>> },
     /// The hosts the sandbox's secrets may go to now (TLS flows to them are intercepted
-    /// from the next flow on).
-    SecretHosts { hosts: Vec<crate::secret::SecretHost>, reply: RpcReplyPort<()> },
+    /// from the next flow on), and the placeholders to look for in what leaves in the clear
+    /// (name, placeholder, what a misplaced one does).
+    SecretHosts {
+        hosts: Vec<crate::secret::SecretHost>,
+        placeholders: Vec<(crate::secret::SecretName, crate::secret::Placeholder, crate::secret::OnViolation)>,
+        reply: RpcReplyPort<()>,
+    },
 }
 
 /// The protocol of a published port.

@@ -1097,3 +1097,55 @@ fn only_tls_to_a_secret_host_at_its_resolved_address_is_intercepted() {
     assert_eq!(opened, vec!["93.184.216.99:443".parse::<SocketAddr>().unwrap()]);
     assert!(n.audits().iter().any(|a| a.why.contains("QUIC to a secret's host is refused")));
 }
+
+/// A placeholder leaving in the clear is audited and forwarded by default; with
+/// `on-violation=block` the flow is reset before the bytes holding it go; `stop` asks the
+/// sandbox to stop; a split placeholder is still seen; UDP and DNS are looked at too.
+#[test]
+fn placeholders_in_the_clear_are_audited_blocked_or_stop_the_sandbox() {
+    use crate::placeholders::Watched;
+    use msb_schema::secret::OnViolation;
+    let ph = |c: char| format!("msbph_{}", c.to_string().repeat(26));
+    for (on, goes) in [(OnViolation::Forward, true), (OnViolation::Block, false), (OnViolation::Stop, false)] {
+        let mut n = Net::new(Policy::default());
+        n.gw.set_placeholders(vec![Watched { secret: "API_KEY".into(), placeholder: ph('a'), on_violation: on }]);
+        let ip = IpAddress::v4(93, 184, 216, 34);
+        let h = n.guest.connect(ip, 80, 47000);
+        n.run(5);
+        let (flow, _) = *n.dials().last().expect("dialed by its address");
+        n.gw.host_connected(flow, 1 << 20);
+        let req = format!("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n", ph('a'));
+        let (a, b) = req.split_at(40); // the placeholder is split across two writes
+        send(&mut n, h, a.as_bytes());
+        n.run(3);
+        send(&mut n, h, b.as_bytes());
+        n.run(5);
+        let sent = n.sent(flow);
+        assert_eq!(contains(&sent, ph('a').as_bytes()), goes, "{on:?}");
+        let audit = n.audits().into_iter().find(|a| a.why.contains("placeholder of secret API_KEY")).cloned();
+        let audit = audit.unwrap_or_else(|| panic!("{on:?}: audited"));
+        assert_eq!(audit.action, if goes { Action::Allow } else { Action::Deny });
+        let stopped = n.events.iter().any(|e| matches!(e, Event::Stop { .. }));
+        assert_eq!(stopped, on == OnViolation::Stop);
+        if !goes {
+            assert!(
+                !n.guest.sockets.get::<tcp::Socket>(h).is_open() || !n.guest.sockets.get::<tcp::Socket>(h).may_send()
+            );
+        }
+    }
+    // UDP: audited (and dropped when blocking); an unrelated string is nothing.
+    let mut n = Net::new(Policy::default());
+    n.gw.set_placeholders(vec![Watched { secret: "K".into(), placeholder: ph('b'), on_violation: OnViolation::Block }]);
+    let u = udp_socket(&mut n, 5555);
+    let to = IpEndpoint::new(IpAddress::v4(93, 184, 216, 34), 9999);
+    n.guest.sockets.get_mut::<udp::Socket>(u).send_slice(ph('b').as_bytes(), to).unwrap();
+    n.guest.sockets.get_mut::<udp::Socket>(u).send_slice(b"plain datagram", to).unwrap();
+    n.run(3);
+    let sends: Vec<Vec<u8>> = n
+        .events
+        .iter()
+        .filter_map(|e| if let Event::UdpSend { bytes, .. } = e { Some(bytes.clone()) } else { None })
+        .collect();
+    assert_eq!(sends, vec![b"plain datagram".to_vec()]);
+    assert!(n.audits().iter().any(|a| a.why.contains("placeholder of secret K") && a.action == Action::Deny));
+}
