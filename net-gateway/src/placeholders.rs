@@ -52,9 +52,7 @@ impl Watch {
     /// The first placeholder in `tail` + `data`, where `tail` is what this flow sent last
     /// (its end is kept in `tail` for the next call).
     pub fn scan(&self, tail: &mut Vec<u8>, data: &[u8]) -> Option<&Watched> {
-        if self.ac.is_none() {
-            return None;
-        }
+        self.ac.as_ref()?;
         let keep = self.longest().saturating_sub(1);
         let hit = if tail.is_empty() {
             self.find(data)
