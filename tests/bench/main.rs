@@ -16,6 +16,9 @@
 //! `msb-bench fs` (hardware KVM, or `tests/rig/run-rig.sh bench-fs`): filesystem workloads
 //! through a shared directory beside the sandbox's writable root (see `fs.rs`).
 //!
+//! `msb-bench secrets` (`tests/rig/run-rig.sh bench-secrets`): what TLS interception for a
+//! secret's host costs against relaying the same server (see `secrets.rs`).
+//!
 //! `msb-bench boots [N]` (`tests/rig/run-rig.sh bench-boots` in the rig): N boots of msb and
 //! of QEMU `-M microvm` (same kernel and initramfs), alternating in one L1, timed to init and
 //! counted where they never get there: whether lost boots are the rig's or msb's.
@@ -38,6 +41,7 @@ use msb_actors::Sandbox;
 mod floods;
 mod fs;
 mod net;
+mod secrets;
 
 const MEMORY_MIB: u64 = 256;
 
@@ -103,6 +107,7 @@ async fn main() {
         Some(net::VMM_CHILD) => return net::vmm_child(&args[1..]).await,
         Some("net") => return tokio::task::block_in_place(net::side_by_side),
         Some("fs") => return tokio::task::block_in_place(fs::side_by_side),
+        Some("secrets") => return tokio::task::block_in_place(secrets::side_by_side),
         Some("pull") => return pull_side_by_side(args.get(1).and_then(|a| a.parse().ok()).unwrap_or(3)),
         Some("boots") => return side_by_side(args.get(1).and_then(|a| a.parse().ok()).unwrap_or(20)),
         Some("floods") => {

@@ -23,7 +23,7 @@ use msb_tests::netns::TestNet;
 use msb_tests::tls_host::{Seen, TlsHost};
 
 use crate::cli::{code, msb, ok};
-use crate::net::dns_server;
+use msb_tests::dns::dns_server;
 
 const IMAGE: &str = "msb/debian:12";
 

@@ -11,6 +11,7 @@
 #   tests/rig/run-rig.sh bench [N]      the boot benchmark
 #   tests/rig/run-rig.sh bench-boots [N] N boots of msb and QEMU microvm alternating, lost ones counted
 #   tests/rig/run-rig.sh bench-floods [N] [MiB]  a virtio-console flood, msb vs QEMU microvm, N runs each
+#   tests/rig/run-rig.sh bench-secrets  TLS interception for a secret's host against relaying (msb only)
 #   tests/rig/run-rig.sh bench-net      the network benchmark (msb vs QEMU slirp vs passt;
 #                                       MSB_BENCH_NET_SYNFLOOD=N adds a raw SYN flood to each)
 #   tests/rig/run-rig.sh bench-fs       the shared-directory benchmark (msb vs virtiofsd vs the root)
@@ -86,6 +87,9 @@ msb run msb/debian:12 -- python3 -c "print(6*7)"'
     job="$canary""MSB_BENCH_NET_SYNFLOOD=${MSB_BENCH_NET_SYNFLOOD:-0} "'MSB_BENCH_NET_LIMIT=${MSB_BENCH_NET_LIMIT:-240} msb-bench net'
     extra="--with-qemu"
     ;;
+  bench-secrets)
+    job="$canary"'msb-bench secrets'
+    ;;
   bench-fs)
     # virtiofsd's half alone takes up to 30 min in the rig (its rm -rf of the tree, most).
     job="$canary"'MSB_BENCH_FS='"${MSB_BENCH_FS:-msb,virtiofsd}"' msb-bench fs'
@@ -97,7 +101,7 @@ msb run msb/debian:12 -- python3 -c "print(6*7)"'
     q=$(printf '%q ' "$@")
     job="msb run -- $q"
     ;;
-  *) echo "run-rig.sh: unknown mode $mode (e2e, demo, bench, bench-boots, bench-floods, bench-net, bench-fs, run)" >&2; exit 2 ;;
+  *) echo "run-rig.sh: unknown mode $mode (e2e, demo, bench, bench-boots, bench-floods, bench-net, bench-secrets, bench-fs, run)" >&2; exit 2 ;;
 esac
 rig() {
   python3 "$root/tests/rig/rig.py" --l1-kernel "$home/rig/bzImage" --guest-kernel "$home/kernel/vmlinux" \

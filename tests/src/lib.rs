@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod dns;
 pub mod netns;
 pub mod tls_host;
 

@@ -39,6 +39,8 @@ pub struct TlsHost {
 struct BySni {
     certs: Vec<(String, Arc<CertifiedKey>)>,
     wrong: Arc<CertifiedKey>,
+    /// `*.api.test`, for any name one label below api.test.
+    below: Arc<CertifiedKey>,
 }
 
 impl ResolvesServerCert for BySni {
@@ -46,6 +48,9 @@ impl ResolvesServerCert for BySni {
         let name = hello.server_name()?;
         if name == "wrong.test" {
             return Some(self.wrong.clone());
+        }
+        if name.ends_with(".api.test") && name.matches('.').count() == 2 {
+            return Some(self.below.clone());
         }
         self.certs.iter().find(|(n, _)| n == name).map(|(_, k)| k.clone())
     }
@@ -80,6 +85,7 @@ impl TlsHost {
                 ("other.test".into(), leaf(&issuer, "other.test")),
             ],
             wrong: leaf(&issuer, "nothing.test"),
+            below: leaf(&issuer, "*.api.test"),
         };
         let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
@@ -154,11 +160,47 @@ async fn serve_h1(
         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head: Vec<u8> = buf.drain(..end + 4).collect();
             let text = String::from_utf8_lossy(&head).into_owned();
-            seen.lock().unwrap().push(Seen { sni: sni.clone(), alpn: alpn.clone(), head: text.clone(), conn });
-            let resp =
-                format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{text}", text.len());
+            // A body (uploads) is read and dropped; `/big/N` answers N bytes.
+            let length: usize = text
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok()).flatten()
+                })
+                .unwrap_or(0);
+            let mut left = length;
+            while left > 0 {
+                if buf.is_empty() {
+                    match rd.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let n = left.min(buf.len());
+                buf.drain(..n);
+                left -= n;
+            }
+            let target = text.split_whitespace().nth(1).unwrap_or("");
+            let big: Option<usize> = target.strip_prefix("/big/").and_then(|n| n.parse().ok());
+            if length == 0 && big.is_none() {
+                seen.lock().unwrap().push(Seen { sni: sni.clone(), alpn: alpn.clone(), head: text.clone(), conn });
+            }
+            let body_len = big.unwrap_or(text.len());
+            let resp = format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {body_len}\r\n\r\n");
             if wr.write_all(resp.as_bytes()).await.is_err() {
                 return;
+            }
+            let mut n = big.unwrap_or(0);
+            if big.is_none() && wr.write_all(text.as_bytes()).await.is_err() {
+                return;
+            }
+            let block = vec![b'x'; 64 * 1024];
+            while n > 0 {
+                let k = n.min(block.len());
+                if wr.write_all(&block[..k]).await.is_err() {
+                    return;
+                }
+                n -= k;
             }
         }
         match rd.read(&mut chunk).await {
