@@ -383,8 +383,10 @@ impl Conn {
     }
 }
 
-/// An HTTP/1 head as a [`RequestHead`], and the version byte (`0`: HTTP/1.0).
-fn parse_head(bytes: &[u8]) -> Option<(RequestHead, u8)> {
+/// An HTTP/1 head (exactly the bytes the framer handed out: request line, at most 128
+/// fields, the blank line) as a [`RequestHead`] with its `Host` as the authority, and the
+/// version byte (`0`: HTTP/1.0); `None` when it does not parse whole or has no `Host`.
+pub fn parse_head(bytes: &[u8]) -> Option<(RequestHead, u8)> {
     let mut fields = [httparse::EMPTY_HEADER; 128];
     let mut req = httparse::Request::new(&mut fields);
     match req.parse(bytes) {
@@ -408,7 +410,8 @@ fn parse_head(bytes: &[u8]) -> Option<(RequestHead, u8)> {
     Some((head, req.version?))
 }
 
-fn serialize_head(h: &RequestHead, version: u8) -> Zeroizing<Vec<u8>> {
+/// A head written out as HTTP/1 (`method target HTTP/1.x`, each field as `name: value`).
+pub fn serialize_head(h: &RequestHead, version: u8) -> Zeroizing<Vec<u8>> {
     let mut out = Zeroizing::new(Vec::with_capacity(256));
     out.extend_from_slice(h.method.as_bytes());
     out.push(b' ');
@@ -435,6 +438,13 @@ fn status_page(code: u16, reason: &str, why: &str) -> Vec<u8> {
 
 type Pending = Pin<Box<dyn Future<Output = Option<Answer>> + Send>>;
 
+/// Writes `bytes` and flushes: a TLS writer keeps records it could not hand to a full pipe
+/// until the next write or a flush, so without one the end of a stream could wait forever.
+async fn send(w: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
 /// HTTP/1.1 over the two TLS sessions: one loop owns both, so a head waits for the vault
 /// while responses keep flowing.
 async fn http1_proxy<G, U>(guest: G, up: U, ctx: Conn)
@@ -459,7 +469,7 @@ where
             match requests.step(&gbuf) {
                 Step::Forward(n) => {
                     let (drop_n, send_n) = if skip > 0 { (n.min(skip), 0) } else { (0, n) };
-                    if send_n > 0 && uwr.write_all(&gbuf[..send_n]).await.is_err() {
+                    if send_n > 0 && send(&mut uwr, &gbuf[..send_n]).await.is_err() {
                         return;
                     }
                     skip -= drop_n;
@@ -475,7 +485,7 @@ where
                             "a request on this connection names another host than {}, or no single Host",
                             ctx.identity.sni
                         );
-                        let _ = gwr.write_all(&status_page(403, "Forbidden", &why)).await;
+                        let _ = send(&mut gwr, &status_page(403, "Forbidden", &why)).await;
                         let _ = gwr.shutdown().await;
                         return ctx.refused(why);
                     };
@@ -484,7 +494,7 @@ where
                 }
                 Step::NeedMore => break,
                 Step::Bad(why) => {
-                    let _ = gwr.write_all(&status_page(400, "Bad Request", why)).await;
+                    let _ = send(&mut gwr, &status_page(400, "Bad Request", why)).await;
                     let _ = gwr.shutdown().await;
                     return ctx.refused(why.to_string());
                 }
@@ -502,20 +512,20 @@ where
             r = async { pending.as_mut().expect("guarded").0.as_mut().await }, if pending.is_some() => {
                 let (_, len, version) = pending.take().expect("guarded");
                 let Some(answer) = r else {
-                    let _ = gwr.write_all(&status_page(503, "Service Unavailable", "the secret vault did not answer")).await;
+                    let _ = send(&mut gwr, &status_page(503, "Service Unavailable", "the secret vault did not answer")).await;
                     return ctx.refused("the vault did not answer".into());
                 };
                 ctx.note(&answer);
                 mask.update(answer.mask);
                 if answer.refuse {
                     let why = "a secret's placeholder is where its policy blocks it".to_string();
-                    let _ = gwr.write_all(&status_page(403, "Forbidden", &why)).await;
+                    let _ = send(&mut gwr, &status_page(403, "Forbidden", &why)).await;
                     let _ = gwr.shutdown().await;
                     return ctx.refused(why);
                 }
                 requests.accept_head(len);
                 if let Some(h) = &answer.rewritten {
-                    if uwr.write_all(&serialize_head(h, version)).await.is_err() {
+                    if send(&mut uwr, &serialize_head(h, version)).await.is_err() {
                         return;
                     }
                     skip = len;
@@ -532,20 +542,20 @@ where
                 Ok(0) | Err(_) => {
                     up_open = false;
                     let rest = mask.flush();
-                    let _ = gwr.write_all(&rest).await;
+                    let _ = send(&mut gwr, &rest).await;
                     let _ = gwr.shutdown().await;
                 }
                 Ok(n) => {
                     requests.response(&uchunk[..n]);
                     let out = mask.push(&uchunk[..n]);
-                    if gwr.write_all(&out).await.is_err() {
+                    if send(&mut gwr, &out).await.is_err() {
                         return;
                     }
                 }
             },
             _ = tokio::time::sleep(MASK_IDLE), if held => {
                 let rest = mask.flush();
-                if gwr.write_all(&rest).await.is_err() {
+                if send(&mut gwr, &rest).await.is_err() {
                     return;
                 }
             }

@@ -187,17 +187,17 @@ async fn serve_h1(
             }
             let body_len = big.unwrap_or(text.len());
             let resp = format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {body_len}\r\n\r\n");
-            if wr.write_all(resp.as_bytes()).await.is_err() {
+            if wr.write_all(resp.as_bytes()).await.is_err() || wr.flush().await.is_err() {
                 return;
             }
             let mut n = big.unwrap_or(0);
-            if big.is_none() && wr.write_all(text.as_bytes()).await.is_err() {
+            if big.is_none() && (wr.write_all(text.as_bytes()).await.is_err() || wr.flush().await.is_err()) {
                 return;
             }
             let block = vec![b'x'; 64 * 1024];
             while n > 0 {
                 let k = n.min(block.len());
-                if wr.write_all(&block[..k]).await.is_err() {
+                if wr.write_all(&block[..k]).await.is_err() || wr.flush().await.is_err() {
                     return;
                 }
                 n -= k;

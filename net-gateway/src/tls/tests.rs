@@ -126,8 +126,22 @@ async fn serve_upstream(io: DuplexStream, cfg: Arc<ServerConfig>, seen: mpsc::Un
             let head: Vec<u8> = buf.drain(..end + 4).collect();
             let text = String::from_utf8_lossy(&head).to_string();
             let _ = seen.send(Seen::Head(text.clone()));
+            if text.starts_with("GET /big ") {
+                let n = 8 << 20;
+                let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n");
+                if wr.write_all(resp.as_bytes()).await.is_err() || wr.flush().await.is_err() {
+                    return;
+                }
+                let block = vec![b'x'; 65536];
+                for _ in 0..n / block.len() {
+                    if wr.write_all(&block).await.is_err() || wr.flush().await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
             let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{text}", text.len());
-            if wr.write_all(resp.as_bytes()).await.is_err() {
+            if wr.write_all(resp.as_bytes()).await.is_err() || wr.flush().await.is_err() {
                 return;
             }
         }
@@ -390,4 +404,26 @@ fn the_ca_signs_leaves_for_one_name_and_differs_per_gateway() {
     assert!(verify(&a, "api.test"));
     assert!(!verify(&a, "other.test"));
     assert!(!verify(&b, "api.test"));
+}
+
+#[tokio::test]
+async fn a_large_answer_streams_through_whole() {
+    let s = setup().await;
+    let (tls, _seen, _) = connect(&s, "api.test", &[b"http/1.1"], &[b"http/1.1"], None).await;
+    let mut tls = tls.unwrap();
+    tls.write_all(format!("GET /big HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer {PH}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 65536];
+    let want = (8 << 20) + "HTTP/1.1 200 OK\r\ncontent-length: 8388608\r\n\r\n".len();
+    while got < want {
+        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("stalled after {got} bytes"))
+            .unwrap();
+        assert!(n > 0, "ended after {got} bytes");
+        got += n;
+    }
+    assert_eq!(got, want);
 }
