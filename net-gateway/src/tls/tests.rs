@@ -112,9 +112,18 @@ async fn serve_upstream(io: DuplexStream, cfg: Arc<ServerConfig>, seen: mpsc::Un
                 text.push_str(&format!("{}: {}\n", n, String::from_utf8_lossy(v.as_bytes())));
             }
             let _ = seen.send(Seen::Head(text.clone()));
+            let grpc = req.uri().path() == "/grpc";
             let resp = http::Response::builder().status(200).body(()).unwrap();
             let mut s = respond.send_response(resp, false).unwrap();
-            let _ = s.send_data(Bytes::from(text), true);
+            if grpc {
+                // gRPC's shape: a message, then the status in trailers.
+                let _ = s.send_data(Bytes::from(text), false);
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                let _ = s.send_trailers(trailers);
+            } else {
+                let _ = s.send_data(Bytes::from(text), true);
+            }
         }
         return;
     }
@@ -426,4 +435,36 @@ async fn a_large_answer_streams_through_whole() {
         got += n;
     }
     assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn an_h2_answer_with_trailers_keeps_them() {
+    let s = setup().await;
+    let (tls, _seen, _) = connect(&s, "api.test", &[b"h2"], &[b"h2"], None).await;
+    let (client, conn) = h2::client::handshake(tls.unwrap()).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("https://api.test/grpc")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {PH}"))
+        .body(())
+        .unwrap();
+    let (resp, mut send) = client.send_request(req, false).unwrap();
+    send.send_data(Bytes::from_static(b"\0\0\0\0\0"), true).unwrap();
+    let mut body = resp.await.unwrap().into_body();
+    let mut text = Vec::new();
+    while let Some(d) = body.data().await {
+        let d = d.unwrap();
+        let _ = body.flow_control().release_capacity(d.len());
+        text.extend_from_slice(&d);
+    }
+    let trailers = body.trailers().await.unwrap().expect("the trailers came through");
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+    let text = String::from_utf8(text).unwrap();
+    assert!(text.contains("authorization: Bearer *****") && !text.contains("REAL-SECRET"), "{text}");
 }
