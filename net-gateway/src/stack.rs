@@ -328,6 +328,11 @@ enum SniffMode {
     /// An address rule allows it, but domain deny rules come first: a name they deny is
     /// denied; a flow that names nothing within [`SNIFF_WAIT_MS`] goes by its address.
     DenyCheck,
+    /// An address rule allows it and no name rule applies, but the address was resolved for
+    /// a secret's host: the name only decides whether the flow is intercepted; whatever the
+    /// first bytes are (no name, an IP literal, two names, nothing within
+    /// [`SNIFF_WAIT_MS`]), the flow goes by its address and is relayed as it is.
+    SecretCheck,
 }
 
 /// Where a DNS answer goes.
@@ -863,14 +868,16 @@ impl Gateway {
         // A flow a domain rule allows is decided for good, and audited, once its first bytes
         // named the server; so is one on 80/443 that domain deny rules ahead may still deny.
         let by_name = !dns && audit.rule.is_some_and(|i| self.policy.rules()[i].is_domain());
-        // A flow to an address resolved for a secret's host is looked at too: its name
-        // decides whether it is intercepted.
         let deny_check = !dns
             && !by_name
             && action == Action::Allow
-            && ((matches!(syn.dst.port(), 80 | 443)
-                && self.policy.has_name_denials(Proto::Tcp, syn.dst.port(), audit.rule))
-                || self.secret_pinned(syn.dst.ip(), now_ms));
+            && matches!(syn.dst.port(), 80 | 443)
+            && self.policy.has_name_denials(Proto::Tcp, syn.dst.port(), audit.rule);
+        // A flow to an address resolved for a secret's host is looked at too: its name
+        // decides whether it is intercepted (and nothing else).
+        let secret_check =
+            !dns && !by_name && !deny_check && action == Action::Allow && self.secret_pinned(syn.dst.ip(), now_ms);
+        let deny_check = deny_check || secret_check;
         if action == Action::Deny || !(by_name || deny_check) {
             self.push(Event::Audit(audit));
         }
@@ -886,6 +893,8 @@ impl Gateway {
             FlowKind::Dns { buf: Vec::new(), pending: 0 }
         } else if by_name {
             FlowKind::Sniff { until_ms: now_ms + NAME_WAIT_MS, seen: 0, mode: SniffMode::ByName }
+        } else if secret_check {
+            FlowKind::Sniff { until_ms: now_ms + SNIFF_WAIT_MS, seen: 0, mode: SniffMode::SecretCheck }
         } else if deny_check {
             FlowKind::Sniff { until_ms: now_ms + SNIFF_WAIT_MS, seen: 0, mode: SniffMode::DenyCheck }
         } else {
@@ -1063,9 +1072,10 @@ impl Gateway {
         // Unnamed bytes on a flow an address rule allows go by that address, as before any
         // sniffing (deny rules by name are best effort), unless they stopped short or named
         // two servers; on a flow only a domain rule allows they are denied.
-        let unnamed_ok = mode == SniffMode::DenyCheck
-            && !(matches!(verdict, Sniffed::NeedMore) && n > 0)
-            && verdict != Sniffed::Ambiguous;
+        let unnamed_ok = mode == SniffMode::SecretCheck
+            || (mode == SniffMode::DenyCheck
+                && !(matches!(verdict, Sniffed::NeedMore) && n > 0)
+                && verdict != Sniffed::Ambiguous);
         let (name, what) = match verdict {
             Sniffed::Tls(name) | Sniffed::Http(name) => (Some(name), ""),
             Sniffed::NeedMore if n > 0 => {
@@ -1092,7 +1102,9 @@ impl Gateway {
         let f = self.flows.get_mut(&id).expect("listed");
         if action == Action::Allow {
             f.kind = FlowKind::Relay;
-            if first.first().is_some_and(|b| b.is_ascii_uppercase()) && name.is_some() {
+            // (A flow looked at only for a secret's host stays a plain relay.)
+            if first.first().is_some_and(|b| b.is_ascii_uppercase()) && name.is_some() && mode != SniffMode::SecretCheck
+            {
                 f.http = Some((Requests::default(), true));
             }
             // TLS to a secret's host, with a protocol the gateway can read inside, is

@@ -1063,6 +1063,11 @@ fn only_tls_to_a_secret_host_at_its_resolved_address_is_intercepted() {
             false,
         ),
         ("plain HTTP to the secret's host", ip, b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n".to_vec(), false),
+        // Whatever else comes first goes by the address, as without secrets.
+        ("an IP literal as SNI", ip, hello("93.184.216.34", &[], 16384), false),
+        ("two server names", ip, crate::sniff::tests::hello(&["api.example.com", "other.example"], None), false),
+        ("no SNI", ip, crate::sniff::tests::hello(&[], None), false),
+        ("not TLS nor HTTP", ip, b"SSH-2.0-OpenSSH_9.2\r\n".to_vec(), false),
     ];
     for (i, (what, dst, bytes, want)) in cases.into_iter().enumerate() {
         let before = (n.dials().len(), intercepts(&n).len());
