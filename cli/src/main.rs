@@ -1057,6 +1057,13 @@ async fn inspect(msb: &Msb, name: &str, format: Format) -> msb_control_plane::Re
             .map(|p| serde_json::json!({"host": p.host.to_string(), "guest": p.guest, "proto": p.proto}))
             .collect();
     }
+    if rec.status == Status::Running && !rec.config.secrets.is_empty() {
+        // As the running vault holds them: hosts now, and whether each value is locked in
+        // memory (never a value).
+        if let Ok(live) = sb.secrets().await {
+            v["secrets"] = serde_json::to_value(&live).unwrap_or_default();
+        }
+    }
     if let Some(i) = info {
         v["boot_ms"] = serde_json::json!(i.boot_ms);
         v["exec_sessions"] = serde_json::json!(i.exec_sessions);
