@@ -624,8 +624,10 @@ fn syn_flood() {
     let (served, _) = http_server(net.tcp(81));
     let name = "e2e-net-flood";
     start_sandbox(name, &["--allow", &format!("tcp/{}:80,81", net.host)]);
-    // 10,000 SYNs from a raw socket (root in the guest), each from its own port; the guest
-    // kernel resets the gateway's SYN-ACKs, so nothing completes on the guest side.
+    // 3,000 SYNs from a raw socket (root in the guest), each from its own port (far past the
+    // burst of 128 and 64 a second; kept short, since a long flood is what triple-faults a
+    // nested guest in the rig); the guest kernel resets the gateway's SYN-ACKs, so nothing
+    // completes on the guest side.
     let py = format!(
         r#"
 import errno, socket, struct, random, time
@@ -638,7 +640,7 @@ def csum(b):
     return ~v & 0xffff
 t0 = time.time()
 sent = 0
-for i in range(10000):
+for i in range(3000):
     if time.time() - t0 > 150: break
     h = struct.pack("!HHIIBBHHH", 20000 + i % 40000, 80, random.getrandbits(32), 0, 5 << 4, 0x02, 1024, 0, 0)
     pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(h))
@@ -664,7 +666,7 @@ print("sent", sent, "secs", round(time.time() - t0, 2), "busy", busy)
     assert_eq!(code(&o), 0, "{out} {}", String::from_utf8_lossy(&o.stderr));
     // The guest's transmit path kept moving: a flood that cannot get its SYNs out within
     // 150 s (each ENOBUFS waits 1 ms) means the device stopped taking the guest's frames.
-    assert!(out.contains("sent 10000 "), "the flood stalled in the guest's transmit queue: {out}");
+    assert!(out.contains("sent 3000 "), "the flood stalled in the guest's transmit queue: {out}");
     // The sandbox still answers at once, and the table drains.
     let t = std::time::Instant::now();
     ok(&["exec", name, "--", "true"]);
