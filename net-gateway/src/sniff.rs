@@ -127,7 +127,9 @@ fn join_hello(data: &[u8]) -> Result<Vec<u8>, Sniffed> {
     Ok(hs)
 }
 
-fn client_hello(hs: &[u8]) -> Option<Sniffed> {
+/// The extensions block of a ClientHello handshake message: `None` when it is not a
+/// well-formed ClientHello, `Some(None)` when it has no extensions at all.
+fn hello_extensions(hs: &[u8]) -> Option<Option<&[u8]>> {
     let mut c = Cur { b: hs, at: 0 };
     if c.u8()? != 1 {
         return None; // not a ClientHello
@@ -142,10 +144,17 @@ fn client_hello(hs: &[u8]) -> Option<Sniffed> {
     let comp = c.u8()?;
     c.take(comp)?;
     if c.at == c.b.len() {
-        return Some(Sniffed::TlsNoName); // no extensions at all
+        return Some(None);
     }
     let ext_len = c.u16()?;
-    let mut e = Cur { b: c.take(ext_len)?, at: 0 };
+    Some(Some(c.take(ext_len)?))
+}
+
+fn client_hello(hs: &[u8]) -> Option<Sniffed> {
+    let Some(exts) = hello_extensions(hs)? else {
+        return Some(Sniffed::TlsNoName); // no extensions at all
+    };
+    let mut e = Cur { b: exts, at: 0 };
     let mut found: Option<Sniffed> = None;
     while e.at < e.b.len() {
         let kind = e.u16()?;
@@ -188,24 +197,8 @@ fn client_hello(hs: &[u8]) -> Option<Sniffed> {
 /// malformed ALPN extension).
 pub fn client_alpn(data: &[u8]) -> Option<Vec<Vec<u8>>> {
     let hs = join_hello(data).ok()?;
-    let mut c = Cur { b: &hs, at: 0 };
-    if c.u8()? != 1 {
-        return None;
-    }
-    let len = c.u24()?;
-    let mut c = Cur { b: c.take(len)?, at: 0 };
-    c.take(2 + 32)?;
-    let sid = c.u8()?;
-    c.take(sid)?;
-    let suites = c.u16()?;
-    c.take(suites)?;
-    let comp = c.u8()?;
-    c.take(comp)?;
-    if c.at == c.b.len() {
-        return Some(Vec::new());
-    }
-    let ext_len = c.u16()?;
-    let mut e = Cur { b: c.take(ext_len)?, at: 0 };
+    let Some(exts) = hello_extensions(&hs)? else { return Some(Vec::new()) };
+    let mut e = Cur { b: exts, at: 0 };
     let mut out = Vec::new();
     while e.at < e.b.len() {
         let kind = e.u16()?;

@@ -613,8 +613,12 @@ async fn h2_stream(
     let (parts, body) = req.into_parts();
     let sni = ctx.identity.sni.clone();
     let authority = parts.uri.authority().map(|a| a.as_str().to_string()).unwrap_or_default();
-    let host_ok = parts.headers.get_all(http::header::HOST).iter().all(|h| h.to_str().is_ok_and(|h| host_is(h, &sni)));
-    if !host_is(&authority, &sni) || !host_ok || parts.method == http::Method::CONNECT {
+    let host_ok = parts
+        .headers
+        .get_all(http::header::HOST)
+        .iter()
+        .all(|h| h.to_str().is_ok_and(|h| msb_schema::secret::authority_names(h, &sni)));
+    if !msb_schema::secret::authority_names(&authority, &sni) || !host_ok || parts.method == http::Method::CONNECT {
         let why =
             format!("this stream names {authority:?}, not {sni} (a connection to one host carries only its requests)");
         h2_refuse(respond, 421, &why);
@@ -696,16 +700,6 @@ async fn h2_stream(
     if let Some(u) = upload {
         let _ = u.await;
     }
-}
-
-/// Whether `authority` names `sni` (with or without a port).
-fn host_is(authority: &str, sni: &str) -> bool {
-    let host = match authority.rsplit_once(':') {
-        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => h,
-        Some(_) => return false,
-        None => authority,
-    };
-    msb_schema::secret::normalize_name(host).is_some_and(|h| h == sni)
 }
 
 /// Moves one stream's DATA (and trailers) from `recv` to `send`, through `mask` when given,

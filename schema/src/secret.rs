@@ -123,6 +123,20 @@ pub fn normalize_name(name: &str) -> Option<String> {
     (labels_ok && !last_numeric).then_some(n)
 }
 
+/// Whether `authority` (a `Host` value or `:authority`, with or without a port) names
+/// `sni` (normalised already).
+pub fn authority_names(authority: &str, sni: &str) -> bool {
+    if sni.is_empty() {
+        return false;
+    }
+    let host = match authority.rsplit_once(':') {
+        Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        Some(_) => return false,
+        None => authority,
+    };
+    normalize_name(host).is_some_and(|h| h == sni)
+}
+
 /// Where a secret may go: one exact name, or `*.name` for every name below `name` (never
 /// `name` itself, as in the egress policy).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

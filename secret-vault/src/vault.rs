@@ -3,8 +3,8 @@
 
 use base64::Engine as _;
 use msb_schema::secret::{
-    check_secrets, normalize_name, Answer, FlowIdentity, Location, OnViolation, RequestHead, ResponseMask, SecretError,
-    SecretHost, SecretInfo, SecretName, SecretSpec, SecretValue, Violation,
+    authority_names, check_secrets, normalize_name, Answer, FlowIdentity, Location, OnViolation, RequestHead,
+    ResponseMask, SecretError, SecretHost, SecretInfo, SecretName, SecretSpec, SecretValue, Violation,
 };
 use zeroize::{Zeroize, Zeroizing};
 
@@ -138,7 +138,7 @@ impl Vault {
     /// The answer for one request head on `flow`: see the crate doc for the gates.
     pub fn substitute(&self, flow: &FlowIdentity, head: RequestHead) -> Answer {
         let sni = normalize_name(&flow.sni).unwrap_or_default();
-        let authority_ok = authority_is(&head.authority, &sni);
+        let authority_ok = authority_names(&head.authority, &sni);
         let mut violations = Vec::new();
         let mut sensitive = Vec::new();
         let mut changed = false;
@@ -233,19 +233,6 @@ impl Vault {
             mask: self.mask(&sni),
         }
     }
-}
-
-/// Whether `authority` (a `Host` value or `:authority`) names `sni`, with or without a port.
-fn authority_is(authority: &str, sni: &str) -> bool {
-    if sni.is_empty() {
-        return false;
-    }
-    let host = match authority.rsplit_once(':') {
-        Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => h,
-        Some(_) => return false,
-        None => authority,
-    };
-    normalize_name(host).is_some_and(|h| h == sni)
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {

@@ -36,7 +36,10 @@ impl Actor for TestVault {
                 let _ = reply.send(ResponseMask::new([value.as_slice()]));
             }
             VaultQuery::Substitute { flow, mut head, reply } => {
-                let ok = flow.sni == "api.test" && flow.pinned && flow.verified && host_is(&head.authority, "api.test");
+                let ok = flow.sni == "api.test"
+                    && flow.pinned
+                    && flow.verified
+                    && msb_schema::secret::authority_names(&head.authority, "api.test");
                 let mut changed = false;
                 let mut violations = Vec::new();
                 for (n, val) in head.headers.iter_mut() {
