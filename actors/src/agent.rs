@@ -163,6 +163,7 @@ impl AgentCore {
             stdin: wants_stdin,
             tty: spec.tty,
             rlimits: spec.rlimits,
+            restricted: spec.restricted,
         };
         req.validate().map_err(ExecError::Invalid)?;
         let frame = encode(&HostMsg::Exec(req)).map_err(|e| ExecError::Invalid(e.to_string()))?;

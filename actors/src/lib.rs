@@ -49,8 +49,9 @@ pub use sandbox::{BootTimes, ExecControl, ExecHandle, Network, Sandbox, SandboxB
 
 /// The network gateway's policy vocabulary, for callers that build a [`Network`].
 pub mod net {
-    pub use msb_net_gateway::actor::AUDIT_CAP;
+    pub use msb_net_gateway::actor::{host_resolver, AUDIT_CAP};
     pub use msb_net_gateway::limit::{parse_rate, LimitError, Limits};
     pub use msb_net_gateway::policy::{Action, Policy, PolicyError, Rule};
+    pub use msb_net_gateway::tls::host_root_files;
     pub use msb_schema::net::{Port, PortProto};
 }

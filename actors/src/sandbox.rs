@@ -56,6 +56,7 @@ pub struct SandboxBuilder {
     secrets: Vec<(SecretSpec, SecretValue)>,
     /// Extra CA certificates (PEM files) upstreams of secret hosts are verified against.
     upstream_ca: Vec<PathBuf>,
+    read_only_root: bool,
 }
 
 /// A sandbox's network: the egress policy, the resolver the gateway asks, and where its
@@ -103,6 +104,7 @@ impl Default for SandboxBuilder {
             console_log: None,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             extra_cmdline: String::new(),
+            read_only_root: false,
             root: None,
             network: Some(Network::default()),
             mounts: Vec::new(),
@@ -205,6 +207,13 @@ impl SandboxBuilder {
         }
         Ok(())
     }
+    /// A read-only root file system once the agent has set the guest up; `/tmp` is a fresh
+    /// writable tmpfs. Refused with secrets (their CA goes into the guest's trust store).
+    pub fn read_only_root(mut self, on: bool) -> Self {
+        self.read_only_root = on;
+        self
+    }
+
     /// Extra kernel command-line arguments (appended).
     pub fn kernel_args(mut self, args: impl Into<String>) -> Self {
         self.extra_cmdline = args.into();
@@ -231,6 +240,16 @@ impl SandboxBuilder {
             }
         };
         let mut extra_cmdline = self.extra_cmdline.clone();
+        if self.read_only_root {
+            if !self.secrets.is_empty() {
+                return Err(Error::Config(
+                    "a read-only root cannot take secrets (their CA is written into the guest's trust store); \
+                     drop --read-only or the secrets"
+                        .into(),
+                ));
+            }
+            extra_cmdline = format!("{} {}", msb_protocol::READ_ONLY_CMDLINE, extra_cmdline).trim_end().to_string();
+        }
         let disks = match &self.root {
             Some((base, writable)) => {
                 extra_cmdline = format!("{} {}", msb_protocol::ROOT_CMDLINE, extra_cmdline).trim_end().to_string();

@@ -38,6 +38,9 @@ use nix::unistd::Pid;
 use crate::reaper::Reaper;
 use crate::{helper, users, Sender, MAX_SESSIONS};
 
+/// The user the restricted profile runs a command as when none is named.
+const NOBODY: u32 = 65534;
+
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Where cgroup v2 is mounted; each exec gets `exec-ID` below it.
@@ -401,6 +404,18 @@ fn run(req: ExecRequest, stdin: Option<StdinFeed>, ctx: &Ctx, reaper: &Reaper) {
         Some(Ok(u)) => Some(u),
         None => None,
     };
+    // The restricted profile never runs a command as root: nobody, unless a user is named.
+    let user = match (req.restricted, user) {
+        (true, Some(u)) if u.uid == 0 => {
+            return spawn_failed(
+                SpawnErrorKind::InvalidRequest,
+                "the restricted profile runs no command as root; name another user (-u) or leave it out (nobody)"
+                    .into(),
+            )
+        }
+        (true, None) => Some(users::Resolved { uid: NOBODY, gid: NOBODY, groups: Vec::new(), home: "/".into() }),
+        (_, u) => u,
+    };
     let cwd = req.cwd.clone().unwrap_or_else(|| "/".into());
     if !Path::new(&cwd).is_dir() {
         return spawn_failed(
@@ -410,7 +425,7 @@ fn run(req: ExecRequest, stdin: Option<StdinFeed>, ctx: &Ctx, reaper: &Reaper) {
     }
     // The helper does what std's Command cannot without `unsafe` (see helper.rs): limits,
     // terminals, users.
-    let via_helper = req.tty.is_some() || !req.rlimits.is_empty() || user.is_some();
+    let via_helper = req.tty.is_some() || !req.rlimits.is_empty() || user.is_some() || req.restricted;
     let path_var = req.env.iter().rev().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
     if via_helper {
         if let Err((kind, message)) = precheck(&req.argv[0], path_var, &cwd) {
@@ -429,6 +444,7 @@ fn run(req: ExecRequest, stdin: Option<StdinFeed>, ctx: &Ctx, reaper: &Reaper) {
             ctty: pty.is_some(),
             rlimits: &req.rlimits,
             user: identity.as_ref(),
+            restricted: req.restricted,
             cwd: user.is_some().then_some(cwd.as_str()),
         };
         c.args(helper::args(&setup, &req.argv));

@@ -52,6 +52,9 @@ pub struct Setup<'a> {
     /// The working directory, entered after the user switch (so a user cannot start in a
     /// directory it could not reach itself).
     pub cwd: Option<&'a str>,
+    /// The restricted profile: the capability bounding and ambient sets emptied before the
+    /// user switch, `no_new_privs` after it.
+    pub restricted: bool,
 }
 
 /// Arguments that make the helper run `argv` with `setup`.
@@ -70,6 +73,9 @@ pub fn args(setup: &Setup, argv: &[String]) -> Vec<String> {
     }
     if let Some(dir) = setup.cwd {
         a.push(format!("--cwd={dir}"));
+    }
+    if setup.restricted {
+        a.push("--restricted".into());
     }
     a.push("--".into());
     a.extend(argv.iter().cloned());
@@ -100,9 +106,12 @@ pub fn main(args: &[String]) -> ! {
     let mut ctty = false;
     let mut user = None;
     let mut cwd = None;
+    let mut restricted = false;
     for a in it.by_ref() {
         if a == "--" {
             break;
+        } else if a == "--restricted" {
+            restricted = true;
         } else if let Some(dir) = a.strip_prefix("--cwd=") {
             cwd = Some(dir.to_string());
         } else if a == "--ctty" {
@@ -129,6 +138,22 @@ pub fn main(args: &[String]) -> ! {
             fail(format!("taking the terminal: {e}"), 126);
         }
     }
+    if restricted {
+        if user.as_ref().is_none_or(|u| u.uid == 0) {
+            fail("the restricted profile runs no command as root".into(), 126);
+        }
+        // Needs CAP_SETPCAP, so before the switch away from root.
+        for n in 0..64u32 {
+            let Some(cap) = 1u64.checked_shl(n).and_then(rustix::thread::CapabilitySet::from_bits) else { continue };
+            match rustix::thread::remove_capability_from_bounding_set(cap) {
+                Ok(()) | Err(rustix::io::Errno::INVAL) => {}
+                Err(e) => fail(format!("dropping capabilities: {e}"), 126),
+            }
+        }
+        if let Err(e) = rustix::thread::clear_ambient_capability_set() {
+            fail(format!("clearing ambient capabilities: {e}"), 126);
+        }
+    }
     if let Some(u) = user {
         use rustix::process::{Gid, Uid};
         let groups: Vec<Gid> = u.groups.iter().map(|g| Gid::from_raw(*g)).collect();
@@ -137,6 +162,13 @@ pub fn main(args: &[String]) -> ! {
             .and_then(|_| rustix::thread::set_thread_uid(Uid::from_raw(u.uid)));
         if let Err(e) = switched {
             fail(format!("switching to uid {} gid {}: {e}", u.uid, u.gid), 126);
+        }
+    }
+    // After the switch (a uid other than 0 keeps no capability) and before the exec: a
+    // setuid program gains nothing.
+    if restricted {
+        if let Err(e) = rustix::thread::set_no_new_privs(true) {
+            fail(format!("setting no_new_privs: {e}"), 126);
         }
     }
     if let Some(dir) = cwd {
@@ -156,9 +188,9 @@ mod tests {
     #[test]
     fn identities_round_trip_through_the_arguments() {
         let id = Identity { uid: 1000, gid: 100, groups: vec![10, 27] };
-        let setup = Setup { ctty: true, rlimits: &[], user: Some(&id), cwd: Some("/home/msb") };
+        let setup = Setup { ctty: true, rlimits: &[], user: Some(&id), cwd: Some("/home/msb"), restricted: true };
         let a = args(&setup, &["id".into()]);
-        assert_eq!(a, [FLAG, "--ctty", "--user=1000:100:10,27", "--cwd=/home/msb", "--", "id"]);
+        assert_eq!(a, [FLAG, "--ctty", "--user=1000:100:10,27", "--cwd=/home/msb", "--restricted", "--", "id"]);
         let back = parse_identity("1000:100:10,27").unwrap();
         assert_eq!((back.uid, back.gid, back.groups), (1000, 100, vec![10, 27]));
         assert_eq!(parse_identity("5:6:").unwrap().groups, Vec::<u32>::new());

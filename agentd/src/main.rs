@@ -85,6 +85,13 @@ fn main() {
             log(&format!("fatal: cannot mount a shared directory: {e}"));
             system::power_off();
         }
+        // Last: everything above may write the root.
+        if system::read_only_requested() {
+            if let Err(e) = system::make_root_read_only() {
+                log(&format!("fatal: cannot make the root read-only: {e}"));
+                system::power_off();
+            }
+        }
     }
     let result = serve();
     if let Err(e) = &result {

@@ -38,6 +38,24 @@ pub fn early_setup() {
     std::env::set_var("PATH", crate::exec::DEFAULT_PATH);
 }
 
+/// Whether the kernel command line asks for a read-only root
+/// ([`msb_protocol::READ_ONLY_CMDLINE`]).
+pub fn read_only_requested() -> bool {
+    std::fs::read_to_string("/proc/cmdline")
+        .map(|c| c.split_whitespace().any(|a| a == msb_protocol::READ_ONLY_CMDLINE))
+        .unwrap_or(false)
+}
+
+/// Makes `/` read-only for everything after the agent's own set-up, with a fresh writable
+/// tmpfs on `/tmp` (sticky, world-writable, no setuid or devices). A workload needs
+/// CAP_SYS_ADMIN to undo it, which the restricted profile never has.
+pub fn make_root_read_only() -> Result<(), String> {
+    let _ = std::fs::create_dir_all("/tmp");
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount_or("tmpfs", "/tmp", Some("tmpfs"), nosuid, Some("mode=1777"))?;
+    mount_or("/", "/", None, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None)
+}
+
 /// Whether the kernel command line asks for an image root ([`msb_protocol::ROOT_CMDLINE`]).
 pub fn image_root_requested() -> bool {
     std::fs::read_to_string("/proc/cmdline")

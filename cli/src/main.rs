@@ -161,6 +161,10 @@ enum Cmd {
     Completions { shell: clap_complete::Shell },
     #[command(name = SANDBOX_PROCESS_ARG, hide = true)]
     SandboxProcess,
+    /// Apply the sandbox process's lockdown to this process over DIR and attempt ACTION
+    /// (used by `msb doctor` and the host tests).
+    #[command(name = "lockdown-probe", hide = true)]
+    LockdownProbe { dir: std::path::PathBuf, action: Option<String>, arg: Option<String> },
 }
 
 #[derive(Subcommand)]
@@ -238,6 +242,20 @@ struct MachineArgs {
     /// Size of an image sandbox's writable root disk, e.g. 512M or 4G (sparse; default 4G).
     #[arg(long, value_parser = parse_size_mib)]
     root_disk: Option<u64>,
+    /// Refuse to start unless every protection of the sandbox process's lockdown is in force
+    /// on this host (user namespace, empty root, Landlock, seccomp); without it a missing one
+    /// is reported by `msb inspect` and `msb doctor`, not fatal.
+    #[arg(long)]
+    require_hardening: bool,
+    /// How much the workload may do inside the guest: `default` (root, as in a container) or
+    /// `restricted` (every command as a user other than root — `nobody` unless `-u` names
+    /// one — with no capabilities and no_new_privs, so setuid programs gain nothing).
+    #[arg(long, value_parser = ["default", "restricted"], default_value = "default")]
+    profile: String,
+    /// A read-only root file system; `/tmp` is a fresh writable tmpfs (shared directories keep
+    /// their own mode).
+    #[arg(long)]
+    read_only: bool,
     /// Share a host directory: `HOST_DIR:GUEST_PATH[:OPTIONS]` (`./project:/work`), or a
     /// named volume (`NAME:/path`). The guest reaches nothing outside it. OPTIONS, comma
     /// separated: `ro` (enforced on the host), `uid=N[,gid=N]` (the owner files appear to have
@@ -444,6 +462,9 @@ impl MachineArgs {
                 .iter()
                 .map(|s| msb_control_plane::secrets::parse_secret(s))
                 .collect::<Result<_, _>>()?,
+            require_hardening: self.require_hardening,
+            restricted: self.profile == "restricted",
+            read_only: self.read_only,
         })
     }
 }
@@ -530,6 +551,7 @@ impl CommandArgs {
             stdin: None,
             tty,
             rlimits,
+            restricted: false,
         })
     }
 }
@@ -631,6 +653,13 @@ fn main() -> ExitCode {
     // Everything msb creates (store, sockets, logs, sandbox directories) is private to this
     // user from the first instant; the sandbox processes inherit this.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    if matches!(cli.cmd, Cmd::SandboxProcess) {
+        // Single-threaded until its lockdown is done: it builds its own runtime after.
+        return sandbox_process::main();
+    }
+    if let Cmd::LockdownProbe { dir, action, arg } = &cli.cmd {
+        return sandbox_process::probe::run(dir, action.as_deref(), arg.as_deref());
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -641,7 +670,6 @@ fn main() -> ExitCode {
     // Commands that need no home directory.
     match cli.cmd {
         Cmd::Doctor => return doctor(),
-        Cmd::SandboxProcess => return rt.block_on(sandbox_process()),
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "msb", &mut std::io::stdout());
             return ExitCode::SUCCESS;
@@ -658,7 +686,9 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Exec(a) => return rt.block_on(exec(&msb, *a)),
         Cmd::Run(a) => return rt.block_on(run(&msb, *a)),
-        Cmd::Doctor | Cmd::SandboxProcess | Cmd::Completions { .. } => unreachable!("served above"),
+        Cmd::Doctor | Cmd::SandboxProcess | Cmd::LockdownProbe { .. } | Cmd::Completions { .. } => {
+            unreachable!("served above")
+        }
         Cmd::Create(a) => resolve_image(&msb, a.image.as_deref())
             .and_then(|(image, id)| msb.create(&a.name, SandboxConfig { image_id: id, ..a.machine.config(image)? }))
             .map(|sb| println!("{}", sb.name())),
@@ -759,37 +789,6 @@ async fn stop(msb: &Msb, a: &StopArgs) -> msb_control_plane::Result<String> {
         sb.kill().await
     } else {
         sb.stop(Duration::from_secs(a.time)).await
-    }
-}
-
-/// The sandbox process: reads its launch description from stdin and serves the sandbox.
-async fn sandbox_process() -> ExitCode {
-    let mut line = String::new();
-    if let Err(e) = std::io::stdin().read_line(&mut line) {
-        eprintln!("msb sandbox process: reading the launch description: {e}");
-        return ExitCode::from(125);
-    }
-    let launch: msb_control_plane::wire::Launch = match serde_json::from_str(&line) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("msb sandbox process: bad launch description: {e}");
-            return ExitCode::from(125);
-        }
-    };
-    // The secrets' values follow on the same pipe (never argv or the environment).
-    let secrets = match msb_control_plane::secrets::read_frame(&mut std::io::stdin().lock()) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("msb sandbox process: {e}");
-            return ExitCode::from(125);
-        }
-    };
-    match sandbox_process::run(launch, secrets, std::io::stdout()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("msb sandbox process: {}", report::chain(&e));
-            ExitCode::from(1)
-        }
     }
 }
 
@@ -1067,6 +1066,8 @@ async fn inspect(msb: &Msb, name: &str, format: Format) -> msb_control_plane::Re
     if let Some(i) = info {
         v["boot_ms"] = serde_json::json!(i.boot_ms);
         v["exec_sessions"] = serde_json::json!(i.exec_sessions);
+        // What the sandbox process's lockdown put in force, and what this host lacks.
+        v["hardening"] = serde_json::json!({"applied": i.hardening.applied, "missing": i.hardening.missing});
     }
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
@@ -1198,7 +1199,39 @@ async fn run(msb: &Msb, mut a: RunArgs) -> ExitCode {
     }
     let _ = sb.stop(Duration::from_secs(10)).await;
     let _ = tokio::task::spawn_blocking(move || owner.wait()).await;
+    // The process has ended: its run is closed from its exit report (and an ephemeral
+    // sandbox removed) now, not by whichever command comes next.
+    let _ = msb.reconciled_store();
     finish(outcome)
+}
+
+/// Runs the sandbox process's lockdown in a probe (over an empty directory of the home) and
+/// says what this host enforces.
+fn lockdown_check(home: &std::path::Path) {
+    let dir = home.join("tmp").join(format!("doctor-{}", std::process::id()));
+    let probe = msb_control_plane::client::private_dir(&dir)
+        .and_then(|()| std::process::Command::new(std::env::current_exe()?).arg("lockdown-probe").arg(&dir).output());
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = probe.ok().and_then(|o| {
+        serde_json::from_str::<msb_control_plane::wire::Hardening>(String::from_utf8_lossy(&o.stdout).lines().next()?)
+            .ok()
+    });
+    match report {
+        Some(r) => {
+            println!("sandbox process lockdown: {}", r.applied.join(", "));
+            if r.missing.is_empty() {
+                println!("lockdown missing: nothing (--require-hardening can be used)");
+            } else {
+                println!(
+                    "lockdown missing: {} (sandboxes still start; --require-hardening refuses them)",
+                    r.missing.join(", ")
+                );
+            }
+        }
+        None => {
+            println!("sandbox process lockdown: FAILED: the probe could not lock itself down; sandboxes will not start")
+        }
+    }
 }
 
 fn doctor() -> ExitCode {
@@ -1243,6 +1276,7 @@ fn doctor() -> ExitCode {
             println!("state store: {}", report::chain(&e));
         }
     }
+    lockdown_check(&home);
     if kind.boots_linux() && ok {
         println!("verdict: sandboxes boot directly on this host (`msb run -- echo hi`).");
         ExitCode::SUCCESS

@@ -60,8 +60,12 @@ impl Msb {
     /// and their stale sockets removed.
     pub fn reconciled_store(&self) -> Result<Store> {
         let s = Store::open(&self.home)?;
-        for name in s.reconcile()? {
-            tracing::warn!("sandbox {name}: its process died; marked crashed");
+        let home = self.home.clone();
+        let report = move |name: &str, p: ProcessId| {
+            SandboxName::new(name).ok().and_then(|n| read_exit_report(&paths::exit_path(&home, &n), p))
+        };
+        for name in s.reconcile_with(report)? {
+            tracing::debug!("sandbox {name}: its process has ended; its run is closed");
             let Ok(name) = SandboxName::new(&name) else { continue };
             let _ = std::fs::remove_file(paths::socket_path(&self.home, &name));
             // An ephemeral sandbox would have been removed when it stopped: do it now.
@@ -186,6 +190,23 @@ pub fn check_peer(stream: &UnixStream) -> Result<()> {
     Ok(())
 }
 
+/// Longest exit report read (a reason line is far shorter).
+const EXIT_REPORT_CAP: u64 = 4096;
+
+/// What the exit report at `path` says about process `p`: `None` if it is missing, names
+/// another process or says nothing.
+pub fn read_exit_report(path: &Path, p: ProcessId) -> Option<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path).ok()?.take(EXIT_REPORT_CAP).read_to_string(&mut text).ok()?;
+    let (head, rest) = text.split_once('\n')?;
+    let mut w = head.split_whitespace();
+    let (pid, start) = (w.next()?.parse::<u32>().ok()?, w.next()?.parse::<u64>().ok()?);
+    let reason = rest.trim();
+    (pid == p.pid && start == p.start && !reason.is_empty())
+        .then(|| reason.lines().next().unwrap_or(reason).to_string())
+}
+
 /// Finds the `msb` binary that runs sandbox processes: `$MSB_BIN`, this executable if it is
 /// `msb`, an `msb` beside it, then `$MSB_HOME/bin/msb`.
 fn msb_binary(home: &Path) -> Result<PathBuf> {
@@ -271,7 +292,8 @@ impl NamedSandbox {
                 return Err(e);
             }
         };
-        if let Some(p) = ProcessId::of(child.id()) {
+        let process = ProcessId::of(child.id());
+        if let Some(p) = process {
             let _ = store.set_process(self.name(), p);
         }
         let wait = Duration::from_secs(config.boot_timeout_secs.saturating_add(30));
@@ -292,17 +314,30 @@ impl NamedSandbox {
                 )));
             }
         };
+        // The jailed process holds no handle on the store: its client records what it says.
         match serde_json::from_str::<Announce>(&line) {
-            Ok(Announce { ok: true, .. }) => Ok(Owner { child, owner_pipe: (!detached).then_some(stdin) }),
+            Ok(Announce { ok: true, .. }) => {
+                if let Some(p) = process {
+                    store.mark_running(self.name(), p)?;
+                }
+                Ok(Owner { child, owner_pipe: (!detached).then_some(stdin) })
+            }
             Ok(Announce { error, .. }) => {
                 let _ = child.wait();
-                Err(Error::StartFailed(error.unwrap_or_else(|| "the sandbox failed to start".into())))
+                let why = error.unwrap_or_else(|| "the sandbox failed to start".into());
+                let _ = store.mark_stopped(self.name(), Status::Stopped, &format!("failed to start: {why}"));
+                if rec.ephemeral && store.remove(self.name()).is_ok() {
+                    let _ = std::fs::remove_dir_all(self.dir());
+                }
+                Err(Error::StartFailed(why))
             }
             Err(_) => {
                 let _ = child.wait();
                 let _ = self.msb.reconciled_store();
+                let why = process.and_then(|p| read_exit_report(&paths::exit_path(&self.msb.home, &self.name), p));
                 Err(Error::Spawn(format!(
-                    "the sandbox process exited before it was up; see {}",
+                    "the sandbox process exited before it was up{}; see {}",
+                    why.map(|w| format!(" ({w})")).unwrap_or_default(),
                     self.vmm_log().display()
                 )))
             }

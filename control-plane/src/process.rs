@@ -21,6 +21,12 @@ fn stat(pid: u32) -> Option<Stat> {
     parse_stat(&text)
 }
 
+/// The command name of `pid` (`/proc/PID/stat`'s second field, at most 15 bytes).
+fn comm(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(text[text.find('(')? + 1..text.rfind(')')?].to_string())
+}
+
 /// Parses one `/proc/PID/stat` line. The command name may contain spaces and parentheses:
 /// fields resume after the last ')'; the state is the first of them, the start time the 20th.
 fn parse_stat(text: &str) -> Option<Stat> {
@@ -54,10 +60,20 @@ impl ProcessId {
         if uid != Some(me.as_str()) {
             return false;
         }
-        let Ok(running) = std::fs::read_link(format!("/proc/{}/exe", self.pid)) else { return false };
+        // A locked-down sandbox process is not dumpable (its `exe` link is closed to its own
+        // user) and runs in its own mount namespace (the link may name its binary by a path of
+        // that namespace). Its pid and start time already name it; then its command name must
+        // agree with the binary's.
         let want = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());
-        let running = running.to_string_lossy();
-        running == want.to_string_lossy() || running.strip_suffix(" (deleted)") == Some(&*want.to_string_lossy())
+        if let Ok(running) = std::fs::read_link(format!("/proc/{}/exe", self.pid)) {
+            let running = running.to_string_lossy();
+            if running == want.to_string_lossy() || running.strip_suffix(" (deleted)") == Some(&*want.to_string_lossy())
+            {
+                return true;
+            }
+        }
+        let name = exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        comm(self.pid).is_some_and(|c| !c.is_empty() && name.starts_with(&c))
     }
 
     /// Whether this very process still runs (and is not a zombie).

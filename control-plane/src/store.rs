@@ -26,6 +26,10 @@ use crate::wire::SandboxConfig;
 /// (its client spawns the process right after claiming the start).
 pub const STARTING_GRACE: Duration = Duration::from_secs(60);
 
+/// How a sandbox process's exit report begins when a seccomp filter killed it (the same
+/// words its reporter writes, `msb_hypervisor::sigsys`).
+pub const VIOLATION_PREFIX: &str = "seccomp violation: ";
+
 /// What a client tried to do with a sandbox whose status does not allow it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -508,6 +512,13 @@ impl Store {
     /// A `starting` sandbox without a recorded process (its client is spawning it) is left
     /// alone for [`STARTING_GRACE`]; after that its client is taken to have died.
     pub fn reconcile(&self) -> Result<Vec<String>> {
+        self.reconcile_with(|_, _| None)
+    }
+
+    /// [`Store::reconcile`], closing the run of a sandbox whose process is gone with what
+    /// `exit_report(name, process)` says about that very process, if anything: a report that
+    /// starts with the seccomp violation prefix leaves it `crashed`, any other `stopped`.
+    pub fn reconcile_with(&self, exit_report: impl Fn(&str, ProcessId) -> Option<String>) -> Result<Vec<String>> {
         let cutoff = now_ms().saturating_sub(STARTING_GRACE.as_millis() as u64) as i64;
         let mut crashed = self.write(|tx| {
             let names: Vec<String> = tx
@@ -535,13 +546,19 @@ impl Store {
             }
             let now = now_ms() as i64;
             let p = rec.process.expect("checked");
-            let reason = format!("sandbox process {} died without stopping the sandbox (crashed)", p.pid);
+            let (status, reason) = match exit_report(&rec.name, p) {
+                Some(r) if r.starts_with(VIOLATION_PREFIX) => (Status::Crashed, r),
+                Some(r) => (Status::Stopped, r),
+                None => {
+                    (Status::Crashed, format!("sandbox process {} died without stopping the sandbox (crashed)", p.pid))
+                }
+            };
             // Re-checked inside the transaction: another client may have fixed it already.
             let changed = self.write(|tx| {
                 let n = tx.execute(
-                    "UPDATE sandboxes SET status = 'crashed', pid = NULL, pid_start = NULL, updated_ms = ?4
+                    "UPDATE sandboxes SET status = ?5, pid = NULL, pid_start = NULL, updated_ms = ?4
                      WHERE name = ?1 AND pid = ?2 AND pid_start = ?3 AND status IN ('starting', 'running')",
-                    params![rec.name, p.pid, p.start as i64, now],
+                    params![rec.name, p.pid, p.start as i64, now, status.as_str()],
                 )?;
                 if n > 0 {
                     Self::close_run(tx, &rec.name, now, &reason)?;

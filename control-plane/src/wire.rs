@@ -132,6 +132,18 @@ pub struct Info {
     /// Create → guest init, from the boot timer.
     pub boot_ms: Option<u64>,
     pub exec_sessions: u64,
+    /// What the sandbox process's lockdown applied and what it could not.
+    #[serde(default)]
+    pub hardening: Hardening,
+}
+
+/// The protections a sandbox process runs under (`msb inspect`, `--require-hardening`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hardening {
+    /// Applied, in order (namespaces, empty root, privileges, Landlock, seccomp).
+    pub applied: Vec<String>,
+    /// Not applied on this host, each with why.
+    pub missing: Vec<String>,
 }
 
 /// How a named sandbox is built each time it starts.
@@ -165,6 +177,17 @@ pub struct SandboxConfig {
     /// the values).
     #[serde(default)]
     pub secrets: Vec<msb_schema::secret::SecretSpec>,
+    /// Refuse to start unless every protection of the lockdown is in force
+    /// (`--require-hardening`); otherwise a missing one is reported, not fatal.
+    #[serde(default)]
+    pub require_hardening: bool,
+    /// The restricted profile (`--profile restricted`): every command runs as a user other
+    /// than root (`nobody` by default), without capabilities and with `no_new_privs`.
+    #[serde(default)]
+    pub restricted: bool,
+    /// A read-only root file system with a writable tmpfs `/tmp` (`--read-only`).
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// A sandbox's network, as recorded: whether it has one, the egress policy (policy-file
@@ -287,6 +310,9 @@ impl Default for SandboxConfig {
             net: NetSettings::default(),
             mounts: Vec::new(),
             secrets: Vec::new(),
+            require_hardening: false,
+            restricted: false,
+            read_only: false,
         }
     }
 }
@@ -552,6 +578,13 @@ impl SandboxConfig {
         if !self.secrets.is_empty() && self.net.none {
             return Err(Error::Config("secrets need a network: drop --net none or the --secret flags".into()));
         }
+        if !self.secrets.is_empty() && self.read_only {
+            return Err(Error::Config(
+                "a read-only root cannot take secrets (their CA is written into the guest's trust store): \
+                 drop --read-only or the --secret flags"
+                    .into(),
+            ));
+        }
         Ok(msb_schema::limits::check_size(self.cpus, self.memory_mib)?)
     }
 
@@ -604,6 +637,14 @@ pub mod paths {
     /// The published ports of a running sandbox, as bound (JSON: `[{host, guest}]`).
     pub fn ports_path(home: &Path, name: &SandboxName) -> PathBuf {
         sandbox_dir(home, name).join("ports.json")
+    }
+
+    /// The exit report of a sandbox's current or last process: its identity on the first
+    /// line (`PID START`), then why it ended (written by the process itself as it ends, or by
+    /// its seccomp violation reporter). The jailed process holds no handle on the state
+    /// store: the next client reads this to close the run.
+    pub fn exit_path(home: &Path, name: &SandboxName) -> PathBuf {
+        sandbox_dir(home, name).join("exit")
     }
 
     /// The control socket of a sandbox.

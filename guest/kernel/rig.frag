@@ -16,3 +16,9 @@ CONFIG_SERIO=y
 CONFIG_VETH=y
 # The network benchmark's passt isolates itself in a user namespace.
 CONFIG_USER_NS=y
+# The sandbox process's lockdown (shared/research/hardening.md): Landlock (ABI v2 on 6.1) and
+# seccomp filters, so the rig tests the enforced path, not only the degraded one.
+CONFIG_SECURITY=y
+CONFIG_SECURITY_LANDLOCK=y
+CONFIG_SECCOMP=y
+CONFIG_SECCOMP_FILTER=y

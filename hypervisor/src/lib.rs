@@ -21,11 +21,13 @@ pub mod boot;
 pub mod kind;
 pub mod memory;
 mod mptable;
+pub mod sigsys;
+pub mod syscalls;
 pub mod vcpu;
 pub mod vm;
 
 pub use kind::{classify, KvmKind};
-pub use vcpu::{ExitHandler, VcpuRunner, VcpuStop};
+pub use vcpu::{on_vcpu_thread_start, ExitHandler, VcpuRunner, VcpuStop};
 pub use vm::{Vm, VmConfig};
 
 /// Errors of the hypervisor layer. Each says what failed; a cause is its `source()`, never

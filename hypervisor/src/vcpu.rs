@@ -257,6 +257,18 @@ fn install_kick_handler() -> Result<()> {
     result
 }
 
+/// What each vCPU thread runs first, before its first `KVM_RUN` (the sandbox process's
+/// per-thread seccomp filter); set at most once per process.
+static THREAD_START: std::sync::OnceLock<Box<dyn Fn() -> std::result::Result<(), String> + Send + Sync>> =
+    std::sync::OnceLock::new();
+
+/// Sets what every vCPU thread started from now on runs on itself before it enters the guest.
+/// If it fails, that vCPU stops with the error and never runs guest code. Returns `false`
+/// (and changes nothing) if one was set already.
+pub fn on_vcpu_thread_start(f: impl Fn() -> std::result::Result<(), String> + Send + Sync + 'static) -> bool {
+    THREAD_START.set(Box::new(f)).is_ok()
+}
+
 /// A running vCPU thread.
 pub struct VcpuRunner {
     id: u8,
@@ -279,6 +291,10 @@ impl VcpuRunner {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
+                if let Some(Err(e)) = THREAD_START.get().map(|f| f()) {
+                    on_exit(VcpuStop::Error(format!("vCPU {id} could not be confined: {e}")));
+                    return;
+                }
                 let reason = run_loop(&mut vcpu.fd, &*handler, &flag);
                 tracing::debug!(vcpu = id, ?reason, "vCPU stopped");
                 on_exit(reason);

@@ -151,11 +151,9 @@ pub fn load_pem_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'stat
     Ok(certs)
 }
 
-/// The host's trust anchors: `SSL_CERT_FILE` if set, else the first system bundle found
-/// (empty when the host has none).
-pub fn host_roots() -> Vec<CertificateDer<'static>> {
+fn root_candidates() -> impl Iterator<Item = std::path::PathBuf> {
     let env = std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from);
-    let candidates = env.into_iter().chain(
+    env.into_iter().chain(
         [
             "/etc/ssl/certs/ca-certificates.crt",
             "/etc/pki/tls/certs/ca-bundle.crt",
@@ -164,8 +162,19 @@ pub fn host_roots() -> Vec<CertificateDer<'static>> {
         ]
         .into_iter()
         .map(std::path::PathBuf::from),
-    );
-    for c in candidates {
+    )
+}
+
+/// The files [`host_roots`] may read (those that exist), so that a process confined to a
+/// list of paths can keep them.
+pub fn host_root_files() -> Vec<std::path::PathBuf> {
+    root_candidates().filter(|p| p.is_file()).collect()
+}
+
+/// The host's trust anchors: `SSL_CERT_FILE` if set, else the first system bundle found
+/// (empty when the host has none).
+pub fn host_roots() -> Vec<CertificateDer<'static>> {
+    for c in root_candidates() {
         if let Ok(certs) = load_pem_certs(&c) {
             return certs;
         }

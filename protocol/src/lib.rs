@@ -68,6 +68,10 @@ pub const NET_CMDLINE: &str = "msb.net=";
 /// the sandbox's root (`nosuid,nodev`; read-only when `:ro`, though the host enforces that
 /// itself).
 pub const MOUNTS_CMDLINE: &str = "msb.mounts=";
+
+/// Kernel command-line entry that makes the root file system read-only once the agent has set
+/// the guest up (a fresh tmpfs on `/tmp` stays writable).
+pub const READ_ONLY_CMDLINE: &str = "msb.ro=1";
 /// virtio-blk serial of an image's read-only root filesystem.
 pub const IMAGE_DISK_SERIAL: &str = "msb-image";
 /// virtio-blk serial of a sandbox's writable disk.
@@ -205,6 +209,10 @@ pub struct ExecRequest {
     pub tty: Option<WinSize>,
     /// Resource limits, applied before the program starts.
     pub rlimits: Vec<Rlimit>,
+    /// The restricted profile: never as root (`nobody` unless `user` names another user),
+    /// every capability dropped from the bounding set, `no_new_privs` (a setuid program
+    /// gains nothing).
+    pub restricted: bool,
 }
 
 /// A user or group: a number, or a name looked up in the guest's `/etc/passwd` / `/etc/group`.
@@ -357,6 +365,7 @@ mod tests {
             stdin: false,
             tty: None,
             rlimits: vec![],
+            restricted: false,
         }
     }
 

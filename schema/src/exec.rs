@@ -28,6 +28,11 @@ pub struct ExecSpec {
     pub tty: Option<WinSize>,
     /// Resource limits (`setrlimit`) the command starts under.
     pub rlimits: Vec<Rlimit>,
+    /// The restricted profile: never root (`nobody` unless `user` names another user), no
+    /// capabilities, `no_new_privs`. A sandbox created with `--profile restricted` forces it on
+    /// every command.
+    #[serde(default)]
+    pub restricted: bool,
 }
 
 impl ExecSpec {

@@ -43,16 +43,16 @@ pub(crate) fn code(o: &Output) -> i32 {
     o.status.code().unwrap_or(-1)
 }
 
-fn record(name: &str) -> Option<serde_json::Value> {
+pub(crate) fn record(name: &str) -> Option<serde_json::Value> {
     let list: serde_json::Value = serde_json::from_str(&ok(&["ls", "--format", "json"])).unwrap();
     list.as_array().unwrap().iter().find(|r| r["name"] == name).cloned()
 }
 
-fn status(name: &str) -> String {
+pub(crate) fn status(name: &str) -> String {
     record(name).map(|r| r["status"].as_str().unwrap().to_string()).unwrap_or_else(|| "absent".into())
 }
 
-fn wait_status(name: &str, want: &str, within: Duration) {
+pub(crate) fn wait_status(name: &str, want: &str, within: Duration) {
     let end = Instant::now() + within;
     while status(name) != want {
         assert!(Instant::now() < end, "{name} did not become {want} within {within:?}: {:?}", record(name));

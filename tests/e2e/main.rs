@@ -3,6 +3,7 @@
 
 mod cli;
 mod flow;
+mod harden;
 mod images;
 mod mounts;
 mod net;

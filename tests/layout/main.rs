@@ -277,3 +277,47 @@ fn the_named_sandbox_sdk_does_not_compile_the_vmm() {
         assert!(!crates.contains(vmm), "msb-control-plane pulls in {vmm}");
     }
 }
+
+/// Cargo features that only test builds may turn on: the sandbox process's `test-hooks` make
+/// it attempt what an attacker would (`cli/src/sandbox_process/hooks.rs`).
+const TEST_ONLY_FEATURES: &[(&str, &str)] = &[("msb-cli", "test-hooks")];
+
+#[test]
+fn test_only_features_stay_out_of_release_builds() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["metadata", "--no-deps", "--format-version", "1", "--offline"])
+        .current_dir(root())
+        .output()
+        .expect("cargo metadata runs");
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cargo metadata prints JSON");
+    let packages = meta["packages"].as_array().expect("packages");
+    for (pkg, feature) in TEST_ONLY_FEATURES {
+        let p = packages.iter().find(|p| p["name"] == *pkg).expect("the package exists");
+        let features = &p["features"];
+        assert!(features.get(*feature).is_some(), "{pkg} has no feature {feature} any more: update this table");
+        // Not on by default, nor pulled in by another of its features.
+        for (name, enables) in features.as_object().expect("features") {
+            if name == feature {
+                continue;
+            }
+            let list: Vec<&str> = enables.as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+            assert!(!list.contains(feature), "{pkg}'s feature {name} turns on the test-only {feature}");
+        }
+        // No crate of the workspace turns it on through its dependency on the package.
+        for other in packages {
+            for d in other["dependencies"].as_array().unwrap() {
+                if d["name"] == *pkg {
+                    let fs: Vec<&str> = d["features"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+                    assert!(!fs.contains(feature), "{} turns on {pkg}'s test-only {feature}", other["name"]);
+                }
+            }
+        }
+    }
+    // The release build script builds it only under its own name, beside the real binary.
+    let script = std::fs::read_to_string(root().join("scripts/build-static.sh")).unwrap();
+    for line in script.lines().filter(|l| l.contains("--features test-hooks")) {
+        assert!(line.contains("cargo build"), "{line}");
+    }
+    assert!(script.contains("release/msb\" \"$dest/msb-hooks\""), "the hooked binary is renamed msb-hooks");
+}

@@ -1,22 +1,35 @@
 //! The sandbox process: one host process per running named sandbox. It owns the VM (the
-//! actor tree of [`Sandbox`]), listens on the sandbox's Unix socket, records its own life in
-//! the state store and logs exec output with timestamps.
+//! actor tree of [`Sandbox`]), listens on the sandbox's Unix socket and logs exec output with
+//! timestamps.
 //!
 //! Its launch description arrives as one JSON line on stdin (never in argv or the
 //! environment). For an attached sandbox stdin stays open: end of file means the client that
 //! owns the sandbox is gone, and the sandbox stops. A detached sandbox ignores it.
 //!
-//! Invariants: the socket is created in a 0700 directory and set to 0600 before the sandbox
-//! is announced; at most [`MAX_CONNECTIONS`] connections are served at once (more are told
-//! why and closed); every way out (stop request, the guest stopping itself, SIGTERM, the owner
-//! leaving) goes through one exit path that stops the VM, closes the run in the store with
-//! its reason and removes the socket.
+//! Start-up is ordered for the lockdown ([`harden`], [`seccomp`]): while the process is still
+//! single-threaded it resolves every path the sandbox needs, opens its exit report, locks
+//! itself down and binds its control socket (under a temporary name); only then is the async
+//! runtime built, the seccomp filters installed on every thread, and the VM booted.
+//!
+//! Invariants: the socket is created in a 0700 directory, set to 0600 and given its real name
+//! only once the sandbox is up; at most [`MAX_CONNECTIONS`] connections are served at once
+//! (more are told why and closed); every way out (stop request, the guest stopping itself,
+//! SIGTERM, the owner leaving) goes through one exit path that stops the VM, writes the reason
+//! to the exit report and removes the socket. The process holds no handle on the state store
+//! (shared by every sandbox): its client records the start from the readiness line, and the
+//! next client closes the run from the exit report.
 
 mod exec_log;
+pub mod harden;
+#[cfg(feature = "test-hooks")]
+mod hooks;
+pub mod probe;
+pub mod seccomp;
 pub mod vmm_log;
 
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,8 +38,8 @@ use std::time::Duration;
 use msb_actors::{ExecEvent, Sandbox, StopReason};
 use msb_control_plane::process::ProcessId;
 use msb_control_plane::schema::limits::{EXEC_LOG_CAP, MAX_CONNECTIONS, STALLED_CLIENT_DETACH};
-use msb_control_plane::store::{Status, Store};
-use msb_control_plane::wire::{self, paths, Announce, ClientMsg, Info, Launch, Reader, ServerMsg};
+use msb_control_plane::schema::secret::{SecretName, SecretValue};
+use msb_control_plane::wire::{self, paths, Announce, ClientMsg, Hardening, Info, Launch, Reader, ServerMsg};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
@@ -37,8 +50,6 @@ use exec_log::ExecLog;
 /// Why a sandbox process could not serve its sandbox.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(transparent)]
-    Store(#[from] msb_control_plane::StoreError),
     #[error("the sandbox did not start")]
     Boot(#[source] msb_actors::Error),
     #[error("{what} {}", .path.display())]
@@ -64,51 +75,265 @@ struct Ctx {
     /// An attached sandbox was released by its owner (it runs on when the owner leaves).
     released: Arc<AtomicBool>,
     stop: mpsc::Sender<(Option<Duration>, oneshot::Sender<StopReason>)>,
+    hardening: Hardening,
+    /// The restricted profile: forced on every command, whoever asks.
+    restricted: bool,
 }
 
-/// Runs the sandbox process for `launch` until the sandbox stops. `announce` gets the
-/// readiness line.
-pub async fn run(
-    launch: Launch,
-    secrets: Vec<(msb_control_plane::schema::secret::SecretName, msb_control_plane::schema::secret::SecretValue)>,
-    mut announce: impl Write,
-) -> Result<(), Error> {
-    // No core dumps: guest memory and secret values must not land in a core file.
-    let _ = rustix::process::setrlimit(
-        rustix::process::Resource::Core,
-        rustix::process::Rlimit { current: Some(0), maximum: Some(0) },
-    );
-    let store = Store::open(&launch.home)?;
-    let dir = paths::sandbox_dir(&launch.home, &launch.name);
-    msb_control_plane::client::private_dir(&dir).map_err(io("creating", &dir))?;
+/// What the sandbox needs from the host, resolved before the lockdown (after it, only the
+/// plan's paths exist).
+struct Prepared {
+    dir: std::path::PathBuf,
+    kernel: std::path::PathBuf,
+    initramfs: std::path::PathBuf,
+    root: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    mounts: Vec<msb_control_plane::schema::fs::MountSpec>,
+    dns: Option<std::net::SocketAddr>,
+    plan: harden::Plan,
+}
+
+/// Resolves every path of `launch` and the lockdown plan that keeps exactly those.
+fn prepare(launch: &Launch, skip: harden::Skip) -> msb_actors::Result<Prepared> {
+    let c = &launch.config;
+    let home = &launch.home;
+    let dir = paths::sandbox_dir(home, &launch.name);
+    // The host side of every mount is checked again: a path swapped for a symlink or another
+    // directory since the sandbox was recorded, or one now inside the msb home, is refused.
+    let mounts = c
+        .mounts
+        .iter()
+        .map(|m| {
+            msb_control_plane::wire::check_host_mount(m.clone(), home)
+                .map_err(|e| msb_actors::Error::Config(format!("mount at {}: {e}", m.guest)))
+        })
+        .collect::<msb_actors::Result<Vec<_>>>()?;
+    let root = match c.image_ref() {
+        Some(image) => Some(image_root(home, &dir, image, c.image_id.as_deref(), c.root_disk_mib)?),
+        None => None,
+    };
+    let kernel = match &c.kernel {
+        Some(k) => k.clone(),
+        None => msb_images::kernel(home)?,
+    };
+    let initramfs = msb_images::initramfs::cached(home, &msb_images::agentd(home)?, &msb_images::busybox(home)?)?;
+    let mut plan = harden::Plan { skip, ..Default::default() };
+    let keep = |plan: &mut harden::Plan, p: &Path, write: bool| {
+        plan.keep(p, write).map_err(|e| msb_actors::Error::Config(format!("the lockdown plan: {e}")))
+    };
+    keep(&mut plan, &dir, true)?;
+    keep(&mut plan, Path::new("/dev/kvm"), true)?;
+    keep(&mut plan, &kernel, false)?;
+    keep(&mut plan, &initramfs, false)?;
+    if let Some((base, _)) = &root {
+        keep(&mut plan, base, false)?;
+    }
+    for m in &mounts {
+        keep(&mut plan, &m.host, !m.read_only)?;
+    }
+    if !c.secrets.is_empty() && !c.net.none {
+        for f in msb_actors::net::host_root_files() {
+            keep(&mut plan, &f, false)?;
+        }
+    }
+    for f in &c.net.tls_upstream_ca {
+        keep(&mut plan, f, false)?;
+    }
+    let dns = if c.net.none { None } else { c.net.dns.or_else(msb_actors::net::host_resolver) };
+    Ok(Prepared { dir, kernel, initramfs, root, mounts, dns, plan })
+}
+
+/// The exit report: this process's identity, then (at [`ExitReport::offset`]) why it ended.
+struct ExitReport {
+    file: std::fs::File,
+    offset: u64,
+}
+
+impl ExitReport {
+    fn create(path: &Path, me: ProcessId) -> std::io::Result<ExitReport> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(path)?;
+        let head = format!("{} {}\n", me.pid, me.start);
+        file.write_all_at(head.as_bytes(), 0)?;
+        Ok(ExitReport { file, offset: head.len() as u64 })
+    }
+
+    fn write(&self, reason: &str) {
+        let line = format!("{}\n", reason.replace('\n', " "));
+        let _ = self.file.write_all_at(line.as_bytes(), self.offset);
+        let _ = self.file.set_len(self.offset + line.len() as u64);
+    }
+}
+
+/// The sandbox process's `main`: reads the launch, locks the process down, then runs the
+/// sandbox until it stops.
+pub fn main() -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("msb sandbox process: reading the launch description: {e}");
+        return ExitCode::from(125);
+    }
+    let launch: Launch = match serde_json::from_str(&line) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("msb sandbox process: bad launch description: {e}");
+            return ExitCode::from(125);
+        }
+    };
+    // The secrets' values follow on the same pipe (never argv or the environment).
+    let secrets = match msb_control_plane::secrets::read_frame(&mut std::io::stdin().lock()) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("msb sandbox process: {e}");
+            return ExitCode::from(125);
+        }
+    };
+    let mut announce = std::io::stdout();
+    let refuse = |announce: &mut std::io::Stdout, why: String| {
+        tracing::error!("the sandbox did not start: {why}");
+        let _ = writeln!(announce, "{}", announce_line(Some(why)));
+        ExitCode::from(1)
+    };
+    let knobs = harden::Skip::parse(&std::env::var("MSB_HARDEN").unwrap_or_default())
+        .and_then(|skip| Ok((skip, seccomp::Mode::parse(std::env::var("MSB_SECCOMP").ok().as_deref())?)));
+    let (skip, mode) = match knobs {
+        Ok(k) => k,
+        Err(e) => return refuse(&mut announce, e),
+    };
+    let prep = match prepare(&launch, skip) {
+        Ok(p) => p,
+        Err(e) => return refuse(&mut announce, report::with_remedy(&e, report::boot_remedy(&e))),
+    };
+    if let Err(e) = msb_control_plane::client::private_dir(&prep.dir) {
+        return refuse(&mut announce, format!("creating {}: {e}", prep.dir.display()));
+    }
+    let Some(me) = ProcessId::current() else {
+        return refuse(&mut announce, "reading /proc/self/stat: unparsable".into());
+    };
+    let exit_path = paths::exit_path(&launch.home, &launch.name);
+    let exit = match ExitReport::create(&exit_path, me) {
+        Ok(x) => x,
+        Err(e) => return refuse(&mut announce, format!("creating {}: {e}", exit_path.display())),
+    };
+    let mut hardening = match harden::lockdown(&prep.plan) {
+        Ok(r) => r,
+        Err(e) => return refuse(&mut announce, format!("locking the sandbox process down: {}", report::chain(&e))),
+    };
+    let unconfined = prep.plan.skip.all;
+    // The control socket is bound now, while Unix sockets may still be made, under a name no
+    // client uses until the sandbox is up.
     let sock = paths::socket_path(&launch.home, &launch.name);
-    let me = ProcessId::current()
-        .ok_or_else(|| io("reading", Path::new("/proc/self/stat"))(std::io::Error::other("unparsable")))?;
-    let sb = match boot(&launch, &dir, secrets).await {
+    let pending = sock.with_extension("sock.new");
+    let _ = std::fs::remove_file(&pending);
+    let listener = match std::os::unix::net::UnixListener::bind(&pending).and_then(|l| {
+        std::fs::set_permissions(&pending, std::fs::Permissions::from_mode(0o600))?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    }) {
+        Ok(l) => l,
+        Err(e) => return refuse(&mut announce, format!("binding {}: {e}", pending.display())),
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return refuse(&mut announce, format!("starting the runtime: {e}")),
+    };
+    let pid = std::process::id();
+    let confined = rt.block_on(async {
+        if unconfined {
+            return tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .map_err(|e| format!("installing a SIGTERM handler: {e}"));
+        }
+        // Registered before the filters: the handler (and tokio's pipe for it) exists already.
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("installing a SIGTERM handler: {e}"))?;
+        msb_hypervisor::sigsys::install_violation_reporter(2, Some((exit.file.as_raw_fd(), exit.offset)))
+            .map_err(|e| format!("installing the seccomp violation reporter: {e}"))?;
+        for p in seccomp::programs(seccomp::Role::Runtime, mode, pid)? {
+            seccompiler::apply_filter_all_threads(&p).map_err(|e| format!("installing the seccomp filter: {e}"))?;
+        }
+        msb_hypervisor::on_vcpu_thread_start(move || seccomp::install(seccomp::Role::Vcpu, mode, pid));
+        Ok::<_, String>(term)
+    });
+    let term = match confined {
+        Ok(t) => t,
+        Err(e) => return refuse(&mut announce, e),
+    };
+    if !unconfined {
+        hardening.applied.push(match mode {
+            seccomp::Mode::Trap => "seccomp (runtime + vcpu filters; a violation ends the process)".into(),
+            seccomp::Mode::Log => "seccomp in log mode (MSB_SECCOMP=log: violations are only logged)".into(),
+        });
+    } else {
+        hardening.missing.push("seccomp (MSB_HARDEN=-all, a test build)".into());
+    }
+    if mode == seccomp::Mode::Log {
+        hardening.missing.push("seccomp enforcement (MSB_SECCOMP=log)".into());
+    }
+    if launch.config.require_hardening && !hardening.missing.is_empty() {
+        let why = format!(
+            "--require-hardening: this host lacks {}; run `msb doctor`, or start without --require-hardening",
+            hardening.missing.join(", ")
+        );
+        exit.write(&format!("failed to start: {why}"));
+        return refuse(&mut announce, why);
+    }
+    tracing::info!(applied = ?hardening.applied, missing = ?hardening.missing, "locked down");
+    let boot = Boot { prep, secrets, listener, pending, sock, term, hardening, exit };
+    match rt.block_on(run(launch, boot, announce)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("msb sandbox process: {}", report::chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// What [`main`] hands the async part.
+struct Boot {
+    prep: Prepared,
+    secrets: Vec<(SecretName, SecretValue)>,
+    listener: std::os::unix::net::UnixListener,
+    pending: std::path::PathBuf,
+    sock: std::path::PathBuf,
+    term: tokio::signal::unix::Signal,
+    hardening: Hardening,
+    exit: ExitReport,
+}
+
+/// Runs the sandbox of `launch` until it stops. `announce` gets the readiness line.
+async fn run(launch: Launch, boot_args: Boot, mut announce: impl Write) -> Result<(), Error> {
+    let Boot { prep, secrets, listener, pending, sock, mut term, hardening, exit } = boot_args;
+    let dir = prep.dir.clone();
+    let sb = match boot(&launch, prep, secrets).await {
         Ok(sb) => sb,
         Err(e) => {
             let why = report::with_remedy(&e, report::boot_remedy(&e));
-            let _ =
-                store.mark_stopped_by(launch.name.as_str(), me, Status::Stopped, &format!("failed to start: {why}"));
-            finish_ephemeral(&store, &launch, &dir);
+            exit.write(&format!("failed to start: {why}"));
+            let _ = std::fs::remove_file(&pending);
             let _ = writeln!(announce, "{}", announce_line(Some(why)));
             return Err(Error::Boot(e));
         }
     };
     let ports_file = paths::ports_path(&launch.home, &launch.name);
     write_ports(&ports_file, &sb)?;
-    let _ = std::fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock).map_err(io("binding", &sock))?;
-    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(io("securing", &sock))?;
+    let listener = UnixListener::from_std(listener).map_err(io("listening on", &pending))?;
+    std::fs::rename(&pending, &sock).map_err(io("naming", &sock))?;
     // The exit path removes this very socket, not one a later start may have bound.
     let sock_inode = std::fs::metadata(&sock).map(|m| m.ino()).map_err(io("reading the metadata of", &sock))?;
-    store.mark_running(launch.name.as_str(), me)?;
     let exec_log = dir.join("exec.log");
     let log = ExecLog::open(&exec_log, EXEC_LOG_CAP).map_err(io("opening", &exec_log))?;
     let _ = writeln!(announce, "{}", announce_line(None));
     let _ = announce.flush();
     drop(announce);
     tracing::info!(name = %launch.name, "sandbox up");
+    #[cfg(feature = "test-hooks")]
+    hooks::start();
 
     let (stop_tx, mut stop_rx) = mpsc::channel(16);
     let ctx = Arc::new(Ctx {
@@ -119,10 +344,10 @@ pub async fn run(
         sessions: 0.into(),
         released: Arc::default(),
         stop: stop_tx,
+        hardening,
+        restricted: launch.config.restricted,
     });
     let mut owner_gone = owner_watch(launch.detached, ctx.released.clone());
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(io("installing a SIGTERM handler for", &dir))?;
     let mut stop_waiters: Vec<oneshot::Sender<StopReason>> = Vec::new();
     let waiter = ctx.clone();
     let mut vm_done = Box::pin(async move { waiter.sb.wait().await });
@@ -163,12 +388,7 @@ pub async fn run(
     if std::fs::metadata(&sock).is_ok_and(|m| m.ino() == sock_inode) {
         let _ = std::fs::remove_file(&sock);
     }
-    match store.mark_stopped_by(launch.name.as_str(), me, Status::Stopped, &reason.to_string()) {
-        Ok(true) => {}
-        Ok(false) => tracing::warn!("the record of {} names another process now; left as it is", launch.name),
-        Err(e) => tracing::error!("recording the stop of {}: {}", launch.name, report::chain(&e)),
-    }
-    finish_ephemeral(&store, &launch, &dir);
+    exit.write(&reason.to_string());
     for w in stop_waiters {
         let _ = w.send(reason.clone());
     }
@@ -194,39 +414,27 @@ async fn stop_vm(sb: &Sandbox, graceful: Option<Duration>) -> StopReason {
     }
 }
 
-fn finish_ephemeral(store: &Store, launch: &Launch, dir: &Path) {
-    if launch.ephemeral {
-        let _ = store.remove(launch.name.as_str());
-        let _ = std::fs::remove_dir_all(dir);
-    }
-}
-
 async fn boot(
     launch: &Launch,
-    dir: &Path,
-    mut secrets: Vec<(msb_control_plane::schema::secret::SecretName, msb_control_plane::schema::secret::SecretValue)>,
+    prep: Prepared,
+    mut secrets: Vec<(SecretName, SecretValue)>,
 ) -> msb_actors::Result<Sandbox> {
     let c = &launch.config;
     let mut b = Sandbox::builder()
         .cpus(c.cpus)
         .memory_mib(c.memory_mib)
         .boot_timeout(Duration::from_secs(c.boot_timeout_secs))
-        .console_log(dir.join("console.log"));
-    if let Some(k) = &c.kernel {
-        b = b.kernel(k);
-    }
+        .console_log(prep.dir.join("console.log"))
+        .kernel(&prep.kernel)
+        .initramfs(&prep.initramfs)
+        .read_only_root(c.read_only);
     if let Some(a) = &c.kernel_args {
         b = b.kernel_args(a.clone());
     }
-    // The host side of every mount is checked again: a path swapped for a symlink or another
-    // directory since the sandbox was recorded, or one now inside the msb home, is refused.
-    for m in &c.mounts {
-        let m = msb_control_plane::wire::check_host_mount(m.clone(), &launch.home)
-            .map_err(|e| msb_actors::Error::Config(format!("mount at {}: {e}", m.guest)))?;
+    for m in prep.mounts {
         b = b.mount(m);
     }
-    if let Some(image) = c.image_ref() {
-        let (base, writable) = image_root(&launch.home, dir, image, c.image_id.as_deref(), c.root_disk_mib)?;
+    if let Some((base, writable)) = prep.root {
         b = b.root(base, writable);
     }
     for spec in &c.secrets {
@@ -248,7 +456,7 @@ async fn boot(
         };
         b.network(msb_actors::Network {
             policy,
-            upstream_dns: c.net.dns,
+            upstream_dns: prep.dns,
             audit: Some(paths::net_audit_path(&launch.home, &launch.name)),
             name: launch.name.to_string(),
             publish: c.net.publish.iter().map(|&p| p.into()).collect(),
@@ -352,6 +560,7 @@ async fn serve_conn(stream: tokio::net::UnixStream, ctx: Arc<Ctx>) {
                 pid: std::process::id(),
                 boot_ms,
                 exec_sessions: ctx.sessions.load(Ordering::Relaxed),
+                hardening: ctx.hardening.clone(),
             };
             let _ = wire::send(&mut wr, &ServerMsg::Info(info)).await;
         }
@@ -452,6 +661,11 @@ async fn exec_session(
 ) {
     // Input arrives as messages, never inside the request.
     spec.stdin = None;
+    // msb's own file operations (`msb cp`, the SDK's file API: agentd's file mode, which a
+    // guest cannot stand in for) act for the owner, not the workload.
+    let own_files = spec.argv.first().is_some_and(|a| a == "/proc/self/exe")
+        && spec.argv.get(1).is_some_and(|a| a == "--msb-files");
+    spec.restricted |= ctx.restricted && !own_files;
     let tty = spec.tty.is_some();
     let argv = spec.argv.join(" ");
     let mut h = match ctx.sb.exec_stream(spec).await {

@@ -1,0 +1,189 @@
+//! The sandbox process's lockdown, seen from outside on a running sandbox: every thread
+//! confined (no_new_privs, seccomp filters, no capabilities), its own namespaces, no core
+//! files, the limits; and, through the test-only `msb-hooks` build, what happens when the
+//! jailed process tries what an attacker would.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::cli::{msb, msb_bin, ok, record, start, wait_status};
+
+fn pid_of(name: &str) -> u32 {
+    record(name).and_then(|r| r["pid"].as_u64()).unwrap_or_else(|| panic!("{name} has no process")) as u32
+}
+
+fn field<'a>(status: &'a str, key: &str) -> &'a str {
+    status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or_else(|| panic!("no {key} in {status}"))
+}
+
+fn inspect(name: &str) -> serde_json::Value {
+    serde_json::from_str(&ok(&["inspect", name, "--format", "json"])).unwrap()
+}
+
+#[test]
+fn harden_every_thread_of_a_running_sandbox_process_is_confined() {
+    let n = "hard-inventory";
+    let _ = msb(&["rm", "--force", n]);
+    let shared = tempfile::tempdir().unwrap();
+    let vol = format!("{}:/data:ro", shared.path().display());
+    ok(&["create", "--name", n, "--boot-timeout", "45", "--cpus", "2", "-v", &vol, "--require-hardening"]);
+    start(n);
+    let pid = pid_of(n);
+    let mut vcpus = 0;
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten().collect();
+    assert!(tasks.len() >= 4, "{} threads", tasks.len());
+    for t in &tasks {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap().trim().to_string();
+        assert_eq!(field(&status, "NoNewPrivs:"), "1", "{comm}");
+        assert_eq!(field(&status, "Seccomp:"), "2", "{comm}: not in filter mode");
+        for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+            assert_eq!(field(&status, caps), "0000000000000000", "{comm} {caps}");
+        }
+        let filters: u32 = field(&status, "Seccomp_filters:").parse().unwrap();
+        if comm.starts_with("vcpu") {
+            vcpus += 1;
+            assert!(filters >= 3, "{comm} has {filters} filters: the vcpu filter is missing");
+        } else {
+            assert!(filters >= 2, "{comm} has {filters} filters");
+        }
+    }
+    assert_eq!(vcpus, 2, "both vCPU threads were seen");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line =
+        |what: &str| limits.lines().find(|l| l.starts_with(what)).unwrap().split_whitespace().collect::<Vec<_>>();
+    assert_eq!(line("Max core file size")[4..6], ["0", "0"], "{limits}");
+    // The cap, or this host's hard limit where that is lower (it cannot be raised).
+    let ours = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum.unwrap_or(u64::MAX);
+    let cap = ours.min(8192).to_string();
+    assert_eq!(line("Max open files")[3..5], [cap.as_str(), cap.as_str()], "{limits}");
+    for ns in ["mnt", "ipc", "uts", "user"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "the sandbox process shares our {ns} namespace");
+    }
+    // Its root is the jail: the host's files are not there.
+    let bin = std::fs::canonicalize(msb_bin()).unwrap();
+    assert!(std::fs::metadata(format!("/proc/{pid}/root{}", bin.display())).is_err(), "the host's tree is in its root");
+    assert!(std::fs::metadata(format!("/proc/{pid}/root/dev/kvm")).is_ok(), "/dev/kvm is in its root");
+    let h = &inspect(n)["hardening"];
+    let applied = h["applied"].to_string();
+    for piece in ["namespaces", "empty root", "no capabilities", "landlock", "seccomp"] {
+        assert!(applied.contains(piece), "{piece} missing from {h}");
+    }
+    assert_eq!(h["missing"], serde_json::json!([]), "--require-hardening started it with pieces missing");
+    // Still a working sandbox: exec, and a read-only share refuses writes.
+    std::fs::write(shared.path().join("f"), b"host").unwrap();
+    assert_eq!(ok(&["exec", n, "--", "cat", "/data/f"]), "host");
+    let o = msb(&["exec", n, "--", "sh", "-c", "echo x > /data/g"]);
+    assert!(!o.status.success());
+    assert!(!shared.path().join("g").exists());
+    ok(&["stop", n]);
+    let rec = record(n).unwrap();
+    assert_eq!(rec["status"], "stopped", "{rec}");
+    let _ = msb(&["rm", "--force", n]);
+}
+
+fn hooked(name: &str, hook: &str, extra: &[&str]) {
+    let _ = msb(&["rm", "--force", name]);
+    let mut args = vec!["create", "--name", name, "--boot-timeout", "45"];
+    args.extend_from_slice(extra);
+    ok(&args);
+    let hooks = msb_bin().with_file_name("msb-hooks");
+    assert!(hooks.is_file(), "{} is built by scripts/build-static.sh", hooks.display());
+    let o = Command::new(msb_bin())
+        .args(["start", name])
+        .env("MSB_BIN", &hooks)
+        .env("MSB_TEST_HOOK", hook)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "start {name}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn vmm_log(name: &str) -> String {
+    let dir = PathBuf::from(inspect(name)["dir"].as_str().unwrap());
+    std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default()
+}
+
+#[test]
+fn harden_a_seccomp_violation_ends_only_that_sandbox_and_says_so() {
+    let bystander = "hard-bystander";
+    let _ = msb(&["rm", "--force", bystander]);
+    ok(&["create", "--name", bystander, "--boot-timeout", "45"]);
+    start(bystander);
+    let victim = "hard-victim";
+    let shared = tempfile::tempdir().unwrap();
+    let canary = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(canary.path(), b"the host's").unwrap();
+    let vol = format!("{}:/data:ro", shared.path().display());
+    let hook = format!("open={},write={}/planted,execve", canary.path().display(), shared.path().display());
+    hooked(victim, &hook, &["-v", &vol]);
+    wait_status(victim, "crashed", Duration::from_secs(30));
+    let rec = record(victim).unwrap();
+    let reason = rec["last_run"]["exit_reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.starts_with("seccomp violation: execve (59) on thread "), "{rec}");
+    let log = vmm_log(victim);
+    assert!(log.contains("seccomp violation: execve (59) on thread"), "{log}");
+    // Before the exec, the hooks tried the host's files: a file outside the jail is not
+    // there, and the read-only share refuses a write even from the process itself.
+    assert!(log.contains(&format!("test hook: open {}: Err", canary.path().display())), "{log}");
+    assert!(log.contains("test hook: write") && log.contains("ReadOnlyFilesystem"), "{log}");
+    assert!(!shared.path().join("planted").exists());
+    // The other sandbox never noticed.
+    assert_eq!(ok(&["exec", bystander, "--", "echo", "still here"]), "still here\n");
+    assert_eq!(crate::cli::status(bystander), "running");
+    let _ = msb(&["rm", "--force", bystander, victim]);
+}
+
+#[test]
+fn harden_the_release_binary_has_no_test_hooks() {
+    let n = "hard-nohooks";
+    let _ = msb(&["rm", "--force", n]);
+    ok(&["create", "--name", n, "--boot-timeout", "45"]);
+    let o = Command::new(msb_bin())
+        .args(["start", n])
+        .env("MSB_TEST_HOOK", "execve")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(ok(&["exec", n, "--", "echo", "up"]), "up\n", "the hook ran in a release build");
+    assert!(!vmm_log(n).contains("test hook"));
+    let _ = msb(&["rm", "--force", n]);
+}
+
+#[test]
+fn harden_the_restricted_profile_and_a_read_only_root_hold_inside_the_guest() {
+    let n = "hard-restricted";
+    let _ = msb(&["rm", "--force", n]);
+    ok(&["create", "msb/debian:12", "--name", n, "--boot-timeout", "45", "--profile", "restricted", "--read-only"]);
+    start(n);
+    // Not root, no capability at all, no_new_privs: a setuid program gains nothing.
+    let who = ok(&["exec", n, "--", "sh", "-c", "id -u; grep -E '^(CapEff|CapBnd|NoNewPrivs):' /proc/self/status"]);
+    assert!(who.starts_with("65534\n"), "{who}");
+    for line in ["CapEff:\t0000000000000000", "CapBnd:\t0000000000000000", "NoNewPrivs:\t1"] {
+        assert!(who.contains(line), "{line} missing: {who}");
+    }
+    // Asking for root is refused, whoever asks.
+    let o = msb(&["exec", "-u", "root", n, "--", "id", "-u"]);
+    assert!(!o.status.success(), "root ran: {}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("restricted profile"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The root is read-only (even a root-owned path the user could not write anyway says
+    // EROFS, not EACCES), /tmp is writable.
+    let o = msb(&["exec", n, "--", "sh", "-c", "touch /var/tmp/x 2>&1; touch /tmp/y && echo tmp-ok"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("Read-only file system") && text.contains("tmp-ok"), "{text}");
+    // msb's own file operations still work (they act for the owner): into /tmp.
+    let local = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(local.path(), b"from the host").unwrap();
+    ok(&["cp", local.path().to_str().unwrap(), &format!("{n}:/tmp/in")]);
+    assert_eq!(ok(&["exec", n, "--", "cat", "/tmp/in"]), "from the host");
+    let _ = msb(&["rm", "--force", n]);
+}
