@@ -27,7 +27,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use kind::{classify, KvmKind};
-pub use vcpu::{on_vcpu_thread_start, ExitHandler, VcpuRunner, VcpuStop};
+pub use vcpu::{on_vcpu_thread_start, ExitHandler, VcpuRunner, VcpuStop, THREAD_IOCTLS};
 pub use vm::{Vm, VmConfig};
 
 /// Errors of the hypervisor layer. Each says what failed; a cause is its `source()`, never

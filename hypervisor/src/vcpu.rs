@@ -257,6 +257,12 @@ fn install_kick_handler() -> Result<()> {
     result
 }
 
+/// The ioctls a vCPU thread makes once it runs, by name and request number: `KVM_RUN`, and
+/// the register reads of the triple-fault report ([`log_shutdown_state`]). The sandbox
+/// process's per-vCPU seccomp filter allows exactly these.
+pub const THREAD_IOCTLS: [(&str, u64); 3] =
+    [("KVM_RUN", 0xAE80), ("KVM_GET_REGS", 0x8090_AE81), ("KVM_GET_SREGS", 0x8138_AE83)];
+
 /// What each vCPU thread runs first, before its first `KVM_RUN` (the sandbox process's
 /// per-thread seccomp filter); set at most once per process.
 static THREAD_START: std::sync::OnceLock<Box<dyn Fn() -> std::result::Result<(), String> + Send + Sync>> =
@@ -383,5 +389,22 @@ fn log_shutdown_state(fd: &kvm_ioctls::VcpuFd) {
             "vCPU shut down (triple fault)"
         ),
         (r, s) => tracing::warn!("vCPU shut down (triple fault); registers unreadable: {:?} {:?}", r.err(), s.err()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `_IOR(KVMIO, nr, size)`.
+    fn ior(nr: u64, size: usize) -> u64 {
+        (2 << 30) | ((size as u64) << 16) | (0xAE << 8) | nr
+    }
+
+    #[test]
+    fn the_thread_ioctl_numbers_are_the_kernels() {
+        assert_eq!(THREAD_IOCTLS[0].1, (0xAE << 8) | 0x80);
+        assert_eq!(THREAD_IOCTLS[1].1, ior(0x81, std::mem::size_of::<kvm_bindings::kvm_regs>()));
+        assert_eq!(THREAD_IOCTLS[2].1, ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>()));
     }
 }

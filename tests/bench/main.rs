@@ -19,6 +19,9 @@
 //! `msb-bench secrets` (`tests/rig/run-rig.sh bench-secrets`): what TLS interception for a
 //! secret's host costs against relaying the same server (see `secrets.rs`).
 //!
+//! `msb-bench harden [N]` (`tests/rig/run-rig.sh bench-harden`): the sandbox process's
+//! lockdown against none, alternating (see `harden.rs`).
+//!
 //! `msb-bench boots [N]` (`tests/rig/run-rig.sh bench-boots` in the rig): N boots of msb and
 //! of QEMU `-M microvm` (same kernel and initramfs), alternating in one L1, timed to init and
 //! counted where they never get there: whether lost boots are the rig's or msb's.
@@ -40,6 +43,7 @@ use msb_actors::Sandbox;
 
 mod floods;
 mod fs;
+mod harden;
 mod net;
 mod secrets;
 
@@ -108,6 +112,10 @@ async fn main() {
         Some("net") => return tokio::task::block_in_place(net::side_by_side),
         Some("fs") => return tokio::task::block_in_place(fs::side_by_side),
         Some("secrets") => return tokio::task::block_in_place(secrets::side_by_side),
+        Some("harden") => {
+            let n = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(3);
+            return tokio::task::block_in_place(|| harden::side_by_side(n));
+        }
         Some("pull") => return pull_side_by_side(args.get(1).and_then(|a| a.parse().ok()).unwrap_or(3)),
         Some("boots") => return side_by_side(args.get(1).and_then(|a| a.parse().ok()).unwrap_or(20)),
         Some("floods") => {

@@ -180,10 +180,13 @@ fn harden_the_restricted_profile_and_a_read_only_root_hold_inside_the_guest() {
     let o = msb(&["exec", n, "--", "sh", "-c", "touch /var/tmp/x 2>&1; touch /tmp/y && echo tmp-ok"]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("Read-only file system") && text.contains("tmp-ok"), "{text}");
-    // msb's own file operations still work (they act for the owner): into /tmp.
-    let local = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(local.path(), b"from the host").unwrap();
-    ok(&["cp", local.path().to_str().unwrap(), &format!("{n}:/tmp/in")]);
-    assert_eq!(ok(&["exec", n, "--", "cat", "/tmp/in"]), "from the host");
+    // msb's own file operations still work (they act for the owner, as root): into /tmp and
+    // back out; the file is the owner's, not the workload's.
+    let local = tempfile::tempdir().unwrap();
+    std::fs::write(local.path().join("in"), b"from the host").unwrap();
+    ok(&["cp", local.path().join("in").to_str().unwrap(), &format!("{n}:/tmp/in")]);
+    assert_eq!(ok(&["exec", n, "--", "stat", "-c", "%u", "/tmp/in"]), "0\n");
+    ok(&["cp", &format!("{n}:/tmp/in"), local.path().join("back").to_str().unwrap()]);
+    assert_eq!(std::fs::read(local.path().join("back")).unwrap(), b"from the host");
     let _ = msb(&["rm", "--force", n]);
 }

@@ -55,6 +55,7 @@ case $mode in
   else
     echo "RIG-TEST-FAIL $t (exit $st)"
     dmesg | tail -n 15 | sed "s/^/RIG-L1-DMESG: /"
+    for f in "$MSB_HOME"/sandboxes/*/vmm.log; do [ -f "$f" ] && tail -n 4 "$f" | sed "s|^|RIG-VMM-LOG ${f#$MSB_HOME/sandboxes/}: |"; done
     top -b -n 1 2>/dev/null | head -n 14 | sed "s/^/RIG-L1-TOP: /"
     if grep -q -e "triple-faulted" -e "TripleFault" /tmp/t.log; then echo "RIG-L1-DAMAGED after $t"; exit 3; fi
     ok=0; for i in 1 2; do timeout -s KILL 90 msb run --boot-timeout 30 -- true >/dev/null 2>&1 && { ok=1; break; }; done
@@ -90,6 +91,9 @@ msb run msb/debian:12 -- python3 -c "print(6*7)"'
   bench-secrets)
     job="$canary"'msb-bench secrets'
     ;;
+  bench-harden)
+    job="$canary""msb-bench harden ${1:-3}"
+    ;;
   bench-fs)
     # virtiofsd's half alone takes up to 30 min in the rig (its rm -rf of the tree, most).
     job="$canary"'MSB_BENCH_FS='"${MSB_BENCH_FS:-msb,virtiofsd}"' msb-bench fs'
@@ -101,7 +105,7 @@ msb run msb/debian:12 -- python3 -c "print(6*7)"'
     q=$(printf '%q ' "$@")
     job="msb run -- $q"
     ;;
-  *) echo "run-rig.sh: unknown mode $mode (e2e, demo, bench, bench-boots, bench-floods, bench-net, bench-secrets, bench-fs, run)" >&2; exit 2 ;;
+  *) echo "run-rig.sh: unknown mode $mode (e2e, demo, bench, bench-boots, bench-floods, bench-net, bench-secrets, bench-harden, bench-fs, run)" >&2; exit 2 ;;
 esac
 rig() {
   python3 "$root/tests/rig/rig.py" --l1-kernel "$home/rig/bzImage" --guest-kernel "$home/kernel/vmlinux" \

@@ -65,6 +65,11 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     move |source| Error::Io { what, path: path.to_path_buf(), source }
 }
 
+type StopReply = oneshot::Sender<(StopReason, oneshot::Sender<()>)>;
+
+/// How long an exiting process waits for its stop answers to be written.
+const ANSWER_GRACE: Duration = Duration::from_secs(2);
+
 struct Ctx {
     name: String,
     /// Where the published ports are written for `msb port`, `ls` and `inspect`.
@@ -74,7 +79,10 @@ struct Ctx {
     sessions: AtomicU64,
     /// An attached sandbox was released by its owner (it runs on when the owner leaves).
     released: Arc<AtomicBool>,
-    stop: mpsc::Sender<(Option<Duration>, oneshot::Sender<StopReason>)>,
+    /// Stop requests: the graceful timeout, and where the reason goes (with a sender the
+    /// connection fires once it has written the answer: the process waits for that before it
+    /// exits, so a stop is never answered by a closed socket).
+    stop: mpsc::Sender<(Option<Duration>, StopReply)>,
     hardening: Hardening,
     /// The restricted profile: forced on every command, whoever asks.
     restricted: bool,
@@ -348,7 +356,7 @@ async fn run(launch: Launch, boot_args: Boot, mut announce: impl Write) -> Resul
         restricted: launch.config.restricted,
     });
     let mut owner_gone = owner_watch(launch.detached, ctx.released.clone());
-    let mut stop_waiters: Vec<oneshot::Sender<StopReason>> = Vec::new();
+    let mut stop_waiters: Vec<StopReply> = Vec::new();
     let waiter = ctx.clone();
     let mut vm_done = Box::pin(async move { waiter.sb.wait().await });
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -389,8 +397,15 @@ async fn run(launch: Launch, boot_args: Boot, mut announce: impl Write) -> Resul
         let _ = std::fs::remove_file(&sock);
     }
     exit.write(&reason.to_string());
+    let mut written = Vec::new();
     for w in stop_waiters {
-        let _ = w.send(reason.clone());
+        let (ack, done) = oneshot::channel();
+        if w.send((reason.clone(), ack)).is_ok() {
+            written.push(done);
+        }
+    }
+    for done in written {
+        let _ = tokio::time::timeout(ANSWER_GRACE, done).await;
     }
     tracing::info!(name = %launch.name, %reason, "sandbox stopped");
     Ok(())
@@ -537,8 +552,9 @@ async fn serve_conn(stream: tokio::net::UnixStream, ctx: Arc<Ctx>) {
         ClientMsg::Stop { graceful_ms } => {
             let (tx, rx) = oneshot::channel();
             if ctx.stop.send((graceful_ms.map(Duration::from_millis), tx)).await.is_ok() {
-                if let Ok(reason) = rx.await {
+                if let Ok((reason, written)) = rx.await {
                     let _ = wire::send(&mut wr, &ServerMsg::Stopped { reason }).await;
+                    let _ = written.send(());
                 }
             }
         }
