@@ -258,7 +258,7 @@ fn install_kick_handler() -> Result<()> {
 }
 
 /// The ioctls a vCPU thread makes once it runs, by name and request number: `KVM_RUN`, and
-/// the register reads of the triple-fault report ([`log_shutdown_state`]). The sandbox
+/// the register reads of the triple-fault report (`log_shutdown_state`). The sandbox
 /// process's per-vCPU seccomp filter allows exactly these.
 pub const THREAD_IOCTLS: [(&str, u64); 3] =
     [("KVM_RUN", 0xAE80), ("KVM_GET_REGS", 0x8090_AE81), ("KVM_GET_SREGS", 0x8138_AE83)];

@@ -4,7 +4,7 @@
 //! lockdown at all; only that build accepts it). Per run: `msb start` to ready (process
 //! start, lockdown, boot), exec round trip (`msb exec -- true`, p50 of 20), and through the
 //! gateway to a test host in a network namespace: new TCP connections a second (Python in the
-//! guest, 200 connects) and a 64 MiB download. Prints both columns and their ratio; passes or
+//! guest, 100 connects) and a 32 MiB download. Prints both columns and their ratio; passes or
 //! fails nothing.
 
 use std::io::{Read, Write};
@@ -14,7 +14,7 @@ use std::time::Instant;
 use msb_tests::netns::TestNet;
 
 const IMAGE: &str = "msb/debian:12";
-const DOWNLOAD_MIB: usize = 64;
+const DOWNLOAD_MIB: usize = 32;
 
 fn hooks_bin() -> std::path::PathBuf {
     let msb = std::env::var_os("MSB_BIN")
@@ -39,6 +39,7 @@ fn msb(args: &[&str], locked: bool) -> (bool, String, String) {
 
 const GUEST: &str = r#"
 import socket, sys, time
+socket.setdefaulttimeout(60)
 host, n, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 t = time.perf_counter()
 for i in range(n):
@@ -111,8 +112,12 @@ fn one(name: &str, locked: bool, host: &str) -> Option<Sample> {
     }
     rtt.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let exec_ms = rtt.get(rtt.len() / 2).copied().unwrap_or(f64::NAN);
-    let (ok, out, err) =
-        msb(&["exec", name, "--", "python3", "-c", GUEST, host, "200", &DOWNLOAD_MIB.to_string()], locked);
+    println!("{name}: up in {start_ms:.0} ms, exec round trip {exec_ms:.1} ms");
+    let (ok, out, err) = msb(
+        &["exec", "--timeout", "300", name, "--", "python3", "-c", GUEST, host, "100", &DOWNLOAD_MIB.to_string()],
+        locked,
+    );
+    println!("{name}: network: {} {}", out.trim(), err.trim());
     let _ = msb(&["rm", "--force", name], locked);
     let f: Vec<f64> = out.split_whitespace().filter_map(|v| v.parse().ok()).collect();
     if !ok || f.len() != 3 || f[2] as usize != DOWNLOAD_MIB << 20 {
@@ -136,6 +141,7 @@ pub fn side_by_side(n: usize) {
     );
     let net = TestNet::new(10);
     serve(net.tcp(7000));
+    println!("test host {} listening", net.host);
     let host = net.host.to_string();
     let (mut on, mut off) = (Vec::new(), Vec::new());
     for i in 0..n {

@@ -129,7 +129,10 @@ fn prepare(launch: &Launch, skip: harden::Skip) -> msb_actors::Result<Prepared> 
         plan.keep(p, write).map_err(|e| msb_actors::Error::Config(format!("the lockdown plan: {e}")))
     };
     keep(&mut plan, &dir, true)?;
-    keep(&mut plan, Path::new("/dev/kvm"), true)?;
+    // A host without /dev/kvm gets the VMM's own error (with its remedy) when it opens it.
+    if Path::new("/dev/kvm").exists() {
+        keep(&mut plan, Path::new("/dev/kvm"), true)?;
+    }
     keep(&mut plan, &kernel, false)?;
     keep(&mut plan, &initramfs, false)?;
     if let Some((base, _)) = &root {
