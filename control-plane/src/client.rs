@@ -978,3 +978,25 @@ mod tests {
         assert!(matches!(msb.create(&"n".repeat(40), SandboxConfig::default()), Err(Error::Config(_))));
     }
 }
+
+#[cfg(test)]
+mod exit_report_tests {
+    use super::*;
+
+    #[test]
+    fn an_exit_report_counts_only_for_the_process_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("exit");
+        let p = ProcessId { pid: 42, start: 1000 };
+        assert_eq!(read_exit_report(&f, p), None, "no file");
+        std::fs::write(&f, "42 1000\nstopped by request\n").unwrap();
+        assert_eq!(read_exit_report(&f, p).as_deref(), Some("stopped by request"));
+        assert_eq!(read_exit_report(&f, ProcessId { pid: 42, start: 999 }), None, "a recycled pid");
+        std::fs::write(&f, "42 1000\n").unwrap();
+        assert_eq!(read_exit_report(&f, p), None, "said nothing (died before writing)");
+        std::fs::write(&f, "42 1000\nfirst line\nsecond\n").unwrap();
+        assert_eq!(read_exit_report(&f, p).as_deref(), Some("first line"));
+        std::fs::write(&f, "garbage").unwrap();
+        assert_eq!(read_exit_report(&f, p), None);
+    }
+}

@@ -749,6 +749,37 @@ mod tests {
     }
 
     #[test]
+    fn a_dead_process_is_closed_with_what_its_exit_report_says_about_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let dead = |name: &str| {
+            s.insert(&n(name), &cfg(), false).unwrap();
+            s.claim_start(name).unwrap();
+            let mut child = std::process::Command::new("true").spawn().unwrap();
+            let p = ProcessId::of(child.id()).unwrap();
+            s.mark_running(name, p).unwrap();
+            child.wait().unwrap();
+            p
+        };
+        let (a, b) = (dead("stopped"), dead("violated"));
+        dead("silent");
+        let report = |name: &str, p: ProcessId| match name {
+            "stopped" if p == a => Some("the guest powered off".to_string()),
+            "violated" if p == b => Some(format!("{VIOLATION_PREFIX}execve (59) on thread tokio-runtime-w")),
+            _ => None,
+        };
+        let mut changed = s.reconcile_with(report).unwrap();
+        changed.sort();
+        assert_eq!(changed, ["silent", "stopped", "violated"]);
+        let rec = |name: &str| s.get(name).unwrap();
+        assert_eq!(rec("stopped").status, Status::Stopped);
+        assert_eq!(rec("stopped").last_run.unwrap().exit_reason.as_deref(), Some("the guest powered off"));
+        assert_eq!(rec("violated").status, Status::Crashed);
+        assert!(rec("violated").last_run.unwrap().exit_reason.unwrap().starts_with("seccomp violation: execve"));
+        assert_eq!(rec("silent").status, Status::Crashed, "no report: crashed, as before");
+    }
+
+    #[test]
     fn a_start_abandoned_before_its_process_existed_is_marked_crashed() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
