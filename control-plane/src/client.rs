@@ -73,6 +73,16 @@ impl Msb {
                 let _ = std::fs::remove_dir_all(paths::sandbox_dir(&self.home, &name));
             }
         }
+        // A sandbox that came up while the client starting it died before recording it (the
+        // jailed process never writes the store): its socket gets its name only once it is
+        // up, so a live process with its socket is running.
+        for r in s.list()?.into_iter().filter(|r| r.status == Status::Starting) {
+            let Some(p) = r.process.filter(|p| p.is_alive()) else { continue };
+            let Ok(name) = SandboxName::new(&r.name) else { continue };
+            if std::fs::symlink_metadata(paths::socket_path(&self.home, &name)).is_ok() {
+                s.mark_running(&r.name, p)?;
+            }
+        }
         Ok(s)
     }
 
@@ -982,6 +992,21 @@ mod tests {
 #[cfg(test)]
 mod exit_report_tests {
     use super::*;
+
+    #[test]
+    fn a_live_starting_sandbox_with_its_socket_is_running() {
+        let home = tempfile::tempdir().unwrap();
+        let msb = Msb::at(home.path());
+        msb.create("orphaned", SandboxConfig::default()).unwrap();
+        let store = Store::open(home.path()).unwrap();
+        store.claim_start("orphaned").unwrap();
+        store.set_process("orphaned", ProcessId::current().unwrap()).unwrap();
+        assert_eq!(msb.reconciled_store().unwrap().get("orphaned").unwrap().status, Status::Starting);
+        let name = SandboxName::new("orphaned").unwrap();
+        private_dir(&paths::sandbox_dir(home.path(), &name)).unwrap();
+        std::fs::write(paths::socket_path(home.path(), &name), b"").unwrap();
+        assert_eq!(msb.reconciled_store().unwrap().get("orphaned").unwrap().status, Status::Running);
+    }
 
     #[test]
     fn an_exit_report_counts_only_for_the_process_it_names() {

@@ -242,6 +242,9 @@ pub fn main() -> std::process::ExitCode {
     let sock = paths::socket_path(&launch.home, &launch.name);
     let pending = sock.with_extension("sock.new");
     let _ = std::fs::remove_file(&pending);
+    // A socket left by a crashed earlier run is no one's (one start at a time): a client must
+    // not take it for this run's before this run is up.
+    let _ = std::fs::remove_file(&sock);
     let listener = match std::os::unix::net::UnixListener::bind(&pending).and_then(|l| {
         std::fs::set_permissions(&pending, std::fs::Permissions::from_mode(0o600))?;
         l.set_nonblocking(true)?;
