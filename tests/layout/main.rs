@@ -75,8 +75,8 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_path_buf()
 }
 
-/// Package name → the names of its normal and build dependencies.
-fn shipped_deps() -> BTreeMap<String, BTreeSet<String>> {
+/// The workspace's `cargo metadata` (no dependencies, offline).
+fn metadata() -> serde_json::Value {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = std::process::Command::new(cargo)
         .args(["metadata", "--no-deps", "--format-version", "1", "--offline"])
@@ -84,7 +84,12 @@ fn shipped_deps() -> BTreeMap<String, BTreeSet<String>> {
         .output()
         .expect("cargo metadata runs");
     assert!(out.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cargo metadata prints JSON");
+    serde_json::from_slice(&out.stdout).expect("cargo metadata prints JSON")
+}
+
+/// Package name → the names of its normal and build dependencies.
+fn shipped_deps() -> BTreeMap<String, BTreeSet<String>> {
+    let meta = metadata();
     let mut map = BTreeMap::new();
     for p in meta["packages"].as_array().expect("packages") {
         let name = p["name"].as_str().expect("name").to_string();
@@ -284,13 +289,7 @@ const TEST_ONLY_FEATURES: &[(&str, &str)] = &[("msb-cli", "test-hooks")];
 
 #[test]
 fn test_only_features_stay_out_of_release_builds() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = std::process::Command::new(cargo)
-        .args(["metadata", "--no-deps", "--format-version", "1", "--offline"])
-        .current_dir(root())
-        .output()
-        .expect("cargo metadata runs");
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cargo metadata prints JSON");
+    let meta = metadata();
     let packages = meta["packages"].as_array().expect("packages");
     for (pkg, feature) in TEST_ONLY_FEATURES {
         let p = packages.iter().find(|p| p["name"] == *pkg).expect("the package exists");

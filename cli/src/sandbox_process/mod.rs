@@ -259,13 +259,12 @@ pub fn main() -> std::process::ExitCode {
     };
     let pid = std::process::id();
     let confined = rt.block_on(async {
-        if unconfined {
-            return tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .map_err(|e| format!("installing a SIGTERM handler: {e}"));
-        }
         // Registered before the filters: the handler (and tokio's pipe for it) exists already.
         let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| format!("installing a SIGTERM handler: {e}"))?;
+        if unconfined {
+            return Ok(term);
+        }
         msb_hypervisor::sigsys::install_violation_reporter(2, Some((exit.file.as_raw_fd(), exit.offset)))
             .map_err(|e| format!("installing the seccomp violation reporter: {e}"))?;
         for p in seccomp::programs(seccomp::Role::Runtime, mode, pid)? {
