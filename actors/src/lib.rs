@@ -50,8 +50,10 @@ pub use sandbox::{BootTimes, ExecControl, ExecHandle, Network, Sandbox, SandboxB
 /// The network gateway's policy vocabulary, for callers that build a [`Network`].
 pub mod net {
     pub use msb_net_gateway::actor::{host_resolver, AUDIT_CAP};
+    pub use msb_net_gateway::dialer::{serve as serve_dialer, Config as DialerConfig, Dialer};
     pub use msb_net_gateway::limit::{parse_rate, LimitError, Limits};
     pub use msb_net_gateway::policy::{Action, Policy, PolicyError, Rule};
     pub use msb_net_gateway::tls::host_root_files;
+    pub use msb_schema::net::Grants;
     pub use msb_schema::net::{Port, PortProto};
 }

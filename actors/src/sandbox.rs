@@ -25,6 +25,7 @@ use msb_fs_broker::actor::FsBrokerArgs;
 use msb_fs_broker::MountConfig;
 use msb_net_gateway::actor::GatewayArgs;
 use msb_net_gateway::actor::SecretsArgs;
+use msb_net_gateway::dialer::Dialer;
 use msb_net_gateway::limit::Limits;
 use msb_net_gateway::policy::Policy;
 use msb_net_gateway::stack::NetConfig;
@@ -76,6 +77,9 @@ pub struct Network {
     /// New flows a second and optional byte rates each way (default: 64 new flows a
     /// second, burst 128, bytes unlimited).
     pub limits: Limits,
+    /// Where the gateway's host sockets (connections, the resolver's, published ports'
+    /// listeners) come from: this process (the default), or a dialer outside its jail.
+    pub dialer: Dialer,
 }
 
 impl Network {
@@ -318,7 +322,7 @@ impl SandboxBuilder {
                 n.limits.check().map_err(|e| Error::Config(format!("network limits: {e}")))?;
                 let mut listeners = Vec::new();
                 for p in &n.publish {
-                    let (l, bound) = bind_port(p)?;
+                    let (l, bound) = bind_port(&n.dialer, p).await?;
                     published.push(bound);
                     listeners.push((l, p.guest));
                 }
@@ -331,6 +335,7 @@ impl SandboxBuilder {
                     seed: random_seed(),
                     published: listeners,
                     limits: n.limits,
+                    dialer: n.dialer.clone(),
                     secrets: interception.map(|(interceptor, hosts)| SecretsArgs {
                         hosts,
                         interceptor,
@@ -371,11 +376,13 @@ impl SandboxBuilder {
             }
         };
         let published = std::sync::Mutex::new(published);
+        let dialer = self.network.as_ref().map(|n| n.dialer.clone()).unwrap_or_default();
         let mut sb = Sandbox {
             sup: sup.clone(),
             link: AgentLink { agent, sup },
             created: clock,
             published,
+            dialer,
             default_env: secret_env,
             ca_pem: ca_pem.clone(),
         };
@@ -521,6 +528,8 @@ pub struct Sandbox {
     created: Instant,
     /// Changed only by [`Sandbox::publish`] / [`Sandbox::unpublish`], after the gateway did.
     published: std::sync::Mutex<Vec<Port>>,
+    /// Where a port published live gets its listener.
+    dialer: Dialer,
     /// Environment every command gets unless it sets the variable itself: each secret's
     /// placeholder, and where the sandbox's CA is.
     default_env: Vec<(String, String)>,
@@ -530,11 +539,11 @@ pub struct Sandbox {
 
 /// Binds a published port's host socket; returns it and the port as bound (a port 0
 /// resolved).
-fn bind_port(p: &Port) -> Result<(PortListener, Port)> {
+async fn bind_port(dialer: &Dialer, p: &Port) -> Result<(PortListener, Port)> {
     let why = |e: std::io::Error| {
         Error::Config(format!("publishing {}/{} (to guest port {}): {e}", p.host, p.proto, p.guest))
     };
-    let l = PortListener::bind(p.proto, p.host).map_err(why)?;
+    let l = dialer.bind(p.proto, p.host).await.map_err(why)?;
     let host = l.local_addr().map_err(why)?;
     Ok((l, Port { host, ..*p }))
 }
@@ -550,7 +559,7 @@ impl Sandbox {
     /// address bound. Refused if the address is taken, past
     /// [`msb_schema::net::MAX_PUBLISHED`] ports, or without a network.
     pub async fn publish(&self, port: Port) -> Result<std::net::SocketAddr> {
-        let (listener, bound) = bind_port(&port)?;
+        let (listener, bound) = bind_port(&self.dialer, &port).await?;
         let guest = port.guest;
         self.call(|reply| SupMsg::Net(NetControl::Publish { listener, guest, reply }), LIFECYCLE_CALL_TIMEOUT)
             .await?

@@ -165,6 +165,14 @@ enum Cmd {
     /// (used by `msb doctor` and the host tests).
     #[command(name = "lockdown-probe", hide = true)]
     LockdownProbe { dir: std::path::PathBuf, action: Option<String>, arg: Option<String> },
+    /// Serve a sandbox process's host sockets (started by it, its socket on stdin).
+    #[command(name = sandbox_process::DIALER_ARG, hide = true)]
+    Dialer {
+        #[arg(long)]
+        grants: std::path::PathBuf,
+        #[arg(long)]
+        dns: Option<std::net::SocketAddr>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -660,6 +668,9 @@ fn main() -> ExitCode {
     if let Cmd::LockdownProbe { dir, action, arg } = &cli.cmd {
         return sandbox_process::probe::run(dir, action.as_deref(), arg.as_deref());
     }
+    if let Cmd::Dialer { grants, dns } = &cli.cmd {
+        return sandbox_process::dialer_main(grants, *dns);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -686,7 +697,11 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Exec(a) => return rt.block_on(exec(&msb, *a)),
         Cmd::Run(a) => return rt.block_on(run(&msb, *a)),
-        Cmd::Doctor | Cmd::SandboxProcess | Cmd::LockdownProbe { .. } | Cmd::Completions { .. } => {
+        Cmd::Doctor
+        | Cmd::SandboxProcess
+        | Cmd::LockdownProbe { .. }
+        | Cmd::Dialer { .. }
+        | Cmd::Completions { .. } => {
             unreachable!("served above")
         }
         Cmd::Create(a) => resolve_image(&msb, a.image.as_deref())

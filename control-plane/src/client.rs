@@ -250,6 +250,19 @@ impl NamedSandbox {
         paths::sandbox_dir(&self.msb.home, &self.name)
     }
 
+    /// What its dialer may open ([`paths::grants_path`]).
+    fn grants(&self) -> msb_schema::net::Grants {
+        msb_schema::net::Grants::read(&paths::grants_path(&self.msb.home, &self.name))
+    }
+
+    fn write_grants(&self, g: &msb_schema::net::Grants) -> Result<()> {
+        let path = paths::grants_path(&self.msb.home, &self.name);
+        path.parent()
+            .map_or(Ok(()), private_dir)
+            .and_then(|()| g.write(&path))
+            .map_err(|e| Error::Config(format!("writing {} (what its dialer may open): {e}", path.display())))
+    }
+
     /// Starts it in a sandbox process that outlives this process.
     pub async fn start_detached(&self) -> Result<()> {
         self.start_detached_with(Vec::new()).await
@@ -616,9 +629,24 @@ impl NamedSandbox {
                 return Err(Error::Config(format!("{} is starting: change its policy once it runs", self.name)))
             }
             s if s.is_live() => {
+                // The dialer may open what either policy allows while the change is under
+                // way, then what the one in force does.
+                let before = self.grants();
+                let mut during = before.clone();
+                during.policies.retain(|p| *p != policy);
+                during.policies.push(policy.clone());
+                let excess = during.policies.len().saturating_sub(msb_schema::net::MAX_GRANT_POLICIES);
+                during.policies.drain(..excess);
+                self.write_grants(&during)?;
                 match self.ask(&ClientMsg::SetPolicy { policy: policy.clone() }, "a policy change").await?.0 {
-                    Some(ServerMsg::Policy(_)) => true,
-                    Some(ServerMsg::Refused(why)) => return Err(Error::Config(format!("the new policy: {why}"))),
+                    Some(ServerMsg::Policy(_)) => {
+                        self.write_grants(&msb_schema::net::Grants { policies: vec![policy.clone()], ..during })?;
+                        true
+                    }
+                    Some(ServerMsg::Refused(why)) => {
+                        self.write_grants(&before)?;
+                        return Err(Error::Config(format!("the new policy: {why}")));
+                    }
                     other => return Err(Error::Wire(format!("unexpected answer to a policy change: {other:?}"))),
                 }
             }
@@ -749,11 +777,28 @@ impl NamedSandbox {
             Status::Starting => {
                 return Err(Error::Config(format!("{} is starting: change its ports once it runs", self.name)))
             }
-            s if s.is_live() => match self.ask(&live, "a port change").await?.0 {
-                Some(ServerMsg::Ports(p)) => p,
-                Some(ServerMsg::Refused(why)) => return Err(Error::Config(why)),
-                other => return Err(Error::Wire(format!("unexpected answer to a port change: {other:?}"))),
-            },
+            s if s.is_live() => {
+                // The dialer binds only what the grants publish: the new port first, then
+                // exactly the ports published now (a port 0 as the one picked).
+                let before = self.grants();
+                let mut during = before.clone();
+                if let ClientMsg::Publish(p) = &live {
+                    during.publish.push((p.proto, p.host));
+                    self.write_grants(&during)?;
+                }
+                match self.ask(&live, "a port change").await?.0 {
+                    Some(ServerMsg::Ports(p)) => {
+                        during.publish = p.iter().map(|p| (p.proto, p.host)).collect();
+                        self.write_grants(&during)?;
+                        p
+                    }
+                    Some(ServerMsg::Refused(why)) => {
+                        self.write_grants(&before)?;
+                        return Err(Error::Config(why));
+                    }
+                    other => return Err(Error::Wire(format!("unexpected answer to a port change: {other:?}"))),
+                }
+            }
             _ => Vec::new(),
         };
         self.msb.reconciled_store()?.set_config(self.name(), &config)?;
@@ -770,6 +815,7 @@ impl NamedSandbox {
         }
         self.msb.reconciled_store()?.remove(self.name())?;
         let _ = std::fs::remove_dir_all(self.dir());
+        let _ = std::fs::remove_file(paths::grants_path(&self.msb.home, &self.name));
         Ok(())
     }
 }

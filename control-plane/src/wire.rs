@@ -647,6 +647,13 @@ pub mod paths {
         sandbox_dir(home, name).join("exit")
     }
 
+    /// What a sandbox's dialer may open beyond the public internet (its policies and published
+    /// ports, JSON): written by the client and, at start, by the sandbox process before its
+    /// lockdown; outside the sandbox directory, so never inside the jail.
+    pub fn grants_path(home: &Path, name: &SandboxName) -> PathBuf {
+        home.join("grants").join(format!("{}.json", name.as_str()))
+    }
+
     /// The control socket of a sandbox.
     pub fn socket_path(home: &Path, name: &SandboxName) -> PathBuf {
         sandbox_dir(home, name).join("ctl.sock")

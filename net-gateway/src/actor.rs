@@ -32,7 +32,7 @@
 
 use std::collections::HashMap;
 use std::io::Write as _;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,6 +45,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 use crate::classify::{Classifier, Extras};
+use crate::dialer::{Dialer, HostView};
 use crate::limit::Limits;
 use crate::policy::Policy;
 use crate::stack::{Event, FlowId, Gateway, NetConfig, FLOW_BUFFER};
@@ -82,6 +83,8 @@ pub struct GatewayArgs {
     pub published: Vec<(PortListener, u16)>,
     /// New-flow rate and byte rates (checked by the caller with [`Limits::check`]).
     pub limits: Limits,
+    /// Where host sockets come from: this process, or a dialer outside its jail.
+    pub dialer: Dialer,
     /// TLS interception for the secrets' hosts, when the sandbox has secrets.
     pub secrets: Option<SecretsArgs>,
 }
@@ -111,16 +114,18 @@ pub enum GatewayMsg {
     Attach(DerivedActorRef<ToNet>),
     /// Time for the stack (a timer of generation `n`; stale ones are ignored).
     Tick(u64),
-    /// A flow's host connection is up, to `peer`.
+    /// A flow's host connection is up, to `peer`; `view` is the host as it was then.
     Connected {
         flow: FlowId,
         peer: SocketAddr,
+        view: HostView,
     },
     /// A UDP flow's host socket is connected, to `peer` (as the kernel reports it): `go`
     /// says whether a datagram may go.
     UdpConnected {
         flow: FlowId,
         peer: SocketAddr,
+        view: HostView,
         go: oneshot::Sender<bool>,
     },
     /// The host's addresses changed (netlink said so).
@@ -425,6 +430,7 @@ pub struct GatewayState {
     peers: HashMap<(SocketAddr, SocketAddr), FlowId>,
     /// Set to stop the thread that watches the host's addresses ([`watch_host`]).
     host_watch: Arc<std::sync::atomic::AtomicBool>,
+    dialer: Dialer,
 }
 
 /// A published port's accept (or receive) loop.
@@ -522,7 +528,8 @@ impl GatewayState {
             }
             Event::UdpOpen { flow, addr } => {
                 let (tx, rx) = mpsc::channel(UDP_QUEUE);
-                let task = Some(tokio::spawn(udp_task(flow, addr, self.me.clone(), rx)).abort_handle());
+                let task =
+                    Some(tokio::spawn(udp_task(flow, addr, self.dialer.clone(), self.me.clone(), rx)).abort_handle());
                 self.flows.insert(flow, HostFlow { tx: FlowTx::Udp(tx), task, parked: None, done: false });
             }
             Event::UdpSend { flow, bytes } => match self.flows.get(&flow).map(|f| &f.tx) {
@@ -537,10 +544,10 @@ impl GatewayState {
                 }
             }
             Event::Resolve { lookup, upstream_id, bytes } => {
-                let (me, upstream) = (self.me.clone(), self.upstream);
+                let (me, upstream, dialer) = (self.me.clone(), self.upstream, self.dialer.clone());
                 tokio::spawn(async move {
                     let answer = match upstream {
-                        Some(server) => ask_upstream(server, upstream_id, &bytes).await,
+                        Some(server) => ask_upstream(&dialer, server, upstream_id, &bytes).await,
                         None => None,
                     };
                     let _ = me.cast(GatewayMsg::Dns { lookup, answer });
@@ -568,7 +575,7 @@ enum HostEnd {
 impl GatewayState {
     fn start_flow(&mut self, flow: FlowId, end: HostEnd) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = Some(tokio::spawn(flow_task(flow, end, self.me.clone(), rx)).abort_handle());
+        let task = Some(tokio::spawn(flow_task(flow, end, self.dialer.clone(), self.me.clone(), rx)).abort_handle());
         self.flows.insert(flow, HostFlow { tx: FlowTx::Tcp(tx), task, parked: None, done: false });
     }
 
@@ -592,7 +599,13 @@ impl GatewayState {
 
 /// One flow's host side: connect (or take the accepted client), then copy both ways under
 /// the actor's credit.
-async fn flow_task(flow: FlowId, end: HostEnd, me: ActorRef<GatewayMsg>, rx: mpsc::UnboundedReceiver<ToHost>) {
+async fn flow_task(
+    flow: FlowId,
+    end: HostEnd,
+    dialer: Dialer,
+    me: ActorRef<GatewayMsg>,
+    rx: mpsc::UnboundedReceiver<ToHost>,
+) {
     let (addr, intercept) = match end {
         HostEnd::Accepted(s) => {
             let _ = s.set_nodelay(true);
@@ -602,18 +615,19 @@ async fn flow_task(flow: FlowId, end: HostEnd, me: ActorRef<GatewayMsg>, rx: mps
         HostEnd::Dial(addr) => (addr, None),
         HostEnd::Intercept { addr, name, pinned, tls } => (addr, Some((name, pinned, tls))),
     };
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        _ => {
+    let (stream, peer, view) = match tokio::time::timeout(CONNECT_TIMEOUT, dialer.tcp(addr)).await {
+        Ok(Ok(o)) => (o.socket, o.addr, o.view),
+        Ok(Err(e)) => {
+            tracing::debug!(%addr, "no host connection: {e}");
+            let _ = me.cast(GatewayMsg::Failed { flow });
+            return;
+        }
+        Err(_) => {
             let _ = me.cast(GatewayMsg::Failed { flow });
             return;
         }
     };
-    let Ok(peer) = stream.peer_addr() else {
-        let _ = me.cast(GatewayMsg::Failed { flow });
-        return;
-    };
-    let _ = me.cast(GatewayMsg::Connected { flow, peer });
+    let _ = me.cast(GatewayMsg::Connected { flow, peer, view });
     let _ = stream.set_nodelay(true);
     match intercept {
         None => {
@@ -684,23 +698,25 @@ async fn relay(
 /// One UDP flow's host side: a socket connected to `addr`; datagrams out as the guest sent
 /// them, datagrams in at most [`UDP_QUEUE`] ahead of the actor (the kernel's socket buffer
 /// drops the rest).
-async fn udp_task(flow: FlowId, addr: SocketAddr, me: ActorRef<GatewayMsg>, mut rx: mpsc::Receiver<Vec<u8>>) {
-    let local: SocketAddr = match addr {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let sock = match UdpSocket::bind(local).await {
-        Ok(s) if s.connect(addr).await.is_ok() => s,
-        _ => {
+async fn udp_task(
+    flow: FlowId,
+    addr: SocketAddr,
+    dialer: Dialer,
+    me: ActorRef<GatewayMsg>,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) {
+    let (sock, peer, view) = match dialer.udp(addr).await {
+        Ok(o) => (o.socket, o.addr, o.view),
+        Err(e) => {
+            tracing::debug!(%addr, "no host socket: {e}");
             let _ = me.cast(GatewayMsg::Failed { flow });
             return;
         }
     };
     // The dial point: the address the kernel connected to is decided again before a
     // datagram goes (0.0.0.0 reads back as 127.0.0.1).
-    let Ok(peer) = sock.peer_addr() else { return };
     let (go, verdict) = oneshot::channel();
-    if me.cast(GatewayMsg::UdpConnected { flow, peer, go }).is_err() || verdict.await != Ok(true) {
+    if me.cast(GatewayMsg::UdpConnected { flow, peer, view, go }).is_err() || verdict.await != Ok(true) {
         return;
     }
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(UDP_QUEUE));
@@ -732,13 +748,14 @@ async fn udp_task(flow: FlowId, addr: SocketAddr, me: ActorRef<GatewayMsg>, mut 
 }
 
 /// Sends `query` to the resolver and waits for the answer with `id` from its address.
-async fn ask_upstream(server: SocketAddr, id: u16, query: &[u8]) -> Option<Vec<u8>> {
-    let local: SocketAddr = match server {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+async fn ask_upstream(dialer: &Dialer, server: SocketAddr, id: u16, query: &[u8]) -> Option<Vec<u8>> {
+    let sock = match dialer.resolver(server).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("no socket to the upstream resolver: {e}");
+            return None;
+        }
     };
-    let sock = UdpSocket::bind(local).await.ok()?;
-    sock.connect(server).await.ok()?;
     sock.send(query).await.ok()?;
     let mut buf = vec![0u8; DNS_MAX];
     tokio::time::timeout(DNS_TIMEOUT, async {
@@ -768,30 +785,7 @@ pub fn host_resolver() -> Option<SocketAddr> {
 /// the networks its other-than-loopback interfaces are on (`host-lan`; prefixes shorter than
 /// /8 or, for IPv6, /32 are ignored: no LAN is that wide).
 pub fn host_view() -> Classifier {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Classifier::default() };
-    let (mut host, mut lans) = (Vec::new(), Vec::new());
-    for a in addrs {
-        let Some(sa) = a.address else { continue };
-        let (ip, prefix) = if let Some(v4) = sa.as_sockaddr_in() {
-            let p = a.netmask.and_then(|m| m.as_sockaddr_in().map(|m| u32::from(m.ip()).count_ones() as u8));
-            (IpAddr::V4(v4.ip()), p.filter(|p| *p >= 8))
-        } else if let Some(v6) = sa.as_sockaddr_in6() {
-            let p = a.netmask.and_then(|m| m.as_sockaddr_in6().map(|m| u128::from(m.ip()).count_ones() as u8));
-            (IpAddr::V6(v6.ip()), p.filter(|p| *p >= 32))
-        } else {
-            continue;
-        };
-        host.push(ip);
-        if a.flags.contains(nix::net::if_::InterfaceFlags::IFF_LOOPBACK) {
-            continue;
-        }
-        if let Some(net) = prefix.and_then(|p| ipnet::IpNet::new(ip, p).ok()) {
-            lans.push(net);
-        }
-    }
-    // Checked when the gateway starts (a bad list fails the start): here it parses.
-    let extras = Extras::from_env().unwrap_or_default();
-    Classifier::with_lans(host, lans).with_extras(extras)
+    HostView::current().classifier()
 }
 
 /// Watches the host's addresses (rtnetlink `RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR`) on a
@@ -892,7 +886,7 @@ impl Actor for NetGateway {
     async fn pre_start(&self, me: ActorRef<GatewayMsg>, a: GatewayArgs) -> Result<GatewayState, ActorProcessingErr> {
         // The operator's extra addresses: a malformed list fails the start, saying which.
         Extras::from_env()?;
-        let mut core = Gateway::new(a.net, a.policy, host_view(), a.seed, 0);
+        let mut core = Gateway::new(a.net, a.policy, a.dialer.host_view().await.classifier(), a.seed, 0);
         core.set_limits(a.limits, 0);
         let interceptor = a.secrets.map(|s| {
             core.set_secret_hosts(s.hosts);
@@ -904,7 +898,11 @@ impl Actor for NetGateway {
             listeners.push(listen(&me, l, guest_port)?);
         }
         let host_watch = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        watch_host(me.clone(), host_watch.clone());
+        // Behind a dialer this process has no network of its own to watch (and may not
+        // make the socket): the host's addresses come with each socket the dialer opens.
+        if !a.dialer.is_remote() {
+            watch_host(me.clone(), host_watch.clone());
+        }
         Ok(GatewayState {
             me,
             core,
@@ -921,6 +919,7 @@ impl Actor for NetGateway {
             interceptor,
             peers: HashMap::new(),
             host_watch,
+            dialer: a.dialer,
         })
     }
 
@@ -1010,9 +1009,10 @@ impl Actor for NetGateway {
                 }
             }
             GatewayMsg::HostChanged => st.core.set_classifier(host_view(), now),
-            GatewayMsg::Connected { flow, peer } => {
-                // The host as it is now: an address it took since the last look is `host`.
-                st.core.set_classifier(host_view(), now);
+            GatewayMsg::Connected { flow, peer, view } => {
+                // The host as it was at the dial: an address it took since the last look is
+                // `host`.
+                st.core.set_classifier(view.classifier(), now);
                 if st.core.dial_point(flow, peer, now) {
                     st.core.host_connected(flow, FLOW_BUFFER);
                 } else {
@@ -1033,8 +1033,8 @@ impl Actor for NetGateway {
                 st.core.host_failed(flow);
                 st.flows.remove(&flow);
             }
-            GatewayMsg::UdpConnected { flow, peer, go } => {
-                st.core.set_classifier(host_view(), now);
+            GatewayMsg::UdpConnected { flow, peer, view, go } => {
+                st.core.set_classifier(view.classifier(), now);
                 let ok = st.core.udp_dial_point(flow, peer, now);
                 let _ = go.send(ok);
                 if !ok {

@@ -12,6 +12,7 @@
 
 pub mod actor;
 pub mod classify;
+pub mod dialer;
 pub mod dns;
 pub mod http1;
 pub mod limit;

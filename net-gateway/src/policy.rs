@@ -583,6 +583,31 @@ impl Policy {
         self.default == Action::Allow
     }
 
+    /// Whether this policy could allow some egress `proto` flow to `addr`:`port`, for any
+    /// names the gateway might have resolved to it: an over-approximation of
+    /// [`Policy::decide`] (a domain allow rule counts as matching wherever its groups admit
+    /// the address's group; a domain deny rule never stops the search, since the names it
+    /// needs may be absent). The dialer's floor: what no policy of the sandbox's could ever
+    /// allow is refused there, whatever the sandbox process asks.
+    pub fn could_allow(&self, c: &Classifier, proto: Proto, addr: IpAddr, port: u16) -> bool {
+        let group = c.classify(addr);
+        for r in &self.rules {
+            if !r.covers(Direction::Egress, proto, port) {
+                continue;
+            }
+            if r.is_domain() {
+                if r.action == Action::Allow && r.name_may_resolve_to(group) {
+                    return true;
+                }
+                continue;
+            }
+            if r.target_matches(addr, &[], group) {
+                return r.action == Action::Allow;
+            }
+        }
+        self.default == Action::Allow
+    }
+
     /// The first domain *deny* rule ahead of rule `before` (`None`: the default, so every
     /// rule) that covers an egress `proto` flow to `port` naming `name`, whether or not the
     /// sandbox resolved it: a name a flow claims can only make it stricter. An allow domain

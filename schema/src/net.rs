@@ -123,3 +123,41 @@ impl PortListener {
         }
     }
 }
+
+/// Most policies a grants file holds (the one in force and the ones being changed to).
+pub const MAX_GRANT_POLICIES: usize = 8;
+
+/// What the trusted side allows the dialer to open beyond the public internet: every policy
+/// the sandbox may have in force (while a change is under way, the old and the new one), and
+/// the published ports. Kept as JSON in a file only the client and the dialer see (never
+/// inside a sandbox process's jail). At most [`MAX_GRANT_POLICIES`] policies and
+/// [`MAX_PUBLISHED`] ports are read back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Grants {
+    /// Policy-file texts; `None` is the default policy.
+    pub policies: Vec<Option<String>>,
+    /// Addresses a listener may be bound at.
+    pub publish: Vec<(PortProto, std::net::SocketAddr)>,
+}
+
+impl Grants {
+    /// Reads the grants at `path`; a missing or unreadable file grants nothing (only public
+    /// destinations, no listener).
+    pub fn read(path: &std::path::Path) -> Grants {
+        let mut g: Grants = std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        g.policies.truncate(MAX_GRANT_POLICIES);
+        g.publish.truncate(MAX_PUBLISHED * 2);
+        g
+    }
+
+    /// Writes the grants at `path` whole (a new file renamed into place, mode 0600).
+    pub fn write(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt;
+        let tmp = path.with_extension("new");
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&serde_json::to_vec(self).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    }
+}

@@ -58,11 +58,26 @@ fn harden_every_thread_of_a_running_sandbox_process_is_confined() {
     let ours = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum.unwrap_or(u64::MAX);
     let cap = ours.min(8192).to_string();
     assert_eq!(line("Max open files")[3..5], [cap.as_str(), cap.as_str()], "{limits}");
-    for ns in ["mnt", "ipc", "uts", "user"] {
+    for ns in ["mnt", "ipc", "uts", "user", "net"] {
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         assert_ne!(theirs, ours, "the sandbox process shares our {ns} namespace");
     }
+    // Its dialer: a child in the host's network namespace, confined too.
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let dialer = children.split_whitespace().next().unwrap_or_else(|| panic!("{n} has no dialer"));
+    let cmdline = std::fs::read_to_string(format!("/proc/{dialer}/cmdline")).unwrap().replace('\0', " ");
+    assert!(cmdline.contains(" dialer --grants "), "{cmdline}");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{dialer}/ns/net")).unwrap(),
+        std::fs::read_link("/proc/self/ns/net").unwrap(),
+        "the dialer dials from the host's network"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{dialer}/status")).unwrap();
+    assert_eq!(field(&status, "NoNewPrivs:"), "1");
+    // Nothing but CAP_NET_BIND_SERVICE (bit 10), and that only for root.
+    let eff = u64::from_str_radix(field(&status, "CapEff:"), 16).unwrap();
+    assert_eq!(eff & !(1 << 10), 0, "{status}");
     // Its root is the jail: the host's files are not there.
     let bin = std::fs::canonicalize(msb_bin()).unwrap();
     assert!(std::fs::metadata(format!("/proc/{pid}/root{}", bin.display())).is_err(), "the host's tree is in its root");
@@ -86,6 +101,10 @@ fn harden_every_thread_of_a_running_sandbox_process_is_confined() {
 }
 
 fn hooked(name: &str, hook: &str, extra: &[&str]) {
+    hooked_with(name, hook, extra, &[])
+}
+
+fn hooked_with(name: &str, hook: &str, extra: &[&str], env: &[(&str, &str)]) {
     let _ = msb(&["rm", "--force", name]);
     let mut args = vec!["create", "--name", name, "--boot-timeout", "45"];
     args.extend_from_slice(extra);
@@ -96,6 +115,7 @@ fn hooked(name: &str, hook: &str, extra: &[&str]) {
         .args(["start", name])
         .env("MSB_BIN", &hooks)
         .env("MSB_TEST_HOOK", hook)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -135,6 +155,42 @@ fn harden_a_seccomp_violation_ends_only_that_sandbox_and_says_so() {
     assert_eq!(ok(&["exec", bystander, "--", "echo", "still here"]), "still here\n");
     assert_eq!(crate::cli::status(bystander), "running");
     let _ = msb(&["rm", "--force", bystander, victim]);
+}
+
+#[test]
+fn harden_the_sandbox_process_cannot_reach_the_hosts_loopback_even_when_it_tries() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let at = listener.local_addr().unwrap();
+    let hook = format!("connect={at}");
+    // With the filters on, its first socket call ends the process, reported.
+    let trapped = "hard-dial-trap";
+    hooked(trapped, &hook, &[]);
+    wait_status(trapped, "crashed", Duration::from_secs(30));
+    let rec = record(trapped).unwrap();
+    let reason = rec["last_run"]["exit_reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.starts_with("seccomp violation: socket (41) on thread "), "{rec}");
+    // With seccomp only logging, the empty network namespace still holds: the socket is
+    // made, and there is nowhere for it to go.
+    let logged = "hard-dial-netns";
+    hooked_with(logged, &hook, &[], &[("MSB_SECCOMP", "log")]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let tried = format!("test hook: connect {at}: ");
+    let log = loop {
+        let log = vmm_log(logged);
+        if log.contains(&tried) || std::time::Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(log.contains(&format!("{tried}Err")), "the hook's connect did not fail: {log}");
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("something reached the host's loopback listener: {other:?}"),
+    }
+    // The sandbox itself is unharmed: it runs, and its guest is served.
+    assert_eq!(ok(&["exec", logged, "--", "echo", "up"]), "up\n");
+    let _ = msb(&["rm", "--force", trapped, logged]);
 }
 
 #[test]

@@ -5,7 +5,9 @@
 //! after it), in this order:
 //! 1. **namespaces**: a new user namespace (mapping this user onto itself, `setgroups`
 //!    denied), mount, IPC and UTS namespaces — as root too, so that root's capabilities
-//!    never reach the host's namespaces;
+//!    never reach the host's namespaces — and, where a dialer serves the sandbox
+//!    ([`Plan::net`]), a new network namespace with nothing in it: no host address, loopback
+//!    service or abstract Unix socket of the host can be reached from it;
 //! 2. **an empty root**: a fresh tmpfs holding only the paths of the [`Plan`], each
 //!    bind-mounted at its own path (read-only where the plan says so, never setuid, never
 //!    exec, device nodes only for `/dev/kvm`), becomes the root with `pivot_root`; the old
@@ -80,6 +82,8 @@ impl Skip {
 pub struct Plan {
     pub binds: Vec<Bind>,
     pub skip: Skip,
+    /// A new, empty network namespace too (host sockets then come from a dialer).
+    pub net: bool,
 }
 
 impl Plan {
@@ -125,14 +129,14 @@ pub fn lockdown(plan: &Plan) -> Result<Report, Error> {
         r.missing.push("the whole lockdown (MSB_HARDEN=-all, a test build)".into());
         return Ok(r);
     }
-    let jailed = namespaces(plan.skip, &mut r)?;
+    let jailed = namespaces(plan.skip, plan.net, &mut r)?;
     if jailed {
         jail(&plan.binds)?;
         r.applied.push(format!("empty root ({} paths bound in)", plan.binds.len()));
     } else {
         r.missing.push("empty root (needs a mount namespace)".into());
     }
-    privileges()?;
+    privileges(rustix::thread::CapabilitySet::empty())?;
     r.applied.push("no capabilities, no_new_privs, not dumpable".into());
     r.applied.push(format!("at most {NOFILE_LIMIT} descriptors, no core files"));
     if plan.skip.landlock {
@@ -147,14 +151,19 @@ pub fn lockdown(plan: &Plan) -> Result<Report, Error> {
 }
 
 /// Stage 1. Returns whether the process now has a private mount namespace it may change.
-fn namespaces(skip: Skip, r: &mut Report) -> Result<bool, Error> {
+fn namespaces(skip: Skip, net: bool, r: &mut Report) -> Result<bool, Error> {
     let uid = rustix::process::geteuid().as_raw();
     let gid = rustix::process::getegid().as_raw();
+    let (netns, named) = if net { (CloneFlags::CLONE_NEWNET, "+net") } else { (CloneFlags::empty(), "") };
     let why = if skip.userns {
         "switched off by MSB_HARDEN".to_string()
     } else {
         match unshare(
-            CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS,
+            CloneFlags::CLONE_NEWUSER
+                | CloneFlags::CLONE_NEWNS
+                | CloneFlags::CLONE_NEWIPC
+                | CloneFlags::CLONE_NEWUTS
+                | netns,
         ) {
             Ok(()) => {
                 std::fs::write("/proc/self/setgroups", "deny").map_err(io_step("writing", "/proc/self/setgroups"))?;
@@ -162,7 +171,7 @@ fn namespaces(skip: Skip, r: &mut Report) -> Result<bool, Error> {
                     .map_err(io_step("writing", "/proc/self/uid_map"))?;
                 std::fs::write("/proc/self/gid_map", format!("{gid} {gid} 1\n"))
                     .map_err(io_step("writing", "/proc/self/gid_map"))?;
-                r.applied.push("user+mount+ipc+uts namespaces".into());
+                r.applied.push(format!("user+mount+ipc+uts{named} namespaces"));
                 return Ok(true);
             }
             Err(e) => format!(
@@ -172,9 +181,14 @@ fn namespaces(skip: Skip, r: &mut Report) -> Result<bool, Error> {
     };
     r.missing.push(format!("user namespace ({why})"));
     // Root needs no user namespace for the others.
-    if uid == 0 && unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS).is_ok() {
-        r.applied.push("mount+ipc+uts namespaces".into());
+    if uid == 0
+        && unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS | netns).is_ok()
+    {
+        r.applied.push(format!("mount+ipc+uts{named} namespaces"));
         return Ok(true);
+    }
+    if net {
+        r.missing.push("an empty network namespace (needs a user namespace; seccomp still refuses new sockets)".into());
     }
     Ok(false)
 }
@@ -275,12 +289,12 @@ fn jail(binds: &[Bind]) -> Result<(), Error> {
 }
 
 /// Stage 3.
-fn privileges() -> Result<(), Error> {
+fn privileges(keep: rustix::thread::CapabilitySet) -> Result<(), Error> {
     use rustix::thread::{self as t, CapabilitySet, CapabilitySets};
     let fail = |what: &str, e: rustix::io::Errno| Error::Other(format!("{what}: {e}"));
     for cap in 0..64u32 {
         // Numbers past the kernel's last capability answer EINVAL: the set is then empty.
-        if let Some(c) = capability(cap) {
+        if let Some(c) = capability(cap).filter(|c| !keep.contains(*c)) {
             match t::remove_capability_from_bounding_set(c) {
                 Ok(()) | Err(rustix::io::Errno::INVAL) => {}
                 // Without CAP_SETPCAP (no user namespace, not root) the bounding set cannot
@@ -298,11 +312,7 @@ fn privileges() -> Result<(), Error> {
             | t::CapabilitiesSecureBits::NO_SETUID_FIXUP_LOCKED
             | t::CapabilitiesSecureBits::KEEP_CAPS_LOCKED,
     );
-    let none = CapabilitySets {
-        effective: CapabilitySet::empty(),
-        permitted: CapabilitySet::empty(),
-        inheritable: CapabilitySet::empty(),
-    };
+    let none = CapabilitySets { effective: keep, permitted: keep, inheritable: CapabilitySet::empty() };
     t::set_capabilities(None, none).map_err(|e| fail("dropping the capabilities", e))?;
     t::set_no_new_privs(true).map_err(|e| fail("setting no_new_privs", e))?;
     rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
@@ -318,6 +328,24 @@ fn privileges() -> Result<(), Error> {
 
 fn capability(n: u32) -> Option<rustix::thread::CapabilitySet> {
     rustix::thread::CapabilitySet::from_bits(1u64.checked_shl(n)?)
+}
+
+/// The dialer's confinement. It stays in the host's namespaces (it dials there), so it gets
+/// the rest: every capability dropped but `CAP_NET_BIND_SERVICE` where it is held (root
+/// publishing a port below 1024), `no_new_privs`, not dumpable, no core files, a descriptor
+/// limit, and Landlock allowing nothing but reads beneath the directory of its grants.
+pub fn confine_dialer(grants_dir: &Path) -> Result<Report, Error> {
+    use rustix::thread::CapabilitySet;
+    let mut r = Report::default();
+    let keep =
+        if rustix::process::geteuid().is_root() { CapabilitySet::NET_BIND_SERVICE } else { CapabilitySet::empty() };
+    privileges(keep)?;
+    r.applied.push("no capabilities but binding low ports, no_new_privs, not dumpable, no core files".into());
+    match landlock(&[Bind { path: grants_dir.to_path_buf(), write: false }])? {
+        Ok(done) => r.applied.push(done),
+        Err(why) => r.missing.push(why),
+    }
+    Ok(r)
 }
 
 /// Stage 4. `Ok(Err(why))`: Landlock is not there; `Ok(Ok(what))`: applied.

@@ -153,6 +153,61 @@ fn prepare(launch: &Launch, skip: harden::Skip) -> msb_actors::Result<Prepared> 
     Ok(Prepared { dir, kernel, initramfs, root, mounts, dns, plan })
 }
 
+/// Starts this sandbox's dialer (`msb dialer`, in the host's namespaces) with the launch's
+/// policy and published ports as its first grants; returns this process's end of the pair.
+fn start_dialer(launch: &Launch, prep: &Prepared) -> std::io::Result<std::os::fd::OwnedFd> {
+    use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+    let c = &launch.config;
+    let grants = paths::grants_path(&launch.home, &launch.name);
+    if let Some(dir) = grants.parent() {
+        msb_control_plane::client::private_dir(dir)?;
+    }
+    let publish = c.net.publish.iter().map(|&p| msb_actors::net::Port::from(p)).map(|p| (p.proto, p.host)).collect();
+    msb_actors::net::Grants { policies: vec![c.net.policy.clone()], publish }.write(&grants)?;
+    let (ours, theirs) = socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.arg(DIALER_ARG).arg("--grants").arg(&grants);
+    if let Some(dns) = prep.dns {
+        cmd.arg("--dns").arg(dns.to_string());
+    }
+    // Its stderr is this process's (vmm.log); it ends when `ours` closes.
+    cmd.stdin(std::process::Stdio::from(theirs)).stdout(std::process::Stdio::null());
+    cmd.spawn()?;
+    Ok(ours)
+}
+
+/// The hidden subcommand that runs a dialer.
+pub const DIALER_ARG: &str = "dialer";
+
+/// `msb dialer`: serves the sandbox process whose pair end is stdin, confined first.
+pub fn dialer_main(grants: &Path, dns: Option<std::net::SocketAddr>) -> std::process::ExitCode {
+    use std::os::fd::AsFd;
+    let sock = match std::io::stdin().as_fd().try_clone_to_owned() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("msb dialer: its socket: {e}");
+            return std::process::ExitCode::from(125);
+        }
+    };
+    let dir = grants.parent().unwrap_or(Path::new("/"));
+    match harden::confine_dialer(dir) {
+        Ok(r) => tracing::debug!(applied = ?r.applied, missing = ?r.missing, "the dialer is confined"),
+        Err(e) => {
+            // No dialer, no host sockets: the sandbox runs on without a network.
+            eprintln!("msb dialer: confining it: {}", report::chain(&e));
+            return std::process::ExitCode::from(1);
+        }
+    }
+    let config = msb_actors::net::DialerConfig { grants: grants.to_path_buf(), resolver: dns };
+    match msb_actors::net::serve_dialer(sock, config) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("msb dialer: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
 /// The exit report: this process's identity, then (at [`ExitReport::offset`]) why it ended.
 struct ExitReport {
     file: std::fs::File,
@@ -217,7 +272,7 @@ pub fn main() -> std::process::ExitCode {
         Ok(k) => k,
         Err(e) => return refuse(&mut announce, e),
     };
-    let prep = match prepare(&launch, skip) {
+    let mut prep = match prepare(&launch, skip) {
         Ok(p) => p,
         Err(e) => return refuse(&mut announce, report::with_remedy(&e, report::boot_remedy(&e))),
     };
@@ -232,6 +287,17 @@ pub fn main() -> std::process::ExitCode {
         Ok(x) => x,
         Err(e) => return refuse(&mut announce, format!("creating {}: {e}", exit_path.display())),
     };
+    // The dialer is started while this process still sees the host: from here on, host
+    // sockets come from it, and this process moves into an empty network namespace.
+    let dialer = if prep.plan.skip.all || launch.config.net.none {
+        None
+    } else {
+        match start_dialer(&launch, &prep) {
+            Ok(fd) => Some(fd),
+            Err(e) => return refuse(&mut announce, format!("starting the dialer: {e}")),
+        }
+    };
+    prep.plan.net = dialer.is_some();
     let mut hardening = match harden::lockdown(&prep.plan) {
         Ok(r) => r,
         Err(e) => return refuse(&mut announce, format!("locking the sandbox process down: {}", report::chain(&e))),
@@ -297,7 +363,10 @@ pub fn main() -> std::process::ExitCode {
         return refuse(&mut announce, why);
     }
     tracing::info!(applied = ?hardening.applied, missing = ?hardening.missing, "locked down");
-    let boot = Boot { prep, secrets, listener, pending, sock, term, hardening, exit };
+    if dialer.is_some() {
+        hardening.applied.push("host sockets only from the dialer, which checks each against the policy".into());
+    }
+    let boot = Boot { prep, secrets, listener, pending, sock, term, hardening, exit, dialer };
     match rt.block_on(run(launch, boot, announce)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -317,13 +386,24 @@ struct Boot {
     term: tokio::signal::unix::Signal,
     hardening: Hardening,
     exit: ExitReport,
+    /// This process's end of the dialer's pair, when a dialer serves it.
+    dialer: Option<std::os::fd::OwnedFd>,
 }
 
 /// Runs the sandbox of `launch` until it stops. `announce` gets the readiness line.
 async fn run(launch: Launch, boot_args: Boot, mut announce: impl Write) -> Result<(), Error> {
-    let Boot { prep, secrets, listener, pending, sock, mut term, hardening, exit } = boot_args;
+    let Boot { prep, secrets, listener, pending, sock, mut term, hardening, exit, dialer } = boot_args;
     let dir = prep.dir.clone();
-    let sb = match boot(&launch, prep, secrets).await {
+    let dialer = match dialer.map(msb_actors::net::Dialer::remote).transpose() {
+        Ok(d) => d.unwrap_or_default(),
+        Err(e) => {
+            let why = format!("the dialer's socket: {e}");
+            exit.write(&format!("failed to start: {why}"));
+            let _ = writeln!(announce, "{}", announce_line(Some(why.clone())));
+            return Err(Error::Io { what: "registering", path: "the dialer's socket".into(), source: e });
+        }
+    };
+    let sb = match boot(&launch, prep, secrets, dialer).await {
         Ok(sb) => sb,
         Err(e) => {
             let why = report::with_remedy(&e, report::boot_remedy(&e));
@@ -438,6 +518,7 @@ async fn boot(
     launch: &Launch,
     prep: Prepared,
     mut secrets: Vec<(SecretName, SecretValue)>,
+    dialer: msb_actors::net::Dialer,
 ) -> msb_actors::Result<Sandbox> {
     let c = &launch.config;
     let mut b = Sandbox::builder()
@@ -481,6 +562,7 @@ async fn boot(
             name: launch.name.to_string(),
             publish: c.net.publish.iter().map(|&p| p.into()).collect(),
             limits: crate::net_limits(&c.net),
+            dialer,
         })
     };
     b.create().await

@@ -20,6 +20,8 @@ use super::{harden, seccomp};
 pub fn run(dir: &Path, action: Option<&str>, arg: Option<&str>) -> ExitCode {
     let mut plan = harden::Plan {
         skip: harden::Skip::parse(&std::env::var("MSB_HARDEN").unwrap_or_default()).unwrap_or_default(),
+        // As a sandbox process with a network is: its host sockets would come from a dialer.
+        net: true,
         ..Default::default()
     };
     if let Err(e) = plan.keep(dir, true) {

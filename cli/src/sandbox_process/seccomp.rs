@@ -9,8 +9,9 @@
 //! [`msb_hypervisor::sigsys`] and fatal to the process), or is only logged by the kernel in
 //! [`Mode::Log`] (diagnosis, never the default). No call appears twice in a table and every
 //! entry says who needs it (its unit tests check both). Arguments are checked where seccomp can see
-//! them (socket families, clone flags, `PROT_EXEC`, ioctl numbers, signal targets); paths are
-//! Landlock's and the jail's business. `clone3` answers `ENOSYS` (its flags are out of sight)
+//! them (clone flags, `PROT_EXEC`, ioctl numbers, signal targets); paths are
+//! Landlock's and the jail's business. No thread may make, bind or connect a socket: the
+//! control socket is bound before the filters, and host sockets come from the dialer. `clone3` answers `ENOSYS` (its flags are out of sight)
 //! so the C library falls back to `clone`, whose flags are checked.
 
 use std::collections::BTreeMap;
@@ -67,12 +68,6 @@ fn when(name: &'static str, when: Vec<Vec<(u8, Op, u64)>>, why: &'static str) ->
     Allow { name, when, why }
 }
 
-#[cfg(test)]
-const AF_UNIX: u64 = 1;
-const AF_INET: u64 = 2;
-const AF_INET6: u64 = 10;
-const AF_NETLINK: u64 = 16;
-const NETLINK_ROUTE: u64 = 0;
 const CLONE_THREAD: u64 = 0x0001_0000;
 const PROT_EXEC: u64 = 4;
 const SIGSYS: u64 = 31;
@@ -245,18 +240,6 @@ fn table(role: Role, pid: u32) -> Vec<Allow> {
             any("getegid", "the standard library"),
             any("prlimit64", "the standard library"),
             any("uname", "the C library"),
-            when(
-                "socket",
-                vec![
-                    vec![(0, Op::Eq, AF_INET)],
-                    vec![(0, Op::Eq, AF_INET6)],
-                    vec![(0, Op::Eq, AF_NETLINK), (2, Op::Eq, NETLINK_ROUTE)],
-                ],
-                "the gateway's host sockets and published ports; reading the host's addresses (route netlink)",
-            ),
-            any("connect", "the gateway dials"),
-            any("bind", "published ports; netlink"),
-            any("listen", "published ports"),
             any("accept4", "the control socket; published ports"),
             any("accept", "published ports"),
             any("sendto", "the gateway; netlink"),
@@ -389,12 +372,9 @@ mod tests {
         }
         assert!(!allowed(Role::Vcpu, "socket"));
         let rt = table(Role::Runtime, 1);
-        let socket = rt.iter().find(|a| a.name == "socket").unwrap();
-        for alt in &socket.when {
-            assert!(alt.iter().all(|c| c != &(0, Op::Eq, AF_UNIX)), "AF_UNIX allowed");
-            if alt.contains(&(0, Op::Eq, AF_NETLINK)) {
-                assert!(alt.contains(&(2, Op::Eq, NETLINK_ROUTE)), "netlink other than route allowed");
-            }
+        // Host sockets come from the dialer: no thread makes, binds or connects one.
+        for call in ["socket", "socketpair", "connect", "bind", "listen"] {
+            assert!(!allowed(Role::Runtime, call), "{call} allowed");
         }
         let sigaction = rt.iter().find(|a| a.name == "rt_sigaction").unwrap();
         assert_eq!(sigaction.when, vec![vec![(0, Op::Ne, SIGSYS)]]);

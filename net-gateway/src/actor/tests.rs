@@ -43,6 +43,10 @@ impl Rig {
     }
 
     async fn with_ports(policy: Policy, audit: Option<PathBuf>, published: Vec<(PortListener, u16)>) -> Rig {
+        Rig::full(policy, audit, published, Dialer::Direct).await
+    }
+
+    async fn full(policy: Policy, audit: Option<PathBuf>, published: Vec<(PortListener, u16)>, dialer: Dialer) -> Rig {
         let args = GatewayArgs {
             sandbox: "t".into(),
             net: NetConfig::default(),
@@ -53,6 +57,7 @@ impl Rig {
             published,
             limits: Limits::default(),
             secrets: None,
+            dialer,
         };
         let (gw, _) = Actor::spawn(None, NetGateway, args).await.unwrap();
         let (tx, from_gw) = mpsc::unbounded_channel();
@@ -467,4 +472,73 @@ async fn guest_ipv6_egress_reaches_an_allowed_host_socket_and_the_default_denies
     }
     assert_eq!(got, b"SIX", "the host's answer came back over IPv6");
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+/// A dialer process stand-in on this runtime, granting `policy` (policy-file text).
+fn remote_dialer(policy: &str) -> (Dialer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("grants.json");
+    msb_schema::net::Grants { policies: vec![Some(policy.into())], publish: Vec::new() }.write(&path).unwrap();
+    let (ours, theirs) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )
+    .unwrap();
+    tokio::spawn(crate::dialer::serve_async(theirs, crate::dialer::Config { grants: path, resolver: None }));
+    (Dialer::remote(ours).unwrap(), dir)
+}
+
+#[tokio::test]
+async fn behind_a_dialer_a_flow_works_as_before_and_the_dialer_refuses_what_its_grants_do_not_allow() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let rule = format!("allow tcp/127.0.0.1:{port}");
+    let policy = Policy::parse(&rule).unwrap();
+    // The grants allow what the gateway's policy does: the flow is up and echoes.
+    let (dialer, _dir) = remote_dialer(&rule);
+    let mut rig = Rig::full(policy.clone(), None, Vec::new(), dialer).await;
+    let ok = rig.guest.connect(IpAddress::v4(127, 0, 0, 1), port, 40000);
+    let (mut got, mut sent) = (Vec::new(), false);
+    for _ in 0..200 {
+        rig.run(20).await;
+        let s = rig.guest.sockets.get_mut::<tcp::Socket>(ok);
+        if s.may_send() && !sent {
+            sent = s.send_slice(b"through the dialer").is_ok_and(|n| n == 18);
+        }
+        let mut buf = [0u8; 64];
+        if let Ok(n) = s.recv_slice(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+        if got.len() >= 18 {
+            break;
+        }
+    }
+    assert_eq!(got, b"through the dialer");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    // A sandbox process whose own policy was subverted to allow loopback still gets no
+    // socket: the dialer's grants (the trusted side's) say public only.
+    let (dialer, _dir) = remote_dialer("allow public");
+    let mut rig = Rig::full(policy, None, Vec::new(), dialer).await;
+    let refused = rig.guest.connect(IpAddress::v4(127, 0, 0, 1), port, 40001);
+    rig.run(500).await;
+    assert_eq!(rig.guest.sockets.get::<tcp::Socket>(refused).state(), tcp::State::Closed, "reset");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "no connection reached the listener");
 }
