@@ -13,6 +13,22 @@ fn pid_of(name: &str) -> u32 {
     record(name).and_then(|r| r["pid"].as_u64()).unwrap_or_else(|| panic!("{name} has no process")) as u32
 }
 
+/// The processes whose parent is `pid` (from `/proc/*/stat`: kernels without
+/// `CONFIG_PROC_CHILDREN` have no `children` file).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        // `PID (COMM) STATE PPID …`: COMM may hold spaces and parentheses.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
 fn field<'a>(status: &'a str, key: &str) -> &'a str {
     status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or_else(|| panic!("no {key} in {status}"))
 }
@@ -64,8 +80,7 @@ fn harden_every_thread_of_a_running_sandbox_process_is_confined() {
         assert_ne!(theirs, ours, "the sandbox process shares our {ns} namespace");
     }
     // Its dialer: a child in the host's network namespace, confined too.
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
-    let dialer = children.split_whitespace().next().unwrap_or_else(|| panic!("{n} has no dialer"));
+    let dialer = children(pid).into_iter().next().unwrap_or_else(|| panic!("{n} has no dialer"));
     let cmdline = std::fs::read_to_string(format!("/proc/{dialer}/cmdline")).unwrap().replace('\0', " ");
     assert!(cmdline.contains(" dialer --grants "), "{cmdline}");
     assert_eq!(
@@ -245,4 +260,100 @@ fn harden_the_restricted_profile_and_a_read_only_root_hold_inside_the_guest() {
     ok(&["cp", &format!("{n}:/tmp/in"), local.path().join("back").to_str().unwrap()]);
     assert_eq!(std::fs::read(local.path().join("back")).unwrap(), b"from the host");
     let _ = msb(&["rm", "--force", n]);
+}
+
+/// The uid and gid a rootless run uses: this test's own where it is not root; else a uid of
+/// no one, with `/dev/kvm`'s group where that is how the node is shared.
+fn unprivileged() -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let me = rustix::process::geteuid().as_raw();
+    if me != 0 {
+        return (me, rustix::process::getegid().as_raw());
+    }
+    let kvm = std::fs::metadata("/dev/kvm").expect("/dev/kvm");
+    let uid = 4242;
+    if kvm.mode() & 0o006 == 0o006 {
+        (uid, uid)
+    } else {
+        assert_eq!(kvm.mode() & 0o060, 0o060, "/dev/kvm is usable by neither its group nor everyone: the rootless check needs one of them (the rig makes it 0666)");
+        (uid, kvm.gid())
+    }
+}
+
+fn chown_tree(p: &std::path::Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(p, Some(uid), Some(gid)).unwrap();
+    if p.is_dir() && !p.is_symlink() {
+        for e in std::fs::read_dir(p).unwrap().flatten() {
+            chown_tree(&e.path(), uid, gid);
+        }
+    }
+}
+
+#[test]
+fn harden_a_rootless_sandbox_is_locked_down_the_same() {
+    use std::os::unix::process::CommandExt;
+    let (uid, gid) = unprivileged();
+    // Its own home, seeded with the kernel and the agent from ours (which it may not read).
+    let ours = std::env::var_os("MSB_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".msb"));
+    let home = tempfile::tempdir().unwrap();
+    for f in ["kernel/vmlinux", "bin/agentd", "bin/busybox"] {
+        let from = ours.join(f);
+        if !from.is_file() {
+            assert_ne!(f, "kernel/vmlinux", "{} is missing", from.display());
+            assert_ne!(f, "bin/agentd", "{} is missing", from.display());
+            continue;
+        }
+        let to = home.path().join(f);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&from, &to).unwrap();
+    }
+    if rustix::process::geteuid().is_root() {
+        chown_tree(home.path(), uid, gid);
+    }
+    let as_user = |args: &[&str]| {
+        let o = Command::new(msb_bin())
+            .args(args)
+            .uid(uid)
+            .gid(gid)
+            .env("MSB_HOME", home.path())
+            .env("HOME", home.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "msb {args:?} as {uid}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let n = "hard-rootless";
+    as_user(&["create", "--name", n, "--boot-timeout", "45", "--require-hardening"]);
+    as_user(&["start", n]);
+    let list: serde_json::Value = serde_json::from_str(&as_user(&["ls", "--format", "json"])).unwrap();
+    let pid = list.as_array().unwrap().iter().find(|r| r["name"] == n).and_then(|r| r["pid"].as_u64()).unwrap() as u32;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(field(&status, "Uid:").starts_with(&format!("{uid}\t")), "{status}");
+    assert_eq!(field(&status, "NoNewPrivs:"), "1");
+    assert_eq!(field(&status, "Seccomp:"), "2");
+    assert_eq!(field(&status, "CapEff:"), "0000000000000000");
+    assert_eq!(field(&status, "CapBnd:"), "0000000000000000");
+    for ns in ["mnt", "user", "net"] {
+        assert_ne!(
+            std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap(),
+            std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap(),
+            "{ns}"
+        );
+    }
+    let dialer = children(pid).into_iter().next().expect("a dialer");
+    let ds = std::fs::read_to_string(format!("/proc/{dialer}/status")).unwrap();
+    assert!(field(&ds, "Uid:").starts_with(&format!("{uid}\t")), "{ds}");
+    assert_eq!(field(&ds, "CapEff:"), "0000000000000000", "a rootless dialer holds nothing");
+    let info: serde_json::Value = serde_json::from_str(&as_user(&["inspect", n, "--format", "json"])).unwrap();
+    assert_eq!(info["hardening"]["missing"], serde_json::json!([]), "{info}");
+    assert_eq!(as_user(&["exec", n, "--", "echo", "rootless"]), "rootless\n");
+    as_user(&["stop", n]);
+    as_user(&["rm", n]);
+    if rustix::process::geteuid().is_root() {
+        // Back to us, so that it can be removed.
+        chown_tree(home.path(), 0, 0);
+    }
 }

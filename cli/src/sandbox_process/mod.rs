@@ -297,7 +297,9 @@ pub fn main() -> std::process::ExitCode {
             Err(e) => return refuse(&mut announce, format!("starting the dialer: {e}")),
         }
     };
-    prep.plan.net = dialer.is_some();
+    // No sandbox process needs the host's network itself: with a network its dialer serves
+    // it, without one nothing does.
+    prep.plan.net = true;
     let mut hardening = match harden::lockdown(&prep.plan) {
         Ok(r) => r,
         Err(e) => return refuse(&mut announce, format!("locking the sandbox process down: {}", report::chain(&e))),
