@@ -165,6 +165,9 @@ enum Cmd {
     /// (used by `msb doctor` and the host tests).
     #[command(name = "lockdown-probe", hide = true)]
     LockdownProbe { dir: std::path::PathBuf, action: Option<String>, arg: Option<String> },
+    /// Record what a sandbox process's seccomp filter would refuse (log mode; started by it).
+    #[command(name = sandbox_process::seccomp_log::SECCOMP_LOG_ARG, hide = true)]
+    SeccompLog,
     /// Serve a sandbox process's host sockets (started by it, its socket on stdin).
     #[command(name = sandbox_process::DIALER_ARG, hide = true)]
     Dialer {
@@ -668,6 +671,9 @@ fn main() -> ExitCode {
     if let Cmd::LockdownProbe { dir, action, arg } = &cli.cmd {
         return sandbox_process::probe::run(dir, action.as_deref(), arg.as_deref());
     }
+    if let Cmd::SeccompLog = &cli.cmd {
+        return sandbox_process::seccomp_log::main();
+    }
     if let Cmd::Dialer { grants, dns } = &cli.cmd {
         return sandbox_process::dialer_main(grants, *dns);
     }
@@ -701,6 +707,7 @@ fn main() -> ExitCode {
         | Cmd::SandboxProcess
         | Cmd::LockdownProbe { .. }
         | Cmd::Dialer { .. }
+        | Cmd::SeccompLog
         | Cmd::Completions { .. } => {
             unreachable!("served above")
         }

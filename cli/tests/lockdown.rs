@@ -111,3 +111,45 @@ fn lockdown_without_landlock_or_namespaces_still_confines_and_says_what_is_missi
     assert!(missing.contains("user namespace") && missing.contains("landlock"), "{r}");
     assert_eq!(o.status.code(), Some(VIOLATION), "seccomp is never switched off");
 }
+
+#[test]
+fn log_mode_records_what_the_filter_would_refuse_and_lets_it_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    server.set_nonblocking(true).unwrap();
+    let addr = server.local_addr().unwrap().to_string();
+    let record = dir.path().join("record");
+    let run = |action: &str, arg: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_msb"))
+            .args(["lockdown-probe", dir.path().to_str().unwrap(), action, arg])
+            .env("MSB_SECCOMP", "log")
+            .env("MSB_SECCOMP_LOG_FILE", &record)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    // Not fatal: the call runs, and fails only as the jail makes it (nothing to exec there).
+    let (code, stdout, stderr) = run("exec", "");
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("seccomp (log mode)"), "{stdout}");
+    assert!(stdout.lines().nth(1).is_some_and(|l| l.starts_with("denied: ")), "{stdout}");
+    assert!(stderr.contains("seccomp (log mode): execve (59) on thread msb"), "{stderr}");
+    // The socket is made and connects nowhere: the empty network namespace holds on its own.
+    let (code, stdout, stderr) = run("tcp-connect", &addr);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.lines().nth(1).is_some_and(|l| l.starts_with("denied: ")), "{stdout}");
+    assert!(stderr.contains("seccomp (log mode): socket (41)"), "{stderr}");
+    assert!(server.accept().is_err(), "the probe reached a listener on the host's loopback");
+    let recorded = std::fs::read_to_string(&record).unwrap();
+    assert!(recorded.contains("execve (59)") && recorded.contains("socket (41)"), "{recorded}");
+    // What a sandbox needs records nothing.
+    std::fs::remove_file(&record).unwrap();
+    let (code, stdout, _) = run("thread", "");
+    assert_eq!(code, Some(0));
+    assert_eq!(stdout.lines().nth(1), Some("allowed"));
+    assert!(!record.exists(), "{}", std::fs::read_to_string(&record).unwrap_or_default());
+}

@@ -21,6 +21,7 @@ pub mod boot;
 pub mod kind;
 pub mod memory;
 mod mptable;
+pub mod seccomp_notify;
 pub mod sigsys;
 pub mod syscalls;
 pub mod vcpu;

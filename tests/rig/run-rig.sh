@@ -46,16 +46,25 @@ case $mode in
     extra="--silence $(( ${RIG_TEST_TIMEOUT:-420} + 240 ))"
     # /dev/kvm usable by everyone in the L1, so that the rootless check can run as a uid of
     # no one (the L1 is the rig's own, thrown away after the job).
+    # RIG_SECCOMP_LOG=1: every sandbox process in seccomp's log mode, recording into one file
+    # what its filter would refuse; a test after which the file is not empty fails, with the
+    # file's lines printed (RIG-SECCOMP-LOG).
+    seccomp_log=""
+    [ -z "${RIG_SECCOMP_LOG:-}" ] || seccomp_log='export MSB_SECCOMP=log MSB_SECCOMP_LOG_FILE=/tmp/seccomp.log
+echo "RIG-SECCOMP-LOG: every sandbox process in log mode"
+'
     job='msb doctor || true
 chmod 0666 /dev/kvm
-'"$canary"'for t in $RIG_TESTS; do
+'"$seccomp_log$canary"'for t in $RIG_TESTS; do
   echo "RIG-TEST-START $t"
   echo "RIG-L1-MEM: $(grep -E "^(MemAvailable|Shmem):" /proc/meminfo | tr -s " " | tr "\n" " ")sandboxes: $(ls "$MSB_HOME/sandboxes" 2>/dev/null | wc -l) load: $(cat /proc/loadavg) msb processes: $(ps | grep -c "[m]sb ")"
   timeout -k 10 '"${RIG_TEST_TIMEOUT:-420}"' msb-e2e --exact "$t" --test-threads=1 >/tmp/t.log 2>&1
   st=$?
   cat /tmp/t.log
-  if grep -q "^test result: ok. 1 passed" /tmp/t.log; then echo "RIG-TEST-PASS $t"
+  if [ -s /tmp/seccomp.log ]; then sed "s/^/RIG-SECCOMP-LOG: $t: /" /tmp/seccomp.log; fi
+  if grep -q "^test result: ok. 1 passed" /tmp/t.log && ! [ -s /tmp/seccomp.log ]; then echo "RIG-TEST-PASS $t"
   else
+    rm -f /tmp/seccomp.log
     echo "RIG-TEST-FAIL $t (exit $st)"
     dmesg | tail -n 15 | sed "s/^/RIG-L1-DMESG: /"
     for f in "$MSB_HOME"/sandboxes/*/vmm.log; do [ -f "$f" ] && tail -n 4 "$f" | sed "s|^|RIG-VMM-LOG ${f#$MSB_HOME/sandboxes/}: |"; done

@@ -25,6 +25,7 @@ pub mod harden;
 mod hooks;
 pub mod probe;
 pub mod seccomp;
+pub mod seccomp_log;
 pub mod vmm_log;
 
 use std::io::Write;
@@ -297,6 +298,15 @@ pub fn main() -> std::process::ExitCode {
             Err(e) => return refuse(&mut announce, format!("starting the dialer: {e}")),
         }
     };
+    // In log mode, the listener that records what the filter would refuse (started while
+    // this binary can still be run; its socket stays open as long as this process runs).
+    let seccomp_logger = match (mode, prep.plan.skip.all) {
+        (seccomp::Mode::Log, false) => match seccomp_log::spawn() {
+            Ok(fd) => Some(fd),
+            Err(e) => return refuse(&mut announce, format!("starting the seccomp log listener: {e}")),
+        },
+        _ => None,
+    };
     // No sandbox process needs the host's network itself: with a network its dialer serves
     // it, without one nothing does.
     prep.plan.net = true;
@@ -335,9 +345,7 @@ pub fn main() -> std::process::ExitCode {
         }
         msb_hypervisor::sigsys::install_violation_reporter(2, Some((exit.file.as_raw_fd(), exit.offset)))
             .map_err(|e| format!("installing the seccomp violation reporter: {e}"))?;
-        for p in seccomp::programs(seccomp::Role::Runtime, mode, pid)? {
-            seccompiler::apply_filter_all_threads(&p).map_err(|e| format!("installing the seccomp filter: {e}"))?;
-        }
+        seccomp_log::install_runtime(mode, pid, seccomp_logger.as_ref())?;
         msb_hypervisor::on_vcpu_thread_start(move || seccomp::install(seccomp::Role::Vcpu, mode, pid));
         Ok::<_, String>(term)
     });
@@ -348,7 +356,9 @@ pub fn main() -> std::process::ExitCode {
     if !unconfined {
         hardening.applied.push(match mode {
             seccomp::Mode::Trap => "seccomp (runtime + vcpu filters; a violation ends the process)".into(),
-            seccomp::Mode::Log => "seccomp in log mode (MSB_SECCOMP=log: violations are only logged)".into(),
+            seccomp::Mode::Log => {
+                "seccomp in log mode (MSB_SECCOMP=log: violations are only recorded, in vmm.log)".into()
+            }
         });
     } else {
         hardening.missing.push("seccomp (MSB_HARDEN=-all, a test build)".into());

@@ -28,6 +28,24 @@ pub fn run(dir: &Path, action: Option<&str>, arg: Option<&str>) -> ExitCode {
         eprintln!("msb lockdown-probe: {e}");
         return ExitCode::from(2);
     }
+    // The seccomp mode the sandbox process would take (log mode needs its listener first).
+    let mode = match seccomp::Mode::parse(std::env::var("MSB_SECCOMP").ok().as_deref()) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("msb lockdown-probe: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let logger = match mode {
+        seccomp::Mode::Log => match super::seccomp_log::spawn() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                eprintln!("msb lockdown-probe: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        seccomp::Mode::Trap => None,
+    };
     let mut report = match harden::lockdown(&plan) {
         Ok(r) => r,
         Err(e) => {
@@ -39,8 +57,8 @@ pub fn run(dir: &Path, action: Option<&str>, arg: Option<&str>) -> ExitCode {
         eprintln!("msb lockdown-probe: {e}");
         return ExitCode::from(2);
     }
-    match seccomp::install(seccomp::Role::Runtime, seccomp::Mode::Trap, std::process::id()) {
-        Ok(()) => report.applied.push("seccomp".into()),
+    match super::seccomp_log::install_runtime(mode, std::process::id(), logger.as_ref()) {
+        Ok(()) => report.applied.push(if logger.is_some() { "seccomp (log mode)" } else { "seccomp" }.into()),
         Err(e) => {
             eprintln!("msb lockdown-probe: {e}");
             return ExitCode::from(2);

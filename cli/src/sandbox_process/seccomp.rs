@@ -6,8 +6,8 @@
 //!   ([`msb_hypervisor::on_vcpu_thread_start`]); a vCPU thread is then bound by both.
 //!
 //! Invariants: each table is an allowlist; a call not in it traps (`SIGSYS`, reported by
-//! [`msb_hypervisor::sigsys`] and fatal to the process), or is only logged by the kernel in
-//! [`Mode::Log`] (diagnosis, never the default). No call appears twice in a table and every
+//! [`msb_hypervisor::sigsys`] and fatal to the process), or runs and is recorded in
+//! [`Mode::Log`] (diagnosis, never the default; [`super::seccomp_log`]). No call appears twice in a table and every
 //! entry says who needs it (its unit tests check both). Arguments are checked where seccomp can see
 //! them (clone flags, `PROT_EXEC`, ioctl numbers, signal targets); paths are
 //! Landlock's and the jail's business. No thread may make, bind or connect a socket: the
@@ -27,8 +27,9 @@ use seccompiler::{
 pub enum Mode {
     /// Trap: reported and fatal (the default).
     Trap,
-    /// The kernel logs the call and lets it run (`MSB_SECCOMP=log`; for finding a missing
-    /// rule, never for running untrusted guests).
+    /// The call runs and is recorded (`MSB_SECCOMP=log`; for finding a missing rule, never
+    /// for running untrusted guests): the runtime filter notifies the listener of
+    /// [`super::seccomp_log`]; the vCPU filter leaves it to the kernel's audit log.
     Log,
 }
 
