@@ -2,7 +2,8 @@
 # Runs every test layer (needs scripts/setup.sh first):
 #   1. cargo fmt --check, clippy -D warnings and rustdoc -D warnings,
 #   2. unit and property tests, the layout check (DESIGN.md §3 dependency rules, `unsafe`
-#      only in hypervisor/), and the bare-metal VMM tests on this host's /dev/kvm,
+#      only in hypervisor/), and the bare-metal VMM tests on this host's /dev/kvm; then every
+#      fuzz target for a bounded time (scripts/fuzz.sh; needs the nightly toolchain),
 #   3. the end-to-end suite with real Linux guests: directly on hardware KVM, otherwise in
 #      the TCG rig. A run in which no e2e test executed is a failure.
 set -euo pipefail
@@ -16,6 +17,8 @@ cargo clippy -p msb-tests --test e2e --test bench -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace
 echo "== unit, property, layout and bare-metal VMM tests ($SECONDS s so far)"
 cargo test --workspace
+echo "== fuzz targets, ${MSB_FUZZ_SECONDS:-20} s each ($SECONDS s so far)"
+"$root/scripts/fuzz.sh" "${MSB_FUZZ_SECONDS:-20}"
 echo "== end-to-end suite (real Linux guests; $SECONDS s so far)"
 # The part run once more with every sandbox process in seccomp's log mode: nothing its filter
 # would refuse may be recorded (the full run already fails on any one call; this one lists
