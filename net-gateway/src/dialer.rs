@@ -22,7 +22,8 @@
 //! - Bounded: a request is at most [`MAX_MESSAGE`] bytes (a longer one is dropped); at most
 //!   [`MAX_IN_FLIGHT`] requests are open at once (more wait on the asker's side, and the
 //!   dialer reads no further request until one ends); a connection takes at most
-//!   [`CONNECT_TIMEOUT`]; a host view carries at most [`MAX_VIEW`] entries of each kind.
+//!   [`CONNECT_TIMEOUT`], and an asker waits at most [`ASK_TIMEOUT`] for any answer; a host
+//!   view carries at most [`MAX_VIEW`] entries of each kind.
 //! - The dialer ends when the sandbox process's end of the pair closes.
 
 use std::collections::HashMap;
@@ -52,6 +53,8 @@ pub use crate::actor::CONNECT_TIMEOUT;
 pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Most requests open at once per sandbox.
 pub const MAX_IN_FLIGHT: usize = 256;
+/// Longest the gateway waits for any answer of the dialer.
+pub const ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(CONNECT_TIMEOUT.as_secs() + 5);
 /// Most host addresses (and, separately, networks) in one host view.
 pub const MAX_VIEW: usize = 512;
 
@@ -342,10 +345,16 @@ impl Remote {
             forget();
             return Err(e);
         }
-        match rx.await {
-            Ok(Ok(x)) => Ok(x),
-            Ok(Err(why)) => Err(refused(why)),
-            Err(_) => Err(io::Error::new(io::ErrorKind::BrokenPipe, "the dialer is gone")),
+        // The dialer answers every request within its connect timeout; one that does not is
+        // stuck, and its askers must not wait forever (they hold in-flight slots).
+        match tokio::time::timeout(ASK_TIMEOUT, rx).await {
+            Ok(Ok(Ok(x))) => Ok(x),
+            Ok(Ok(Err(why))) => Err(refused(why)),
+            Ok(Err(_)) => Err(io::Error::new(io::ErrorKind::BrokenPipe, "the dialer is gone")),
+            Err(_) => {
+                forget();
+                Err(io::Error::new(io::ErrorKind::TimedOut, "the dialer did not answer"))
+            }
         }
     }
 

@@ -201,3 +201,20 @@ fn a_policy_could_allow_what_its_rules_might_and_nothing_a_leading_deny_covers()
     assert!(!p("allow tcp/*.corp@loopback").could_allow(&c, Proto::Udp, lo, 80));
     assert!(p("default allow").could_allow(&c, Proto::Udp, lo, 80));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_dialer_that_never_answers_times_the_asker_out_and_frees_its_slot() {
+    let (ours, _silent) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )
+    .unwrap();
+    let d = Dialer::remote(ours).unwrap();
+    let Err(e) = d.tcp("203.0.113.1:443".parse().unwrap()).await else { panic!("an answer from nowhere") };
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+    let Dialer::Remote(r) = &d else { unreachable!() };
+    assert!(r.pending.lock().unwrap().is_empty(), "the waiter was forgotten");
+    assert_eq!(r.slots.available_permits(), MAX_IN_FLIGHT);
+}
