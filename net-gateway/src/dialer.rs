@@ -547,4 +547,4 @@ async fn answer(config: &Config, ask: Ask) -> Result<(Answer, Option<OwnedFd>), 
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -157,7 +157,6 @@ fn prepare(launch: &Launch, skip: harden::Skip) -> msb_actors::Result<Prepared> 
 /// Starts this sandbox's dialer (`msb dialer`, in the host's namespaces) with the launch's
 /// policy and published ports as its first grants; returns this process's end of the pair.
 fn start_dialer(launch: &Launch, prep: &Prepared) -> std::io::Result<std::os::fd::OwnedFd> {
-    use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
     let c = &launch.config;
     let grants = paths::grants_path(&launch.home, &launch.name);
     if let Some(dir) = grants.parent() {
@@ -165,15 +164,24 @@ fn start_dialer(launch: &Launch, prep: &Prepared) -> std::io::Result<std::os::fd
     }
     let publish = c.net.publish.iter().map(|&p| msb_actors::net::Port::from(p)).map(|p| (p.proto, p.host)).collect();
     msb_actors::net::Grants { policies: vec![c.net.policy.clone()], publish }.write(&grants)?;
-    let (ours, theirs) = socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
-    let mut cmd = std::process::Command::new("/proc/self/exe");
-    cmd.arg(DIALER_ARG).arg("--grants").arg(&grants);
+    let mut args = vec![std::ffi::OsString::from(DIALER_ARG), "--grants".into(), grants.into_os_string()];
     if let Some(dns) = prep.dns {
-        cmd.arg("--dns").arg(dns.to_string());
+        args.extend(["--dns".into(), dns.to_string().into()]);
     }
-    // Its stderr is this process's (vmm.log); it ends when `ours` closes.
-    cmd.stdin(std::process::Stdio::from(theirs)).stdout(std::process::Stdio::null());
-    cmd.spawn()?;
+    spawn_helper(&args)
+}
+
+/// Starts this binary with `args` as a helper of this process (before the lockdown: it
+/// execs), its stdin one end of a new `SOCK_SEQPACKET` pair, its stderr this process's
+/// (vmm.log); returns the other end. The helper ends when that end closes.
+pub(crate) fn spawn_helper(args: &[std::ffi::OsString]) -> std::io::Result<std::os::fd::OwnedFd> {
+    use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+    let (ours, theirs) = socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
+    std::process::Command::new("/proc/self/exe")
+        .args(args)
+        .stdin(std::process::Stdio::from(theirs))
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
     Ok(ours)
 }
 

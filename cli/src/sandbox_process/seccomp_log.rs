@@ -37,14 +37,7 @@ const BPF_RET_K: u16 = 0x06;
 /// process's end of its socket pair, over which the listener descriptor goes once the filter
 /// is in.
 pub fn spawn() -> std::io::Result<OwnedFd> {
-    use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
-    let (ours, theirs) = socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
-    std::process::Command::new("/proc/self/exe")
-        .arg(SECCOMP_LOG_ARG)
-        .stdin(std::process::Stdio::from(theirs))
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
-    Ok(ours)
+    super::spawn_helper(&[SECCOMP_LOG_ARG.into()])
 }
 
 /// `program` with its log answers turned into user notifications.

@@ -476,18 +476,8 @@ async fn guest_ipv6_egress_reaches_an_allowed_host_socket_and_the_default_denies
 
 /// A dialer process stand-in on this runtime, granting `policy` (policy-file text).
 fn remote_dialer(policy: &str) -> (Dialer, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("grants.json");
-    msb_schema::net::Grants { policies: vec![Some(policy.into())], publish: Vec::new() }.write(&path).unwrap();
-    let (ours, theirs) = rustix::net::socketpair(
-        rustix::net::AddressFamily::UNIX,
-        rustix::net::SocketType::SEQPACKET,
-        rustix::net::SocketFlags::CLOEXEC,
-        None,
-    )
-    .unwrap();
-    tokio::spawn(crate::dialer::serve_async(theirs, crate::dialer::Config { grants: path, resolver: None }));
-    (Dialer::remote(ours).unwrap(), dir)
+    let grants = msb_schema::net::Grants { policies: vec![Some(policy.into())], publish: Vec::new() };
+    crate::dialer::tests::start(&grants, None)
 }
 
 #[tokio::test]

@@ -6,18 +6,23 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
 
-/// A dialer served on this runtime over a fresh pair, with `grants` in a temporary file.
-fn start(grants: &Grants, resolver: Option<SocketAddr>) -> (Dialer, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("grants.json");
-    grants.write(&path).unwrap();
-    let (ours, theirs) = rustix::net::socketpair(
+/// A `SOCK_SEQPACKET` pair, as a sandbox process makes for its dialer.
+pub(crate) fn pair() -> (OwnedFd, OwnedFd) {
+    rustix::net::socketpair(
         rustix::net::AddressFamily::UNIX,
         rustix::net::SocketType::SEQPACKET,
         rustix::net::SocketFlags::CLOEXEC,
         None,
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// A dialer served on this runtime over a fresh pair, with `grants` in a temporary file.
+pub(crate) fn start(grants: &Grants, resolver: Option<SocketAddr>) -> (Dialer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("grants.json");
+    grants.write(&path).unwrap();
+    let (ours, theirs) = pair();
     tokio::spawn(serve_async(theirs, Config { grants: path, resolver }));
     (Dialer::remote(ours).unwrap(), dir)
 }
@@ -144,13 +149,7 @@ async fn many_requests_at_once_are_all_answered_and_a_closed_dialer_fails_fast()
     }
     accept.await.unwrap();
 
-    let (ours, theirs) = rustix::net::socketpair(
-        rustix::net::AddressFamily::UNIX,
-        rustix::net::SocketType::SEQPACKET,
-        rustix::net::SocketFlags::CLOEXEC,
-        None,
-    )
-    .unwrap();
+    let (ours, theirs) = pair();
     let d = Dialer::remote(ours).unwrap();
     drop(theirs);
     let e = tokio::time::timeout(Duration::from_secs(5), d.tcp(at)).await.expect("fails, not hangs").err().unwrap();
@@ -164,13 +163,7 @@ async fn garbage_and_oversized_requests_are_dropped_and_the_dialer_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("grants.json");
     grants(Some("allow loopback")).write(&path).unwrap();
-    let (ours, theirs) = rustix::net::socketpair(
-        rustix::net::AddressFamily::UNIX,
-        rustix::net::SocketType::SEQPACKET,
-        rustix::net::SocketFlags::CLOEXEC,
-        None,
-    )
-    .unwrap();
+    let (ours, theirs) = pair();
     let server = tokio::spawn(serve_async(theirs, Config { grants: path, resolver: None }));
     let raw = seqpacket(ours).unwrap();
     for junk in [b"not json".to_vec(), vec![b'{'; MAX_MESSAGE + 10], br#"{"id":1,"ask":{"Tcp":"1.2.3.4"}}"#.to_vec()] {
@@ -204,13 +197,7 @@ fn a_policy_could_allow_what_its_rules_might_and_nothing_a_leading_deny_covers()
 
 #[tokio::test(start_paused = true)]
 async fn a_dialer_that_never_answers_times_the_asker_out_and_frees_its_slot() {
-    let (ours, _silent) = rustix::net::socketpair(
-        rustix::net::AddressFamily::UNIX,
-        rustix::net::SocketType::SEQPACKET,
-        rustix::net::SocketFlags::CLOEXEC,
-        None,
-    )
-    .unwrap();
+    let (ours, _silent) = pair();
     let d = Dialer::remote(ours).unwrap();
     let Err(e) = d.tcp("203.0.113.1:443".parse().unwrap()).await else { panic!("an answer from nowhere") };
     assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
